@@ -1,0 +1,57 @@
+//! # ridge-sfu: the sans-IO core of the Ridge media relay
+//!
+//! [`Sfu`] owns rooms, participants, peers (WebRTC sessions through str0m,
+//! and plain RTP endpoints), published tracks and subscriptions, and routes
+//! RTP between them. It never touches a socket or a clock: every input
+//! carries `now`, and output is pulled.
+//!
+//! ## Run loop
+//!
+//! ```text
+//! loop {
+//!     while let Some(out) = sfu.poll_output() {
+//!         match out {
+//!             Output::Transmit(t) => { socket.send_to(&t.contents, t.destination); sfu.recycle(t.contents) }
+//!             Output::Event(e) => control_plane.publish(e),
+//!         }
+//!     }
+//!     wait for: a datagram (-> handle_datagram), a control call, or sfu.poll_timeout() (-> handle_timeout)
+//! }
+//! ```
+//!
+//! Control calls ([`Sfu::join`], [`Sfu::accept_offer`], [`Sfu::add_rtp_endpoint`],
+//! [`Sfu::remove_peer`], [`Sfu::set_layer`], ...) are plain methods on the same
+//! thread, so no lock is ever held across packets.
+//!
+//! ## Invariants
+//!
+//! * Nothing a network peer sends can panic the core: every parser returns
+//!   errors, and malformed input is counted in [`StatsSnapshot::drops`].
+//! * In steady state the plain-RTP path allocates nothing per packet:
+//!   transmit buffers come from a pool refilled by [`Sfu::recycle`], and
+//!   retransmission buffers reuse their slots. WebRTC legs share the received
+//!   payload (`Arc<[u8]>`) among all subscribers.
+//! * Simulcast switches happen on keyframes only, with sequence numbers and
+//!   timestamps rewritten so each subscriber sees one continuous stream.
+#![forbid(unsafe_code)]
+
+mod error;
+mod ids;
+mod meter;
+pub mod packet;
+mod retransmit;
+mod rewrite;
+mod sfu;
+mod speaker;
+mod types;
+
+pub use error::SfuError;
+pub use ids::{ParticipantId, PeerId, TrackId};
+pub use retransmit::RetransmitBuffer;
+pub use rewrite::{Rewritten, StreamRewriter};
+pub use sfu::Sfu;
+pub use types::{
+    Counters, DropReason, OfferIntent, Output, PeerSnapshot, RoomSnapshot, RoomState, RtpDirection,
+    RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind,
+    Transmit,
+};

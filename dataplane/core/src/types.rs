@@ -1,0 +1,320 @@
+//! Plain data types exchanged with the core: configuration, requests,
+//! outputs, events and statistics.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ParticipantId, PeerId, TrackId};
+
+/// Static configuration of the core.
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// The address of the media socket (the destination of received datagrams
+    /// and the source of transmitted ones).
+    pub local_addr: SocketAddr,
+    /// Host candidates advertised to WebRTC peers.
+    pub candidates: Vec<SocketAddr>,
+    /// Minimum interval between keyframe requests sent to one publisher layer.
+    pub keyframe_request_interval: Duration,
+    /// Maximum number of concurrent peers (sessions).
+    pub max_peers: usize,
+    /// Packets held per plain-RTP subscriber for NACK answers.
+    pub retransmit_packets: usize,
+    /// Oldest packet the retransmission buffer will resend.
+    pub retransmit_max_age: Duration,
+    /// Starting bandwidth estimate for WebRTC subscribers.
+    pub initial_bwe_bps: u64,
+    /// Seed for identifiers and SSRCs (the core reads no entropy itself).
+    pub seed: u64,
+}
+
+impl SfuConfig {
+    pub fn new(local_addr: SocketAddr) -> Self {
+        SfuConfig {
+            local_addr,
+            candidates: vec![local_addr],
+            keyframe_request_interval: Duration::from_millis(500),
+            max_peers: 1000,
+            retransmit_packets: 512,
+            retransmit_max_age: Duration::from_secs(2),
+            initial_bwe_bps: 1_000_000,
+            seed: 0x5eed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackKind {
+    Audio,
+    Video,
+}
+
+impl TrackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackKind::Audio => "audio",
+            TrackKind::Video => "video",
+        }
+    }
+
+    pub(crate) fn clock_rate(self) -> u32 {
+        match self {
+            TrackKind::Audio => 48_000,
+            TrackKind::Video => 90_000,
+        }
+    }
+}
+
+/// What an SDP offer is allowed to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferIntent {
+    /// WHIP / WS `publish`: the offer sends media to the node.
+    Publish,
+    /// WHEP / WS `subscribe`: the offer only receives; its m-lines are bound
+    /// to tracks of the room, optionally of one participant only.
+    Subscribe { from: Option<ParticipantId> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtpDirection {
+    Publish,
+    Subscribe,
+}
+
+/// A plain (non-WebRTC) RTP endpoint request.
+#[derive(Debug, Clone)]
+pub struct RtpEndpointSpec {
+    pub direction: RtpDirection,
+    pub kind: TrackKind,
+    pub remote: SocketAddr,
+    pub payload_type: u8,
+    /// Publish: the SSRC the remote sends. Subscribe: the SSRC the node sends
+    /// with (chosen by the node when `None`).
+    pub ssrc: Option<u32>,
+    /// Subscribe only: the track to receive (default: the room's first track
+    /// of `kind`, and the next one published when there is none yet).
+    pub track: Option<TrackId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtpEndpointInfo {
+    pub peer: PeerId,
+    pub local: SocketAddr,
+    pub ssrc: u32,
+    pub track: Option<TrackId>,
+}
+
+/// A datagram to send.
+#[derive(Debug)]
+pub struct Transmit {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    /// Give the buffer back with [`crate::Sfu::recycle`] once sent.
+    pub contents: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrackInfo {
+    pub track: TrackId,
+    pub participant: ParticipantId,
+    pub peer: PeerId,
+    pub kind: TrackKind,
+    pub rids: Vec<String>,
+}
+
+/// Something the control plane (WebSocket sessions, logs) should know.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SfuEvent {
+    ParticipantJoined {
+        room: String,
+        participant: ParticipantId,
+        identity: String,
+    },
+    ParticipantLeft {
+        room: String,
+        participant: ParticipantId,
+        identity: String,
+    },
+    PeerConnected {
+        room: String,
+        participant: ParticipantId,
+        peer: PeerId,
+    },
+    PeerClosed {
+        room: String,
+        participant: ParticipantId,
+        peer: PeerId,
+    },
+    TrackPublished {
+        room: String,
+        track: TrackInfo,
+    },
+    TrackUnpublished {
+        room: String,
+        participant: ParticipantId,
+        track: TrackId,
+    },
+    ActiveSpeaker {
+        room: String,
+        participant: Option<ParticipantId>,
+        /// Level in dBov (0 loudest, -127 silence).
+        level: i8,
+    },
+    /// The simulcast layers of a track somebody watches changed; the
+    /// publisher may stop encoding the others.
+    LayerDemand {
+        room: String,
+        participant: ParticipantId,
+        peer: PeerId,
+        track: TrackId,
+        active: Vec<String>,
+    },
+}
+
+impl SfuEvent {
+    pub fn room(&self) -> &str {
+        match self {
+            SfuEvent::ParticipantJoined { room, .. }
+            | SfuEvent::ParticipantLeft { room, .. }
+            | SfuEvent::PeerConnected { room, .. }
+            | SfuEvent::PeerClosed { room, .. }
+            | SfuEvent::TrackPublished { room, .. }
+            | SfuEvent::TrackUnpublished { room, .. }
+            | SfuEvent::ActiveSpeaker { room, .. }
+            | SfuEvent::LayerDemand { room, .. } => room,
+        }
+    }
+}
+
+/// Output of [`crate::Sfu::poll_output`].
+#[derive(Debug)]
+pub enum Output {
+    Transmit(Transmit),
+    Event(SfuEvent),
+}
+
+/// Why a received datagram was dropped. Each reason is a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Not parseable as STUN/DTLS/RTP/RTCP, or truncated.
+    Malformed = 0,
+    /// From an address no session owns, and not a STUN request for one.
+    UnknownSource,
+    /// A STUN request whose username names no session.
+    UnknownUfrag,
+    /// The WebRTC stack refused it (bad integrity, bad SRTP, ...).
+    Rejected,
+    /// RTP with an SSRC the endpoint did not announce.
+    UnknownSsrc,
+    /// A simulcast layer that nobody watches.
+    Paused,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::Malformed,
+        DropReason::UnknownSource,
+        DropReason::UnknownUfrag,
+        DropReason::Rejected,
+        DropReason::UnknownSsrc,
+        DropReason::Paused,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownSource => "unknown_source",
+            DropReason::UnknownUfrag => "unknown_ufrag",
+            DropReason::Rejected => "rejected",
+            DropReason::UnknownSsrc => "unknown_ssrc",
+            DropReason::Paused => "paused",
+        }
+    }
+}
+
+/// Monotonic counters of one peer, room or the whole node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// NACKed packets requested by receivers.
+    pub nacks_received: u64,
+    /// NACKed packets we requested from senders.
+    pub nacks_sent: u64,
+    pub retransmits: u64,
+    pub retransmit_misses: u64,
+    pub keyframe_requests_received: u64,
+    pub keyframe_requests_forwarded: u64,
+    pub keyframe_requests_throttled: u64,
+    pub layer_switches: u64,
+    /// Packets that a sender's sequence numbers say were lost on the way in.
+    pub packets_lost: u64,
+}
+
+impl Counters {
+    pub(crate) fn add(&mut self, o: &Counters) {
+        self.packets_in += o.packets_in;
+        self.bytes_in += o.bytes_in;
+        self.packets_out += o.packets_out;
+        self.bytes_out += o.bytes_out;
+        self.nacks_received += o.nacks_received;
+        self.nacks_sent += o.nacks_sent;
+        self.retransmits += o.retransmits;
+        self.retransmit_misses += o.retransmit_misses;
+        self.keyframe_requests_received += o.keyframe_requests_received;
+        self.keyframe_requests_forwarded += o.keyframe_requests_forwarded;
+        self.keyframe_requests_throttled += o.keyframe_requests_throttled;
+        self.layer_switches += o.layer_switches;
+        self.packets_lost += o.packets_lost;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerSnapshot {
+    pub peer: PeerId,
+    pub room: String,
+    pub participant: ParticipantId,
+    pub identity: String,
+    /// "webrtc" or "rtp".
+    pub transport: &'static str,
+    pub counters: Counters,
+    /// Fraction of packets lost, as reported by the remote or measured.
+    pub loss: Option<f32>,
+    pub rtt: Option<Duration>,
+    pub bwe_bps: Option<u64>,
+    pub connected: bool,
+    pub created: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoomSnapshot {
+    pub room: String,
+    pub participants: usize,
+    pub tracks: usize,
+    /// Includes peers that have left.
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    pub counters: Counters,
+    pub drops: [u64; DropReason::ALL.len()],
+    pub sessions_created: u64,
+    pub sessions_closed: u64,
+    pub rooms: Vec<RoomSnapshot>,
+    pub peers: Vec<PeerSnapshot>,
+}
+
+/// Rooms and tracks as a newly joined client needs to see them.
+#[derive(Debug, Clone, Default)]
+pub struct RoomState {
+    pub participants: Vec<(ParticipantId, String)>,
+    pub tracks: Vec<TrackInfo>,
+}

@@ -1,0 +1,1080 @@
+//! Typed, validated node configuration.
+//!
+//! The configuration is assembled once at start-up, before anything binds, from
+//! (highest precedence first):
+//!
+//! 1. command-line flags ([`Overrides`]),
+//! 2. the environment (only `RIDGE_JWT_SECRET`, see [`ENV_JWT_SECRET`]),
+//! 3. an optional TOML file ([`FileConfig`]),
+//! 4. built-in defaults.
+//!
+//! Every problem is reported as a [`ConfigError`] that names the offending field
+//! and says what to do about it; a binary should exit with [`EXIT_CONFIG`].
+//! The JWT secret is wrapped in [`Secret`] and never appears in `Debug`/`Display`
+//! output or in error messages.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+/// Process exit status for an invalid configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Environment variable that carries the HS256 token secret.
+pub const ENV_JWT_SECRET: &str = "RIDGE_JWT_SECRET";
+
+/// Default HTTP(S) listen address.
+pub const DEFAULT_HTTP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+/// Default UDP media address.
+pub const DEFAULT_UDP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5004);
+/// Default graceful-shutdown drain timeout.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for `drain_timeout`.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default maximum number of concurrent sessions.
+pub const DEFAULT_MAX_SESSIONS: usize = 1000;
+/// Default minimum interval between keyframe requests (PLI) sent to a publisher.
+pub const DEFAULT_PLI_INTERVAL: Duration = Duration::from_millis(500);
+/// Lower bound for `pli_interval`.
+pub const MIN_PLI_INTERVAL: Duration = Duration::from_millis(50);
+/// Upper bound for `pli_interval`.
+pub const MAX_PLI_INTERVAL: Duration = Duration::from_secs(10);
+/// Default tracing `EnvFilter` directive.
+pub const DEFAULT_LOG: &str = "info";
+/// Minimum length of the JWT secret in bytes.
+pub const MIN_SECRET_LEN: usize = 16;
+
+const SECRET_HINT: &str = "generate one with e.g. `openssl rand -base64 32`";
+
+/// A secret string (the HS256 token key). `Debug` and `Display` print `<redacted>`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret value. Never log or return it to a client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The TOML config file, as written. All fields are optional.
+///
+/// Durations are humantime strings (`"10s"`, `"500ms"`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// HTTP(S) listen address.
+    pub http: Option<SocketAddr>,
+    /// UDP media listen address.
+    pub udp: Option<SocketAddr>,
+    /// Addresses advertised in ICE candidates.
+    pub public_ip: Option<Vec<IpAddr>>,
+    /// HS256 token secret (the environment variable takes precedence).
+    pub jwt_secret: Option<Secret>,
+    /// PEM certificate chain.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback address.
+    pub insecure_http: Option<bool>,
+    /// Disable authentication (development only).
+    pub dev_no_auth: Option<bool>,
+    /// Graceful-shutdown drain timeout (humantime).
+    pub drain_timeout: Option<String>,
+    /// Maximum number of concurrent sessions.
+    pub max_sessions: Option<usize>,
+    /// Minimum interval between keyframe requests (humantime).
+    pub pli_interval: Option<String>,
+    /// tracing `EnvFilter` directive.
+    pub log: Option<String>,
+}
+
+/// Values given on the command line; they take precedence over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub http: Option<SocketAddr>,
+    pub udp: Option<SocketAddr>,
+    /// Replaces the file's `public_ip` list when non-empty.
+    pub public_ip: Vec<IpAddr>,
+    /// Programmatic only (there is deliberately no command-line flag for it).
+    pub jwt_secret: Option<Secret>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure_http: Option<bool>,
+    pub dev_no_auth: Option<bool>,
+    pub drain_timeout: Option<Duration>,
+    pub max_sessions: Option<usize>,
+    pub pli_interval: Option<Duration>,
+    pub log: Option<String>,
+}
+
+/// TLS certificate chain and private key files (both PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP(S) listen address.
+    pub http: SocketAddr,
+    /// UDP media listen address (port 0: ephemeral).
+    pub udp: SocketAddr,
+    /// Addresses advertised in ICE candidates; never empty, never unspecified.
+    pub public_ip: Vec<IpAddr>,
+    /// HS256 token secret; `None` only when `dev_no_auth`.
+    pub jwt_secret: Option<Secret>,
+    /// TLS for the HTTP listener.
+    pub tls: Option<TlsConfig>,
+    /// Plain HTTP on a non-loopback address was explicitly allowed.
+    pub insecure_http: bool,
+    /// Authentication disabled (development only).
+    pub dev_no_auth: bool,
+    /// Graceful-shutdown drain timeout (at most 10 minutes).
+    pub drain_timeout: Duration,
+    /// Maximum number of concurrent sessions (at least 1).
+    pub max_sessions: usize,
+    /// Minimum interval between keyframe requests (50 ms ..= 10 s).
+    pub pli_interval: Duration,
+    /// tracing `EnvFilter` directive.
+    pub log: String,
+}
+
+impl Config {
+    /// Human-readable warnings about risky but valid settings. Log them once
+    /// tracing is initialised.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.dev_no_auth {
+            let scope = if self.http.ip().is_loopback() {
+                String::new()
+            } else {
+                format!(" and {} is reachable from other hosts", self.http)
+            };
+            out.push(format!(
+                "dev_no_auth is on: every request is admitted without a token{scope}; \
+                 never use this outside local development"
+            ));
+        }
+        if self.tls.is_none() && self.insecure_http && !self.http.ip().is_loopback() {
+            out.push(format!(
+                "serving plain HTTP on {} (insecure_http): tokens travel in clear text \
+                 unless a TLS-terminating proxy is in front of this node",
+                self.http
+            ));
+        }
+        out
+    }
+}
+
+/// A configuration problem. Messages never contain the secret.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown/mistyped fields.
+    /// `message` includes the line and column.
+    #[error("cannot parse config{}: {message}", display_origin(path.as_deref()))]
+    Parse {
+        /// `None` when parsed from a string.
+        path: Option<PathBuf>,
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another one.
+    #[error("invalid configuration: {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The field an [`ConfigError::Invalid`] error is about.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+fn display_origin(path: Option<&Path>) -> String {
+    path.map(|p| format!(" file {}", p.display()))
+        .unwrap_or_default()
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Reads `file` (when given), merges it with `overrides` and `env_secret`
+/// (the value of `RIDGE_JWT_SECRET`, if set) and validates the result.
+///
+/// Precedence: flags (`overrides`) > environment > file > defaults.
+pub fn load(
+    file: Option<&Path>,
+    overrides: &Overrides,
+    env_secret: Option<String>,
+) -> Result<Config, ConfigError> {
+    let file_config = match file {
+        Some(path) => read_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    build(file_config, overrides, env_secret)
+}
+
+/// Like [`load`], with the file's contents given as a string.
+pub fn from_toml_str(
+    s: &str,
+    overrides: &Overrides,
+    env_secret: Option<String>,
+) -> Result<Config, ConfigError> {
+    build(parse_file_config(s, None)?, overrides, env_secret)
+}
+
+/// Reads and parses a config file without validating it.
+pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_file_config(&text, Some(path))
+}
+
+/// Parses TOML into a [`FileConfig`] without validating it. `origin` only
+/// labels errors.
+pub fn parse_file_config(s: &str, origin: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    toml::from_str(s).map_err(|err| ConfigError::Parse {
+        path: origin.map(Path::to_owned),
+        message: parse_message(&err, s),
+    })
+}
+
+/// Formats a TOML error as `line L, column C: message` without the source
+/// snippet (which could show the secret); redacts errors about `jwt_secret`.
+fn parse_message(err: &toml::de::Error, src: &str) -> String {
+    let mut message = err.message().trim().to_owned();
+    let mut location = String::new();
+    if let Some(span) = err.span() {
+        let start = floor_char_boundary(src, span.start.min(src.len()));
+        let end = floor_char_boundary(src, span.end.clamp(start, src.len()));
+        let line_start = src[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = src[end..].find('\n').map_or(src.len(), |i| end + i);
+        if src[line_start..line_end].contains("jwt_secret") {
+            message = "invalid `jwt_secret` (value not shown): it must be a string of at \
+                       least 16 bytes"
+                .to_owned();
+        }
+        let line = src[..start].matches('\n').count() + 1;
+        let column = src[line_start..start].chars().count() + 1;
+        location = format!("line {line}, column {column}: ");
+    }
+    // Belt and braces: if the secret itself is readable, make sure it does not
+    // appear in the message.
+    if let Ok(table) = src.parse::<toml::Table>()
+        && let Some(toml::Value::String(secret)) = table.get("jwt_secret")
+        && !secret.is_empty()
+        && message.contains(secret.as_str())
+    {
+        message = message.replace(secret.as_str(), "<redacted>");
+    }
+    format!("{location}{message}")
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Picks the secret by precedence (flag > environment > file). Empty values
+/// count as unset.
+fn pick_secret(flag: Option<&Secret>, env: Option<String>, file: Option<Secret>) -> Option<Secret> {
+    flag.cloned()
+        .filter(|s| !s.0.is_empty())
+        .or_else(|| env.filter(|s| !s.is_empty()).map(Secret))
+        .or_else(|| file.filter(|s| !s.0.is_empty()))
+}
+
+fn check_secret_len(secret: &Secret) -> Result<(), ConfigError> {
+    if secret.0.len() < MIN_SECRET_LEN {
+        return Err(invalid(
+            "jwt_secret",
+            format!(
+                "the JWT secret (from {ENV_JWT_SECRET} or `jwt_secret`) is shorter than \
+                 {MIN_SECRET_LEN} bytes; use a longer random value ({SECRET_HINT})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves only the token secret (environment > file), as the `token`
+/// subcommand needs it; the rest of the file is parsed but not validated.
+pub fn load_secret(file: Option<&Path>, env_secret: Option<String>) -> Result<Secret, ConfigError> {
+    let file_secret = match file {
+        Some(path) => read_file_config(path)?.jwt_secret,
+        None => None,
+    };
+    let secret = pick_secret(None, env_secret, file_secret).ok_or_else(|| {
+        invalid(
+            "jwt_secret",
+            format!(
+                "no JWT secret configured: set the {ENV_JWT_SECRET} environment variable \
+                 or `jwt_secret` in the config file (--config), the same secret the node \
+                 uses ({SECRET_HINT})"
+            ),
+        )
+    })?;
+    check_secret_len(&secret)?;
+    Ok(secret)
+}
+
+fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        invalid(
+            field,
+            format!("`{value}` is not a duration ({e}); write e.g. \"10s\", \"500ms\" or \"1m\""),
+        )
+    })
+}
+
+fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+/// Merges `file` with `overrides` and `env_secret` and validates the result.
+pub fn build(
+    file: FileConfig,
+    overrides: &Overrides,
+    env_secret: Option<String>,
+) -> Result<Config, ConfigError> {
+    let http = overrides.http.or(file.http).unwrap_or(DEFAULT_HTTP);
+    let udp = overrides.udp.or(file.udp).unwrap_or(DEFAULT_UDP);
+    let insecure_http = overrides
+        .insecure_http
+        .or(file.insecure_http)
+        .unwrap_or(false);
+    let dev_no_auth = overrides.dev_no_auth.or(file.dev_no_auth).unwrap_or(false);
+
+    let drain_timeout = match (overrides.drain_timeout, file.drain_timeout.as_deref()) {
+        (Some(d), _) => d,
+        (None, Some(s)) => parse_duration("drain_timeout", s)?,
+        (None, None) => DEFAULT_DRAIN_TIMEOUT,
+    };
+    let pli_interval = match (overrides.pli_interval, file.pli_interval.as_deref()) {
+        (Some(d), _) => d,
+        (None, Some(s)) => parse_duration("pli_interval", s)?,
+        (None, None) => DEFAULT_PLI_INTERVAL,
+    };
+    let max_sessions = overrides
+        .max_sessions
+        .or(file.max_sessions)
+        .unwrap_or(DEFAULT_MAX_SESSIONS);
+    let log = overrides
+        .log
+        .clone()
+        .or(file.log)
+        .unwrap_or_else(|| DEFAULT_LOG.to_owned());
+
+    // Secret.
+    let jwt_secret = pick_secret(overrides.jwt_secret.as_ref(), env_secret, file.jwt_secret);
+    match &jwt_secret {
+        Some(secret) => check_secret_len(secret)?,
+        None if dev_no_auth => {}
+        None => {
+            return Err(invalid(
+                "jwt_secret",
+                format!(
+                    "no JWT secret configured: set the {ENV_JWT_SECRET} environment variable \
+                     or `jwt_secret` in the config file, at least {MIN_SECRET_LEN} bytes \
+                     ({SECRET_HINT}); --dev-no-auth disables authentication for local \
+                     development only"
+                ),
+            ));
+        }
+    }
+
+    // TLS.
+    let tls_cert = overrides.tls_cert.clone().or(file.tls_cert);
+    let tls_key = overrides.tls_key.clone().or(file.tls_key);
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => {
+            check_cert_file(&cert)?;
+            check_key_file(&key)?;
+            Some(TlsConfig { cert, key })
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "tls_key",
+                "tls_cert is set but tls_key is not: set both (PEM certificate chain and \
+                 PEM private key, --tls-cert/--tls-key) or neither",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "tls_cert",
+                "tls_key is set but tls_cert is not: set both (PEM certificate chain and \
+                 PEM private key, --tls-cert/--tls-key) or neither",
+            ));
+        }
+        (None, None) => None,
+    };
+    if tls.is_none() && !insecure_http && !http.ip().is_loopback() {
+        return Err(invalid(
+            "http",
+            format!(
+                "{http} is not a loopback address and TLS is off: browsers need a secure \
+                 origin (HTTPS) for WebRTC, and tokens would travel in clear text; set \
+                 tls_cert/tls_key (--tls-cert/--tls-key), or insecure_http = true \
+                 (--insecure-http) if a TLS-terminating proxy is in front of this node"
+            ),
+        ));
+    }
+
+    // Media addresses.
+    let configured_ips = if overrides.public_ip.is_empty() {
+        file.public_ip.unwrap_or_default()
+    } else {
+        overrides.public_ip.clone()
+    };
+    let public_ip = if configured_ips.is_empty() {
+        if udp.ip().is_unspecified() {
+            return Err(invalid(
+                "public_ip",
+                format!(
+                    "udp listens on {udp} (all interfaces), so the address to advertise in \
+                     ICE candidates is unknown: set public_ip = [\"203.0.113.7\"] \
+                     (--public-ip) to the address clients reach this node on, or bind udp \
+                     to a specific address"
+                ),
+            ));
+        }
+        vec![udp.ip()]
+    } else {
+        let mut ips: Vec<IpAddr> = Vec::with_capacity(configured_ips.len());
+        for ip in configured_ips {
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(invalid(
+                    "public_ip",
+                    format!(
+                        "{ip} cannot be advertised in ICE candidates: give the unicast \
+                         address clients reach this node on"
+                    ),
+                ));
+            }
+            let family_ok = match udp.ip() {
+                // A dual-stack [::] socket serves both families.
+                IpAddr::V6(v6) if v6.is_unspecified() => true,
+                IpAddr::V4(_) => ip.is_ipv4(),
+                IpAddr::V6(_) => ip.is_ipv6(),
+            };
+            if !family_ok {
+                return Err(invalid(
+                    "public_ip",
+                    format!(
+                        "{ip} is not the same address family as udp = {udp}: media sent to \
+                         it could never reach the socket; bind udp to [::] or use an \
+                         address of the same family"
+                    ),
+                ));
+            }
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        ips
+    };
+
+    // Ranges.
+    if drain_timeout > MAX_DRAIN_TIMEOUT {
+        return Err(invalid(
+            "drain_timeout",
+            format!(
+                "{} is too long: at most {} (--drain-timeout)",
+                fmt_duration(drain_timeout),
+                fmt_duration(MAX_DRAIN_TIMEOUT)
+            ),
+        ));
+    }
+    if max_sessions == 0 {
+        return Err(invalid(
+            "max_sessions",
+            "must be at least 1 (--max-sessions)",
+        ));
+    }
+    if !(MIN_PLI_INTERVAL..=MAX_PLI_INTERVAL).contains(&pli_interval) {
+        return Err(invalid(
+            "pli_interval",
+            format!(
+                "{} is out of range: use {} ..= {} (--pli-interval)",
+                fmt_duration(pli_interval),
+                fmt_duration(MIN_PLI_INTERVAL),
+                fmt_duration(MAX_PLI_INTERVAL)
+            ),
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+        return Err(invalid(
+            "log",
+            format!(
+                "`{log}` is not a valid tracing filter ({e}); write e.g. \"info\" or \
+                 \"ridge_dataplane=debug,info\" (--log)"
+            ),
+        ));
+    }
+
+    Ok(Config {
+        http,
+        udp,
+        public_ip,
+        jwt_secret,
+        tls,
+        insecure_http,
+        dev_no_auth,
+        drain_timeout,
+        max_sessions,
+        pli_interval,
+        log,
+    })
+}
+
+fn check_cert_file(path: &Path) -> Result<(), ConfigError> {
+    let field = "tls_cert";
+    let iter = CertificateDer::pem_file_iter(path).map_err(|e| pem_error(field, path, e))?;
+    let mut count = 0usize;
+    for item in iter {
+        item.map_err(|e| pem_error(field, path, e))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(invalid(
+            field,
+            format!(
+                "{} contains no PEM certificate (expected at least one \
+                 -----BEGIN CERTIFICATE----- block)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_key_file(path: &Path) -> Result<(), ConfigError> {
+    let field = "tls_key";
+    let iter = PrivateKeyDer::pem_file_iter(path).map_err(|e| pem_error(field, path, e))?;
+    let mut count = 0usize;
+    for item in iter {
+        item.map_err(|e| pem_error(field, path, e))?;
+        count += 1;
+    }
+    match count {
+        1 => Ok(()),
+        0 => Err(invalid(
+            field,
+            format!(
+                "{} contains no PEM private key (expected one PRIVATE KEY, RSA PRIVATE KEY \
+                 or EC PRIVATE KEY block)",
+                path.display()
+            ),
+        )),
+        n => Err(invalid(
+            field,
+            format!(
+                "{} contains {n} private keys; expected exactly one",
+                path.display()
+            ),
+        )),
+    }
+}
+
+fn pem_error(field: &'static str, path: &Path, e: rustls::pki_types::pem::Error) -> ConfigError {
+    let what = match &e {
+        rustls::pki_types::pem::Error::Io(io) => format!("cannot read {}: {io}", path.display()),
+        // The other variants describe structure only, never key material.
+        other => format!("{} is not valid PEM: {other}", path.display()),
+    };
+    invalid(field, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SECRET: &str = "0123456789abcdef-test-secret";
+
+    fn env() -> Option<String> {
+        Some(SECRET.to_owned())
+    }
+
+    fn ok(toml: &str) -> Config {
+        from_toml_str(toml, &Overrides::default(), env()).expect("valid config")
+    }
+
+    fn err(toml: &str, overrides: &Overrides) -> (&'static str, String) {
+        match from_toml_str(toml, overrides, env()) {
+            Err(ConfigError::Invalid { field, message }) => (field, message),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    /// A fresh, process-unique scratch directory.
+    fn scratch() -> PathBuf {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("ridge-config-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    // Structurally valid PEM (the DER inside is not checked by PEM parsing).
+    const CERT_PEM: &str =
+        "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2VydA==\n-----END CERTIFICATE-----\n";
+    const KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEH\n-----END PRIVATE KEY-----\n";
+
+    fn tls_files(cert: &str, key: &str) -> (PathBuf, PathBuf) {
+        let dir = scratch();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = ok("");
+        assert_eq!(c.http, DEFAULT_HTTP);
+        assert_eq!(c.http.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.udp.to_string(), "127.0.0.1:5004");
+        assert_eq!(c.public_ip, vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+        assert_eq!(c.jwt_secret.as_ref().unwrap().expose(), SECRET);
+        assert!(c.tls.is_none());
+        assert!(!c.insecure_http);
+        assert!(!c.dev_no_auth);
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_sessions, 1000);
+        assert_eq!(c.pli_interval, Duration::from_millis(500));
+        assert_eq!(c.log, "info");
+        assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn load_without_file_uses_defaults() {
+        let c = load(None, &Overrides::default(), env()).unwrap();
+        assert_eq!(c.http, DEFAULT_HTTP);
+    }
+
+    #[test]
+    fn file_values_are_used() {
+        let c = ok(r#"
+            http = "127.0.0.1:9000"
+            udp = "0.0.0.0:0"
+            public_ip = ["203.0.113.7", "203.0.113.7", "198.51.100.1"]
+            drain_timeout = "1m 30s"
+            max_sessions = 5
+            pli_interval = "1s"
+            log = "ridge_dataplane=debug,info"
+        "#);
+        assert_eq!(c.http.port(), 9000);
+        assert_eq!(c.udp.port(), 0);
+        assert_eq!(
+            c.public_ip,
+            vec![
+                "203.0.113.7".parse::<IpAddr>().unwrap(),
+                "198.51.100.1".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.max_sessions, 5);
+        assert_eq!(c.pli_interval, Duration::from_secs(1));
+        assert_eq!(c.log, "ridge_dataplane=debug,info");
+    }
+
+    #[test]
+    fn precedence_flags_env_file_defaults() {
+        let file = r#"
+            http = "127.0.0.1:9000"
+            max_sessions = 5
+            drain_timeout = "20s"
+            jwt_secret = "file-secret-file-secret"
+            public_ip = ["127.0.0.2"]
+        "#;
+        // env beats file for the secret.
+        let c = from_toml_str(file, &Overrides::default(), env()).unwrap();
+        assert_eq!(c.jwt_secret.unwrap().expose(), SECRET);
+        // file used when env unset (or empty).
+        let c = from_toml_str(file, &Overrides::default(), None).unwrap();
+        assert_eq!(c.jwt_secret.unwrap().expose(), "file-secret-file-secret");
+        let c = from_toml_str(file, &Overrides::default(), Some(String::new())).unwrap();
+        assert_eq!(c.jwt_secret.unwrap().expose(), "file-secret-file-secret");
+        // flags beat file.
+        let o = Overrides {
+            http: Some("127.0.0.1:9100".parse().unwrap()),
+            max_sessions: Some(7),
+            drain_timeout: Some(Duration::from_secs(3)),
+            public_ip: vec!["127.0.0.3".parse().unwrap()],
+            jwt_secret: Some(Secret::new("flag-secret-flag-secret")),
+            log: Some("debug".into()),
+            ..Overrides::default()
+        };
+        let c = from_toml_str(file, &o, env()).unwrap();
+        assert_eq!(c.http.port(), 9100);
+        assert_eq!(c.max_sessions, 7);
+        assert_eq!(c.drain_timeout, Duration::from_secs(3));
+        assert_eq!(c.public_ip, vec!["127.0.0.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.jwt_secret.unwrap().expose(), "flag-secret-flag-secret");
+        assert_eq!(c.log, "debug");
+    }
+
+    #[test]
+    fn load_reads_file() {
+        let dir = scratch();
+        let path = dir.join("ridge.toml");
+        std::fs::write(&path, "max_sessions = 3\n").unwrap();
+        let c = load(Some(&path), &Overrides::default(), env()).unwrap();
+        assert_eq!(c.max_sessions, 3);
+    }
+
+    #[test]
+    fn missing_file_is_read_error() {
+        let path = scratch().join("nope.toml");
+        let e = load(Some(&path), &Overrides::default(), env()).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_have_line_and_column() {
+        let e = from_toml_str(
+            "max_sessions = 1\nbogus = 3\n",
+            &Overrides::default(),
+            env(),
+        )
+        .unwrap_err();
+        let ConfigError::Parse { message, path } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(path.is_none());
+        assert!(message.contains("line 2, column 1"), "{message}");
+        assert!(message.contains("bogus"), "{message}");
+
+        let e =
+            from_toml_str("max_sessions = \"many\"\n", &Overrides::default(), env()).unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+
+        let e =
+            from_toml_str("http = \"not an address\"\n", &Overrides::default(), env()).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn parse_errors_never_show_the_secret() {
+        for src in [
+            "jwt_secret = \"super-secret-value-123\n",
+            "jwt_secret = 'super-secret-value-123' junk\n",
+            "jwt_secret = 9876543210123456\n",
+            "max_sessions = 1\njwt_secret = [\"super-secret-value-123\"]\n",
+        ] {
+            let e = from_toml_str(src, &Overrides::default(), None).unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("super-secret-value-123"), "{text}");
+            assert!(!text.contains("9876543210123456"), "{text}");
+            assert!(text.contains("line"), "{text}");
+        }
+    }
+
+    #[test]
+    fn secret_missing() {
+        let e = from_toml_str("", &Overrides::default(), None).unwrap_err();
+        assert_eq!(e.field(), Some("jwt_secret"));
+        let msg = e.to_string();
+        assert!(msg.contains("RIDGE_JWT_SECRET"), "{msg}");
+        assert!(msg.contains("jwt_secret"), "{msg}");
+    }
+
+    #[test]
+    fn secret_too_short() {
+        let e = from_toml_str("", &Overrides::default(), Some("short".into())).unwrap_err();
+        assert_eq!(e.field(), Some("jwt_secret"));
+        let msg = e.to_string();
+        assert!(msg.contains("16 bytes"), "{msg}");
+        assert!(!msg.contains("short\""), "{msg}");
+    }
+
+    #[test]
+    fn dev_no_auth_needs_no_secret() {
+        let c = from_toml_str("dev_no_auth = true", &Overrides::default(), None).unwrap();
+        assert!(c.dev_no_auth);
+        assert!(c.jwt_secret.is_none());
+        assert_eq!(c.warnings().len(), 1);
+        let o = Overrides {
+            dev_no_auth: Some(true),
+            ..Overrides::default()
+        };
+        let c = from_toml_str("", &o, None).unwrap();
+        assert!(c.dev_no_auth);
+    }
+
+    #[test]
+    fn secret_never_in_debug_or_errors() {
+        let c = ok("");
+        let dbg = format!("{c:?} {c:#?}");
+        assert!(!dbg.contains(SECRET), "{dbg}");
+        assert!(dbg.contains("<redacted>"));
+        let s = Secret::new(SECRET);
+        assert_eq!(format!("{s}"), "<redacted>");
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        let fc = parse_file_config(&format!("jwt_secret = \"{SECRET}\""), None).unwrap();
+        assert!(!format!("{fc:?}").contains(SECRET));
+        let o = Overrides {
+            jwt_secret: Some(s),
+            ..Overrides::default()
+        };
+        assert!(!format!("{o:?}").contains(SECRET));
+        // Every validation error below is produced with the secret configured.
+        let e = from_toml_str("max_sessions = 0", &Overrides::default(), env()).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn non_loopback_http_needs_tls_or_insecure() {
+        let (field, msg) = err("http = \"0.0.0.0:8080\"", &Overrides::default());
+        assert_eq!(field, "http");
+        assert!(msg.contains("secure origin"), "{msg}");
+        assert!(msg.contains("tls_cert/tls_key"), "{msg}");
+        assert!(msg.contains("insecure_http = true"), "{msg}");
+
+        let c = ok("http = \"0.0.0.0:8080\"\ninsecure_http = true");
+        assert!(c.insecure_http);
+        assert_eq!(c.warnings().len(), 1);
+        let c = ok("http = \"[::1]:8080\"");
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn tls_both_or_neither() {
+        let (c, k) = tls_files(CERT_PEM, KEY_PEM);
+        let (field, msg) = err(
+            &format!("tls_cert = {:?}", c.display().to_string()),
+            &Overrides::default(),
+        );
+        assert_eq!(field, "tls_key");
+        assert!(msg.contains("both"), "{msg}");
+        let o = Overrides {
+            tls_key: Some(k.clone()),
+            ..Overrides::default()
+        };
+        let (field, _) = err("", &o);
+        assert_eq!(field, "tls_cert");
+        // Combined from file and flag.
+        let conf = from_toml_str(
+            &format!(
+                "tls_cert = {:?}\nhttp = \"0.0.0.0:443\"",
+                c.display().to_string()
+            ),
+            &o,
+            env(),
+        )
+        .unwrap();
+        assert_eq!(conf.tls, Some(TlsConfig { cert: c, key: k }));
+    }
+
+    #[test]
+    fn tls_files_must_exist_and_parse() {
+        let (c, k) = tls_files(CERT_PEM, KEY_PEM);
+        let missing = c.with_file_name("missing.pem");
+        let with = |cert: &Path, key: &Path| Overrides {
+            tls_cert: Some(cert.to_owned()),
+            tls_key: Some(key.to_owned()),
+            ..Overrides::default()
+        };
+        let (field, msg) = err("", &with(&missing, &k));
+        assert_eq!(field, "tls_cert");
+        assert!(msg.contains("missing.pem"), "{msg}");
+        let (field, _) = err("", &with(&c, &missing));
+        assert_eq!(field, "tls_key");
+
+        // Cert file without certificates (a key instead).
+        let (field, msg) = err("", &with(&k, &k));
+        assert_eq!(field, "tls_cert");
+        assert!(msg.contains("no PEM certificate"), "{msg}");
+        // Key file without a key.
+        let (field, msg) = err("", &with(&c, &c));
+        assert_eq!(field, "tls_key");
+        assert!(msg.contains("no PEM private key"), "{msg}");
+        // Two keys.
+        let (c2, k2) = tls_files(CERT_PEM, &format!("{KEY_PEM}{KEY_PEM}"));
+        let (field, msg) = err("", &with(&c2, &k2));
+        assert_eq!(field, "tls_key");
+        assert!(msg.contains("exactly one"), "{msg}");
+        // Broken PEM.
+        let (c3, k3) = tls_files(
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+            KEY_PEM,
+        );
+        let (field, msg) = err("", &with(&c3, &k3));
+        assert_eq!(field, "tls_cert");
+        assert!(msg.contains("not valid PEM"), "{msg}");
+        let (c4, k4) = tls_files(CERT_PEM, "-----BEGIN PRIVATE KEY-----\nMIGH\n");
+        let (field, _) = err("", &with(&c4, &k4));
+        assert_eq!(field, "tls_key");
+
+        // A chain of two certificates and an EC key are fine.
+        let (c5, k5) = tls_files(
+            &format!("{CERT_PEM}{CERT_PEM}"),
+            "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n\
+             -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n",
+        );
+        let conf = from_toml_str("", &with(&c5, &k5), env()).unwrap();
+        assert!(conf.tls.is_some());
+    }
+
+    #[test]
+    fn public_ip_rules() {
+        let (field, msg) = err("udp = \"0.0.0.0:5004\"", &Overrides::default());
+        assert_eq!(field, "public_ip");
+        assert!(msg.contains("public_ip"), "{msg}");
+        let (field, _) = err("udp = \"[::]:5004\"", &Overrides::default());
+        assert_eq!(field, "public_ip");
+
+        let (field, msg) = err(
+            "udp = \"0.0.0.0:5004\"\npublic_ip = [\"0.0.0.0\"]",
+            &Overrides::default(),
+        );
+        assert_eq!(field, "public_ip");
+        assert!(msg.contains("0.0.0.0"), "{msg}");
+        let (field, _) = err("public_ip = [\"::\"]", &Overrides::default());
+        assert_eq!(field, "public_ip");
+        let (field, _) = err("public_ip = [\"224.0.0.1\"]", &Overrides::default());
+        assert_eq!(field, "public_ip");
+        // Family mismatch with a v4 socket.
+        let (field, msg) = err("public_ip = [\"2001:db8::1\"]", &Overrides::default());
+        assert_eq!(field, "public_ip");
+        assert!(msg.contains("family"), "{msg}");
+
+        let c = ok("udp = \"[::]:0\"\npublic_ip = [\"2001:db8::1\", \"203.0.113.7\"]");
+        assert_eq!(c.public_ip.len(), 2);
+        let c = ok("udp = \"[::1]:0\"");
+        assert_eq!(c.public_ip, vec![IpAddr::V6(Ipv6Addr::LOCALHOST)]);
+        let o = Overrides {
+            udp: Some("0.0.0.0:0".parse().unwrap()),
+            public_ip: vec!["192.0.2.1".parse().unwrap()],
+            ..Overrides::default()
+        };
+        let c = from_toml_str("", &o, env()).unwrap();
+        assert_eq!(c.public_ip, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn durations_and_ranges() {
+        let (field, msg) = err("drain_timeout = \"ten seconds\"", &Overrides::default());
+        assert_eq!(field, "drain_timeout");
+        assert!(msg.contains("10s"), "{msg}");
+        let (field, _) = err("pli_interval = \"5\"", &Overrides::default());
+        assert_eq!(field, "pli_interval");
+
+        let (field, msg) = err("drain_timeout = \"11m\"", &Overrides::default());
+        assert_eq!(field, "drain_timeout");
+        assert!(msg.contains("10m"), "{msg}");
+        assert_eq!(
+            ok("drain_timeout = \"10m\"").drain_timeout,
+            MAX_DRAIN_TIMEOUT
+        );
+        assert_eq!(ok("drain_timeout = \"0s\"").drain_timeout, Duration::ZERO);
+
+        let (field, msg) = err("max_sessions = 0", &Overrides::default());
+        assert_eq!(field, "max_sessions");
+        assert!(msg.contains("at least 1"), "{msg}");
+
+        let (field, msg) = err("pli_interval = \"10ms\"", &Overrides::default());
+        assert_eq!(field, "pli_interval");
+        assert!(msg.contains("50ms"), "{msg}");
+        let (field, _) = err("pli_interval = \"11s\"", &Overrides::default());
+        assert_eq!(field, "pli_interval");
+        assert_eq!(ok("pli_interval = \"50ms\"").pli_interval, MIN_PLI_INTERVAL);
+        assert_eq!(ok("pli_interval = \"10s\"").pli_interval, MAX_PLI_INTERVAL);
+    }
+
+    #[test]
+    fn bad_log_filter() {
+        let (field, msg) = err("log = \"ridge=verbose!!\"", &Overrides::default());
+        assert_eq!(field, "log");
+        assert!(msg.contains("filter"), "{msg}");
+    }
+
+    #[test]
+    fn load_secret_for_token_command() {
+        let e = load_secret(None, None).unwrap_err();
+        assert!(e.to_string().contains("RIDGE_JWT_SECRET"), "{e}");
+        assert!(load_secret(None, Some("short".into())).is_err());
+        assert_eq!(load_secret(None, env()).unwrap().expose(), SECRET);
+
+        let dir = scratch();
+        let path = dir.join("ridge.toml");
+        // The token command ignores unrelated settings that would fail validation.
+        std::fs::write(
+            &path,
+            "jwt_secret = \"file-secret-file-secret\"\nhttp = \"0.0.0.0:80\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            load_secret(Some(&path), None).unwrap().expose(),
+            "file-secret-file-secret"
+        );
+        assert_eq!(load_secret(Some(&path), env()).unwrap().expose(), SECRET);
+    }
+
+    #[test]
+    fn error_display_names_field() {
+        let e = invalid("max_sessions", "must be at least 1");
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: max_sessions: must be at least 1"
+        );
+    }
+}

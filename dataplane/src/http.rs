@@ -1,0 +1,537 @@
+//! HTTP control surface: WHIP, WHEP, plain RTP endpoints, the WebSocket
+//! room API, `/metrics`, `/healthz` and the demo page. Every route
+//! authenticates (see docs/api.md).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use prometheus_client::registry::Registry;
+use ridge_sfu::{OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, SfuError, TrackId, TrackKind};
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{AuthError, Authenticator, Claims, Grant};
+use crate::media::MediaHandle;
+use crate::metrics::{HttpLabels, Metrics, ReasonLabels};
+use crate::ws::RoomHub;
+
+/// Shared state of all handlers.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub media: MediaHandle,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    pub registry: Arc<Registry>,
+    pub draining: Arc<AtomicBool>,
+    pub hub: Arc<RoomHub>,
+}
+
+/// An error response: `{"error": "..."}` with a status code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ridge\""),
+            );
+        }
+        r
+    }
+}
+
+impl From<SfuError> for ApiError {
+    fn from(e: SfuError) -> Self {
+        let status = match &e {
+            SfuError::BadSdp(_) | SfuError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            SfuError::NoSuchParticipant(_) | SfuError::NoSuchPeer(_) | SfuError::NoSuchTrack(_) => {
+                StatusCode::NOT_FOUND
+            }
+            SfuError::Full(_) | SfuError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl AppState {
+    /// Authenticates a request and checks its grant for `room`, counting
+    /// failures by reason.
+    pub fn authorize(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        room: Option<&str>,
+        grant: Grant,
+    ) -> Result<Claims, ApiError> {
+        let check = || -> Result<Claims, AuthError> {
+            let claims = self.auth.authenticate(headers, query)?;
+            Authenticator::authorize(&claims, room, grant)?;
+            Ok(claims)
+        };
+        check().map_err(|e| {
+            self.metrics
+                .auth_failures
+                .get_or_create(&ReasonLabels { reason: e.reason() })
+                .inc();
+            ApiError::new(e.status(), e.to_string())
+        })
+    }
+
+    pub fn bad(&self, reason: &'static str, message: impl Into<String>) -> ApiError {
+        self.metrics
+            .bad_requests
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        ApiError::bad_request(message)
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the node is draining; connect to another node",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Room names appear in URLs, metrics labels and logs: keep them tame.
+pub fn validate_room(room: &str) -> Result<(), ApiError> {
+    let ok = !room.is_empty()
+        && room.len() <= 64
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "room names are 1-64 characters of A-Z a-z 0-9 - _ .",
+        ))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::mirror_request())
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([header::LOCATION, header::LINK, header::ETAG]);
+    Router::new()
+        .route("/", get(demo_page))
+        .route("/ridge.js", get(demo_script))
+        .route("/whip/{room}", post(whip))
+        .route("/whip/{room}/{session}", delete(end_session))
+        .route("/whep/{room}", post(whep))
+        .route("/whep/{room}/{session}", delete(end_session))
+        .route("/whep/{room}/{session}/layer", post(whep_layer))
+        .route("/v1/rooms/{room}/rtp", post(rtp_create))
+        .route("/v1/rooms/{room}/rtp/{session}", delete(end_session))
+        .route("/v1/rooms/{room}/ws", get(crate::ws::upgrade))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(cors)
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let response = next.run(req).await;
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such route; see docs/api.md")
+}
+
+fn require_sdp(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<String, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct
+        .trim()
+        .to_ascii_lowercase()
+        .starts_with("application/sdp")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the offer must be sent with Content-Type: application/sdp",
+        ));
+    }
+    let sdp =
+        std::str::from_utf8(body).map_err(|_| state.bad("sdp", "the SDP offer is not UTF-8"))?;
+    if !sdp.trim_start().starts_with("v=0") {
+        return Err(state.bad("sdp", "malformed SDP offer: it must start with \"v=0\""));
+    }
+    Ok(sdp.to_string())
+}
+
+fn sdp_created(location: String, answer: String) -> Response {
+    (
+        StatusCode::CREATED,
+        [
+            (header::CONTENT_TYPE, "application/sdp".to_string()),
+            (header::LOCATION, location),
+        ],
+        answer,
+    )
+        .into_response()
+}
+
+async fn negotiate(
+    state: &AppState,
+    kind: &'static str,
+    room: String,
+    headers: HeaderMap,
+    query: Option<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let grant = if kind == "whip" {
+        Grant::Publish
+    } else {
+        Grant::Subscribe
+    };
+    let claims = state.authorize(&headers, query.as_deref(), Some(&room), grant)?;
+    validate_room(&room)?;
+    state.refuse_if_draining()?;
+    let sdp = require_sdp(state, &headers, &body)?;
+    let intent = if kind == "whip" {
+        OfferIntent::Publish
+    } else {
+        OfferIntent::Subscribe { from: None }
+    };
+    let (peer, answer) = state
+        .media
+        .session(&room, &claims.sub, sdp, intent)
+        .await
+        .map_err(|e| {
+            if e.is_client_error() {
+                state.bad("sdp", e.to_string())
+            } else {
+                e.into()
+            }
+        })?;
+    tracing::info!(%room, identity = %claims.sub, %peer, kind, "session created");
+    Ok(sdp_created(format!("/{kind}/{room}/{peer}"), answer))
+}
+
+async fn whip(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    negotiate(&state, "whip", room, headers, query, body).await
+}
+
+async fn whep(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    negotiate(&state, "whep", room, headers, query, body).await
+}
+
+/// Resolves a session id from a URL and checks the caller may act on it:
+/// its own session, or any session with an admin token.
+async fn owned_session(
+    state: &AppState,
+    room: &str,
+    session: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<PeerId, ApiError> {
+    let claims = state.authorize(headers, query, Some(room), Grant::Either)?;
+    let peer: PeerId = session
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no session {session}")))?;
+    let Some((_, peer_room, identity)) = state.media.peer_owner(peer).await else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no session {session}"),
+        ));
+    };
+    if peer_room != room {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no session {session}"),
+        ));
+    }
+    if identity != claims.sub && !claims.admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this session belongs to another identity",
+        ));
+    }
+    Ok(peer)
+}
+
+async fn end_session(
+    State(state): State<AppState>,
+    Path((room, session)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let peer = owned_session(&state, &room, &session, &headers, query.as_deref()).await?;
+    state.media.remove_peer(peer).await?;
+    tracing::info!(%room, %peer, "session ended by client");
+    Ok((StatusCode::OK, axum::Json(json!({ "status": "ended" }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerRequest {
+    rid: Option<String>,
+}
+
+async fn whep_layer(
+    State(state): State<AppState>,
+    Path((room, session)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let peer = owned_session(&state, &room, &session, &headers, query.as_deref()).await?;
+    let req: LayerRequest = serde_json::from_slice(&body).map_err(|e| {
+        state.bad(
+            "json",
+            format!("expected {{\"rid\": \"q\"|\"h\"|\"f\"|null}}: {e}"),
+        )
+    })?;
+    if let Some(r) = &req.rid {
+        if r.is_empty() || r.len() > 16 || !r.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(state.bad("json", "rid must be 1-16 alphanumeric characters"));
+        }
+    }
+    state.media.set_layer(peer, req.rid).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RtpRequest {
+    direction: RtpDirection,
+    kind: TrackKind,
+    remote: SocketAddr,
+    payload_type: u8,
+    ssrc: Option<u32>,
+    track: Option<String>,
+}
+
+async fn rtp_create(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req = serde_json::from_slice::<RtpRequest>(&body);
+    // Authenticate before reporting body errors, so strangers learn nothing.
+    let grant = match &req {
+        Ok(r) if r.direction == RtpDirection::Subscribe => Grant::Subscribe,
+        Ok(_) => Grant::Publish,
+        Err(_) => Grant::Either,
+    };
+    let claims = state.authorize(&headers, query.as_deref(), Some(&room), grant)?;
+    validate_room(&room)?;
+    let req = req.map_err(|e| {
+        state.bad(
+            "json",
+            format!(
+                "expected {{\"direction\":\"publish\"|\"subscribe\",\"kind\":\"audio\"|\"video\",\
+                 \"remote\":\"IP:PORT\",\"payload_type\":N,\"ssrc\":N}}: {e}"
+            ),
+        )
+    })?;
+    state.refuse_if_draining()?;
+    let track = match &req.track {
+        Some(t) => Some(t.parse::<TrackId>().map_err(|_| {
+            state.bad(
+                "json",
+                format!("track {t:?} is not a track id like \"t-3\""),
+            )
+        })?),
+        None => None,
+    };
+    let spec = RtpEndpointSpec {
+        direction: req.direction,
+        kind: req.kind,
+        remote: req.remote,
+        payload_type: req.payload_type,
+        ssrc: req.ssrc,
+        track,
+    };
+    let info = state
+        .media
+        .rtp_endpoint(&room, &claims.sub, spec)
+        .await
+        .map_err(|e| {
+            if e.is_client_error() {
+                state.bad("rtp", e.to_string())
+            } else {
+                e.into()
+            }
+        })?;
+    let location = format!("/v1/rooms/{room}/rtp/{}", info.peer);
+    let body = json!({
+        "id": info.peer.to_string(),
+        "local": info.local.to_string(),
+        "ssrc": info.ssrc,
+        "track": info.track.map(|t| t.to_string()),
+    });
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(body),
+    )
+        .into_response())
+}
+
+async fn metrics(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, query.as_deref(), None, Grant::Admin)?;
+    if let Some((snapshot, _)) = state.media.stats().await {
+        state.metrics.set_snapshot(snapshot);
+    }
+    let body = crate::metrics::encode(&state.registry);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
+}
+
+async fn healthz(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, query.as_deref(), None, Grant::Admin)?;
+    let draining = state.draining.load(Ordering::Relaxed);
+    let sessions = state.media.stats().await.map(|(_, n)| n);
+    let (status, text) = match (draining, sessions) {
+        (_, None) => (StatusCode::SERVICE_UNAVAILABLE, "media_thread_down"),
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, Some(_)) => (StatusCode::OK, "ok"),
+    };
+    Ok((
+        status,
+        axum::Json(json!({
+            "status": text,
+            "sessions": sessions,
+            "media": state.media.local_addr().to_string(),
+            "io_backend": "tokio",
+            "version": env!("CARGO_PKG_VERSION"),
+        })),
+    )
+        .into_response())
+}
+
+const INDEX_HTML: &str = include_str!("../static/index.html");
+const RIDGE_JS: &str = include_str!("../static/ridge.js");
+
+async fn demo_page(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state
+        .authorize(&headers, query.as_deref(), None, Grant::Either)
+        .map_err(|e| {
+            ApiError::new(
+                e.status,
+                format!(
+                    "{}; open the URL that `ridge-dataplane` printed at start-up \
+                 (it carries ?token=...), or mint one with `ridge-dataplane token`",
+                    e.message
+                ),
+            )
+        })?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        INDEX_HTML,
+    )
+        .into_response())
+}
+
+async fn demo_script(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, query.as_deref(), None, Grant::Either)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        RIDGE_JS,
+    )
+        .into_response())
+}

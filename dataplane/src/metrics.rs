@@ -1,0 +1,365 @@
+//! The node's one metrics registry. Control-plane metrics are live
+//! prometheus-client families; media metrics come from a snapshot of the
+//! core taken on each scrape, so the packet path only bumps plain integers.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+use ridge_sfu::{Counters, DropReason, StatsSnapshot};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Live control-plane metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    pub bad_requests: Family<ReasonLabels, Counter>,
+    pub ws_sessions: Gauge,
+    pub ws_messages_in: Counter,
+    pub ws_messages_out: Counter,
+    pub udp_send_errors: Counter,
+    pub udp_recv_errors: Counter,
+    pub draining: Gauge,
+    snapshot: Arc<Mutex<Option<StatsSnapshot>>>,
+}
+
+/// Builds the registry and the handles the rest of the node updates.
+pub fn registry() -> (Registry, Metrics) {
+    let mut registry = Registry::default();
+    let metrics = Metrics {
+        http_requests: Family::default(),
+        auth_failures: Family::default(),
+        bad_requests: Family::default(),
+        ws_sessions: Gauge::default(),
+        ws_messages_in: Counter::default(),
+        ws_messages_out: Counter::default(),
+        udp_send_errors: Counter::default(),
+        udp_recv_errors: Counter::default(),
+        draining: Gauge::default(),
+        snapshot: Arc::new(Mutex::new(None)),
+    };
+    let r = registry.sub_registry_with_prefix("ridge");
+    r.register(
+        "http_requests",
+        "HTTP requests by route and status",
+        metrics.http_requests.clone(),
+    );
+    r.register(
+        "auth_failures",
+        "Requests refused for a missing, expired, forged or insufficient token",
+        metrics.auth_failures.clone(),
+    );
+    r.register(
+        "bad_requests",
+        "Requests refused as malformed (bad SDP, bad JSON, bad WS message)",
+        metrics.bad_requests.clone(),
+    );
+    r.register(
+        "ws_sessions",
+        "Open WebSocket room sessions",
+        metrics.ws_sessions.clone(),
+    );
+    r.register(
+        "ws_messages_received",
+        "WebSocket messages received",
+        metrics.ws_messages_in.clone(),
+    );
+    r.register(
+        "ws_messages_sent",
+        "WebSocket messages sent",
+        metrics.ws_messages_out.clone(),
+    );
+    r.register(
+        "udp_send_errors",
+        "Datagrams the media socket failed to send",
+        metrics.udp_send_errors.clone(),
+    );
+    r.register(
+        "udp_receive_errors",
+        "Errors reading the media socket",
+        metrics.udp_recv_errors.clone(),
+    );
+    r.register(
+        "draining",
+        "1 while the node drains before exit",
+        metrics.draining.clone(),
+    );
+    registry.register_collector(Box::new(MediaCollector {
+        snapshot: metrics.snapshot.clone(),
+    }));
+    (registry, metrics)
+}
+
+impl Metrics {
+    /// Installs the core snapshot the next encode reads.
+    pub fn set_snapshot(&self, s: StatsSnapshot) {
+        if let Ok(mut g) = self.snapshot.lock() {
+            *g = Some(s);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MediaCollector {
+    snapshot: Arc<Mutex<Option<StatsSnapshot>>>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(labels, v)] = rows {
+        if labels.is_empty() {
+            return ConstCounter::new(*v).encode(m);
+        }
+    }
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    if let [(labels, v)] = rows {
+        if labels.is_empty() {
+            return ConstGauge::new(*v).encode(m);
+        }
+    }
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// The per-node, per-room and per-peer counter families, one row each.
+const COUNTER_FIELDS: &[(&str, &str, fn(&Counters) -> u64)] = &[
+    (
+        "packets_received",
+        "RTP/RTCP/STUN/DTLS datagrams received",
+        |c| c.packets_in,
+    ),
+    ("bytes_received", "Bytes received", |c| c.bytes_in),
+    ("packets_sent", "Datagrams sent", |c| c.packets_out),
+    ("bytes_sent", "Bytes sent", |c| c.bytes_out),
+    ("nacks_received", "Packets NACKed by receivers", |c| {
+        c.nacks_received
+    }),
+    ("nacks_sent", "Packets NACKed towards senders", |c| {
+        c.nacks_sent
+    }),
+    (
+        "retransmits",
+        "Packets resent from the retransmission buffer",
+        |c| c.retransmits,
+    ),
+    (
+        "retransmit_misses",
+        "NACKed packets no longer in the buffer",
+        |c| c.retransmit_misses,
+    ),
+    (
+        "plis_received",
+        "Keyframe requests (PLI/FIR) from receivers",
+        |c| c.keyframe_requests_received,
+    ),
+    (
+        "plis_forwarded",
+        "Keyframe requests sent to publishers",
+        |c| c.keyframe_requests_forwarded,
+    ),
+    (
+        "plis_throttled",
+        "Keyframe requests suppressed by the throttle",
+        |c| c.keyframe_requests_throttled,
+    ),
+    ("layer_switches", "Simulcast layer switches", |c| {
+        c.layer_switches
+    }),
+    (
+        "packets_lost",
+        "Packets lost on the way in, from sequence gaps",
+        |c| c.packets_lost,
+    ),
+];
+
+impl Collector for MediaCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let guard = match self.snapshot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let Some(s) = guard.as_ref() else {
+            return Ok(());
+        };
+        for (field, help, get) in COUNTER_FIELDS {
+            counter(
+                &mut enc,
+                &format!("ridge_{field}"),
+                help,
+                &[(vec![], get(&s.counters))],
+            )?;
+            let rooms: Vec<(Labels, u64)> = s
+                .rooms
+                .iter()
+                .map(|r| (vec![("room", r.room.clone())], get(&r.counters)))
+                .collect();
+            counter(&mut enc, &format!("ridge_room_{field}"), help, &rooms)?;
+            let peers: Vec<(Labels, u64)> = s
+                .peers
+                .iter()
+                .map(|p| {
+                    (
+                        vec![
+                            ("room", p.room.clone()),
+                            ("peer", p.peer.to_string()),
+                            ("transport", p.transport.to_string()),
+                        ],
+                        get(&p.counters),
+                    )
+                })
+                .collect();
+            counter(&mut enc, &format!("ridge_peer_{field}"), help, &peers)?;
+        }
+        let drops: Vec<(Labels, u64)> = DropReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    vec![("reason", r.label().to_string())],
+                    s.drops[*r as usize],
+                )
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "ridge_packets_dropped",
+            "Datagrams dropped, by reason",
+            &drops,
+        )?;
+        counter(
+            &mut enc,
+            "ridge_sessions_created",
+            "WebRTC and RTP sessions created",
+            &[(vec![], s.sessions_created)],
+        )?;
+        counter(
+            &mut enc,
+            "ridge_sessions_closed",
+            "WebRTC and RTP sessions closed",
+            &[(vec![], s.sessions_closed)],
+        )?;
+        let mut by_transport = [("webrtc", 0f64), ("rtp", 0f64)];
+        for p in &s.peers {
+            for (t, n) in &mut by_transport {
+                if *t == p.transport {
+                    *n += 1.0;
+                }
+            }
+        }
+        let sessions: Vec<(Labels, f64)> = by_transport
+            .iter()
+            .map(|(t, n)| (vec![("transport", t.to_string())], *n))
+            .collect();
+        gauge(&mut enc, "ridge_sessions", "Open sessions", &sessions)?;
+        gauge(
+            &mut enc,
+            "ridge_rooms",
+            "Rooms with participants",
+            &[(vec![], s.rooms.len() as f64)],
+        )?;
+        let room_rows = |f: fn(&ridge_sfu::RoomSnapshot) -> f64| -> Vec<(Labels, f64)> {
+            s.rooms
+                .iter()
+                .map(|r| (vec![("room", r.room.clone())], f(r)))
+                .collect()
+        };
+        gauge(
+            &mut enc,
+            "ridge_room_participants",
+            "Participants per room",
+            &room_rows(|r| r.participants as f64),
+        )?;
+        gauge(
+            &mut enc,
+            "ridge_room_tracks",
+            "Published tracks per room",
+            &room_rows(|r| r.tracks as f64),
+        )?;
+        let peer_labels = |p: &ridge_sfu::PeerSnapshot| -> Labels {
+            vec![
+                ("room", p.room.clone()),
+                ("peer", p.peer.to_string()),
+                ("transport", p.transport.to_string()),
+            ]
+        };
+        let loss: Vec<(Labels, f64)> = s
+            .peers
+            .iter()
+            .filter_map(|p| Some((peer_labels(p), f64::from(p.loss?))))
+            .collect();
+        gauge(
+            &mut enc,
+            "ridge_peer_loss_ratio",
+            "Fraction of packets lost on the peer's link",
+            &loss,
+        )?;
+        let rtt: Vec<(Labels, f64)> = s
+            .peers
+            .iter()
+            .filter_map(|p| Some((peer_labels(p), p.rtt?.as_secs_f64())))
+            .collect();
+        gauge(
+            &mut enc,
+            "ridge_peer_rtt_seconds",
+            "Round-trip time to the peer",
+            &rtt,
+        )?;
+        let bwe: Vec<(Labels, f64)> = s
+            .peers
+            .iter()
+            .filter_map(|p| Some((peer_labels(p), p.bwe_bps? as f64)))
+            .collect();
+        gauge(
+            &mut enc,
+            "ridge_peer_bandwidth_estimate_bps",
+            "Send-side bandwidth estimate towards the peer",
+            &bwe,
+        )?;
+        Ok(())
+    }
+}
+
+/// Encodes the registry in the text exposition format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}

@@ -1,0 +1,9 @@
+//! Ridge integration-test support: a headless-Chromium driver (over the
+//! Chrome DevTools Protocol) and skip/require helpers for tests that need
+//! privileges or a browser.
+
+pub mod cdp;
+pub mod chromium;
+pub mod skip;
+
+pub use chromium::{Chromium, Page};
