@@ -301,8 +301,8 @@ fn parse_message(err: &toml::de::Error, src: &str) -> String {
         let line_start = src[..start].rfind('\n').map_or(0, |i| i + 1);
         let line_end = src[end..].find('\n').map_or(src.len(), |i| end + i);
         if src[line_start..line_end].contains("jwt_secret") {
-            message = "invalid `jwt_secret` (value not shown): it must be a string of at \
-                       least 16 bytes"
+            message = "invalid `jwt_secret` (details not shown to keep the secret out of \
+                       logs): it must be a quoted string of at least 16 bytes"
                 .to_owned();
         }
         let line = src[..start].matches('\n').count() + 1;

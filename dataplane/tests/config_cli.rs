@@ -36,7 +36,9 @@ fn write_config(contents: &str) -> PathBuf {
 /// Runs the binary with a clean environment as far as Ridge is concerned.
 fn run(args: &[&str], secret: Option<&str>) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("RIDGE_JWT_SECRET").env_remove("RUST_LOG");
+    cmd.args(args)
+        .env_remove("RIDGE_JWT_SECRET")
+        .env_remove("RUST_LOG");
     if let Some(secret) = secret {
         cmd.env("RIDGE_JWT_SECRET", secret);
     }

@@ -4,6 +4,7 @@
 
 pub mod cdp;
 pub mod chromium;
+pub mod node;
 pub mod skip;
 
 pub use chromium::{Chromium, Page};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::SdpOffer;
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Rids};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc, RtcConfig};
@@ -468,7 +468,7 @@ impl Sfu {
             .room
             .clone();
         let offer =
-            SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+            SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(sdp_error(&e.to_string())))?;
         let mut config = RtcConfig::new()
             .set_ice_lite(true)
             .set_rtp_mode(true)
@@ -495,51 +495,56 @@ impl Sfu {
         let mut slots = Vec::new();
         let mut early_events = Vec::new();
         let mut transmits = Vec::new();
+        // str0m announces m-lines (MediaAdded) only once DTLS is up, so read
+        // the negotiated ones from the answer itself; a bad offer must leave
+        // no trace.
+        for line in answer.media_lines.iter().filter(|l| !l.disabled) {
+            let mid = line.mid();
+            let Some(media) = rtc.media(mid) else {
+                continue; // the data channel m-line
+            };
+            let kind = match media.kind() {
+                MediaKind::Audio => TrackKind::Audio,
+                MediaKind::Video => TrackKind::Video,
+            };
+            let direction = media.direction();
+            let receives = matches!(direction, Direction::RecvOnly | Direction::SendRecv);
+            let sends = matches!(direction, Direction::SendOnly | Direction::SendRecv);
+            match intent {
+                OfferIntent::Publish if receives => {
+                    let rids = match media.rids_rx() {
+                        Rids::Specific(r) => r.clone(),
+                        _ => Vec::new(),
+                    };
+                    published.push((mid, kind, rids));
+                }
+                OfferIntent::Subscribe { .. } if sends => {
+                    let initial = (self.random() & 0x3fff) as u16;
+                    slots.push(Slot {
+                        mid,
+                        kind,
+                        track: None,
+                        pt: None,
+                        rewriter: StreamRewriter::new(kind.clock_rate(), initial),
+                        current: None,
+                        target: None,
+                    });
+                }
+                OfferIntent::Subscribe { .. } => {
+                    return Err(SfuError::BadSdp(format!(
+                        "subscribe offers must be recvonly; m-line {mid} sends media"
+                    )));
+                }
+                OfferIntent::Publish => {
+                    return Err(SfuError::BadSdp(format!(
+                        "publish offers must send media; m-line {mid} is recvonly"
+                    )));
+                }
+            }
+        }
         let next_timeout = loop {
             match rtc.poll_output() {
                 Ok(str0m::Output::Timeout(t)) => break t,
-                Ok(str0m::Output::Event(Event::MediaAdded(m))) => {
-                    let kind = match m.kind {
-                        MediaKind::Audio => TrackKind::Audio,
-                        MediaKind::Video => TrackKind::Video,
-                    };
-                    let receives = matches!(m.direction, Direction::RecvOnly | Direction::SendRecv);
-                    let sends = matches!(m.direction, Direction::SendOnly | Direction::SendRecv);
-                    match intent {
-                        OfferIntent::Publish if receives => {
-                            let rids: Vec<Rid> = m
-                                .simulcast
-                                .as_ref()
-                                .map(|s| s.recv.iter().map(|l| l.rid).collect())
-                                .unwrap_or_default();
-                            published.push((m.mid, kind, rids));
-                        }
-                        OfferIntent::Subscribe { .. } if sends => {
-                            let initial = (self.random() & 0x3fff) as u16;
-                            slots.push(Slot {
-                                mid: m.mid,
-                                kind,
-                                track: None,
-                                pt: None,
-                                rewriter: StreamRewriter::new(kind.clock_rate(), initial),
-                                current: None,
-                                target: None,
-                            });
-                        }
-                        OfferIntent::Subscribe { .. } => {
-                            return Err(SfuError::BadSdp(format!(
-                                "subscribe offers must be recvonly; m-line {} sends media",
-                                m.mid
-                            )));
-                        }
-                        OfferIntent::Publish => {
-                            return Err(SfuError::BadSdp(format!(
-                                "publish offers must send media; m-line {} is recvonly",
-                                m.mid
-                            )));
-                        }
-                    }
-                }
                 Ok(str0m::Output::Event(e)) => early_events.push(e),
                 Ok(str0m::Output::Transmit(t)) => transmits.push(t),
                 Err(e) => return Err(SfuError::Internal(e.to_string())),

@@ -142,14 +142,6 @@ pub(crate) fn be_u16(buf: &[u8], off: usize) -> Option<u16> {
         .map(|b| u16::from_be_bytes(*b))
 }
 
-/// Big-endian `u32` at `off`, or `None` past the end.
-#[inline]
-pub(crate) fn be_u32(buf: &[u8], off: usize) -> Option<u32> {
-    buf.get(off..)?
-        .first_chunk::<4>()
-        .map(|b| u32::from_be_bytes(*b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::fuzz::samples;

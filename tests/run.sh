@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole Ridge test suite: installs what it needs, then runs every test,
+# including the real-browser tests. A test that would skip for a missing
+# prerequisite fails instead (RIDGE_REQUIRE_ALL=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash tests/install-deps.sh --test
+
+# Reuse a build cache outside the clone when one is allowed (CI runs as root).
+if [[ -z "${CARGO_TARGET_DIR:-}" ]] && [[ -w /var/cache ]]; then
+  export CARGO_TARGET_DIR=/var/cache/ridge/target
+  mkdir -p "$CARGO_TARGET_DIR"
+fi
+export RIDGE_REQUIRE_ALL="${RIDGE_REQUIRE_ALL:-1}"
+export RUST_BACKTRACE=1
+
+echo "== unit, fuzz-smoke and integration tests"
+cargo test --workspace --all-targets --exclude ridge-tests
+echo "== real-browser and end-to-end tests (serial: each starts Chromium)"
+cargo test -p ridge-tests --all-targets -- --test-threads=1
