@@ -355,10 +355,10 @@ async fn whep_layer(
             format!("expected {{\"rid\": \"q\"|\"h\"|\"f\"|null}}: {e}"),
         )
     })?;
-    if let Some(r) = &req.rid {
-        if r.is_empty() || r.len() > 16 || !r.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(state.bad("json", "rid must be 1-16 alphanumeric characters"));
-        }
+    if let Some(r) = &req.rid
+        && (r.is_empty() || r.len() > 16 || !r.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        return Err(state.bad("json", "rid must be 1-16 alphanumeric characters"));
     }
     state.media.set_layer(peer, req.rid).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -129,10 +129,10 @@ fn counter(
     rows: &[(Labels, u64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    if let [(labels, v)] = rows {
-        if labels.is_empty() {
-            return ConstCounter::new(*v).encode(m);
-        }
+    if let [(labels, v)] = rows
+        && labels.is_empty()
+    {
+        return ConstCounter::new(*v).encode(m);
     }
     for (labels, v) in rows {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
@@ -147,10 +147,10 @@ fn gauge(
     rows: &[(Labels, f64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    if let [(labels, v)] = rows {
-        if labels.is_empty() {
-            return ConstGauge::new(*v).encode(m);
-        }
+    if let [(labels, v)] = rows
+        && labels.is_empty()
+    {
+        return ConstGauge::new(*v).encode(m);
     }
     for (labels, v) in rows {
         ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
@@ -159,7 +159,10 @@ fn gauge(
 }
 
 /// The per-node, per-room and per-peer counter families, one row each.
-const COUNTER_FIELDS: &[(&str, &str, fn(&Counters) -> u64)] = &[
+/// (metric suffix, help, accessor)
+type CounterField = (&'static str, &'static str, fn(&Counters) -> u64);
+
+const COUNTER_FIELDS: &[CounterField] = &[
     (
         "packets_received",
         "RTP/RTCP/STUN/DTLS datagrams received",

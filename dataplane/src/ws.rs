@@ -54,13 +54,13 @@ impl Session {
             self.history.pop_front();
         }
         self.history.push_back((self.seq, text.clone()));
-        if let Some((_, tx)) = &self.socket {
-            if tx.try_send(text).is_err() {
-                // A stuck socket: detach it; the client resumes and the
-                // history replays what it missed.
-                self.socket = None;
-                self.detached_at = Some(Instant::now());
-            }
+        if let Some((_, tx)) = &self.socket
+            && tx.try_send(text).is_err()
+        {
+            // A stuck socket: detach it; the client resumes and the
+            // history replays what it missed.
+            self.socket = None;
+            self.detached_at = Some(Instant::now());
         }
     }
 }
@@ -312,12 +312,13 @@ async fn run_socket(
         if let Some(token) = &resume {
             match hub.by_resume.get(token).copied() {
                 Some(p) => {
-                    if let Some(s) = hub.sessions.get_mut(&p) {
-                        if s.identity == claims.sub && s.room == room {
-                            s.socket = Some((socket_id, tx.clone()));
-                            s.detached_at = None;
-                            resumed = Some((p, s.resume.clone(), s.seq));
-                        }
+                    if let Some(s) = hub.sessions.get_mut(&p)
+                        && s.identity == claims.sub
+                        && s.room == room
+                    {
+                        s.socket = Some((socket_id, tx.clone()));
+                        s.detached_at = None;
+                        resumed = Some((p, s.resume.clone(), s.seq));
                     }
                 }
                 None => {
@@ -463,11 +464,11 @@ async fn run_socket(
     } else {
         // Keep the participant for a resume, unless another socket took over.
         let mut hub = state.hub.lock();
-        if let Some(s) = hub.sessions.get_mut(&participant) {
-            if s.socket.as_ref().is_some_and(|(id, _)| *id == socket_id) {
-                s.socket = None;
-                s.detached_at = Some(Instant::now());
-            }
+        if let Some(s) = hub.sessions.get_mut(&participant)
+            && s.socket.as_ref().is_some_and(|(id, _)| *id == socket_id)
+        {
+            s.socket = None;
+            s.detached_at = Some(Instant::now());
         }
     }
 }

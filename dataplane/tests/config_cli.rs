@@ -67,7 +67,6 @@ fn assert_config_error(out: &Output, field: &str) {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn help_mentions_secret_env() {
     let out = run(&["--help"], None);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -78,7 +77,6 @@ fn help_mentions_secret_env() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn version_flag() {
     let out = run(&["--version"], None);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -86,7 +84,6 @@ fn version_flag() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn check_config_good_file_exits_0() {
     let path = write_config(
         r#"
@@ -113,7 +110,6 @@ fn check_config_good_file_exits_0() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn check_config_bad_values_exit_64_naming_the_field() {
     let cases: &[(&str, &str)] = &[
         ("max_sessions = 0\n", "max_sessions"),
@@ -140,7 +136,6 @@ fn check_config_bad_values_exit_64_naming_the_field() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn bad_config_file_syntax_exits_64() {
     let path = write_config("max_sessions = 1\nunknown_field = true\n");
     let out = run(
@@ -159,7 +154,6 @@ fn bad_config_file_syntax_exits_64() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn missing_or_short_secret_exits_64() {
     // Running the node (no subcommand) must fail before binding anything.
     let out = run(&["--http", "127.0.0.1:0", "--udp", "127.0.0.1:0"], None);
@@ -174,7 +168,6 @@ fn missing_or_short_secret_exits_64() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn bad_flag_on_run_exits_64() {
     let out = run(
         &[
@@ -191,7 +184,6 @@ fn bad_flag_on_run_exits_64() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn token_prints_a_verifiable_jwt() {
     let out = run(
         &[
@@ -225,7 +217,6 @@ fn token_prints_a_verifiable_jwt() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn token_secret_from_config_file() {
     let path = write_config(&format!("jwt_secret = \"{SECRET}\"\n"));
     let out = run(
@@ -250,7 +241,6 @@ fn token_secret_from_config_file() {
 }
 
 #[test]
-#[ignore = "needs main.rs wiring"]
 fn token_without_secret_exits_64() {
     let out = run(&["token", "--room", "demo", "--identity", "alice"], None);
     assert_config_error(&out, "RIDGE_JWT_SECRET");

@@ -54,7 +54,9 @@ impl TestNode {
         let secret = Secret::new(SECRET);
         overrides.http.get_or_insert("127.0.0.1:0".parse()?);
         overrides.udp.get_or_insert("127.0.0.1:0".parse()?);
-        overrides.drain_timeout.get_or_insert(Duration::from_secs(2));
+        overrides
+            .drain_timeout
+            .get_or_insert(Duration::from_secs(2));
         overrides.jwt_secret = Some(secret.clone());
         let config = config::from_toml_str("", &overrides, None).context("test config")?;
         let node = Node::start(config).await.context("starting the node")?;
@@ -97,7 +99,14 @@ impl TestNode {
     /// The node's `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
         let auth = format!("Bearer {}", self.admin_token());
-        let r = http(&self.base_url(), "GET", "/metrics", &[("Authorization", &auth)], "").await?;
+        let r = http(
+            &self.base_url(),
+            "GET",
+            "/metrics",
+            &[("Authorization", &auth)],
+            "",
+        )
+        .await?;
         if r.status != 200 {
             bail!("/metrics answered {}: {}", r.status, r.body);
         }
@@ -166,7 +175,11 @@ pub async fn http(
     let chunked = headers
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Ok(HttpResponse {
         status,
         headers,

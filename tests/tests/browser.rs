@@ -47,7 +47,10 @@ async fn wait_stats(
             return Ok(s);
         }
         if start.elapsed() > timeout {
-            bail!("timed out waiting for {what}; last stats: {s}; console: {:?}", page.console());
+            bail!(
+                "timed out waiting for {what}; last stats: {s}; console: {:?}",
+                page.console()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -69,72 +72,265 @@ fn run(name: &str, f: impl std::future::Future<Output = Result<()>>) {
 
 #[test]
 fn whip_publish_whep_subscribe_decodes_video_and_audio() {
-    run("whip_publish_whep_subscribe_decodes_video_and_audio", async {
-        let node = TestNode::start().await?;
-        let browser = Chromium::launch().await?;
-        let room = "e2e-whip";
-        let pub_token = node.token(room, "camera", true, false);
-        let sub_token = node.token(room, "viewer", false, true);
+    run(
+        "whip_publish_whep_subscribe_decodes_video_and_audio",
+        async {
+            let node = TestNode::start().await?;
+            let browser = Chromium::launch().await?;
+            let room = "e2e-whip";
+            let pub_token = node.token(room, "camera", true, false);
+            let sub_token = node.token(room, "viewer", false, true);
 
-        let publisher = open_demo(&browser, &node, &pub_token).await?;
-        let published = publisher
+            let publisher = open_demo(&browser, &node, &pub_token).await?;
+            let published = publisher
             .eval(&format!(
                 "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 480}});
                    return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s}}); }})()"
             ))
             .await?;
-        let location = published["location"].as_str().context("WHIP Location")?;
-        assert!(location.starts_with(&format!("/whip/{room}/s-")), "{location}");
+            let location = published["location"].as_str().context("WHIP Location")?;
+            assert!(
+                location.starts_with(&format!("/whip/{room}/s-")),
+                "{location}"
+            );
 
-        let viewer = open_demo(&browser, &node, &sub_token).await?;
-        let sub = viewer
+            let viewer = open_demo(&browser, &node, &sub_token).await?;
+            let sub = viewer
             .eval(&format!(
                 "(() => {{ const v = document.createElement('video'); v.id = 'e2e-remote';
                    document.body.appendChild(v);
                    return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
             ))
             .await?;
-        let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
 
-        let first = wait_stats(&viewer, &id, Duration::from_secs(20), "decoded video", |s| {
-            num(s, &["video", "framesDecoded"]) > 20.0 && num(s, &["audio", "packetsReceived"]) > 20.0
+            let first = wait_stats(
+                &viewer,
+                &id,
+                Duration::from_secs(20),
+                "decoded video",
+                |s| {
+                    num(s, &["video", "framesDecoded"]) > 20.0
+                        && num(s, &["audio", "packetsReceived"]) > 20.0
+                },
+            )
+            .await?;
+            // Keep watching: media must keep flowing for several seconds.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let later = stats(&viewer, &id).await?;
+            let frames =
+                num(&later, &["video", "framesDecoded"]) - num(&first, &["video", "framesDecoded"]);
+            let audio = num(&later, &["audio", "packetsReceived"])
+                - num(&first, &["audio", "packetsReceived"]);
+            let samples = num(&later, &["audio", "totalSamplesReceived"])
+                - num(&first, &["audio", "totalSamplesReceived"]);
+            assert!(
+                frames >= 40.0,
+                "only {frames} frames decoded in 4 s: {later}"
+            );
+            assert!(audio >= 150.0, "only {audio} audio packets in 4 s: {later}");
+            assert!(
+                samples > 100_000.0,
+                "only {samples} audio samples in 4 s: {later}"
+            );
+            assert_eq!(num(&later, &["video", "frameWidth"]), 640.0, "{later}");
+
+            let metrics = node.metrics().await?;
+            for sample in [
+                "ridge_packets_received_total",
+                "ridge_packets_sent_total",
+                "ridge_sessions_created_total",
+            ] {
+                assert!(
+                    ridge_tests::node::metric_value(&metrics, sample) > 0.0,
+                    "{sample} is zero:\n{metrics}"
+                );
+            }
+            assert_eq!(
+                ridge_tests::node::metric_value(&metrics, "ridge_sessions{transport=\"webrtc\"}"),
+                2.0
+            );
+
+            // DELETE on the Location ends both sessions.
+            let stopped = viewer.eval(&format!("Ridge.stop({id:?})")).await?;
+            assert_eq!(stopped["status"], 200, "{stopped}");
+            let pub_id = published["id"].as_str().context("publisher id")?;
+            let stopped = publisher.eval(&format!("Ridge.stop({pub_id:?})")).await?;
+            assert_eq!(stopped["status"], 200, "{stopped}");
+            let closed = node.metric("ridge_sessions_closed_total").await?;
+            assert_eq!(closed, 2.0);
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn simulcast_subscriber_moves_between_layers() {
+    run("simulcast_subscriber_moves_between_layers", async {
+        let node = TestNode::start().await?;
+        let browser = Chromium::launch().await?;
+        let room = "e2e-simulcast";
+        let pub_token = node.token(room, "camera", true, false);
+        let sub_token = node.token(room, "viewer", false, true);
+
+        let publisher = open_demo(&browser, &node, &pub_token).await?;
+        let published = publisher
+            .eval(&format!(
+                "(async () => {{ const s = await Ridge.fakeStream({{width: 1280, height: 720}});
+                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s, simulcast: true}}); }})()"
+            ))
+            .await?;
+        let viewer = open_demo(&browser, &node, &sub_token).await?;
+        let sub = viewer
+            .eval(&format!(
+                "(() => {{ const v = document.createElement('video'); document.body.appendChild(v);
+                   return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
+            ))
+            .await?;
+        let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+        wait_stats(&viewer, &id, Duration::from_secs(20), "first frames", |s| {
+            num(s, &["video", "framesDecoded"]) > 10.0
         })
         .await?;
-        // Keep watching: media must keep flowing for several seconds.
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        let later = stats(&viewer, &id).await?;
-        let frames = num(&later, &["video", "framesDecoded"]) - num(&first, &["video", "framesDecoded"]);
-        let audio = num(&later, &["audio", "packetsReceived"]) - num(&first, &["audio", "packetsReceived"]);
-        let samples = num(&later, &["audio", "totalSamplesReceived"]) - num(&first, &["audio", "totalSamplesReceived"]);
-        assert!(frames >= 40.0, "only {frames} frames decoded in 4 s: {later}");
-        assert!(audio >= 150.0, "only {audio} audio packets in 4 s: {later}");
-        assert!(samples > 100_000.0, "only {samples} audio samples in 4 s: {later}");
-        assert_eq!(num(&later, &["video", "frameWidth"]), 640.0, "{later}");
 
-        let metrics = node.metrics().await?;
-        for sample in [
-            "ridge_packets_received_total",
-            "ridge_packets_sent_total",
-            "ridge_sessions_created_total",
-        ] {
-            assert!(
-                ridge_tests::node::metric_value(&metrics, sample) > 0.0,
-                "{sample} is zero:\n{metrics}"
-            );
-        }
-        assert_eq!(
-            ridge_tests::node::metric_value(&metrics, "ridge_sessions{transport=\"webrtc\"}"),
-            2.0
+        // Pin the lowest layer: a quarter of the camera's height.
+        let r = viewer.eval(&format!("Ridge.setLayer({id:?}, 'q')")).await?;
+        assert_eq!(r["status"], 204, "{r}");
+        let low = wait_stats(
+            &viewer,
+            &id,
+            Duration::from_secs(20),
+            "the q layer (180p)",
+            |s| num(s, &["video", "frameHeight"]) == 180.0,
+        )
+        .await?;
+        // Then the full-resolution layer.
+        let r = viewer.eval(&format!("Ridge.setLayer({id:?}, 'f')")).await?;
+        assert_eq!(r["status"], 204, "{r}");
+        let high = match wait_stats(
+            &viewer,
+            &id,
+            Duration::from_secs(30),
+            "the f layer (720p)",
+            |s| num(s, &["video", "frameHeight"]) == 720.0,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let pub_id = published["id"].as_str().unwrap_or_default();
+                let p = stats(&publisher, pub_id).await?;
+                let m = node.metrics().await?;
+                let m: Vec<&str> = m
+                    .lines()
+                    .filter(|l| l.contains("dropped") || l.contains("plis") || l.contains("switch"))
+                    .collect();
+                bail!("{e}\npublisher: {p}\nmetrics: {m:#?}");
+            }
+        };
+        assert!(
+            num(&high, &["video", "framesDecoded"]) > num(&low, &["video", "framesDecoded"]),
+            "decoding continued across the switch"
         );
+        let switches = node.metric("ridge_layer_switches_total").await?;
+        assert!(switches >= 2.0, "ridge_layer_switches_total = {switches}");
+        // And back to automatic selection by bandwidth estimate.
+        viewer
+            .eval(&format!("Ridge.setLayer({id:?}, null)"))
+            .await?;
+        let before = num(&stats(&viewer, &id).await?, &["video", "framesDecoded"]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = num(&stats(&viewer, &id).await?, &["video", "framesDecoded"]);
+        assert!(
+            after > before + 10.0,
+            "video stalled after returning to automatic layers"
+        );
+        Ok(())
+    });
+}
 
-        // DELETE on the Location ends both sessions.
-        let stopped = viewer.eval(&format!("Ridge.stop({id:?})")).await?;
-        assert_eq!(stopped["status"], 200, "{stopped}");
-        let pub_id = published["id"].as_str().context("publisher id")?;
-        let stopped = publisher.eval(&format!("Ridge.stop({pub_id:?})")).await?;
-        assert_eq!(stopped["status"], 200, "{stopped}");
-        let closed = node.metric("ridge_sessions_closed_total").await?;
-        assert_eq!(closed, 2.0);
+#[test]
+fn websocket_room_with_three_participants() {
+    run("websocket_room_with_three_participants", async {
+        let node = TestNode::start().await?;
+        let browser = Chromium::launch().await?;
+        let room = "e2e-room";
+        let names = ["ann", "bob", "cyd"];
+        let mut pages = Vec::new();
+        for name in names {
+            let token = node.token(room, name, true, true);
+            let page = open_demo(&browser, &node, &token).await?;
+            page.eval(&format!(
+                "(async () => {{
+                    const s = await Ridge.fakeStream({{width: 320, height: 240}});
+                    const room = new Ridge.Room({{room: {room:?}, token: {token:?}}});
+                    window.e2eRoom = room;
+                    const welcome = await room.join();
+                    await room.publish(s, {{simulcast: false}});
+                    return welcome;
+                 }})()"
+            ))
+            .await?;
+            pages.push(page);
+        }
+        // Everyone sees and hears the two others.
+        for (i, page) in pages.iter().enumerate() {
+            let ok = "(async () => { const s = await window.e2eRoom.stats();
+                        const v = Object.values(s);
+                        return v.length === 2 && v.every(p => p.videoFramesDecoded > 10 && p.audioPackets > 10); })()";
+            if let Err(e) = page.wait_for(ok, Duration::from_secs(30)).await {
+                let s = page.eval("window.e2eRoom.stats()").await?;
+                bail!(
+                    "{} does not receive both others: {e}; stats {s}; console {:?}",
+                    names[i],
+                    page.console()
+                );
+            }
+        }
+        // Chat is relayed to the whole room, in order, with the sender.
+        pages[0]
+            .eval("window.e2eRoom.chat('hello from ann')")
+            .await?;
+        pages[1].eval("window.e2eRoom.send({ping: 42})").await?;
+        for page in &pages {
+            page.wait_for(
+                "window.e2eRoom.events.some(e => e.type === 'chat' && e.text === 'hello from ann')
+                 && window.e2eRoom.events.some(e => e.type === 'data' && e.payload && e.payload.ping === 42)",
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
+        let events = pages[2].eval("window.e2eRoom.events").await?;
+        let chat = events
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["type"] == "chat"))
+            .context("chat event")?;
+        assert_eq!(chat["identity"], "ann");
+        // Sequence numbers are strictly increasing by one.
+        let seqs: Vec<u64> = events
+            .as_array()
+            .context("events")?
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .filter(|s| *s > 0)
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        // Someone is the active speaker (the fake microphone beeps).
+        pages[0]
+            .wait_for(
+                "window.e2eRoom.events.some(e => e.type === 'active_speaker' && e.participant)",
+                Duration::from_secs(20),
+            )
+            .await?;
+        // Leaving is announced to the others.
+        pages[2].eval("window.e2eRoom.leave()").await?;
+        for page in &pages[..2] {
+            page.wait_for(
+                "window.e2eRoom.events.some(e => e.type === 'participant_left' && e.identity === 'cyd')",
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
         Ok(())
     });
 }

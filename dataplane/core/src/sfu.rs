@@ -467,8 +467,8 @@ impl Sfu {
             .ok_or(SfuError::NoSuchParticipant(participant))?
             .room
             .clone();
-        let offer =
-            SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(sdp_error(&e.to_string())))?;
+        let offer = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| SfuError::BadSdp(sdp_error(&e.to_string())))?;
         let mut config = RtcConfig::new()
             .set_ice_lite(true)
             .set_rtp_mode(true)
@@ -660,13 +660,13 @@ impl Sfu {
             .cloned()
             .unwrap_or_default();
         for other in &existing {
-            if let Some(Transport::Rtp(e)) = self.peers.get(other).map(|p| &p.transport) {
-                if e.direction == spec.direction {
-                    return Err(SfuError::BadRequest(format!(
-                        "remote {} already has a {:?} endpoint",
-                        spec.remote, spec.direction
-                    )));
-                }
+            if let Some(Transport::Rtp(e)) = self.peers.get(other).map(|p| &p.transport)
+                && e.direction == spec.direction
+            {
+                return Err(SfuError::BadRequest(format!(
+                    "remote {} already has a {:?} endpoint",
+                    spec.remote, spec.direction
+                )));
             }
         }
         if let Some(t) = spec.track {
@@ -916,15 +916,13 @@ impl Sfu {
             })
             .collect();
         for id in due {
-            if let Some(peer) = self.peers.get_mut(&id) {
-                if let Transport::WebRtc(w) = &mut peer.transport {
-                    if w.rtc.handle_input(Input::Timeout(now)).is_err()
-                        || !self.io.drain(id, w, &mut peer.counters)
-                        || !w.rtc.is_alive()
-                    {
-                        w.closing = true;
-                    }
-                }
+            if let Some(peer) = self.peers.get_mut(&id)
+                && let Transport::WebRtc(w) = &mut peer.transport
+                && (w.rtc.handle_input(Input::Timeout(now)).is_err()
+                    || !self.io.drain(id, w, &mut peer.counters)
+                    || !w.rtc.is_alive())
+            {
+                w.closing = true;
             }
         }
         self.process_events(now);
@@ -1071,10 +1069,10 @@ impl Sfu {
                 l.unsigned_abs(),
             )
         });
-        if let Some((voice, level)) = audio_level {
-            if let Some(room) = self.rooms.get_mut(&track.room) {
-                room.speaker.observe(participant, level, voice);
-            }
+        if let Some((voice, level)) = audio_level
+            && let Some(room) = self.rooms.get_mut(&track.room)
+        {
+            room.speaker.observe(participant, level, voice);
         }
         let fwd = Forward {
             ssrc: *ssrc,
@@ -1126,6 +1124,7 @@ impl Sfu {
         }
         l.last_keyframe_request = Some(now);
         let rid = l.rid;
+        let ssrc = l.ssrc;
         let Some(publisher) = self.peers.get_mut(&track.peer) else {
             return;
         };
@@ -1134,7 +1133,17 @@ impl Sfu {
         match &mut publisher.transport {
             Transport::WebRtc(w) => {
                 let Some(mid) = track.mid else { return };
-                if let Some(rx) = w.rtc.direct_api().stream_rx_by_mid(mid, rid) {
+                // The layer's SSRC is the reliable key (str0m's mid/rid index
+                // does not always hold simulcast layers); mid/rid is the
+                // fallback before the layer's first packet.
+                let mut api = w.rtc.direct_api();
+                let by_ssrc = ssrc.is_some_and(|s| api.stream_rx(&s.into()).is_some());
+                let rx = if by_ssrc {
+                    ssrc.and_then(|s| api.stream_rx(&s.into()))
+                } else {
+                    api.stream_rx_by_mid(mid, rid)
+                };
+                if let Some(rx) = rx {
                     rx.request_keyframe(KeyframeRequestKind::Pli);
                 }
                 if !self.io.drain(track.peer, w, &mut publisher.counters) {
@@ -1285,10 +1294,10 @@ impl Sfu {
                 rtcp::RtcpPacket::ReceiverReport { reports, .. }
                 | rtcp::RtcpPacket::SenderReport { reports, .. } => {
                     for block in reports {
-                        if let Some(id) = self.plain_subscriber(&ids, block.ssrc) {
-                            if let Some(peer) = self.peers.get_mut(&id) {
-                                peer.loss = Some(f32::from(block.fraction_lost) / 256.0);
-                            }
+                        if let Some(id) = self.plain_subscriber(&ids, block.ssrc)
+                            && let Some(peer) = self.peers.get_mut(&id)
+                        {
+                            peer.loss = Some(f32::from(block.fraction_lost) / 256.0);
                         }
                     }
                 }
@@ -1313,10 +1322,10 @@ impl Sfu {
         };
         peer.counters.keyframe_requests_received += 1;
         self.io.counters.keyframe_requests_received += 1;
-        if let Transport::Rtp(e) = &peer.transport {
-            if let (Some(t), Some(l)) = (e.track, e.current.or(e.target)) {
-                self.request_keyframe(now, t, l);
-            }
+        if let Transport::Rtp(e) = &peer.transport
+            && let (Some(t), Some(l)) = (e.track, e.current.or(e.target))
+        {
+            self.request_keyframe(now, t, l);
         }
     }
 
@@ -1359,16 +1368,17 @@ impl Sfu {
                         continue;
                     };
                     if !admit(&mut slot.current, slot.target, layer, pkt.keyframe, kind) {
-                        if slot.current.is_none() && slot.target == Some(layer) {
+                        if slot.target == Some(layer) {
                             switched = Some((tid, layer));
                         }
                         continue;
                     }
-                    if slot.current == Some(layer) && slot.rewriter.source() != Some(pkt.ssrc) {
-                        if slot.rewriter.source().is_some() {
-                            sub.counters.layer_switches += 1;
-                            self.io.counters.layer_switches += 1;
-                        }
+                    if slot.current == Some(layer)
+                        && slot.rewriter.source() != Some(pkt.ssrc)
+                        && slot.rewriter.source().is_some()
+                    {
+                        sub.counters.layer_switches += 1;
+                        self.io.counters.layer_switches += 1;
                     }
                     if slot.pt.is_none() {
                         slot.pt = codec.and_then(|c| negotiated_pt(&w.rtc, slot.mid, c));
@@ -1400,7 +1410,7 @@ impl Sfu {
                 }
                 Transport::Rtp(e) => {
                     if !admit(&mut e.current, e.target, layer, pkt.keyframe, kind) {
-                        if e.current.is_none() && e.target == Some(layer) {
+                        if e.target == Some(layer) {
                             switched = Some((tid, layer));
                         }
                         continue;
@@ -1421,7 +1431,8 @@ impl Sfu {
                 }
             }
         }
-        // A subscriber is waiting for a keyframe on this layer.
+        // A subscriber is waiting for a keyframe on this layer: ask again
+        // (throttled) until it comes, since a request can be lost or ignored.
         if let Some((t, l)) = switched {
             self.request_keyframe(now, t, l);
         }
@@ -1516,12 +1527,12 @@ impl Sfu {
                     .is_some_and(|tr| tr.kind == e.kind && tr.participant != peer.participant)
             })
         });
-        if let Some(t) = candidate {
-            if let Some(track) = self.tracks.get_mut(&t) {
-                e.track = Some(t);
-                track.subscribers.push(id);
-                self.select_layers(now);
-            }
+        if let Some(t) = candidate
+            && let Some(track) = self.tracks.get_mut(&t)
+        {
+            e.track = Some(t);
+            track.subscribers.push(id);
+            self.select_layers(now);
         }
     }
 
@@ -1548,10 +1559,10 @@ impl Sfu {
                             choose_layer(&track.layers, now, budget, w.pinned_rid.as_ref());
                         if target != slot.target {
                             slot.target = target;
-                            if let (Some(t), Some(l)) = (slot.track, target) {
-                                if slot.current != target {
-                                    switches.push((t, l));
-                                }
+                            if let (Some(t), Some(l)) = (slot.track, target)
+                                && slot.current != target
+                            {
+                                switches.push((t, l));
                             }
                         }
                     }
@@ -1563,10 +1574,10 @@ impl Sfu {
                     let target = choose_layer(&track.layers, now, None, None);
                     if target != e.target {
                         e.target = target;
-                        if let (Some(t), Some(l)) = (e.track, target) {
-                            if e.current != target {
-                                switches.push((t, l));
-                            }
+                        if let (Some(t), Some(l)) = (e.track, target)
+                            && e.current != target
+                        {
+                            switches.push((t, l));
                         }
                     }
                 }
@@ -1580,22 +1591,13 @@ impl Sfu {
             }
         }
         for peer in self.peers.values() {
-            let subs: Box<dyn Iterator<Item = (Option<TrackId>, Option<usize>, Option<usize>)>> =
-                match &peer.transport {
-                    Transport::WebRtc(w) => {
-                        Box::new(w.slots.iter().map(|s| (s.track, s.current, s.target)))
-                    }
-                    Transport::Rtp(e) => Box::new(std::iter::once((e.track, e.current, e.target))),
-                };
-            for (t, cur, tgt) in subs {
-                let Some(track) = t.and_then(|t| self.tracks.get_mut(&t)) else {
-                    continue;
-                };
-                for l in [cur, tgt].into_iter().flatten() {
-                    if let Some(layer) = track.layers.get_mut(l) {
-                        layer.watchers += 1;
+            match &peer.transport {
+                Transport::WebRtc(w) => {
+                    for s in &w.slots {
+                        count_watchers(&mut self.tracks, s.track, s.current, s.target);
                     }
                 }
+                Transport::Rtp(e) => count_watchers(&mut self.tracks, e.track, e.current, e.target),
             }
         }
         // Demand changes, and layers that were asked for but never came.
@@ -1679,14 +1681,14 @@ impl Sfu {
         }
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for name in rooms {
-            if let Some(r) = self.rooms.get_mut(&name) {
-                if let Some((participant, level)) = r.speaker.tick() {
-                    self.io.event(SfuEvent::ActiveSpeaker {
-                        room: name,
-                        participant,
-                        level,
-                    });
-                }
+            if let Some(r) = self.rooms.get_mut(&name)
+                && let Some((participant, level)) = r.speaker.tick()
+            {
+                self.io.event(SfuEvent::ActiveSpeaker {
+                    room: name,
+                    participant,
+                    level,
+                });
             }
         }
     }
@@ -1719,10 +1721,10 @@ impl Sfu {
                         self.rtp_by_addr.remove(&e.remote);
                     }
                 }
-                if e.direction == RtpDirection::Subscribe {
-                    if let Some(t) = e.track.and_then(|t| self.tracks.get_mut(&t)) {
-                        t.subscribers.retain(|s| *s != id);
-                    }
+                if e.direction == RtpDirection::Subscribe
+                    && let Some(t) = e.track.and_then(|t| self.tracks.get_mut(&t))
+                {
+                    t.subscribers.retain(|s| *s != id);
                 }
             }
         }
@@ -1879,6 +1881,23 @@ impl Sfu {
     }
 }
 
+/// Counts a subscription as watching its current and target layers.
+fn count_watchers(
+    tracks: &mut HashMap<TrackId, Track>,
+    track: Option<TrackId>,
+    current: Option<usize>,
+    target: Option<usize>,
+) {
+    let Some(track) = track.and_then(|t| tracks.get_mut(&t)) else {
+        return;
+    };
+    for l in [current, target].into_iter().flatten() {
+        if let Some(layer) = track.layers.get_mut(l) {
+            layer.watchers += 1;
+        }
+    }
+}
+
 /// Whether a packet of `layer` goes to a subscriber whose layer state is
 /// (`current`, `target`); switches `current` to the target on a keyframe.
 fn admit(
@@ -1913,10 +1932,10 @@ fn choose_layer(
     if layers.len() == 1 {
         return Some(0);
     }
-    if let Some(rid) = pinned {
-        if let Some(i) = layers.iter().position(|l| l.rid.as_ref() == Some(rid)) {
-            return Some(i);
-        }
+    if let Some(rid) = pinned
+        && let Some(i) = layers.iter().position(|l| l.rid.as_ref() == Some(rid))
+    {
+        return Some(i);
     }
     let mut available: Vec<usize> = (0..layers.len())
         .filter(|&i| {
@@ -1928,7 +1947,8 @@ fn choose_layer(
         return None;
     }
     available.sort_by_key(|&i| layers[i].rank());
-    let best = match budget_bps {
+
+    match budget_bps {
         None => available.last().copied(),
         Some(b) => available
             .iter()
@@ -1936,8 +1956,7 @@ fn choose_layer(
             .copied()
             .find(|&i| layers[i].bps <= b * 9 / 10)
             .or_else(|| available.first().copied()),
-    };
-    best
+    }
 }
 
 /// The subscriber's payload type for a codec on one m-line.
@@ -1952,7 +1971,7 @@ fn negotiated_pt(
         .params()
         .iter()
         .find(|p| p.spec().codec == codec && remote.contains(&p.pt()))
-        .map(|p| (codec, p.clone()))
+        .map(|p| (codec, *p))
 }
 
 /// str0m's parser errors carry a pointer offset; keep only the human part.

@@ -13,21 +13,37 @@ pub struct SpeakerDetector {
 }
 
 /// Attenuation (in dB below overload) under which a participant counts as
-/// speaking. 127 is silence.
-const SPEAKING_BELOW: f32 = 50.0;
+/// speaking. 127 is silence; room noise through a headset is around 70-90.
+const SPEAKING_BELOW: f32 = 70.0;
+/// How fast a speaker's level falls back towards silence, per packet (dB).
+/// At 50 packets/s this is 25 dB/s, so short pauses between words hold.
+const RELEASE_PER_PACKET: f32 = 0.5;
+/// Packets the sender's voice-activity detector calls non-voice count as
+/// this much quieter (a tone or music is still audible, but speech wins).
+const NON_VOICE_PENALTY: u8 = 15;
 /// Consecutive ticks a candidate must lead before taking over.
 const HOLD_TICKS: u32 = 2;
 
 impl SpeakerDetector {
     /// Feeds one packet's level (`attenuation` 0 = loudest, 127 = silence).
+    /// The level follows peaks at once and releases slowly (a peak meter),
+    /// so the gaps between syllables do not end a turn.
     pub fn observe(&mut self, who: ParticipantId, attenuation: u8, voice: bool) {
+        let attenuation = attenuation.min(127);
         let sample = if voice {
-            f32::from(attenuation.min(127))
+            attenuation
         } else {
-            127.0
+            attenuation.saturating_add(NON_VOICE_PENALTY).min(127)
         };
+        let sample = f32::from(sample);
         match self.levels.iter_mut().find(|(p, _, _)| *p == who) {
-            Some((_, level, _)) => *level = *level * 0.9 + sample * 0.1,
+            Some((_, level, _)) => {
+                *level = if sample < *level {
+                    sample
+                } else {
+                    (*level + RELEASE_PER_PACKET).min(sample)
+                };
+            }
             None => self.levels.push((who, sample, 0)),
         }
     }

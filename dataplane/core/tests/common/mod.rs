@@ -6,7 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use ridge_sfu::packet::{self, PacketClass, RtpHeader, RtcpPacket, rtcp};
+use ridge_sfu::packet::{self, PacketClass, RtcpPacket, RtpHeader, rtcp};
 use ridge_sfu::{DropReason, Output, Sfu, SfuConfig, SfuEvent, StatsSnapshot};
 
 /// The node's media socket.
@@ -142,7 +142,11 @@ pub struct Rtp {
 
 /// Decodes an RTP datagram; panics (failing the test) if it is not one.
 pub fn parse_rtp(data: &[u8]) -> Rtp {
-    assert_eq!(packet::classify(data), PacketClass::Rtp, "not RTP: {data:02x?}");
+    assert_eq!(
+        packet::classify(data),
+        PacketClass::Rtp,
+        "not RTP: {data:02x?}"
+    );
     let h = RtpHeader::parse(data).expect("valid RTP");
     Rtp {
         marker: h.marker,
@@ -165,7 +169,11 @@ pub enum Rtcp {
 
 /// Decodes a (compound) RTCP datagram; panics if it is not valid RTCP.
 pub fn parse_rtcp(data: &[u8]) -> Vec<Rtcp> {
-    assert_eq!(packet::classify(data), PacketClass::Rtcp, "not RTCP: {data:02x?}");
+    assert_eq!(
+        packet::classify(data),
+        PacketClass::Rtcp,
+        "not RTCP: {data:02x?}"
+    );
     rtcp::iter(data)
         .map(|item| match item.expect("valid RTCP") {
             RtcpPacket::Nack {
