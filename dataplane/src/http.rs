@@ -24,6 +24,9 @@ use crate::media::MediaHandle;
 use crate::metrics::{HttpLabels, Metrics, ReasonLabels};
 use crate::ws::RoomHub;
 
+/// Largest request body accepted (an SDP offer with simulcast is ~10 KiB).
+const MAX_BODY: usize = 128 * 1024;
+
 /// Shared state of all handlers.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -167,6 +170,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
+        // SDP offers and JSON bodies are a few KiB; refuse anything larger.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -111,15 +111,22 @@ impl RoomHub {
     pub fn dispatch(&self, e: &SfuEvent) {
         let mut hub = self.lock();
         let room = e.room().to_string();
+        // The joiner learns of its own join from `welcome`; whether the core
+        // event reaches its session before or after the session exists is a
+        // race, so it never gets one (`skip`).
+        let mut skip = None;
         let (event, only) = match e {
             SfuEvent::ParticipantJoined {
                 participant,
                 identity,
                 ..
-            } => (
-                json!({"type":"participant_joined","participant":participant.to_string(),"identity":identity}),
-                None,
-            ),
+            } => {
+                skip = Some(*participant);
+                (
+                    json!({"type":"participant_joined","participant":participant.to_string(),"identity":identity}),
+                    None,
+                )
+            }
             SfuEvent::ParticipantLeft {
                 participant,
                 identity,
@@ -158,7 +165,7 @@ impl RoomHub {
             SfuEvent::PeerConnected { .. } | SfuEvent::PeerClosed { .. } => return,
         };
         for s in hub.room_sessions(&room) {
-            if only.is_none_or(|p| p == s.participant) {
+            if only.is_none_or(|p| p == s.participant) && skip != Some(s.participant) {
                 s.push(event.clone());
             }
         }
@@ -318,7 +325,22 @@ async fn run_socket(
                     {
                         s.socket = Some((socket_id, tx.clone()));
                         s.detached_at = None;
-                        resumed = Some((p, s.resume.clone(), s.seq));
+                        // The replay is taken under the same lock as the
+                        // attach: every later event goes to the new socket
+                        // only, so none is lost or sent twice.
+                        let from = last_seq.unwrap_or(s.seq);
+                        let replay: Vec<String> = s
+                            .history
+                            .iter()
+                            .filter(|(n, _)| *n > from)
+                            .map(|(_, t)| t.clone())
+                            .collect();
+                        resumed = Some((p, s.resume.clone(), s.seq, replay));
+                    } else {
+                        resume_error = Some(
+                            "the resume token belongs to another identity or room; \
+                             starting a new session",
+                        );
                     }
                 }
                 None => {
@@ -328,8 +350,10 @@ async fn run_socket(
         }
     }
     let was_resumed = resumed.is_some();
-    let (participant, resume_token) = match resumed {
-        Some((p, token, _)) => (p, token),
+    // `seq` of the welcome: what the session had numbered when this socket
+    // attached; everything after it comes through `rx`.
+    let (participant, resume_token, seq, replay) = match resumed {
+        Some((p, token, seq, replay)) => (p, token, seq, replay),
         None => match state.media.join(&room, &claims.sub).await {
             Ok(p) => {
                 let token = format!("{:032x}", rand::random::<u128>());
@@ -349,7 +373,7 @@ async fn run_socket(
                         peers: Vec::new(),
                     },
                 );
-                (p, token)
+                (p, token, 0, Vec::new())
             }
             Err(e) => {
                 let msg =
@@ -361,29 +385,10 @@ async fn run_socket(
         },
     };
     state.metrics.ws_sessions.inc();
-    tracing::info!(%room, identity = %claims.sub, %participant, resumed = resume.is_some(), "room session attached");
+    tracing::info!(%room, identity = %claims.sub, %participant, resumed = was_resumed, "room session attached");
 
     // Welcome, then the replay of missed events.
     let room_state = state.media.room_state(&room).await;
-    let (seq, replay) = {
-        let hub = state.hub.lock();
-        match hub.sessions.get(&participant) {
-            Some(s) => {
-                let from = last_seq.unwrap_or(s.seq);
-                let replay: Vec<String> = if was_resumed {
-                    s.history
-                        .iter()
-                        .filter(|(n, _)| *n > from)
-                        .map(|(_, t)| t.clone())
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                (s.seq, replay)
-            }
-            None => (0, Vec::new()),
-        }
-    };
     let welcome = json!({
         "type": "welcome",
         "participant": participant.to_string(),

@@ -36,6 +36,8 @@
 #![forbid(unsafe_code)]
 
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ids;
 mod meter;
 pub mod packet;

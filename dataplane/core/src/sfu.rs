@@ -292,6 +292,10 @@ pub struct Sfu {
     rtcp_ssrc: u32,
     sessions_created: u64,
     sessions_closed: u64,
+    /// One DTLS certificate for all peers: generating a key pair per
+    /// session costs milliseconds of CPU, and browsers only pin the
+    /// fingerprint from the SDP of each session.
+    dtls_cert: Option<str0m::config::DtlsCert>,
 }
 
 impl std::fmt::Debug for Sfu {
@@ -332,6 +336,7 @@ impl Sfu {
             rtcp_ssrc,
             sessions_created: 0,
             sessions_closed: 0,
+            dtls_cert: None,
         }
     }
 
@@ -476,6 +481,14 @@ impl Sfu {
             .enable_opus(true, false)
             .enable_vp8(true)
             .set_stats_interval(Some(Duration::from_secs(1)));
+        if self.dtls_cert.is_none() {
+            self.dtls_cert = str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate();
+        }
+        if let Some(cert) = &self.dtls_cert {
+            config = config.set_dtls_cert(cert.clone());
+        }
         if matches!(intent, OfferIntent::Subscribe { .. }) {
             config = config.enable_bwe(Some(Bitrate::from(self.config.initial_bwe_bps)));
         }
@@ -598,7 +611,15 @@ impl Sfu {
         for e in early_events {
             self.io.rtc_events.push_back((id, e));
         }
-        debug_assert!(transmits.is_empty(), "an answerer sends nothing before ICE");
+        // An ICE-lite answerer normally sends nothing before the first
+        // binding request, but pass on whatever str0m queued.
+        for t in transmits {
+            self.io.outputs.push_back(Output::Transmit(Transmit {
+                source: t.source,
+                destination: t.destination,
+                contents: t.contents.into(),
+            }));
+        }
         self.peers.insert(
             id,
             Peer {
@@ -1244,9 +1265,11 @@ impl Sfu {
     }
 
     fn on_plain_rtcp(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
-        let Some(ids) = self.rtp_by_addr.get(&source).cloned() else {
+        // The remote's endpoints are looked up per item rather than copied
+        // out once: this path must not allocate.
+        if !self.rtp_by_addr.contains_key(&source) {
             return;
-        };
+        }
         for item in rtcp::iter(data) {
             let Ok(item) = item else {
                 self.io.drop_packet(DropReason::Malformed);
@@ -1256,7 +1279,7 @@ impl Sfu {
                 rtcp::RtcpPacket::Nack {
                     media_ssrc, lost, ..
                 } => {
-                    let Some(id) = self.plain_subscriber(&ids, media_ssrc) else {
+                    let Some(id) = self.plain_subscriber(source, media_ssrc) else {
                         continue;
                     };
                     let Some(peer) = self.peers.get_mut(&id) else {
@@ -1284,17 +1307,17 @@ impl Sfu {
                     }
                 }
                 rtcp::RtcpPacket::Pli { media_ssrc, .. } => {
-                    self.plain_keyframe_request(now, &ids, media_ssrc);
+                    self.plain_keyframe_request(now, source, media_ssrc);
                 }
                 rtcp::RtcpPacket::Fir { entries, .. } => {
                     for (ssrc, _) in entries {
-                        self.plain_keyframe_request(now, &ids, ssrc);
+                        self.plain_keyframe_request(now, source, ssrc);
                     }
                 }
                 rtcp::RtcpPacket::ReceiverReport { reports, .. }
                 | rtcp::RtcpPacket::SenderReport { reports, .. } => {
                     for block in reports {
-                        if let Some(id) = self.plain_subscriber(&ids, block.ssrc)
+                        if let Some(id) = self.plain_subscriber(source, block.ssrc)
                             && let Some(peer) = self.peers.get_mut(&id)
                         {
                             peer.loss = Some(f32::from(block.fraction_lost) / 256.0);
@@ -1306,15 +1329,17 @@ impl Sfu {
         }
     }
 
-    fn plain_subscriber(&self, ids: &[PeerId], ssrc: u32) -> Option<PeerId> {
+    /// The plain subscriber at `remote` that sends with `ssrc`.
+    fn plain_subscriber(&self, remote: SocketAddr, ssrc: u32) -> Option<PeerId> {
+        let ids = self.rtp_by_addr.get(&remote)?;
         ids.iter().copied().find(|id| {
             matches!(self.peers.get(id).map(|p| &p.transport),
                 Some(Transport::Rtp(e)) if e.direction == RtpDirection::Subscribe && e.ssrc == ssrc)
         })
     }
 
-    fn plain_keyframe_request(&mut self, now: Instant, ids: &[PeerId], ssrc: u32) {
-        let Some(id) = self.plain_subscriber(ids, ssrc) else {
+    fn plain_keyframe_request(&mut self, now: Instant, remote: SocketAddr, ssrc: u32) {
+        let Some(id) = self.plain_subscriber(remote, ssrc) else {
             return;
         };
         let Some(peer) = self.peers.get_mut(&id) else {
@@ -1652,12 +1677,9 @@ impl Sfu {
             }
         }
         self.select_layers(now);
-        // Let subscriber bandwidth estimation probe up to what the best layers need.
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-        for id in ids {
-            let Some(peer) = self.peers.get_mut(&id) else {
-                continue;
-            };
+        // Let subscriber bandwidth estimation probe up to what the best layers
+        // need. (No collected id list: a tick must not allocate.)
+        for (&id, peer) in self.peers.iter_mut() {
             let Transport::WebRtc(w) = &mut peer.transport else {
                 continue;
             };
@@ -1679,13 +1701,10 @@ impl Sfu {
                 }
             }
         }
-        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
-        for name in rooms {
-            if let Some(r) = self.rooms.get_mut(&name)
-                && let Some((participant, level)) = r.speaker.tick()
-            {
+        for (name, r) in self.rooms.iter_mut() {
+            if let Some((participant, level)) = r.speaker.tick() {
                 self.io.event(SfuEvent::ActiveSpeaker {
-                    room: name,
+                    room: name.clone(),
                     participant,
                     level,
                 });
