@@ -212,6 +212,13 @@ fn require_sdp(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<St
         .to_ascii_lowercase()
         .starts_with("application/sdp")
     {
+        state
+            .metrics
+            .bad_requests
+            .get_or_create(&ReasonLabels {
+                reason: "content_type",
+            })
+            .inc();
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the offer must be sent with Content-Type: application/sdp",
