@@ -1474,7 +1474,11 @@ impl Sfu {
             room: room.to_string(),
             track: info,
         });
-        // Fill waiting subscribers.
+        self.bind_waiting_subscribers(now, room);
+    }
+
+    /// Offers the room's tracks to every subscription in it that has none.
+    fn bind_waiting_subscribers(&mut self, now: Instant, room: &str) {
         let waiting: Vec<PeerId> = self
             .peers
             .iter()
@@ -1805,24 +1809,8 @@ impl Sfu {
             self.remove_participant(peer.participant);
         }
         // Subscribers that lost a track may bind to another one.
-        let rebind: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.room == peer.room)
-            .map(|(id, _)| *id)
-            .collect();
         if !owned.is_empty() {
-            for r in rebind {
-                match self.peers.get(&r).map(|p| &p.transport) {
-                    Some(Transport::WebRtc(_)) => self.bind_slots(now, r),
-                    Some(Transport::Rtp(e))
-                        if e.direction == RtpDirection::Subscribe && e.track.is_none() =>
-                    {
-                        self.bind_rtp_subscriber(now, r, None)
-                    }
-                    _ => {}
-                }
-            }
+            self.bind_waiting_subscribers(now, &peer.room);
         }
         self.select_layers(now);
     }
