@@ -48,7 +48,7 @@ pub const FLAGS: &[&str] = &[
 ];
 
 /// The browser binary: `$RIDGE_CHROMIUM` if set and non-empty, else
-/// `/usr/bin/chromium` (the Debian package, see `tests/install-browser.sh`).
+/// `/usr/bin/chromium` (the Debian package, installed by `tests/install-deps.sh --test`).
 pub fn chromium_binary() -> PathBuf {
     match std::env::var_os("RIDGE_CHROMIUM") {
         Some(p) if !p.is_empty() => PathBuf::from(p),

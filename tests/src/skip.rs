@@ -32,7 +32,7 @@ pub fn require(test: &str, check: Result<(), String>) -> Result<(), ()> {
 /// runs `--version` successfully.
 pub fn chromium_present() -> Result<(), String> {
     let binary = chromium_binary();
-    let hint = "install it with tests/install-browser.sh or set RIDGE_CHROMIUM";
+    let hint = "install it with `bash tests/install-deps.sh --test` or set RIDGE_CHROMIUM";
     let output = Command::new(&binary)
         .arg("--version")
         .stdin(Stdio::null())
