@@ -928,19 +928,11 @@ impl Sfu {
 
     /// Advances time: str0m timers, layer selection, speaker detection.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter_map(|(id, p)| match &p.transport {
-                Transport::WebRtc(w) if w.next_timeout <= now => Some(*id),
-                _ => None,
-            })
-            .collect();
-        for id in due {
-            if let Some(peer) = self.peers.get_mut(&id)
-                && let Transport::WebRtc(w) = &mut peer.transport
+        for (id, peer) in self.peers.iter_mut() {
+            if let Transport::WebRtc(w) = &mut peer.transport
+                && w.next_timeout <= now
                 && (w.rtc.handle_input(Input::Timeout(now)).is_err()
-                    || !self.io.drain(id, w, &mut peer.counters)
+                    || !self.io.drain(*id, w, &mut peer.counters)
                     || !w.rtc.is_alive())
             {
                 w.closing = true;
@@ -951,14 +943,21 @@ impl Sfu {
             self.next_tick = now + TICK;
             self.tick(now);
         }
-        let closing: Vec<PeerId> = self
+        let any_closing = self
             .peers
-            .iter()
-            .filter_map(|(id, p)| match &p.transport {
-                Transport::WebRtc(w) if w.closing => Some(*id),
-                _ => None,
-            })
-            .collect();
+            .values()
+            .any(|p| matches!(&p.transport, Transport::WebRtc(w) if w.closing));
+        let closing: Vec<PeerId> = if any_closing {
+            self.peers
+                .iter()
+                .filter_map(|(id, p)| match &p.transport {
+                    Transport::WebRtc(w) if w.closing => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         for id in closing {
             self.close_peer(now, id);
         }
@@ -1646,13 +1645,19 @@ impl Sfu {
                     l.demanded_since = None;
                 }
             }
-            let active: Vec<String> = track
-                .layers
-                .iter()
-                .filter(|l| l.watchers > 0)
-                .filter_map(|l| l.rid.as_ref().map(|r| r.to_string()))
-                .collect();
-            if active != track.demanded {
+            let watched = || {
+                track
+                    .layers
+                    .iter()
+                    .filter(|l| l.watchers > 0)
+                    .filter_map(|l| l.rid.as_ref())
+            };
+            // Compare before building strings: this runs on every tick.
+            let unchanged = watched()
+                .map(|r| &**r)
+                .eq(track.demanded.iter().map(String::as_str));
+            if !unchanged {
+                let active: Vec<String> = watched().map(|r| r.to_string()).collect();
                 track.demanded = active.clone();
                 events.push(SfuEvent::LayerDemand {
                     room: track.room.clone(),
