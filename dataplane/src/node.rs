@@ -167,13 +167,18 @@ impl Node {
                 Ok(r) => r,
                 Err(_) => Ok(()),
             };
+            // The media thread ends once every handle is gone: the router's
+            // went with the server, the hub's with its task, `Node::wait`
+            // drops its own before waiting here.
             drop(media2);
-            let _ = tokio::task::spawn_blocking(move || {
-                // The media thread exits once the last handle is gone; the
-                // handle held by `Node` is dropped with it.
-                drop(media_thread);
-            })
+            let joined = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::task::spawn_blocking(move || media_thread.join()),
+            )
             .await;
+            if !matches!(joined, Ok(Ok(Ok(())))) {
+                tracing::warn!("the media thread did not stop cleanly within 2 s");
+            }
             tracing::info!(elapsed = ?started.elapsed(), "drained");
             r
         });
