@@ -1,0 +1,218 @@
+//! `ridge-bench`: per-core throughput of the Ridge node against the
+//! machine's loopback ceiling and a naive relay baseline. See `--help` and
+//! docs/benchmarks.md.
+//!
+//! All `unsafe` code lives in [`mmsg`]; everywhere else it is denied.
+
+#![deny(unsafe_code)]
+
+mod mmsg;
+mod naive;
+mod node;
+mod packet;
+mod report;
+mod scenario;
+mod stats;
+mod traffic;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+
+use crate::report::Report;
+use crate::scenario::{Kind, RunResult, Settings, Target};
+
+const LONG_ABOUT: &str = "\
+Per-core throughput benchmark for the Ridge node, on loopback.
+
+Scenarios:
+  ceiling  sender thread (sendmmsg, batches of 32) -> receiver thread (recvmmsg);
+           no relay: the machine's raw ceiling
+  naive    the same generator and receiver through a naive relay: a tokio
+           UdpSocket recv_from/send_to loop on a current-thread runtime on its
+           own thread, 1:1 (or 1->N with --subscribers)
+  relay    1:1 plain RTP through a real ridge-dataplane, started as a child
+           process on free loopback ports (POST /v1/rooms/bench/rtp)
+  fanout   the same with --subscribers N (default 50)
+  all      ceiling, naive 1:1, naive 1->N, relay, fanout in sequence at the same
+           settings, plus the ratio table (node / ceiling, node / naive); with
+           --rate (and no --search) also `ceiling-max`, the ceiling unpaced
+
+Measured per run: packets/s sent and received (total and per subscriber),
+loss, one-way latency p50/p99/p99.9 (a send timestamp travels in the payload),
+and for naive/relay/fanout the relay's CPU time (/proc stat utime+stime) as
+CPU us per packet in and out and packets out per core-second.
+
+The node binary defaults to ridge-dataplane next to this executable; build
+both with: cargo build --release -p ridge-dataplane -p ridge-bench";
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Sender -> receiver on loopback, no relay: the machine's ceiling
+    Ceiling,
+    /// Through a naive tokio recv_from/send_to relay thread
+    Naive,
+    /// 1:1 plain RTP through a real ridge-dataplane node
+    Relay,
+    /// 1->N plain RTP through a real node (--subscribers, default 50)
+    Fanout,
+    /// All of the above in sequence, with the ratio table
+    All,
+}
+
+/// `ridge-bench <scenario> [options]`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ridge-bench",
+    version,
+    about = "Per-core throughput benchmark: loopback ceiling, naive relay and the Ridge node",
+    long_about = LONG_ABOUT
+)]
+struct Cli {
+    /// Scenario to run
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Target packets/s sent by the publisher; omitted: as fast as the sender can (unpaced)
+    #[arg(long, value_name = "PPS")]
+    rate: Option<f64>,
+    /// Datagram size in bytes, RTP header included (48..=1500)
+    #[arg(long, value_name = "BYTES", default_value_t = 200)]
+    size: usize,
+    /// Seconds each run sends for (each --search step too)
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    duration: f64,
+    /// Subscribers for naive/relay/fanout [default: 1; fanout and all: 50]
+    #[arg(long, value_name = "N")]
+    subscribers: Option<usize>,
+    /// Use an already running node at this URL (http://HOST:PORT) instead of
+    /// starting one; needs --token; its CPU is not measured
+    #[arg(long, value_name = "URL", requires = "token")]
+    node: Option<String>,
+    /// Token (publish+subscribe for room "bench") for --node
+    #[arg(
+        long,
+        value_name = "JWT",
+        env = "RIDGE_BENCH_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// ridge-dataplane binary to start [default: ridge-dataplane next to ridge-bench]
+    #[arg(long, value_name = "PATH")]
+    node_bin: Option<PathBuf>,
+    /// Also write every number as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Find the highest rate with loss < 0.1%: from 20k pps, double until a
+    /// rate fails, then bisect 5 steps (each step --duration seconds)
+    #[arg(long)]
+    search: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ridge-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    if !(cli.duration > 0.0 && cli.duration.is_finite()) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if cli.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be a positive number of packets/s");
+    }
+    if !(packet::MIN_SIZE..=packet::MAX_SIZE).contains(&cli.size) {
+        bail!(
+            "--size must be {}..={} bytes",
+            packet::MIN_SIZE,
+            packet::MAX_SIZE
+        );
+    }
+    let node_bin = match &cli.node_bin {
+        Some(p) => p.clone(),
+        None => node::default_node_bin()?,
+    };
+    let external = match &cli.node {
+        Some(url) => Some((
+            node::parse_http_url(url)?,
+            cli.token.clone().context("--node needs --token")?,
+        )),
+        None => None,
+    };
+    let fanout_n = cli.subscribers.unwrap_or(50);
+    let plan: Vec<(&str, Kind, usize)> = match cli.scenario {
+        Scenario::Ceiling => vec![("ceiling", Kind::Ceiling, 1)],
+        Scenario::Naive => vec![("naive", Kind::Naive, cli.subscribers.unwrap_or(1))],
+        Scenario::Relay => vec![("relay", Kind::Node, cli.subscribers.unwrap_or(1))],
+        Scenario::Fanout => vec![("fanout", Kind::Node, fanout_n)],
+        Scenario::All => vec![
+            ("ceiling", Kind::Ceiling, 1),
+            ("ceiling-max", Kind::Ceiling, 1),
+            ("naive", Kind::Naive, 1),
+            ("naive-fanout", Kind::Naive, fanout_n),
+            ("relay", Kind::Node, 1),
+            ("fanout", Kind::Node, fanout_n),
+        ],
+    };
+    let mut report = Report::new(cli.rate, cli.size, cli.duration, cli.search, command_line());
+    let base = Instant::now();
+    for (name, kind, subs) in plan {
+        // The unpaced ceiling row only adds information next to a paced
+        // ceiling run.
+        if name == "ceiling-max" && (cli.search || cli.rate.is_none()) {
+            continue;
+        }
+        eprintln!("ridge-bench: {name} ({subs} subscriber(s)) ...");
+        let mut target = Target::setup(name, kind, subs, &node_bin, base, external.as_ref())
+            .with_context(|| format!("setting up {name}"))?;
+        let settings = Settings {
+            rate: if name == "ceiling-max" {
+                None
+            } else {
+                cli.rate
+            },
+            size: cli.size,
+            duration: Duration::from_secs_f64(cli.duration),
+        };
+        if cli.search {
+            let s = scenario::search(&mut target, &settings, |r: &RunResult, ok| {
+                eprintln!(
+                    "  {:>10.0} pps: sent {:>10.0} pps, loss {:>7.3}% -> {}",
+                    r.target_pps.unwrap_or(0.0),
+                    r.sent_pps,
+                    r.loss_pct,
+                    if ok { "pass" } else { "fail" }
+                );
+            })
+            .with_context(|| format!("searching {name}"))?;
+            report.add_search(s);
+        } else {
+            let r = target
+                .run(&settings)
+                .with_context(|| format!("running {name}"))?;
+            report.add_run(r);
+        }
+        debug_assert_eq!(target.kind(), kind);
+        target.close().with_context(|| format!("stopping {name}"))?;
+    }
+    report.finish();
+    report::print(&report.render());
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("ridge-bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,243 @@
+//! The result tables (stdout) and the JSON document (`--json`).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::scenario::{RunResult, SearchResult};
+
+/// The machine the numbers come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu_model: String,
+    /// `/proc/loadavg` when the tool started: other load on a shared machine
+    /// skews every number.
+    pub loadavg_at_start: String,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        let loadavg_at_start = std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        Machine {
+            loadavg_at_start,
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel,
+            cpu_model,
+        }
+    }
+}
+
+/// One node scenario compared with a baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// e.g. "relay / naive".
+    pub comparison: String,
+    /// Received packets/s, node / baseline.
+    pub received_pps: f64,
+    /// p99 latency, node / baseline.
+    pub latency_p99: f64,
+    /// CPU µs per packet out, node / baseline (naive baselines only).
+    pub cpu_us_per_packet_out: Option<f64>,
+    /// Packets out per core-second, node / baseline (naive baselines only).
+    pub pps_out_per_core_second: Option<f64>,
+}
+
+/// Everything one invocation measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub machine: Machine,
+    pub rate_pps: Option<f64>,
+    pub size_bytes: usize,
+    pub duration_s: f64,
+    pub search: bool,
+    /// The headline run of each scenario (with --search: its best step).
+    pub runs: Vec<RunResult>,
+    pub searches: Vec<SearchResult>,
+    pub ratios: Vec<Ratio>,
+}
+
+impl Report {
+    pub fn new(
+        rate: Option<f64>,
+        size: usize,
+        duration: f64,
+        search: bool,
+        command: String,
+    ) -> Report {
+        Report {
+            command,
+            machine: Machine::probe(),
+            rate_pps: rate,
+            size_bytes: size,
+            duration_s: duration,
+            search,
+            runs: Vec::new(),
+            searches: Vec::new(),
+            ratios: Vec::new(),
+        }
+    }
+
+    pub fn add_run(&mut self, r: RunResult) {
+        self.runs.push(r);
+    }
+
+    pub fn add_search(&mut self, s: SearchResult) {
+        if let Some(b) = &s.best {
+            self.runs.push(b.clone());
+        }
+        self.searches.push(s);
+    }
+
+    fn run(&self, name: &str) -> Option<&RunResult> {
+        self.runs.iter().find(|r| r.scenario == name)
+    }
+
+    /// Computes the ratio table from the runs present.
+    pub fn finish(&mut self) {
+        let pairs = [
+            ("relay", "ceiling"),
+            ("relay", "ceiling-max"),
+            ("relay", "naive"),
+            ("fanout", "ceiling"),
+            ("fanout", "ceiling-max"),
+            ("fanout", "naive-fanout"),
+        ];
+        let mut ratios = Vec::new();
+        for (node, base) in pairs {
+            let (Some(n), Some(b)) = (self.run(node), self.run(base)) else {
+                continue;
+            };
+            let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+            let cpu = n.cpu.zip(b.cpu);
+            ratios.push(Ratio {
+                comparison: format!("{node} / {base}"),
+                received_pps: div(n.received_pps, b.received_pps),
+                latency_p99: div(n.latency.p99_us, b.latency.p99_us),
+                cpu_us_per_packet_out: cpu
+                    .map(|(n, b)| div(n.cpu_us_per_packet_out, b.cpu_us_per_packet_out)),
+                pps_out_per_core_second: cpu
+                    .map(|(n, b)| div(n.pps_out_per_core_second, b.pps_out_per_core_second)),
+            });
+        }
+        self.ratios = ratios;
+    }
+
+    /// The tables as text.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let m = &self.machine;
+        let rate = match self.rate_pps {
+            _ if self.search => "searched".to_string(),
+            Some(r) => format!("{r:.0} pps"),
+            None => "unpaced".to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "ridge-bench: {} cores, {}, kernel {}, load {}; rate {rate}, {} B packets, {} s per run{}",
+            m.nproc,
+            m.cpu_model,
+            m.kernel,
+            m.loadavg_at_start,
+            self.size_bytes,
+            self.duration_s,
+            if self.search {
+                " (--search: best passing step shown)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "| scenario | subs | target pps | sent pps | recv pps | recv pps/sub | loss % | p50 µs | p99 µs | p99.9 µs | relay CPU s | CPU µs/pkt in | CPU µs/pkt out | pkts out/core-s | gen/recv CPU s |"
+        );
+        let _ = writeln!(
+            o,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        for r in &self.runs {
+            let cpu = |f: &dyn Fn(&crate::scenario::Cpu) -> String| {
+                r.cpu.as_ref().map_or("-".to_string(), f)
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {}/{} |",
+                r.scenario,
+                r.subscribers,
+                r.target_pps
+                    .map_or("max".to_string(), |t| format!("{t:.0}")),
+                r.sent_pps,
+                r.received_pps,
+                r.received_pps_per_subscriber,
+                r.loss_pct,
+                r.latency.p50_us,
+                r.latency.p99_us,
+                r.latency.p999_us,
+                cpu(&|c| format!("{:.2}", c.cpu_seconds)),
+                cpu(&|c| format!("{:.2}", c.cpu_us_per_packet_in)),
+                cpu(&|c| format!("{:.3}", c.cpu_us_per_packet_out)),
+                cpu(&|c| format!("{:.0}", c.pps_out_per_core_second)),
+                opt(r.generator_cpu_seconds),
+                opt(r.receiver_cpu_seconds),
+            );
+        }
+        for s in &self.searches {
+            let _ = writeln!(
+                o,
+                "\nsearch {}: highest rate with loss < 0.1%: {} (stopped by: {}; {} steps)",
+                s.scenario,
+                s.best_pps
+                    .map_or("none (20000 pps already failed)".to_string(), |p| format!(
+                        "{p:.0} pps"
+                    )),
+                s.limit,
+                s.steps.len()
+            );
+        }
+        if !self.ratios.is_empty() {
+            let _ = writeln!(o);
+            let _ = writeln!(
+                o,
+                "| ratio | recv pps | p99 latency | CPU µs/pkt out | pkts out/core-s |"
+            );
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+            let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+            for r in &self.ratios {
+                let _ = writeln!(
+                    o,
+                    "| {} | {:.2} | {:.2} | {} | {} |",
+                    r.comparison,
+                    r.received_pps,
+                    r.latency_p99,
+                    f(r.cpu_us_per_packet_out),
+                    f(r.pps_out_per_core_second)
+                );
+            }
+        }
+        o
+    }
+}
+
+/// Writes the tables to stdout.
+#[allow(clippy::print_stdout, reason = "the tables are the tool's output")]
+pub fn print(text: &str) {
+    print!("{text}");
+}

@@ -1,0 +1,414 @@
+//! Scenarios: what sends where, one measured run, and the rate search.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::naive::NaiveRelay;
+use crate::node::NodeProcess;
+use crate::stats::{self, Latency};
+use crate::traffic::{self, Publisher, Receiver};
+
+/// Time the receiver keeps listening after the sender stops.
+const GRACE: Duration = Duration::from_millis(300);
+/// Latency samples kept per run (packets are sampled by sequence number).
+const MAX_SAMPLES: f64 = 2_000_000.0;
+/// Loss below which a rate passes the search, in percent.
+pub const SEARCH_MAX_LOSS_PCT: f64 = 0.1;
+/// The search's first rate.
+const SEARCH_START_PPS: f64 = 20_000.0;
+/// The search stops doubling here.
+const SEARCH_MAX_PPS: f64 = 20_000_000.0;
+/// Bisection steps after the doubling phase.
+const SEARCH_BISECT_STEPS: u32 = 5;
+
+/// Which system is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Sender → receiver directly: the machine's loopback ceiling.
+    Ceiling,
+    /// Through the naive tokio relay.
+    Naive,
+    /// Through a real node (1:1 `relay` or 1→N `fanout`).
+    Node,
+}
+
+/// Settings shared by every run of a scenario.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Target packets/s (`None`: unpaced).
+    pub rate: Option<f64>,
+    pub size: usize,
+    pub duration: Duration,
+}
+
+/// Node CPU cost of one run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Cpu {
+    /// CPU seconds (user + system) the relay used during the run.
+    pub cpu_seconds: f64,
+    /// Cores busy on average during the run (cpu_seconds / wall seconds).
+    pub cores_busy: f64,
+    pub cpu_us_per_packet_in: f64,
+    pub cpu_us_per_packet_out: f64,
+    /// Packets out per second of relay CPU time.
+    pub pps_out_per_core_second: f64,
+}
+
+/// Everything measured in one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub scenario: String,
+    pub subscribers: usize,
+    pub size_bytes: usize,
+    pub target_pps: Option<f64>,
+    /// Wall time the sender ran.
+    pub duration_s: f64,
+    pub sent: u64,
+    pub sent_pps: f64,
+    /// Packets received on all subscriber sockets together.
+    pub received: u64,
+    pub received_pps: f64,
+    pub received_pps_per_subscriber: f64,
+    pub received_min_subscriber: u64,
+    pub received_max_subscriber: u64,
+    /// 100 * (1 - received / (sent * subscribers)).
+    pub loss_pct: f64,
+    pub latency: Latency,
+    /// The relay's CPU (naive: the relay thread; node: the whole process).
+    pub cpu: Option<Cpu>,
+    /// CPU seconds of the generator thread (it shares the machine with the
+    /// relay and the receiver).
+    pub generator_cpu_seconds: Option<f64>,
+    /// CPU seconds of the receiver thread.
+    pub receiver_cpu_seconds: Option<f64>,
+    /// `sendmmsg` calls that failed with ENOBUFS.
+    pub send_errors: u64,
+    /// Datagrams on the subscriber sockets that were not this run's packets
+    /// (RTCP from the node, stragglers of an earlier run).
+    pub foreign_datagrams: u64,
+}
+
+/// A system under test, wired up and ready for runs.
+#[derive(Debug)]
+pub struct Target {
+    name: String,
+    kind: Kind,
+    publisher: Publisher,
+    receivers: Vec<UdpSocket>,
+    cpu_stat: Option<PathBuf>,
+    base: Instant,
+    next_run: u32,
+    naive: Option<NaiveRelay>,
+    node: Option<NodeProcess>,
+}
+
+fn bind_receivers(n: usize) -> Result<(Vec<UdpSocket>, Vec<SocketAddr>)> {
+    let socks = (0..n)
+        .map(|_| traffic::bind_loopback())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("binding subscriber sockets")?;
+    let addrs = socks
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok((socks, addrs))
+}
+
+impl Target {
+    /// Sets up `kind` with `subscribers` receiving sockets (`ceiling` always
+    /// has one). `name` is what the tables call it.
+    pub fn setup(
+        name: &str,
+        kind: Kind,
+        subscribers: usize,
+        node_bin: &Path,
+        base: Instant,
+        external: Option<&(SocketAddr, String)>,
+    ) -> Result<Target> {
+        let subscribers = if kind == Kind::Ceiling {
+            1
+        } else {
+            subscribers.max(1)
+        };
+        let (receivers, addrs) = bind_receivers(subscribers)?;
+        let send_sock = traffic::bind_loopback().context("binding the sender socket")?;
+        let mut t = Target {
+            name: name.to_string(),
+            kind,
+            publisher: Publisher::new(send_sock.try_clone()?, addrs[0])?,
+            receivers,
+            cpu_stat: None,
+            base,
+            next_run: 1,
+            naive: None,
+            node: None,
+        };
+        match kind {
+            Kind::Ceiling => {}
+            Kind::Naive => {
+                let relay = NaiveRelay::start(addrs)?;
+                t.publisher = Publisher::new(send_sock, relay.addr)?;
+                t.cpu_stat = Some(relay.stat_path.clone());
+                t.naive = Some(relay);
+            }
+            Kind::Node => {
+                let node = match external {
+                    Some((http, token)) => NodeProcess::attach(*http, token.clone()),
+                    None => NodeProcess::start(node_bin)?,
+                };
+                let media = node.create_endpoint("publish", send_sock.local_addr()?)?;
+                for a in &addrs {
+                    node.create_endpoint("subscribe", *a)?;
+                }
+                t.publisher = Publisher::new(send_sock, media)?;
+                t.cpu_stat = node.stat_path();
+                t.node = Some(node);
+                t.warm_up()?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// A short slow run so the node has seen a keyframe and every
+    /// subscriber path is known to work before anything is measured.
+    fn warm_up(&mut self) -> Result<()> {
+        let settings = Settings {
+            rate: Some(2_000.0),
+            size: 200,
+            duration: Duration::from_millis(500),
+        };
+        let r = self.run(&settings)?;
+        if r.received_min_subscriber == 0 {
+            bail!(
+                "warm-up: the node forwarded nothing to at least one of {} subscribers \
+                 ({} of {} packets arrived in total)",
+                r.subscribers,
+                r.received,
+                r.sent * r.subscribers as u64
+            );
+        }
+        Ok(())
+    }
+
+    /// One measured run.
+    pub fn run(&mut self, s: &Settings) -> Result<RunResult> {
+        let run = self.next_run;
+        self.next_run += 1;
+        let subs = self.receivers.len();
+        let expected = s.rate.unwrap_or(2_000_000.0) * s.duration.as_secs_f64() * subs as f64;
+        let stride = (expected / MAX_SAMPLES).ceil().max(1.0) as u64;
+        let socks = std::mem::take(&mut self.receivers);
+        let receiver = Receiver::start(socks, self.base, run, stride);
+        let cpu_before = self.cpu_seconds();
+        let sent = self
+            .publisher
+            .send(self.base, run, s.rate, s.size, s.duration)
+            .context("sending");
+        std::thread::sleep(GRACE);
+        let cpu_after = self.cpu_seconds();
+        let (socks, mut rep) = receiver.finish().context("receiving")?;
+        self.receivers = socks;
+        let sent = sent?;
+        let secs = sent.elapsed.as_secs_f64().max(1e-9);
+        let received: u64 = rep.per_socket.iter().sum();
+        let expected = sent.sent * subs as u64;
+        let loss_pct = if expected == 0 {
+            0.0
+        } else {
+            100.0 * (1.0 - received as f64 / expected as f64)
+        };
+        let cpu = match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) => {
+                let c = (b - a).max(0.0);
+                let per = |n: u64| {
+                    if n == 0 { 0.0 } else { c * 1e6 / n as f64 }
+                };
+                Some(Cpu {
+                    cpu_seconds: c,
+                    cores_busy: c / (secs + GRACE.as_secs_f64()),
+                    cpu_us_per_packet_in: per(sent.sent),
+                    cpu_us_per_packet_out: per(received),
+                    pps_out_per_core_second: if c > 0.0 { received as f64 / c } else { 0.0 },
+                })
+            }
+            _ => None,
+        };
+        Ok(RunResult {
+            scenario: self.name.clone(),
+            subscribers: subs,
+            size_bytes: s
+                .size
+                .clamp(crate::packet::MIN_SIZE, crate::packet::MAX_SIZE),
+            target_pps: s.rate,
+            duration_s: secs,
+            sent: sent.sent,
+            sent_pps: sent.sent as f64 / secs,
+            received,
+            received_pps: received as f64 / secs,
+            received_pps_per_subscriber: received as f64 / secs / subs as f64,
+            received_min_subscriber: rep.per_socket.iter().copied().min().unwrap_or(0),
+            received_max_subscriber: rep.per_socket.iter().copied().max().unwrap_or(0),
+            loss_pct,
+            latency: Latency::from_ns(&mut rep.latencies_ns),
+            cpu,
+            generator_cpu_seconds: sent.cpu_seconds,
+            receiver_cpu_seconds: rep.cpu_seconds,
+            send_errors: sent.errors,
+            foreign_datagrams: rep.foreign,
+        })
+    }
+
+    fn cpu_seconds(&self) -> Option<f64> {
+        stats::stat_file_cpu_seconds(self.cpu_stat.as_ref()?)
+    }
+
+    /// Stops the relay (naive thread or node process).
+    pub fn close(mut self) -> Result<()> {
+        if let Some(n) = self.naive.take() {
+            n.stop()?;
+        }
+        if let Some(n) = self.node.take() {
+            n.stop()?;
+        }
+        Ok(())
+    }
+
+    /// What kind of system this is.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+}
+
+/// The outcome of `--search`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchResult {
+    pub scenario: String,
+    /// Highest rate that passed (loss < 0.1% and the generator kept up).
+    pub best_pps: Option<f64>,
+    pub best: Option<RunResult>,
+    /// Why the search stopped climbing at the first failing rate.
+    pub limit: String,
+    pub steps: Vec<RunResult>,
+}
+
+fn passes(r: &RunResult, rate: f64) -> (bool, &'static str) {
+    if r.sent_pps < 0.9 * rate {
+        (false, "generator could not reach the rate")
+    } else if r.loss_pct >= SEARCH_MAX_LOSS_PCT {
+        (false, "loss >= 0.1%")
+    } else {
+        (true, "")
+    }
+}
+
+/// Finds the highest rate with loss < 0.1%: doubles from 20k pps until a
+/// rate fails, then bisects 5 steps. Every step runs `s.duration`.
+/// `progress` is called after each step.
+pub fn search(
+    t: &mut Target,
+    s: &Settings,
+    mut progress: impl FnMut(&RunResult, bool),
+) -> Result<SearchResult> {
+    let mut steps = Vec::new();
+    let mut best: Option<RunResult> = None;
+    let mut lo = 0.0f64;
+    let mut hi: Option<f64> = None;
+    let mut limit = String::from("no rate failed below the search cap");
+    let mut rate = SEARCH_START_PPS;
+    let mut step = |rate: f64, steps: &mut Vec<RunResult>| -> Result<(bool, &'static str)> {
+        let r = t.run(&Settings {
+            rate: Some(rate),
+            ..s.clone()
+        })?;
+        let (ok, why) = passes(&r, rate);
+        progress(&r, ok);
+        if ok && best.as_ref().is_none_or(|b| b.target_pps < Some(rate)) {
+            best = Some(r.clone());
+        }
+        steps.push(r);
+        Ok((ok, why))
+    };
+    while rate <= SEARCH_MAX_PPS {
+        let (ok, why) = step(rate, &mut steps)?;
+        if ok {
+            lo = rate;
+            rate *= 2.0;
+        } else {
+            hi = Some(rate);
+            limit = why.to_string();
+            break;
+        }
+    }
+    if let Some(mut h) = hi {
+        for _ in 0..SEARCH_BISECT_STEPS {
+            let mid = ((lo + h) / 2.0).round();
+            let (ok, why) = step(mid, &mut steps)?;
+            if ok {
+                lo = mid;
+            } else {
+                h = mid;
+                limit = why.to_string();
+            }
+        }
+    }
+    Ok(SearchResult {
+        scenario: t.name.clone(),
+        best_pps: best.as_ref().and_then(|b| b.target_pps),
+        best,
+        limit,
+        steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick(kind: Kind, subscribers: usize) -> RunResult {
+        let base = Instant::now();
+        let mut t = Target::setup(
+            "test",
+            kind,
+            subscribers,
+            Path::new("/nonexistent"),
+            base,
+            None,
+        )
+        .expect("setup");
+        let r = t
+            .run(&Settings {
+                rate: Some(10_000.0),
+                size: 200,
+                duration: Duration::from_secs(1),
+            })
+            .expect("run");
+        t.close().expect("close");
+        r
+    }
+
+    /// Functional check only: packets flow and are counted. Never asserts
+    /// throughput (the machine may be busy).
+    #[test]
+    fn ceiling_and_naive_deliver() {
+        for (kind, subs) in [(Kind::Ceiling, 1), (Kind::Naive, 1), (Kind::Naive, 3)] {
+            let r = quick(kind, subs);
+            assert!(r.sent > 0, "{kind:?}: nothing sent: {r:?}");
+            assert!(r.received > 0, "{kind:?}: nothing received: {r:?}");
+            assert!(
+                r.loss_pct < 5.0,
+                "{kind:?}x{subs}: loss {}%: {r:?}",
+                r.loss_pct
+            );
+            assert_eq!(r.subscribers, subs);
+            assert!(r.latency.samples > 0, "{kind:?}: no latency samples");
+            if kind == Kind::Naive {
+                assert!(r.cpu.is_some(), "naive relay CPU not measured");
+            }
+        }
+    }
+}
