@@ -1,0 +1,231 @@
+//! Datagram I/O for the Ridge dataplane shards.
+//!
+//! This crate holds every line of `unsafe` the dataplane needs: raw
+//! `recvmmsg`/`sendmmsg`, control messages (UDP GSO/GRO), and io_uring with a
+//! provided buffer ring. The layers above see one safe trait, [`DatagramIo`],
+//! with two backends behind it:
+//!
+//! - [`Backend::Uring`]: one io_uring per socket, one multishot `RecvMsg`
+//!   armed over a provided buffer ring, sends as linked `SendMsg` chains.
+//! - [`Backend::Mmsg`]: `recvmmsg`/`sendmmsg` on a non-blocking socket with
+//!   preallocated headers; the fallback when io_uring is unavailable.
+//!
+//! [`bind`] with [`BackendChoice::Auto`] runs [`probe_uring`] and falls back
+//! to `Mmsg` with one log line that says why.
+//!
+//! # Run loop
+//!
+//! Wait until [`DatagramIo::raw_fd`] polls readable, then call
+//! [`DatagramIo::recv`] until it returns `Ok(0)`. `recv` never blocks.
+//! [`DatagramIo::send`] returns how many transmits, from the front of the
+//! batch, it consumed; keep the rest and retry them later (the socket was
+//! full). A datagram the kernel rejects for its own sake (unreachable
+//! destination, wrong address family, too big) is dropped, logged and counted
+//! as consumed, because retrying it would never succeed.
+//!
+//! # Errors
+//!
+//! Peer behaviour (ICMP errors, truncated datagrams, floods) never surfaces as
+//! an error. Errors are configuration problems at [`bind`] time or internal
+//! failures (a broken ring, a closed descriptor) that mean the socket is no
+//! longer usable.
+//!
+//! # Copies
+//!
+//! Received payloads are copied once, from the kernel (mmsg) or from the
+//! provided ring buffer (uring), into the caller's buffers. Handing the ring
+//! buffers themselves out as refcounted packets, for zero-copy fan-out, is
+//! later work.
+
+mod cmsg;
+mod error;
+mod mmsg;
+mod sockaddr;
+mod socket;
+mod uring;
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+pub use error::IoError;
+
+pub use mmsg::MmsgIo;
+pub use uring::{UringIo, probe_uring};
+
+/// What the kernel told us about one received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Bytes written into the caller's buffer (never more than its length).
+    pub len: usize,
+    /// Who sent it. On a dual-stack IPv6 socket IPv4 peers appear as
+    /// v4-mapped IPv6 addresses.
+    pub source: SocketAddr,
+    /// The datagram was larger than the buffer and its tail is lost
+    /// (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// With GRO, the buffer holds several datagrams of this size (the last
+    /// may be shorter), coalesced by the kernel.
+    pub gro_segment: Option<u16>,
+}
+
+impl Default for RecvMeta {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            source: SocketAddr::from(([0, 0, 0, 0], 0)),
+            truncated: false,
+            gro_segment: None,
+        }
+    }
+}
+
+/// One datagram (or, with `segment_size`, a run of equal-sized datagrams) to
+/// send.
+#[derive(Debug, Clone, Copy)]
+pub struct Transmit<'a> {
+    pub destination: SocketAddr,
+    pub contents: &'a [u8],
+    /// GSO: `contents` is several datagrams of this size, the last of which
+    /// may be shorter. Sent in one syscall when the kernel supports
+    /// `UDP_SEGMENT`, split into separate datagrams otherwise. Keep the count
+    /// at or below [`DatagramIo::max_gso_segments`].
+    pub segment_size: Option<u16>,
+}
+
+/// Counters of events that are not errors but an operator wants to see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IoStats {
+    /// Datagrams dropped because the kernel refused them (unreachable
+    /// destination, wrong family, too big).
+    pub send_dropped: u64,
+    /// Pending socket errors (usually ICMP unreachables) reported to a
+    /// receive call and cleared.
+    pub socket_errors: u64,
+    /// uring: times the provided buffer ring ran dry (`ENOBUFS`).
+    pub ring_exhausted: u64,
+    /// uring: times the multishot receive was re-armed after it ended.
+    pub rearms: u64,
+    /// The kernel refused `UDP_SEGMENT` at send time and GSO was turned off.
+    pub gso_disabled: bool,
+}
+
+/// Which implementation is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Uring,
+    Mmsg,
+}
+
+/// Which implementation [`bind`] should use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// io_uring when [`probe_uring`] succeeds, mmsg otherwise.
+    #[default]
+    Auto,
+    /// io_uring or an error.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Mmsg,
+}
+
+/// Socket and backend options, validated by [`bind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `SO_REUSEPORT`, so that several shards can bind the same address.
+    pub reuse_port: bool,
+    /// `SO_RCVBUF` in bytes; `None` keeps the system default.
+    pub recv_buffer_size: Option<usize>,
+    /// `SO_SNDBUF` in bytes; `None` keeps the system default.
+    pub send_buffer_size: Option<usize>,
+    /// Use `UDP_SEGMENT` when a transmit has a `segment_size` and the kernel
+    /// accepts it.
+    pub gso: bool,
+    /// Enable `UDP_GRO` on receive. Coalesced datagrams need large receive
+    /// buffers (64 KiB): a smaller buffer truncates them. The uring backend
+    /// does not support GRO yet and ignores this option.
+    pub gro: bool,
+    /// uring: number of provided buffers (a power of two, at most 32768).
+    pub uring_buffers: u16,
+    /// uring: size of each provided buffer, headers included.
+    pub uring_buffer_size: u32,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        Self {
+            reuse_port: false,
+            recv_buffer_size: None,
+            send_buffer_size: None,
+            gso: true,
+            gro: false,
+            uring_buffers: 512,
+            uring_buffer_size: 2048,
+        }
+    }
+}
+
+/// A bound, non-blocking UDP socket with batched receive and send.
+pub trait DatagramIo {
+    fn local_addr(&self) -> SocketAddr;
+
+    /// The descriptor to wait on for readability (tokio `AsyncFd`, epoll).
+    /// For mmsg this is the socket; for uring it is the ring, which polls
+    /// readable when completions are pending.
+    fn raw_fd(&self) -> RawFd;
+
+    /// Receives up to `min(bufs.len(), meta.len())` datagrams (mmsg: at most
+    /// 64 per call) without blocking; `Ok(0)` when nothing is pending.
+    /// Datagram `i` lands in `bufs[i]`, described by `meta[i]`.
+    fn recv(&mut self, bufs: &mut [&mut [u8]], meta: &mut [RecvMeta]) -> Result<usize, IoError>;
+
+    /// Sends as much of `batch` as the kernel takes and returns how many
+    /// transmits, from the front, were consumed (sent, or dropped because the
+    /// kernel rejected that datagram). A full socket gives a short count,
+    /// never an error.
+    fn send(&mut self, batch: &[Transmit<'_>]) -> Result<usize, IoError>;
+
+    fn backend(&self) -> Backend;
+
+    /// The UDP socket itself, for socket options and for attaching a
+    /// `SO_ATTACH_REUSEPORT_EBPF` program. Do not read from or write to it.
+    fn socket_fd(&self) -> RawFd;
+
+    fn stats(&self) -> IoStats;
+
+    /// Provided buffers currently held by completions not yet consumed
+    /// (uring); always 0 for mmsg. For leak tests.
+    #[doc(hidden)]
+    fn buffers_outstanding(&self) -> usize {
+        0
+    }
+
+    /// How many segments one GSO transmit may carry; 1 when GSO is off.
+    fn max_gso_segments(&self) -> usize;
+}
+
+/// Binds a UDP socket on `addr` with the chosen backend.
+pub fn bind(
+    addr: SocketAddr,
+    prefer: BackendChoice,
+    opts: &SocketOptions,
+) -> Result<Box<dyn DatagramIo + Send>, IoError> {
+    match prefer {
+        BackendChoice::Mmsg => Ok(Box::new(MmsgIo::bind(addr, opts)?)),
+        BackendChoice::Uring => Ok(Box::new(UringIo::bind(addr, opts)?)),
+        BackendChoice::Auto => match probe_uring() {
+            Ok(()) => match UringIo::bind(addr, opts) {
+                Ok(io) => Ok(Box::new(io)),
+                Err(e @ IoError::UringUnavailable { .. }) => {
+                    tracing::warn!(error = %e, "io_uring setup failed, using recvmmsg/sendmmsg");
+                    Ok(Box::new(MmsgIo::bind(addr, opts)?))
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring unavailable, using recvmmsg/sendmmsg");
+                Ok(Box::new(MmsgIo::bind(addr, opts)?))
+            }
+        },
+    }
+}

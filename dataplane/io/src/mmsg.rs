@@ -1,0 +1,329 @@
+//! The `recvmmsg`/`sendmmsg` backend.
+
+use std::io;
+use std::mem;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr;
+
+use socket2::Socket;
+
+use crate::cmsg::{self, CmsgBuf};
+use crate::error::{ErrnoClass, classify};
+use crate::socket::{NextDatagram, bind_udp, next_datagram};
+use crate::{Backend, DatagramIo, IoError, IoStats, RecvMeta, SocketOptions, Transmit, sockaddr};
+
+/// Messages per syscall.
+const BATCH: usize = 64;
+
+/// Preallocated `mmsghdr`s and everything they point to. The pointers are
+/// filled in on every call, just before the syscall, so moving the struct
+/// never leaves a stale one behind.
+struct Headers {
+    hdrs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_storage>,
+    cmsgs: Vec<CmsgBuf>,
+}
+
+impl Headers {
+    fn new() -> Self {
+        // SAFETY: mmsghdr, iovec and sockaddr_storage are plain C structs for
+        // which all-zero (null pointers, zero lengths) is a valid value.
+        let (hdr, iov, addr) = unsafe {
+            (
+                mem::zeroed::<libc::mmsghdr>(),
+                mem::zeroed::<libc::iovec>(),
+                mem::zeroed::<libc::sockaddr_storage>(),
+            )
+        };
+        Self {
+            hdrs: vec![hdr; BATCH],
+            iovs: vec![iov; BATCH],
+            addrs: vec![addr; BATCH],
+            cmsgs: vec![CmsgBuf::new(); BATCH],
+        }
+    }
+
+    /// Points header `i` at its own address, iovec and control buffer.
+    fn link(&mut self, i: usize, namelen: libc::socklen_t, controllen: usize) {
+        let h = &mut self.hdrs[i];
+        h.msg_len = 0;
+        h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+        h.msg_hdr.msg_namelen = namelen;
+        h.msg_hdr.msg_iov = &mut self.iovs[i];
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_control = if controllen == 0 {
+            ptr::null_mut()
+        } else {
+            self.cmsgs[i].0.as_mut_ptr().cast()
+        };
+        h.msg_hdr.msg_controllen = controllen as _;
+        h.msg_hdr.msg_flags = 0;
+    }
+}
+
+/// Where a send slot leaves the batch once it is sent: the transmit index
+/// and byte offset to continue from.
+#[derive(Debug, Clone, Copy, Default)]
+struct Resume {
+    /// The transmit this slot carries.
+    cur: usize,
+    tx: usize,
+    offset: usize,
+    gso: bool,
+}
+
+/// `recvmmsg`/`sendmmsg` on a non-blocking socket.
+pub struct MmsgIo {
+    socket: Socket,
+    local: SocketAddr,
+    v6: bool,
+    gso: bool,
+    gro: bool,
+    recv: Headers,
+    send: Headers,
+    resume: Vec<Resume>,
+    stats: IoStats,
+}
+
+// SAFETY: the raw pointers inside `Headers` only ever point into the same
+// MmsgIo's own heap arrays or, during one call, into the caller's buffers;
+// they are rewritten before every syscall and never shared, so moving the
+// whole value to another thread is sound.
+unsafe impl Send for MmsgIo {}
+
+impl std::fmt::Debug for MmsgIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmsgIo")
+            .field("local", &self.local)
+            .field("gso", &self.gso)
+            .field("gro", &self.gro)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmsgIo {
+    pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<Self, IoError> {
+        let b = bind_udp(addr, opts, opts.gro)?;
+        Ok(Self {
+            socket: b.socket,
+            local: b.local,
+            v6: b.v6,
+            gso: b.gso,
+            gro: b.gro,
+            recv: Headers::new(),
+            send: Headers::new(),
+            resume: vec![Resume::default(); BATCH],
+            stats: IoStats::default(),
+        })
+    }
+
+    /// Fills send slots from `batch`, starting at transmit `start_tx`, byte
+    /// `start_offset`; returns the number of slots filled. Transmits at the
+    /// front that the socket cannot address (wrong family) are dropped and
+    /// the start moved past them; one further in ends the round instead.
+    fn fill(
+        &mut self,
+        batch: &[Transmit<'_>],
+        start_tx: &mut usize,
+        start_offset: &mut usize,
+    ) -> usize {
+        let (mut tx, mut offset) = (*start_tx, *start_offset);
+        let mut n = 0;
+        while n < BATCH && tx < batch.len() {
+            let t = &batch[tx];
+            let Some(namelen) = sockaddr::write(t.destination, self.v6, &mut self.send.addrs[n])
+            else {
+                if n > 0 {
+                    // Leave it to lead the next round, so it is counted once.
+                    break;
+                }
+                tracing::debug!(destination = %t.destination, local = %self.local, "dropping datagram for an unreachable address family");
+                self.stats.send_dropped += 1;
+                (tx, offset) = (tx + 1, 0);
+                (*start_tx, *start_offset) = (tx, offset);
+                continue;
+            };
+            let NextDatagram {
+                chunk,
+                gso,
+                next_tx,
+                next_offset,
+            } = next_datagram(t, tx, offset, self.gso);
+            self.send.iovs[n] = libc::iovec {
+                iov_base: chunk.as_ptr() as *mut libc::c_void,
+                iov_len: chunk.len(),
+            };
+            let controllen = match gso {
+                Some(s) => cmsg::write_segment_size(&mut self.send.cmsgs[n], s),
+                None => 0,
+            };
+            self.send.link(n, namelen, controllen);
+            self.resume[n] = Resume {
+                cur: tx,
+                tx: next_tx,
+                offset: next_offset,
+                gso: gso.is_some(),
+            };
+            tx = next_tx;
+            offset = next_offset;
+            n += 1;
+        }
+        n
+    }
+}
+
+impl DatagramIo for MmsgIo {
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    fn recv(&mut self, bufs: &mut [&mut [u8]], meta: &mut [RecvMeta]) -> Result<usize, IoError> {
+        let n = bufs.len().min(meta.len()).min(BATCH);
+        if n == 0 {
+            return Ok(0);
+        }
+        let controllen = if self.gro { cmsg::space(4) } else { 0 };
+        for (i, buf) in bufs.iter_mut().take(n).enumerate() {
+            self.recv.iovs[i] = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            self.recv
+                .link(i, mem::size_of::<libc::sockaddr_storage>() as _, controllen);
+        }
+        let mut attempts = 0;
+        let got = loop {
+            // SAFETY: headers 0..n were just linked to this struct's own
+            // address/control arrays and to iovecs covering the caller's
+            // `bufs`, all of which stay borrowed and alive for the duration
+            // of this blocking-free call; n <= BATCH is the array length.
+            let rc = unsafe {
+                libc::recvmmsg(
+                    self.socket.as_raw_fd(),
+                    self.recv.hdrs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    0,
+                    ptr::null_mut(),
+                )
+            };
+            if rc >= 0 {
+                break rc as usize;
+            }
+            let err = io::Error::last_os_error();
+            match classify(err.raw_os_error().unwrap_or(0)) {
+                ErrnoClass::Retry => {}
+                ErrnoClass::WouldBlock => return Ok(0),
+                // A pending ICMP error is reported once and cleared; the
+                // datagrams behind it are still queued.
+                ErrnoClass::Datagram => {
+                    tracing::trace!(error = %err, local = %self.local, "recvmmsg reported a socket error");
+                    self.stats.socket_errors += 1;
+                    attempts += 1;
+                    if attempts > 4 {
+                        return Ok(0);
+                    }
+                }
+                ErrnoClass::Fatal => return Err(IoError::os("recvmmsg", err)),
+            }
+        };
+        for (i, m) in meta.iter_mut().take(got).enumerate() {
+            let h = &self.recv.hdrs[i];
+            #[allow(clippy::unnecessary_cast, reason = "msg_controllen is u32 on musl")]
+            let got_control = h.msg_hdr.msg_controllen as usize;
+            let control = &self.recv.cmsgs[i].0[..got_control.min(controllen)];
+            *m = RecvMeta {
+                len: h.msg_len as usize,
+                source: sockaddr::read(sockaddr::storage_bytes(
+                    &self.recv.addrs[i],
+                    h.msg_hdr.msg_namelen,
+                ))
+                .unwrap_or(RecvMeta::default().source),
+                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                gro_segment: if self.gro {
+                    cmsg::parse_gro(control)
+                } else {
+                    None
+                },
+            };
+        }
+        Ok(got)
+    }
+
+    fn send(&mut self, batch: &[Transmit<'_>]) -> Result<usize, IoError> {
+        let (mut tx, mut offset) = (0, 0);
+        // A pending ICMP error from an earlier datagram is reported (and
+        // cleared) by whichever send comes next, so a refused datagram gets
+        // one more try before it is dropped.
+        let mut retried = None;
+        while tx < batch.len() {
+            let n = self.fill(batch, &mut tx, &mut offset);
+            if n == 0 {
+                // Everything left was dropped while filling.
+                break;
+            }
+            // SAFETY: `fill` linked headers 0..n to this struct's own
+            // address/control arrays and to iovecs over `batch`'s contents,
+            // which the caller keeps borrowed until we return; the kernel
+            // only reads them during this call.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    self.socket.as_raw_fd(),
+                    self.send.hdrs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    0,
+                )
+            };
+            if rc > 0 {
+                let r = self.resume[rc as usize - 1];
+                (tx, offset) = (r.tx, r.offset);
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            let errno = err.raw_os_error().unwrap_or(0);
+            match classify(errno) {
+                ErrnoClass::Retry => {}
+                ErrnoClass::WouldBlock => return Ok(self.resume[0].cur),
+                ErrnoClass::Datagram
+                    if self.resume[0].gso && (errno == libc::EIO || errno == libc::EINVAL) =>
+                {
+                    tracing::warn!(error = %err, local = %self.local, "kernel refused UDP_SEGMENT, splitting GSO transmits from now on");
+                    self.gso = false;
+                    self.stats.gso_disabled = true;
+                }
+                ErrnoClass::Datagram if retried != Some((tx, offset)) => {
+                    retried = Some((tx, offset))
+                }
+                ErrnoClass::Datagram => {
+                    let cur = self.resume[0].cur;
+                    tracing::debug!(error = %err, destination = %batch[cur].destination, "dropping datagram the kernel refused");
+                    self.stats.send_dropped += 1;
+                    (tx, offset) = (cur + 1, 0);
+                }
+                ErrnoClass::Fatal => return Err(IoError::os("sendmmsg", err)),
+            }
+        }
+        Ok(tx)
+    }
+
+    fn backend(&self) -> Backend {
+        Backend::Mmsg
+    }
+
+    fn socket_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    fn stats(&self) -> IoStats {
+        self.stats
+    }
+
+    fn max_gso_segments(&self) -> usize {
+        if self.gso { cmsg::UDP_MAX_SEGMENTS } else { 1 }
+    }
+}
