@@ -10,7 +10,7 @@ use socket2::Socket;
 
 use crate::cmsg::{self, CmsgBuf};
 use crate::error::{ErrnoClass, classify};
-use crate::socket::{NextDatagram, bind_udp, next_datagram};
+use crate::socket::{NextDatagram, SendSlots, bind_udp, plan_sends};
 use crate::{Backend, DatagramIo, IoError, IoStats, RecvMeta, SocketOptions, Transmit, sockaddr};
 
 /// Messages per syscall.
@@ -119,58 +119,65 @@ impl MmsgIo {
         })
     }
 
-    /// Fills send slots from `batch`, starting at transmit `start_tx`, byte
-    /// `start_offset`; returns the number of slots filled. Transmits at the
-    /// front that the socket cannot address (wrong family) are dropped and
-    /// the start moved past them; one further in ends the round instead.
+    /// Fills send slots from `batch`; see [`plan_sends`].
     fn fill(
         &mut self,
         batch: &[Transmit<'_>],
         start_tx: &mut usize,
         start_offset: &mut usize,
     ) -> usize {
-        let (mut tx, mut offset) = (*start_tx, *start_offset);
-        let mut n = 0;
-        while n < BATCH && tx < batch.len() {
-            let t = &batch[tx];
-            let Some(namelen) = sockaddr::write(t.destination, self.v6, &mut self.send.addrs[n])
-            else {
-                if n > 0 {
-                    // Leave it to lead the next round, so it is counted once.
-                    break;
-                }
-                tracing::debug!(destination = %t.destination, local = %self.local, "dropping datagram for an unreachable address family");
-                self.stats.send_dropped += 1;
-                (tx, offset) = (tx + 1, 0);
-                (*start_tx, *start_offset) = (tx, offset);
-                continue;
-            };
-            let NextDatagram {
-                chunk,
-                gso,
-                next_tx,
-                next_offset,
-            } = next_datagram(t, tx, offset, self.gso);
-            self.send.iovs[n] = libc::iovec {
-                iov_base: chunk.as_ptr() as *mut libc::c_void,
-                iov_len: chunk.len(),
-            };
-            let controllen = match gso {
-                Some(s) => cmsg::write_segment_size(&mut self.send.cmsgs[n], s),
-                None => 0,
-            };
-            self.send.link(n, namelen, controllen);
-            self.resume[n] = Resume {
-                cur: tx,
-                tx: next_tx,
-                offset: next_offset,
-                gso: gso.is_some(),
-            };
-            tx = next_tx;
-            offset = next_offset;
-            n += 1;
-        }
-        n
+        let mut slots = MmsgSlots {
+            send: &mut self.send,
+            resume: &mut self.resume,
+            v6: self.v6,
+        };
+        plan_sends(
+            &mut slots,
+            BATCH,
+            batch,
+            start_tx,
+            start_offset,
+            self.gso,
+            self.local,
+            &mut self.stats.send_dropped,
+        )
+    }
+}
+
+/// The mmsg backend's send slots: header arrays plus where each resumes.
+struct MmsgSlots<'s> {
+    send: &'s mut Headers,
+    resume: &'s mut [Resume],
+    v6: bool,
+}
+
+impl SendSlots for MmsgSlots<'_> {
+    fn set_destination(&mut self, n: usize, destination: SocketAddr) -> Option<libc::socklen_t> {
+        sockaddr::write(destination, self.v6, &mut self.send.addrs[n])
+    }
+
+    fn set_datagram(
+        &mut self,
+        n: usize,
+        namelen: libc::socklen_t,
+        cur: usize,
+        d: &NextDatagram<'_>,
+    ) {
+        self.send.iovs[n] = libc::iovec {
+            iov_base: d.chunk.as_ptr() as *mut libc::c_void,
+            iov_len: d.chunk.len(),
+        };
+        let controllen = match d.gso {
+            Some(s) => cmsg::write_segment_size(&mut self.send.cmsgs[n], s),
+            None => 0,
+        };
+        self.send.link(n, namelen, controllen);
+        self.resume[n] = Resume {
+            cur,
+            tx: d.next_tx,
+            offset: d.next_offset,
+            gso: d.gso.is_some(),
+        };
     }
 }
 

@@ -160,6 +160,61 @@ pub(crate) fn next_datagram<'a>(
     }
 }
 
+/// Where a backend keeps the per-datagram state of its send slots.
+pub(crate) trait SendSlots {
+    /// Writes `destination` into slot `n`; `None` when this socket cannot
+    /// address that family.
+    fn set_destination(&mut self, n: usize, destination: SocketAddr) -> Option<libc::socklen_t>;
+    /// Points slot `n` at one planned datagram of transmit `cur`.
+    fn set_datagram(
+        &mut self,
+        n: usize,
+        namelen: libc::socklen_t,
+        cur: usize,
+        datagram: &NextDatagram<'_>,
+    );
+}
+
+/// Fills up to `max` send slots from `batch`, starting at transmit
+/// `start_tx`, byte `start_offset`; returns the number of slots filled.
+/// Transmits at the front that the socket cannot address (wrong family) are
+/// dropped, counted in `send_dropped`, and the start moved past them; one
+/// further in ends the round instead, so it leads the next one and is counted
+/// once.
+#[allow(clippy::too_many_arguments, reason = "the state of one send round")]
+pub(crate) fn plan_sends<'a>(
+    slots: &mut impl SendSlots,
+    max: usize,
+    batch: &[crate::Transmit<'a>],
+    start_tx: &mut usize,
+    start_offset: &mut usize,
+    gso_on: bool,
+    local: SocketAddr,
+    send_dropped: &mut u64,
+) -> usize {
+    let (mut tx, mut offset) = (*start_tx, *start_offset);
+    let mut n = 0;
+    while n < max && tx < batch.len() {
+        let t = &batch[tx];
+        let Some(namelen) = slots.set_destination(n, t.destination) else {
+            if n > 0 {
+                break;
+            }
+            tracing::debug!(destination = %t.destination, %local, "dropping datagram for an unreachable address family");
+            *send_dropped += 1;
+            (tx, offset) = (tx + 1, 0);
+            (*start_tx, *start_offset) = (tx, offset);
+            continue;
+        };
+        let d = next_datagram(t, tx, offset, gso_on);
+        slots.set_datagram(n, namelen, tx, &d);
+        tx = d.next_tx;
+        offset = d.next_offset;
+        n += 1;
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use socket2::Socket;
 
 use crate::cmsg::{self, CmsgBuf};
 use crate::error::{ErrnoClass, classify};
-use crate::socket::{NextDatagram, bind_udp, next_datagram};
+use crate::socket::{NextDatagram, SendSlots, bind_udp, plan_sends};
 use crate::{Backend, DatagramIo, IoError, IoStats, RecvMeta, SocketOptions, Transmit, sockaddr};
 
 const RECV_TAG: u64 = u64::MAX;
@@ -245,6 +245,52 @@ struct SendSlot {
     next_tx: usize,
     next_offset: usize,
     gso: bool,
+}
+
+/// The uring backend's send slots, each a self-contained msghdr.
+struct UringSlots<'s> {
+    slots: &'s mut [SendSlot],
+    v6: bool,
+}
+
+impl SendSlots for UringSlots<'_> {
+    fn set_destination(&mut self, n: usize, destination: SocketAddr) -> Option<libc::socklen_t> {
+        sockaddr::write(destination, self.v6, &mut self.slots[n].addr)
+    }
+
+    fn set_datagram(
+        &mut self,
+        n: usize,
+        namelen: libc::socklen_t,
+        cur: usize,
+        d: &NextDatagram<'_>,
+    ) {
+        let s = &mut self.slots[n];
+        s.iov = libc::iovec {
+            iov_base: d.chunk.as_ptr() as *mut libc::c_void,
+            iov_len: d.chunk.len(),
+        };
+        let controllen = match d.gso {
+            Some(size) => cmsg::write_segment_size(&mut s.cmsg, size),
+            None => 0,
+        };
+        s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
+        s.hdr.msg_namelen = namelen;
+        s.hdr.msg_iov = &mut s.iov;
+        s.hdr.msg_iovlen = 1;
+        s.hdr.msg_control = if controllen == 0 {
+            ptr::null_mut()
+        } else {
+            s.cmsg.0.as_mut_ptr().cast()
+        };
+        s.hdr.msg_controllen = controllen as _;
+        s.hdr.msg_flags = 0;
+        s.result = None;
+        s.cur = cur;
+        s.next_tx = d.next_tx;
+        s.next_offset = d.next_offset;
+        s.gso = d.gso.is_some();
+    }
 }
 
 /// io_uring on one UDP socket. Use it from one thread once `recv` has been
@@ -539,56 +585,20 @@ impl UringIo {
         start_tx: &mut usize,
         start_offset: &mut usize,
     ) -> Result<usize, IoError> {
-        let (mut tx, mut offset) = (*start_tx, *start_offset);
-        let mut n = 0;
-        while n < SEND_SLOTS && tx < batch.len() {
-            let t = &batch[tx];
-            let s = &mut self.slots[n];
-            let Some(namelen) = sockaddr::write(t.destination, self.v6, &mut s.addr) else {
-                if n > 0 {
-                    // Leave it to lead the next round, so it is counted once.
-                    break;
-                }
-                tracing::debug!(destination = %t.destination, local = %self.local, "dropping datagram for an unreachable address family");
-                self.stats.send_dropped += 1;
-                (tx, offset) = (tx + 1, 0);
-                (*start_tx, *start_offset) = (tx, offset);
-                continue;
-            };
-            let NextDatagram {
-                chunk,
-                gso,
-                next_tx,
-                next_offset,
-            } = next_datagram(t, tx, offset, self.gso);
-            s.iov = libc::iovec {
-                iov_base: chunk.as_ptr() as *mut libc::c_void,
-                iov_len: chunk.len(),
-            };
-            let controllen = match gso {
-                Some(size) => cmsg::write_segment_size(&mut s.cmsg, size),
-                None => 0,
-            };
-            s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
-            s.hdr.msg_namelen = namelen;
-            s.hdr.msg_iov = &mut s.iov;
-            s.hdr.msg_iovlen = 1;
-            s.hdr.msg_control = if controllen == 0 {
-                ptr::null_mut()
-            } else {
-                s.cmsg.0.as_mut_ptr().cast()
-            };
-            s.hdr.msg_controllen = controllen as _;
-            s.hdr.msg_flags = 0;
-            s.result = None;
-            s.cur = tx;
-            s.next_tx = next_tx;
-            s.next_offset = next_offset;
-            s.gso = gso.is_some();
-            tx = next_tx;
-            offset = next_offset;
-            n += 1;
-        }
+        let mut slots = UringSlots {
+            slots: &mut self.slots,
+            v6: self.v6,
+        };
+        let n = plan_sends(
+            &mut slots,
+            SEND_SLOTS,
+            batch,
+            start_tx,
+            start_offset,
+            self.gso,
+            self.local,
+            &mut self.stats.send_dropped,
+        );
         // Make room for the whole chain first, so that no error can return
         // while part of it is queued.
         while self.sq_room() < n {
