@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ridge_sfu::packet::{self, rtcp};
-use ridge_sfu::{Output, RtpDirection, RtpEndpointSpec, Sfu, TrackKind};
+use ridge_sfu::{Output, RtpDirection, Sfu};
 
 // ----- the counting allocator ---------------------------------------------------
 
@@ -342,42 +342,20 @@ fn plain_rtp_path_allocates_nothing_per_packet_in_steady_state() {
     assert_eq!((n, bytes), (1, 100), "the counting allocator is not in use");
 
     let mut node = Node::new(|_| {});
-    let now = node.now;
     let publisher = node.sfu.join(ROOM, "publisher", true).unwrap();
     let track = node
-        .sfu
-        .add_rtp_endpoint(
-            now,
+        .plain_video_endpoint(
             publisher,
-            RtpEndpointSpec {
-                direction: RtpDirection::Publish,
-                kind: TrackKind::Video,
-                remote: publisher_addr(),
-                payload_type: PUB_PT,
-                ssrc: Some(PUB_SSRC),
-                track: None,
-            },
+            RtpDirection::Publish,
+            publisher_addr(),
+            PUB_PT,
+            Some(PUB_SSRC),
         )
-        .unwrap()
         .track
         .expect("publishing creates a track");
     for (i, (addr, ssrc)) in subscriber_addrs().into_iter().zip(SUB_SSRCS).enumerate() {
         let p = node.sfu.join(ROOM, &format!("sub{i}"), true).unwrap();
-        let info = node
-            .sfu
-            .add_rtp_endpoint(
-                now,
-                p,
-                RtpEndpointSpec {
-                    direction: RtpDirection::Subscribe,
-                    kind: TrackKind::Video,
-                    remote: addr,
-                    payload_type: SUB_PT,
-                    ssrc: Some(ssrc),
-                    track: None,
-                },
-            )
-            .unwrap();
+        let info = node.plain_video_endpoint(p, RtpDirection::Subscribe, addr, SUB_PT, Some(ssrc));
         assert_eq!(info.track, Some(track));
     }
     node.drain();

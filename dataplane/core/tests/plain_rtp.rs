@@ -11,8 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ridge_sfu::packet::{self, PacketClass};
 use ridge_sfu::{
-    DropReason, ParticipantId, PeerId, RtpDirection, RtpEndpointSpec, SfuConfig, SfuError,
-    SfuEvent, TrackId, TrackKind,
+    DropReason, ParticipantId, PeerId, RtpDirection, SfuConfig, SfuError, SfuEvent, TrackId,
+    TrackKind,
 };
 
 const ROOM: &str = "plain";
@@ -50,43 +50,16 @@ struct Fixture {
 impl Fixture {
     fn new(configure: impl FnOnce(&mut SfuConfig)) -> Self {
         let mut node = Node::new(configure);
-        let now = node.now;
         let publisher = node.sfu.join(ROOM, "alice", true).unwrap();
-        let info = node
-            .sfu
-            .add_rtp_endpoint(
-                now,
-                publisher,
-                RtpEndpointSpec {
-                    direction: RtpDirection::Publish,
-                    kind: TrackKind::Video,
-                    remote: A,
-                    payload_type: PUB_PT,
-                    ssrc: Some(PUB_SSRC),
-                    track: None,
-                },
-            )
-            .unwrap();
+        let info =
+            node.plain_video_endpoint(publisher, RtpDirection::Publish, A, PUB_PT, Some(PUB_SSRC));
         assert_eq!(info.ssrc, PUB_SSRC);
         assert_eq!(info.local, LOCAL);
         let track = info.track.expect("publishing creates a track");
         let mut sub = |identity: &str, remote: SocketAddr, pt: u8, ssrc: u32| {
             let p = node.sfu.join(ROOM, identity, true).unwrap();
-            let info = node
-                .sfu
-                .add_rtp_endpoint(
-                    now,
-                    p,
-                    RtpEndpointSpec {
-                        direction: RtpDirection::Subscribe,
-                        kind: TrackKind::Video,
-                        remote,
-                        payload_type: pt,
-                        ssrc: Some(ssrc),
-                        track: None,
-                    },
-                )
-                .unwrap();
+            let info =
+                node.plain_video_endpoint(p, RtpDirection::Subscribe, remote, pt, Some(ssrc));
             assert_eq!(info.ssrc, ssrc);
             assert_eq!(info.track, Some(track), "bound to the room's video track");
             (p, info.peer)
@@ -650,25 +623,11 @@ fn a_new_publisher_continues_the_subscribers_stream() {
 
     // Another participant publishes video from another address and SSRC.
     f.node.advance(ms(100));
-    let now = f.node.now;
     let dave = f.node.sfu.join(ROOM, "dave", true).unwrap();
     let a2 = remote(11, 4000);
     let info = f
         .node
-        .sfu
-        .add_rtp_endpoint(
-            now,
-            dave,
-            RtpEndpointSpec {
-                direction: RtpDirection::Publish,
-                kind: TrackKind::Video,
-                remote: a2,
-                payload_type: 98,
-                ssrc: Some(0x3333_4444),
-                track: None,
-            },
-        )
-        .unwrap();
+        .plain_video_endpoint(dave, RtpDirection::Publish, a2, 98, Some(0x3333_4444));
     // The waiting subscribers bind to it and ask it for a keyframe.
     let (sent, _) = f.node.drain();
     assert_eq!(sent.len(), 1, "{sent:?}");

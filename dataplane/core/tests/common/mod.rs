@@ -7,7 +7,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use ridge_sfu::packet::{self, PacketClass, RtcpPacket, RtpHeader, rtcp};
-use ridge_sfu::{DropReason, Output, Sfu, SfuConfig, SfuEvent, StatsSnapshot};
+use ridge_sfu::{
+    DropReason, Output, ParticipantId, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, Sfu,
+    SfuConfig, SfuEvent, StatsSnapshot, TrackKind,
+};
 
 /// The node's media socket.
 pub const LOCAL: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 5000));
@@ -53,6 +56,32 @@ impl Node {
     }
 
     /// Simulated milliseconds since the node was created.
+    /// Adds a plain RTP video endpoint for `participant` (at the current
+    /// simulated time).
+    pub fn plain_video_endpoint(
+        &mut self,
+        participant: ParticipantId,
+        direction: RtpDirection,
+        remote: SocketAddr,
+        payload_type: u8,
+        ssrc: Option<u32>,
+    ) -> RtpEndpointInfo {
+        self.sfu
+            .add_rtp_endpoint(
+                self.now,
+                participant,
+                RtpEndpointSpec {
+                    direction,
+                    kind: TrackKind::Video,
+                    remote,
+                    payload_type,
+                    ssrc,
+                    track: None,
+                },
+            )
+            .expect("plain RTP endpoint")
+    }
+
     pub fn elapsed_ms(&self) -> u128 {
         (self.now - self.start).as_millis()
     }
