@@ -354,6 +354,35 @@ impl Collector for MediaCollector {
             "Send-side bandwidth estimate towards the peer",
             &bwe,
         )?;
+        let layer_labels = |l: &ridge_sfu::LayerSnapshot| -> Labels {
+            vec![
+                ("room", l.room.clone()),
+                ("track", l.track.to_string()),
+                ("rid", l.rid.clone()),
+            ]
+        };
+        let layer_bps: Vec<(Labels, f64)> = s
+            .layers
+            .iter()
+            .map(|l| (layer_labels(l), l.bps as f64))
+            .collect();
+        gauge(
+            &mut enc,
+            "ridge_track_layer_bitrate_bps",
+            "Received bitrate of each video layer (last measured second)",
+            &layer_bps,
+        )?;
+        let layer_watchers: Vec<(Labels, f64)> = s
+            .layers
+            .iter()
+            .map(|l| (layer_labels(l), f64::from(l.watchers)))
+            .collect();
+        gauge(
+            &mut enc,
+            "ridge_track_layer_watchers",
+            "Subscribers receiving or switching to each video layer (0: paused)",
+            &layer_watchers,
+        )?;
         Ok(())
     }
 }

@@ -223,7 +223,12 @@ fn simulcast_subscriber_moves_between_layers() {
                 let m = node.metrics().await?;
                 let m: Vec<&str> = m
                     .lines()
-                    .filter(|l| l.contains("dropped") || l.contains("plis") || l.contains("switch"))
+                    .filter(|l| {
+                        l.contains("dropped")
+                            || l.contains("plis")
+                            || l.contains("switch")
+                            || l.contains("layer")
+                    })
                     .collect();
                 bail!("{e}\npublisher: {p}\nmetrics: {m:#?}");
             }

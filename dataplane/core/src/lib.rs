@@ -53,7 +53,7 @@ pub use retransmit::RetransmitBuffer;
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;
 pub use types::{
-    Counters, DropReason, OfferIntent, Output, PeerSnapshot, RoomSnapshot, RoomState, RtpDirection,
-    RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind,
-    Transmit,
+    Counters, DropReason, LayerSnapshot, OfferIntent, Output, PeerSnapshot, RoomSnapshot,
+    RoomState, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot,
+    TrackInfo, TrackKind, Transmit,
 };

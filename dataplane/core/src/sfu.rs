@@ -1872,6 +1872,20 @@ impl Sfu {
             sessions_closed: self.sessions_closed,
             rooms: rooms.into_values().collect(),
             peers,
+            layers: self
+                .tracks
+                .iter()
+                .filter(|(_, t)| t.kind == TrackKind::Video)
+                .flat_map(|(id, t)| {
+                    t.layers.iter().map(move |l| LayerSnapshot {
+                        room: t.room.clone(),
+                        track: *id,
+                        rid: l.rid.as_ref().map(|r| r.to_string()).unwrap_or_default(),
+                        bps: l.bps,
+                        watchers: l.watchers,
+                    })
+                })
+                .collect(),
         }
     }
 

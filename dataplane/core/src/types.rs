@@ -293,6 +293,19 @@ pub struct PeerSnapshot {
     pub created: Instant,
 }
 
+/// One simulcast layer (or the single layer) of a published video track.
+#[derive(Debug, Clone)]
+pub struct LayerSnapshot {
+    pub room: String,
+    pub track: TrackId,
+    /// The rid, or "" for a track without simulcast.
+    pub rid: String,
+    /// Bitrate over the last second, in bits/s.
+    pub bps: u64,
+    /// Subscribers receiving, or switching to, this layer.
+    pub watchers: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoomSnapshot {
     pub room: String,
@@ -310,6 +323,7 @@ pub struct StatsSnapshot {
     pub sessions_closed: u64,
     pub rooms: Vec<RoomSnapshot>,
     pub peers: Vec<PeerSnapshot>,
+    pub layers: Vec<LayerSnapshot>,
 }
 
 /// Rooms and tracks as a newly joined client needs to see them.
