@@ -1050,15 +1050,45 @@ impl Sfu {
             return;
         };
         let ssrc = p.header.ssrc;
-        let (mid, rid) = match w.rtc.direct_api().stream_rx(&ssrc) {
-            Some(rx) => (rx.mid(), rx.rid()),
-            None => match p.header.ext_vals.mid {
-                Some(mid) => (mid, p.header.ext_vals.rid),
-                None => return,
-            },
-        };
-        let Some(&(_, tid)) = w.published.iter().find(|(m, _)| *m == mid) else {
-            return;
+        // A layer seen before is found by its SSRC; str0m's mid/rid only
+        // names the layer of an SSRC seen for the first time.
+        let known = w.published.iter().find_map(|(_, tid)| {
+            let track = self.tracks.get(tid)?;
+            let i = track.layers.iter().position(|l| l.ssrc == Some(*ssrc))?;
+            Some((*tid, i))
+        });
+        let (tid, layer) = match known {
+            Some(found) => found,
+            None => {
+                let (mid, rid) = match w.rtc.direct_api().stream_rx(&ssrc) {
+                    Some(rx) => (rx.mid(), rx.rid()),
+                    None => match p.header.ext_vals.mid {
+                        Some(mid) => (mid, p.header.ext_vals.rid),
+                        None => return,
+                    },
+                };
+                let Some(&(_, tid)) = w.published.iter().find(|(m, _)| *m == mid) else {
+                    return;
+                };
+                let Some(track) = self.tracks.get_mut(&tid) else {
+                    return;
+                };
+                let i = match track.layers.iter().position(|l| l.rid == rid) {
+                    Some(i) => i,
+                    // A simulcast track's new SSRC must name its layer; one
+                    // that does not is not guessed at (a wrong guess would
+                    // feed a layer nobody can select).
+                    None if rid.is_none() && track.layers.iter().any(|l| l.rid.is_some()) => {
+                        self.io.drop_packet(DropReason::UnknownSsrc);
+                        return;
+                    }
+                    None => {
+                        track.layers.push(Layer::new(rid));
+                        track.layers.len() - 1
+                    }
+                };
+                (tid, i)
+            }
         };
         let Some(track) = self.tracks.get_mut(&tid) else {
             return;
@@ -1073,13 +1103,6 @@ impl Sfu {
                 .find(|x| x.pt() == pt)
                 .map(|x| x.spec().codec);
         }
-        let layer = match track.layers.iter().position(|l| l.rid == rid) {
-            Some(i) => i,
-            None => {
-                track.layers.push(Layer::new(rid));
-                track.layers.len() - 1
-            }
-        };
         let keyframe = track.kind == TrackKind::Video
             && track.codec == Some(Codec::Vp8)
             && packet::codec::vp8_is_keyframe(&p.payload);
