@@ -19,6 +19,7 @@ fn run(tx: BackendChoice, rx: BackendChoice, size: usize) {
     let payload = vec![0x5au8; size];
     let batch = vec![
         Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &payload,
             segment_size: None,

@@ -235,7 +235,8 @@ impl BufRing {
 /// `cmsg` and the caller's payload, until this slot's completion arrives.
 struct SendSlot {
     hdr: libc::msghdr,
-    iov: libc::iovec,
+    /// The prefix (if any) and the contents.
+    iov: [libc::iovec; 2],
     addr: libc::sockaddr_storage,
     cmsg: CmsgBuf,
     result: Option<i32>,
@@ -266,18 +267,15 @@ impl SendSlots for UringSlots<'_> {
         d: &NextDatagram<'_>,
     ) {
         let s = &mut self.slots[n];
-        s.iov = libc::iovec {
-            iov_base: d.chunk.as_ptr() as *mut libc::c_void,
-            iov_len: d.chunk.len(),
-        };
+        let iovlen = crate::socket::fill_iovecs(&mut s.iov, d);
         let controllen = match d.gso {
             Some(size) => cmsg::write_segment_size(&mut s.cmsg, size),
             None => 0,
         };
         s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
         s.hdr.msg_namelen = namelen;
-        s.hdr.msg_iov = &mut s.iov;
-        s.hdr.msg_iovlen = 1;
+        s.hdr.msg_iov = s.iov.as_mut_ptr();
+        s.hdr.msg_iovlen = iovlen as _;
         s.hdr.msg_control = if controllen == 0 {
             ptr::null_mut()
         } else {

@@ -115,6 +115,7 @@ fn round_trip_1000(choice: BackendChoice) {
         let batch: Vec<Transmit<'_>> = chunk
             .iter()
             .map(|p| Transmit {
+                prefix: &[],
                 destination: dst,
                 contents: p,
                 segment_size: None,
@@ -148,6 +149,7 @@ fn ipv6_round_trip(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: dst,
             contents: &data,
             segment_size: None,
@@ -162,6 +164,7 @@ fn ipv6_round_trip(choice: BackendChoice) {
     send_all(
         &mut b,
         &[Transmit {
+            prefix: &[],
             destination: v4.local_addr(),
             contents: &data,
             segment_size: None,
@@ -185,6 +188,7 @@ fn truncation(choice: BackendChoice) {
     let batch: Vec<Transmit<'_>> = payloads
         .iter()
         .map(|p| Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: p,
             segment_size: None,
@@ -236,6 +240,7 @@ fn readiness(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: None,
@@ -266,6 +271,7 @@ fn readiness_cross_thread(choice: BackendChoice) {
             send_all(
                 &mut a,
                 &[Transmit {
+                    prefix: &[],
                     destination: dst,
                     contents: &data,
                     segment_size: None,
@@ -310,6 +316,7 @@ fn exhaustion(choice: BackendChoice) {
     let batch: Vec<Transmit<'_>> = payloads
         .iter()
         .map(|p| Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: p,
             segment_size: None,
@@ -349,6 +356,7 @@ fn gso_send(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(100),
@@ -389,6 +397,7 @@ fn gso_fallback(choice: BackendChoice) {
         send_all(
             &mut a,
             &[Transmit {
+                prefix: &[],
                 destination: b.local_addr(),
                 contents: &data,
                 segment_size: Some(200),
@@ -416,6 +425,7 @@ fn gro_receive(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(500),
@@ -462,6 +472,7 @@ fn unreachable_port(choice: BackendChoice) {
     let mut received = 0;
     for round in 0..20 {
         let to_closed = Transmit {
+            prefix: &[],
             destination: closed,
             contents: &junk,
             segment_size: None,
@@ -476,6 +487,7 @@ fn unreachable_port(choice: BackendChoice) {
             0
         );
         let to_b = Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &good,
             segment_size: None,
@@ -502,6 +514,7 @@ fn unreachable_port(choice: BackendChoice) {
     send_all(
         &mut b,
         &[Transmit {
+            prefix: &[],
             destination: a.local_addr(),
             contents: &good,
             segment_size: None,
@@ -520,6 +533,7 @@ fn refused_datagrams_are_skipped(choice: BackendChoice) {
     let huge = vec![0u8; 70_000];
     let v6: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
     let t = |destination, contents| Transmit {
+        prefix: &[],
         destination,
         contents,
         segment_size: None,
@@ -551,6 +565,7 @@ fn long_gso_is_split(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(100),
@@ -576,6 +591,7 @@ fn drop_while_busy(choice: BackendChoice) {
     let dst = b.local_addr();
     let batch = vec![
         Transmit {
+            prefix: &[],
             destination: dst,
             contents: &data,
             segment_size: None,
@@ -606,6 +622,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
     let data = payload(0, 300);
     let to_b = vec![
         Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: None,
@@ -613,6 +630,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
         20
     ];
     let to_a = Transmit {
+        prefix: &[],
         destination: a.local_addr(),
         contents: &data,
         segment_size: None,
@@ -671,6 +689,39 @@ fn auto_picks_a_backend(choice: BackendChoice) {
     }
 }
 
+/// A prefix and shared contents leave as one datagram each, in order, for
+/// many destinations sharing one payload buffer (zero-copy fan-out).
+fn prefixed_fan_out(choice: BackendChoice) {
+    let (Some(mut a), Some(mut b), Some(mut c)) = (open(choice), open(choice), open(choice))
+    else {
+        return;
+    };
+    let shared = payload(7, 300);
+    let headers: Vec<[u8; 12]> = (0..200u8).map(|i| [i; 12]).collect();
+    // A segment size on a prefixed transmit is ignored: still one datagram.
+    let batch: Vec<Transmit<'_>> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Transmit {
+            destination: if i % 2 == 0 { b.local_addr() } else { c.local_addr() },
+            prefix: h,
+            contents: &shared,
+            segment_size: Some(100),
+        })
+        .collect();
+    send_all(&mut a, &batch);
+    for (io, parity) in [(&mut b, 0u8), (&mut c, 1u8)] {
+        let got = recv_n(io, 100, 2048, Duration::from_secs(5));
+        assert_eq!(got.len(), 100);
+        for (k, (bytes, meta)) in got.iter().enumerate() {
+            assert_eq!(meta.len, 312);
+            let i = (k as u8) * 2 + parity;
+            assert_eq!(&bytes[..12], &[i; 12], "header of datagram {i}");
+            assert_eq!(&bytes[12..], &shared[..], "payload of datagram {i}");
+        }
+    }
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod mmsg {
@@ -700,6 +751,7 @@ suite!(
     completions_reaped_by_send,
     reuse_port,
     auto_picks_a_backend,
+    prefixed_fan_out,
 );
 
 /// uring GSO really leaves as one GSO packet: a GRO receiver on loopback
@@ -722,6 +774,7 @@ fn uring_gso_reaches_gro_receiver() {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(500),
