@@ -35,6 +35,7 @@
 //!   timestamps rewritten so each subscriber sees one continuous stream.
 #![forbid(unsafe_code)]
 
+mod buf;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -47,9 +48,10 @@ mod sfu;
 mod speaker;
 mod types;
 
+pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
 pub use error::SfuError;
 pub use ids::{ParticipantId, PeerId, TrackId};
-pub use retransmit::RetransmitBuffer;
+pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;
 pub use types::{

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::buf::PacketBuf;
 use crate::ids::{ParticipantId, PeerId, TrackId};
 
 /// Static configuration of the core.
@@ -37,7 +38,7 @@ impl SfuConfig {
             candidates: vec![local_addr],
             keyframe_request_interval: Duration::from_millis(500),
             max_peers: 1000,
-            retransmit_packets: 512,
+            retransmit_packets: 256,
             retransmit_max_age: Duration::from_secs(2),
             initial_bwe_bps: 1_000_000,
             seed: 0x5eed,
@@ -113,8 +114,34 @@ pub struct RtpEndpointInfo {
 pub struct Transmit {
     pub source: SocketAddr,
     pub destination: SocketAddr,
-    /// Give the buffer back with [`crate::Sfu::recycle`] once sent.
+    /// The datagram, or with `payload` its first bytes (a header written
+    /// for this destination). Give it back with [`crate::Sfu::recycle`] once
+    /// sent.
     pub contents: Vec<u8>,
+    /// Bytes that follow `contents` on the wire, shared with every other
+    /// destination of the same packet (zero-copy fan-out). Send both as one
+    /// datagram (two iovecs), then drop it.
+    pub payload: Option<PacketBuf>,
+}
+
+impl Transmit {
+    /// Datagram length on the wire.
+    pub fn len(&self) -> usize {
+        self.contents.len() + self.payload.as_ref().map_or(0, PacketBuf::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole datagram as one buffer (tests, cold paths).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = self.contents.clone();
+        if let Some(p) = &self.payload {
+            v.extend_from_slice(p.as_slice());
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
