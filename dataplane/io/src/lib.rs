@@ -41,6 +41,7 @@ pub mod alloc;
 mod cmsg;
 mod error;
 mod mmsg;
+mod readiness;
 mod sockaddr;
 mod socket;
 mod uring;
@@ -52,6 +53,7 @@ pub use alloc::CountingAlloc;
 pub use error::IoError;
 
 pub use mmsg::MmsgIo;
+pub use readiness::register_readiness;
 pub use uring::{UringIo, probe_uring};
 
 /// What the kernel told us about one received datagram.

@@ -200,8 +200,12 @@ impl DatagramIo for MmsgIo {
                 iov_base: buf.as_mut_ptr().cast(),
                 iov_len: buf.len(),
             };
-            self.recv
-                .link(i, mem::size_of::<libc::sockaddr_storage>() as _, controllen, 1);
+            self.recv.link(
+                i,
+                mem::size_of::<libc::sockaddr_storage>() as _,
+                controllen,
+                1,
+            );
         }
         let mut attempts = 0;
         let got = loop {

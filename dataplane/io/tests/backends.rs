@@ -692,8 +692,7 @@ fn auto_picks_a_backend(choice: BackendChoice) {
 /// A prefix and shared contents leave as one datagram each, in order, for
 /// many destinations sharing one payload buffer (zero-copy fan-out).
 fn prefixed_fan_out(choice: BackendChoice) {
-    let (Some(mut a), Some(mut b), Some(mut c)) = (open(choice), open(choice), open(choice))
-    else {
+    let (Some(mut a), Some(mut b), Some(mut c)) = (open(choice), open(choice), open(choice)) else {
         return;
     };
     let shared = payload(7, 300);
@@ -703,7 +702,11 @@ fn prefixed_fan_out(choice: BackendChoice) {
         .iter()
         .enumerate()
         .map(|(i, h)| Transmit {
-            destination: if i % 2 == 0 { b.local_addr() } else { c.local_addr() },
+            destination: if i % 2 == 0 {
+                b.local_addr()
+            } else {
+                c.local_addr()
+            },
             prefix: h,
             contents: &shared,
             segment_size: Some(100),
