@@ -34,6 +34,11 @@ const LAYER_START_GRACE: Duration = Duration::from_secs(3);
 const LAYER_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Recycled transmit buffers kept for reuse.
 const POOL_MAX: usize = 8192;
+/// Capacity of a header buffer: an RTP header with room to spare.
+const HEADER_CAPACITY: usize = 32;
+/// Header buffers kept for reuse: enough for a fan-out burst of a receive
+/// batch to thousands of subscribers (32 bytes each).
+const HEADER_POOL_MAX: usize = 1 << 16;
 /// Largest gap in a plain publisher's sequence numbers that we NACK.
 const MAX_NACK_GAP: u16 = 64;
 
@@ -193,6 +198,8 @@ struct Io {
     rtc_events: VecDeque<(PeerId, Event)>,
     by_addr: HashMap<SocketAddr, PeerId>,
     pool: Vec<Vec<u8>>,
+    /// Small buffers for per-subscriber headers in front of shared payloads.
+    headers: Vec<Vec<u8>>,
     /// Received packets, stored once and shared by every transmit of them.
     packets: BufPool,
     counters: Counters,
@@ -201,6 +208,16 @@ struct Io {
 }
 
 impl Io {
+    /// A buffer for a header of up to [`HEADER_CAPACITY`] bytes.
+    fn header(&mut self) -> Vec<u8> {
+        let mut b = self
+            .headers
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(HEADER_CAPACITY));
+        b.clear();
+        b
+    }
+
     fn buffer(&mut self) -> Vec<u8> {
         let mut b = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(1500));
         b.clear();
@@ -346,6 +363,7 @@ impl Sfu {
                 rtc_events: VecDeque::with_capacity(256),
                 by_addr: HashMap::new(),
                 pool: Vec::new(),
+                headers: Vec::new(),
                 packets: BufPool::new(1024),
                 counters: Counters::default(),
                 drops: [0; DropReason::ALL.len()],
@@ -385,7 +403,7 @@ impl Sfu {
         if self.draining {
             return Err(SfuError::Draining);
         }
-        let id = ParticipantId(self.next_seq_id);
+        let id = ParticipantId(crate::ids::tagged(self.config.shard, self.next_seq_id));
         self.next_seq_id += 1;
         let r = self.rooms.entry(room.to_string()).or_insert_with(|| Room {
             participants: Vec::new(),
@@ -613,7 +631,7 @@ impl Sfu {
                 "the offer has no usable audio or video m-line (supported: Opus, VP8)".into(),
             ));
         }
-        let id = PeerId(self.random());
+        let id = PeerId(crate::ids::tagged(self.config.shard, self.random()));
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         let mut w = WebRtcPeer {
             rtc,
@@ -630,7 +648,7 @@ impl Sfu {
         };
         let mut infos = Vec::new();
         for (mid, kind, rids) in published {
-            let tid = TrackId(self.next_seq_id);
+            let tid = TrackId(crate::ids::tagged(self.config.shard, self.next_seq_id));
             self.next_seq_id += 1;
             let layers = if rids.is_empty() {
                 vec![Layer::new(None)]
@@ -749,7 +767,7 @@ impl Sfu {
             Some(s) => s,
             None => self.random() as u32 | 1,
         };
-        let id = PeerId(self.random());
+        let id = PeerId(crate::ids::tagged(self.config.shard, self.random()));
         let initial = (self.random() & 0x3fff) as u16;
         let mut endpoint = RtpEndpoint {
             direction: spec.direction,
@@ -773,7 +791,7 @@ impl Sfu {
         };
         let mut info = None;
         if spec.direction == RtpDirection::Publish {
-            let tid = TrackId(self.next_seq_id);
+            let tid = TrackId(crate::ids::tagged(self.config.shard, self.next_seq_id));
             self.next_seq_id += 1;
             let mut layer = Layer::new(None);
             layer.ssrc = Some(ssrc);
@@ -1048,8 +1066,12 @@ impl Sfu {
 
     /// Returns a transmitted buffer for reuse.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        if self.io.pool.len() < POOL_MAX && buf.capacity() >= 1200 {
-            self.io.pool.push(buf);
+        if buf.capacity() >= 1200 {
+            if self.io.pool.len() < POOL_MAX {
+                self.io.pool.push(buf);
+            }
+        } else if buf.capacity() >= HEADER_CAPACITY && self.io.headers.len() < HEADER_POOL_MAX {
+            self.io.headers.push(buf);
         }
     }
 
@@ -1388,7 +1410,7 @@ impl Sfu {
                         self.io.counters.nacks_received += 1;
                         match e.retransmit.get(now, seq) {
                             Some(sent) => {
-                                let mut header = self.io.buffer();
+                                let mut header = self.io.header();
                                 packet::rtp::write_header(
                                     &mut header,
                                     sent.marker,
@@ -1554,7 +1576,7 @@ impl Sfu {
                     let payload = stored
                         .get_or_insert_with(|| self.io.packets.copy_in(pkt.payload))
                         .clone();
-                    let mut header = self.io.buffer();
+                    let mut header = self.io.header();
                     packet::rtp::write_header(
                         &mut header,
                         pkt.marker,

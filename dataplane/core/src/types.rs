@@ -29,6 +29,11 @@ pub struct SfuConfig {
     pub initial_bwe_bps: u64,
     /// Seed for identifiers and SSRCs (the core reads no entropy itself).
     pub seed: u64,
+    /// Which core (shard) of a process this is, 0 to 255. It is written into
+    /// the top byte of every identifier this core hands out, so that ids
+    /// from several cores never collide and name the core that owns them
+    /// ([`shard_of`](crate::shard_of)).
+    pub shard: u8,
 }
 
 impl SfuConfig {
@@ -42,6 +47,7 @@ impl SfuConfig {
             retransmit_max_age: Duration::from_secs(2),
             initial_bwe_bps: 1_000_000,
             seed: 0x5eed,
+            shard: 0,
         }
     }
 }
@@ -286,7 +292,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn add(&mut self, o: &Counters) {
+    pub fn add(&mut self, o: &Counters) {
         self.packets_in += o.packets_in;
         self.bytes_in += o.bytes_in;
         self.packets_out += o.packets_out;
@@ -351,6 +357,21 @@ pub struct StatsSnapshot {
     pub rooms: Vec<RoomSnapshot>,
     pub peers: Vec<PeerSnapshot>,
     pub layers: Vec<LayerSnapshot>,
+}
+
+impl StatsSnapshot {
+    /// Adds another core's snapshot to this one (a node with several shards).
+    pub fn merge(&mut self, other: StatsSnapshot) {
+        self.counters.add(&other.counters);
+        for (d, o) in self.drops.iter_mut().zip(other.drops) {
+            *d += o;
+        }
+        self.sessions_created += other.sessions_created;
+        self.sessions_closed += other.sessions_closed;
+        self.rooms.extend(other.rooms);
+        self.peers.extend(other.peers);
+        self.layers.extend(other.layers);
+    }
 }
 
 /// Rooms and tracks as a newly joined client needs to see them.
