@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::naive::NaiveRelay;
-use crate::node::NodeProcess;
+use crate::node::{NodeOptions, NodeProcess};
 use crate::stats::{self, Latency};
 use crate::traffic::{self, Publisher, Receiver};
 
@@ -91,6 +91,42 @@ pub struct RunResult {
     /// Datagrams on the subscriber sockets that were not this run's packets
     /// (RTCP from the node, stragglers of an earlier run).
     pub foreign_datagrams: u64,
+    /// Rooms (one publisher each; the subscribers are split evenly).
+    pub rooms: usize,
+    /// Node media shards (`None` for the ceiling and the naive relay).
+    pub shards: Option<usize>,
+    /// Heap allocations the node's shards made during the run (from
+    /// `/metrics`; `None` when not readable).
+    pub node_allocations: Option<u64>,
+    /// `node_allocations` per packet the node sent.
+    pub allocations_per_packet_out: Option<f64>,
+}
+
+/// What is wired up: subscribers in total, rooms, and the node's shards.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub subscribers: usize,
+    pub rooms: usize,
+    pub node: NodeOptions,
+}
+
+/// `count` room names spread evenly over `shards` (shard of room `i` is
+/// `i % shards`), using the node's own placement function.
+fn room_names(count: usize, shards: usize) -> Vec<String> {
+    let mut names = Vec::with_capacity(count);
+    let mut n = 0u32;
+    for i in 0..count {
+        let want = i % shards.max(1);
+        loop {
+            let name = format!("bench-{n}");
+            n += 1;
+            if ridge_dataplane::media::shard_for_room(&name, shards.max(1)) == want {
+                names.push(name);
+                break;
+            }
+        }
+    }
+    names
 }
 
 /// A system under test, wired up and ready for runs.
@@ -105,6 +141,8 @@ pub struct Target {
     next_run: u32,
     naive: Option<NaiveRelay>,
     node: Option<NodeProcess>,
+    rooms: usize,
+    shards: Option<usize>,
 }
 
 fn bind_receivers(n: usize) -> Result<(Vec<UdpSocket>, Vec<SocketAddr>)> {
@@ -125,15 +163,20 @@ impl Target {
     pub fn setup(
         name: &str,
         kind: Kind,
-        subscribers: usize,
+        topology: &Topology,
         node_bin: &Path,
         base: Instant,
         external: Option<&(SocketAddr, String)>,
     ) -> Result<Target> {
+        let rooms = if kind == Kind::Node {
+            topology.rooms.max(1)
+        } else {
+            1
+        };
         let subscribers = if kind == Kind::Ceiling {
             1
         } else {
-            subscribers.max(1)
+            topology.subscribers.max(rooms).div_ceil(rooms) * rooms
         };
         let (receivers, addrs) = bind_receivers(subscribers)?;
         let send_sock = traffic::bind_loopback().context("binding the sender socket")?;
@@ -147,6 +190,8 @@ impl Target {
             next_run: 1,
             naive: None,
             node: None,
+            rooms,
+            shards: None,
         };
         match kind {
             Kind::Ceiling => {}
@@ -159,13 +204,24 @@ impl Target {
             Kind::Node => {
                 let node = match external {
                     Some((http, token)) => NodeProcess::attach(*http, token.clone()),
-                    None => NodeProcess::start(node_bin)?,
+                    None => NodeProcess::start(node_bin, &topology.node)?,
                 };
-                let media = node.create_endpoint("publish", send_sock.local_addr()?)?;
-                for a in &addrs {
-                    node.create_endpoint("subscribe", *a)?;
+                let per_room = subscribers / rooms;
+                let mut streams = Vec::with_capacity(rooms);
+                for (r, room) in room_names(rooms, topology.node.shards).iter().enumerate() {
+                    let sock = if r == 0 {
+                        send_sock.try_clone()?
+                    } else {
+                        traffic::bind_loopback().context("binding a sender socket")?
+                    };
+                    let media = node.create_endpoint(room, "publish", sock.local_addr()?)?;
+                    for a in &addrs[r * per_room..(r + 1) * per_room] {
+                        node.create_endpoint(room, "subscribe", *a)?;
+                    }
+                    streams.push((sock, media));
                 }
-                t.publisher = Publisher::new(send_sock, media)?;
+                t.publisher = Publisher::many(streams)?;
+                t.shards = Some(topology.node.shards);
                 t.cpu_stat = node.stat_path();
                 t.node = Some(node);
                 t.warm_up()?;
@@ -204,6 +260,7 @@ impl Target {
         let stride = (expected / MAX_SAMPLES).ceil().max(1.0) as u64;
         let socks = std::mem::take(&mut self.receivers);
         let receiver = Receiver::start(socks, self.base, run, stride);
+        let allocs_before = self.node.as_ref().and_then(NodeProcess::shard_allocations);
         let cpu_before = self.cpu_seconds();
         let sent = self
             .publisher
@@ -211,12 +268,14 @@ impl Target {
             .context("sending");
         std::thread::sleep(GRACE);
         let cpu_after = self.cpu_seconds();
+        let allocs_after = self.node.as_ref().and_then(NodeProcess::shard_allocations);
         let (socks, mut rep) = receiver.finish().context("receiving")?;
         self.receivers = socks;
         let sent = sent?;
         let secs = sent.elapsed.as_secs_f64().max(1e-9);
         let received: u64 = rep.per_socket.iter().sum();
-        let expected = sent.sent * subs as u64;
+        // Each packet goes to one room, whose subscribers all get it.
+        let expected = sent.sent * (subs / self.rooms) as u64;
         let loss_pct = if expected == 0 {
             0.0
         } else {
@@ -260,6 +319,14 @@ impl Target {
             receiver_cpu_seconds: rep.cpu_seconds,
             send_errors: sent.errors,
             foreign_datagrams: rep.foreign,
+            rooms: self.rooms,
+            shards: self.shards,
+            node_allocations: allocs_before
+                .zip(allocs_after)
+                .map(|(a, b)| b.saturating_sub(a)),
+            allocations_per_packet_out: allocs_before
+                .zip(allocs_after)
+                .map(|(a, b)| b.saturating_sub(a) as f64 / received.max(1) as f64),
         })
     }
 
@@ -371,10 +438,18 @@ mod tests {
 
     fn quick(kind: Kind, subscribers: usize) -> RunResult {
         let base = Instant::now();
+        let topology = Topology {
+            subscribers,
+            rooms: 1,
+            node: NodeOptions {
+                shards: 1,
+                io_backend: "auto".into(),
+            },
+        };
         let mut t = Target::setup(
             "test",
             kind,
-            subscribers,
+            &topology,
             Path::new("/nonexistent"),
             base,
             None,
@@ -389,6 +464,21 @@ mod tests {
             .expect("run");
         t.close().expect("close");
         r
+    }
+
+    #[test]
+    fn room_names_spread_evenly_over_shards() {
+        for shards in 1..=4 {
+            let names = room_names(8, shards);
+            assert_eq!(names.len(), 8);
+            for (i, n) in names.iter().enumerate() {
+                assert_eq!(ridge_dataplane::media::shard_for_room(n, shards), i % shards);
+            }
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), 8, "distinct rooms");
+        }
     }
 
     /// Functional check only: packets flow and are counted. Never asserts
