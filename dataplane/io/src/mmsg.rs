@@ -107,8 +107,13 @@ impl std::fmt::Debug for MmsgIo {
 
 impl MmsgIo {
     pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<Self, IoError> {
-        let b = bind_udp(addr, opts, opts.gro)?;
-        Ok(Self {
+        Ok(Self::from_bound(bind_udp(addr, opts, opts.gro)?))
+    }
+
+    /// Wraps an already bound socket (the io_uring backend sends through
+    /// one of these on a duplicate of its own socket).
+    pub(crate) fn from_bound(b: crate::socket::Bound) -> Self {
+        Self {
             socket: b.socket,
             local: b.local,
             v6: b.v6,
@@ -118,7 +123,7 @@ impl MmsgIo {
             send: Headers::new(),
             resume: vec![Resume::default(); BATCH],
             stats: IoStats::default(),
-        })
+        }
     }
 
     /// Fills send slots from `batch`; see [`plan_sends`].

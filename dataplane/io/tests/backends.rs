@@ -41,9 +41,16 @@ fn open_with(choice: BackendChoice, addr: &str, opts: &SocketOptions) -> Option<
     Some(io)
 }
 
+thread_local! {
+    /// Set by the `uring_ring_sends` copy of the suite: uring sockets send
+    /// through the ring instead of sendmmsg.
+    static RING_SENDS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn open(choice: BackendChoice) -> Option<Io> {
     let opts = SocketOptions {
         recv_buffer_size: Some(4 << 20),
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         ..SocketOptions::default()
     };
     open_with(choice, "127.0.0.1:0", &opts)
@@ -301,6 +308,7 @@ fn readiness_cross_thread(choice: BackendChoice) {
 
 fn exhaustion(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         uring_buffers: 8,
         recv_buffer_size: Some(4 << 20),
         ..SocketOptions::default()
@@ -415,6 +423,7 @@ fn gso_fallback(choice: BackendChoice) {
 
 fn gro_receive(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         gro: true,
         ..SocketOptions::default()
     };
@@ -610,6 +619,7 @@ fn drop_while_busy(choice: BackendChoice) {
 /// not confuse teardown or the next `recv`.
 fn completions_reaped_by_send(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         uring_buffers: 8,
         ..SocketOptions::default()
     };
@@ -659,6 +669,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
 /// typed `Bind` error.
 fn reuse_port(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         reuse_port: true,
         ..SocketOptions::default()
     };
@@ -733,6 +744,12 @@ macro_rules! suite {
         mod uring {
             $(#[test] fn $name() { super::$name(ridge_io::BackendChoice::Uring) })*
         }
+        mod uring_ring_sends {
+            $(#[test] fn $name() {
+                super::RING_SENDS.with(|r| r.set(true));
+                super::$name(ridge_io::BackendChoice::Uring)
+            })*
+        }
     };
 }
 
@@ -769,6 +786,7 @@ fn uring_gso_reaches_gro_receiver() {
         return;
     }
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         gro: true,
         ..SocketOptions::default()
     };
@@ -793,6 +811,7 @@ fn uring_gso_reaches_gro_receiver() {
 fn uring_rejects_bad_buffer_options() {
     for (buffers, size) in [(3u16, 2048u32), (0, 2048), (8, 64)] {
         let opts = SocketOptions {
+            uring_ring_sends: RING_SENDS.with(|r| r.get()),
             uring_buffers: buffers,
             uring_buffer_size: size,
             ..SocketOptions::default()
