@@ -14,6 +14,7 @@ mod report;
 mod scenario;
 mod stats;
 mod traffic;
+mod webrtc;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -37,11 +38,16 @@ Scenarios:
   relay    1:1 plain RTP through a real ridge-dataplane, started as a child
            process on free loopback ports (POST /v1/rooms/bench/rtp)
   fanout   the same with --subscribers N (default 50)
+  webrtc-fanout  a str0m WHIP publisher and --subscribers N (default 10) str0m
+           WHEP subscribers, all on one thread of this process; every leg is
+           ICE + DTLS-SRTP, so the node decrypts once and encrypts per
+           subscriber
   rooms    --rooms M rooms (default 2), each with one publisher and an equal
            share of --subscribers (default 50); rooms are named so that they
            spread evenly over the node's --shards
   all      ceiling, naive 1:1, naive 1->N, relay, fanout in sequence at the same
-           settings, then rooms on one shard and on two shards, plus the ratio
+           settings, then rooms on one shard and on two shards, then
+           webrtc-fanout with 20 subscribers, plus the ratio
            table (node / ceiling, node / naive, two shards / one shard); with
            --rate (and no --search) also `ceiling-max`, the ceiling unpaced
 
@@ -67,6 +73,8 @@ enum Scenario {
     Fanout,
     /// M rooms (--rooms) of one publisher and N/M subscribers each
     Rooms,
+    /// A str0m WHIP publisher and N str0m WHEP subscribers (SRTP on every leg)
+    WebrtcFanout,
     /// All of the above in sequence, with the ratio table
     All,
 }
@@ -104,6 +112,11 @@ struct Cli {
     /// I/O backend of the started node: auto, uring or mmsg
     #[arg(long, value_name = "BACKEND", default_value = "auto")]
     io_backend: String,
+    /// Publisher rate of webrtc-fanout within `all` (WebRTC sessions are
+    /// paced by the node's bandwidth estimate, so a plain-RTP rate of
+    /// hundreds of thousands of packets/s would only fill pacer queues)
+    #[arg(long, value_name = "PPS", default_value_t = 600.0)]
+    webrtc_rate: f64,
     /// Draw the per-core throughput of each run as an SVG bar chart into FILE
     #[arg(long, value_name = "FILE")]
     chart: Option<PathBuf>,
@@ -188,6 +201,11 @@ fn run(cli: &Cli) -> Result<()> {
         Scenario::Naive => vec![("naive".into(), Kind::Naive, topo(one, 1, 1))],
         Scenario::Relay => vec![("relay".into(), Kind::Node, topo(one, 1, cli.shards))],
         Scenario::Fanout => vec![("fanout".into(), Kind::Node, topo(fanout_n, 1, cli.shards))],
+        Scenario::WebrtcFanout => vec![(
+            "webrtc-fanout".into(),
+            Kind::WebRtc,
+            topo(cli.subscribers.unwrap_or(10), 1, cli.shards),
+        )],
         Scenario::Rooms => vec![(
             format!("rooms-{}shard", cli.shards),
             Kind::Node,
@@ -210,6 +228,7 @@ fn run(cli: &Cli) -> Result<()> {
                 Kind::Node,
                 topo(fanout_n, cli.rooms, 2),
             ),
+            ("webrtc-fanout".into(), Kind::WebRtc, topo(20, 1, 1)),
         ],
     };
     let mut report = Report::new(cli.rate, cli.size, cli.duration, cli.search, command_line());
@@ -228,6 +247,8 @@ fn run(cli: &Cli) -> Result<()> {
         let settings = Settings {
             rate: if name == "ceiling-max" {
                 None
+            } else if kind == Kind::WebRtc && cli.scenario == Scenario::All {
+                Some(cli.webrtc_rate)
             } else {
                 cli.rate
             },

@@ -176,6 +176,14 @@ impl NodeProcess {
             .with_context(|| format!("`local` {local:?} is not an address"))
     }
 
+    pub fn http(&self) -> SocketAddr {
+        self.http
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Heap allocations the node's media shards have made so far (the sum
     /// of `ridge_shard_allocations_total`); `None` when /metrics is not
     /// readable with this token.
@@ -256,6 +264,18 @@ pub fn http_request(
     token: Option<&str>,
     body: &str,
 ) -> Result<HttpResponse> {
+    http_request_with(addr, method, path, token, "application/json", body)
+}
+
+/// [`http_request`] with a body of another content type (SDP for WHIP/WHEP).
+pub fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &str,
+) -> Result<HttpResponse> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -264,7 +284,7 @@ pub fn http_request(
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
+        req.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     s.write_all(req.as_bytes())?;

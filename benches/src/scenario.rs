@@ -11,6 +11,7 @@ use crate::naive::NaiveRelay;
 use crate::node::{NodeOptions, NodeProcess};
 use crate::stats::{self, Latency};
 use crate::traffic::{self, Publisher, Receiver};
+use crate::webrtc::WebrtcFanout;
 
 /// Time the receiver keeps listening after the sender stops.
 const GRACE: Duration = Duration::from_millis(300);
@@ -35,6 +36,8 @@ pub enum Kind {
     Naive,
     /// Through a real node (1:1 `relay` or 1→N `fanout`).
     Node,
+    /// Through a real node, with str0m WebRTC clients (SRTP on every leg).
+    WebRtc,
 }
 
 /// Settings shared by every run of a scenario.
@@ -141,6 +144,7 @@ pub struct Target {
     next_run: u32,
     naive: Option<NaiveRelay>,
     node: Option<NodeProcess>,
+    webrtc: Option<WebrtcFanout>,
     rooms: usize,
     shards: Option<usize>,
 }
@@ -168,7 +172,7 @@ impl Target {
         base: Instant,
         external: Option<&(SocketAddr, String)>,
     ) -> Result<Target> {
-        let rooms = if kind == Kind::Node {
+        let rooms = if matches!(kind, Kind::Node | Kind::WebRtc) {
             topology.rooms.max(1)
         } else {
             1
@@ -190,11 +194,23 @@ impl Target {
             next_run: 1,
             naive: None,
             node: None,
+            webrtc: None,
             rooms,
             shards: None,
         };
         match kind {
             Kind::Ceiling => {}
+            Kind::WebRtc => {
+                let node = match external {
+                    Some((http, token)) => NodeProcess::attach(*http, token.clone()),
+                    None => NodeProcess::start(node_bin, &topology.node)?,
+                };
+                t.receivers.clear();
+                t.webrtc = Some(WebrtcFanout::connect(&node, subscribers, base)?);
+                t.cpu_stat = node.stat_path();
+                t.shards = Some(topology.node.shards);
+                t.node = Some(node);
+            }
             Kind::Naive => {
                 let relay = NaiveRelay::start(addrs)?;
                 t.publisher = Publisher::new(send_sock, relay.addr)?;
@@ -255,23 +271,50 @@ impl Target {
     pub fn run(&mut self, s: &Settings) -> Result<RunResult> {
         let run = self.next_run;
         self.next_run += 1;
-        let subs = self.receivers.len();
+        let subs = match &self.webrtc {
+            Some(w) => w.subscriber_count(),
+            None => self.receivers.len(),
+        };
         let expected = s.rate.unwrap_or(2_000_000.0) * s.duration.as_secs_f64() * subs as f64;
         let stride = (expected / MAX_SAMPLES).ceil().max(1.0) as u64;
-        let socks = std::mem::take(&mut self.receivers);
-        let receiver = Receiver::start(socks, self.base, run, stride);
         let allocs_before = self.node.as_ref().and_then(NodeProcess::shard_allocations);
         let cpu_before = self.cpu_seconds();
-        let sent = self
-            .publisher
-            .send(self.base, run, s.rate, s.size, s.duration)
-            .context("sending");
-        std::thread::sleep(GRACE);
-        let cpu_after = self.cpu_seconds();
+        let (sent, mut rep, cpu_after) = match self.webrtc.as_mut() {
+            Some(w) => {
+                let r = w
+                    .run(run, s.rate, s.size, s.duration, GRACE, stride)
+                    .context("running the WebRTC clients")?;
+                let cpu_after = stats::stat_file_cpu_seconds_opt(self.cpu_stat.as_deref());
+                let sent = traffic::SendReport {
+                    sent: r.sent,
+                    elapsed: r.elapsed,
+                    errors: 0,
+                    cpu_seconds: r.generator_cpu_seconds,
+                };
+                let rep = traffic::RecvReport {
+                    per_socket: r.per_subscriber,
+                    latencies_ns: r.latencies_ns,
+                    foreign: r.foreign,
+                    // The clients receive on the generator's thread.
+                    cpu_seconds: None,
+                };
+                (sent, rep, cpu_after)
+            }
+            None => {
+                let socks = std::mem::take(&mut self.receivers);
+                let receiver = Receiver::start(socks, self.base, run, stride);
+                let sent = self
+                    .publisher
+                    .send(self.base, run, s.rate, s.size, s.duration)
+                    .context("sending");
+                std::thread::sleep(GRACE);
+                let cpu_after = self.cpu_seconds();
+                let (socks, rep) = receiver.finish().context("receiving")?;
+                self.receivers = socks;
+                (sent?, rep, cpu_after)
+            }
+        };
         let allocs_after = self.node.as_ref().and_then(NodeProcess::shard_allocations);
-        let (socks, mut rep) = receiver.finish().context("receiving")?;
-        self.receivers = socks;
-        let sent = sent?;
         let secs = sent.elapsed.as_secs_f64().max(1e-9);
         let received: u64 = rep.per_socket.iter().sum();
         // Each packet goes to one room, whose subscribers all get it.
@@ -331,7 +374,7 @@ impl Target {
     }
 
     fn cpu_seconds(&self) -> Option<f64> {
-        stats::stat_file_cpu_seconds(self.cpu_stat.as_ref()?)
+        stats::stat_file_cpu_seconds_opt(self.cpu_stat.as_deref())
     }
 
     /// Stops the relay (naive thread or node process).
@@ -339,6 +382,8 @@ impl Target {
         if let Some(n) = self.naive.take() {
             n.stop()?;
         }
+        // Clients first, so the node sees them go before it is stopped.
+        drop(self.webrtc.take());
         if let Some(n) = self.node.take() {
             n.stop()?;
         }
@@ -472,7 +517,10 @@ mod tests {
             let names = room_names(8, shards);
             assert_eq!(names.len(), 8);
             for (i, n) in names.iter().enumerate() {
-                assert_eq!(ridge_dataplane::media::shard_for_room(n, shards), i % shards);
+                assert_eq!(
+                    ridge_dataplane::media::shard_for_room(n, shards),
+                    i % shards
+                );
             }
             let mut unique = names.clone();
             unique.sort();
