@@ -54,7 +54,9 @@ Scenarios:
 Measured per run: packets/s sent and received (total and per subscriber),
 loss, one-way latency p50/p99/p99.9 (a send timestamp travels in the payload),
 and for naive/relay/fanout the relay's CPU time (/proc stat utime+stime) as
-CPU us per packet in and out and packets out per core-second, and for the
+CPU us per packet in and out and packets out per core-second (for ceiling:
+per core-second of the sender and receiver threads together, the per-core
+ceiling), and for the
 node the heap allocations its shards made per packet out (from /metrics).
 
 The node binary defaults to ridge-dataplane next to this executable; build

@@ -262,25 +262,26 @@ impl Report {
             .flatten()
             .fold(1.0f64, f64::max);
         let (label_w, bar_w, row_h) = (150.0, 560.0, 44.0);
-        let height = 70.0 + row_h * rows.len() as f64;
+        let height = 76.0 + row_h * rows.len() as f64;
         let mut o = String::new();
         let _ = writeln!(
             o,
             r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"##,
             w = label_w + bar_w + 120.0
         );
+        let command: String = self.command.chars().take(110).collect();
         let _ = writeln!(
             o,
-            r##"<text x="10" y="20" font-size="14">ridge-bench: {} B packets, {}</text>"##,
+            r##"<text x="10" y="18" font-size="14">ridge-bench, {} B packets</text><text x="10" y="30" font-size="10" fill="#555">{}</text>"##,
             self.size_bytes,
-            escape(&self.command)
+            escape(&command)
         );
         let _ = writeln!(
             o,
-            r##"<rect x="10" y="32" width="12" height="10" fill="#4a7bd0"/><text x="26" y="41">packets/s received</text><rect x="170" y="32" width="12" height="10" fill="#e08a2c"/><text x="186" y="41">packets out per core-second of relay CPU</text>"##
+            r##"<rect x="10" y="38" width="12" height="10" fill="#4a7bd0"/><text x="26" y="47">packets/s received</text><rect x="170" y="38" width="12" height="10" fill="#e08a2c"/><text x="186" y="47">packets out per core-second of relay CPU</text>"##
         );
         for (i, (name, recv, per_core)) in rows.iter().enumerate() {
-            let y = 56.0 + row_h * i as f64;
+            let y = 62.0 + row_h * i as f64;
             let _ = writeln!(
                 o,
                 r##"<text x="10" y="{}">{}</text>"##,

@@ -82,7 +82,8 @@ pub struct RunResult {
     /// 100 * (1 - received / (sent * subscribers)).
     pub loss_pct: f64,
     pub latency: Latency,
-    /// The relay's CPU (naive: the relay thread; node: the whole process).
+    /// The relay's CPU (naive: the relay thread; node: the whole process;
+    /// ceiling: the generator and receiver threads).
     pub cpu: Option<Cpu>,
     /// CPU seconds of the generator thread (it shares the machine with the
     /// relay and the receiver).
@@ -324,8 +325,20 @@ impl Target {
         } else {
             100.0 * (1.0 - received as f64 / expected as f64)
         };
-        let cpu = match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) => {
+        // The ceiling has no relay: its CPU is the sender's and the
+        // receiver's (on loopback the sender also pays for delivery), so
+        // its packets per core-second are what one core moves through the
+        // kernel with no relay in between, the per-core ceiling.
+        let span = match (self.kind, cpu_before, cpu_after) {
+            (Kind::Ceiling, _, _) => sent
+                .cpu_seconds
+                .zip(rep.cpu_seconds)
+                .map(|(g, r)| (0.0, g + r)),
+            (_, Some(a), Some(b)) => Some((a, b)),
+            _ => None,
+        };
+        let cpu = match span {
+            Some((a, b)) => {
                 let c = (b - a).max(0.0);
                 let per = |n: u64| {
                     if n == 0 { 0.0 } else { c * 1e6 / n as f64 }
@@ -338,7 +351,7 @@ impl Target {
                     pps_out_per_core_second: if c > 0.0 { received as f64 / c } else { 0.0 },
                 })
             }
-            _ => None,
+            None => None,
         };
         Ok(RunResult {
             scenario: self.name.clone(),
