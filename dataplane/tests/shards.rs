@@ -36,6 +36,17 @@ fn rtp(seq: u16, keyframe: bool) -> Vec<u8> {
     p
 }
 
+/// A blocking receive that retries when a signal interrupts it.
+fn recv(sock: &UdpSocket, buf: &mut [u8]) -> usize {
+    loop {
+        match sock.recv_from(buf) {
+            Ok((len, _)) => return len,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("relayed packet: {e}"),
+        }
+    }
+}
+
 fn skip_without_uring(backend: IoBackend) -> bool {
     if backend == IoBackend::Uring && ridge_io::probe_uring().is_err() {
         if std::env::var("RIDGE_REQUIRE_ALL").as_deref() == Ok("1") {
@@ -119,6 +130,7 @@ impl Relay {
     fn relay(&mut self, n: usize) {
         let mut buf = [0u8; 2048];
         for burst in 0..n / 50 {
+            let first = self.seq;
             for k in 0..50 {
                 let key = burst == 0 && k == 0;
                 self.publisher
@@ -127,9 +139,11 @@ impl Relay {
                 self.seq = self.seq.wrapping_add(1);
             }
             for s in &self.subs {
-                for _ in 0..50 {
-                    let (len, _) = s.recv_from(&mut buf).expect("relayed packet");
-                    assert_eq!(len, 200);
+                for k in 0..50u16 {
+                    let len = recv(s, &mut buf);
+                    let sent = rtp(first.wrapping_add(k), burst == 0 && k == 0);
+                    assert_eq!(len, sent.len());
+                    assert_eq!(&buf[12..len], &sent[12..], "payload of packet {k} intact");
                 }
             }
         }
