@@ -1,0 +1,300 @@
+//! The table of plain-RTP flows forwarded in the kernel.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues};
+
+use crate::error::{Error, Result};
+use crate::guard::is_not_found;
+use crate::types::{FWD_MAX_DESTS, FwdDest, FwdEntry, FwdKey, FwdStats, MAX_FWD_FLOWS};
+
+pub(crate) const ENTRIES_MAP: &str = "ridge_fwd";
+pub(crate) const STATS_MAP: &str = "ridge_fwd_stats";
+
+/// Most destinations one flow can have.
+pub const MAX_DESTINATIONS: usize = FWD_MAX_DESTS;
+
+/// A received plain-RTP stream: IPv4 UDP from `src` to `dst` with RTP SSRC
+/// `ssrc`. RTCP, STUN and DTLS on the same ports never match and always
+/// reach userspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The sender.
+    pub src: SocketAddrV4,
+    /// The node's address and media port it was sent to.
+    pub dst: SocketAddrV4,
+    /// RTP SSRC as received.
+    pub ssrc: u32,
+}
+
+impl FlowKey {
+    pub(crate) fn raw(&self) -> FwdKey {
+        FwdKey {
+            src_addr: u32::from(*self.src.ip()).to_be(),
+            dst_addr: u32::from(*self.dst.ip()).to_be(),
+            src_port: self.src.port().to_be(),
+            dst_port: self.dst.port().to_be(),
+            ssrc: self.ssrc.to_be(),
+        }
+    }
+
+    pub(crate) fn from_raw(raw: &FwdKey) -> Self {
+        Self {
+            src: SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(raw.src_addr)),
+                u16::from_be(raw.src_port),
+            ),
+            dst: SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(raw.dst_addr)),
+                u16::from_be(raw.dst_port),
+            ),
+            ssrc: u32::from_be(raw.ssrc),
+        }
+    }
+}
+
+/// One copy of a forwarded packet: how its headers are rewritten and where
+/// it is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// New destination address and port.
+    pub dst: SocketAddrV4,
+    /// New source address and port (the node's address on the egress side).
+    pub src: SocketAddrV4,
+    /// New RTP SSRC.
+    pub ssrc: u32,
+    /// Added to the RTP sequence number (mod 2^16).
+    pub seq_offset: u16,
+    /// Added to the RTP timestamp (mod 2^32).
+    pub ts_offset: u32,
+    /// Egress interface. The same as the ingress interface means `XDP_TX`.
+    pub ifindex: u32,
+    /// Next hop's MAC address.
+    pub dst_mac: [u8; 6],
+    /// Egress interface's MAC address.
+    pub src_mac: [u8; 6],
+}
+
+impl Destination {
+    fn raw(&self) -> FwdDest {
+        FwdDest {
+            dst_addr: u32::from(*self.dst.ip()).to_be(),
+            src_addr: u32::from(*self.src.ip()).to_be(),
+            dst_port: self.dst.port().to_be(),
+            src_port: self.src.port().to_be(),
+            ssrc: self.ssrc.to_be(),
+            ts_offset: self.ts_offset,
+            seq_offset: self.seq_offset,
+            _pad0: 0,
+            ifindex: self.ifindex,
+            dst_mac: self.dst_mac,
+            src_mac: self.src_mac,
+        }
+    }
+
+    fn from_raw(raw: &FwdDest) -> Self {
+        Self {
+            dst: SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(raw.dst_addr)),
+                u16::from_be(raw.dst_port),
+            ),
+            src: SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(raw.src_addr)),
+                u16::from_be(raw.src_port),
+            ),
+            ssrc: u32::from_be(raw.ssrc),
+            seq_offset: raw.seq_offset,
+            ts_offset: raw.ts_offset,
+            ifindex: raw.ifindex,
+            dst_mac: raw.dst_mac,
+            src_mac: raw.src_mac,
+        }
+    }
+}
+
+/// What the kernel does with a flow's packets.
+///
+/// One destination: the XDP program rewrites and sends it (`XDP_TX` or
+/// `XDP_REDIRECT`). Two or more: the XDP program passes it up and the TC
+/// program sends a copy to each (`bpf_clone_redirect`), so the TC program
+/// must be attached on the ingress interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// 1..=[`MAX_DESTINATIONS`] destinations.
+    pub destinations: Vec<Destination>,
+    /// Hand 1 in N packets to userspace instead of forwarding them in the
+    /// kernel (the first one after install is one of them); 0: never.
+    /// Per CPU: with several receive CPUs each keeps its own count.
+    pub sample_every: u32,
+}
+
+impl FlowEntry {
+    fn raw(&self) -> Result<FwdEntry> {
+        let n = self.destinations.len();
+        if n == 0 || n > MAX_DESTINATIONS {
+            return Err(Error::InvalidArgument(format!(
+                "a forwarded flow needs 1..={MAX_DESTINATIONS} destinations, not {n}"
+            )));
+        }
+        let mut raw = FwdEntry {
+            n_dests: u32::try_from(n).unwrap_or(0),
+            sample_every: self.sample_every,
+            ..FwdEntry::default()
+        };
+        for (slot, dest) in raw.dests.iter_mut().zip(&self.destinations) {
+            *slot = dest.raw();
+        }
+        Ok(raw)
+    }
+
+    fn from_raw(raw: &FwdEntry) -> Self {
+        let n = (raw.n_dests as usize).min(MAX_DESTINATIONS);
+        Self {
+            destinations: raw.dests[..n].iter().map(Destination::from_raw).collect(),
+            sample_every: raw.sample_every,
+        }
+    }
+}
+
+/// A flow's counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Received packets forwarded in the kernel.
+    pub packets: u64,
+    /// Their size (Ethernet frame).
+    pub bytes: u64,
+    /// Copies sent (packets × destinations).
+    pub copies: u64,
+    /// Packets handed to userspace as samples.
+    pub sampled: u64,
+    /// Copies lost to redirect/clone/rewrite failures.
+    pub errors: u64,
+}
+
+/// The forwarding table: installed flows and their counters.
+pub struct FlowTable {
+    entries: HashMap<MapData, FwdKey, FwdEntry>,
+    stats: PerCpuHashMap<MapData, FwdKey, FwdStats>,
+    cpus: usize,
+}
+
+impl std::fmt::Debug for FlowTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTable")
+            .field("cpus", &self.cpus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlowTable {
+    pub(crate) fn new(
+        entries: HashMap<MapData, FwdKey, FwdEntry>,
+        stats: PerCpuHashMap<MapData, FwdKey, FwdStats>,
+        cpus: usize,
+    ) -> Self {
+        Self {
+            entries,
+            stats,
+            cpus,
+        }
+    }
+
+    /// Installs or replaces the entry for `key`. Replacing keeps the
+    /// counters. At most 16384 flows.
+    pub fn insert(&mut self, key: FlowKey, entry: &FlowEntry) -> Result<()> {
+        let raw_entry = entry.raw()?;
+        let raw_key = key.raw();
+        // Counters first: the programs treat an entry without counters as
+        // unusable.
+        let zero = PerCpuValues::try_from(vec![FwdStats::default(); self.cpus]).map_err(|e| {
+            Error::Io {
+                context: "sizing per-CPU counters",
+                source: e,
+            }
+        })?;
+        const BPF_NOEXIST: u64 = 1;
+        match self.stats.insert(raw_key, zero, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(17) => {}
+            Err(e) => return Err(Error::map(STATS_MAP, e)),
+        }
+        self.entries.insert(raw_key, raw_entry, 0).map_err(|e| {
+            if matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(7)) {
+                Error::InvalidArgument(format!("the forwarding table is full ({MAX_FWD_FLOWS} flows)"))
+            } else {
+                Error::map(ENTRIES_MAP, e)
+            }
+        })
+    }
+
+    /// Removes the entry and its counters; its packets go to userspace again.
+    /// Returns the final counters, or `None` if the flow was not installed.
+    pub fn remove(&mut self, key: FlowKey) -> Result<Option<FlowCounters>> {
+        let raw_key = key.raw();
+        let existed = match self.entries.remove(&raw_key) {
+            Ok(()) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(Error::map(ENTRIES_MAP, e)),
+        };
+        let counters = self.counters(key)?;
+        match self.stats.remove(&raw_key) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(Error::map(STATS_MAP, e)),
+        }
+        Ok(if existed { counters } else { None })
+    }
+
+    /// The entry installed for `key`.
+    pub fn get(&self, key: FlowKey) -> Result<Option<FlowEntry>> {
+        match self.entries.get(&key.raw(), 0) {
+            Ok(raw) => Ok(Some(FlowEntry::from_raw(&raw))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::map(ENTRIES_MAP, e)),
+        }
+    }
+
+    /// A flow's counters, or `None` if it is not installed.
+    pub fn counters(&self, key: FlowKey) -> Result<Option<FlowCounters>> {
+        match self.stats.get(&key.raw(), 0) {
+            Ok(per_cpu) => Ok(Some(sum(&per_cpu))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::map(STATS_MAP, e)),
+        }
+    }
+
+    /// Every installed flow with its counters.
+    pub fn list(&self) -> Result<Vec<(FlowKey, FlowCounters)>> {
+        let keys = self
+            .entries
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::map(ENTRIES_MAP, e))?;
+        let mut out = Vec::with_capacity(keys.len());
+        for raw in keys {
+            let key = FlowKey::from_raw(&raw);
+            out.push((key, self.counters(key)?.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    /// Removes every flow.
+    pub fn clear(&mut self) -> Result<()> {
+        for (key, _) in self.list()? {
+            self.remove(key)?;
+        }
+        Ok(())
+    }
+}
+
+fn sum(per_cpu: &PerCpuValues<FwdStats>) -> FlowCounters {
+    per_cpu
+        .iter()
+        .fold(FlowCounters::default(), |acc, s| FlowCounters {
+            packets: acc.packets + s.packets,
+            bytes: acc.bytes + s.bytes,
+            copies: acc.copies + s.copies,
+            sampled: acc.sampled + s.sampled,
+            errors: acc.errors + s.errors,
+        })
+}

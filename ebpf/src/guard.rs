@@ -1,0 +1,150 @@
+//! The ingress guard's configuration: media ports and the per-source rate.
+
+use std::collections::BTreeSet;
+
+use aya::maps::{Array, HashMap, MapData};
+
+use crate::error::{Error, Result};
+use crate::types::{GuardCfg, MAX_MEDIA_PORTS, RateState, SrcKey};
+
+pub(crate) const PORTS_MAP: &str = "ridge_media_ports";
+pub(crate) const CFG_MAP: &str = "ridge_guard_cfg";
+pub(crate) const RATE_MAP: &str = "ridge_rate";
+
+/// Per-source rate limit on media ports: a token bucket (implemented as
+/// GCRA) that refills at `packets_per_second` and holds `burst` packets.
+/// Sources are IP addresses (not address and port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained rate, packets per second (at least 1).
+    pub packets_per_second: u32,
+    /// Packets a source may send at once after being idle (at least 1).
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub(crate) fn to_cfg(self) -> Result<GuardCfg> {
+        if self.packets_per_second == 0 || self.burst == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "rate limit needs packets_per_second >= 1 and burst >= 1 (got {self:?}); \
+                 pass None to disable it"
+            )));
+        }
+        let interval_ns = 1_000_000_000 / u64::from(self.packets_per_second);
+        Ok(GuardCfg {
+            interval_ns: interval_ns.max(1),
+            tolerance_ns: interval_ns.max(1) * (u64::from(self.burst) - 1),
+        })
+    }
+}
+
+/// The guard's maps: which UDP ports carry media, and the rate limit.
+///
+/// Packets to other ports pass the guard untouched. Changes take effect for
+/// the next packet; the program need not be re-attached.
+pub struct Guard {
+    ports: HashMap<MapData, u16, u8>,
+    cfg: Array<MapData, GuardCfg>,
+    rate: HashMap<MapData, SrcKey, RateState>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard").finish_non_exhaustive()
+    }
+}
+
+impl Guard {
+    pub(crate) fn new(
+        ports: HashMap<MapData, u16, u8>,
+        cfg: Array<MapData, GuardCfg>,
+        rate: HashMap<MapData, SrcKey, RateState>,
+    ) -> Self {
+        Self { ports, cfg, rate }
+    }
+
+    /// Makes `ports` (host byte order) the set of media ports, removing the
+    /// others.
+    pub fn set_media_ports(&mut self, ports: &[u16]) -> Result<()> {
+        let wanted: BTreeSet<u16> = ports.iter().copied().collect();
+        if wanted.len() > MAX_MEDIA_PORTS as usize {
+            return Err(Error::InvalidArgument(format!(
+                "{} media ports; the guard holds at most {MAX_MEDIA_PORTS}",
+                wanted.len()
+            )));
+        }
+        for old in self.media_ports()? {
+            if !wanted.contains(&old) {
+                self.remove_media_port(old)?;
+            }
+        }
+        for port in wanted {
+            self.add_media_port(port)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one media port (host byte order).
+    pub fn add_media_port(&mut self, port: u16) -> Result<()> {
+        self.ports
+            .insert(port.to_be(), 1, 0)
+            .map_err(|e| Error::map(PORTS_MAP, e))
+    }
+
+    /// Removes one media port (host byte order); removing an absent port is
+    /// not an error.
+    pub fn remove_media_port(&mut self, port: u16) -> Result<()> {
+        match self.ports.remove(&port.to_be()) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(Error::map(PORTS_MAP, e)),
+        }
+    }
+
+    /// The media ports (host byte order), sorted.
+    pub fn media_ports(&self) -> Result<Vec<u16>> {
+        let mut ports = self
+            .ports
+            .keys()
+            .map(|k| k.map(u16::from_be))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::map(PORTS_MAP, e))?;
+        ports.sort_unstable();
+        Ok(ports)
+    }
+
+    /// Sets (or with `None` disables) the per-source rate limit.
+    pub fn set_rate_limit(&mut self, limit: Option<RateLimit>) -> Result<()> {
+        let cfg = match limit {
+            Some(limit) => limit.to_cfg()?,
+            None => GuardCfg::default(),
+        };
+        self.cfg.set(0, cfg, 0).map_err(|e| Error::map(CFG_MAP, e))
+    }
+
+    /// Forgets every source's rate state (each starts with a full bucket).
+    pub fn reset_rate_state(&mut self) -> Result<()> {
+        let keys = self
+            .rate
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::map(RATE_MAP, e))?;
+        for key in keys {
+            match self.rate.remove(&key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(RATE_MAP, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a map error is "no such key" (ENOENT), which removals tolerate.
+pub(crate) fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(2),
+        _ => false,
+    }
+}
