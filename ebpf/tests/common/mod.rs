@@ -37,9 +37,9 @@ pub fn root() -> Result<(), String> {
 /// Root and the `ip` and `ethtool` tools.
 pub fn netns_tools() -> Result<(), String> {
     root()?;
-    for tool in ["ip", "ethtool"] {
+    for (tool, flag) in [("ip", "-V"), ("ethtool", "--version")] {
         let ok = Command::new(tool)
-            .arg("-V")
+            .arg(flag)
             .output()
             .is_ok_and(|o| o.status.success());
         if !ok {
