@@ -26,11 +26,12 @@ char LICENSE[] SEC("license") = "Apache-2.0";
 
 /* ---- maps ---------------------------------------------------------------- */
 
-/* UDP destination ports (network order) that carry media. */
+/* Indexed by UDP port (host order): non-zero for ports that carry media.
+ * An array, not a hash: its lookup is inlined by the verifier. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, RIDGE_MAX_MEDIA_PORTS);
-	__type(key, __u16);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__type(value, __u8);
 } ridge_media_ports SEC(".maps");
 
@@ -145,7 +146,9 @@ static __always_inline int guard_drop(__u32 reason)
 
 static __always_inline int is_media_port(__u16 port_be)
 {
-	return bpf_map_lookup_elem(&ridge_media_ports, &port_be) != NULL;
+	__u32 port = bpf_ntohs(port_be);
+	__u8 *media = bpf_map_lookup_elem(&ridge_media_ports, &port);
+	return media && *media;
 }
 
 /* GCRA per source address. Concurrent CPUs may race on one source's state;

@@ -12,7 +12,6 @@
 #include <linux/types.h>
 
 /* Limits compiled into the maps. */
-#define RIDGE_MAX_MEDIA_PORTS 1024
 #define RIDGE_MAX_RATE_SOURCES 65536
 #define RIDGE_MAX_STEER_FLOWS 65536
 #define RIDGE_MAX_SHARDS 64

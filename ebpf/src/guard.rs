@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use aya::maps::{Array, HashMap, MapData};
 
 use crate::error::{Error, Result};
-use crate::types::{GuardCfg, MAX_MEDIA_PORTS, RateState, SrcKey};
+use crate::types::{GuardCfg, RateState, SrcKey};
 
 pub(crate) const PORTS_MAP: &str = "ridge_media_ports";
 pub(crate) const CFG_MAP: &str = "ridge_guard_cfg";
@@ -43,7 +43,10 @@ impl RateLimit {
 /// Packets to other ports pass the guard untouched. Changes take effect for
 /// the next packet; the program need not be re-attached.
 pub struct Guard {
-    ports: HashMap<MapData, u16, u8>,
+    /// Indexed by port: 1 for media ports.
+    ports: Array<MapData, u8>,
+    /// What `ports` holds, so listing needs no 65536 lookups.
+    media: BTreeSet<u16>,
     cfg: Array<MapData, GuardCfg>,
     rate: HashMap<MapData, SrcKey, RateState>,
 }
@@ -56,27 +59,24 @@ impl std::fmt::Debug for Guard {
 
 impl Guard {
     pub(crate) fn new(
-        ports: HashMap<MapData, u16, u8>,
+        ports: Array<MapData, u8>,
         cfg: Array<MapData, GuardCfg>,
         rate: HashMap<MapData, SrcKey, RateState>,
     ) -> Self {
-        Self { ports, cfg, rate }
+        Self {
+            ports,
+            media: BTreeSet::new(),
+            cfg,
+            rate,
+        }
     }
 
-    /// Makes `ports` (host byte order) the set of media ports, removing the
-    /// others.
+    /// Makes `ports` the set of media ports, removing the others.
     pub fn set_media_ports(&mut self, ports: &[u16]) -> Result<()> {
         let wanted: BTreeSet<u16> = ports.iter().copied().collect();
-        if wanted.len() > MAX_MEDIA_PORTS as usize {
-            return Err(Error::InvalidArgument(format!(
-                "{} media ports; the guard holds at most {MAX_MEDIA_PORTS}",
-                wanted.len()
-            )));
-        }
-        for old in self.media_ports()? {
-            if !wanted.contains(&old) {
-                self.remove_media_port(old)?;
-            }
+        let old: Vec<u16> = self.media.difference(&wanted).copied().collect();
+        for port in old {
+            self.remove_media_port(port)?;
         }
         for port in wanted {
             self.add_media_port(port)?;
@@ -84,33 +84,27 @@ impl Guard {
         Ok(())
     }
 
-    /// Adds one media port (host byte order).
+    /// Adds one media port.
     pub fn add_media_port(&mut self, port: u16) -> Result<()> {
         self.ports
-            .insert(port.to_be(), 1, 0)
-            .map_err(|e| Error::map(PORTS_MAP, e))
-    }
-
-    /// Removes one media port (host byte order); removing an absent port is
-    /// not an error.
-    pub fn remove_media_port(&mut self, port: u16) -> Result<()> {
-        match self.ports.remove(&port.to_be()) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(Error::map(PORTS_MAP, e)),
-        }
-    }
-
-    /// The media ports (host byte order), sorted.
-    pub fn media_ports(&self) -> Result<Vec<u16>> {
-        let mut ports = self
-            .ports
-            .keys()
-            .map(|k| k.map(u16::from_be))
-            .collect::<Result<Vec<_>, _>>()
+            .set(u32::from(port), 1, 0)
             .map_err(|e| Error::map(PORTS_MAP, e))?;
-        ports.sort_unstable();
-        Ok(ports)
+        self.media.insert(port);
+        Ok(())
+    }
+
+    /// Removes one media port; removing an absent port is not an error.
+    pub fn remove_media_port(&mut self, port: u16) -> Result<()> {
+        self.ports
+            .set(u32::from(port), 0, 0)
+            .map_err(|e| Error::map(PORTS_MAP, e))?;
+        self.media.remove(&port);
+        Ok(())
+    }
+
+    /// The media ports, sorted.
+    pub fn media_ports(&self) -> Vec<u16> {
+        self.media.iter().copied().collect()
     }
 
     /// Sets (or with `None` disables) the per-source rate limit.

@@ -169,7 +169,7 @@ impl RidgeBpf {
             context: "reading the possible CPU count",
             source: e,
         })?;
-        let ports: HashMap<MapData, u16, u8> = typed_map!(&mut ebpf, guard::PORTS_MAP);
+        let ports: Array<MapData, u8> = typed_map!(&mut ebpf, guard::PORTS_MAP);
         let guard_cfg: Array<MapData, types::GuardCfg> = typed_map!(&mut ebpf, guard::CFG_MAP);
         let rate: HashMap<MapData, types::SrcKey, types::RateState> =
             typed_map!(&mut ebpf, guard::RATE_MAP);

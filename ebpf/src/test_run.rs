@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
 
 use crate::error::{Error, Result};
-use crate::{PROG_FANOUT, PROG_GUARD, PROG_XDP, RidgeBpf};
+use crate::{PROG_FANOUT, PROG_GUARD, PROG_XDP, RidgeBpf, XdpProgram};
 
 /// A program that can be test-run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -105,6 +105,37 @@ impl RidgeBpf {
             data: out,
             per_run: result.duration,
         })
+    }
+
+    /// Runs an XDP program on `repeat` copies of `packet` in live-frames
+    /// mode (`BPF_F_TEST_XDP_LIVE_FRAMES`), `batch` at a time, as if they
+    /// arrived on `ingress_ifindex` (in the calling thread's namespace):
+    /// frames it passes go up that interface's stack, frames it redirects
+    /// or transmits are really sent. A packet generator for benchmarks;
+    /// returns the kernel-measured time per packet.
+    pub fn inject_live(
+        &self,
+        program: XdpProgram,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+        batch: u32,
+    ) -> Result<Duration> {
+        let name = match program {
+            XdpProgram::Guard => PROG_GUARD,
+            XdpProgram::GuardAndForward => PROG_XDP,
+        };
+        let ctx = xdp_md(packet.len(), ingress_ifindex);
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&ctx),
+            repeat: repeat.max(1),
+            attrs: TestRunAttrs::new().xdp_live_frames(batch.clamp(1, 256)),
+            ..TestRunOptions::default()
+        };
+        let prog: &Xdp = self.program(name)?;
+        let result = prog.test_run(opts).map_err(|e| Error::program(name, e))?;
+        Ok(result.duration)
     }
 
     fn program<'a, T>(&'a self, name: &'static str) -> Result<&'a T>

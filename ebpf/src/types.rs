@@ -8,7 +8,6 @@
 use core::mem::{align_of, offset_of, size_of};
 
 /// Limits compiled into the maps (`RIDGE_MAX_*` in `ridge.h`).
-pub(crate) const MAX_MEDIA_PORTS: u32 = 1024;
 pub(crate) const MAX_SHARDS: u32 = 64;
 pub(crate) const MAX_FWD_FLOWS: u32 = 16384;
 pub(crate) const FWD_MAX_DESTS: usize = 8;
