@@ -86,9 +86,9 @@ struct {
 } ridge_fwd SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RIDGE_MAX_FWD_FLOWS);
-	__type(key, struct ridge_fwd_key);
+	__type(key, __u32);
 	__type(value, struct ridge_fwd_stats);
 } ridge_fwd_stats SEC(".maps");
 
@@ -426,7 +426,8 @@ static __always_inline int xdp_forward(struct xdp_md *ctx, const struct ridge_pk
 	struct ridge_fwd_entry *e = bpf_map_lookup_elem(&ridge_fwd, &key);
 	if (!e || e->n_dests != 1)
 		return XDP_PASS; /* unknown flow, or a fan-out for the TC program */
-	struct ridge_fwd_stats *st = bpf_map_lookup_elem(&ridge_fwd_stats, &key);
+	__u32 slot = e->stats_slot;
+	struct ridge_fwd_stats *st = bpf_map_lookup_elem(&ridge_fwd_stats, &slot);
 	if (!st) {
 		stat_inc(RIDGE_FWD_ERRORS);
 		return XDP_PASS;
@@ -604,7 +605,8 @@ int ridge_fanout(struct __sk_buff *skb)
 	if (!e)
 		return TC_ACT_OK;
 	__u32 n = e->n_dests;
-	struct ridge_fwd_stats *st = bpf_map_lookup_elem(&ridge_fwd_stats, &key);
+	__u32 slot = e->stats_slot;
+	struct ridge_fwd_stats *st = bpf_map_lookup_elem(&ridge_fwd_stats, &slot);
 	if (!st || n == 0 || n > RIDGE_FWD_MAX_DESTS) {
 		stat_inc(RIDGE_FWD_ERRORS);
 		return TC_ACT_OK;

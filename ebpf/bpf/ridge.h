@@ -107,10 +107,13 @@ struct ridge_fwd_dest {
 struct ridge_fwd_entry {
 	__u32 n_dests;      /* 1..=RIDGE_FWD_MAX_DESTS */
 	__u32 sample_every; /* hand 1 in N packets to userspace; 0 = never */
+	__u32 stats_slot;   /* index into ridge_fwd_stats, owned by this entry */
+	__u32 _pad0;
 	struct ridge_fwd_dest dests[RIDGE_FWD_MAX_DESTS];
 };
 
-/* Per-entry counters (per-CPU hash `ridge_fwd_stats`, same key). */
+/* Per-entry counters (per-CPU array `ridge_fwd_stats`, at the entry's
+ * stats_slot: an array lookup is inlined, a hash lookup is not). */
 struct ridge_fwd_stats {
 	__u64 packets;   /* received packets forwarded in the kernel */
 	__u64 bytes;     /* their size, L2 frame */

@@ -67,7 +67,9 @@ fn main() {
     let userspace = live(Path::Userspace, duration);
     let kernel = live(Path::Kernel, duration);
     println!();
-    println!("== B forwarding b0 -> b1 -> C on veth, {seconds} s per path, {PAYLOAD} B RTP payload");
+    println!(
+        "== B forwarding b0 -> b1 -> C on veth, {seconds} s per path, {PAYLOAD} B RTP payload"
+    );
     println!(
         "{:<10} {:>10} {:>10} {:>10} {:>10} {:>15}",
         "path", "injected", "B fwd", "C recv", "B ns/pkt", "pps per B core"
@@ -117,8 +119,16 @@ fn median_ns(bpf: &RidgeBpf, prog: TestProgram, frame: &[u8], ctx: Option<u32>, 
 fn test_run_costs() -> Vec<(String, f64)> {
     let mut bpf = common::load();
     bpf.guard().set_media_ports(&[MEDIA_PORT]).unwrap();
-    let a = FlowKey { src: v4([10, 99, 0, 1], 4000), dst: v4([10, 99, 0, 2], MEDIA_PORT), ssrc: 0x1111 };
-    let b = FlowKey { src: v4([10, 99, 0, 3], 4001), dst: v4([10, 99, 0, 4], MEDIA_PORT), ssrc: 0x2222 };
+    let a = FlowKey {
+        src: v4([10, 99, 0, 1], 4000),
+        dst: v4([10, 99, 0, 2], MEDIA_PORT),
+        ssrc: 0x1111,
+    };
+    let b = FlowKey {
+        src: v4([10, 99, 0, 3], 4001),
+        dst: v4([10, 99, 0, 4], MEDIA_PORT),
+        ssrc: 0x2222,
+    };
     let frame = |k: &FlowKey, payload: Vec<u8>| Frame4::new(k.src, k.dst, payload).build();
     let media = frame(&a, rtp(96, 1, 160, a.ssrc, PAYLOAD));
     let mut other = Frame4::new(a.src, a.dst, rtp(96, 1, 160, a.ssrc, PAYLOAD));
@@ -126,13 +136,36 @@ fn test_run_costs() -> Vec<(String, f64)> {
     let other = other.build();
 
     let mut out = Vec::new();
-    out.push(("guard: not a media port".to_owned(), median_ns(&bpf, TestProgram::Guard, &other, None, xdp_verdict::PASS)));
-    out.push(("guard: valid media packet".to_owned(), median_ns(&bpf, TestProgram::Guard, &media, None, xdp_verdict::PASS)));
-    bpf.guard().set_rate_limit(Some(RateLimit { packets_per_second: u32::MAX, burst: u32::MAX })).unwrap();
-    out.push(("guard: valid media packet + rate limiter".to_owned(), median_ns(&bpf, TestProgram::Guard, &media, None, xdp_verdict::PASS)));
+    out.push((
+        "guard: not a media port".to_owned(),
+        median_ns(&bpf, TestProgram::Guard, &other, None, xdp_verdict::PASS),
+    ));
+    out.push((
+        "guard: valid media packet".to_owned(),
+        median_ns(&bpf, TestProgram::Guard, &media, None, xdp_verdict::PASS),
+    ));
+    bpf.guard()
+        .set_rate_limit(Some(RateLimit {
+            packets_per_second: u32::MAX,
+            burst: u32::MAX,
+        }))
+        .unwrap();
+    out.push((
+        "guard: valid media packet + rate limiter".to_owned(),
+        median_ns(&bpf, TestProgram::Guard, &media, None, xdp_verdict::PASS),
+    ));
     let mut truncated = media.clone();
     truncated.truncate(60);
-    out.push(("guard: truncated media packet (drop)".to_owned(), median_ns(&bpf, TestProgram::Guard, &truncated, None, xdp_verdict::DROP)));
+    out.push((
+        "guard: truncated media packet (drop)".to_owned(),
+        median_ns(
+            &bpf,
+            TestProgram::Guard,
+            &truncated,
+            None,
+            xdp_verdict::DROP,
+        ),
+    ));
     bpf.guard().set_rate_limit(None).unwrap();
 
     // Two entries that rewrite into each other, so that every repetition
@@ -147,27 +180,101 @@ fn test_run_costs() -> Vec<(String, f64)> {
         dst_mac: [2, 0, 0, 0, 0, 1],
         src_mac: [2, 0, 0, 0, 0, 2],
     };
-    for (ifindex, verdict, label) in [(1, xdp_verdict::TX, "XDP_TX"), (7777, xdp_verdict::REDIRECT, "XDP_REDIRECT verdict")] {
-        bpf.flows().insert(a, &FlowEntry { destinations: vec![dest_to(&b, ifindex)], sample_every: 0 }).unwrap();
-        bpf.flows().insert(b, &FlowEntry { destinations: vec![dest_to(&a, ifindex)], sample_every: 0 }).unwrap();
-        out.push((format!("guard+forward: rewrite + {label}"), median_ns(&bpf, TestProgram::Xdp, &media, Some(1), verdict)));
+    for (ifindex, verdict, label) in [
+        (1, xdp_verdict::TX, "XDP_TX"),
+        (7777, xdp_verdict::REDIRECT, "XDP_REDIRECT verdict"),
+    ] {
+        bpf.flows()
+            .insert(
+                a,
+                &FlowEntry {
+                    destinations: vec![dest_to(&b, ifindex)],
+                    sample_every: 0,
+                },
+            )
+            .unwrap();
+        bpf.flows()
+            .insert(
+                b,
+                &FlowEntry {
+                    destinations: vec![dest_to(&a, ifindex)],
+                    sample_every: 0,
+                },
+            )
+            .unwrap();
+        out.push((
+            format!("guard+forward: rewrite + {label}"),
+            median_ns(&bpf, TestProgram::Xdp, &media, Some(1), verdict),
+        ));
     }
-    out.push(("guard+forward: unknown flow (pass)".to_owned(), median_ns(&bpf, TestProgram::Xdp, &frame(&v4_key(), rtp(96, 1, 160, 9, PAYLOAD)), Some(1), xdp_verdict::PASS)));
-    out.push(("guard+forward: RTCP on a forwarded flow (pass)".to_owned(), median_ns(&bpf, TestProgram::Xdp, &frame(&a, rtcp_sr(a.ssrc)), Some(1), xdp_verdict::PASS)));
+    out.push((
+        "guard+forward: unknown flow (pass)".to_owned(),
+        median_ns(
+            &bpf,
+            TestProgram::Xdp,
+            &frame(&v4_key(), rtp(96, 1, 160, 9, PAYLOAD)),
+            Some(1),
+            xdp_verdict::PASS,
+        ),
+    ));
+    out.push((
+        "guard+forward: RTCP on a forwarded flow (pass)".to_owned(),
+        median_ns(
+            &bpf,
+            TestProgram::Xdp,
+            &frame(&a, rtcp_sr(a.ssrc)),
+            Some(1),
+            xdp_verdict::PASS,
+        ),
+    ));
 
     // TC 1 -> 2: one clone (really sent, to lo of a private namespace) and
     // one redirect verdict per packet.
-    let junk = Destination { dst: v4([10, 99, 9, 9], 9), ..dest_to(&a, 1) };
-    bpf.flows().insert(a, &FlowEntry { destinations: vec![junk, dest_to(&b, 1)], sample_every: 0 }).unwrap();
-    bpf.flows().insert(b, &FlowEntry { destinations: vec![junk, dest_to(&a, 1)], sample_every: 0 }).unwrap();
+    let junk = Destination {
+        dst: v4([10, 99, 9, 9], 9),
+        ..dest_to(&a, 1)
+    };
+    bpf.flows()
+        .insert(
+            a,
+            &FlowEntry {
+                destinations: vec![junk, dest_to(&b, 1)],
+                sample_every: 0,
+            },
+        )
+        .unwrap();
+    bpf.flows()
+        .insert(
+            b,
+            &FlowEntry {
+                destinations: vec![junk, dest_to(&a, 1)],
+                sample_every: 0,
+            },
+        )
+        .unwrap();
     let ns = Netns::new("bench-tc");
-    let tc = ns.enter(|| median_ns(&bpf, TestProgram::Fanout, &media, None, tc_verdict::REDIRECT));
-    out.push(("tc fan-out 1->2: 2 rewrites + clone + redirect".to_owned(), tc));
+    let tc = ns.enter(|| {
+        median_ns(
+            &bpf,
+            TestProgram::Fanout,
+            &media,
+            None,
+            tc_verdict::REDIRECT,
+        )
+    });
+    out.push((
+        "tc fan-out 1->2: 2 rewrites + clone + redirect".to_owned(),
+        tc,
+    ));
     out
 }
 
 fn v4_key() -> FlowKey {
-    FlowKey { src: v4([10, 99, 5, 5], 4000), dst: v4([10, 99, 0, 2], MEDIA_PORT), ssrc: 9 }
+    FlowKey {
+        src: v4([10, 99, 5, 5], 4000),
+        dst: v4([10, 99, 0, 2], MEDIA_PORT),
+        ssrc: 9,
+    }
 }
 
 // ---- 2. live ---------------------------------------------------------------
@@ -206,8 +313,12 @@ impl LiveResult {
 fn napi_thread(iface: &str) -> i32 {
     let prefix = format!("napi/{iface}-");
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with(&prefix)) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim().starts_with(&prefix))
+        {
             return pid;
         }
     }
@@ -259,13 +370,21 @@ fn live(path: Path, duration: Duration) -> LiveResult {
     assert_eq!((mode, c_mode), (AttachMode::Native, AttachMode::Native));
     // C's receive work runs in its own NAPI thread on CPU 1, not in the
     // softirq of whoever sent to it (which would charge it to B).
-    c.exec(&["sh", "-c", &format!("echo 1 > /sys/class/net/{c0}/threaded")]);
+    c.exec(&[
+        "sh",
+        "-c",
+        &format!("echo 1 > /sys/class/net/{c0}/threaded"),
+    ]);
     let mut cpu1 = nix::sched::CpuSet::new();
     cpu1.set(1).expect("CPU 1");
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(napi_thread(c0)), &cpu1)
         .expect("pin C's NAPI thread");
 
-    let key = FlowKey { src: v4([10, 77, 1, 1], 4000), dst: v4([10, 77, 1, 2], MEDIA_PORT), ssrc: 0x5555 };
+    let key = FlowKey {
+        src: v4([10, 77, 1, 1], 4000),
+        dst: v4([10, 77, 1, 2], MEDIA_PORT),
+        ssrc: 0x5555,
+    };
     let (b0_index, b0_mac) = b.link(b0);
     let (_, a0_mac) = a.link(a0);
     let (b1_index, b1_mac) = b.link(b1);
@@ -281,7 +400,15 @@ fn live(path: Path, duration: Duration) -> LiveResult {
         src_mac: b1_mac,
     };
     if path == Path::Kernel {
-        bpf.flows().insert(key, &FlowEntry { destinations: vec![dest], sample_every: 0 }).unwrap();
+        bpf.flows()
+            .insert(
+                key,
+                &FlowEntry {
+                    destinations: vec![dest],
+                    sample_every: 0,
+                },
+            )
+            .unwrap();
         // Live-mode frames are recycled with the program's modifications
         // (the kernel does not copy the input again), so a recycled frame
         // already carries C's addresses. Two more entries keep those
@@ -289,19 +416,40 @@ fn live(path: Path, duration: Duration) -> LiveResult {
         // addresses and ports are already C's), so no frame is wasted.
         bpf.guard().add_media_port(dest.dst.port()).unwrap();
         for (from, to) in [(dest.ssrc, 0x7777), (0x7777, dest.ssrc)] {
-            let k = FlowKey { src: dest.src, dst: dest.dst, ssrc: from };
+            let k = FlowKey {
+                src: dest.src,
+                dst: dest.dst,
+                ssrc: from,
+            };
             let d = Destination { ssrc: to, ..dest };
-            bpf.flows().insert(k, &FlowEntry { destinations: vec![d], sample_every: 0 }).unwrap();
+            bpf.flows()
+                .insert(
+                    k,
+                    &FlowEntry {
+                        destinations: vec![d],
+                        sample_every: 0,
+                    },
+                )
+                .unwrap();
         }
     }
     let mut frame = Frame4::new(key.src, key.dst, rtp(96, 7, 160, key.ssrc, PAYLOAD)).build();
     frame[0..6].copy_from_slice(&b0_mac);
     frame[6..12].copy_from_slice(&a0_mac);
 
-    let opts = SocketOptions { recv_buffer_size: Some(4 << 20), send_buffer_size: Some(4 << 20), gso: false, ..SocketOptions::default() };
-    let mut receiver = c.enter(|| MmsgIo::bind(SocketAddr::V4(dest.dst), &opts).expect("bind receiver"));
-    let relay = (path == Path::Userspace)
-        .then(|| b.enter(|| MmsgIo::bind(SocketAddr::from(([0, 0, 0, 0], MEDIA_PORT)), &opts).expect("bind relay")));
+    let opts = SocketOptions {
+        recv_buffer_size: Some(4 << 20),
+        send_buffer_size: Some(4 << 20),
+        gso: false,
+        ..SocketOptions::default()
+    };
+    let mut receiver =
+        c.enter(|| MmsgIo::bind(SocketAddr::V4(dest.dst), &opts).expect("bind receiver"));
+    let relay = (path == Path::Userspace).then(|| {
+        b.enter(|| {
+            MmsgIo::bind(SocketAddr::from(([0, 0, 0, 0], MEDIA_PORT)), &opts).expect("bind relay")
+        })
+    });
 
     let stop = AtomicBool::new(false);
     let received = AtomicU64::new(0);
@@ -343,9 +491,11 @@ fn live(path: Path, duration: Duration) -> LiveResult {
                     // The same header work as the kernel path: SSRC, seq, ts.
                     for (buf, m) in bufs.iter_mut().zip(&meta).take(n) {
                         if m.len >= 12 {
-                            let seq = u16::from_be_bytes([buf[2], buf[3]]).wrapping_add(dest.seq_offset);
+                            let seq =
+                                u16::from_be_bytes([buf[2], buf[3]]).wrapping_add(dest.seq_offset);
                             buf[2..4].copy_from_slice(&seq.to_be_bytes());
-                            let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]).wrapping_add(dest.ts_offset);
+                            let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]])
+                                .wrapping_add(dest.ts_offset);
                             buf[4..8].copy_from_slice(&ts.to_be_bytes());
                             buf[8..12].copy_from_slice(&dest.ssrc.to_be_bytes());
                         }
@@ -354,7 +504,11 @@ fn live(path: Path, duration: Duration) -> LiveResult {
                         .iter()
                         .zip(&meta)
                         .take(n)
-                        .map(|(b, m)| Transmit { destination: to, contents: &b[..m.len], segment_size: None })
+                        .map(|(b, m)| Transmit {
+                            destination: to,
+                            contents: &b[..m.len],
+                            segment_size: None,
+                        })
                         .collect();
                     let mut done = 0;
                     while done < tx.len() && !stop.load(Ordering::Relaxed) {
@@ -374,18 +528,23 @@ fn live(path: Path, duration: Duration) -> LiveResult {
         let result = b.enter(|| {
             pin(0);
             // Warm-up (ARP for C on the userspace path).
-            bpf.inject_live(XdpProgram::GuardAndForward, &frame, b0_index, 64, 64).expect("inject");
+            bpf.inject_live(XdpProgram::GuardAndForward, &frame, b0_index, 64, 64)
+                .expect("inject");
             thread::sleep(Duration::from_millis(100));
             let base = relayed.load(Ordering::Relaxed);
             let (mut ns, mut injected) = (0f64, 0u64);
             let start = Instant::now();
             while start.elapsed() < duration {
-                let per = bpf.inject_live(XdpProgram::GuardAndForward, &frame, b0_index, CHUNK, 64).expect("inject");
+                let per = bpf
+                    .inject_live(XdpProgram::GuardAndForward, &frame, b0_index, CHUNK, 64)
+                    .expect("inject");
                 ns += per.as_nanos() as f64 * f64::from(CHUNK);
                 injected += u64::from(CHUNK);
                 if path == Path::Userspace {
                     let wait = Instant::now();
-                    while relayed.load(Ordering::Relaxed) - base < injected && wait.elapsed() < Duration::from_millis(20) {
+                    while relayed.load(Ordering::Relaxed) - base < injected
+                        && wait.elapsed() < Duration::from_millis(20)
+                    {
                         thread::sleep(Duration::from_micros(50));
                     }
                 }
@@ -398,17 +557,32 @@ fn live(path: Path, duration: Duration) -> LiveResult {
     });
 
     if std::env::var_os("KERNEL_PATH_DEBUG").is_some() {
-        eprintln!("{path:?}: {:?} flow {:?}", bpf.counters().unwrap(), bpf.flows().counters(key).unwrap());
+        eprintln!(
+            "{path:?}: {:?} flow {:?}",
+            bpf.counters().unwrap(),
+            bpf.flows().counters(key).unwrap()
+        );
     }
     let warmup = 64;
     let forwarded = match path {
-        Path::Kernel => bpf.flows().list().unwrap().iter().map(|(_, c)| c.packets).sum::<u64>().saturating_sub(warmup),
+        Path::Kernel => bpf
+            .flows()
+            .list()
+            .unwrap()
+            .iter()
+            .map(|(_, c)| c.packets)
+            .sum::<u64>()
+            .saturating_sub(warmup),
         Path::Userspace => relayed.load(Ordering::Relaxed).saturating_sub(warmup),
     };
     let b_cpu = inject_ns + relay_cpu.load(Ordering::Relaxed) as f64;
     let b_ns_per_packet = b_cpu / forwarded.max(1) as f64;
     LiveResult {
-        path: if path == Path::Kernel { "kernel" } else { "userspace" },
+        path: if path == Path::Kernel {
+            "kernel"
+        } else {
+            "userspace"
+        },
         injected,
         forwarded,
         received: received.load(Ordering::Relaxed).saturating_sub(warmup),

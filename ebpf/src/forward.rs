@@ -2,7 +2,9 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues};
+use std::collections::{HashMap as StdHashMap, VecDeque};
+
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 
 use crate::error::{Error, Result};
 use crate::guard::is_not_found;
@@ -129,7 +131,7 @@ pub struct FlowEntry {
 }
 
 impl FlowEntry {
-    fn raw(&self) -> Result<FwdEntry> {
+    fn raw(&self, stats_slot: u32) -> Result<FwdEntry> {
         let n = self.destinations.len();
         if n == 0 || n > MAX_DESTINATIONS {
             return Err(Error::InvalidArgument(format!(
@@ -139,6 +141,7 @@ impl FlowEntry {
         let mut raw = FwdEntry {
             n_dests: u32::try_from(n).unwrap_or(0),
             sample_every: self.sample_every,
+            stats_slot,
             ..FwdEntry::default()
         };
         for (slot, dest) in raw.dests.iter_mut().zip(&self.destinations) {
@@ -172,15 +175,23 @@ pub struct FlowCounters {
 }
 
 /// The forwarding table: installed flows and their counters.
+///
+/// Each entry owns a slot of a per-CPU counter array (cheaper for the
+/// programs than a second hash lookup). Freed slots are reused last-in-line,
+/// so a packet in flight during a removal cannot plausibly count into a new
+/// flow's slot.
 pub struct FlowTable {
     entries: HashMap<MapData, FwdKey, FwdEntry>,
-    stats: PerCpuHashMap<MapData, FwdKey, FwdStats>,
+    stats: PerCpuArray<MapData, FwdStats>,
+    slots: StdHashMap<FwdKey, u32>,
+    free: VecDeque<u32>,
     cpus: usize,
 }
 
 impl std::fmt::Debug for FlowTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FlowTable")
+            .field("flows", &self.slots.len())
             .field("cpus", &self.cpus)
             .finish_non_exhaustive()
     }
@@ -189,12 +200,14 @@ impl std::fmt::Debug for FlowTable {
 impl FlowTable {
     pub(crate) fn new(
         entries: HashMap<MapData, FwdKey, FwdEntry>,
-        stats: PerCpuHashMap<MapData, FwdKey, FwdStats>,
+        stats: PerCpuArray<MapData, FwdStats>,
         cpus: usize,
     ) -> Self {
         Self {
             entries,
             stats,
+            slots: StdHashMap::new(),
+            free: (0..MAX_FWD_FLOWS).collect(),
             cpus,
         }
     }
@@ -202,47 +215,77 @@ impl FlowTable {
     /// Installs or replaces the entry for `key`. Replacing keeps the
     /// counters. At most 16384 flows.
     pub fn insert(&mut self, key: FlowKey, entry: &FlowEntry) -> Result<()> {
-        let raw_entry = entry.raw()?;
         let raw_key = key.raw();
-        // Counters first: the programs treat an entry without counters as
-        // unusable.
+        let (slot, fresh) = match self.slots.get(&raw_key) {
+            Some(&slot) => (slot, false),
+            None => {
+                let slot = self.free.pop_front().ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "the forwarding table is full ({MAX_FWD_FLOWS} flows)"
+                    ))
+                })?;
+                (slot, true)
+            }
+        };
+        let raw_entry = match entry.raw(slot) {
+            Ok(raw) => raw,
+            Err(e) => {
+                if fresh {
+                    self.free.push_front(slot);
+                }
+                return Err(e);
+            }
+        };
+        let result = self.zero_slot(slot, fresh).and_then(|()| {
+            self.entries
+                .insert(raw_key, raw_entry, 0)
+                .map_err(|e| Error::map(ENTRIES_MAP, e))
+        });
+        match result {
+            Ok(()) => {
+                self.slots.insert(raw_key, slot);
+                Ok(())
+            }
+            Err(e) => {
+                if fresh {
+                    self.free.push_front(slot);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn zero_slot(&mut self, slot: u32, fresh: bool) -> Result<()> {
+        if !fresh {
+            return Ok(());
+        }
         let zero = PerCpuValues::try_from(vec![FwdStats::default(); self.cpus]).map_err(|e| {
             Error::Io {
                 context: "sizing per-CPU counters",
                 source: e,
             }
         })?;
-        const BPF_NOEXIST: u64 = 1;
-        match self.stats.insert(raw_key, zero, BPF_NOEXIST) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(17) => {}
-            Err(e) => return Err(Error::map(STATS_MAP, e)),
-        }
-        self.entries.insert(raw_key, raw_entry, 0).map_err(|e| {
-            if matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(7)) {
-                Error::InvalidArgument(format!("the forwarding table is full ({MAX_FWD_FLOWS} flows)"))
-            } else {
-                Error::map(ENTRIES_MAP, e)
-            }
-        })
+        self.stats
+            .set(slot, zero, 0)
+            .map_err(|e| Error::map(STATS_MAP, e))
     }
 
-    /// Removes the entry and its counters; its packets go to userspace again.
-    /// Returns the final counters, or `None` if the flow was not installed.
+    /// Removes the entry; its packets go to userspace again. Returns the
+    /// final counters, or `None` if the flow was not installed.
     pub fn remove(&mut self, key: FlowKey) -> Result<Option<FlowCounters>> {
         let raw_key = key.raw();
-        let existed = match self.entries.remove(&raw_key) {
-            Ok(()) => true,
-            Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(Error::map(ENTRIES_MAP, e)),
+        let Some(&slot) = self.slots.get(&raw_key) else {
+            return Ok(None);
         };
-        let counters = self.counters(key)?;
-        match self.stats.remove(&raw_key) {
+        match self.entries.remove(&raw_key) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(Error::map(STATS_MAP, e)),
+            Err(e) => return Err(Error::map(ENTRIES_MAP, e)),
         }
-        Ok(if existed { counters } else { None })
+        let counters = self.slot_counters(slot)?;
+        self.slots.remove(&raw_key);
+        self.free.push_back(slot);
+        Ok(Some(counters))
     }
 
     /// The entry installed for `key`.
@@ -254,34 +297,45 @@ impl FlowTable {
         }
     }
 
+    fn slot_counters(&self, slot: u32) -> Result<FlowCounters> {
+        let per_cpu = self
+            .stats
+            .get(&slot, 0)
+            .map_err(|e| Error::map(STATS_MAP, e))?;
+        Ok(sum(&per_cpu))
+    }
+
     /// A flow's counters, or `None` if it is not installed.
     pub fn counters(&self, key: FlowKey) -> Result<Option<FlowCounters>> {
-        match self.stats.get(&key.raw(), 0) {
-            Ok(per_cpu) => Ok(Some(sum(&per_cpu))),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(Error::map(STATS_MAP, e)),
+        match self.slots.get(&key.raw()) {
+            Some(&slot) => self.slot_counters(slot).map(Some),
+            None => Ok(None),
         }
     }
 
     /// Every installed flow with its counters.
     pub fn list(&self) -> Result<Vec<(FlowKey, FlowCounters)>> {
-        let keys = self
-            .entries
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::map(ENTRIES_MAP, e))?;
-        let mut out = Vec::with_capacity(keys.len());
-        for raw in keys {
-            let key = FlowKey::from_raw(&raw);
-            out.push((key, self.counters(key)?.unwrap_or_default()));
-        }
-        Ok(out)
+        self.slots
+            .iter()
+            .map(|(raw, &slot)| Ok((FlowKey::from_raw(raw), self.slot_counters(slot)?)))
+            .collect()
+    }
+
+    /// Number of installed flows.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether no flow is installed.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 
     /// Removes every flow.
     pub fn clear(&mut self) -> Result<()> {
-        for (key, _) in self.list()? {
-            self.remove(key)?;
+        let keys: Vec<FwdKey> = self.slots.keys().copied().collect();
+        for raw in keys {
+            self.remove(FlowKey::from_raw(&raw))?;
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ mod types;
 
 use std::os::fd::AsFd;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, ReusePortSockArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, ReusePortSockArray};
 use aya::programs::{SchedClassifier, SkReuseport, Xdp};
 use aya::{Ebpf, EbpfLoader};
 
@@ -179,7 +179,7 @@ impl RidgeBpf {
         let steer_cfg: Array<MapData, types::SteerCfg> = typed_map!(&mut ebpf, steer::CFG_MAP);
         let fwd: HashMap<MapData, types::FwdKey, types::FwdEntry> =
             typed_map!(&mut ebpf, forward::ENTRIES_MAP);
-        let fwd_stats: PerCpuHashMap<MapData, types::FwdKey, types::FwdStats> =
+        let fwd_stats: PerCpuArray<MapData, types::FwdStats> =
             typed_map!(&mut ebpf, forward::STATS_MAP);
         let stats: PerCpuArray<MapData, u64> = typed_map!(&mut ebpf, STATS_MAP);
 

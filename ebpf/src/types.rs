@@ -109,6 +109,8 @@ pub(crate) struct FwdDest {
 pub(crate) struct FwdEntry {
     pub(crate) n_dests: u32,
     pub(crate) sample_every: u32,
+    pub(crate) stats_slot: u32,
+    pub(crate) _pad0: u32,
     pub(crate) dests: [FwdDest; FWD_MAX_DESTS],
 }
 
@@ -163,10 +165,12 @@ const _: () = {
     assert!(offset_of!(FwdDest, dst_mac) == 28);
     assert!(offset_of!(FwdDest, src_mac) == 34);
 
-    assert!(size_of::<FwdEntry>() == 8 + 40 * FWD_MAX_DESTS);
+    assert!(size_of::<FwdEntry>() == 16 + 40 * FWD_MAX_DESTS);
     assert!(offset_of!(FwdEntry, n_dests) == 0);
     assert!(offset_of!(FwdEntry, sample_every) == 4);
-    assert!(offset_of!(FwdEntry, dests) == 8);
+    assert!(offset_of!(FwdEntry, stats_slot) == 8);
+    assert!(offset_of!(FwdEntry, _pad0) == 12);
+    assert!(offset_of!(FwdEntry, dests) == 16);
 
     assert!(size_of::<FwdStats>() == 48 && align_of::<FwdStats>() == 8);
     assert!(offset_of!(FwdStats, packets) == 0);

@@ -16,7 +16,8 @@ fn shard_socket(addr: SocketAddr) -> UdpSocket {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
     s.set_reuse_port(true).unwrap();
     s.bind(&addr.into()).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     s.into()
 }
 
@@ -45,8 +46,9 @@ fn steering_sends_flows_to_their_shard() {
     let local: SocketAddr = "127.0.0.1:5004".parse().unwrap();
     let (shards, clients) = ns.enter(|| {
         let shards: Vec<UdpSocket> = (0..SHARDS).map(|_| shard_socket(local)).collect();
-        let clients: Vec<UdpSocket> =
-            (0..12).map(|i| UdpSocket::bind(("127.0.0.1", 4000 + i)).unwrap()).collect();
+        let clients: Vec<UdpSocket> = (0..12)
+            .map(|i| UdpSocket::bind(("127.0.0.1", 4000 + i)).unwrap())
+            .collect();
         (shards, clients)
     });
     bpf.attach_steering(&shards).expect("attach steering");
@@ -56,10 +58,22 @@ fn steering_sends_flows_to_their_shard() {
     for (i, client) in clients.iter().enumerate().take(8) {
         let remote = client.local_addr().unwrap();
         let shard = (SHARDS - 1) - i % SHARDS;
-        bpf.steering().insert(SteerFlow { remote, local }, shard as u32).unwrap();
+        bpf.steering()
+            .insert(SteerFlow { remote, local }, shard as u32)
+            .unwrap();
         expected.insert(remote.port(), shard);
     }
-    assert!(bpf.steering().insert(SteerFlow { remote: local, local }, SHARDS as u32).is_err());
+    assert!(
+        bpf.steering()
+            .insert(
+                SteerFlow {
+                    remote: local,
+                    local
+                },
+                SHARDS as u32
+            )
+            .is_err()
+    );
     assert_eq!(bpf.steering().len().unwrap(), 8);
 
     let send_all = |clients: &[UdpSocket]| {
@@ -82,12 +96,20 @@ fn steering_sends_flows_to_their_shard() {
     }
     assert_eq!(got.iter().map(Vec::len).sum::<usize>(), 12 * 20);
     let c = bpf.counters().unwrap();
-    assert_eq!((c.steer_flow, c.steer_default, c.steer_errors), (8 * 20, 4 * 20, 0));
+    assert_eq!(
+        (c.steer_flow, c.steer_default, c.steer_errors),
+        (8 * 20, 4 * 20, 0)
+    );
 
     // Without a default, unknown flows are left to the kernel's hash (all
     // still delivered, each flow to one socket); known flows still steer.
     bpf.steering().set_default_shard(None).unwrap();
-    bpf.steering().remove(SteerFlow { remote: clients[0].local_addr().unwrap(), local }).unwrap();
+    bpf.steering()
+        .remove(SteerFlow {
+            remote: clients[0].local_addr().unwrap(),
+            local,
+        })
+        .unwrap();
     expected.remove(&4000);
     send_all(&clients);
     let got = received(&shards);
@@ -98,7 +120,11 @@ fn steering_sends_flows_to_their_shard() {
             if let Some(want) = expected.get(port) {
                 assert_eq!(shard, *want, "known flow from port {port}");
             }
-            assert_eq!(*home.entry(*port).or_insert(shard), shard, "flow {port} stays on one shard");
+            assert_eq!(
+                *home.entry(*port).or_insert(shard),
+                shard,
+                "flow {port} stays on one shard"
+            );
         }
     }
     assert_eq!(bpf.counters().unwrap().steer_hash, 5 * 20);
@@ -106,6 +132,13 @@ fn steering_sends_flows_to_their_shard() {
     // Detached: the kernel alone decides; nothing is lost.
     bpf.detach_steering().unwrap();
     send_all(&clients);
-    assert_eq!(received(&shards).iter().map(Vec::len).sum::<usize>(), 12 * 20);
-    assert_eq!(bpf.counters().unwrap().steer_flow, 8 * 20 + 7 * 20, "program no longer runs");
+    assert_eq!(
+        received(&shards).iter().map(Vec::len).sum::<usize>(),
+        12 * 20
+    );
+    assert_eq!(
+        bpf.counters().unwrap().steer_flow,
+        8 * 20 + 7 * 20,
+        "program no longer runs"
+    );
 }
