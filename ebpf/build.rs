@@ -92,5 +92,5 @@ fn multiarch_include() -> Option<PathBuf> {
 
 fn fail(message: &str) -> ! {
     eprintln!("error: {message}");
-    panic!("ridge-ebpf build failed: {message}");
+    std::process::exit(1);
 }

@@ -124,4 +124,45 @@ struct ridge_fwd_stats {
 	__u32 _pad0;
 };
 
+/* The same sizes and offsets that src/types.rs asserts for the Rust
+ * mirrors: a change on one side only fails one of the two builds. */
+#define RIDGE_LAYOUT(type, size) _Static_assert(sizeof(type) == (size), #type " size")
+#define RIDGE_AT(type, field, off) \
+	_Static_assert(__builtin_offsetof(type, field) == (off), #type "." #field " offset")
+RIDGE_LAYOUT(struct ridge_guard_cfg, 16);
+RIDGE_AT(struct ridge_guard_cfg, tolerance_ns, 8);
+RIDGE_LAYOUT(struct ridge_src_key, 16);
+RIDGE_LAYOUT(struct ridge_rate_state, 8);
+RIDGE_LAYOUT(struct ridge_steer_key, 36);
+RIDGE_AT(struct ridge_steer_key, dst_addr, 16);
+RIDGE_AT(struct ridge_steer_key, src_port, 32);
+RIDGE_AT(struct ridge_steer_key, dst_port, 34);
+RIDGE_LAYOUT(struct ridge_steer_cfg, 8);
+RIDGE_AT(struct ridge_steer_cfg, default_shard, 4);
+RIDGE_LAYOUT(struct ridge_fwd_key, 16);
+RIDGE_AT(struct ridge_fwd_key, dst_addr, 4);
+RIDGE_AT(struct ridge_fwd_key, src_port, 8);
+RIDGE_AT(struct ridge_fwd_key, dst_port, 10);
+RIDGE_AT(struct ridge_fwd_key, ssrc, 12);
+RIDGE_LAYOUT(struct ridge_fwd_dest, 40);
+RIDGE_AT(struct ridge_fwd_dest, src_addr, 4);
+RIDGE_AT(struct ridge_fwd_dest, dst_port, 8);
+RIDGE_AT(struct ridge_fwd_dest, src_port, 10);
+RIDGE_AT(struct ridge_fwd_dest, ssrc, 12);
+RIDGE_AT(struct ridge_fwd_dest, ts_offset, 16);
+RIDGE_AT(struct ridge_fwd_dest, seq_offset, 20);
+RIDGE_AT(struct ridge_fwd_dest, ifindex, 24);
+RIDGE_AT(struct ridge_fwd_dest, dst_mac, 28);
+RIDGE_AT(struct ridge_fwd_dest, src_mac, 34);
+RIDGE_LAYOUT(struct ridge_fwd_entry, 16 + 40 * RIDGE_FWD_MAX_DESTS);
+RIDGE_AT(struct ridge_fwd_entry, sample_every, 4);
+RIDGE_AT(struct ridge_fwd_entry, stats_slot, 8);
+RIDGE_AT(struct ridge_fwd_entry, dests, 16);
+RIDGE_LAYOUT(struct ridge_fwd_stats, 48);
+RIDGE_AT(struct ridge_fwd_stats, bytes, 8);
+RIDGE_AT(struct ridge_fwd_stats, copies, 16);
+RIDGE_AT(struct ridge_fwd_stats, sampled, 24);
+RIDGE_AT(struct ridge_fwd_stats, errors, 32);
+RIDGE_AT(struct ridge_fwd_stats, sample_countdown, 40);
+
 #endif

@@ -352,3 +352,58 @@ fn sum(per_cpu: &PerCpuValues<FwdStats>) -> FlowCounters {
             errors: acc.errors + s.errors,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(i: u8) -> Destination {
+        Destination {
+            dst: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, i), 6000),
+            src: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 5004),
+            ssrc: 0x0102_0304,
+            seq_offset: 0x0a0b,
+            ts_offset: 0x1122_3344,
+            ifindex: 7,
+            dst_mac: [2, 0, 0, 0, 0, i],
+            src_mac: [2, 0, 0, 0, 0, 0xff],
+        }
+    }
+
+    #[test]
+    fn keys_are_in_network_byte_order() {
+        let key = FlowKey {
+            src: "192.0.2.1:4000".parse().unwrap(),
+            dst: "192.0.2.2:5004".parse().unwrap(),
+            ssrc: 0xdead_beef,
+        };
+        let raw = key.raw();
+        assert_eq!(raw.src_addr.to_ne_bytes(), [192, 0, 2, 1]);
+        assert_eq!(raw.dst_port.to_ne_bytes(), 5004u16.to_be_bytes());
+        assert_eq!(raw.ssrc.to_ne_bytes(), [0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(FlowKey::from_raw(&raw), key);
+    }
+
+    #[test]
+    fn entries_round_trip_and_need_one_to_eight_destinations() {
+        let entry = FlowEntry {
+            destinations: (1..=3).map(dest).collect(),
+            sample_every: 5,
+        };
+        let raw = entry.raw(42).unwrap();
+        assert_eq!((raw.n_dests, raw.sample_every, raw.stats_slot), (3, 5, 42));
+        assert_eq!(raw.dests[0].dst_addr.to_ne_bytes(), [192, 0, 2, 1]);
+        assert_eq!(
+            raw.dests[0].seq_offset, 0x0a0b,
+            "offsets stay in host order"
+        );
+        assert_eq!(FlowEntry::from_raw(&raw), entry);
+        for n in [0, MAX_DESTINATIONS + 1] {
+            let bad = FlowEntry {
+                destinations: (0..n).map(|i| dest(i as u8)).collect(),
+                sample_every: 0,
+            };
+            assert!(matches!(bad.raw(0), Err(Error::InvalidArgument(_))));
+        }
+    }
+}

@@ -142,3 +142,41 @@ pub(crate) fn is_not_found(e: &aya::maps::MapError) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_becomes_gcra_interval_and_tolerance() {
+        let cfg = RateLimit {
+            packets_per_second: 500,
+            burst: 100,
+        }
+        .to_cfg()
+        .unwrap();
+        assert_eq!(cfg.interval_ns, 2_000_000);
+        assert_eq!(cfg.tolerance_ns, 99 * 2_000_000);
+        let one = RateLimit {
+            packets_per_second: 1,
+            burst: 1,
+        }
+        .to_cfg()
+        .unwrap();
+        assert_eq!((one.interval_ns, one.tolerance_ns), (1_000_000_000, 0));
+        let max = RateLimit {
+            packets_per_second: u32::MAX,
+            burst: u32::MAX,
+        }
+        .to_cfg()
+        .unwrap();
+        assert_eq!(max.interval_ns, 1, "never 0, which would disable the limit");
+        for bad in [(0, 1), (1, 0)] {
+            let limit = RateLimit {
+                packets_per_second: bad.0,
+                burst: bad.1,
+            };
+            assert!(matches!(limit.to_cfg(), Err(Error::InvalidArgument(_))));
+        }
+    }
+}

@@ -180,3 +180,25 @@ impl Steering {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_flows_are_keyed_as_mapped_ipv6() {
+        let flow = SteerFlow {
+            remote: "192.0.2.1:4000".parse().unwrap(),
+            local: "[2001:db8::1]:5004".parse().unwrap(),
+        };
+        let key = flow.key();
+        assert_eq!(
+            &key.src_addr[..12],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        );
+        assert_eq!(&key.src_addr[12..], &[192, 0, 2, 1]);
+        assert_eq!(key.dst_addr[0..2], [0x20, 0x01]);
+        assert_eq!(key.src_port.to_ne_bytes(), 4000u16.to_be_bytes());
+        assert_eq!(key.dst_port.to_ne_bytes(), 5004u16.to_be_bytes());
+    }
+}

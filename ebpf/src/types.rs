@@ -3,7 +3,8 @@
 //! Every struct has explicit padding fields and compile-time checks of its
 //! size, alignment and every field offset against the C layout, so a change
 //! on one side that is not made on the other fails the build. The C header
-//! is the source of truth.
+//! is the source of truth, and asserts the same sizes and offsets with
+//! `_Static_assert`, so a change on either side alone fails a build.
 
 use core::mem::{align_of, offset_of, size_of};
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{Netns, load, require, root};
+use common::{Netns, ip_tool, load, require};
 use ridge_ebpf::SteerFlow;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -38,7 +38,7 @@ fn received(shards: &[UdpSocket]) -> Vec<Vec<u16>> {
 
 #[test]
 fn steering_sends_flows_to_their_shard() {
-    if require("steering_sends_flows_to_their_shard", root()).is_err() {
+    if require("steering_sends_flows_to_their_shard", ip_tool()).is_err() {
         return;
     }
     let ns = Netns::new("steer");

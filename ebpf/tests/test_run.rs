@@ -512,7 +512,12 @@ fn xdp_samples_one_in_n_to_userspace() {
 
 #[test]
 fn xdp_leaves_fan_out_to_tc_and_tc_fans_out() {
-    if require("xdp_leaves_fan_out_to_tc_and_tc_fans_out", root()).is_err() {
+    if require(
+        "xdp_leaves_fan_out_to_tc_and_tc_fans_out",
+        common::ip_tool(),
+    )
+    .is_err()
+    {
         return;
     }
     let mut bpf = guard_bpf();

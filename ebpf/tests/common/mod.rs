@@ -34,6 +34,20 @@ pub fn root() -> Result<(), String> {
     }
 }
 
+/// Root and the `ip` tool (namespaces).
+pub fn ip_tool() -> Result<(), String> {
+    root()?;
+    let ok = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Ok(())
+    } else {
+        Err("`ip` (iproute2) is missing; install it with `bash tests/install-deps.sh`".to_owned())
+    }
+}
+
 /// Root and the `ip` and `ethtool` tools.
 pub fn netns_tools() -> Result<(), String> {
     root()?;
