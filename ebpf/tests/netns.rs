@@ -210,10 +210,38 @@ fn transit_is_forwarded_in_the_kernel() {
         u64::from(PACKETS)
     );
 
-    // Teardown: removing the entry sends the flow to userspace again.
+    // Removing the entry sends the flow to userspace again.
     bpf.flows().remove(key).unwrap();
     send_rtp(&a_sock, key.dst, key.ssrc, 10);
     assert_eq!(drain(&b_sock).len(), 10);
+    assert!(drain(&c_sock).is_empty());
+
+    // Teardown detaches the programs.
+    bpf.flows()
+        .insert(
+            key,
+            &FlowEntry {
+                destinations: vec![d],
+                sample_every: 0,
+            },
+        )
+        .unwrap();
+    assert!(
+        t.b.ip(&["-j", "link", "show", "dev", "b0"])
+            .contains("\"xdp\"")
+    );
+    drop(bpf);
+    assert!(
+        !t.b.ip(&["-j", "link", "show", "dev", "b0"])
+            .contains("\"xdp\""),
+        "XDP detached on drop"
+    );
+    send_rtp(&a_sock, key.dst, key.ssrc, 10);
+    assert_eq!(
+        drain(&b_sock).len(),
+        10,
+        "after drop, media reaches B's userspace"
+    );
     assert!(drain(&c_sock).is_empty());
 }
 
@@ -329,6 +357,16 @@ fn fan_out_through_tc_clones() {
         (fc.packets, fc.copies, fc.errors),
         (u64::from(n), 4 * u64::from(n), 0)
     );
+
+    // Teardown detaches the TC program too: media reaches B's userspace.
+    drop(bpf);
+    send_rtp(&a_sock, key.dst, key.ssrc, 10);
+    assert_eq!(
+        drain(&b_sock).len(),
+        10,
+        "after drop, media reaches B's userspace"
+    );
+    assert!(drain(&c_socks[0]).is_empty());
 }
 
 #[test]
