@@ -190,6 +190,17 @@ impl RidgeBpf {
     /// kernel has it, else a filter on a `clsact` qdisc (added if missing).
     /// Needed on the ingress interface of flows with several destinations.
     pub fn attach_tc_fanout(&mut self, iface: &str) -> Result<TcAttachKind> {
+        self.attach_tc_fanout_with(iface, &[TcAttachKind::Tcx, TcAttachKind::Clsact])
+    }
+
+    /// [`attach_tc_fanout`](Self::attach_tc_fanout) trying only `kinds`, in
+    /// order. A `clsact` qdisc this adds stays when the program is detached
+    /// (it is empty then, and other filters may have joined it).
+    pub fn attach_tc_fanout_with(
+        &mut self,
+        iface: &str,
+        kinds: &[TcAttachKind],
+    ) -> Result<TcAttachKind> {
         if iface.contains('\0') {
             return Err(Error::InvalidArgument(format!(
                 "interface name {iface:?} contains NUL"
@@ -197,37 +208,51 @@ impl RidgeBpf {
         }
         self.detach_tc_fanout(iface)?;
         let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_FANOUT)?;
-        let (link, kind) = match prog.attach_with_options(
-            iface,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        ) {
-            Ok(link) => (link, TcAttachKind::Tcx),
-            Err(tcx_err) => {
-                // EEXIST (a clsact qdisc is already there) is fine.
-                if let Err(e) = tc::qdisc_add_clsact(iface) {
-                    tracing::debug!("ridge-ebpf: adding clsact to {iface}: {e}");
+        let mut failures = Vec::new();
+        for &kind in kinds {
+            let options = match kind {
+                TcAttachKind::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                TcAttachKind::Clsact => {
+                    // EEXIST (a clsact qdisc is already there) is fine.
+                    if let Err(e) = tc::qdisc_add_clsact(iface) {
+                        tracing::debug!("ridge-ebpf: adding clsact to {iface}: {e}");
+                    }
+                    TcAttachOptions::Netlink(NlOptions::default())
                 }
-                let link = prog
-                    .attach_with_options(
-                        iface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::Netlink(NlOptions::default()),
-                    )
-                    .map_err(|e| Error::Attach {
-                        program: PROG_FANOUT,
-                        target: format!("{iface} ingress (tcx: {}; clsact)", error_chain(&tcx_err)),
-                        source: Box::new(e),
-                    })?;
-                (link, TcAttachKind::Clsact)
+            };
+            match prog.attach_with_options(iface, TcAttachType::Ingress, options) {
+                Ok(link) => {
+                    tracing::info!("ridge-ebpf: TC {PROG_FANOUT} on {iface} ingress ({kind:?})");
+                    self.attachments.tc.push(TcAttachment {
+                        iface: iface.to_owned(),
+                        link,
+                    });
+                    return Ok(kind);
+                }
+                Err(e) => failures.push((kind, e)),
+            }
+        }
+        let target = format!(
+            "{iface} ingress ({})",
+            failures
+                .iter()
+                .map(|(kind, e)| format!("{kind:?}: {}", error_chain(e)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let source = match failures.pop() {
+            Some((_, e)) => e,
+            None => {
+                return Err(Error::InvalidArgument(
+                    "no TC attach kind to try".to_owned(),
+                ));
             }
         };
-        tracing::info!("ridge-ebpf: TC {PROG_FANOUT} on {iface} ingress ({kind:?})");
-        self.attachments.tc.push(TcAttachment {
-            iface: iface.to_owned(),
-            link,
-        });
-        Ok(kind)
+        Err(Error::Attach {
+            program: PROG_FANOUT,
+            target,
+            source: Box::new(source),
+        })
     }
 
     /// Detaches the fan-out program from `iface`, if this `RidgeBpf`

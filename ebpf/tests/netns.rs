@@ -13,7 +13,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Netns, load, netns_tools, require, rtcp_sr, rtp, v4, veth};
-use ridge_ebpf::{AttachMode, Destination, FlowEntry, FlowKey, RateLimit, XdpProgram};
+use ridge_ebpf::{
+    AttachMode, Destination, FlowEntry, FlowKey, RateLimit, TcAttachKind, XdpProgram,
+};
 
 const MEDIA_PORT: u16 = 5004;
 const PACKETS: u16 = 1000;
@@ -312,14 +314,35 @@ fn fan_out_through_tc_clones() {
     if require("fan_out_through_tc_clones", netns_tools()).is_err() {
         return;
     }
-    let t = Transit::new("fanout");
+    fan_out(TcAttachKind::Tcx);
+}
+
+#[test]
+fn fan_out_through_tc_clones_on_clsact() {
+    if require("fan_out_through_tc_clones_on_clsact", netns_tools()).is_err() {
+        return;
+    }
+    fan_out(TcAttachKind::Clsact);
+}
+
+fn fan_out(kind: TcAttachKind) {
+    let t = Transit::new(&format!("fanout-{kind:?}"));
     let mut bpf = load();
     bpf.guard().set_media_ports(&[MEDIA_PORT]).unwrap();
     assert_eq!(
         t.b.enter(|| bpf.attach_xdp("b0", XdpProgram::GuardAndForward)),
         AttachMode::Native
     );
-    t.b.enter(|| bpf.attach_tc_fanout("b0")).expect("attach TC");
+    let got_kind =
+        t.b.enter(|| bpf.attach_tc_fanout_with("b0", &[kind]))
+            .expect("attach TC");
+    assert_eq!(got_kind, kind);
+    if kind == TcAttachKind::Clsact {
+        assert!(
+            t.b.exec(&["tc", "filter", "show", "dev", "b0", "ingress"])
+                .contains("ridge_fanout")
+        );
+    }
 
     let b_sock = bind(&t.b, v4([10, 77, 1, 2], MEDIA_PORT));
     let a_sock = bind(&t.a, v4([10, 77, 1, 1], 4000));
