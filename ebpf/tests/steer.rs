@@ -142,3 +142,49 @@ fn steering_sends_flows_to_their_shard() {
         "program no longer runs"
     );
 }
+
+#[test]
+fn steering_handles_ipv6_flows() {
+    if require("steering_handles_ipv6_flows", ip_tool()).is_err() {
+        return;
+    }
+    let ns = Netns::new("steer6");
+    let mut bpf = load();
+    let local: SocketAddr = "[::1]:5004".parse().unwrap();
+    let (shards, clients) = ns.enter(|| {
+        let shards: Vec<UdpSocket> = (0..SHARDS)
+            .map(|_| {
+                let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+                s.set_only_v6(true).unwrap();
+                s.set_reuse_port(true).unwrap();
+                s.bind(&local.into()).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                s.into()
+            })
+            .collect();
+        let clients: Vec<UdpSocket> = (0..6)
+            .map(|i| UdpSocket::bind(("::1", 4100 + i)).unwrap())
+            .collect();
+        (shards, clients)
+    });
+    bpf.attach_steering(&shards).expect("attach steering");
+    // Every client to shard 2, except the last, which is unknown.
+    for client in &clients[..5] {
+        let remote = client.local_addr().unwrap();
+        bpf.steering()
+            .insert(SteerFlow { remote, local }, 2)
+            .unwrap();
+    }
+    bpf.steering().set_default_shard(Some(0)).unwrap();
+    for round in 0..10u8 {
+        for c in &clients {
+            c.send_to(&[round], local).unwrap();
+        }
+    }
+    let got = received(&shards);
+    assert_eq!(got[2].len(), 50, "{got:?}");
+    assert_eq!(got[0], vec![4105; 10], "{got:?}");
+    assert!(got[1].is_empty() && got[3].is_empty());
+    assert!(got[2].iter().all(|p| (4100..4105).contains(p)));
+}
