@@ -20,6 +20,47 @@
 //! [`AttachMode::None`]: then every packet takes the userspace path).
 //!
 //! Everything here needs `CAP_BPF`/`CAP_NET_ADMIN` (root, in practice).
+//!
+//! ```no_run
+//! use std::net::UdpSocket;
+//! use ridge_ebpf::*;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let shard_sockets: Vec<UdpSocket> = Vec::new();
+//! let mut bpf = RidgeBpf::load()?;
+//! bpf.guard().set_media_ports(&[5004])?;
+//! bpf.guard().set_rate_limit(Some(RateLimit { packets_per_second: 2000, burst: 200 }))?;
+//! let mode = bpf.attach_xdp("eth0", XdpProgram::GuardAndForward);
+//! println!("xdp mode: {}", mode.as_str());
+//! bpf.attach_tc_fanout("eth0")?;
+//!
+//! bpf.attach_steering(&shard_sockets)?;
+//! let flow = SteerFlow { remote: "192.0.2.7:40000".parse()?, local: "198.51.100.1:5004".parse()? };
+//! bpf.steering().insert(flow, 1)?;
+//!
+//! let key = FlowKey { src: "192.0.2.7:40000".parse()?, dst: "198.51.100.1:5004".parse()?, ssrc: 0x1234 };
+//! bpf.flows().insert(key, &FlowEntry {
+//!     destinations: vec![Destination {
+//!         dst: "203.0.113.9:6000".parse()?,
+//!         src: "198.51.100.1:5004".parse()?,
+//!         ssrc: 0x5678,
+//!         seq_offset: 0,
+//!         ts_offset: 0,
+//!         ifindex: 2,
+//!         dst_mac: [0x02, 0, 0, 0, 0, 1],
+//!         src_mac: [0x02, 0, 0, 0, 0, 2],
+//!     }],
+//!     sample_every: 100,
+//! })?;
+//! if let Some(c) = bpf.flows().counters(key)? {
+//!     println!("{} packets forwarded in the kernel", c.packets);
+//! }
+//! for (reason, n) in bpf.counters()?.drops_by_reason() {
+//!     println!("dropped {reason}: {n}");
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod attach;
 mod error;
@@ -245,7 +286,9 @@ impl RidgeBpf {
     /// address. Calling it again replaces the shard sockets.
     pub fn attach_steering<S: AsFd>(&mut self, sockets: &[S]) -> Result<()> {
         self.steering.set_sockets(sockets)?;
-        let first = sockets[0].as_fd();
+        let Some(first) = sockets.first().map(AsFd::as_fd) else {
+            return Err(Error::InvalidArgument("no shard sockets".to_owned()));
+        };
         let prog: &SkReuseport = self
             .ebpf
             .program(PROG_STEER)
