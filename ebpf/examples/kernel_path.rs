@@ -16,6 +16,7 @@
 //! ```
 //!
 //! Needs root; prints a table and then one JSON object.
+//! `KERNEL_PATH_DEBUG=1` also prints the programs' counters after each path.
 #![allow(clippy::print_stdout)] // a command-line report
 
 #[path = "../tests/common/mod.rs"]
