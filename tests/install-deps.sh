@@ -4,9 +4,11 @@
 #   tests/install-deps.sh --test   also what the test suite uses (Chromium)
 set -euo pipefail
 
-packages=(build-essential pkg-config ca-certificates curl)
+# clang, libbpf-dev and linux-libc-dev build ridge-ebpf's BPF programs.
+packages=(build-essential pkg-config ca-certificates curl clang libbpf-dev linux-libc-dev)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(chromium)
+  # iproute2 and ethtool: ridge-ebpf's network-namespace tests.
+  packages+=(chromium iproute2 ethtool)
 fi
 
 sudo_cmd=()

@@ -1,0 +1,168 @@
+/* Map key and value types shared by the BPF programs (ridge.bpf.c) and
+ * userspace. The Rust mirrors live in src/types.rs and check size and every
+ * field offset at compile time: change both together.
+ *
+ * Rules: fixed-width types only, explicit padding fields (named _pad*), no
+ * bool. Addresses, ports and SSRCs are in network byte order (as on the
+ * wire); offsets and counters are in host byte order.
+ */
+#ifndef RIDGE_H
+#define RIDGE_H
+
+#include <linux/types.h>
+
+/* Limits compiled into the maps. */
+#define RIDGE_MAX_RATE_SOURCES 65536
+#define RIDGE_MAX_STEER_FLOWS 65536
+#define RIDGE_MAX_SHARDS 64
+#define RIDGE_MAX_FWD_FLOWS 16384
+#define RIDGE_FWD_MAX_DESTS 8
+
+/* Indices of the per-CPU counter array `ridge_stats`. */
+enum ridge_stat {
+	/* Guard: drops on media ports, by reason. */
+	RIDGE_DROP_TRUNCATED = 0,    /* frame shorter than the IP total length */
+	RIDGE_DROP_BAD_IP_LENGTH = 1, /* IP total/payload length inconsistent */
+	RIDGE_DROP_BAD_UDP_LENGTH = 2, /* UDP length != IP payload length */
+	RIDGE_DROP_FRAGMENT = 3,     /* first fragment of a fragmented datagram */
+	RIDGE_DROP_RATE_LIMITED = 4, /* source over its rate */
+	/* Guard: other outcomes. */
+	RIDGE_GUARD_MEDIA_OK = 5,    /* valid packet on a media port */
+	RIDGE_GUARD_NOT_MEDIA = 6,   /* not (attributable to) a media port: untouched */
+	/* Forwarding (XDP and TC). */
+	RIDGE_FWD_XDP_TX = 7,
+	RIDGE_FWD_XDP_REDIRECT = 8,
+	RIDGE_FWD_TC_COPIES = 9,     /* copies sent by the TC fan-out */
+	RIDGE_FWD_SAMPLED = 10,      /* installed-flow packets handed to userspace */
+	RIDGE_FWD_ERRORS = 11,       /* redirect/clone failures, unusable entries */
+	/* Steering. */
+	RIDGE_STEER_FLOW = 12,       /* known flow, sent to its shard */
+	RIDGE_STEER_DEFAULT = 13,    /* unknown flow, sent to the default shard */
+	RIDGE_STEER_HASH = 14,       /* unknown flow, left to the kernel's hash */
+	RIDGE_STEER_ERRORS = 15,     /* shard slot empty or select failed */
+	RIDGE_STAT_COUNT = 16,
+};
+
+/* Guard configuration (array map `ridge_guard_cfg`, one element).
+ * Rate limiting is GCRA (a token bucket expressed as a theoretical arrival
+ * time): userspace turns rate/burst into these two numbers so that the BPF
+ * side needs no division. interval_ns == 0 disables rate limiting. */
+struct ridge_guard_cfg {
+	__u64 interval_ns;  /* 1e9 / packets per second */
+	__u64 tolerance_ns; /* interval_ns * (burst - 1) */
+};
+
+/* Rate-limiter key (LRU hash `ridge_rate`): the source address; IPv4 as
+ * IPv4-mapped IPv6 (::ffff:a.b.c.d). */
+struct ridge_src_key {
+	__u8 addr[16];
+};
+
+/* Rate-limiter state: the theoretical arrival time of the next packet. */
+struct ridge_rate_state {
+	__u64 tat_ns;
+};
+
+/* Steering key (hash `ridge_steer_flows`): the flow as the shard sockets
+ * see it. Addresses IPv4-mapped for IPv4. */
+struct ridge_steer_key {
+	__u8 src_addr[16];
+	__u8 dst_addr[16];
+	__u16 src_port;
+	__u16 dst_port;
+};
+
+/* Steering configuration (array `ridge_steer_cfg`, one element). */
+struct ridge_steer_cfg {
+	__u32 use_default;   /* 0: unknown flows use the kernel's hash */
+	__u32 default_shard; /* index into ridge_steer_socks */
+};
+
+/* Forwarding key (hash `ridge_fwd`): IPv4 UDP 5-tuple (the protocol is
+ * always UDP) plus the RTP SSRC, as received. */
+struct ridge_fwd_key {
+	__u32 src_addr;
+	__u32 dst_addr;
+	__u16 src_port;
+	__u16 dst_port;
+	__u32 ssrc;
+};
+
+/* One destination of a forwarded flow: the rewritten headers. */
+struct ridge_fwd_dest {
+	__u32 dst_addr;
+	__u32 src_addr;
+	__u16 dst_port;
+	__u16 src_port;
+	__u32 ssrc;       /* new SSRC, network order */
+	__u32 ts_offset;  /* added to the RTP timestamp, mod 2^32 */
+	__u16 seq_offset; /* added to the RTP sequence number, mod 2^16 */
+	__u16 _pad0;
+	__u32 ifindex;    /* egress interface */
+	__u8 dst_mac[6];
+	__u8 src_mac[6];
+};
+
+/* Forwarding value. */
+struct ridge_fwd_entry {
+	__u32 n_dests;      /* 1..=RIDGE_FWD_MAX_DESTS */
+	__u32 sample_every; /* hand 1 in N packets to userspace; 0 = never */
+	__u32 stats_slot;   /* index into ridge_fwd_stats, owned by this entry */
+	__u32 _pad0;
+	struct ridge_fwd_dest dests[RIDGE_FWD_MAX_DESTS];
+};
+
+/* Per-entry counters (per-CPU array `ridge_fwd_stats`, at the entry's
+ * stats_slot: an array lookup is inlined, a hash lookup is not). */
+struct ridge_fwd_stats {
+	__u64 packets;   /* received packets forwarded in the kernel */
+	__u64 bytes;     /* their size, L2 frame */
+	__u64 copies;    /* packets sent (packets x destinations) */
+	__u64 sampled;   /* packets handed to userspace as samples */
+	__u64 errors;    /* redirect or clone failures */
+	__u32 sample_countdown;
+	__u32 _pad0;
+};
+
+/* The same sizes and offsets that src/types.rs asserts for the Rust
+ * mirrors: a change on one side only fails one of the two builds. */
+#define RIDGE_LAYOUT(type, size) _Static_assert(sizeof(type) == (size), #type " size")
+#define RIDGE_AT(type, field, off) \
+	_Static_assert(__builtin_offsetof(type, field) == (off), #type "." #field " offset")
+RIDGE_LAYOUT(struct ridge_guard_cfg, 16);
+RIDGE_AT(struct ridge_guard_cfg, tolerance_ns, 8);
+RIDGE_LAYOUT(struct ridge_src_key, 16);
+RIDGE_LAYOUT(struct ridge_rate_state, 8);
+RIDGE_LAYOUT(struct ridge_steer_key, 36);
+RIDGE_AT(struct ridge_steer_key, dst_addr, 16);
+RIDGE_AT(struct ridge_steer_key, src_port, 32);
+RIDGE_AT(struct ridge_steer_key, dst_port, 34);
+RIDGE_LAYOUT(struct ridge_steer_cfg, 8);
+RIDGE_AT(struct ridge_steer_cfg, default_shard, 4);
+RIDGE_LAYOUT(struct ridge_fwd_key, 16);
+RIDGE_AT(struct ridge_fwd_key, dst_addr, 4);
+RIDGE_AT(struct ridge_fwd_key, src_port, 8);
+RIDGE_AT(struct ridge_fwd_key, dst_port, 10);
+RIDGE_AT(struct ridge_fwd_key, ssrc, 12);
+RIDGE_LAYOUT(struct ridge_fwd_dest, 40);
+RIDGE_AT(struct ridge_fwd_dest, src_addr, 4);
+RIDGE_AT(struct ridge_fwd_dest, dst_port, 8);
+RIDGE_AT(struct ridge_fwd_dest, src_port, 10);
+RIDGE_AT(struct ridge_fwd_dest, ssrc, 12);
+RIDGE_AT(struct ridge_fwd_dest, ts_offset, 16);
+RIDGE_AT(struct ridge_fwd_dest, seq_offset, 20);
+RIDGE_AT(struct ridge_fwd_dest, ifindex, 24);
+RIDGE_AT(struct ridge_fwd_dest, dst_mac, 28);
+RIDGE_AT(struct ridge_fwd_dest, src_mac, 34);
+RIDGE_LAYOUT(struct ridge_fwd_entry, 16 + 40 * RIDGE_FWD_MAX_DESTS);
+RIDGE_AT(struct ridge_fwd_entry, sample_every, 4);
+RIDGE_AT(struct ridge_fwd_entry, stats_slot, 8);
+RIDGE_AT(struct ridge_fwd_entry, dests, 16);
+RIDGE_LAYOUT(struct ridge_fwd_stats, 48);
+RIDGE_AT(struct ridge_fwd_stats, bytes, 8);
+RIDGE_AT(struct ridge_fwd_stats, copies, 16);
+RIDGE_AT(struct ridge_fwd_stats, sampled, 24);
+RIDGE_AT(struct ridge_fwd_stats, errors, 32);
+RIDGE_AT(struct ridge_fwd_stats, sample_countdown, 40);
+
+#endif

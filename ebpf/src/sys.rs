@@ -1,0 +1,26 @@
+//! The crate's only `unsafe` code: marking the map types as plain old data
+//! for aya, which copies them byte for byte to and from the kernel.
+
+use aya::Pod;
+
+use crate::types::{FwdEntry, FwdKey, FwdStats, GuardCfg, RateState, SrcKey, SteerCfg, SteerKey};
+
+// SAFETY: `#[repr(C)]`, only integer and integer-array fields, padding made
+// explicit (checked in types.rs), so every byte pattern is a valid value and
+// no byte is uninitialized.
+unsafe impl Pod for GuardCfg {}
+// SAFETY: as above: `#[repr(C)]`, a byte array.
+unsafe impl Pod for SrcKey {}
+// SAFETY: as above: `#[repr(C)]`, one u64.
+unsafe impl Pod for RateState {}
+// SAFETY: as above: `#[repr(C)]`, byte arrays and u16s, no implicit padding.
+unsafe impl Pod for SteerKey {}
+// SAFETY: as above: `#[repr(C)]`, two u32s.
+unsafe impl Pod for SteerCfg {}
+// SAFETY: as above: `#[repr(C)]`, integers, no implicit padding.
+unsafe impl Pod for FwdKey {}
+// SAFETY: as above: `#[repr(C)]`, integers and an array of `FwdDest` (itself
+// integers with explicit padding), no implicit padding.
+unsafe impl Pod for FwdEntry {}
+// SAFETY: as above: `#[repr(C)]`, integers with explicit padding.
+unsafe impl Pod for FwdStats {}

@@ -1,0 +1,184 @@
+//! `#[repr(C)]` mirrors of the map key and value types in `bpf/ridge.h`.
+//!
+//! Every struct has explicit padding fields and compile-time checks of its
+//! size, alignment and every field offset against the C layout, so a change
+//! on one side that is not made on the other fails the build. The C header
+//! is the source of truth, and asserts the same sizes and offsets with
+//! `_Static_assert`, so a change on either side alone fails a build.
+
+use core::mem::{align_of, offset_of, size_of};
+
+/// Limits compiled into the maps (`RIDGE_MAX_*` in `ridge.h`).
+pub(crate) const MAX_SHARDS: u32 = 64;
+pub(crate) const MAX_FWD_FLOWS: u32 = 16384;
+pub(crate) const FWD_MAX_DESTS: usize = 8;
+
+/// `enum ridge_stat`: indices of the per-CPU counter array.
+pub(crate) mod stat {
+    pub(crate) const DROP_TRUNCATED: u32 = 0;
+    pub(crate) const DROP_BAD_IP_LENGTH: u32 = 1;
+    pub(crate) const DROP_BAD_UDP_LENGTH: u32 = 2;
+    pub(crate) const DROP_FRAGMENT: u32 = 3;
+    pub(crate) const DROP_RATE_LIMITED: u32 = 4;
+    pub(crate) const GUARD_MEDIA_OK: u32 = 5;
+    pub(crate) const GUARD_NOT_MEDIA: u32 = 6;
+    pub(crate) const FWD_XDP_TX: u32 = 7;
+    pub(crate) const FWD_XDP_REDIRECT: u32 = 8;
+    pub(crate) const FWD_TC_COPIES: u32 = 9;
+    pub(crate) const FWD_SAMPLED: u32 = 10;
+    pub(crate) const FWD_ERRORS: u32 = 11;
+    pub(crate) const STEER_FLOW: u32 = 12;
+    pub(crate) const STEER_DEFAULT: u32 = 13;
+    pub(crate) const STEER_HASH: u32 = 14;
+    pub(crate) const STEER_ERRORS: u32 = 15;
+    pub(crate) const COUNT: u32 = 16;
+}
+
+/// `struct ridge_guard_cfg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GuardCfg {
+    pub(crate) interval_ns: u64,
+    pub(crate) tolerance_ns: u64,
+}
+
+/// `struct ridge_src_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct SrcKey {
+    pub(crate) addr: [u8; 16],
+}
+
+/// `struct ridge_rate_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RateState {
+    pub(crate) tat_ns: u64,
+}
+
+/// `struct ridge_steer_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct SteerKey {
+    pub(crate) src_addr: [u8; 16],
+    pub(crate) dst_addr: [u8; 16],
+    /// Network byte order.
+    pub(crate) src_port: u16,
+    /// Network byte order.
+    pub(crate) dst_port: u16,
+}
+
+/// `struct ridge_steer_cfg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SteerCfg {
+    pub(crate) use_default: u32,
+    pub(crate) default_shard: u32,
+}
+
+/// `struct ridge_fwd_key`. Addresses, ports and SSRC in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct FwdKey {
+    pub(crate) src_addr: u32,
+    pub(crate) dst_addr: u32,
+    pub(crate) src_port: u16,
+    pub(crate) dst_port: u16,
+    pub(crate) ssrc: u32,
+}
+
+/// `struct ridge_fwd_dest`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FwdDest {
+    pub(crate) dst_addr: u32,
+    pub(crate) src_addr: u32,
+    pub(crate) dst_port: u16,
+    pub(crate) src_port: u16,
+    pub(crate) ssrc: u32,
+    pub(crate) ts_offset: u32,
+    pub(crate) seq_offset: u16,
+    pub(crate) _pad0: u16,
+    pub(crate) ifindex: u32,
+    pub(crate) dst_mac: [u8; 6],
+    pub(crate) src_mac: [u8; 6],
+}
+
+/// `struct ridge_fwd_entry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FwdEntry {
+    pub(crate) n_dests: u32,
+    pub(crate) sample_every: u32,
+    pub(crate) stats_slot: u32,
+    pub(crate) _pad0: u32,
+    pub(crate) dests: [FwdDest; FWD_MAX_DESTS],
+}
+
+/// `struct ridge_fwd_stats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FwdStats {
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+    pub(crate) copies: u64,
+    pub(crate) sampled: u64,
+    pub(crate) errors: u64,
+    pub(crate) sample_countdown: u32,
+    pub(crate) _pad0: u32,
+}
+
+const _: () = {
+    assert!(size_of::<GuardCfg>() == 16 && align_of::<GuardCfg>() == 8);
+    assert!(offset_of!(GuardCfg, interval_ns) == 0);
+    assert!(offset_of!(GuardCfg, tolerance_ns) == 8);
+
+    assert!(size_of::<SrcKey>() == 16 && align_of::<SrcKey>() == 1);
+    assert!(size_of::<RateState>() == 8);
+
+    assert!(size_of::<SteerKey>() == 36 && align_of::<SteerKey>() == 2);
+    assert!(offset_of!(SteerKey, src_addr) == 0);
+    assert!(offset_of!(SteerKey, dst_addr) == 16);
+    assert!(offset_of!(SteerKey, src_port) == 32);
+    assert!(offset_of!(SteerKey, dst_port) == 34);
+
+    assert!(size_of::<SteerCfg>() == 8);
+    assert!(offset_of!(SteerCfg, use_default) == 0);
+    assert!(offset_of!(SteerCfg, default_shard) == 4);
+
+    assert!(size_of::<FwdKey>() == 16 && align_of::<FwdKey>() == 4);
+    assert!(offset_of!(FwdKey, src_addr) == 0);
+    assert!(offset_of!(FwdKey, dst_addr) == 4);
+    assert!(offset_of!(FwdKey, src_port) == 8);
+    assert!(offset_of!(FwdKey, dst_port) == 10);
+    assert!(offset_of!(FwdKey, ssrc) == 12);
+
+    assert!(size_of::<FwdDest>() == 40 && align_of::<FwdDest>() == 4);
+    assert!(offset_of!(FwdDest, dst_addr) == 0);
+    assert!(offset_of!(FwdDest, src_addr) == 4);
+    assert!(offset_of!(FwdDest, dst_port) == 8);
+    assert!(offset_of!(FwdDest, src_port) == 10);
+    assert!(offset_of!(FwdDest, ssrc) == 12);
+    assert!(offset_of!(FwdDest, ts_offset) == 16);
+    assert!(offset_of!(FwdDest, seq_offset) == 20);
+    assert!(offset_of!(FwdDest, _pad0) == 22);
+    assert!(offset_of!(FwdDest, ifindex) == 24);
+    assert!(offset_of!(FwdDest, dst_mac) == 28);
+    assert!(offset_of!(FwdDest, src_mac) == 34);
+
+    assert!(size_of::<FwdEntry>() == 16 + 40 * FWD_MAX_DESTS);
+    assert!(offset_of!(FwdEntry, n_dests) == 0);
+    assert!(offset_of!(FwdEntry, sample_every) == 4);
+    assert!(offset_of!(FwdEntry, stats_slot) == 8);
+    assert!(offset_of!(FwdEntry, _pad0) == 12);
+    assert!(offset_of!(FwdEntry, dests) == 16);
+
+    assert!(size_of::<FwdStats>() == 48 && align_of::<FwdStats>() == 8);
+    assert!(offset_of!(FwdStats, packets) == 0);
+    assert!(offset_of!(FwdStats, bytes) == 8);
+    assert!(offset_of!(FwdStats, copies) == 16);
+    assert!(offset_of!(FwdStats, sampled) == 24);
+    assert!(offset_of!(FwdStats, errors) == 32);
+    assert!(offset_of!(FwdStats, sample_countdown) == 40);
+    assert!(offset_of!(FwdStats, _pad0) == 44);
+};
