@@ -506,6 +506,7 @@ fn live(path: Path, duration: Duration) -> LiveResult {
                         .zip(&meta)
                         .take(n)
                         .map(|(b, m)| Transmit {
+                            prefix: &[],
                             destination: to,
                             contents: &b[..m.len],
                             segment_size: None,
