@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing Ridge needs on Debian. Safe to re-run.
 #   tests/install-deps.sh          build dependencies only
-#   tests/install-deps.sh --test   also what the test suite uses (Chromium)
+#   tests/install-deps.sh --test   also what the test suite uses (Chromium, PostgreSQL)
 set -euo pipefail
 
 packages=(build-essential pkg-config ca-certificates curl)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(chromium)
+  packages+=(chromium postgresql)
 fi
 
 sudo_cmd=()
