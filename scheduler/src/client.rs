@@ -59,7 +59,9 @@ impl Client {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem) {
             let cert = cert.map_err(|e| ClientError::Ca(e.to_string()))?;
-            roots.add(cert).map_err(|e| ClientError::Ca(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Ca(e.to_string()))?;
         }
         if roots.is_empty() {
             return Err(ClientError::Ca("no certificate in the PEM data".into()));

@@ -306,10 +306,7 @@ fn secret(
     env: Option<String>,
     file: Option<Secret>,
 ) -> Result<Option<Secret>, ConfigError> {
-    let s = env
-        .map(Secret)
-        .or(file)
-        .filter(|s| !s.expose().is_empty());
+    let s = env.map(Secret).or(file).filter(|s| !s.expose().is_empty());
     if let Some(s) = &s
         && s.expose().len() < MIN_SECRET_LEN
     {
@@ -340,7 +337,10 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
         .ok_or_else(|| invalid("tls_key", "give the PEM private key (--tls-key)"))?;
     for (field, p) in [("tls_cert", &tls_cert), ("tls_key", &tls_key)] {
         if !p.is_file() {
-            return Err(invalid(field, format!("{} is not a readable file", p.display())));
+            return Err(invalid(
+                field,
+                format!("{} is not a readable file", p.display()),
+            ));
         }
     }
     let database = o
@@ -392,7 +392,8 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
         (None, Some(s)) => duration("heartbeat_interval", s)?,
         _ => DEFAULT_HEARTBEAT,
     };
-    if heartbeat_interval < Duration::from_millis(50) || heartbeat_interval > Duration::from_secs(300)
+    if heartbeat_interval < Duration::from_millis(50)
+        || heartbeat_interval > Duration::from_secs(300)
     {
         return Err(invalid("heartbeat_interval", "must be between 50ms and 5m"));
     }
@@ -415,7 +416,8 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
         Some(s) => duration("access_token_ttl", s)?,
         None => Duration::from_secs(3600),
     };
-    if access_token_ttl < Duration::from_secs(1) || access_token_ttl > Duration::from_secs(86400 * 7)
+    if access_token_ttl < Duration::from_secs(1)
+        || access_token_ttl > Duration::from_secs(86400 * 7)
     {
         return Err(invalid("access_token_ttl", "must be between 1s and 7 days"));
     }
@@ -437,21 +439,24 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
     }
     let mut region_prefixes = Vec::new();
     for rp in fc.region_prefixes {
-        let cidr = Cidr::parse(&rp.cidr).ok_or_else(|| {
-            invalid(
-                "region_prefixes",
-                format!("`{}` is not ADDR/LEN", rp.cidr),
-            )
-        })?;
+        let cidr = Cidr::parse(&rp.cidr)
+            .ok_or_else(|| invalid("region_prefixes", format!("`{}` is not ADDR/LEN", rp.cidr)))?;
         if !valid_region(&rp.region) {
             return Err(invalid(
                 "region_prefixes",
-                format!("`{}` is not a region name ([A-Za-z0-9._-], 1-64)", rp.region),
+                format!(
+                    "`{}` is not a region name ([A-Za-z0-9._-], 1-64)",
+                    rp.region
+                ),
             ));
         }
         region_prefixes.push((cidr, rp.region));
     }
-    let log = o.log.clone().or(fc.log).unwrap_or_else(|| "info".to_owned());
+    let log = o
+        .log
+        .clone()
+        .or(fc.log)
+        .unwrap_or_else(|| "info".to_owned());
     Ok(Config {
         listen,
         tls_cert,
@@ -475,8 +480,7 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
 pub fn valid_region(r: &str) -> bool {
     !r.is_empty()
         && r.len() <= 64
-        && r
-            .bytes()
+        && r.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 

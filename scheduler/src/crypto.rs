@@ -124,8 +124,7 @@ pub fn verify_proof(
                 KeyError::BadKey("public_key.key is not a point on P-256".into())
             } else {
                 KeyError::BadProof(
-                    "proof is not a valid signature of the enrollment message by public_key"
-                        .into(),
+                    "proof is not a valid signature of the enrollment message by public_key".into(),
                 )
             }
         })
@@ -144,9 +143,24 @@ fn p256_point_valid(key: &[u8]) -> bool {
 /// The per-link key both ends of a mesh link get: HMAC-SHA256 over the
 /// ordered pair of node ids with the scheduler's mesh key.
 pub fn link_key(mesh_key: &str, a: &str, b: &str) -> String {
-    let (x, y) = if a <= b { (a, b) } else { (b, a) };
-    let key = hmac::Key::new(hmac::HMAC_SHA256, mesh_key.as_bytes());
-    hex(hmac::sign(&key, format!("ridge-link-v1:{x}:{y}").as_bytes()).as_ref())
+    LinkKeys::new(mesh_key).key(a, b)
+}
+
+/// [`link_key`] with the HMAC key prepared once (deriving many keys).
+#[derive(Debug)]
+pub struct LinkKeys(hmac::Key);
+
+impl LinkKeys {
+    /// From the mesh key.
+    pub fn new(mesh_key: &str) -> Self {
+        Self(hmac::Key::new(hmac::HMAC_SHA256, mesh_key.as_bytes()))
+    }
+
+    /// The key of the link between `a` and `b` (order does not matter).
+    pub fn key(&self, a: &str, b: &str) -> String {
+        let (x, y) = if a <= b { (a, b) } else { (b, a) };
+        hex(hmac::sign(&self.0, format!("ridge-link-v1:{x}:{y}").as_bytes()).as_ref())
+    }
 }
 
 /// Claims of a node token.
@@ -204,8 +218,7 @@ impl NodeTokenKey {
             exp: now + ttl_secs,
         };
         // Encoding HS256 claims of plain strings and integers cannot fail.
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc)
-            .unwrap_or_default()
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc).unwrap_or_default()
     }
 
     /// Verifies signature, algorithm, `exp` and `typ`; returns the node id.
@@ -213,14 +226,15 @@ impl NodeTokenKey {
         if token.len() > 4096 {
             return Err(NodeTokenError::Invalid("credential too long"));
         }
-        let data = jsonwebtoken::decode::<NodeClaims>(token, &self.dec, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<NodeClaims>(token, &self.dec, &self.validation).map_err(
+            |e| match e.kind() {
                 ErrorKind::ExpiredSignature => NodeTokenError::Expired,
                 ErrorKind::InvalidSignature => {
                     NodeTokenError::Invalid("credential signature does not match")
                 }
                 _ => NodeTokenError::Invalid("credential is not a valid node token"),
-            })?;
+            },
+        )?;
         if data.claims.typ != NODE_TOKEN_TYP {
             return Err(NodeTokenError::Invalid("credential is not a node token"));
         }
@@ -279,14 +293,11 @@ mod tests {
         ));
 
         let rng = SystemRandom::new();
-        let pkcs8 =
-            EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap();
+        let kp =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
                 .unwrap();
-        let kp = EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            pkcs8.as_ref(),
-        )
-        .unwrap();
         let key = STANDARD.encode(kp.public_key().as_ref());
         let msg = enroll_message("t", &key);
         let sig = STANDARD.encode(kp.sign(&rng, &msg).unwrap().as_ref());

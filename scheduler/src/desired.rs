@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::api::{DesiredLink, DesiredRoute, DesiredState};
-use crate::crypto::link_key;
+use crate::crypto::LinkKeys;
 use crate::route::RoutePlan;
 
 /// What desired-state derivation needs to know about a node.
@@ -22,6 +22,7 @@ pub struct NodeFacts<'a> {
 
 /// Desired states of all `nodes` (version 0; the caller assigns versions).
 pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<DesiredState> {
+    let keys = LinkKeys::new(mesh_key);
     let by_id: HashMap<&str, &NodeFacts<'_>> = nodes.iter().map(|n| (n.id, n)).collect();
     // node -> (room, source) -> (upstream, downstream)
     type Entry = (Option<String>, BTreeSet<String>);
@@ -80,7 +81,7 @@ pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<
                     );
                     DesiredLink {
                         address: p.and_then(|p| p.mesh_address).map(str::to_owned),
-                        key: link_key(mesh_key, n.id, &peer),
+                        key: keys.key(n.id, &peer),
                         trusted,
                         peer,
                     }
@@ -120,13 +121,24 @@ mod tests {
                 room: "r".into(),
                 source: "a".into(),
                 edges: vec![
-                    Edge { from: "a".into(), to: "b".into() },
-                    Edge { from: "b".into(), to: "c".into() },
+                    Edge {
+                        from: "a".into(),
+                        to: "b".into(),
+                    },
+                    Edge {
+                        from: "b".into(),
+                        to: "c".into(),
+                    },
                 ],
                 unreachable: vec![],
             }],
         };
-        let nodes = [facts("a", Some("x")), facts("b", Some("x")), facts("c", None), facts("d", None)];
+        let nodes = [
+            facts("a", Some("x")),
+            facts("b", Some("x")),
+            facts("c", None),
+            facts("d", None),
+        ];
         let d = derive(&nodes, &plan, "mk");
         assert_eq!(d[0].routes[0].upstream, None);
         assert_eq!(d[0].routes[0].downstream, vec!["b".to_owned()]);
@@ -134,7 +146,11 @@ mod tests {
         assert_eq!(d[1].routes[0].downstream, vec!["c".to_owned()]);
         assert_eq!(d[2].routes[0].downstream, Vec::<String>::new());
         assert!(d[3].routes.is_empty() && d[3].links.is_empty());
-        let b_links: Vec<_> = d[1].links.iter().map(|l| (l.peer.as_str(), l.trusted)).collect();
+        let b_links: Vec<_> = d[1]
+            .links
+            .iter()
+            .map(|l| (l.peer.as_str(), l.trusted))
+            .collect();
         assert_eq!(b_links, vec![("a", true), ("c", false)]);
         // Both ends of a link get the same key.
         assert_eq!(d[0].links[0].key, d[1].links[0].key);

@@ -41,12 +41,21 @@ mod tests {
     use super::*;
 
     fn c<'a>(id: &'a str, region: &'a str, load: f64, has_room: bool) -> Candidate<'a> {
-        Candidate { id, region, load, has_room }
+        Candidate {
+            id,
+            region,
+            load,
+            has_room,
+        }
     }
 
     #[test]
     fn region_then_load_then_room() {
-        let cs = [c("a", "eu", 0.5, false), c("b", "eu", 0.2, false), c("c", "us", 0.0, false)];
+        let cs = [
+            c("a", "eu", 0.5, false),
+            c("b", "eu", 0.2, false),
+            c("c", "us", 0.0, false),
+        ];
         assert_eq!(choose(&cs, Some("eu")), Some(1));
         assert_eq!(choose(&cs, Some("us")), Some(2));
         assert_eq!(choose(&cs, None), Some(2));

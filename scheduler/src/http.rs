@@ -183,7 +183,11 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !ct.trim().to_ascii_lowercase().starts_with("application/json") {
+    if !ct
+        .trim()
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
         return Err(ApiError::MalformedBody(
             "Content-Type must be application/json".into(),
         ));
@@ -262,7 +266,11 @@ async fn desired(
             .into_response()),
         None => {
             let v = st.sched.desired_json(&id).map_or(0, |(v, _)| v);
-            Ok((StatusCode::NO_CONTENT, [("ridge-desired-version", v.to_string())]).into_response())
+            Ok((
+                StatusCode::NO_CONTENT,
+                [("ridge-desired-version", v.to_string())],
+            )
+                .into_response())
         }
     }
 }
@@ -270,9 +278,9 @@ async fn desired(
 fn parse_u64(name: &str, v: Option<&str>, default: u64) -> Result<u64, ApiError> {
     match v {
         None | Some("") => Ok(default),
-        Some(s) => s
-            .parse()
-            .map_err(|_| ApiError::InvalidRequest(format!("{name} must be a non-negative integer"))),
+        Some(s) => s.parse().map_err(|_| {
+            ApiError::InvalidRequest(format!("{name} must be a non-negative integer"))
+        }),
     }
 }
 
@@ -281,7 +289,9 @@ fn parse_bool(name: &str, v: Option<&str>, default: bool) -> Result<bool, ApiErr
         None | Some("") => Ok(default),
         Some("true" | "1") => Ok(true),
         Some("false" | "0") => Ok(false),
-        Some(_) => Err(ApiError::InvalidRequest(format!("{name} must be true or false"))),
+        Some(_) => Err(ApiError::InvalidRequest(format!(
+            "{name} must be true or false"
+        ))),
     }
 }
 
@@ -428,8 +438,9 @@ async fn healthz(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
 async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&st, &headers).await?;
     let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &st.registry)
-        .map_err(|_| ApiError::Internal(crate::store::StoreError::Corrupt("metrics encoding".into())))?;
+    prometheus_client::encoding::text::encode(&mut out, &st.registry).map_err(|_| {
+        ApiError::Internal(crate::store::StoreError::Corrupt("metrics encoding".into()))
+    })?;
     Ok((
         [(
             CONTENT_TYPE,

@@ -57,7 +57,10 @@ struct Cli {
     check_config: bool,
 }
 
-#[allow(clippy::print_stdout, reason = "the listening line is for supervisors and tests")]
+#[allow(
+    clippy::print_stdout,
+    reason = "the listening line is for supervisors and tests"
+)]
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let overrides = Overrides {
@@ -93,7 +96,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ridge-scheduler: cannot start the runtime: {e}");
@@ -109,7 +115,10 @@ fn main() -> ExitCode {
     }
 }
 
-#[allow(clippy::print_stdout, reason = "the listening line is for supervisors and tests")]
+#[allow(
+    clippy::print_stdout,
+    reason = "the listening line is for supervisors and tests"
+)]
 async fn run(config: config::Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -53,7 +53,10 @@ pub fn registry() -> (Registry, Metrics) {
         leader: Gauge::default(),
         route_computations: Counter::default(),
         route_computation_seconds: Histogram::new(
-            [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0].into_iter(),
+            [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]
+            .into_iter(),
         ),
         desired_updates: Counter::default(),
         watchers: Gauge::default(),
@@ -62,7 +65,11 @@ pub fn registry() -> (Registry, Metrics) {
         draining: Gauge::default(),
     };
     let r = registry.sub_registry_with_prefix("ridge_scheduler");
-    r.register("http_requests", "HTTP requests by route and status", m.http_requests.clone());
+    r.register(
+        "http_requests",
+        "HTTP requests by route and status",
+        m.http_requests.clone(),
+    );
     r.register(
         "errors",
         "Error responses by code (auth failures, refused enrollments, bad bodies)",
@@ -75,17 +82,45 @@ pub fn registry() -> (Registry, Metrics) {
     );
     r.register("heartbeats", "Heartbeats accepted", m.heartbeats.clone());
     r.register("nodes", "Registered nodes by state", m.nodes.clone());
-    r.register("leader", "1 while this replica runs the scheduling jobs", m.leader.clone());
-    r.register("route_computations", "Route plan computations", m.route_computations.clone());
+    r.register(
+        "leader",
+        "1 while this replica runs the scheduling jobs",
+        m.leader.clone(),
+    );
+    r.register(
+        "route_computations",
+        "Route plan computations",
+        m.route_computations.clone(),
+    );
     r.register(
         "route_computation_seconds",
         "Time to compute the route plan and desired states",
         m.route_computation_seconds.clone(),
     );
-    r.register("desired_updates", "Desired-state versions written", m.desired_updates.clone());
-    r.register("watchers", "Open desired-state long polls", m.watchers.clone());
-    r.register("dispatches", "Dispatch answers by result", m.dispatches.clone());
-    r.register("tick_errors", "Background ticks that failed (storage errors)", m.tick_errors.clone());
-    r.register("draining", "1 while the scheduler drains before exit", m.draining.clone());
+    r.register(
+        "desired_updates",
+        "Desired-state versions written",
+        m.desired_updates.clone(),
+    );
+    r.register(
+        "watchers",
+        "Open desired-state long polls",
+        m.watchers.clone(),
+    );
+    r.register(
+        "dispatches",
+        "Dispatch answers by result",
+        m.dispatches.clone(),
+    );
+    r.register(
+        "tick_errors",
+        "Background ticks that failed (storage errors)",
+        m.tick_errors.clone(),
+    );
+    r.register(
+        "draining",
+        "1 while the scheduler drains before exit",
+        m.draining.clone(),
+    );
     (registry, m)
 }

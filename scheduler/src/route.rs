@@ -123,14 +123,6 @@ pub struct RoutePlan {
     pub routes: Vec<RoomRoute>,
 }
 
-impl RoutePlan {
-    fn find(&self, room: &str, source: &str) -> Option<&RoomRoute> {
-        self.routes
-            .iter()
-            .find(|r| r.room == room && r.source == source)
-    }
-}
-
 /// The mesh as an adjacency list over dense indices.
 #[derive(Debug)]
 pub struct Graph {
@@ -139,6 +131,11 @@ pub struct Graph {
     transit: Vec<bool>,
     /// `adj[u]` = (v, cost of u→v).
     adj: Vec<Vec<(usize, f64)>>,
+    /// The same adjacency, flattened (CSR) for the hot loop: the edges of
+    /// `u` are `targets[offsets[u]..offsets[u + 1]]` with `costs` alongside.
+    offsets: Vec<usize>,
+    targets: Vec<u32>,
+    costs: Vec<f64>,
 }
 
 impl Graph {
@@ -170,8 +167,7 @@ impl Graph {
             let (Some(&a), Some(&b)) = (index.get(&l.from), index.get(&l.to)) else {
                 continue;
             };
-            if a == b || !l.rtt_ms.is_finite() || !l.loss.is_finite() || !l.jitter_ms.is_finite()
-            {
+            if a == b || !l.rtt_ms.is_finite() || !l.loss.is_finite() || !l.jitter_ms.is_finite() {
                 continue;
             }
             let m = (
@@ -193,11 +189,25 @@ impl Graph {
             adj[a].push((b, base + model.load_weight * load[b]));
             adj[b].push((a, base + model.load_weight * load[a]));
         }
+        let mut offsets = Vec::with_capacity(ids.len() + 1);
+        let mut targets = Vec::new();
+        let mut costs = Vec::new();
+        offsets.push(0);
+        for edges in &adj {
+            for &(v, c) in edges {
+                targets.push(u32::try_from(v).unwrap_or(u32::MAX));
+                costs.push(c);
+            }
+            offsets.push(targets.len());
+        }
         Self {
             ids,
             index,
             transit,
             adj,
+            offsets,
+            targets,
+            costs,
         }
     }
 
@@ -227,6 +237,11 @@ impl Graph {
         let mut pred = vec![vec![usize::MAX; n]; levels];
         dist[0][s] = 0.0;
         hops[0][s] = 0;
+        // Nodes whose best cost improved at the previous level: only their
+        // out-edges can improve anything at this one.
+        let mut frontier = vec![s];
+        let mut next = Vec::new();
+        let mut in_next = vec![false; n];
         for h in 1..levels {
             let (done, rest) = dist.split_at_mut(h);
             let prev = &done[h - 1];
@@ -234,31 +249,36 @@ impl Graph {
             cur.copy_from_slice(prev);
             let (hdone, hrest) = hops.split_at_mut(h);
             hrest[0].copy_from_slice(&hdone[h - 1]);
-            let mut changed = false;
-            for u in 0..n {
-                if !prev[u].is_finite() || (u != s && !self.transit[u]) {
+            for &u in &frontier {
+                if u != s && !self.transit[u] {
                     continue;
                 }
-                // Only relax from nodes whose best changed at h-1 (or the source at h=1).
-                if h > 1 && hdone[h - 1][u] != h - 1 {
-                    continue;
-                }
-                for &(v, c) in &self.adj[u] {
-                    let d = prev[u] + c;
+                let du = prev[u];
+                for e in self.offsets[u]..self.offsets[u + 1] {
+                    let v = self.targets[e] as usize;
+                    let d = du + self.costs[e];
                     if d < cur[v] {
                         cur[v] = d;
                         hrest[0][v] = h;
                         pred[h][v] = u;
-                        changed = true;
+                        if !in_next[v] {
+                            in_next[v] = true;
+                            next.push(v);
+                        }
                     }
                 }
             }
-            if !changed {
+            if next.is_empty() {
                 dist.truncate(h + 1);
                 hops.truncate(h + 1);
                 pred.truncate(h + 1);
                 break;
             }
+            for &v in &next {
+                in_next[v] = false;
+            }
+            std::mem::swap(&mut frontier, &mut next);
+            next.clear();
         }
         Some(PathTable {
             source: s,
@@ -318,28 +338,79 @@ impl PathTable {
 /// Computes all room trees. `previous` is the last plan (for stickiness).
 pub fn compute(view: &MeshView, model: &CostModel, previous: Option<&RoutePlan>) -> RoutePlan {
     let graph = Graph::build(view, model);
-    let mut tables: HashMap<usize, Option<PathTable>> = HashMap::new();
-    let mut routes = Vec::new();
     let mut rooms: Vec<&RoomInput> = view.rooms.iter().collect();
     rooms.sort_by(|a, b| a.room.cmp(&b.room));
+    // One path table per distinct source, computed on all cores: each is an
+    // independent hop-bounded Bellman-Ford.
+    let sources: Vec<usize> = rooms
+        .iter()
+        .flat_map(|r| r.publishers.iter())
+        .filter_map(|p| graph.index.get(p).copied())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let tables = path_tables(&graph, &sources, model.max_hops);
+    let previous: HashMap<(&str, &str), &RoomRoute> = previous
+        .map(|p| {
+            p.routes
+                .iter()
+                .map(|r| ((r.room.as_str(), r.source.as_str()), r))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut routes = Vec::new();
     for room in rooms {
         for source in &room.publishers {
             let Some(&s) = graph.index.get(source) else {
                 continue; // source down: no tree
             };
-            let table = tables
-                .entry(s)
-                .or_insert_with(|| graph.paths_from(source, model.max_hops));
-            let Some(table) = table.as_ref() else {
+            let Some(table) = tables.get(&s) else {
                 continue;
             };
-            let prev = previous.and_then(|p| p.find(&room.room, source));
+            let prev = previous
+                .get(&(room.room.as_str(), source.as_str()))
+                .copied();
             routes.push(build_tree(
-                &graph, table, model, &room.room, s, &room.subscribers, prev,
+                &graph,
+                table,
+                model,
+                &room.room,
+                s,
+                &room.subscribers,
+                prev,
             ));
         }
     }
     RoutePlan { routes }
+}
+
+/// Path tables for `sources`, split over the available cores.
+fn path_tables(graph: &Graph, sources: &[usize], max_hops: usize) -> HashMap<usize, PathTable> {
+    let run = |chunk: &[usize]| {
+        chunk
+            .iter()
+            .filter_map(|&s| graph.paths_from(&graph.ids[s], max_hops).map(|t| (s, t)))
+            .collect::<Vec<_>>()
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(sources.len() / 32)
+        .max(1);
+    if threads == 1 {
+        return run(sources).into_iter().collect();
+    }
+    let chunk = sources.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .chunks(chunk)
+            .map(|c| scope.spawn(move || run(c)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 fn build_tree(
@@ -649,7 +720,11 @@ mod tests {
         let plan = compute(&view, &CostModel::default(), None);
         assert_eq!(plan.routes[0].edges.len(), 3);
         view.nodes[0].up = false;
-        assert!(compute(&view, &CostModel::default(), None).routes.is_empty());
+        assert!(
+            compute(&view, &CostModel::default(), None)
+                .routes
+                .is_empty()
+        );
     }
 
     #[test]

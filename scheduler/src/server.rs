@@ -50,12 +50,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(StartError::Tls)?;
     let (registry, metrics) = crate::metrics::registry();
     let sched = Scheduler::open(config, metrics).await?;
-    let listener = std::net::TcpListener::bind(sched.config.listen).map_err(|source| {
-        StartError::Bind {
+    let listener =
+        std::net::TcpListener::bind(sched.config.listen).map_err(|source| StartError::Bind {
             addr: sched.config.listen,
             source,
-        }
-    })?;
+        })?;
     listener
         .set_nonblocking(true)
         .map_err(|e| StartError::Serve(e.to_string()))?;

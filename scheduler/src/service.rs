@@ -101,7 +101,9 @@ impl Scheduler {
     /// Opens the database, loads keys and the first snapshot.
     pub async fn open(config: Config, metrics: Metrics) -> Result<Arc<Self>, StoreError> {
         let store = Store::open(&config.database).await?;
-        let node_key = store.setting("node_token_key", || crypto::random_hex(32)).await?;
+        let node_key = store
+            .setting("node_token_key", || crypto::random_hex(32))
+            .await?;
         let mesh_key = store.setting("mesh_key", || crypto::random_hex(32)).await?;
         let (changed, _) = watch::channel(0);
         let s = Arc::new(Self {
@@ -186,7 +188,9 @@ impl Scheduler {
             ));
         }
         if req.description.len() > 1024 {
-            return Err(ApiError::InvalidRequest("description over 1024 bytes".into()));
+            return Err(ApiError::InvalidRequest(
+                "description over 1024 bytes".into(),
+            ));
         }
         let id = format!("bt-{}", crypto::random_hex(8));
         let secret = crypto::random_b64(32);
@@ -244,10 +248,7 @@ impl Scheduler {
         r
     }
 
-    async fn enroll_inner(
-        &self,
-        req: api::EnrollRequest,
-    ) -> Result<api::EnrollResponse, ApiError> {
+    async fn enroll_inner(&self, req: api::EnrollRequest) -> Result<api::EnrollResponse, ApiError> {
         if req.hostname.len() > 255 || req.version.len() > 64 {
             return Err(ApiError::InvalidRequest(
                 "hostname (255) or version (64) too long".into(),
@@ -263,9 +264,9 @@ impl Scheduler {
             crypto::KeyError::BadKey(m) => ApiError::InvalidPublicKey(m),
             crypto::KeyError::BadProof(m) => ApiError::InvalidProof(m),
         })?;
-        let invalid =
-            || ApiError::BootstrapInvalid("bootstrap token is not valid".to_owned());
-        let (token_id, secret) = crypto::split_bootstrap(&req.bootstrap_token).ok_or_else(invalid)?;
+        let invalid = || ApiError::BootstrapInvalid("bootstrap token is not valid".to_owned());
+        let (token_id, secret) =
+            crypto::split_bootstrap(&req.bootstrap_token).ok_or_else(invalid)?;
         let token = self.store.get_token(token_id).await?.ok_or_else(invalid)?;
         if !crypto::ct_eq(
             crypto::sha256_hex(secret.as_bytes()).as_bytes(),
@@ -532,10 +533,14 @@ impl Scheduler {
         client_ip: Option<IpAddr>,
     ) -> Result<api::DispatchResponse, ApiError> {
         if room.is_empty() || room.len() > 128 {
-            return Err(ApiError::InvalidRequest("room must be 1 to 128 bytes".into()));
+            return Err(ApiError::InvalidRequest(
+                "room must be 1 to 128 bytes".into(),
+            ));
         }
         if identity.is_some_and(|i| i.is_empty() || i.len() > 128) {
-            return Err(ApiError::InvalidRequest("identity must be 1 to 128 bytes".into()));
+            return Err(ApiError::InvalidRequest(
+                "identity must be 1 to 128 bytes".into(),
+            ));
         }
         let region = region
             .map(str::to_owned)
@@ -693,7 +698,10 @@ impl Scheduler {
             *counts.entry(n.state(now, lease)).or_default() += 1;
         }
         for (state, c) in counts {
-            self.metrics.nodes.get_or_create(&StateLabels { state }).set(c);
+            self.metrics
+                .nodes
+                .get_or_create(&StateLabels { state })
+                .set(c);
         }
         if let Ok(mut v) = self.view.write() {
             *v = Arc::new(View { nodes });
@@ -720,12 +728,11 @@ impl Scheduler {
                 id: &n.row.id,
                 drain: n.row.drain,
                 dataplane_secret: &n.row.dataplane_secret,
-                mesh_address: n
+                mesh_address: n.report.addresses.mesh.as_deref().or(n
                     .report
                     .addresses
-                    .mesh
-                    .as_deref()
-                    .or(n.report.addresses.media.as_deref()),
+                    .media
+                    .as_deref()),
                 trust_domain: n.labels.get("trust_domain").map(String::as_str),
             })
             .collect();
@@ -743,9 +750,11 @@ impl Scheduler {
                 continue;
             };
             st.version = n.row.desired_version;
-            let same = n.row.desired.as_deref().is_some_and(|old| {
-                serde_json::to_string(&st).is_ok_and(|new| new == old)
-            });
+            let same = n
+                .row
+                .desired
+                .as_deref()
+                .is_some_and(|old| serde_json::to_string(&st).is_ok_and(|new| new == old));
             if same {
                 continue;
             }
@@ -761,7 +770,11 @@ impl Scheduler {
                 .await?;
         }
         if !writes.is_empty() {
-            tracing::debug!(changed = writes.len(), version = next, "desired states updated");
+            tracing::debug!(
+                changed = writes.len(),
+                version = next,
+                "desired states updated"
+            );
             // Keep the snapshot's versions current for the next comparison.
             self.reload().await?;
         }

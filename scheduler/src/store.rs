@@ -22,7 +22,8 @@ pub const LEADER_LOCK_KEY: i64 = 0x7269_6467_6501;
 const MIGRATION_LOCK_KEY: i64 = 0x7269_6467_6502;
 
 /// Migrations, applied in order, each once.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +113,7 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const TOKEN_COLS: &str =
-    "id, secret_hash, region, labels, description, created_at, expires_at, max_uses, uses, revoked_at";
+const TOKEN_COLS: &str = "id, secret_hash, region, labels, description, created_at, expires_at, max_uses, uses, revoked_at";
 const NODE_COLS: &str = "id, token_id, key_alg, public_key, region, labels, hostname, agent_version, \
      dataplane_secret, enrolled_at, drain, last_heartbeat_ms, report, desired_version, desired";
 
@@ -172,8 +172,7 @@ impl Store {
             let path = path.strip_prefix("//").unwrap_or(path);
             if path.is_empty() || path.contains(":memory:") {
                 return Err(StoreError::Open(
-                    "give SQLite a file path (an in-memory database would lose everything)"
-                        .into(),
+                    "give SQLite a file path (an in-memory database would lose everything)".into(),
                 ));
             }
             let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
@@ -254,7 +253,11 @@ impl Store {
 
     /// The stored setting `key`, created with `init()` on first use. Races
     /// between replicas are settled by the primary key: the first write wins.
-    pub async fn setting(&self, key: &str, init: impl FnOnce() -> String) -> Result<String, StoreError> {
+    pub async fn setting(
+        &self,
+        key: &str,
+        init: impl FnOnce() -> String,
+    ) -> Result<String, StoreError> {
         with_pool!(self, pool => {
             sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
                 .bind(key)
@@ -330,7 +333,11 @@ impl Store {
     /// Uses the token once and inserts the node, atomically. The token's
     /// secret must already have been checked. Returns the refusal when the
     /// token is expired, revoked or used up (then nothing changes).
-    pub async fn enroll(&self, node: &NodeRow, now: u64) -> Result<Result<(), EnrollRefusal>, StoreError> {
+    pub async fn enroll(
+        &self,
+        node: &NodeRow,
+        now: u64,
+    ) -> Result<Result<(), EnrollRefusal>, StoreError> {
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let used = sqlx::query(

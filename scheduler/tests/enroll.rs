@@ -33,7 +33,12 @@ async fn enrollment_and_credentials() {
 
     // Reused single-use token.
     let r = enroll(&c, &token).await;
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "bootstrap_token_exhausted"), "{}", r.body);
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "bootstrap_token_exhausted"),
+        "{}",
+        r.body
+    );
     assert!(r.headers.contains_key("www-authenticate"));
 
     // Bad tokens: garbage, unknown id, right id with a wrong secret.
@@ -43,20 +48,33 @@ async fn enrollment_and_credentials() {
         format!("rbt_{tid}.wrongsecret"),
     ] {
         let r = enroll(&c, &bad).await;
-        assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "bootstrap_token_invalid"), "{bad}: {}", r.body);
+        assert_eq!(
+            (r.status.as_u16(), r.code().as_str()),
+            (401, "bootstrap_token_invalid"),
+            "{bad}: {}",
+            r.body
+        );
         assert!(!r.body.contains("wrongsecret"));
     }
 
     // Revoked.
     let (rid, rtoken) = mint(&c, "eu", 3600, 5, &[]).await;
     let r = c
-        .call::<()>(Method::DELETE, &format!("/v1/tokens/{rid}"), Some(ADMIN), None)
+        .call::<()>(
+            Method::DELETE,
+            &format!("/v1/tokens/{rid}"),
+            Some(ADMIN),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(r.status.as_u16(), 200);
     assert_eq!(r.json()["state"], "revoked");
     let r = enroll(&c, &rtoken).await;
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "bootstrap_token_revoked"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "bootstrap_token_revoked")
+    );
     let r = c
         .call::<()>(Method::DELETE, "/v1/tokens/bt-nope", Some(ADMIN), None)
         .await
@@ -67,7 +85,10 @@ async fn enrollment_and_credentials() {
     let (_, etoken) = mint(&c, "eu", 1, 1, &[]).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = enroll(&c, &etoken).await;
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "bootstrap_token_expired"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "bootstrap_token_expired")
+    );
 
     // Multi-use token works max_uses times.
     let (_, mtoken) = mint(&c, "us", 3600, 2, &[]).await;
@@ -81,11 +102,17 @@ async fn enrollment_and_credentials() {
     let mut req = enroll_request(&ptoken);
     req.proof = enroll_request(&ptoken).proof; // signed by another key
     let r = c.post("/v1/enroll", None, &req).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (400, "invalid_proof"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (400, "invalid_proof")
+    );
     let mut req = enroll_request(&ptoken);
     req.public_key.key = "AAAA".into();
     let r = c.post("/v1/enroll", None, &req).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (400, "invalid_public_key"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (400, "invalid_public_key")
+    );
     let mut req = enroll_request(&ptoken);
     req.public_key.alg = "rsa".into();
     let r = c.post("/v1/enroll", None, &req).await.unwrap();
@@ -100,18 +127,35 @@ async fn enrollment_and_credentials() {
         ("application/json", br#"{"bootstrap_token":"x"}"#.to_vec()),
         ("text/plain", b"{}".to_vec()),
     ] {
-        let r = c.call_raw(Method::POST, "/v1/enroll", None, ct, body).await.unwrap();
-        assert_eq!((r.status.as_u16(), r.code().as_str()), (400, "malformed_body"), "{}", r.body);
+        let r = c
+            .call_raw(Method::POST, "/v1/enroll", None, ct, body)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.code().as_str()),
+            (400, "malformed_body"),
+            "{}",
+            r.body
+        );
     }
     let mut v = serde_json::to_value(enroll_request(&ptoken)).unwrap();
     v["extra"] = serde_json::json!(1);
     let r = c.post("/v1/enroll", None, &v).await.unwrap();
     assert_eq!(r.code(), "malformed_body", "unknown fields are refused");
     let r = c
-        .call_raw(Method::POST, "/v1/enroll", None, "application/json", vec![b' '; 2 << 20])
+        .call_raw(
+            Method::POST,
+            "/v1/enroll",
+            None,
+            "application/json",
+            vec![b' '; 2 << 20],
+        )
         .await
         .unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (413, "body_too_large"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (413, "body_too_large")
+    );
 
     // Node credentials.
     let hb = report("127.0.0.1:5004", 0.1, &[], &[]);
@@ -119,10 +163,16 @@ async fn enrollment_and_credentials() {
     let r = heartbeat(&c, &node, &hb).await;
     assert_eq!(r.status.as_u16(), 200, "{}", r.body);
     let r = c.post(&path, None, &hb).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "missing_credential"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "missing_credential")
+    );
     let forged = NodeTokenKey::new("not-the-scheduler-key").sign(&node.id, now(), 3600);
     let r = c.post(&path, Some(&forged), &hb).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "invalid_credential"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "invalid_credential")
+    );
     let r = c.post(&path, Some("garbage"), &hb).await.unwrap();
     assert_eq!(r.code(), "invalid_credential");
     // Genuine signature (key read from the database) for a node that does not exist.
@@ -132,28 +182,49 @@ async fn enrollment_and_credentials() {
         .post("/v1/nodes/n-0000000000000000/heartbeat", Some(&ghost), &hb)
         .await
         .unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "unknown_node"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "unknown_node")
+    );
     let expired = NodeTokenKey::new(&key).sign(&node.id, now() - 7200, 60);
     let r = c.post(&path, Some(&expired), &hb).await.unwrap();
     assert_eq!(r.code(), "credential_expired");
     // Another node's token, the admin token, a node token on operator routes.
     let r = c.post(&path, Some(&n2.token), &hb).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (403, "node_mismatch"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (403, "node_mismatch")
+    );
     let r = c.post(&path, Some(ADMIN), &hb).await.unwrap();
     assert_eq!((r.status.as_u16(), r.code().as_str()), (403, "forbidden"));
     let r = c.get("/v1/nodes", Some(&node.token)).await.unwrap();
     assert_eq!((r.status.as_u16(), r.code().as_str()), (403, "forbidden"));
     let r = c.get("/v1/nodes", Some(DISPATCH)).await.unwrap();
     assert_eq!(r.code(), "forbidden");
-    let r = c.get("/v1/nodes", Some("wrong-admin-token-xxxx")).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "invalid_credential"));
+    let r = c
+        .get("/v1/nodes", Some("wrong-admin-token-xxxx"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "invalid_credential")
+    );
     // Bad heartbeat values and bodies.
     let mut bad = hb.clone();
     bad.load.cpu = 3.0;
     let r = heartbeat(&c, &node, &bad).await;
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (400, "invalid_request"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (400, "invalid_request")
+    );
     let r = c
-        .call_raw(Method::POST, &path, Some(&node.token), "application/json", b"{\"load\":5}".to_vec())
+        .call_raw(
+            Method::POST,
+            &path,
+            Some(&node.token),
+            "application/json",
+            b"{\"load\":5}".to_vec(),
+        )
         .await
         .unwrap();
     assert_eq!(r.code(), "malformed_body");
@@ -166,13 +237,23 @@ async fn enrollment_and_credentials() {
         if *route == "/v1/enroll" {
             assert_eq!(r.code(), "malformed_body", "{method} {route}");
         } else {
-            assert_eq!((r.status.as_u16(), r.code().as_str()), (401, "missing_credential"), "{method} {route}");
+            assert_eq!(
+                (r.status.as_u16(), r.code().as_str()),
+                (401, "missing_credential"),
+                "{method} {route}"
+            );
         }
     }
     let r = c.get("/v1/nope", Some(ADMIN)).await.unwrap();
     assert_eq!((r.status.as_u16(), r.code().as_str()), (404, "not_found"));
-    let r = c.call::<()>(Method::PUT, "/v1/tokens", Some(ADMIN), None).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (405, "method_not_allowed"));
+    let r = c
+        .call::<()>(Method::PUT, "/v1/tokens", Some(ADMIN), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (405, "method_not_allowed")
+    );
     let r = c.get("/openapi.json", Some(&node.token)).await.unwrap();
     assert_eq!(r.json()["openapi"], "3.1.0");
 
@@ -181,7 +262,10 @@ async fn enrollment_and_credentials() {
     let tokens = r.json()["tokens"].as_array().unwrap().clone();
     assert_eq!(tokens.len(), 5);
     assert!(tokens.iter().all(|t| t.get("token").is_none()));
-    let states: Vec<&str> = tokens.iter().map(|t| t["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> = tokens
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
     for s in ["exhausted", "revoked", "expired"] {
         assert!(states.contains(&s), "{states:?}");
     }
@@ -199,16 +283,27 @@ async fn enrollment_and_credentials() {
         "malformed_body",
     ] {
         assert!(
-            m.contains(&format!("ridge_scheduler_enrollments_total{{code=\"{code}\"}}")),
+            m.contains(&format!(
+                "ridge_scheduler_enrollments_total{{code=\"{code}\"}}"
+            )),
             "{code} not counted:\n{m}"
         );
     }
-    assert!(m.contains("ridge_scheduler_errors_total{code=\"unknown_node\"} 1"), "{m}");
+    assert!(
+        m.contains("ridge_scheduler_errors_total{code=\"unknown_node\"} 1"),
+        "{m}"
+    );
 
     // Secrets never reach the log.
     let log = sched.log();
     assert!(log.contains("node enrolled"), "{log}");
-    for secret in [ADMIN, DISPATCH, token.as_str(), node.token.as_str(), forged.as_str()] {
+    for secret in [
+        ADMIN,
+        DISPATCH,
+        token.as_str(),
+        node.token.as_str(),
+        forged.as_str(),
+    ] {
         assert!(!log.contains(secret), "a secret leaked into the log");
     }
     let secret_part = token.split('.').nth(1).unwrap();

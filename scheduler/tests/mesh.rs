@@ -56,7 +56,11 @@ async fn lease_expires_after_missed_heartbeats_and_drain() {
 
     // Drain b: desired state says so, dispatch has nothing left.
     let r = c
-        .post(&format!("/v1/nodes/{}/drain", b.id), Some(ADMIN), &api::DrainRequest { drain: true })
+        .post(
+            &format!("/v1/nodes/{}/drain", b.id),
+            Some(ADMIN),
+            &api::DrainRequest { drain: true },
+        )
         .await
         .unwrap();
     assert_eq!(r.status.as_u16(), 200, "{}", r.body);
@@ -70,13 +74,20 @@ async fn lease_expires_after_missed_heartbeats_and_drain() {
         .get("/v1/dispatch?room=r&region=eu", Some(DISPATCH))
         .await
         .unwrap();
-    assert_eq!((r.status.as_u16(), r.code().as_str()), (503, "no_node_available"));
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (503, "no_node_available")
+    );
     // The heartbeat answer carries the flag too.
     let r = heartbeat(&c, &b, &report("127.0.0.1:5002", 0.1, &[], &[])).await;
     assert_eq!(r.json()["drain"], true);
     // Undo.
     let r = c
-        .post(&format!("/v1/nodes/{}/drain", b.id), Some(ADMIN), &api::DrainRequest { drain: false })
+        .post(
+            &format!("/v1/nodes/{}/drain", b.id),
+            Some(ADMIN),
+            &api::DrainRequest { drain: false },
+        )
         .await
         .unwrap();
     assert_eq!(r.json()["state"], "up");
@@ -86,7 +97,10 @@ async fn lease_expires_after_missed_heartbeats_and_drain() {
 async fn dispatch(c: &Client, room: &str, region: Option<&str>) -> api::DispatchResponse {
     let q = region.map(|r| format!("&region={r}")).unwrap_or_default();
     let r = c
-        .get(&format!("/v1/dispatch?room={room}&identity=alice&publish=true{q}"), Some(DISPATCH))
+        .get(
+            &format!("/v1/dispatch?room={room}&identity=alice&publish=true{q}"),
+            Some(DISPATCH),
+        )
         .await
         .unwrap();
     assert_eq!(r.status.as_u16(), 200, "{}", r.body);
@@ -102,14 +116,24 @@ async fn dispatch_by_region_load_health_and_token_verifies() {
     let eu2 = enroll_ok(&c, &eu).await;
     let us1 = enroll_ok(&c, &us).await;
     let mk = |addr: &str, cpu: f64| Arc::new(Mutex::new(report(addr, cpu, &[], &[])));
-    let (h1, h2, h3) = (mk("127.0.0.1:6001", 0.7), mk("127.0.0.1:6002", 0.2), mk("127.0.0.1:6003", 0.0));
+    let (h1, h2, h3) = (
+        mk("127.0.0.1:6001", 0.7),
+        mk("127.0.0.1:6002", 0.2),
+        mk("127.0.0.1:6003", 0.0),
+    );
     let loops = [
         heartbeat_loop(c.clone(), eu1.clone(), h1.clone(), EVERY),
         heartbeat_loop(c.clone(), eu2.clone(), h2.clone(), EVERY),
         heartbeat_loop(c.clone(), us1.clone(), h3, EVERY),
     ];
     for n in [&eu1, &eu2, &us1] {
-        assert!(eventually(LIMIT, || async { (node_state(&c, &n.id).await == "up").then_some(()) }).await.is_some());
+        assert!(
+            eventually(LIMIT, || async {
+                (node_state(&c, &n.id).await == "up").then_some(())
+            })
+            .await
+            .is_some()
+        );
     }
     // Region first, then load.
     let d = dispatch(&c, "room1", Some("eu")).await;
@@ -132,7 +156,9 @@ async fn dispatch_by_region_load_health_and_token_verifies() {
     // The token is in the dataplane's exact format and verifies with the
     // dataplane secret the node receives in its desired state.
     let d = dispatch(&c, "room1", Some("eu")).await;
-    let st = eventually(LIMIT, || async { desired(&c, &eu1, 0, 1).await }).await.unwrap();
+    let st = eventually(LIMIT, || async { desired(&c, &eu1, 0, 1).await })
+        .await
+        .unwrap();
     assert_eq!(st.dataplane_secret.len(), 64);
     let mut v = Validation::new(Algorithm::HS256);
     v.validate_aud = false;
@@ -155,11 +181,29 @@ async fn dispatch_by_region_load_health_and_token_verifies() {
         .unwrap(),
     )
     .unwrap();
-    let mut keys: Vec<&str> = raw.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = raw
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["admin", "can_publish", "can_subscribe", "exp", "iat", "room", "sub"]);
+    assert_eq!(
+        keys,
+        [
+            "admin",
+            "can_publish",
+            "can_subscribe",
+            "exp",
+            "iat",
+            "room",
+            "sub"
+        ]
+    );
     // Another node's secret does not verify it.
-    let other = eventually(LIMIT, || async { desired(&c, &eu2, 0, 1).await }).await.unwrap();
+    let other = eventually(LIMIT, || async { desired(&c, &eu2, 0, 1).await })
+        .await
+        .unwrap();
     assert!(
         jsonwebtoken::decode::<AccessClaims>(
             &d.token,
@@ -169,9 +213,15 @@ async fn dispatch_by_region_load_health_and_token_verifies() {
         .is_err()
     );
     // Node tokens cannot dispatch; bad parameters are refused.
-    let r = c.get("/v1/dispatch?room=x", Some(&eu1.token)).await.unwrap();
+    let r = c
+        .get("/v1/dispatch?room=x", Some(&eu1.token))
+        .await
+        .unwrap();
     assert_eq!(r.code(), "forbidden");
-    let r = c.get("/v1/dispatch?room=x&publish=maybe", Some(DISPATCH)).await.unwrap();
+    let r = c
+        .get("/v1/dispatch?room=x&publish=maybe", Some(DISPATCH))
+        .await
+        .unwrap();
     assert_eq!(r.code(), "invalid_request");
     let r = c.get("/v1/dispatch", Some(DISPATCH)).await.unwrap();
     assert_eq!(r.code(), "invalid_request");
@@ -193,10 +243,20 @@ async fn route_moves_when_a_node_dies_and_watch_sees_it() {
     }
     let (a, b, cc, d) = (&nodes[0], &nodes[1], &nodes[2], &nodes[3]);
     let hbs = [
-        report("127.0.0.1:7001", 0.0, &[(&b.id, 5.0), (&cc.id, 20.0)], &[("talk", 1, 0)]),
+        report(
+            "127.0.0.1:7001",
+            0.0,
+            &[(&b.id, 5.0), (&cc.id, 20.0)],
+            &[("talk", 1, 0)],
+        ),
         report("127.0.0.1:7002", 0.0, &[(&a.id, 5.0), (&d.id, 5.0)], &[]),
         report("127.0.0.1:7003", 0.0, &[(&a.id, 20.0), (&d.id, 20.0)], &[]),
-        report("127.0.0.1:7004", 0.0, &[(&b.id, 5.0), (&cc.id, 20.0)], &[("talk", 0, 3)]),
+        report(
+            "127.0.0.1:7004",
+            0.0,
+            &[(&b.id, 5.0), (&cc.id, 20.0)],
+            &[("talk", 0, 3)],
+        ),
     ];
     let loops: Vec<_> = nodes
         .iter()

@@ -21,9 +21,16 @@ async fn restart_keeps_nodes_and_tokens() {
     let c = client(&s1.url, &ca);
     let (tid, token) = mint(&c, "eu", 3600, 3, &[]).await;
     let n = enroll_ok(&c, &token).await;
-    let r = heartbeat(&c, &n, &report("127.0.0.1:5004", 0.3, &[], &[("room", 1, 0)])).await;
+    let r = heartbeat(
+        &c,
+        &n,
+        &report("127.0.0.1:5004", 0.3, &[], &[("room", 1, 0)]),
+    )
+    .await;
     assert_eq!(r.status.as_u16(), 200);
-    let v1 = eventually(LIMIT, || async { desired(&c, &n, 0, 1).await }).await.unwrap();
+    let v1 = eventually(LIMIT, || async { desired(&c, &n, 0, 1).await })
+        .await
+        .unwrap();
     assert_eq!(s1.terminate(), Some(0), "clean drain exits 0");
     assert!(s1.log().contains("stopped"));
 
@@ -58,7 +65,11 @@ struct Postgres {
 
 fn as_postgres(cmd: &str, args: &[&str]) -> Command {
     let path = format!("{PG_BIN}/{cmd}");
-    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
     if root {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &path]).args(args);
@@ -85,15 +96,30 @@ impl Postgres {
     fn start() -> Self {
         let dir = TempDir::new("pg");
         let data = dir.path().join("data");
-        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status();
         let _ = Command::new("chmod").arg("755").arg(dir.path()).status();
         let out = as_postgres(
             "initdb",
-            &["-D", data.to_str().unwrap(), "-U", "ridge", "--auth=trust", "-E", "UTF8"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "ridge",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
         )
         .output()
         .unwrap();
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -105,7 +131,16 @@ impl Postgres {
         let log = dir.path().join("pg.log");
         let out = as_postgres(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
         )
         .output()
         .unwrap();
@@ -126,7 +161,11 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.dir.path().join("data");
-        let _ = as_postgres("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"]).output();
+        let _ = as_postgres(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
+        )
+        .output();
     }
 }
 
@@ -150,7 +189,10 @@ async fn postgres_two_replicas_fail_over() {
     let c2 = client(&r2.url, &ca);
 
     // Exactly one leader: r1 started first and holds the lock.
-    let l1 = eventually(LIMIT, || async { health(&c1).await.filter(|h| h["leader"] == true) }).await;
+    let l1 = eventually(LIMIT, || async {
+        health(&c1).await.filter(|h| h["leader"] == true)
+    })
+    .await;
     assert!(l1.is_some(), "replica a never led");
     assert_eq!(l1.unwrap()["storage"], "postgres");
     assert_eq!(health(&c2).await.unwrap()["leader"], false);
@@ -160,8 +202,18 @@ async fn postgres_two_replicas_fail_over() {
     let (_, token) = mint(&c1, "eu", 3600, 2, &[]).await;
     let x = enroll_ok(&c2, &token).await;
     let y = enroll_ok(&c1, &token).await;
-    let hx = Arc::new(Mutex::new(report("127.0.0.1:8001", 0.1, &[(&y.id, 3.0)], &[("r", 1, 0)])));
-    let hy = Arc::new(Mutex::new(report("127.0.0.1:8002", 0.1, &[(&x.id, 3.0)], &[("r", 0, 1)])));
+    let hx = Arc::new(Mutex::new(report(
+        "127.0.0.1:8001",
+        0.1,
+        &[(&y.id, 3.0)],
+        &[("r", 1, 0)],
+    )));
+    let hy = Arc::new(Mutex::new(report(
+        "127.0.0.1:8002",
+        0.1,
+        &[(&x.id, 3.0)],
+        &[("r", 0, 1)],
+    )));
     let lx = heartbeat_loop(c2.clone(), x.clone(), hx, Duration::from_millis(200));
     let ly = heartbeat_loop(c2.clone(), y.clone(), hy, Duration::from_millis(200));
     let st = eventually(LIMIT, || async {
@@ -175,12 +227,20 @@ async fn postgres_two_replicas_fail_over() {
 
     // Kill the leader. b keeps serving and takes over the leader role.
     r1.kill();
-    let l2 = eventually(LIMIT, || async { health(&c2).await.filter(|h| h["leader"] == true) }).await;
+    let l2 = eventually(LIMIT, || async {
+        health(&c2).await.filter(|h| h["leader"] == true)
+    })
+    .await;
     assert!(l2.is_some(), "replica b never took over");
     // b now runs the jobs: a topology change is routed by b.
     let z_token = mint(&c2, "eu", 3600, 1, &[]).await.1;
     let z = enroll_ok(&c2, &z_token).await;
-    let hz = Arc::new(Mutex::new(report("127.0.0.1:8003", 0.1, &[(&x.id, 1.0)], &[("r", 0, 1)])));
+    let hz = Arc::new(Mutex::new(report(
+        "127.0.0.1:8003",
+        0.1,
+        &[(&x.id, 1.0)],
+        &[("r", 0, 1)],
+    )));
     let lz = heartbeat_loop(c2.clone(), z.clone(), hz, Duration::from_millis(200));
     let zst = eventually(LIMIT, || async {
         let st = desired(&c2, &z, 0, 1).await?;

@@ -18,7 +18,11 @@ use serde::de::DeserializeOwned;
 #[command(name = "ridgectl", version)]
 struct Cli {
     /// Scheduler base URL.
-    #[arg(long, env = "RIDGE_SCHEDULER", default_value = "https://127.0.0.1:8443")]
+    #[arg(
+        long,
+        env = "RIDGE_SCHEDULER",
+        default_value = "https://127.0.0.1:8443"
+    )]
     scheduler: String,
     /// PEM certificate (or CA) to trust for the scheduler.
     #[arg(long, env = "RIDGE_CA_CERT")]
@@ -103,7 +107,10 @@ enum NodesCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ridgectl: {e}");
@@ -135,7 +142,10 @@ fn expect<T: DeserializeOwned>(r: Reply) -> Result<T> {
 #[allow(clippy::print_stdout, reason = "the CLI's output is its product")]
 fn out(json: bool, value: &impl serde::Serialize, table: impl FnOnce() -> String) {
     if json {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
     } else {
         print!("{}", table());
     }
@@ -209,7 +219,15 @@ async fn run(cli: Cli) -> Result<()> {
             let l: api::TokenList = expect(c.get("/v1/tokens", t).await?)?;
             out(json, &l, || {
                 table(
-                    &["ID", "REGION", "STATE", "USES", "EXPIRES_AT", "LABELS", "DESCRIPTION"],
+                    &[
+                        "ID",
+                        "REGION",
+                        "STATE",
+                        "USES",
+                        "EXPIRES_AT",
+                        "LABELS",
+                        "DESCRIPTION",
+                    ],
                     l.tokens
                         .iter()
                         .map(|x| {
@@ -238,7 +256,9 @@ async fn run(cli: Cli) -> Result<()> {
             let l: api::NodeList = expect(c.get("/v1/nodes", t).await?)?;
             out(json, &l, || {
                 table(
-                    &["ID", "REGION", "STATE", "LOAD", "SESSIONS", "MEDIA", "VERSION", "HOSTNAME"],
+                    &[
+                        "ID", "REGION", "STATE", "LOAD", "SESSIONS", "MEDIA", "VERSION", "HOSTNAME",
+                    ],
                     l.nodes
                         .iter()
                         .map(|n| {
@@ -285,7 +305,10 @@ async fn run(cli: Cli) -> Result<()> {
                             s.addresses.media.clone().unwrap_or_default(),
                         ],
                         vec!["desired_version".into(), s.desired_version.to_string()],
-                        vec!["public_key".into(), format!("{} {}", d.public_key.alg, d.public_key.key)],
+                        vec![
+                            "public_key".into(),
+                            format!("{} {}", d.public_key.alg, d.public_key.key),
+                        ],
                     ],
                 );
                 o.push('\n');
@@ -315,7 +338,9 @@ async fn run(cli: Cli) -> Result<()> {
                 )
                 .await?,
             )?;
-            out(json, &s, || format!("{} drain={} state={}\n", s.id, s.drain, s.state));
+            out(json, &s, || {
+                format!("{} drain={} state={}\n", s.id, s.drain, s.state)
+            });
         }
         Command::Rooms => {
             let l: api::RoomList = expect(c.get("/v1/rooms", t).await?)?;

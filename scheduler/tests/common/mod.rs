@@ -59,8 +59,8 @@ impl Drop for TempDir {
 
 /// Writes a self-signed certificate for 127.0.0.1/localhost; returns the PEM.
 pub fn write_cert(dir: &Path) -> Vec<u8> {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let cert = ck.cert.pem();
     std::fs::write(dir.join("cert.pem"), &cert).unwrap();
     std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
@@ -108,7 +108,9 @@ impl Sched {
                     if n == 0 {
                         break;
                     }
-                    log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             });
         }
@@ -177,12 +179,21 @@ pub fn client(url: &str, ca: &[u8]) -> Client {
 }
 
 /// Mints a bootstrap token; returns (id, token).
-pub async fn mint(c: &Client, region: &str, ttl: u64, max_uses: u32, labels: &[(&str, &str)]) -> (String, String) {
+pub async fn mint(
+    c: &Client,
+    region: &str,
+    ttl: u64,
+    max_uses: u32,
+    labels: &[(&str, &str)],
+) -> (String, String) {
     let req = api::CreateToken {
         ttl_secs: Some(ttl),
         max_uses: Some(max_uses),
         region: region.into(),
-        labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
         description: "test".into(),
     };
     let r = c.post("/v1/tokens", Some(ADMIN), &req).await.unwrap();
@@ -212,7 +223,9 @@ pub fn enroll_request(token: &str) -> api::EnrollRequest {
 }
 
 pub async fn enroll(c: &Client, token: &str) -> Reply {
-    c.post("/v1/enroll", None, &enroll_request(token)).await.unwrap()
+    c.post("/v1/enroll", None, &enroll_request(token))
+        .await
+        .unwrap()
 }
 
 /// An enrolled node.
@@ -232,7 +245,12 @@ pub async fn enroll_ok(c: &Client, token: &str) -> Node {
     }
 }
 
-pub fn report(media: &str, cpu: f64, links: &[(&str, f64)], rooms: &[(&str, u32, u32)]) -> api::Heartbeat {
+pub fn report(
+    media: &str,
+    cpu: f64,
+    links: &[(&str, f64)],
+    rooms: &[(&str, u32, u32)],
+) -> api::Heartbeat {
     api::Heartbeat {
         version: "0.1.0".into(),
         addresses: api::Addresses {
@@ -312,7 +330,10 @@ where
 }
 
 pub async fn node_state(c: &Client, id: &str) -> String {
-    let r = c.get(&format!("/v1/nodes/{id}"), Some(ADMIN)).await.unwrap();
+    let r = c
+        .get(&format!("/v1/nodes/{id}"), Some(ADMIN))
+        .await
+        .unwrap();
     r.json()["state"].as_str().unwrap_or_default().to_owned()
 }
 
