@@ -676,12 +676,19 @@ impl Scheduler {
     /// flushed.
     pub async fn reload(&self) -> Result<(), StoreError> {
         let rows = self.store.load_nodes().await?;
-        let mut nodes = BTreeMap::new();
-        for row in rows {
-            nodes.insert(row.id.clone(), node_view(row));
-        }
-        if let Ok(p) = self.pending.lock() {
-            for hb in p.values() {
+        let pending: Vec<HeartbeatWrite> = self
+            .pending
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
+        // Parsing every node's report is CPU work: keep it off the threads
+        // that answer heartbeats.
+        let nodes = tokio::task::spawn_blocking(move || {
+            let mut nodes = BTreeMap::new();
+            for row in rows {
+                nodes.insert(row.id.clone(), node_view(row));
+            }
+            for hb in pending {
                 if let Some(n) = nodes.get_mut(&hb.id)
                     && n.row.last_heartbeat_ms.is_none_or(|t| t <= hb.at_ms)
                 {
@@ -689,7 +696,10 @@ impl Scheduler {
                     n.report = serde_json::from_str(&hb.report).unwrap_or_default();
                 }
             }
-        }
+            nodes
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("snapshot task: {e}")))?;
         let now = now_ms();
         let lease = self.lease_ms();
         let mut counts: BTreeMap<&'static str, i64> =
@@ -719,48 +729,17 @@ impl Scheduler {
             ..CostModel::default()
         };
         let previous = self.plan.lock().ok().and_then(|p| p.clone());
-        let mesh = mesh_view(&view, now, self.lease_ms());
-        let plan = route::compute(&mesh, &model, previous.as_ref());
-        let facts: Vec<NodeFacts<'_>> = view
-            .nodes
-            .values()
-            .map(|n| NodeFacts {
-                id: &n.row.id,
-                drain: n.row.drain,
-                dataplane_secret: &n.row.dataplane_secret,
-                mesh_address: n.report.addresses.mesh.as_deref().or(n
-                    .report
-                    .addresses
-                    .media
-                    .as_deref()),
-                trust_domain: n.labels.get("trust_domain").map(String::as_str),
-            })
-            .collect();
-        let states = desired::derive(&facts, &plan, &self.mesh_key);
-        let max_version = view
-            .nodes
-            .values()
-            .map(|n| n.row.desired_version)
-            .max()
-            .unwrap_or(0);
-        let next = max_version + 1;
-        let mut writes = Vec::new();
-        for mut st in states {
-            let Some(n) = view.nodes.get(&st.node_id) else {
-                continue;
-            };
-            st.version = n.row.desired_version;
-            let same = n
-                .row
-                .desired
-                .as_deref()
-                .is_some_and(|old| serde_json::to_string(&st).is_ok_and(|new| new == old));
-            if same {
-                continue;
-            }
-            st.version = next;
-            writes.push((st.node_id.clone(), next, desired_json(&st)));
-        }
+        let lease = self.lease_ms();
+        let mesh_key = self.mesh_key.clone();
+        let prev = previous.clone();
+        let v = view.clone();
+        // Route computation and desired-state derivation are CPU work: run
+        // them off the request threads.
+        let (plan, writes, next) = tokio::task::spawn_blocking(move || {
+            compute_desired(&v, now, lease, &model, prev.as_ref(), &mesh_key)
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("scheduling task: {e}")))?;
         self.store.write_desired(&writes).await?;
         self.metrics.desired_updates.inc_by(writes.len() as u64);
         if previous.as_ref() != Some(&plan) || !writes.is_empty() {
@@ -817,6 +796,61 @@ impl Scheduler {
         lock.release().await;
         self.store.close().await;
     }
+}
+
+/// The route plan and the desired states that differ from the stored ones,
+/// with the version they get.
+fn compute_desired(
+    view: &View,
+    now: u64,
+    lease: u64,
+    model: &CostModel,
+    previous: Option<&RoutePlan>,
+    mesh_key: &str,
+) -> (RoutePlan, Vec<(String, u64, String)>, u64) {
+    let mesh = mesh_view(view, now, lease);
+    let plan = route::compute(&mesh, model, previous);
+    let facts: Vec<NodeFacts<'_>> = view
+        .nodes
+        .values()
+        .map(|n| NodeFacts {
+            id: &n.row.id,
+            drain: n.row.drain,
+            dataplane_secret: &n.row.dataplane_secret,
+            mesh_address: n.report.addresses.mesh.as_deref().or(n
+                .report
+                .addresses
+                .media
+                .as_deref()),
+            trust_domain: n.labels.get("trust_domain").map(String::as_str),
+        })
+        .collect();
+    let states = desired::derive(&facts, &plan, mesh_key);
+    let max_version = view
+        .nodes
+        .values()
+        .map(|n| n.row.desired_version)
+        .max()
+        .unwrap_or(0);
+    let next = max_version + 1;
+    let mut writes = Vec::new();
+    for mut st in states {
+        let Some(n) = view.nodes.get(&st.node_id) else {
+            continue;
+        };
+        st.version = n.row.desired_version;
+        let same = n
+            .row
+            .desired
+            .as_deref()
+            .is_some_and(|old| serde_json::to_string(&st).is_ok_and(|new| new == old));
+        if same {
+            continue;
+        }
+        st.version = next;
+        writes.push((st.node_id.clone(), next, desired_json(&st)));
+    }
+    (plan, writes, next)
 }
 
 fn desired_json(st: &DesiredState) -> String {
