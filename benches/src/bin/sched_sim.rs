@@ -495,9 +495,11 @@ async fn agents_mode(
     }
     tokio::time::sleep_until(measure_from).await;
     let cpu0 = cpu_ticks(pid)?;
+    let self0 = cpu_ticks(std::process::id())?;
     let wall0 = Instant::now();
     tokio::time::sleep_until(end).await;
     let cpu1 = cpu_ticks(pid)?;
+    let self1 = cpu_ticks(std::process::id())?;
     let wall = wall0.elapsed().as_secs_f64();
     for h in handles {
         h.await?;
@@ -547,8 +549,9 @@ async fn agents_mode(
         pct(&lat, 100.0)
     );
     println!(
-        "scheduler CPU: {:.1}% of one core (utime+stime from /proc/{pid}/stat)",
-        cpu * 100.0
+        "scheduler CPU: {:.1}% of one core (utime+stime from /proc/{pid}/stat); simulator CPU: {:.1}%",
+        cpu * 100.0,
+        (self1 - self0) as f64 / clk_tck() / wall * 100.0
     );
     println!(
         "leader tick (route plan + desired states over {} nodes, {} room trees): mean {:.1} ms over {} ticks",
