@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing Ridge needs on Debian. Safe to re-run.
 #   tests/install-deps.sh          build dependencies only
-#   tests/install-deps.sh --test   also what the test suite uses (Chromium)
+#   tests/install-deps.sh --test   also what the test suite uses (Chromium, PostgreSQL)
 set -euo pipefail
 
 # clang, libbpf-dev and linux-libc-dev build ridge-ebpf's BPF programs.
 packages=(build-essential pkg-config ca-certificates curl clang libbpf-dev linux-libc-dev)
 if [[ "${1:-}" == "--test" ]]; then
-  # iproute2 and ethtool: ridge-ebpf's network-namespace tests.
-  packages+=(chromium iproute2 ethtool)
+  # iproute2 and ethtool: ridge-ebpf's network-namespace tests;
+  # postgresql: the scheduler's HA tests.
+  packages+=(chromium iproute2 ethtool postgresql)
 fi
 
 sudo_cmd=()

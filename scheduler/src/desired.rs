@@ -1,0 +1,163 @@
+//! Desired state per node, derived from the route plan. Pure: the same
+//! inputs give byte-identical JSON, so the leader detects changes by
+//! comparing serialized states.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::api::{DesiredLink, DesiredRoute, DesiredState};
+use crate::crypto::LinkKeys;
+use crate::route::RoutePlan;
+
+/// What desired-state derivation needs to know about a node.
+#[derive(Debug, Clone)]
+pub struct NodeFacts<'a> {
+    pub id: &'a str,
+    pub drain: bool,
+    pub dataplane_secret: &'a str,
+    /// `addresses.mesh`, else `addresses.media`.
+    pub mesh_address: Option<&'a str>,
+    /// The node's `trust_domain` label, if any.
+    pub trust_domain: Option<&'a str>,
+}
+
+/// Desired states of all `nodes` (version 0; the caller assigns versions).
+pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<DesiredState> {
+    let keys = LinkKeys::new(mesh_key);
+    let by_id: HashMap<&str, &NodeFacts<'_>> = nodes.iter().map(|n| (n.id, n)).collect();
+    // node -> (room, source) -> (upstream, downstream)
+    type Entry = (Option<String>, BTreeSet<String>);
+    let mut per_node: HashMap<&str, BTreeMap<(String, String), Entry>> = HashMap::new();
+    for r in &plan.routes {
+        let key = (r.room.clone(), r.source.clone());
+        per_node
+            .entry(r.source.as_str())
+            .or_default()
+            .entry(key.clone())
+            .or_default();
+        for e in &r.edges {
+            per_node
+                .entry(e.from.as_str())
+                .or_default()
+                .entry(key.clone())
+                .or_default()
+                .1
+                .insert(e.to.clone());
+            per_node
+                .entry(e.to.as_str())
+                .or_default()
+                .entry(key.clone())
+                .or_default()
+                .0 = Some(e.from.clone());
+        }
+    }
+    nodes
+        .iter()
+        .map(|n| {
+            let mut peers = BTreeSet::new();
+            let routes: Vec<DesiredRoute> = per_node
+                .get(n.id)
+                .map(|m| {
+                    m.iter()
+                        .map(|((room, source), (up, down))| {
+                            peers.extend(up.iter().cloned());
+                            peers.extend(down.iter().cloned());
+                            DesiredRoute {
+                                room: room.clone(),
+                                source: source.clone(),
+                                upstream: up.clone(),
+                                downstream: down.iter().cloned().collect(),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let links = peers
+                .into_iter()
+                .map(|peer| {
+                    let p = by_id.get(peer.as_str());
+                    let trusted = matches!(
+                        (n.trust_domain, p.and_then(|p| p.trust_domain)),
+                        (Some(a), Some(b)) if !a.is_empty() && a == b
+                    );
+                    DesiredLink {
+                        address: p.and_then(|p| p.mesh_address).map(str::to_owned),
+                        key: keys.key(n.id, &peer),
+                        trusted,
+                        peer,
+                    }
+                })
+                .collect();
+            DesiredState {
+                node_id: n.id.to_owned(),
+                version: 0,
+                drain: n.drain,
+                dataplane_secret: n.dataplane_secret.to_owned(),
+                links,
+                routes,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{Edge, RoomRoute};
+
+    fn facts<'a>(id: &'a str, td: Option<&'a str>) -> NodeFacts<'a> {
+        NodeFacts {
+            id,
+            drain: false,
+            dataplane_secret: "s",
+            mesh_address: Some("10.0.0.1:5006"),
+            trust_domain: td,
+        }
+    }
+
+    #[test]
+    fn routes_and_links_per_node() {
+        let plan = RoutePlan {
+            routes: vec![RoomRoute {
+                room: "r".into(),
+                source: "a".into(),
+                edges: vec![
+                    Edge {
+                        from: "a".into(),
+                        to: "b".into(),
+                    },
+                    Edge {
+                        from: "b".into(),
+                        to: "c".into(),
+                    },
+                ],
+                unreachable: vec![],
+            }],
+        };
+        let nodes = [
+            facts("a", Some("x")),
+            facts("b", Some("x")),
+            facts("c", None),
+            facts("d", None),
+        ];
+        let d = derive(&nodes, &plan, "mk");
+        assert_eq!(d[0].routes[0].upstream, None);
+        assert_eq!(d[0].routes[0].downstream, vec!["b".to_owned()]);
+        assert_eq!(d[1].routes[0].upstream.as_deref(), Some("a"));
+        assert_eq!(d[1].routes[0].downstream, vec!["c".to_owned()]);
+        assert_eq!(d[2].routes[0].downstream, Vec::<String>::new());
+        assert!(d[3].routes.is_empty() && d[3].links.is_empty());
+        let b_links: Vec<_> = d[1]
+            .links
+            .iter()
+            .map(|l| (l.peer.as_str(), l.trusted))
+            .collect();
+        assert_eq!(b_links, vec![("a", true), ("c", false)]);
+        // Both ends of a link get the same key.
+        assert_eq!(d[0].links[0].key, d[1].links[0].key);
+        // Deterministic.
+        assert_eq!(
+            serde_json::to_string(&d).unwrap(),
+            serde_json::to_string(&derive(&nodes, &plan, "mk")).unwrap()
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! The scheduler's one metrics registry (prefix `ridge_scheduler_`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+/// Live metric handles.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub errors: Family<CodeLabels, Counter>,
+    pub enrollments: Family<CodeLabels, Counter>,
+    pub heartbeats: Counter,
+    pub nodes: Family<StateLabels, Gauge>,
+    pub leader: Gauge,
+    pub route_computations: Counter,
+    pub route_computation_seconds: Histogram,
+    pub desired_updates: Counter,
+    pub watchers: Gauge,
+    pub dispatches: Family<CodeLabels, Counter>,
+    pub tick_errors: Counter,
+    pub draining: Gauge,
+}
+
+/// Builds the registry and the handles.
+pub fn registry() -> (Registry, Metrics) {
+    let mut registry = Registry::default();
+    let m = Metrics {
+        http_requests: Family::default(),
+        errors: Family::default(),
+        enrollments: Family::default(),
+        heartbeats: Counter::default(),
+        nodes: Family::default(),
+        leader: Gauge::default(),
+        route_computations: Counter::default(),
+        route_computation_seconds: Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]),
+        desired_updates: Counter::default(),
+        watchers: Gauge::default(),
+        dispatches: Family::default(),
+        tick_errors: Counter::default(),
+        draining: Gauge::default(),
+    };
+    let r = registry.sub_registry_with_prefix("ridge_scheduler");
+    r.register(
+        "http_requests",
+        "HTTP requests by route and status",
+        m.http_requests.clone(),
+    );
+    r.register(
+        "errors",
+        "Error responses by code (auth failures, refused enrollments, bad bodies)",
+        m.errors.clone(),
+    );
+    r.register(
+        "enrollments",
+        "Enrollment attempts by result (ok or the error code)",
+        m.enrollments.clone(),
+    );
+    r.register("heartbeats", "Heartbeats accepted", m.heartbeats.clone());
+    r.register("nodes", "Registered nodes by state", m.nodes.clone());
+    r.register(
+        "leader",
+        "1 while this replica runs the scheduling jobs",
+        m.leader.clone(),
+    );
+    r.register(
+        "route_computations",
+        "Route plan computations",
+        m.route_computations.clone(),
+    );
+    r.register(
+        "route_computation_seconds",
+        "Time to compute the route plan and desired states",
+        m.route_computation_seconds.clone(),
+    );
+    r.register(
+        "desired_updates",
+        "Desired-state versions written",
+        m.desired_updates.clone(),
+    );
+    r.register(
+        "watchers",
+        "Open desired-state long polls",
+        m.watchers.clone(),
+    );
+    r.register(
+        "dispatches",
+        "Dispatch answers by result",
+        m.dispatches.clone(),
+    );
+    r.register(
+        "tick_errors",
+        "Background ticks that failed (storage errors)",
+        m.tick_errors.clone(),
+    );
+    r.register(
+        "draining",
+        "1 while the scheduler drains before exit",
+        m.draining.clone(),
+    );
+    (registry, m)
+}

@@ -1,0 +1,811 @@
+//! Route computation: pure, no I/O, no clock.
+//!
+//! Input is a snapshot of the mesh ([`MeshView`]): which nodes are up and
+//! may relay, their load, the measured links, and which nodes publish or
+//! subscribe to which room. Output is a [`RoutePlan`]: one distribution tree
+//! per (room, source node).
+//!
+//! Paths are minimum cost with at most `max_hops` links, found with a
+//! hop-bounded Bellman-Ford (exact for the hop bound, unlike Dijkstra, which
+//! can find a cheaper but longer path and then has to give up). The cost of
+//! entering node `v` over link `u→v` is
+//! `rtt + jitter + loss_weight·loss% + load_weight·load(v) + hop_cost`.
+//! A subscriber's previous path is kept while it stays valid and costs at
+//! most `stickiness` more than the best, so routes do not flap as load moves.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+/// Tunables of the cost model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostModel {
+    /// Most links a path may have.
+    pub max_hops: usize,
+    /// Milliseconds of cost per percent of loss.
+    pub loss_weight: f64,
+    /// Milliseconds of cost for a fully loaded node (load 1.0).
+    pub load_weight: f64,
+    /// Fixed cost per link, so that equal paths prefer fewer hops.
+    pub hop_cost: f64,
+    /// Keep the previous path while it costs at most `1 + stickiness` × best.
+    pub stickiness: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        Self {
+            max_hops: 4,
+            loss_weight: 10.0,
+            load_weight: 50.0,
+            hop_cost: 1.0,
+            stickiness: 0.2,
+        }
+    }
+}
+
+/// One node as routing sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInput {
+    pub id: String,
+    /// Heartbeat lease current.
+    pub up: bool,
+    /// May forward for others (up and not draining).
+    pub transit: bool,
+    /// 0.0 – 1.0.
+    pub load: f64,
+}
+
+/// One link measurement, as reported by `from` about `to`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkInput {
+    pub from: String,
+    pub to: String,
+    pub rtt_ms: f64,
+    /// Fraction 0.0 – 1.0.
+    pub loss: f64,
+    pub jitter_ms: f64,
+}
+
+/// Where a room lives: nodes with publishers and nodes with subscribers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoomInput {
+    pub room: String,
+    pub publishers: BTreeSet<String>,
+    pub subscribers: BTreeSet<String>,
+}
+
+/// Everything route computation looks at.
+#[derive(Debug, Clone, Default)]
+pub struct MeshView {
+    pub nodes: Vec<NodeInput>,
+    pub links: Vec<LinkInput>,
+    pub rooms: Vec<RoomInput>,
+}
+
+/// A directed tree edge: media flows `from` → `to`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Edge {
+    pub from: String,
+    pub to: String,
+}
+
+/// The distribution tree of one room from one source node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRoute {
+    pub room: String,
+    pub source: String,
+    /// Sorted.
+    pub edges: Vec<Edge>,
+    /// Subscriber nodes with no path within the hop limit (sorted).
+    pub unreachable: Vec<String>,
+}
+
+impl RoomRoute {
+    /// The upstream of `node` in this tree (`None` for the source or a node
+    /// not in the tree).
+    pub fn upstream_of(&self, node: &str) -> Option<&str> {
+        self.edges
+            .iter()
+            .find(|e| e.to == node)
+            .map(|e| e.from.as_str())
+    }
+
+    /// Whether `node` is on this tree.
+    pub fn contains(&self, node: &str) -> bool {
+        self.source == node || self.edges.iter().any(|e| e.to == node)
+    }
+}
+
+/// All trees, sorted by (room, source).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RoutePlan {
+    pub routes: Vec<RoomRoute>,
+}
+
+/// The mesh as an adjacency list over dense indices.
+#[derive(Debug)]
+pub struct Graph {
+    ids: Vec<String>,
+    index: HashMap<String, usize>,
+    transit: Vec<bool>,
+    /// `adj[u]` = (v, cost of u→v).
+    adj: Vec<Vec<(usize, f64)>>,
+    /// The same adjacency, flattened (CSR) for the hot loop: the edges of
+    /// `u` are `targets[offsets[u]..offsets[u + 1]]` with `costs` alongside.
+    offsets: Vec<usize>,
+    targets: Vec<u32>,
+    costs: Vec<f64>,
+}
+
+impl Graph {
+    /// Builds the graph of the up nodes. A link exists when either end
+    /// reported it; if both did, each metric takes the worse value. Links to
+    /// unknown or down nodes, and measurements that are not finite, are
+    /// ignored.
+    pub fn build(view: &MeshView, model: &CostModel) -> Self {
+        let mut ids = Vec::new();
+        let mut index = HashMap::new();
+        let mut transit = Vec::new();
+        let mut load = Vec::new();
+        for n in view.nodes.iter().filter(|n| n.up) {
+            if index.contains_key(&n.id) {
+                continue;
+            }
+            index.insert(n.id.clone(), ids.len());
+            ids.push(n.id.clone());
+            transit.push(n.transit);
+            load.push(if n.load.is_finite() {
+                n.load.clamp(0.0, 1.0)
+            } else {
+                1.0
+            });
+        }
+        // Undirected measurement per unordered pair: (rtt, loss, jitter), worst of both reports.
+        let mut pairs: HashMap<(usize, usize), (f64, f64, f64)> = HashMap::new();
+        for l in &view.links {
+            let (Some(&a), Some(&b)) = (index.get(&l.from), index.get(&l.to)) else {
+                continue;
+            };
+            if a == b || !l.rtt_ms.is_finite() || !l.loss.is_finite() || !l.jitter_ms.is_finite() {
+                continue;
+            }
+            let m = (
+                l.rtt_ms.max(0.0),
+                l.loss.clamp(0.0, 1.0),
+                l.jitter_ms.max(0.0),
+            );
+            let key = (a.min(b), a.max(b));
+            pairs
+                .entry(key)
+                .and_modify(|e| *e = (e.0.max(m.0), e.1.max(m.1), e.2.max(m.2)))
+                .or_insert(m);
+        }
+        let mut adj = vec![Vec::new(); ids.len()];
+        let mut sorted: Vec<_> = pairs.into_iter().collect();
+        sorted.sort_by_key(|(k, _)| *k);
+        for ((a, b), (rtt, loss, jitter)) in sorted {
+            let base = rtt + jitter + model.loss_weight * loss * 100.0 + model.hop_cost;
+            adj[a].push((b, base + model.load_weight * load[b]));
+            adj[b].push((a, base + model.load_weight * load[a]));
+        }
+        let mut offsets = Vec::with_capacity(ids.len() + 1);
+        let mut targets = Vec::new();
+        let mut costs = Vec::new();
+        offsets.push(0);
+        for edges in &adj {
+            for &(v, c) in edges {
+                targets.push(u32::try_from(v).unwrap_or(u32::MAX));
+                costs.push(c);
+            }
+            offsets.push(targets.len());
+        }
+        Self {
+            ids,
+            index,
+            transit,
+            adj,
+            offsets,
+            targets,
+            costs,
+        }
+    }
+
+    /// Number of (up) nodes.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the graph has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn cost(&self, u: usize, v: usize) -> Option<f64> {
+        self.adj[u].iter().find(|(w, _)| *w == v).map(|(_, c)| *c)
+    }
+
+    /// Minimum-cost paths from `source` with at most `max_hops` links.
+    pub fn paths_from(&self, source: &str, max_hops: usize) -> Option<PathTable> {
+        let s = *self.index.get(source)?;
+        let n = self.ids.len();
+        let levels = max_hops + 1;
+        // Level h: best cost with at most h links, its exact hop count, and
+        // the predecessor when that path has exactly h links.
+        let mut dist = vec![vec![f64::INFINITY; n]; levels];
+        let mut hops = vec![vec![usize::MAX; n]; levels];
+        let mut pred = vec![vec![usize::MAX; n]; levels];
+        dist[0][s] = 0.0;
+        hops[0][s] = 0;
+        // Nodes whose best cost improved at the previous level: only their
+        // out-edges can improve anything at this one.
+        let mut frontier = vec![s];
+        let mut next = Vec::new();
+        let mut in_next = vec![false; n];
+        for h in 1..levels {
+            let (done, rest) = dist.split_at_mut(h);
+            let prev = &done[h - 1];
+            let cur = &mut rest[0];
+            cur.copy_from_slice(prev);
+            let (hdone, hrest) = hops.split_at_mut(h);
+            hrest[0].copy_from_slice(&hdone[h - 1]);
+            for &u in &frontier {
+                if u != s && !self.transit[u] {
+                    continue;
+                }
+                let du = prev[u];
+                for e in self.offsets[u]..self.offsets[u + 1] {
+                    let v = self.targets[e] as usize;
+                    let d = du + self.costs[e];
+                    if d < cur[v] {
+                        cur[v] = d;
+                        hrest[0][v] = h;
+                        pred[h][v] = u;
+                        if !in_next[v] {
+                            in_next[v] = true;
+                            next.push(v);
+                        }
+                    }
+                }
+            }
+            if next.is_empty() {
+                dist.truncate(h + 1);
+                hops.truncate(h + 1);
+                pred.truncate(h + 1);
+                break;
+            }
+            for &v in &next {
+                in_next[v] = false;
+            }
+            std::mem::swap(&mut frontier, &mut next);
+            next.clear();
+        }
+        Some(PathTable {
+            source: s,
+            dist,
+            hops,
+            pred,
+        })
+    }
+
+    fn path_cost(&self, path: &[usize]) -> Option<f64> {
+        path.windows(2)
+            .map(|w| self.cost(w[0], w[1]))
+            .sum::<Option<f64>>()
+    }
+}
+
+/// Shortest paths from one source (see [`Graph::paths_from`]).
+#[derive(Debug)]
+pub struct PathTable {
+    source: usize,
+    dist: Vec<Vec<f64>>,
+    hops: Vec<Vec<usize>>,
+    pred: Vec<Vec<usize>>,
+}
+
+impl PathTable {
+    fn top(&self) -> usize {
+        self.dist.len() - 1
+    }
+
+    /// The best cost to node index `v`, if reachable within the hop limit.
+    fn cost(&self, v: usize) -> Option<f64> {
+        let c = self.dist[self.top()][v];
+        c.is_finite().then_some(c)
+    }
+
+    /// The best path to `v` as node indices, source first.
+    fn path(&self, v: usize) -> Option<Vec<usize>> {
+        self.cost(v)?;
+        let mut out = vec![v];
+        let mut cur = v;
+        let mut level = self.hops[self.top()][v];
+        while cur != self.source {
+            let u = self.pred[level][cur];
+            if u == usize::MAX || level == 0 {
+                return None;
+            }
+            out.push(u);
+            cur = u;
+            level = self.hops[level - 1][cur];
+        }
+        out.reverse();
+        Some(out)
+    }
+}
+
+/// Computes all room trees. `previous` is the last plan (for stickiness).
+pub fn compute(view: &MeshView, model: &CostModel, previous: Option<&RoutePlan>) -> RoutePlan {
+    let graph = Graph::build(view, model);
+    let mut rooms: Vec<&RoomInput> = view.rooms.iter().collect();
+    rooms.sort_by(|a, b| a.room.cmp(&b.room));
+    // One path table per distinct source, computed on all cores: each is an
+    // independent hop-bounded Bellman-Ford.
+    let sources: Vec<usize> = rooms
+        .iter()
+        .flat_map(|r| r.publishers.iter())
+        .filter_map(|p| graph.index.get(p).copied())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let tables = path_tables(&graph, &sources, model.max_hops);
+    let previous: HashMap<(&str, &str), &RoomRoute> = previous
+        .map(|p| {
+            p.routes
+                .iter()
+                .map(|r| ((r.room.as_str(), r.source.as_str()), r))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut routes = Vec::new();
+    for room in rooms {
+        for source in &room.publishers {
+            let Some(&s) = graph.index.get(source) else {
+                continue; // source down: no tree
+            };
+            let Some(table) = tables.get(&s) else {
+                continue;
+            };
+            let prev = previous
+                .get(&(room.room.as_str(), source.as_str()))
+                .copied();
+            routes.push(build_tree(
+                &graph,
+                table,
+                model,
+                &room.room,
+                s,
+                &room.subscribers,
+                prev,
+            ));
+        }
+    }
+    RoutePlan { routes }
+}
+
+/// Path tables for `sources`, split over the available cores.
+fn path_tables(graph: &Graph, sources: &[usize], max_hops: usize) -> HashMap<usize, PathTable> {
+    let run = |chunk: &[usize]| {
+        chunk
+            .iter()
+            .filter_map(|&s| graph.paths_from(&graph.ids[s], max_hops).map(|t| (s, t)))
+            .collect::<Vec<_>>()
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(sources.len() / 32)
+        .max(1);
+    if threads == 1 {
+        return run(sources).into_iter().collect();
+    }
+    let chunk = sources.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .chunks(chunk)
+            .map(|c| scope.spawn(move || run(c)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+fn build_tree(
+    graph: &Graph,
+    table: &PathTable,
+    model: &CostModel,
+    room: &str,
+    s: usize,
+    subscribers: &BTreeSet<String>,
+    previous: Option<&RoomRoute>,
+) -> RoomRoute {
+    // upstream[v] = u for every node on the tree except the source.
+    let mut upstream: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut unreachable = Vec::new();
+    for sub in subscribers {
+        let Some(&t) = graph.index.get(sub) else {
+            continue; // subscriber node down: nothing to deliver to
+        };
+        if t == s {
+            continue;
+        }
+        let best = table.path(t);
+        let kept = previous
+            .and_then(|p| previous_path(graph, p, s, t, model.max_hops))
+            .filter(|old| match (graph.path_cost(old), table.cost(t)) {
+                (Some(old_cost), Some(best_cost)) => {
+                    old_cost <= best_cost * (1.0 + model.stickiness)
+                }
+                _ => false,
+            });
+        let Some(path) = kept.or(best) else {
+            unreachable.push(sub.clone());
+            continue;
+        };
+        // Attach from the subscriber backwards until reaching the tree.
+        for w in path.windows(2).rev() {
+            let (u, v) = (w[0], w[1]);
+            if v == s || upstream.contains_key(&v) {
+                break;
+            }
+            upstream.insert(v, u);
+        }
+    }
+    let mut edges: Vec<Edge> = upstream
+        .iter()
+        .map(|(&v, &u)| Edge {
+            from: graph.ids[u].clone(),
+            to: graph.ids[v].clone(),
+        })
+        .collect();
+    edges.sort();
+    RoomRoute {
+        room: room.to_owned(),
+        source: graph.ids[s].clone(),
+        edges,
+        unreachable,
+    }
+}
+
+/// The path to `t` in the previous tree, if every node on it is still up,
+/// every intermediate may relay, every link still exists and the hop limit
+/// holds.
+fn previous_path(
+    graph: &Graph,
+    prev: &RoomRoute,
+    s: usize,
+    t: usize,
+    max_hops: usize,
+) -> Option<Vec<usize>> {
+    let mut path = vec![t];
+    let mut cur = graph.ids[t].as_str();
+    while cur != graph.ids[s] {
+        let up = prev.upstream_of(cur)?;
+        let u = *graph.index.get(up)?;
+        if u != s && !graph.transit[u] {
+            return None;
+        }
+        graph.cost(u, *path.last()?)?;
+        path.push(u);
+        if path.len() > max_hops + 1 {
+            return None;
+        }
+        cur = up;
+    }
+    path.reverse();
+    Some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> NodeInput {
+        NodeInput {
+            id: id.into(),
+            up: true,
+            transit: true,
+            load: 0.0,
+        }
+    }
+
+    fn link(a: &str, b: &str, rtt: f64) -> LinkInput {
+        LinkInput {
+            from: a.into(),
+            to: b.into(),
+            rtt_ms: rtt,
+            loss: 0.0,
+            jitter_ms: 0.0,
+        }
+    }
+
+    fn room(name: &str, pubs: &[&str], subs: &[&str]) -> RoomInput {
+        RoomInput {
+            room: name.into(),
+            publishers: pubs.iter().map(|s| (*s).to_owned()).collect(),
+            subscribers: subs.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn edges(r: &RoomRoute) -> Vec<(String, String)> {
+        r.edges
+            .iter()
+            .map(|e| (e.from.clone(), e.to.clone()))
+            .collect()
+    }
+
+    fn e(a: &str, b: &str) -> (String, String) {
+        (a.to_owned(), b.to_owned())
+    }
+
+    /// A—B—C—D chain plus a slow direct A—D link.
+    fn chain() -> MeshView {
+        MeshView {
+            nodes: ["a", "b", "c", "d"].into_iter().map(node).collect(),
+            links: vec![
+                link("a", "b", 10.0),
+                link("b", "c", 10.0),
+                link("c", "d", 10.0),
+                link("a", "d", 100.0),
+            ],
+            rooms: vec![room("r", &["a"], &["d"])],
+        }
+    }
+
+    #[test]
+    fn picks_minimum_cost_path() {
+        let plan = compute(&chain(), &CostModel::default(), None);
+        assert_eq!(plan.routes.len(), 1);
+        assert_eq!(
+            edges(&plan.routes[0]),
+            vec![e("a", "b"), e("b", "c"), e("c", "d")]
+        );
+        assert!(plan.routes[0].unreachable.is_empty());
+    }
+
+    #[test]
+    fn hop_limit_forces_shorter_path() {
+        let model = CostModel {
+            max_hops: 2,
+            ..CostModel::default()
+        };
+        let plan = compute(&chain(), &model, None);
+        assert_eq!(edges(&plan.routes[0]), vec![e("a", "d")]);
+
+        // Without the direct link, d is out of reach in 2 hops.
+        let mut view = chain();
+        view.links.pop();
+        let plan = compute(&view, &model, None);
+        assert!(plan.routes[0].edges.is_empty());
+        assert_eq!(plan.routes[0].unreachable, vec!["d".to_owned()]);
+    }
+
+    #[test]
+    fn loss_and_load_raise_cost() {
+        // a→b→d vs a→c→d, equal rtt; loss on b→d makes c the way.
+        let mut view = MeshView {
+            nodes: ["a", "b", "c", "d"].into_iter().map(node).collect(),
+            links: vec![
+                link("a", "b", 10.0),
+                link("b", "d", 10.0),
+                link("a", "c", 10.0),
+                link("c", "d", 11.0),
+            ],
+            rooms: vec![room("r", &["a"], &["d"])],
+        };
+        let plan = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&plan.routes[0]), vec![e("a", "b"), e("b", "d")]);
+        view.links[1].loss = 0.02; // 2 % = +20 ms
+        let plan = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&plan.routes[0]), vec![e("a", "c"), e("c", "d")]);
+        // Reset loss; load c fully is worse than b at 0.5.
+        view.links[1].loss = 0.0;
+        view.links[3].rtt_ms = 10.0;
+        view.nodes[1].load = 0.5;
+        view.nodes[2].load = 1.0;
+        let plan = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&plan.routes[0]), vec![e("a", "b"), e("b", "d")]);
+    }
+
+    #[test]
+    fn node_down_reroutes_and_drain_avoids_transit() {
+        let mut view = MeshView {
+            nodes: ["a", "b", "c", "d"].into_iter().map(node).collect(),
+            links: vec![
+                link("a", "b", 5.0),
+                link("b", "d", 5.0),
+                link("a", "c", 20.0),
+                link("c", "d", 20.0),
+            ],
+            rooms: vec![room("r", &["a"], &["d"])],
+        };
+        let first = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&first.routes[0]), vec![e("a", "b"), e("b", "d")]);
+        view.nodes[1].up = false;
+        let second = compute(&view, &CostModel::default(), Some(&first));
+        assert_eq!(edges(&second.routes[0]), vec![e("a", "c"), e("c", "d")]);
+        // Back up but draining: still not used for transit.
+        view.nodes[1].up = true;
+        view.nodes[1].transit = false;
+        let third = compute(&view, &CostModel::default(), Some(&second));
+        assert_eq!(edges(&third.routes[0]), vec![e("a", "c"), e("c", "d")]);
+        // A draining node can still be an endpoint.
+        view.rooms[0].subscribers.insert("b".into());
+        let fourth = compute(&view, &CostModel::default(), Some(&third));
+        assert!(fourth.routes[0].contains("b"));
+        assert_eq!(fourth.routes[0].upstream_of("b"), Some("a"));
+    }
+
+    #[test]
+    fn sticky_within_tolerance_then_moves() {
+        let mut view = MeshView {
+            nodes: ["a", "b", "c", "d"].into_iter().map(node).collect(),
+            links: vec![
+                link("a", "b", 10.0),
+                link("b", "d", 10.0),
+                link("a", "c", 10.0),
+                link("c", "d", 12.0),
+            ],
+            rooms: vec![room("r", &["a"], &["d"])],
+        };
+        let first = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&first.routes[0]), vec![e("a", "b"), e("b", "d")]);
+        // b→d gets 3 ms worse: c is now cheaper but by less than 20 %.
+        view.links[1].rtt_ms = 13.0;
+        let second = compute(&view, &CostModel::default(), Some(&first));
+        assert_eq!(second, first);
+        // Much worse: move.
+        view.links[1].rtt_ms = 40.0;
+        let third = compute(&view, &CostModel::default(), Some(&second));
+        assert_eq!(edges(&third.routes[0]), vec![e("a", "c"), e("c", "d")]);
+    }
+
+    #[test]
+    fn tree_shares_common_prefix_and_worst_report_counts() {
+        // a→b→{c,d}: one tree, b forwards to both.
+        let mut view = MeshView {
+            nodes: ["a", "b", "c", "d"].into_iter().map(node).collect(),
+            links: vec![
+                link("a", "b", 5.0),
+                link("b", "c", 5.0),
+                link("b", "d", 5.0),
+                link("a", "c", 30.0),
+            ],
+            rooms: vec![room("r", &["a"], &["c", "d", "a"])],
+        };
+        let plan = compute(&view, &CostModel::default(), None);
+        assert_eq!(
+            edges(&plan.routes[0]),
+            vec![e("a", "b"), e("b", "c"), e("b", "d")]
+        );
+        // c reports the b–c link as much worse than b does: the worse value wins.
+        view.links.push(link("c", "b", 50.0));
+        let plan = compute(&view, &CostModel::default(), None);
+        assert_eq!(
+            edges(&plan.routes[0]),
+            vec![e("a", "b"), e("a", "c"), e("b", "d")]
+        );
+    }
+
+    #[test]
+    fn several_sources_and_rooms_are_separate_trees() {
+        let view = MeshView {
+            nodes: ["a", "b", "c"].into_iter().map(node).collect(),
+            links: vec![link("a", "b", 1.0), link("b", "c", 1.0)],
+            rooms: vec![room("y", &["c"], &["a"]), room("x", &["a", "c"], &["b"])],
+        };
+        let plan = compute(&view, &CostModel::default(), None);
+        let keys: Vec<_> = plan
+            .routes
+            .iter()
+            .map(|r| (r.room.as_str(), r.source.as_str()))
+            .collect();
+        assert_eq!(keys, vec![("x", "a"), ("x", "c"), ("y", "c")]);
+        assert_eq!(edges(&plan.routes[2]), vec![e("b", "a"), e("c", "b")]);
+    }
+
+    #[test]
+    fn down_source_has_no_tree_and_bad_measurements_are_ignored() {
+        let mut view = chain();
+        view.links.push(LinkInput {
+            from: "a".into(),
+            to: "c".into(),
+            rtt_ms: f64::NAN,
+            loss: 0.0,
+            jitter_ms: 0.0,
+        });
+        let plan = compute(&view, &CostModel::default(), None);
+        assert_eq!(plan.routes[0].edges.len(), 3);
+        view.nodes[0].up = false;
+        assert!(
+            compute(&view, &CostModel::default(), None)
+                .routes
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bellman_ford_matches_brute_force_on_random_graphs() {
+        // Deterministic pseudo-random graphs; compare with exhaustive search.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..200 {
+            let n = 6;
+            let ids: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+            let mut view = MeshView {
+                nodes: ids.iter().map(|i| node(i)).collect(),
+                ..MeshView::default()
+            };
+            for a in 0..n {
+                for b in a + 1..n {
+                    if rnd() % 2 == 0 {
+                        view.links
+                            .push(link(&ids[a], &ids[b], (rnd() % 50) as f64 + 1.0));
+                    }
+                }
+            }
+            let max_hops = (rnd() % 4 + 1) as usize;
+            let model = CostModel {
+                max_hops,
+                ..CostModel::default()
+            };
+            let g = Graph::build(&view, &model);
+            let table = g.paths_from("n0", max_hops).unwrap();
+            for t in 1..n {
+                let brute = brute_force(&g, 0, t, max_hops);
+                let got = table.cost(t);
+                match (brute, got) {
+                    (None, None) => {}
+                    (Some(b), Some(c)) => {
+                        assert!((b - c).abs() < 1e-9, "{b} vs {c}");
+                        let p = table.path(t).unwrap();
+                        assert!(p.len() - 1 <= max_hops);
+                        assert!((g.path_cost(&p).unwrap() - c).abs() < 1e-9);
+                    }
+                    other => panic!("mismatch {other:?}"),
+                }
+            }
+        }
+    }
+
+    fn brute_force(g: &Graph, s: usize, t: usize, max_hops: usize) -> Option<f64> {
+        fn go(
+            g: &Graph,
+            u: usize,
+            t: usize,
+            left: usize,
+            seen: &mut Vec<bool>,
+            acc: f64,
+        ) -> Option<f64> {
+            if u == t {
+                return Some(acc);
+            }
+            if left == 0 {
+                return None;
+            }
+            let mut best: Option<f64> = None;
+            for &(v, c) in &g.adj[u] {
+                if seen[v] {
+                    continue;
+                }
+                seen[v] = true;
+                if let Some(x) = go(g, v, t, left - 1, seen, acc + c) {
+                    best = Some(best.map_or(x, |b: f64| b.min(x)));
+                }
+                seen[v] = false;
+            }
+            best
+        }
+        let mut seen = vec![false; g.len()];
+        seen[s] = true;
+        go(g, s, t, max_hops, &mut seen, 0.0)
+    }
+}

@@ -1,0 +1,136 @@
+//! Runs the scheduler: binds HTTPS, runs the background tick, drains on
+//! shutdown with a time bound.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::service::Scheduler;
+use crate::store::LeaderLock;
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("TLS certificate or key: {0}")]
+    Tls(std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Serve(String),
+}
+
+/// A running scheduler.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub scheduler: Arc<Scheduler>,
+    handle: Handle<SocketAddr>,
+    stop_tick: watch::Sender<bool>,
+    server: JoinHandle<Result<(), std::io::Error>>,
+    ticker: JoinHandle<LeaderLock>,
+}
+
+/// Opens storage, binds, starts serving and ticking.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tls = RustlsConfig::from_pem_file(&config.tls_cert, &config.tls_key)
+        .await
+        .map_err(StartError::Tls)?;
+    let (registry, metrics) = crate::metrics::registry();
+    let sched = Scheduler::open(config, metrics).await?;
+    let listener =
+        std::net::TcpListener::bind(sched.config.listen).map_err(|source| StartError::Bind {
+            addr: sched.config.listen,
+            source,
+        })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| StartError::Serve(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Serve(e.to_string()))?;
+    let app = crate::http::router(sched.clone(), Arc::new(registry));
+    let handle = Handle::new();
+    let server = {
+        let handle = handle.clone();
+        let server = axum_server::from_tcp_rustls(listener, tls)
+            .map_err(|e| StartError::Serve(e.to_string()))?
+            .handle(handle);
+        tokio::spawn(async move {
+            server
+                .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+                .await
+        })
+    };
+    let (stop_tick, mut stop_rx) = watch::channel(false);
+    let ticker = {
+        let sched = sched.clone();
+        tokio::spawn(async move {
+            let mut lock = LeaderLock::default();
+            let mut interval = tokio::time::interval(sched.config.tick());
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                if let Err(e) = sched.tick(&mut lock).await {
+                    sched.metrics.tick_errors.inc();
+                    tracing::warn!(error = %e, "scheduling tick failed");
+                }
+            }
+            lock
+        })
+    };
+    tracing::info!(
+        %addr,
+        storage = sched.store.kind(),
+        database = %sched.config.database_for_logs(),
+        replica = %sched.config.replica_id,
+        "ridge-scheduler serving"
+    );
+    Ok(Running {
+        addr,
+        scheduler: sched,
+        handle,
+        stop_tick,
+        server,
+        ticker,
+    })
+}
+
+impl Running {
+    /// Drains: new requests get 503, long polls return, in-flight requests
+    /// get up to `drain_timeout`; then flushes heartbeats and releases the
+    /// leader lock.
+    pub async fn shutdown(self) -> Result<(), StartError> {
+        let timeout = self.scheduler.config.drain_timeout;
+        self.scheduler.begin_shutdown();
+        self.handle.graceful_shutdown(Some(timeout));
+        let served = tokio::time::timeout(timeout + Duration::from_secs(1), self.server).await;
+        let _ = self.stop_tick.send(true);
+        let mut lock = self.ticker.await.unwrap_or_default();
+        self.scheduler.close(&mut lock).await;
+        match served {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(StartError::Serve(e.to_string())),
+            Ok(Err(e)) => Err(StartError::Serve(e.to_string())),
+            Err(_) => {
+                tracing::warn!("drain timed out");
+                Ok(())
+            }
+        }
+    }
+}
