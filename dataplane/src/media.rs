@@ -430,7 +430,12 @@ pub fn spawn(
                         return;
                     }
                 };
-                rt.block_on(async move {
+                // Unconstrained: tokio's cooperative budget would make the
+                // socket's readiness return Pending after 128 polls and
+                // defer the shard's waker (into a list that allocates as it
+                // grows). The shard paces itself: one receive batch per
+                // turn, timers and commands first.
+                rt.block_on(tokio::task::unconstrained(async move {
                     let fd = match ridge_io::register_readiness(io.as_ref()) {
                         Ok(fd) => fd,
                         Err(e) => {
@@ -448,7 +453,7 @@ pub fn spawn(
                     }
                     .run(&fd, rx)
                     .await;
-                });
+                }));
             })
             .map_err(MediaError::Thread)?;
         joins.push(join);
