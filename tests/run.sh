@@ -17,5 +17,7 @@ export RUST_BACKTRACE=1
 
 echo "== unit, fuzz-smoke and integration tests"
 cargo test --workspace --all-targets --exclude ridge-tests
-echo "== real-browser and end-to-end tests (serial: each starts Chromium)"
-cargo test -p ridge-tests --all-targets -- --test-threads=1
+echo "== real-browser and end-to-end tests (serial: each starts Chromium), io_uring backend"
+RIDGE_TEST_IO_BACKEND=uring cargo test -p ridge-tests --all-targets -- --test-threads=1
+echo "== the same end-to-end tests on the recvmmsg/sendmmsg backend"
+RIDGE_TEST_IO_BACKEND=mmsg cargo test -p ridge-tests --all-targets -- --test-threads=1

@@ -14,6 +14,7 @@ mod report;
 mod scenario;
 mod stats;
 mod traffic;
+mod webrtc;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,8 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
+use crate::node::NodeOptions;
 use crate::report::Report;
-use crate::scenario::{Kind, RunResult, Settings, Target};
+use crate::scenario::{Kind, RunResult, Settings, Target, Topology};
 
 const LONG_ABOUT: &str = "\
 Per-core throughput benchmark for the Ridge node, on loopback.
@@ -36,14 +38,24 @@ Scenarios:
   relay    1:1 plain RTP through a real ridge-dataplane, started as a child
            process on free loopback ports (POST /v1/rooms/bench/rtp)
   fanout   the same with --subscribers N (default 50)
+  webrtc-fanout  a str0m WHIP publisher and --subscribers N (default 10) str0m
+           WHEP subscribers, all on one thread of this process; every leg is
+           ICE + DTLS-SRTP, so the node decrypts once and encrypts per
+           subscriber
+  rooms    --rooms M rooms (default 2), each with one publisher and an equal
+           share of --subscribers (default 50); rooms are named so that they
+           spread evenly over the node's --shards
   all      ceiling, naive 1:1, naive 1->N, relay, fanout in sequence at the same
-           settings, plus the ratio table (node / ceiling, node / naive); with
+           settings, then rooms on one shard and on two shards, then
+           webrtc-fanout with 20 subscribers, plus the ratio
+           table (node / ceiling, node / naive, two shards / one shard); with
            --rate (and no --search) also `ceiling-max`, the ceiling unpaced
 
 Measured per run: packets/s sent and received (total and per subscriber),
 loss, one-way latency p50/p99/p99.9 (a send timestamp travels in the payload),
 and for naive/relay/fanout the relay's CPU time (/proc stat utime+stime) as
-CPU us per packet in and out and packets out per core-second.
+CPU us per packet in and out and packets out per core-second, and for the
+node the heap allocations its shards made per packet out (from /metrics).
 
 The node binary defaults to ridge-dataplane next to this executable; build
 both with: cargo build --release -p ridge-dataplane -p ridge-bench";
@@ -59,6 +71,10 @@ enum Scenario {
     Relay,
     /// 1->N plain RTP through a real node (--subscribers, default 50)
     Fanout,
+    /// M rooms (--rooms) of one publisher and N/M subscribers each
+    Rooms,
+    /// A str0m WHIP publisher and N str0m WHEP subscribers (SRTP on every leg)
+    WebrtcFanout,
     /// All of the above in sequence, with the ratio table
     All,
 }
@@ -84,14 +100,31 @@ struct Cli {
     /// Seconds each run sends for (each --search step too)
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     duration: f64,
-    /// Subscribers for naive/relay/fanout [default: 1; fanout and all: 50]
+    /// Subscribers for naive/relay/fanout/rooms [default: 1; fanout, rooms and all: 50]
     #[arg(long, value_name = "N")]
     subscribers: Option<usize>,
+    /// Rooms for the rooms scenario
+    #[arg(long, value_name = "M", default_value_t = 2)]
+    rooms: usize,
+    /// Media shards of the started node (its --shards)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    shards: usize,
+    /// I/O backend of the started node: auto, uring or mmsg
+    #[arg(long, value_name = "BACKEND", default_value = "auto")]
+    io_backend: String,
+    /// Publisher rate of webrtc-fanout within `all` (WebRTC sessions are
+    /// paced by the node's bandwidth estimate, so a plain-RTP rate of
+    /// hundreds of thousands of packets/s would only fill pacer queues)
+    #[arg(long, value_name = "PPS", default_value_t = 600.0)]
+    webrtc_rate: f64,
+    /// Draw the per-core throughput of each run as an SVG bar chart into FILE
+    #[arg(long, value_name = "FILE")]
+    chart: Option<PathBuf>,
     /// Use an already running node at this URL (http://HOST:PORT) instead of
     /// starting one; needs --token; its CPU is not measured
     #[arg(long, value_name = "URL", requires = "token")]
     node: Option<String>,
-    /// Token (publish+subscribe for room "bench") for --node
+    /// Token (room "*", publish+subscribe, and admin for allocation counts) for --node
     #[arg(
         long,
         value_name = "JWT",
@@ -147,35 +180,75 @@ fn run(cli: &Cli) -> Result<()> {
         )),
         None => None,
     };
+    if !(1..=64).contains(&cli.shards) {
+        bail!("--shards must be 1..=64");
+    }
+    if cli.rooms == 0 {
+        bail!("--rooms must be at least 1");
+    }
     let fanout_n = cli.subscribers.unwrap_or(50);
-    let plan: Vec<(&str, Kind, usize)> = match cli.scenario {
-        Scenario::Ceiling => vec![("ceiling", Kind::Ceiling, 1)],
-        Scenario::Naive => vec![("naive", Kind::Naive, cli.subscribers.unwrap_or(1))],
-        Scenario::Relay => vec![("relay", Kind::Node, cli.subscribers.unwrap_or(1))],
-        Scenario::Fanout => vec![("fanout", Kind::Node, fanout_n)],
+    let topo = |subscribers: usize, rooms: usize, shards: usize| Topology {
+        subscribers,
+        rooms,
+        node: NodeOptions {
+            shards,
+            io_backend: cli.io_backend.clone(),
+        },
+    };
+    let one = cli.subscribers.unwrap_or(1);
+    let plan: Vec<(String, Kind, Topology)> = match cli.scenario {
+        Scenario::Ceiling => vec![("ceiling".into(), Kind::Ceiling, topo(1, 1, 1))],
+        Scenario::Naive => vec![("naive".into(), Kind::Naive, topo(one, 1, 1))],
+        Scenario::Relay => vec![("relay".into(), Kind::Node, topo(one, 1, cli.shards))],
+        Scenario::Fanout => vec![("fanout".into(), Kind::Node, topo(fanout_n, 1, cli.shards))],
+        Scenario::WebrtcFanout => vec![(
+            "webrtc-fanout".into(),
+            Kind::WebRtc,
+            topo(cli.subscribers.unwrap_or(10), 1, cli.shards),
+        )],
+        Scenario::Rooms => vec![(
+            format!("rooms-{}shard", cli.shards),
+            Kind::Node,
+            topo(fanout_n, cli.rooms, cli.shards),
+        )],
         Scenario::All => vec![
-            ("ceiling", Kind::Ceiling, 1),
-            ("ceiling-max", Kind::Ceiling, 1),
-            ("naive", Kind::Naive, 1),
-            ("naive-fanout", Kind::Naive, fanout_n),
-            ("relay", Kind::Node, 1),
-            ("fanout", Kind::Node, fanout_n),
+            ("ceiling".into(), Kind::Ceiling, topo(1, 1, 1)),
+            ("ceiling-max".into(), Kind::Ceiling, topo(1, 1, 1)),
+            ("naive".into(), Kind::Naive, topo(1, 1, 1)),
+            ("naive-fanout".into(), Kind::Naive, topo(fanout_n, 1, 1)),
+            ("relay".into(), Kind::Node, topo(1, 1, 1)),
+            ("fanout".into(), Kind::Node, topo(fanout_n, 1, 1)),
+            (
+                "rooms-1shard".into(),
+                Kind::Node,
+                topo(fanout_n, cli.rooms, 1),
+            ),
+            (
+                "rooms-2shard".into(),
+                Kind::Node,
+                topo(fanout_n, cli.rooms, 2),
+            ),
+            ("webrtc-fanout".into(), Kind::WebRtc, topo(20, 1, 1)),
         ],
     };
     let mut report = Report::new(cli.rate, cli.size, cli.duration, cli.search, command_line());
     let base = Instant::now();
-    for (name, kind, subs) in plan {
+    for (name, kind, topology) in plan {
+        let name = name.as_str();
+        let subs = topology.subscribers;
         // The unpaced ceiling row only adds information next to a paced
         // ceiling run.
         if name == "ceiling-max" && (cli.search || cli.rate.is_none()) {
             continue;
         }
         eprintln!("ridge-bench: {name} ({subs} subscriber(s)) ...");
-        let mut target = Target::setup(name, kind, subs, &node_bin, base, external.as_ref())
+        let mut target = Target::setup(name, kind, &topology, &node_bin, base, external.as_ref())
             .with_context(|| format!("setting up {name}"))?;
         let settings = Settings {
             rate: if name == "ceiling-max" {
                 None
+            } else if kind == Kind::WebRtc && cli.scenario == Scenario::All {
+                Some(cli.webrtc_rate)
             } else {
                 cli.rate
             },
@@ -205,6 +278,11 @@ fn run(cli: &Cli) -> Result<()> {
     }
     report.finish();
     report::print(&report.render());
+    if let Some(path) = &cli.chart {
+        std::fs::write(path, report.chart_svg())
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("ridge-bench: wrote {}", path.display());
+    }
     if let Some(path) = &cli.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;

@@ -2,7 +2,7 @@
 //! client for its plain-RTP endpoint API.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,8 +11,14 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::mmsg;
 
-/// The room every benchmark endpoint lives in.
-const ROOM: &str = "bench";
+/// How to start the node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// `--shards`.
+    pub shards: usize,
+    /// `--io-backend` (auto, uring, mmsg).
+    pub io_backend: String,
+}
 
 /// The default node binary: `ridge-dataplane` next to this executable (both
 /// land in the same `target/<profile>` directory).
@@ -38,10 +44,6 @@ fn free_tcp_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn free_udp_port() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 fn make_secret() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -54,7 +56,7 @@ impl NodeProcess {
     /// Starts `bin` on free loopback ports, waits until its HTTP port
     /// answers, and mints a publish+subscribe token with its `token`
     /// subcommand.
-    pub fn start(bin: &Path) -> Result<NodeProcess> {
+    pub fn start(bin: &Path, opts: &NodeOptions) -> Result<NodeProcess> {
         if !bin.is_file() {
             bail!(
                 "node binary {} not found; build it with cargo build --release -p ridge-dataplane \
@@ -64,10 +66,14 @@ impl NodeProcess {
         }
         let secret = make_secret();
         let http = free_tcp_port()?;
-        let udp = free_udp_port()?;
+        // Port 0: each shard picks its own free port (shard i would
+        // otherwise need port + i free too).
+        let udp = SocketAddr::from(([127, 0, 0, 1], 0));
         let child = Command::new(bin)
             .env("RIDGE_JWT_SECRET", &secret)
             .args(["--http", &http.to_string(), "--udp", &udp.to_string()])
+            .args(["--shards", &opts.shards.to_string()])
+            .args(["--io-backend", &opts.io_backend])
             .args(["--log", "warn", "--drain-timeout", "1s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -82,8 +88,8 @@ impl NodeProcess {
         node.wait_ready(Duration::from_secs(15))?;
         let out = Command::new(bin)
             .env("RIDGE_JWT_SECRET", &secret)
-            .args(["token", "--room", ROOM, "--identity", "ridge-bench"])
-            .args(["--publish", "--subscribe", "--ttl", "1h"])
+            .args(["token", "--room", "*", "--identity", "ridge-bench"])
+            .args(["--publish", "--subscribe", "--admin", "--ttl", "1h"])
             .stderr(Stdio::inherit())
             .output()
             .context("running `ridge-dataplane token`")?;
@@ -139,7 +145,12 @@ impl NodeProcess {
 
     /// Creates a plain-RTP endpoint (`direction` "publish" or "subscribe")
     /// for video from `remote`; returns the node's media address (`local`).
-    pub fn create_endpoint(&self, direction: &str, remote: SocketAddr) -> Result<SocketAddr> {
+    pub fn create_endpoint(
+        &self,
+        room: &str,
+        direction: &str,
+        remote: SocketAddr,
+    ) -> Result<SocketAddr> {
         let body = serde_json::json!({
             "direction": direction,
             "kind": "video",
@@ -148,7 +159,7 @@ impl NodeProcess {
             "ssrc": crate::packet::SSRC,
         })
         .to_string();
-        let path = format!("/v1/rooms/{ROOM}/rtp");
+        let path = format!("/v1/rooms/{room}/rtp");
         let r = http_request(self.http, "POST", &path, Some(&self.token), &body)?;
         ensure!(
             r.status == 201,
@@ -163,6 +174,35 @@ impl NodeProcess {
         local
             .parse()
             .with_context(|| format!("`local` {local:?} is not an address"))
+    }
+
+    pub fn http(&self) -> SocketAddr {
+        self.http
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Heap allocations the node's media shards have made so far (the sum
+    /// of `ridge_shard_allocations_total`); `None` when /metrics is not
+    /// readable with this token.
+    pub fn shard_allocations(&self) -> Option<u64> {
+        let r = http_request(self.http, "GET", "/metrics", Some(&self.token), "").ok()?;
+        if r.status != 200 {
+            return None;
+        }
+        let mut total = 0u64;
+        let mut seen = false;
+        for line in r.body.lines() {
+            if let Some(rest) = line.strip_prefix("ridge_shard_allocations_total{")
+                && let Some((_, v)) = rest.rsplit_once(' ')
+            {
+                total += v.trim().parse::<f64>().ok()? as u64;
+                seen = true;
+            }
+        }
+        seen.then_some(total)
     }
 
     /// SIGTERM, then wait up to 5 s for the node to drain and exit (then
@@ -224,6 +264,18 @@ pub fn http_request(
     token: Option<&str>,
     body: &str,
 ) -> Result<HttpResponse> {
+    http_request_with(addr, method, path, token, "application/json", body)
+}
+
+/// [`http_request`] with a body of another content type (SDP for WHIP/WHEP).
+pub fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &str,
+) -> Result<HttpResponse> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -232,7 +284,7 @@ pub fn http_request(
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
+        req.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     s.write_all(req.as_bytes())?;

@@ -101,7 +101,17 @@ pub fn parse(d: &[u8]) -> Option<Stamp> {
     if (64..96).contains(&(d[1] & 0x7f)) {
         return None;
     }
-    let f = &d[BENCH_OFFSET..BENCH_OFFSET + 24];
+    parse_payload(&d[RTP_HEADER..])
+}
+
+/// Decodes the benchmark fields from an RTP payload (what a WebRTC stack
+/// hands up after SRTP): the VP8 header, then the stamp.
+pub fn parse_payload(p: &[u8]) -> Option<Stamp> {
+    const AT: usize = BENCH_OFFSET - RTP_HEADER;
+    if p.len() < AT + 24 {
+        return None;
+    }
+    let f = &p[AT..AT + 24];
     if f[..4] != MAGIC {
         return None;
     }

@@ -118,6 +118,7 @@ impl Report {
             ("fanout", "ceiling"),
             ("fanout", "ceiling-max"),
             ("fanout", "naive-fanout"),
+            ("rooms-2shard", "rooms-1shard"),
         ];
         let mut ratios = Vec::new();
         for (node, base) in pairs {
@@ -166,11 +167,11 @@ impl Report {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "| scenario | subs | target pps | sent pps | recv pps | recv pps/sub | loss % | p50 µs | p99 µs | p99.9 µs | relay CPU s | CPU µs/pkt in | CPU µs/pkt out | pkts out/core-s | gen/recv CPU s |"
+            "| scenario | rooms | shards | subs | target pps | sent pps | recv pps | recv pps/sub | loss % | p50 µs | p99 µs | p99.9 µs | relay CPU s | CPU µs/pkt in | CPU µs/pkt out | pkts out/core-s | allocs/pkt out | gen/recv CPU s |"
         );
         let _ = writeln!(
             o,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         for r in &self.runs {
@@ -179,8 +180,10 @@ impl Report {
             };
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {}/{} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {}/{} |",
                 r.scenario,
+                r.rooms,
+                r.shards.map_or("-".to_string(), |s| s.to_string()),
                 r.subscribers,
                 r.target_pps
                     .map_or("max".to_string(), |t| format!("{t:.0}")),
@@ -195,6 +198,8 @@ impl Report {
                 cpu(&|c| format!("{:.2}", c.cpu_us_per_packet_in)),
                 cpu(&|c| format!("{:.3}", c.cpu_us_per_packet_out)),
                 cpu(&|c| format!("{:.0}", c.pps_out_per_core_second)),
+                r.allocations_per_packet_out
+                    .map_or("-".to_string(), |a| format!("{a:.4}")),
                 opt(r.generator_cpu_seconds),
                 opt(r.receiver_cpu_seconds),
             );
@@ -234,6 +239,79 @@ impl Report {
         }
         o
     }
+}
+
+impl Report {
+    /// An SVG bar chart: packets/s received and packets out per core-second
+    /// of relay CPU, one pair of bars per run.
+    pub fn chart_svg(&self) -> String {
+        let rows: Vec<(&str, f64, Option<f64>)> = self
+            .runs
+            .iter()
+            .map(|r| {
+                (
+                    r.scenario.as_str(),
+                    r.received_pps,
+                    r.cpu.map(|c| c.pps_out_per_core_second),
+                )
+            })
+            .collect();
+        let max = rows
+            .iter()
+            .flat_map(|(_, a, b)| [Some(*a), *b])
+            .flatten()
+            .fold(1.0f64, f64::max);
+        let (label_w, bar_w, row_h) = (150.0, 560.0, 44.0);
+        let height = 70.0 + row_h * rows.len() as f64;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"##,
+            w = label_w + bar_w + 120.0
+        );
+        let _ = writeln!(
+            o,
+            r##"<text x="10" y="20" font-size="14">ridge-bench: {} B packets, {}</text>"##,
+            self.size_bytes,
+            escape(&self.command)
+        );
+        let _ = writeln!(
+            o,
+            r##"<rect x="10" y="32" width="12" height="10" fill="#4a7bd0"/><text x="26" y="41">packets/s received</text><rect x="170" y="32" width="12" height="10" fill="#e08a2c"/><text x="186" y="41">packets out per core-second of relay CPU</text>"##
+        );
+        for (i, (name, recv, per_core)) in rows.iter().enumerate() {
+            let y = 56.0 + row_h * i as f64;
+            let _ = writeln!(
+                o,
+                r##"<text x="10" y="{}">{}</text>"##,
+                y + 16.0,
+                escape(name)
+            );
+            for (k, (v, color)) in [(Some(*recv), "#4a7bd0"), (*per_core, "#e08a2c")]
+                .into_iter()
+                .enumerate()
+            {
+                let Some(v) = v else { continue };
+                let w = (v / max * bar_w).max(1.0);
+                let by = y + k as f64 * 16.0 + 2.0;
+                let _ = writeln!(
+                    o,
+                    r##"<rect x="{label_w}" y="{by}" width="{w:.1}" height="14" fill="{color}"/><text x="{}" y="{}">{:.0}</text>"##,
+                    label_w + w + 4.0,
+                    by + 11.0,
+                    v
+                );
+            }
+        }
+        o.push_str("</svg>\n");
+        o
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Writes the tables to stdout.

@@ -8,9 +8,10 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::naive::NaiveRelay;
-use crate::node::NodeProcess;
+use crate::node::{NodeOptions, NodeProcess};
 use crate::stats::{self, Latency};
 use crate::traffic::{self, Publisher, Receiver};
+use crate::webrtc::WebrtcFanout;
 
 /// Time the receiver keeps listening after the sender stops.
 const GRACE: Duration = Duration::from_millis(300);
@@ -35,6 +36,8 @@ pub enum Kind {
     Naive,
     /// Through a real node (1:1 `relay` or 1→N `fanout`).
     Node,
+    /// Through a real node, with str0m WebRTC clients (SRTP on every leg).
+    WebRtc,
 }
 
 /// Settings shared by every run of a scenario.
@@ -91,6 +94,42 @@ pub struct RunResult {
     /// Datagrams on the subscriber sockets that were not this run's packets
     /// (RTCP from the node, stragglers of an earlier run).
     pub foreign_datagrams: u64,
+    /// Rooms (one publisher each; the subscribers are split evenly).
+    pub rooms: usize,
+    /// Node media shards (`None` for the ceiling and the naive relay).
+    pub shards: Option<usize>,
+    /// Heap allocations the node's shards made during the run (from
+    /// `/metrics`; `None` when not readable).
+    pub node_allocations: Option<u64>,
+    /// `node_allocations` per packet the node sent.
+    pub allocations_per_packet_out: Option<f64>,
+}
+
+/// What is wired up: subscribers in total, rooms, and the node's shards.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub subscribers: usize,
+    pub rooms: usize,
+    pub node: NodeOptions,
+}
+
+/// `count` room names spread evenly over `shards` (shard of room `i` is
+/// `i % shards`), using the node's own placement function.
+fn room_names(count: usize, shards: usize) -> Vec<String> {
+    let mut names = Vec::with_capacity(count);
+    let mut n = 0u32;
+    for i in 0..count {
+        let want = i % shards.max(1);
+        loop {
+            let name = format!("bench-{n}");
+            n += 1;
+            if ridge_dataplane::media::shard_for_room(&name, shards.max(1)) == want {
+                names.push(name);
+                break;
+            }
+        }
+    }
+    names
 }
 
 /// A system under test, wired up and ready for runs.
@@ -105,6 +144,9 @@ pub struct Target {
     next_run: u32,
     naive: Option<NaiveRelay>,
     node: Option<NodeProcess>,
+    webrtc: Option<WebrtcFanout>,
+    rooms: usize,
+    shards: Option<usize>,
 }
 
 fn bind_receivers(n: usize) -> Result<(Vec<UdpSocket>, Vec<SocketAddr>)> {
@@ -125,15 +167,20 @@ impl Target {
     pub fn setup(
         name: &str,
         kind: Kind,
-        subscribers: usize,
+        topology: &Topology,
         node_bin: &Path,
         base: Instant,
         external: Option<&(SocketAddr, String)>,
     ) -> Result<Target> {
+        let rooms = if matches!(kind, Kind::Node | Kind::WebRtc) {
+            topology.rooms.max(1)
+        } else {
+            1
+        };
         let subscribers = if kind == Kind::Ceiling {
             1
         } else {
-            subscribers.max(1)
+            topology.subscribers.max(rooms).div_ceil(rooms) * rooms
         };
         let (receivers, addrs) = bind_receivers(subscribers)?;
         let send_sock = traffic::bind_loopback().context("binding the sender socket")?;
@@ -147,9 +194,23 @@ impl Target {
             next_run: 1,
             naive: None,
             node: None,
+            webrtc: None,
+            rooms,
+            shards: None,
         };
         match kind {
             Kind::Ceiling => {}
+            Kind::WebRtc => {
+                let node = match external {
+                    Some((http, token)) => NodeProcess::attach(*http, token.clone()),
+                    None => NodeProcess::start(node_bin, &topology.node)?,
+                };
+                t.receivers.clear();
+                t.webrtc = Some(WebrtcFanout::connect(&node, subscribers, base)?);
+                t.cpu_stat = node.stat_path();
+                t.shards = Some(topology.node.shards);
+                t.node = Some(node);
+            }
             Kind::Naive => {
                 let relay = NaiveRelay::start(addrs)?;
                 t.publisher = Publisher::new(send_sock, relay.addr)?;
@@ -159,13 +220,24 @@ impl Target {
             Kind::Node => {
                 let node = match external {
                     Some((http, token)) => NodeProcess::attach(*http, token.clone()),
-                    None => NodeProcess::start(node_bin)?,
+                    None => NodeProcess::start(node_bin, &topology.node)?,
                 };
-                let media = node.create_endpoint("publish", send_sock.local_addr()?)?;
-                for a in &addrs {
-                    node.create_endpoint("subscribe", *a)?;
+                let per_room = subscribers / rooms;
+                let mut streams = Vec::with_capacity(rooms);
+                for (r, room) in room_names(rooms, topology.node.shards).iter().enumerate() {
+                    let sock = if r == 0 {
+                        send_sock.try_clone()?
+                    } else {
+                        traffic::bind_loopback().context("binding a sender socket")?
+                    };
+                    let media = node.create_endpoint(room, "publish", sock.local_addr()?)?;
+                    for a in &addrs[r * per_room..(r + 1) * per_room] {
+                        node.create_endpoint(room, "subscribe", *a)?;
+                    }
+                    streams.push((sock, media));
                 }
-                t.publisher = Publisher::new(send_sock, media)?;
+                t.publisher = Publisher::many(streams)?;
+                t.shards = Some(topology.node.shards);
                 t.cpu_stat = node.stat_path();
                 t.node = Some(node);
                 t.warm_up()?;
@@ -199,24 +271,54 @@ impl Target {
     pub fn run(&mut self, s: &Settings) -> Result<RunResult> {
         let run = self.next_run;
         self.next_run += 1;
-        let subs = self.receivers.len();
+        let subs = match &self.webrtc {
+            Some(w) => w.subscriber_count(),
+            None => self.receivers.len(),
+        };
         let expected = s.rate.unwrap_or(2_000_000.0) * s.duration.as_secs_f64() * subs as f64;
         let stride = (expected / MAX_SAMPLES).ceil().max(1.0) as u64;
-        let socks = std::mem::take(&mut self.receivers);
-        let receiver = Receiver::start(socks, self.base, run, stride);
+        let allocs_before = self.node.as_ref().and_then(NodeProcess::shard_allocations);
         let cpu_before = self.cpu_seconds();
-        let sent = self
-            .publisher
-            .send(self.base, run, s.rate, s.size, s.duration)
-            .context("sending");
-        std::thread::sleep(GRACE);
-        let cpu_after = self.cpu_seconds();
-        let (socks, mut rep) = receiver.finish().context("receiving")?;
-        self.receivers = socks;
-        let sent = sent?;
+        let (sent, mut rep, cpu_after) = match self.webrtc.as_mut() {
+            Some(w) => {
+                let r = w
+                    .run(run, s.rate, s.size, s.duration, GRACE, stride)
+                    .context("running the WebRTC clients")?;
+                let cpu_after = stats::stat_file_cpu_seconds_opt(self.cpu_stat.as_deref());
+                let sent = traffic::SendReport {
+                    sent: r.sent,
+                    elapsed: r.elapsed,
+                    errors: 0,
+                    cpu_seconds: r.generator_cpu_seconds,
+                };
+                let rep = traffic::RecvReport {
+                    per_socket: r.per_subscriber,
+                    latencies_ns: r.latencies_ns,
+                    foreign: r.foreign,
+                    // The clients receive on the generator's thread.
+                    cpu_seconds: None,
+                };
+                (sent, rep, cpu_after)
+            }
+            None => {
+                let socks = std::mem::take(&mut self.receivers);
+                let receiver = Receiver::start(socks, self.base, run, stride);
+                let sent = self
+                    .publisher
+                    .send(self.base, run, s.rate, s.size, s.duration)
+                    .context("sending");
+                std::thread::sleep(GRACE);
+                let cpu_after = self.cpu_seconds();
+                let (socks, rep) = receiver.finish().context("receiving")?;
+                self.receivers = socks;
+                (sent?, rep, cpu_after)
+            }
+        };
+        let allocs_after = self.node.as_ref().and_then(NodeProcess::shard_allocations);
         let secs = sent.elapsed.as_secs_f64().max(1e-9);
         let received: u64 = rep.per_socket.iter().sum();
-        let expected = sent.sent * subs as u64;
+        // Each packet goes to one room, whose subscribers all get it.
+        let expected = sent.sent * (subs / self.rooms) as u64;
         let loss_pct = if expected == 0 {
             0.0
         } else {
@@ -260,11 +362,19 @@ impl Target {
             receiver_cpu_seconds: rep.cpu_seconds,
             send_errors: sent.errors,
             foreign_datagrams: rep.foreign,
+            rooms: self.rooms,
+            shards: self.shards,
+            node_allocations: allocs_before
+                .zip(allocs_after)
+                .map(|(a, b)| b.saturating_sub(a)),
+            allocations_per_packet_out: allocs_before
+                .zip(allocs_after)
+                .map(|(a, b)| b.saturating_sub(a) as f64 / received.max(1) as f64),
         })
     }
 
     fn cpu_seconds(&self) -> Option<f64> {
-        stats::stat_file_cpu_seconds(self.cpu_stat.as_ref()?)
+        stats::stat_file_cpu_seconds_opt(self.cpu_stat.as_deref())
     }
 
     /// Stops the relay (naive thread or node process).
@@ -272,6 +382,8 @@ impl Target {
         if let Some(n) = self.naive.take() {
             n.stop()?;
         }
+        // Clients first, so the node sees them go before it is stopped.
+        drop(self.webrtc.take());
         if let Some(n) = self.node.take() {
             n.stop()?;
         }
@@ -371,10 +483,18 @@ mod tests {
 
     fn quick(kind: Kind, subscribers: usize) -> RunResult {
         let base = Instant::now();
+        let topology = Topology {
+            subscribers,
+            rooms: 1,
+            node: NodeOptions {
+                shards: 1,
+                io_backend: "auto".into(),
+            },
+        };
         let mut t = Target::setup(
             "test",
             kind,
-            subscribers,
+            &topology,
             Path::new("/nonexistent"),
             base,
             None,
@@ -389,6 +509,24 @@ mod tests {
             .expect("run");
         t.close().expect("close");
         r
+    }
+
+    #[test]
+    fn room_names_spread_evenly_over_shards() {
+        for shards in 1..=4 {
+            let names = room_names(8, shards);
+            assert_eq!(names.len(), 8);
+            for (i, n) in names.iter().enumerate() {
+                assert_eq!(
+                    ridge_dataplane::media::shard_for_room(n, shards),
+                    i % shards
+                );
+            }
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), 8, "distinct rooms");
+        }
     }
 
     /// Functional check only: packets flow and are counted. Never asserts

@@ -59,6 +59,11 @@ pub fn thread_cpu_seconds() -> Option<f64> {
 }
 
 /// CPU seconds (user + system) from a `/proc/.../stat` file.
+/// [`stat_file_cpu_seconds`] of an optional path.
+pub fn stat_file_cpu_seconds_opt(path: Option<&std::path::Path>) -> Option<f64> {
+    stat_file_cpu_seconds(path?)
+}
+
 pub fn stat_file_cpu_seconds(path: &std::path::Path) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
     let ticks = parse_proc_stat_ticks(&text)?;

@@ -34,13 +34,20 @@ pub fn bind_loopback() -> io::Result<UdpSocket> {
     Ok(sock)
 }
 
-/// The sending side of a stream: a socket connected to the first hop, and
-/// the RTP sequence number, which continues across runs so the relay sees
-/// one gap-free stream.
+/// The sending side: one or more streams, each a socket connected to its
+/// first hop with its own RTP sequence number, which continues across runs
+/// so the relay sees gap-free streams. Batches go to the streams in turn.
 #[derive(Debug)]
 pub struct Publisher {
+    streams: Vec<Stream>,
+}
+
+#[derive(Debug)]
+struct Stream {
     sock: UdpSocket,
     next_rtp_seq: u16,
+    /// Packets sent on this stream (keyframes are every Nth of these).
+    sent: u64,
 }
 
 /// What one paced send achieved.
@@ -59,11 +66,22 @@ pub struct SendReport {
 impl Publisher {
     /// Wraps `sock` (already bound) and connects it to `dest`.
     pub fn new(sock: UdpSocket, dest: SocketAddr) -> io::Result<Publisher> {
-        sock.connect(dest)?;
-        Ok(Publisher {
-            sock,
-            next_rtp_seq: 1000,
-        })
+        Self::many(vec![(sock, dest)])
+    }
+
+    /// One stream per (socket, destination) pair.
+    pub fn many(streams: Vec<(UdpSocket, SocketAddr)>) -> io::Result<Publisher> {
+        let streams = streams
+            .into_iter()
+            .map(|(sock, dest)| {
+                sock.connect(dest).map(|()| Stream {
+                    sock,
+                    next_rtp_seq: 1000,
+                    sent: 0,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Publisher { streams })
     }
 
     /// Sends run `run` for `duration`: packets of `size` bytes in batches of
@@ -106,16 +124,19 @@ impl Publisher {
                 }
             }
             let sent_ns = now_ns(base);
+            let stream = batch as usize % self.streams.len();
+            let st = &mut self.streams[stream];
             for buf in bufs.iter_mut() {
                 let stamp = Stamp { run, seq, sent_ns };
-                packet::build(buf, self.next_rtp_seq, packet::is_keyframe(seq), stamp);
-                self.next_rtp_seq = self.next_rtp_seq.wrapping_add(1);
+                packet::build(buf, st.next_rtp_seq, packet::is_keyframe(st.sent), stamp);
+                st.next_rtp_seq = st.next_rtp_seq.wrapping_add(1);
+                st.sent += 1;
                 seq += 1;
             }
             let refs: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
             let mut off = 0;
             while off < refs.len() {
-                match mmsg::send_batch(&self.sock, &refs[off..]) {
+                match mmsg::send_batch(&st.sock, &refs[off..]) {
                     Ok(0) => break,
                     Ok(n) => off += n,
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}

@@ -85,6 +85,15 @@ pub struct RunArgs {
     /// Minimum interval between keyframe requests to a publisher, 50ms..=10s [default: 500ms]
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub pli_interval: Option<Duration>,
+    /// Media shards: pinned threads, each with its own UDP socket on port udp+i; 0 = one per core [default: 0]
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+    /// Do not pin shard threads to cores
+    #[arg(long)]
+    pub no_pin_cores: bool,
+    /// Datagram I/O backend [default: auto]
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub io_backend: Option<crate::config::IoBackend>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "ridge_dataplane=debug,info" [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
@@ -105,6 +114,9 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             max_sessions: self.max_sessions,
             pli_interval: self.pli_interval,
+            shards: self.shards,
+            pin_cores: self.no_pin_cores.then_some(false),
+            io_backend: self.io_backend,
             log: self.log.clone(),
         }
     }

@@ -38,6 +38,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default maximum number of concurrent sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 1000;
+/// Shards beyond this are a configuration mistake (ids carry the shard in one byte).
+const MAX_SHARDS: usize = 64;
 /// Default minimum interval between keyframe requests (PLI) sent to a publisher.
 pub const DEFAULT_PLI_INTERVAL: Duration = Duration::from_millis(500);
 /// Lower bound for `pli_interval`.
@@ -114,8 +116,38 @@ pub struct FileConfig {
     pub max_sessions: Option<usize>,
     /// Minimum interval between keyframe requests (humantime).
     pub pli_interval: Option<String>,
+    /// Media shards (pinned threads, each with its own socket); 0 = one per
+    /// core.
+    pub shards: Option<usize>,
+    /// Pin each shard thread to one core.
+    pub pin_cores: Option<bool>,
+    /// Datagram I/O: "auto", "uring" or "mmsg".
+    pub io_backend: Option<IoBackend>,
     /// tracing `EnvFilter` directive.
     pub log: Option<String>,
+}
+
+/// Which datagram I/O backend the shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    /// io_uring when the kernel supports it, recvmmsg/sendmmsg otherwise.
+    #[default]
+    Auto,
+    /// io_uring (multishot recvmsg over a provided buffer ring), or fail.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Mmsg,
+}
+
+impl IoBackend {
+    pub fn choice(self) -> ridge_io::BackendChoice {
+        match self {
+            IoBackend::Auto => ridge_io::BackendChoice::Auto,
+            IoBackend::Uring => ridge_io::BackendChoice::Uring,
+            IoBackend::Mmsg => ridge_io::BackendChoice::Mmsg,
+        }
+    }
 }
 
 /// Values given on the command line; they take precedence over everything else.
@@ -134,6 +166,9 @@ pub struct Overrides {
     pub drain_timeout: Option<Duration>,
     pub max_sessions: Option<usize>,
     pub pli_interval: Option<Duration>,
+    pub shards: Option<usize>,
+    pub pin_cores: Option<bool>,
+    pub io_backend: Option<IoBackend>,
     pub log: Option<String>,
 }
 
@@ -167,6 +202,11 @@ pub struct Config {
     pub max_sessions: usize,
     /// Minimum interval between keyframe requests (50 ms ..= 10 s).
     pub pli_interval: Duration,
+    /// Media shards (1 ..= 64). Shard `i` listens on `udp` port + `i`.
+    pub shards: usize,
+    /// Pin shard `i` to core `i` (modulo the cores this process may use).
+    pub pin_cores: bool,
+    pub io_backend: IoBackend,
     /// tracing `EnvFilter` directive.
     pub log: String,
 }
@@ -417,6 +457,12 @@ pub fn build(
         .clone()
         .or(file.log)
         .unwrap_or_else(|| DEFAULT_LOG.to_owned());
+    let shards = match overrides.shards.or(file.shards).unwrap_or(0) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let pin_cores = overrides.pin_cores.or(file.pin_cores).unwrap_or(true);
+    let io_backend = overrides.io_backend.or(file.io_backend).unwrap_or_default();
 
     // Secret.
     let jwt_secret = pick_secret(overrides.jwt_secret.as_ref(), env_secret, file.jwt_secret);
@@ -538,6 +584,23 @@ pub fn build(
             ),
         ));
     }
+    if shards > MAX_SHARDS {
+        return Err(invalid(
+            "shards",
+            format!("{shards} is too many: at most {MAX_SHARDS} (--shards; 0 = one per core)"),
+        ));
+    }
+    if udp.port() != 0 && usize::from(udp.port()) + shards - 1 > usize::from(u16::MAX) {
+        return Err(invalid(
+            "shards",
+            format!(
+                "{shards} shards listen on ports {} ..= {}, past 65535: lower the udp port \
+                 or the shard count",
+                udp.port(),
+                usize::from(udp.port()) + shards - 1
+            ),
+        ));
+    }
     if max_sessions == 0 {
         return Err(invalid(
             "max_sessions",
@@ -576,6 +639,9 @@ pub fn build(
         drain_timeout,
         max_sessions,
         pli_interval,
+        shards,
+        pin_cores,
+        io_backend,
         log,
     })
 }

@@ -495,7 +495,11 @@ async fn healthz(
             "status": text,
             "sessions": sessions,
             "media": state.media.local_addr().to_string(),
-            "io_backend": "tokio",
+            "media_shards": state.media.local_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "io_backend": match state.media.backend() {
+                ridge_io::Backend::Uring => "io_uring",
+                ridge_io::Backend::Mmsg => "mmsg",
+            },
             "version": env!("CARGO_PKG_VERSION"),
         })),
     )

@@ -1,20 +1,31 @@
-//! The media thread: one UDP socket and one [`Sfu`], driven by a
-//! current-thread runtime. Socket I/O stays behind this narrow boundary
-//! (`recv` → `handle_datagram`, `poll_output` → `send`), so the io_uring
-//! shards can replace it without touching the core.
+//! The media shards: N threads, each pinned to a core and owning one UDP
+//! socket (io_uring or recvmmsg/sendmmsg, see `ridge-io`), one packet pool
+//! and one [`Sfu`]. A shard's loop is the only code that touches its core,
+//! so the packet path takes no lock.
 //!
-//! HTTP and WebSocket handlers reach the core through [`MediaHandle`],
-//! which sends commands over a channel and awaits the reply: the core is
-//! only ever touched from this thread, and no lock is taken per packet.
-
+//! Steering is by port: shard `i` listens on the configured UDP port + `i`
+//! and advertises exactly that port in its ICE candidates and plain-RTP
+//! endpoint answers, so every packet of a session arrives on the socket of
+//! the shard that owns it. Rooms are placed on shards by a stable hash of
+//! their name, so the peers of a room share a shard and a packet never
+//! crosses threads. (docs/decisions.md: "Shards".)
+//!
+//! HTTP and WebSocket handlers reach the cores through [`MediaHandle`],
+//! which routes a command to the owning shard (by room name, or by the
+//! shard byte in a participant or peer id) and awaits the reply.
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ridge_io::{Backend, BackendChoice, DatagramIo, IoError, RecvMeta, SocketOptions};
 use ridge_sfu::{
-    OfferIntent, Output, ParticipantId, PeerId, RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu,
-    SfuConfig, SfuError, SfuEvent, StatsSnapshot,
+    MAX_BATCH, OfferIntent, Output, PacketBuf, ParticipantId, PeerId, RoomState, RtpEndpointInfo,
+    RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent, StatsSnapshot, Transmit, shard_of,
 };
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -77,22 +88,94 @@ enum Command {
     },
 }
 
-/// A cloneable handle to the media thread.
+/// A cloneable handle to the media shards.
 #[derive(Clone, Debug)]
 pub struct MediaHandle {
-    tx: mpsc::Sender<Command>,
+    shards: Arc<[ShardLink]>,
     events: broadcast::Sender<SfuEvent>,
+}
+
+#[derive(Debug)]
+struct ShardLink {
+    tx: mpsc::Sender<Command>,
     local_addr: SocketAddr,
+    backend: Backend,
+    stats: Arc<ShardStats>,
+}
+
+/// Counters a shard publishes for `/metrics` without being asked.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Heap allocations made on the shard thread outside control commands
+    /// (joins, offers, stats snapshots): the packet path and timers. The
+    /// counting allocator must be installed, as in the `ridge-dataplane`
+    /// binary; otherwise this stays 0.
+    pub allocations: AtomicU64,
+    /// Received datagrams that did not fit a packet buffer.
+    pub truncated: AtomicU64,
+    /// Datagrams given up on because the socket stayed full.
+    pub send_dropped: AtomicU64,
+    /// Times the socket was full and sends had to wait.
+    pub send_blocked: AtomicU64,
+    /// Slots in the shard's packet pool.
+    pub pool_slots: AtomicU64,
+    /// Times the packet pool had to grow.
+    pub pool_grown: AtomicU64,
+    /// io_uring: times the provided buffer ring ran dry.
+    pub ring_exhausted: AtomicU64,
+    /// Pending socket errors (ICMP) seen by receives.
+    pub socket_errors: AtomicU64,
+}
+
+/// Errors starting the shards.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MediaError {
+    #[error("cannot bind the media socket: {0}")]
+    Bind(#[from] IoError),
+    #[error("cannot start a shard thread: {0}")]
+    Thread(std::io::Error),
 }
 
 fn gone() -> SfuError {
-    SfuError::Internal("the media thread has stopped".into())
+    SfuError::Internal("the media shard has stopped".into())
+}
+
+/// The shard that owns `room`: a stable hash, so every peer of a room
+/// lands on one shard.
+pub fn shard_for_room(room: &str, shards: usize) -> usize {
+    // FNV-1a: stable across runs and builds, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
 }
 
 impl MediaHandle {
-    /// The bound media socket address.
+    /// The media socket address of shard 0.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.shards[0].local_addr
+    }
+
+    /// Every shard's media socket address, by shard index.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shards.iter().map(|s| s.local_addr).collect()
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The I/O backend the shards run on.
+    pub fn backend(&self) -> Backend {
+        self.shards[0].backend
+    }
+
+    /// Per-shard counters, by shard index.
+    pub fn shard_stats(&self) -> Vec<Arc<ShardStats>> {
+        self.shards.iter().map(|s| s.stats.clone()).collect()
     }
 
     /// Core events (participants, tracks, speakers, layer demand).
@@ -100,14 +183,27 @@ impl MediaHandle {
         self.events.subscribe()
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, SfuError> {
+    fn by_room(&self, room: &str) -> &ShardLink {
+        &self.shards[shard_for_room(room, self.shards.len())]
+    }
+
+    fn by_id(&self, id: u64) -> Result<&ShardLink, SfuError> {
+        self.shards
+            .get(usize::from(shard_of(id)))
+            .ok_or_else(|| SfuError::Internal("identifier names no shard".into()))
+    }
+
+    async fn call<T>(
+        link: &ShardLink,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, SfuError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        link.tx.send(make(tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
     pub async fn join(&self, room: &str, identity: &str) -> Result<ParticipantId, SfuError> {
-        self.call(|reply| Command::Join {
+        Self::call(self.by_room(room), |reply| Command::Join {
             room: room.into(),
             identity: identity.into(),
             reply,
@@ -116,8 +212,11 @@ impl MediaHandle {
     }
 
     pub async fn leave(&self, participant: ParticipantId) -> Result<(), SfuError> {
-        self.call(|reply| Command::Leave { participant, reply })
-            .await
+        Self::call(self.by_id(participant.0)?, |reply| Command::Leave {
+            participant,
+            reply,
+        })
+        .await
     }
 
     pub async fn offer(
@@ -126,7 +225,7 @@ impl MediaHandle {
         sdp: String,
         intent: OfferIntent,
     ) -> Result<(PeerId, String), SfuError> {
-        self.call(|reply| Command::Offer {
+        Self::call(self.by_id(participant.0)?, |reply| Command::Offer {
             participant,
             sdp,
             intent,
@@ -142,7 +241,7 @@ impl MediaHandle {
         sdp: String,
         intent: OfferIntent,
     ) -> Result<(PeerId, String), SfuError> {
-        self.call(|reply| Command::Session {
+        Self::call(self.by_room(room), |reply| Command::Session {
             room: room.into(),
             identity: identity.into(),
             sdp,
@@ -158,7 +257,7 @@ impl MediaHandle {
         identity: &str,
         spec: RtpEndpointSpec,
     ) -> Result<RtpEndpointInfo, SfuError> {
-        self.call(|reply| Command::RtpEndpoint {
+        Self::call(self.by_room(room), |reply| Command::RtpEndpoint {
             room: room.into(),
             identity: identity.into(),
             spec,
@@ -168,18 +267,27 @@ impl MediaHandle {
     }
 
     pub async fn remove_peer(&self, peer: PeerId) -> Result<(), SfuError> {
-        self.call(|reply| Command::RemovePeer { peer, reply }).await
+        Self::call(self.by_id(peer.0)?, |reply| Command::RemovePeer {
+            peer,
+            reply,
+        })
+        .await
     }
 
     pub async fn set_layer(&self, peer: PeerId, rid: Option<String>) -> Result<(), SfuError> {
-        self.call(|reply| Command::SetLayer { peer, rid, reply })
-            .await
+        Self::call(self.by_id(peer.0)?, |reply| Command::SetLayer {
+            peer,
+            rid,
+            reply,
+        })
+        .await
     }
 
     /// (participant, room, identity) of a peer.
     pub async fn peer_owner(&self, peer: PeerId) -> Option<(ParticipantId, String, String)> {
+        let link = self.by_id(peer.0).ok()?;
         let (tx, rx) = oneshot::channel();
-        self.tx
+        link.tx
             .send(Command::PeerOwner { peer, reply: tx })
             .await
             .ok()?;
@@ -189,6 +297,7 @@ impl MediaHandle {
     pub async fn room_state(&self, room: &str) -> RoomState {
         let (tx, rx) = oneshot::channel();
         if self
+            .by_room(room)
             .tx
             .send(Command::RoomState {
                 room: room.into(),
@@ -202,154 +311,335 @@ impl MediaHandle {
         rx.await.unwrap_or_default()
     }
 
-    /// A statistics snapshot and the number of open sessions.
+    /// A statistics snapshot of every shard, merged, and the number of open
+    /// sessions; `None` if any shard has stopped.
     pub async fn stats(&self) -> Option<(StatsSnapshot, usize)> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Stats { reply: tx }).await.ok()?;
-        rx.await.ok()
+        let mut total: Option<(StatsSnapshot, usize)> = None;
+        for link in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            link.tx.send(Command::Stats { reply: tx }).await.ok()?;
+            let (snap, sessions) = rx.await.ok()?;
+            match &mut total {
+                None => total = Some((snap, sessions)),
+                Some((t, n)) => {
+                    t.merge(snap);
+                    *n += sessions;
+                }
+            }
+        }
+        total
     }
 
     pub async fn drain(&self) {
-        let _ = self.tx.send(Command::Drain).await;
+        for link in self.shards.iter() {
+            let _ = link.tx.send(Command::Drain).await;
+        }
     }
 
     pub async fn close_all(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::CloseAll { reply: tx }).await.is_ok() {
-            let _ = rx.await;
+        for link in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            if link.tx.send(Command::CloseAll { reply: tx }).await.is_ok() {
+                let _ = rx.await;
+            }
         }
     }
 }
 
-/// Starts the media thread on an already bound socket.
+/// How to start the shards.
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    /// Shard 0's address; shard `i` binds port + `i` (or an ephemeral port
+    /// when the port is 0).
+    pub udp: SocketAddr,
+    pub shards: usize,
+    pub pin_cores: bool,
+    pub backend: BackendChoice,
+}
+
+/// Binds every shard's socket and starts the shard threads. `config` is the
+/// template for each shard's core; its candidates' ports are replaced by
+/// each shard's port.
 pub fn spawn(
-    socket: std::net::UdpSocket,
-    mut config: SfuConfig,
+    opts: &ShardOptions,
+    config: SfuConfig,
     metrics: Metrics,
-) -> std::io::Result<(MediaHandle, std::thread::JoinHandle<()>)> {
-    socket.set_nonblocking(true)?;
-    let local_addr = socket.local_addr()?;
-    config.local_addr = local_addr;
-    let (tx, rx) = mpsc::channel(1024);
-    let (events, _) = broadcast::channel(4096);
-    let handle = MediaHandle {
-        tx,
-        events: events.clone(),
-        local_addr,
+) -> Result<(MediaHandle, Vec<std::thread::JoinHandle<()>>), MediaError> {
+    let socket_opts = SocketOptions {
+        reuse_port: true,
+        recv_buffer_size: Some(4 << 20),
+        send_buffer_size: Some(4 << 20),
+        ..SocketOptions::default()
     };
-    let join = std::thread::Builder::new()
-        .name("ridge-media".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the media runtime");
-                    return;
+    let mut ios = Vec::with_capacity(opts.shards);
+    for i in 0..opts.shards {
+        let port = match opts.udp.port() {
+            0 => 0,
+            p => p + i as u16,
+        };
+        let addr = SocketAddr::new(opts.udp.ip(), port);
+        ios.push(ridge_io::bind(addr, opts.backend, &socket_opts)?);
+    }
+    let backend = ios[0].backend();
+    tracing::info!(shards = opts.shards, ?backend, first = %ios[0].local_addr(), "media shards bound");
+    let cores = if opts.pin_cores {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let (events, _) = broadcast::channel(4096);
+    let mut links = Vec::with_capacity(opts.shards);
+    let mut joins = Vec::with_capacity(opts.shards);
+    for (i, io) in ios.into_iter().enumerate() {
+        let local_addr = io.local_addr();
+        let mut config = config.clone();
+        config.local_addr = local_addr;
+        config.shard = i as u8;
+        config.seed = config
+            .seed
+            .wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1));
+        for c in &mut config.candidates {
+            c.set_port(local_addr.port());
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let stats = Arc::new(ShardStats::default());
+        links.push(ShardLink {
+            tx,
+            local_addr,
+            backend,
+            stats: stats.clone(),
+        });
+        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let events = events.clone();
+        let metrics = metrics.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("ridge-shard-{i}"))
+            .spawn(move || {
+                if let Some(core) = core
+                    && !core_affinity::set_for_current(core)
+                {
+                    tracing::warn!(shard = i, ?core, "cannot pin the shard thread to its core");
                 }
-            };
-            rt.block_on(async move {
-                let socket = match UdpSocket::from_std(socket) {
-                    Ok(s) => s,
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot register the media socket");
+                        tracing::error!(shard = i, error = %e, "cannot start the shard runtime");
                         return;
                     }
                 };
-                run(socket, config, rx, events, metrics).await;
-            });
-        })?;
-    Ok((handle, join))
+                rt.block_on(async move {
+                    let fd = match ridge_io::register_readiness(io.as_ref()) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            tracing::error!(shard = i, error = %e, "cannot register the media socket");
+                            return;
+                        }
+                    };
+                    Shard {
+                        io,
+                        sfu: Sfu::new(config, Instant::now()),
+                        pending: VecDeque::with_capacity(4096),
+                        events,
+                        metrics,
+                        stats,
+                    }
+                    .run(&fd, rx)
+                    .await;
+                });
+            })
+            .map_err(MediaError::Thread)?;
+        joins.push(join);
+    }
+    Ok((
+        MediaHandle {
+            shards: links.into(),
+            events,
+        },
+        joins,
+    ))
 }
 
-/// Datagrams read per wake-up before outputs are flushed.
-const RECV_BATCH: usize = 64;
+/// How long a flush waits, in total, for a full socket before it gives up on
+/// the rest of its datagrams.
+const SEND_PATIENCE: Duration = Duration::from_millis(20);
 
-async fn run(
-    socket: UdpSocket,
-    config: SfuConfig,
-    mut commands: mpsc::Receiver<Command>,
+struct Shard {
+    io: Box<dyn DatagramIo + Send>,
+    sfu: Sfu,
+    /// Transmits taken from the core, not yet accepted by the socket.
+    pending: VecDeque<Transmit>,
     events: broadcast::Sender<SfuEvent>,
     metrics: Metrics,
-) {
-    let local = config.local_addr;
-    let mut sfu = Sfu::new(config, Instant::now());
-    let mut buf = vec![0u8; 2048];
-    loop {
-        flush(&mut sfu, &socket, &events, &metrics).await;
-        let deadline = sfu.poll_timeout();
-        let sleep = tokio::time::sleep_until(deadline.into());
-        tokio::select! {
-            biased;
-            cmd = commands.recv() => {
-                let Some(cmd) = cmd else {
-                    // Every handle is gone: the node is shutting down.
-                    sfu.close_all(Instant::now());
-                    flush(&mut sfu, &socket, &events, &metrics).await;
-                    return;
-                };
-                execute(&mut sfu, cmd);
-            }
-            r = socket.recv_from(&mut buf) => {
-                match r {
-                    Ok((n, source)) => {
-                        let now = Instant::now();
-                        sfu.handle_datagram(now, source, local, &buf[..n]);
-                        for _ in 1..RECV_BATCH {
-                            match socket.try_recv_from(&mut buf) {
-                                Ok((n, source)) => sfu.handle_datagram(now, source, local, &buf[..n]),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // ICMP errors surface here (e.g. ECONNREFUSED from a
-                        // gone client); they must not stop the loop.
-                        metrics.udp_recv_errors.inc();
-                        tracing::debug!(error = %e, "media socket receive error");
-                    }
-                }
-            }
-            _ = sleep => sfu.handle_timeout(Instant::now()),
-        }
-    }
+    stats: Arc<ShardStats>,
 }
 
-async fn flush(
-    sfu: &mut Sfu,
-    socket: &UdpSocket,
-    events: &broadcast::Sender<SfuEvent>,
-    metrics: &Metrics,
-) {
-    while let Some(out) = sfu.poll_output() {
-        match out {
-            Output::Transmit(t) => {
-                let r = match socket.try_send_to(&t.contents, t.destination) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        match tokio::time::timeout(
-                            Duration::from_millis(20),
-                            socket.send_to(&t.contents, t.destination),
-                        )
-                        .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-                        }
-                    }
-                    r => r,
-                };
-                if r.is_err() {
-                    metrics.udp_send_errors.inc();
-                }
-                sfu.recycle(t.contents);
+impl Shard {
+    async fn run(mut self, fd: &AsyncFd<OwnedFd>, mut commands: mpsc::Receiver<Command>) {
+        let mut next_report = Instant::now();
+        // Allocations made while executing control commands, which are
+        // not part of the packet path.
+        let mut control_allocations = 0u64;
+        // The first receive arms io_uring's multishot request: until then
+        // the ring has nothing to complete and never polls readable.
+        self.receive();
+        loop {
+            self.flush().await;
+            self.stats.allocations.store(
+                ridge_io::alloc::thread_allocations() - control_allocations,
+                Ordering::Relaxed,
+            );
+            let now = Instant::now();
+            if now >= next_report {
+                self.report();
+                next_report = now + Duration::from_millis(500);
             }
-            Output::Event(e) => {
-                tracing::debug!(event = ?e, "core event");
-                let _ = events.send(e);
+            let deadline = self.sfu.poll_timeout().min(next_report);
+            let sleep = tokio::time::sleep_until(deadline.into());
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else {
+                        // Every handle is gone: the node is shutting down.
+                        self.sfu.close_all(Instant::now());
+                        self.flush().await;
+                        return;
+                    };
+                    let before = ridge_io::alloc::thread_allocations();
+                    execute(&mut self.sfu, cmd);
+                    control_allocations += ridge_io::alloc::thread_allocations() - before;
+                }
+                // Timers before more input, or a busy socket starves them.
+                _ = sleep => self.sfu.handle_timeout(Instant::now()),
+                guard = fd.readable() => {
+                    let Ok(mut guard) = guard else {
+                        tracing::error!("media socket readiness failed; shard stops");
+                        return;
+                    };
+                    if self.receive() {
+                        guard.clear_ready();
+                    }
+                }
             }
         }
+    }
+
+    /// Receives one batch straight into the core's packet pool and routes
+    /// it; the loop flushes the resulting sends before the next batch, so a
+    /// fan-out burst stays bounded. Returns true once the socket is empty.
+    fn receive(&mut self) -> bool {
+        let local = self.io.local_addr();
+        let mut meta = [RecvMeta::default(); MAX_BATCH];
+        {
+            let io = &mut self.io;
+            let got = self
+                .sfu
+                .packet_pool()
+                .recv_slots(MAX_BATCH, |bufs| io.recv(bufs, &mut meta));
+            let n = match got {
+                Ok(0) => return true,
+                Ok(n) => n,
+                Err(e) => {
+                    self.metrics.udp_recv_errors.inc();
+                    tracing::error!(error = %e, "media socket receive failed");
+                    return true;
+                }
+            };
+            // Freeze the whole batch before routing: routing may take
+            // further slots from the pool.
+            let pool = self.sfu.packet_pool();
+            let packets: [Option<PacketBuf>; MAX_BATCH] =
+                std::array::from_fn(|i| (i < n).then(|| pool.freeze(i, meta[i].len)));
+            let now = Instant::now();
+            for (packet, m) in packets.into_iter().zip(&meta).take(n) {
+                let Some(packet) = packet else { continue };
+                if m.truncated {
+                    self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                self.sfu.handle_packet(now, m.source, local, packet);
+            }
+        }
+        false
+    }
+
+    /// Sends everything the core has queued, in batches; waits (bounded) on
+    /// a full socket, then gives up on what is left and counts it.
+    async fn flush(&mut self) {
+        let mut waited = Duration::ZERO;
+        loop {
+            while let Some(out) = self.sfu.poll_output() {
+                match out {
+                    Output::Transmit(t) => self.pending.push_back(t),
+                    Output::Event(e) => {
+                        tracing::debug!(event = ?e, "core event");
+                        let _ = self.events.send(e);
+                    }
+                }
+            }
+            if self.pending.is_empty() {
+                return;
+            }
+            let sent = {
+                let empty = ridge_io::Transmit::new(self.io.local_addr(), &[]);
+                let mut batch = [empty; MAX_BATCH];
+                let mut k = 0;
+                for (slot, t) in batch.iter_mut().zip(self.pending.iter()) {
+                    *slot = match &t.payload {
+                        Some(p) => ridge_io::Transmit {
+                            destination: t.destination,
+                            prefix: &t.contents,
+                            contents: p.as_slice(),
+                            segment_size: None,
+                        },
+                        None => ridge_io::Transmit::new(t.destination, &t.contents),
+                    };
+                    k += 1;
+                }
+                match self.io.send(&batch[..k]) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "media socket send failed");
+                        self.metrics.udp_send_errors.inc_by(k as u64);
+                        k
+                    }
+                }
+            };
+            for _ in 0..sent {
+                if let Some(t) = self.pending.pop_front() {
+                    self.sfu.recycle(t.contents);
+                }
+            }
+            if sent == 0 {
+                // The socket is full: give the kernel a moment, bounded.
+                self.stats.send_blocked.fetch_add(1, Ordering::Relaxed);
+                if waited >= SEND_PATIENCE {
+                    let n = self.pending.len() as u64;
+                    self.stats.send_dropped.fetch_add(n, Ordering::Relaxed);
+                    self.metrics.udp_send_errors.inc_by(n);
+                    while let Some(t) = self.pending.pop_front() {
+                        self.sfu.recycle(t.contents);
+                    }
+                    return;
+                }
+                let pause = Duration::from_micros(200);
+                tokio::time::sleep(pause).await;
+                waited += pause;
+            }
+        }
+    }
+
+    /// Publishes the shard's counters for `/metrics`.
+    fn report(&mut self) {
+        let s = &self.stats;
+        let pool = self.sfu.packet_pool().stats();
+        s.pool_slots.store(pool.slots as u64, Ordering::Relaxed);
+        s.pool_grown.store(pool.grown, Ordering::Relaxed);
+        let io = self.io.stats();
+        s.ring_exhausted.store(io.ring_exhausted, Ordering::Relaxed);
+        s.socket_errors.store(io.socket_errors, Ordering::Relaxed);
     }
 }
 

@@ -2,6 +2,7 @@
 //! prometheus-client families; media metrics come from a snapshot of the
 //! core taken on each scrape, so the packet path only bumps plain integers.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
@@ -37,6 +38,14 @@ pub struct Metrics {
     pub udp_recv_errors: Counter,
     pub draining: Gauge,
     snapshot: Arc<Mutex<Option<StatsSnapshot>>>,
+    shards: Arc<Mutex<ShardInfo>>,
+}
+
+/// The shards' own counters and the I/O backend they run on.
+#[derive(Debug, Default)]
+struct ShardInfo {
+    backend: String,
+    stats: Vec<Arc<crate::media::ShardStats>>,
 }
 
 /// Builds the registry and the handles the rest of the node updates.
@@ -53,6 +62,7 @@ pub fn registry() -> (Registry, Metrics) {
         udp_recv_errors: Counter::default(),
         draining: Gauge::default(),
         snapshot: Arc::new(Mutex::new(None)),
+        shards: Arc::new(Mutex::new(ShardInfo::default())),
     };
     let r = registry.sub_registry_with_prefix("ridge");
     r.register(
@@ -103,6 +113,9 @@ pub fn registry() -> (Registry, Metrics) {
     registry.register_collector(Box::new(MediaCollector {
         snapshot: metrics.snapshot.clone(),
     }));
+    registry.register_collector(Box::new(ShardCollector {
+        shards: metrics.shards.clone(),
+    }));
     (registry, metrics)
 }
 
@@ -112,6 +125,127 @@ impl Metrics {
         if let Ok(mut g) = self.snapshot.lock() {
             *g = Some(s);
         }
+    }
+}
+
+impl Metrics {
+    /// Registers the running shards, whose counters every scrape reads.
+    pub fn set_shards(&self, media: &crate::media::MediaHandle) {
+        if let Ok(mut g) = self.shards.lock() {
+            g.backend = match media.backend() {
+                ridge_io::Backend::Uring => "io_uring".into(),
+                ridge_io::Backend::Mmsg => "mmsg".into(),
+            };
+            g.stats = media.shard_stats();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ShardCollector {
+    shards: Arc<Mutex<ShardInfo>>,
+}
+
+/// (metric, help, counter?, accessor) of one per-shard value.
+type ShardField = (
+    &'static str,
+    &'static str,
+    bool,
+    fn(&crate::media::ShardStats) -> u64,
+);
+
+const SHARD_FIELDS: &[ShardField] = &[
+    (
+        "ridge_shard_allocations",
+        "Heap allocations made on the shard thread outside control commands (packet path and timers)",
+        true,
+        |s| s.allocations.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_truncated_datagrams",
+        "Received datagrams larger than a packet buffer, dropped",
+        true,
+        |s| s.truncated.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_send_dropped",
+        "Datagrams dropped because the socket stayed full",
+        true,
+        |s| s.send_dropped.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_send_blocked",
+        "Times a full socket made sends wait",
+        true,
+        |s| s.send_blocked.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_ring_exhausted",
+        "Times the io_uring provided-buffer ring ran dry",
+        true,
+        |s| s.ring_exhausted.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_socket_errors",
+        "Pending socket errors (ICMP) reported to receives",
+        true,
+        |s| s.socket_errors.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_pool_grown",
+        "Times the packet pool had to allocate a slot",
+        true,
+        |s| s.pool_grown.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_pool_slots",
+        "Packet buffers owned by the shard's pool",
+        false,
+        |s| s.pool_slots.load(Ordering::Relaxed),
+    ),
+];
+
+impl Collector for ShardCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let guard = match self.shards.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if guard.stats.is_empty() {
+            return Ok(());
+        }
+        gauge(
+            &mut enc,
+            "ridge_io_backend",
+            "The datagram I/O backend the shards use (value 1)",
+            &[(vec![("backend", guard.backend.clone())], 1.0)],
+        )?;
+        gauge(
+            &mut enc,
+            "ridge_shards",
+            "Media shards (pinned threads with their own socket)",
+            &[(vec![], guard.stats.len() as f64)],
+        )?;
+        for (name, help, is_counter, get) in SHARD_FIELDS {
+            if *is_counter {
+                let rows: Vec<(Labels, u64)> = guard
+                    .stats
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (vec![("shard", i.to_string())], get(s)))
+                    .collect();
+                counter(&mut enc, name, help, &rows)?;
+            } else {
+                let rows: Vec<(Labels, f64)> = guard
+                    .stats
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (vec![("shard", i.to_string())], get(s) as f64))
+                    .collect();
+                gauge(&mut enc, name, help, &rows)?;
+            }
+        }
+        Ok(())
     }
 }
 

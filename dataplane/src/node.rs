@@ -21,11 +21,6 @@ use crate::ws::{RoomHub, run_hub};
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot bind the media socket {addr}: {source}")]
-    BindUdp {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error("cannot bind the HTTP listener {addr}: {source}")]
     BindHttp {
         addr: SocketAddr,
@@ -33,8 +28,8 @@ pub enum NodeError {
     },
     #[error("cannot load the TLS certificate/key: {0}")]
     Tls(std::io::Error),
-    #[error("cannot start the media thread: {0}")]
-    Media(std::io::Error),
+    #[error(transparent)]
+    Media(#[from] crate::media::MediaError),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
 }
@@ -53,14 +48,28 @@ pub struct Node {
 impl Node {
     /// Binds everything and starts serving. The config has been validated.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
-        let udp = std::net::UdpSocket::bind(config.udp).map_err(|source| NodeError::BindUdp {
-            addr: config.udp,
-            source,
-        })?;
-        let udp_addr = udp.local_addr().map_err(|source| NodeError::BindUdp {
-            addr: config.udp,
-            source,
-        })?;
+        // Media first: its sockets are what a second node on this host
+        // would collide on, and the error should name them.
+        let (registry, metrics) = crate::metrics::registry();
+        let mut sfu = SfuConfig::new(config.udp);
+        sfu.candidates = config
+            .public_ip
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, config.udp.port()))
+            .collect();
+        sfu.keyframe_request_interval = config.pli_interval;
+        sfu.max_peers = config.max_sessions;
+        sfu.seed = rand::random::<u64>() | 1;
+        let shard_opts = media::ShardOptions {
+            udp: config.udp,
+            shards: config.shards,
+            pin_cores: config.pin_cores,
+            backend: config.io_backend.choice(),
+        };
+        let (media, media_threads) = media::spawn(&shard_opts, sfu, metrics.clone())?;
+        let udp_addr = media.local_addr();
+        metrics.set_shards(&media);
+
         let tcp =
             std::net::TcpListener::bind(config.http).map_err(|source| NodeError::BindHttp {
                 addr: config.http,
@@ -83,19 +92,6 @@ impl Node {
             ),
             None => None,
         };
-
-        let (registry, metrics) = crate::metrics::registry();
-        let mut sfu = SfuConfig::new(udp_addr);
-        sfu.candidates = config
-            .public_ip
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, udp_addr.port()))
-            .collect();
-        sfu.keyframe_request_interval = config.pli_interval;
-        sfu.max_peers = config.max_sessions;
-        sfu.seed = rand::random::<u64>() | 1;
-        let (media, media_thread) =
-            media::spawn(udp, sfu, metrics.clone()).map_err(NodeError::Media)?;
 
         let hub = Arc::new(RoomHub::default());
         let hub_task = tokio::spawn(run_hub(hub.clone(), media.clone()));
@@ -173,11 +169,13 @@ impl Node {
             drop(media2);
             let joined = tokio::time::timeout(
                 Duration::from_secs(2),
-                tokio::task::spawn_blocking(move || media_thread.join()),
+                tokio::task::spawn_blocking(move || {
+                    media_threads.into_iter().all(|t| t.join().is_ok())
+                }),
             )
             .await;
-            if !matches!(joined, Ok(Ok(Ok(())))) {
-                tracing::warn!("the media thread did not stop cleanly within 2 s");
+            if !matches!(joined, Ok(Ok(true))) {
+                tracing::warn!("the media shards did not stop cleanly within 2 s");
             }
             tracing::info!(elapsed = ?started.elapsed(), "drained");
             r

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use ridge_dataplane::Node;
 use ridge_dataplane::auth;
-use ridge_dataplane::config::{self, Overrides, Secret};
+use ridge_dataplane::config::{self, IoBackend, Overrides, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -58,6 +58,17 @@ impl TestNode {
             .drain_timeout
             .get_or_insert(Duration::from_secs(2));
         overrides.jwt_secret = Some(secret.clone());
+        // tests/run.sh runs the suite once per I/O backend.
+        if overrides.io_backend.is_none()
+            && let Ok(b) = std::env::var("RIDGE_TEST_IO_BACKEND")
+        {
+            overrides.io_backend = Some(match b.as_str() {
+                "uring" => IoBackend::Uring,
+                "mmsg" => IoBackend::Mmsg,
+                "auto" | "" => IoBackend::Auto,
+                other => anyhow::bail!("RIDGE_TEST_IO_BACKEND={other}: use auto, uring or mmsg"),
+            });
+        }
         let config = config::from_toml_str("", &overrides, None).context("test config")?;
         let node = Node::start(config).await.context("starting the node")?;
         Ok(TestNode { node, secret })

@@ -49,6 +49,19 @@ id_type!(
     "t-"
 );
 
+/// Bits of an identifier below the shard byte.
+pub(crate) const ID_MASK: u64 = (1 << 56) - 1;
+
+/// Tags a core-local id value with its core's shard number.
+pub(crate) fn tagged(shard: u8, value: u64) -> u64 {
+    (u64::from(shard) << 56) | (value & ID_MASK)
+}
+
+/// The shard (core) that handed out an identifier's value.
+pub fn shard_of(id: u64) -> u8 {
+    (id >> 56) as u8
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

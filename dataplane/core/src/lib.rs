@@ -11,11 +11,14 @@
 //! loop {
 //!     while let Some(out) = sfu.poll_output() {
 //!         match out {
-//!             Output::Transmit(t) => { socket.send_to(&t.contents, t.destination); sfu.recycle(t.contents) }
+//!             // One datagram: `contents`, then the shared `payload` if any
+//!             // (send both as two iovecs of one sendmsg; nothing is copied).
+//!             Output::Transmit(t) => { sendmsg(t.destination, [&t.contents, t.payload]); sfu.recycle(t.contents) }
 //!             Output::Event(e) => control_plane.publish(e),
 //!         }
 //!     }
-//!     wait for: a datagram (-> handle_datagram), a control call, or sfu.poll_timeout() (-> handle_timeout)
+//!     wait for: datagrams (received into sfu.packet_pool() -> handle_packet),
+//!               a control call, or sfu.poll_timeout() (-> handle_timeout)
 //! }
 //! ```
 //!
@@ -29,12 +32,15 @@
 //!   errors, and malformed input is counted in [`StatsSnapshot::drops`].
 //! * In steady state the plain-RTP path allocates nothing per packet:
 //!   transmit buffers come from a pool refilled by [`Sfu::recycle`], and
-//!   retransmission buffers reuse their slots. WebRTC legs share the received
-//!   payload (`Arc<[u8]>`) among all subscribers.
+//!   retransmission buffers reuse their slots. A received packet is stored
+//!   once ([`BufPool`], [`PacketBuf`]); plain-RTP subscribers get a header of
+//!   their own in front of the shared payload, never a copy. WebRTC legs
+//!   share the received payload (`Arc<[u8]>`) among all subscribers.
 //! * Simulcast switches happen on keyframes only, with sequence numbers and
 //!   timestamps rewritten so each subscriber sees one continuous stream.
 #![forbid(unsafe_code)]
 
+mod buf;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -47,9 +53,10 @@ mod sfu;
 mod speaker;
 mod types;
 
+pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
 pub use error::SfuError;
-pub use ids::{ParticipantId, PeerId, TrackId};
-pub use retransmit::RetransmitBuffer;
+pub use ids::{ParticipantId, PeerId, TrackId, shard_of};
+pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;
 pub use types::{

@@ -1,18 +1,36 @@
 //! Per-stream retransmission buffer: the last N packets a subscriber was
 //! sent, so its NACKs are answered locally instead of travelling upstream.
+//!
+//! It holds no copies: each slot keeps a shared view of the payload (the
+//! same bytes every other subscriber was sent) and the few header fields
+//! that differ per subscriber, so a NACK is answered by writing a 12-byte
+//! header in front of the stored payload.
 
+use std::mem;
 use std::time::{Duration, Instant};
+
+use crate::buf::PacketBuf;
+
+/// What was sent with one sequence number.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub seq: u16,
+    pub timestamp: u32,
+    pub marker: bool,
+    pub payload: PacketBuf,
+}
 
 #[derive(Debug, Default)]
 struct Slot {
-    seq: u16,
-    valid: bool,
     stored_at: Option<Instant>,
-    data: Vec<u8>,
+    timestamp: u32,
+    seq: u16,
+    marker: bool,
+    payload: Option<PacketBuf>,
 }
 
-/// A ring of packet copies indexed by sequence number. Slots keep their
-/// allocation, so the steady state allocates nothing.
+/// A ring of sent packets indexed by sequence number. Slots are reused in
+/// place, so the steady state allocates nothing.
 #[derive(Debug)]
 pub struct RetransmitBuffer {
     slots: Vec<Slot>,
@@ -20,7 +38,7 @@ pub struct RetransmitBuffer {
 }
 
 impl RetransmitBuffer {
-    /// `capacity` is rounded up to a power of two.
+    /// `capacity` is rounded up to a power of two (16 to 32768).
     pub fn new(capacity: usize, max_age: Duration) -> Self {
         let n = capacity.clamp(16, 1 << 15).next_power_of_two();
         RetransmitBuffer {
@@ -33,28 +51,56 @@ impl RetransmitBuffer {
         usize::from(seq) & (self.slots.len() - 1)
     }
 
-    /// Stores a copy of a sent packet.
-    pub fn insert(&mut self, now: Instant, seq: u16, packet: &[u8]) {
+    /// Remembers a sent packet; the payload is shared, not copied.
+    pub fn insert(
+        &mut self,
+        now: Instant,
+        seq: u16,
+        timestamp: u32,
+        marker: bool,
+        payload: &PacketBuf,
+    ) {
         let i = self.index(seq);
         let slot = &mut self.slots[i];
         slot.seq = seq;
-        slot.valid = true;
+        slot.timestamp = timestamp;
+        slot.marker = marker;
         slot.stored_at = Some(now);
-        slot.data.clear();
-        slot.data.extend_from_slice(packet);
+        // Assigning drops the previous view, releasing its pool slot.
+        slot.payload = Some(payload.clone());
     }
 
     /// The packet sent with `seq`, if still held and not too old.
-    pub fn get(&self, now: Instant, seq: u16) -> Option<&[u8]> {
+    pub fn get(&self, now: Instant, seq: u16) -> Option<Sent> {
         let slot = &self.slots[self.index(seq)];
         let fresh = slot
             .stored_at
             .is_some_and(|at| now.saturating_duration_since(at) <= self.max_age);
-        (slot.valid && slot.seq == seq && fresh).then_some(slot.data.as_slice())
+        match &slot.payload {
+            Some(p) if slot.seq == seq && fresh => Some(Sent {
+                seq,
+                timestamp: slot.timestamp,
+                marker: slot.marker,
+                payload: p.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Drops every stored view (the subscriber switched streams).
+    pub fn clear(&mut self) {
+        for s in &mut self.slots {
+            *s = Slot::default();
+        }
     }
 
     pub fn capacity(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Bytes of state this buffer keeps, not counting the shared payloads.
+    pub fn state_bytes(&self) -> usize {
+        mem::size_of::<Self>() + self.slots.len() * mem::size_of::<Slot>()
     }
 }
 
@@ -67,11 +113,21 @@ mod tests {
         let t0 = Instant::now();
         let mut b = RetransmitBuffer::new(16, Duration::from_secs(1));
         for s in 0..20u16 {
-            b.insert(t0, s, &[s as u8; 3]);
+            b.insert(
+                t0,
+                s,
+                u32::from(s) * 10,
+                s % 2 == 0,
+                &PacketBuf::copy_from(&[s as u8; 3]),
+            );
         }
-        assert_eq!(b.get(t0, 19), Some(&[19u8; 3][..]));
-        assert_eq!(b.get(t0, 3), None, "overwritten by 19");
-        assert_eq!(b.get(t0, 4), Some(&[4u8; 3][..]));
-        assert_eq!(b.get(t0 + Duration::from_secs(2), 19), None, "too old");
+        let got = b.get(t0, 19).unwrap();
+        assert_eq!((got.seq, got.timestamp, got.marker), (19, 190, false));
+        assert_eq!(got.payload.as_slice(), &[19u8; 3]);
+        assert!(b.get(t0, 3).is_none(), "overwritten by 19");
+        assert_eq!(b.get(t0, 4).unwrap().payload.as_slice(), &[4u8; 3]);
+        assert!(b.get(t0 + Duration::from_secs(2), 19).is_none(), "too old");
+        b.clear();
+        assert!(b.get(t0, 19).is_none());
     }
 }

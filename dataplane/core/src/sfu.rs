@@ -15,6 +15,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc, RtcConfig};
 
+use crate::buf::{BufPool, PacketBuf};
 use crate::error::SfuError;
 use crate::ids::{ParticipantId, PeerId, TrackId};
 use crate::meter::BitrateMeter;
@@ -33,6 +34,11 @@ const LAYER_START_GRACE: Duration = Duration::from_secs(3);
 const LAYER_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Recycled transmit buffers kept for reuse.
 const POOL_MAX: usize = 8192;
+/// Capacity of a header buffer: an RTP header with room to spare.
+const HEADER_CAPACITY: usize = 32;
+/// Header buffers kept for reuse: enough for a fan-out burst of a receive
+/// batch to thousands of subscribers (32 bytes each).
+const HEADER_POOL_MAX: usize = 1 << 16;
 /// Largest gap in a plain publisher's sequence numbers that we NACK.
 const MAX_NACK_GAP: u16 = 64;
 
@@ -192,12 +198,26 @@ struct Io {
     rtc_events: VecDeque<(PeerId, Event)>,
     by_addr: HashMap<SocketAddr, PeerId>,
     pool: Vec<Vec<u8>>,
+    /// Small buffers for per-subscriber headers in front of shared payloads.
+    headers: Vec<Vec<u8>>,
+    /// Received packets, stored once and shared by every transmit of them.
+    packets: BufPool,
     counters: Counters,
     drops: [u64; DropReason::ALL.len()],
     local_addr: SocketAddr,
 }
 
 impl Io {
+    /// A buffer for a header of up to [`HEADER_CAPACITY`] bytes.
+    fn header(&mut self) -> Vec<u8> {
+        let mut b = self
+            .headers
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(HEADER_CAPACITY));
+        b.clear();
+        b
+    }
+
     fn buffer(&mut self) -> Vec<u8> {
         let mut b = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(1500));
         b.clear();
@@ -213,6 +233,28 @@ impl Io {
             source: self.local_addr,
             destination,
             contents,
+            payload: None,
+        }));
+    }
+
+    /// Sends `header` followed by a shared payload, without copying it.
+    fn send_shared(
+        &mut self,
+        counters: &mut Counters,
+        destination: SocketAddr,
+        header: Vec<u8>,
+        payload: PacketBuf,
+    ) {
+        let len = (header.len() + payload.len()) as u64;
+        counters.packets_out += 1;
+        counters.bytes_out += len;
+        self.counters.packets_out += 1;
+        self.counters.bytes_out += len;
+        self.outputs.push_back(Output::Transmit(Transmit {
+            source: self.local_addr,
+            destination,
+            contents: header,
+            payload: Some(payload),
         }));
     }
 
@@ -249,6 +291,7 @@ impl Io {
                         source: t.source,
                         destination: t.destination,
                         contents,
+                        payload: None,
                     }));
                 }
                 Ok(str0m::Output::Event(e)) => self.rtc_events.push_back((id, e)),
@@ -270,6 +313,8 @@ struct Forward<'a> {
     keyframe: bool,
     payload: &'a [u8],
     shared: Option<&'a Arc<[u8]>>,
+    /// The payload as a stored packet view, when it came in as one.
+    stored: Option<PacketBuf>,
     audio_level: Option<(bool, u8)>,
 }
 
@@ -318,6 +363,8 @@ impl Sfu {
                 rtc_events: VecDeque::with_capacity(256),
                 by_addr: HashMap::new(),
                 pool: Vec::new(),
+                headers: Vec::new(),
+                packets: BufPool::new(1024),
                 counters: Counters::default(),
                 drops: [0; DropReason::ALL.len()],
                 local_addr: config.local_addr,
@@ -356,7 +403,7 @@ impl Sfu {
         if self.draining {
             return Err(SfuError::Draining);
         }
-        let id = ParticipantId(self.next_seq_id);
+        let id = ParticipantId(crate::ids::tagged(self.config.shard, self.next_seq_id));
         self.next_seq_id += 1;
         let r = self.rooms.entry(room.to_string()).or_insert_with(|| Room {
             participants: Vec::new(),
@@ -422,6 +469,22 @@ impl Sfu {
     }
 
     /// The peer's owning participant and room.
+    /// Bytes of per-session state a peer keeps in the core, beyond the
+    /// packet buffers it shares: its table entries, transport state and
+    /// (for plain RTP) the retransmission index. WebRTC peers also hold
+    /// str0m's state, which is not counted here.
+    pub fn peer_state_bytes(&self, peer: PeerId) -> Option<usize> {
+        let p = self.peers.get(&peer)?;
+        let table_entries = std::mem::size_of::<(PeerId, Peer)>()
+            + std::mem::size_of::<(SocketAddr, Vec<PeerId>)>()
+            + std::mem::size_of::<PeerId>() * 2;
+        let transport = match &p.transport {
+            Transport::WebRtc(_) => std::mem::size_of::<WebRtcPeer>(),
+            Transport::Rtp(e) => std::mem::size_of::<RtpEndpoint>() + e.retransmit.state_bytes(),
+        };
+        Some(table_entries + p.room.capacity() + transport)
+    }
+
     pub fn peer_owner(&self, peer: PeerId) -> Option<(ParticipantId, &str)> {
         self.peers
             .get(&peer)
@@ -568,7 +631,7 @@ impl Sfu {
                 "the offer has no usable audio or video m-line (supported: Opus, VP8)".into(),
             ));
         }
-        let id = PeerId(self.random());
+        let id = PeerId(crate::ids::tagged(self.config.shard, self.random()));
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         let mut w = WebRtcPeer {
             rtc,
@@ -585,7 +648,7 @@ impl Sfu {
         };
         let mut infos = Vec::new();
         for (mid, kind, rids) in published {
-            let tid = TrackId(self.next_seq_id);
+            let tid = TrackId(crate::ids::tagged(self.config.shard, self.next_seq_id));
             self.next_seq_id += 1;
             let layers = if rids.is_empty() {
                 vec![Layer::new(None)]
@@ -618,6 +681,7 @@ impl Sfu {
                 source: t.source,
                 destination: t.destination,
                 contents: t.contents.into(),
+                payload: None,
             }));
         }
         self.peers.insert(
@@ -703,7 +767,7 @@ impl Sfu {
             Some(s) => s,
             None => self.random() as u32 | 1,
         };
-        let id = PeerId(self.random());
+        let id = PeerId(crate::ids::tagged(self.config.shard, self.random()));
         let initial = (self.random() & 0x3fff) as u16;
         let mut endpoint = RtpEndpoint {
             direction: spec.direction,
@@ -727,7 +791,7 @@ impl Sfu {
         };
         let mut info = None;
         if spec.direction == RtpDirection::Publish {
-            let tid = TrackId(self.next_seq_id);
+            let tid = TrackId(crate::ids::tagged(self.config.shard, self.next_seq_id));
             self.next_seq_id += 1;
             let mut layer = Layer::new(None);
             layer.ssrc = Some(ssrc);
@@ -857,12 +921,33 @@ impl Sfu {
         destination: SocketAddr,
         data: &[u8],
     ) {
+        let packet = self.io.packets.copy_in(data);
+        self.handle_packet(now, source, destination, packet);
+    }
+
+    /// The pool that received datagrams should be read into, so that
+    /// [`Sfu::handle_packet`] can fan them out without copying.
+    pub fn packet_pool(&mut self) -> &mut BufPool {
+        &mut self.io.packets
+    }
+
+    /// Routes one received datagram, stored in a buffer from
+    /// [`Sfu::packet_pool`] (or anywhere else): plain-RTP subscribers are
+    /// sent views of it, never copies.
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        packet: PacketBuf,
+    ) {
+        let data = packet.as_slice();
         self.io.counters.packets_in += 1;
         self.io.counters.bytes_in += data.len() as u64;
         if let Some(&peer) = self.io.by_addr.get(&source) {
             self.feed_rtc(now, peer, source, destination, data);
         } else if self.rtp_by_addr.contains_key(&source) {
-            self.handle_plain(now, source, data);
+            self.handle_plain(now, source, &packet);
         } else {
             match packet::classify(data) {
                 PacketClass::Stun => self.handle_new_stun(now, source, destination, data),
@@ -981,8 +1066,12 @@ impl Sfu {
 
     /// Returns a transmitted buffer for reuse.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        if self.io.pool.len() < POOL_MAX && buf.capacity() >= 1200 {
-            self.io.pool.push(buf);
+        if buf.capacity() >= 1200 {
+            if self.io.pool.len() < POOL_MAX {
+                self.io.pool.push(buf);
+            }
+        } else if buf.capacity() >= HEADER_CAPACITY && self.io.headers.len() < HEADER_POOL_MAX {
+            self.io.headers.push(buf);
         }
     }
 
@@ -1125,6 +1214,7 @@ impl Sfu {
             keyframe,
             payload: &p.payload,
             shared: Some(&p.payload),
+            stored: None,
             audio_level,
         };
         self.forward(now, tid, layer, &fwd);
@@ -1203,15 +1293,17 @@ impl Sfu {
 
     // ----- plain RTP -----------------------------------------------------------
 
-    fn handle_plain(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
+    fn handle_plain(&mut self, now: Instant, source: SocketAddr, packet: &PacketBuf) {
+        let data = packet.as_slice();
         match packet::classify(data) {
-            PacketClass::Rtp => self.on_plain_rtp(now, source, data),
+            PacketClass::Rtp => self.on_plain_rtp(now, source, packet),
             PacketClass::Rtcp => self.on_plain_rtcp(now, source, data),
             _ => self.io.drop_packet(DropReason::Malformed),
         }
     }
 
-    fn on_plain_rtp(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
+    fn on_plain_rtp(&mut self, now: Instant, source: SocketAddr, packet: &PacketBuf) {
+        let data = packet.as_slice();
         let header = match RtpHeader::parse(data) {
             Ok(h) => h,
             Err(_) => {
@@ -1273,6 +1365,8 @@ impl Sfu {
         }
         let payload = header.payload(data);
         let keyframe = e.kind == TrackKind::Video && packet::codec::vp8_is_keyframe(payload);
+        let start = payload.as_ptr() as usize - data.as_ptr() as usize;
+        let stored = packet.slice(start..start + payload.len());
         let fwd = Forward {
             ssrc: header.ssrc,
             seq: header.sequence,
@@ -1281,6 +1375,7 @@ impl Sfu {
             keyframe,
             payload,
             shared: None,
+            stored: Some(stored),
             audio_level: None,
         };
         self.forward(now, tid, 0, &fwd);
@@ -1314,12 +1409,24 @@ impl Sfu {
                         peer.counters.nacks_received += 1;
                         self.io.counters.nacks_received += 1;
                         match e.retransmit.get(now, seq) {
-                            Some(pkt) => {
-                                let mut buf = self.io.buffer();
-                                buf.extend_from_slice(pkt);
+                            Some(sent) => {
+                                let mut header = self.io.header();
+                                packet::rtp::write_header(
+                                    &mut header,
+                                    sent.marker,
+                                    e.payload_type,
+                                    sent.seq,
+                                    sent.timestamp,
+                                    e.ssrc,
+                                );
                                 peer.counters.retransmits += 1;
                                 self.io.counters.retransmits += 1;
-                                self.io.send(&mut peer.counters, e.remote, buf);
+                                self.io.send_shared(
+                                    &mut peer.counters,
+                                    e.remote,
+                                    header,
+                                    sent.payload,
+                                );
                             }
                             None => {
                                 peer.counters.retransmit_misses += 1;
@@ -1400,6 +1507,7 @@ impl Sfu {
             }
         }
         let mut shared: Option<Arc<[u8]>> = pkt.shared.cloned();
+        let mut stored: Option<PacketBuf> = pkt.stored.clone();
         let mut switched: Option<(TrackId, usize)> = None;
         for i in 0..track.subscribers.len() {
             let sub_id = track.subscribers[i];
@@ -1463,18 +1571,24 @@ impl Sfu {
                         continue;
                     }
                     let out = e.rewriter.rewrite(now, pkt.ssrc, pkt.seq, pkt.timestamp);
-                    let mut buf = self.io.buffer();
-                    packet::rtp::write_packet(
-                        &mut buf,
+                    // A payload that did not arrive as a stored packet (from
+                    // a WebRTC publisher) is stored once, on first use.
+                    let payload = stored
+                        .get_or_insert_with(|| self.io.packets.copy_in(pkt.payload))
+                        .clone();
+                    let mut header = self.io.header();
+                    packet::rtp::write_header(
+                        &mut header,
                         pkt.marker,
                         e.payload_type,
                         out.seq as u16,
                         out.timestamp,
                         e.ssrc,
-                        pkt.payload,
                     );
-                    e.retransmit.insert(now, out.seq as u16, &buf);
-                    self.io.send(&mut sub.counters, e.remote, buf);
+                    e.retransmit
+                        .insert(now, out.seq as u16, out.timestamp, pkt.marker, &payload);
+                    self.io
+                        .send_shared(&mut sub.counters, e.remote, header, payload);
                 }
             }
         }

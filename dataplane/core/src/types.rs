@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::buf::PacketBuf;
 use crate::ids::{ParticipantId, PeerId, TrackId};
 
 /// Static configuration of the core.
@@ -28,6 +29,11 @@ pub struct SfuConfig {
     pub initial_bwe_bps: u64,
     /// Seed for identifiers and SSRCs (the core reads no entropy itself).
     pub seed: u64,
+    /// Which core (shard) of a process this is, 0 to 255. It is written into
+    /// the top byte of every identifier this core hands out, so that ids
+    /// from several cores never collide and name the core that owns them
+    /// ([`shard_of`](crate::shard_of)).
+    pub shard: u8,
 }
 
 impl SfuConfig {
@@ -37,10 +43,11 @@ impl SfuConfig {
             candidates: vec![local_addr],
             keyframe_request_interval: Duration::from_millis(500),
             max_peers: 1000,
-            retransmit_packets: 512,
+            retransmit_packets: 256,
             retransmit_max_age: Duration::from_secs(2),
             initial_bwe_bps: 1_000_000,
             seed: 0x5eed,
+            shard: 0,
         }
     }
 }
@@ -113,8 +120,34 @@ pub struct RtpEndpointInfo {
 pub struct Transmit {
     pub source: SocketAddr,
     pub destination: SocketAddr,
-    /// Give the buffer back with [`crate::Sfu::recycle`] once sent.
+    /// The datagram, or with `payload` its first bytes (a header written
+    /// for this destination). Give it back with [`crate::Sfu::recycle`] once
+    /// sent.
     pub contents: Vec<u8>,
+    /// Bytes that follow `contents` on the wire, shared with every other
+    /// destination of the same packet (zero-copy fan-out). Send both as one
+    /// datagram (two iovecs), then drop it.
+    pub payload: Option<PacketBuf>,
+}
+
+impl Transmit {
+    /// Datagram length on the wire.
+    pub fn len(&self) -> usize {
+        self.contents.len() + self.payload.as_ref().map_or(0, PacketBuf::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole datagram as one buffer (tests, cold paths).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = self.contents.clone();
+        if let Some(p) = &self.payload {
+            v.extend_from_slice(p.as_slice());
+        }
+        v
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -259,7 +292,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn add(&mut self, o: &Counters) {
+    pub fn add(&mut self, o: &Counters) {
         self.packets_in += o.packets_in;
         self.bytes_in += o.bytes_in;
         self.packets_out += o.packets_out;
@@ -324,6 +357,21 @@ pub struct StatsSnapshot {
     pub rooms: Vec<RoomSnapshot>,
     pub peers: Vec<PeerSnapshot>,
     pub layers: Vec<LayerSnapshot>,
+}
+
+impl StatsSnapshot {
+    /// Adds another core's snapshot to this one (a node with several shards).
+    pub fn merge(&mut self, other: StatsSnapshot) {
+        self.counters.add(&other.counters);
+        for (d, o) in self.drops.iter_mut().zip(other.drops) {
+            *d += o;
+        }
+        self.sessions_created += other.sessions_created;
+        self.sessions_closed += other.sessions_closed;
+        self.rooms.extend(other.rooms);
+        self.peers.extend(other.peers);
+        self.layers.extend(other.layers);
+    }
 }
 
 /// Rooms and tracks as a newly joined client needs to see them.

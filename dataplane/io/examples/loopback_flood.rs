@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use ridge_io::{BackendChoice, RecvMeta, SocketOptions, Transmit, bind, probe_uring};
 
-fn run(tx: BackendChoice, rx: BackendChoice, size: usize) {
+fn run(tx: BackendChoice, rx: BackendChoice, size: usize, ring_sends: bool) {
     let opts = SocketOptions {
         recv_buffer_size: Some(8 << 20),
         send_buffer_size: Some(8 << 20),
+        uring_ring_sends: ring_sends,
         ..SocketOptions::default()
     };
     let addr = "127.0.0.1:0".parse().unwrap();
@@ -19,6 +20,7 @@ fn run(tx: BackendChoice, rx: BackendChoice, size: usize) {
     let payload = vec![0x5au8; size];
     let batch = vec![
         Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &payload,
             segment_size: None,
@@ -42,8 +44,9 @@ fn run(tx: BackendChoice, rx: BackendChoice, size: usize) {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{:?} -> {:?} {size:>4} B: sent {:>8.0}/s received {:>8.0}/s ({:.1}% lost in the socket queue) {:?}",
+        "{:?}{} -> {:?} {size:>4} B: sent {:>8.0}/s received {:>8.0}/s ({:.1}% lost in the socket queue) {:?}",
         a.backend(),
+        if ring_sends { " (ring sends)" } else { "" },
         b.backend(),
         sent as f64 / secs,
         received as f64 / secs,
@@ -62,11 +65,12 @@ fn main() {
         }
     };
     for size in [100, 1200] {
-        run(Mmsg, Mmsg, size);
+        run(Mmsg, Mmsg, size, false);
         if uring {
-            run(Uring, Uring, size);
-            run(Uring, Mmsg, size);
-            run(Mmsg, Uring, size);
+            run(Uring, Uring, size, false);
+            run(Uring, Uring, size, true);
+            run(Uring, Mmsg, size, true);
+            run(Mmsg, Uring, size, false);
         }
     }
 }

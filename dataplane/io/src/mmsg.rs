@@ -21,7 +21,8 @@ const BATCH: usize = 64;
 /// never leaves a stale one behind.
 struct Headers {
     hdrs: Vec<libc::mmsghdr>,
-    iovs: Vec<libc::iovec>,
+    /// Two per message: an optional prefix, then the contents.
+    iovs: Vec<[libc::iovec; 2]>,
     addrs: Vec<libc::sockaddr_storage>,
     cmsgs: Vec<CmsgBuf>,
 }
@@ -39,20 +40,21 @@ impl Headers {
         };
         Self {
             hdrs: vec![hdr; BATCH],
-            iovs: vec![iov; BATCH],
+            iovs: vec![[iov; 2]; BATCH],
             addrs: vec![addr; BATCH],
             cmsgs: vec![CmsgBuf::new(); BATCH],
         }
     }
 
     /// Points header `i` at its own address, iovec and control buffer.
-    fn link(&mut self, i: usize, namelen: libc::socklen_t, controllen: usize) {
+    /// `iovlen` of its iovecs (1 or 2) are in use.
+    fn link(&mut self, i: usize, namelen: libc::socklen_t, controllen: usize, iovlen: usize) {
         let h = &mut self.hdrs[i];
         h.msg_len = 0;
         h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
         h.msg_hdr.msg_namelen = namelen;
-        h.msg_hdr.msg_iov = &mut self.iovs[i];
-        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_iov = self.iovs[i].as_mut_ptr();
+        h.msg_hdr.msg_iovlen = iovlen as _;
         h.msg_hdr.msg_control = if controllen == 0 {
             ptr::null_mut()
         } else {
@@ -105,8 +107,13 @@ impl std::fmt::Debug for MmsgIo {
 
 impl MmsgIo {
     pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<Self, IoError> {
-        let b = bind_udp(addr, opts, opts.gro)?;
-        Ok(Self {
+        Ok(Self::from_bound(bind_udp(addr, opts, opts.gro)?))
+    }
+
+    /// Wraps an already bound socket (the io_uring backend sends through
+    /// one of these on a duplicate of its own socket).
+    pub(crate) fn from_bound(b: crate::socket::Bound) -> Self {
+        Self {
             socket: b.socket,
             local: b.local,
             v6: b.v6,
@@ -116,7 +123,7 @@ impl MmsgIo {
             send: Headers::new(),
             resume: vec![Resume::default(); BATCH],
             stats: IoStats::default(),
-        })
+        }
     }
 
     /// Fills send slots from `batch`; see [`plan_sends`].
@@ -163,15 +170,12 @@ impl SendSlots for MmsgSlots<'_> {
         cur: usize,
         d: &NextDatagram<'_>,
     ) {
-        self.send.iovs[n] = libc::iovec {
-            iov_base: d.chunk.as_ptr() as *mut libc::c_void,
-            iov_len: d.chunk.len(),
-        };
+        let iovlen = crate::socket::fill_iovecs(&mut self.send.iovs[n], d);
         let controllen = match d.gso {
             Some(s) => cmsg::write_segment_size(&mut self.send.cmsgs[n], s),
             None => 0,
         };
-        self.send.link(n, namelen, controllen);
+        self.send.link(n, namelen, controllen, iovlen);
         self.resume[n] = Resume {
             cur,
             tx: d.next_tx,
@@ -197,12 +201,16 @@ impl DatagramIo for MmsgIo {
         }
         let controllen = if self.gro { cmsg::space(4) } else { 0 };
         for (i, buf) in bufs.iter_mut().take(n).enumerate() {
-            self.recv.iovs[i] = libc::iovec {
+            self.recv.iovs[i][0] = libc::iovec {
                 iov_base: buf.as_mut_ptr().cast(),
                 iov_len: buf.len(),
             };
-            self.recv
-                .link(i, mem::size_of::<libc::sockaddr_storage>() as _, controllen);
+            self.recv.link(
+                i,
+                mem::size_of::<libc::sockaddr_storage>() as _,
+                controllen,
+                1,
+            );
         }
         let mut attempts = 0;
         let got = loop {

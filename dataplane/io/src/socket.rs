@@ -118,6 +118,8 @@ pub(crate) fn wants_gso(contents: &[u8], segment_size: Option<u16>) -> Option<u1
 /// `offset`, and where the batch continues after it.
 #[derive(Debug)]
 pub(crate) struct NextDatagram<'a> {
+    /// Sent first, from its own iovec (empty when the transmit has none).
+    pub(crate) prefix: &'a [u8],
     pub(crate) chunk: &'a [u8],
     pub(crate) gso: Option<u16>,
     pub(crate) next_tx: usize,
@@ -130,12 +132,22 @@ pub(crate) fn next_datagram<'a>(
     offset: usize,
     gso_on: bool,
 ) -> NextDatagram<'a> {
+    if !t.prefix.is_empty() {
+        return NextDatagram {
+            prefix: t.prefix,
+            chunk: t.contents,
+            gso: None,
+            next_tx: tx + 1,
+            next_offset: 0,
+        };
+    }
     let gso = if gso_on && offset == 0 {
         wants_gso(t.contents, t.segment_size)
     } else {
         None
     };
     let whole = NextDatagram {
+        prefix: &[],
         chunk: t.contents,
         gso,
         next_tx: tx + 1,
@@ -150,6 +162,7 @@ pub(crate) fn next_datagram<'a>(
                 (tx, end)
             };
             NextDatagram {
+                prefix: &[],
                 chunk: &t.contents[offset..end],
                 gso: None,
                 next_tx,
@@ -157,6 +170,26 @@ pub(crate) fn next_datagram<'a>(
             }
         }
         _ => whole,
+    }
+}
+
+/// Points `iovs` at a planned datagram: the prefix (if any), then the
+/// chunk. Returns how many iovecs are in use.
+pub(crate) fn fill_iovecs(iovs: &mut [libc::iovec; 2], d: &NextDatagram<'_>) -> usize {
+    let chunk = libc::iovec {
+        iov_base: d.chunk.as_ptr() as *mut libc::c_void,
+        iov_len: d.chunk.len(),
+    };
+    if d.prefix.is_empty() {
+        iovs[0] = chunk;
+        1
+    } else {
+        iovs[0] = libc::iovec {
+            iov_base: d.prefix.as_ptr() as *mut libc::c_void,
+            iov_len: d.prefix.len(),
+        };
+        iovs[1] = chunk;
+        2
     }
 }
 
@@ -223,6 +256,7 @@ mod tests {
     fn t(contents: &[u8], segment_size: Option<u16>) -> Transmit<'_> {
         Transmit {
             destination: "127.0.0.1:1".parse().unwrap(),
+            prefix: &[],
             contents,
             segment_size,
         }

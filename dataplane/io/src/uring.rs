@@ -20,6 +20,7 @@ use socket2::Socket;
 
 use crate::cmsg::{self, CmsgBuf};
 use crate::error::{ErrnoClass, classify};
+use crate::mmsg::MmsgIo;
 use crate::socket::{NextDatagram, SendSlots, bind_udp, plan_sends};
 use crate::{Backend, DatagramIo, IoError, IoStats, RecvMeta, SocketOptions, Transmit, sockaddr};
 
@@ -235,7 +236,8 @@ impl BufRing {
 /// `cmsg` and the caller's payload, until this slot's completion arrives.
 struct SendSlot {
     hdr: libc::msghdr,
-    iov: libc::iovec,
+    /// The prefix (if any) and the contents.
+    iov: [libc::iovec; 2],
     addr: libc::sockaddr_storage,
     cmsg: CmsgBuf,
     result: Option<i32>,
@@ -266,18 +268,15 @@ impl SendSlots for UringSlots<'_> {
         d: &NextDatagram<'_>,
     ) {
         let s = &mut self.slots[n];
-        s.iov = libc::iovec {
-            iov_base: d.chunk.as_ptr() as *mut libc::c_void,
-            iov_len: d.chunk.len(),
-        };
+        let iovlen = crate::socket::fill_iovecs(&mut s.iov, d);
         let controllen = match d.gso {
             Some(size) => cmsg::write_segment_size(&mut s.cmsg, size),
             None => 0,
         };
         s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
         s.hdr.msg_namelen = namelen;
-        s.hdr.msg_iov = &mut s.iov;
-        s.hdr.msg_iovlen = 1;
+        s.hdr.msg_iov = s.iov.as_mut_ptr();
+        s.hdr.msg_iovlen = iovlen as _;
         s.hdr.msg_control = if controllen == 0 {
             ptr::null_mut()
         } else {
@@ -315,6 +314,9 @@ pub struct UringIo {
     gso: bool,
     pbuf_status: bool,
     stats: IoStats,
+    /// `sendmmsg` on a duplicate of the socket, unless ring sends were asked
+    /// for ([`SocketOptions::uring_ring_sends`]).
+    sender: Option<MmsgIo>,
 }
 
 // SAFETY: the raw pointers (buffer ring, msghdrs) point into memory this
@@ -371,6 +373,18 @@ impl UringIo {
             );
         }
         let b = bind_udp(addr, opts, false)?;
+        let sender = if opts.uring_ring_sends {
+            None
+        } else {
+            let dup = b.socket.try_clone().map_err(|e| IoError::os("dup", e))?;
+            Some(MmsgIo::from_bound(crate::socket::Bound {
+                socket: dup,
+                local: b.local,
+                v6: b.v6,
+                gso: b.gso,
+                gro: false,
+            }))
+        };
         let cq = (u32::from(count) + 2 * SEND_SLOTS as u32).next_power_of_two();
         let ring = IoUring::builder()
             .setup_cqsize(cq)
@@ -403,6 +417,7 @@ impl UringIo {
             gso: b.gso,
             pbuf_status: true,
             stats: IoStats::default(),
+            sender,
         };
         io.pbuf_status = io.kernel_head().is_some();
         Ok(io)
@@ -717,6 +732,9 @@ impl DatagramIo for UringIo {
     }
 
     fn send(&mut self, batch: &[Transmit<'_>]) -> Result<usize, IoError> {
+        if let Some(sender) = &mut self.sender {
+            return sender.send(batch);
+        }
         let (mut tx, mut offset) = (0, 0);
         let mut retried = None;
         while tx < batch.len() {
@@ -775,7 +793,13 @@ impl DatagramIo for UringIo {
     }
 
     fn stats(&self) -> IoStats {
-        self.stats
+        let mut s = self.stats;
+        if let Some(sender) = &self.sender {
+            let t = sender.stats();
+            s.send_dropped += t.send_dropped;
+            s.gso_disabled |= t.gso_disabled;
+        }
+        s
     }
 
     fn buffers_outstanding(&self) -> usize {
@@ -793,7 +817,11 @@ impl DatagramIo for UringIo {
     }
 
     fn max_gso_segments(&self) -> usize {
-        if self.gso { cmsg::UDP_MAX_SEGMENTS } else { 1 }
+        match &self.sender {
+            Some(sender) => sender.max_gso_segments(),
+            None if self.gso => cmsg::UDP_MAX_SEGMENTS,
+            None => 1,
+        }
     }
 }
 

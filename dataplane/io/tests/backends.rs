@@ -41,9 +41,16 @@ fn open_with(choice: BackendChoice, addr: &str, opts: &SocketOptions) -> Option<
     Some(io)
 }
 
+thread_local! {
+    /// Set by the `uring_ring_sends` copy of the suite: uring sockets send
+    /// through the ring instead of sendmmsg.
+    static RING_SENDS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn open(choice: BackendChoice) -> Option<Io> {
     let opts = SocketOptions {
         recv_buffer_size: Some(4 << 20),
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         ..SocketOptions::default()
     };
     open_with(choice, "127.0.0.1:0", &opts)
@@ -115,6 +122,7 @@ fn round_trip_1000(choice: BackendChoice) {
         let batch: Vec<Transmit<'_>> = chunk
             .iter()
             .map(|p| Transmit {
+                prefix: &[],
                 destination: dst,
                 contents: p,
                 segment_size: None,
@@ -148,6 +156,7 @@ fn ipv6_round_trip(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: dst,
             contents: &data,
             segment_size: None,
@@ -162,6 +171,7 @@ fn ipv6_round_trip(choice: BackendChoice) {
     send_all(
         &mut b,
         &[Transmit {
+            prefix: &[],
             destination: v4.local_addr(),
             contents: &data,
             segment_size: None,
@@ -185,6 +195,7 @@ fn truncation(choice: BackendChoice) {
     let batch: Vec<Transmit<'_>> = payloads
         .iter()
         .map(|p| Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: p,
             segment_size: None,
@@ -236,6 +247,7 @@ fn readiness(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: None,
@@ -266,6 +278,7 @@ fn readiness_cross_thread(choice: BackendChoice) {
             send_all(
                 &mut a,
                 &[Transmit {
+                    prefix: &[],
                     destination: dst,
                     contents: &data,
                     segment_size: None,
@@ -295,6 +308,7 @@ fn readiness_cross_thread(choice: BackendChoice) {
 
 fn exhaustion(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         uring_buffers: 8,
         recv_buffer_size: Some(4 << 20),
         ..SocketOptions::default()
@@ -310,6 +324,7 @@ fn exhaustion(choice: BackendChoice) {
     let batch: Vec<Transmit<'_>> = payloads
         .iter()
         .map(|p| Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: p,
             segment_size: None,
@@ -349,6 +364,7 @@ fn gso_send(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(100),
@@ -389,6 +405,7 @@ fn gso_fallback(choice: BackendChoice) {
         send_all(
             &mut a,
             &[Transmit {
+                prefix: &[],
                 destination: b.local_addr(),
                 contents: &data,
                 segment_size: Some(200),
@@ -406,6 +423,7 @@ fn gso_fallback(choice: BackendChoice) {
 
 fn gro_receive(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         gro: true,
         ..SocketOptions::default()
     };
@@ -416,6 +434,7 @@ fn gro_receive(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(500),
@@ -462,6 +481,7 @@ fn unreachable_port(choice: BackendChoice) {
     let mut received = 0;
     for round in 0..20 {
         let to_closed = Transmit {
+            prefix: &[],
             destination: closed,
             contents: &junk,
             segment_size: None,
@@ -476,6 +496,7 @@ fn unreachable_port(choice: BackendChoice) {
             0
         );
         let to_b = Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &good,
             segment_size: None,
@@ -502,6 +523,7 @@ fn unreachable_port(choice: BackendChoice) {
     send_all(
         &mut b,
         &[Transmit {
+            prefix: &[],
             destination: a.local_addr(),
             contents: &good,
             segment_size: None,
@@ -520,6 +542,7 @@ fn refused_datagrams_are_skipped(choice: BackendChoice) {
     let huge = vec![0u8; 70_000];
     let v6: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
     let t = |destination, contents| Transmit {
+        prefix: &[],
         destination,
         contents,
         segment_size: None,
@@ -551,6 +574,7 @@ fn long_gso_is_split(choice: BackendChoice) {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(100),
@@ -576,6 +600,7 @@ fn drop_while_busy(choice: BackendChoice) {
     let dst = b.local_addr();
     let batch = vec![
         Transmit {
+            prefix: &[],
             destination: dst,
             contents: &data,
             segment_size: None,
@@ -594,6 +619,7 @@ fn drop_while_busy(choice: BackendChoice) {
 /// not confuse teardown or the next `recv`.
 fn completions_reaped_by_send(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         uring_buffers: 8,
         ..SocketOptions::default()
     };
@@ -606,6 +632,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
     let data = payload(0, 300);
     let to_b = vec![
         Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: None,
@@ -613,6 +640,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
         20
     ];
     let to_a = Transmit {
+        prefix: &[],
         destination: a.local_addr(),
         contents: &data,
         segment_size: None,
@@ -641,6 +669,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
 /// typed `Bind` error.
 fn reuse_port(choice: BackendChoice) {
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         reuse_port: true,
         ..SocketOptions::default()
     };
@@ -671,6 +700,42 @@ fn auto_picks_a_backend(choice: BackendChoice) {
     }
 }
 
+/// A prefix and shared contents leave as one datagram each, in order, for
+/// many destinations sharing one payload buffer (zero-copy fan-out).
+fn prefixed_fan_out(choice: BackendChoice) {
+    let (Some(mut a), Some(mut b), Some(mut c)) = (open(choice), open(choice), open(choice)) else {
+        return;
+    };
+    let shared = payload(7, 300);
+    let headers: Vec<[u8; 12]> = (0..200u8).map(|i| [i; 12]).collect();
+    // A segment size on a prefixed transmit is ignored: still one datagram.
+    let batch: Vec<Transmit<'_>> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Transmit {
+            destination: if i % 2 == 0 {
+                b.local_addr()
+            } else {
+                c.local_addr()
+            },
+            prefix: h,
+            contents: &shared,
+            segment_size: Some(100),
+        })
+        .collect();
+    send_all(&mut a, &batch);
+    for (io, parity) in [(&mut b, 0u8), (&mut c, 1u8)] {
+        let got = recv_n(io, 100, 2048, Duration::from_secs(5));
+        assert_eq!(got.len(), 100);
+        for (k, (bytes, meta)) in got.iter().enumerate() {
+            assert_eq!(meta.len, 312);
+            let i = (k as u8) * 2 + parity;
+            assert_eq!(&bytes[..12], &[i; 12], "header of datagram {i}");
+            assert_eq!(&bytes[12..], &shared[..], "payload of datagram {i}");
+        }
+    }
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod mmsg {
@@ -678,6 +743,12 @@ macro_rules! suite {
         }
         mod uring {
             $(#[test] fn $name() { super::$name(ridge_io::BackendChoice::Uring) })*
+        }
+        mod uring_ring_sends {
+            $(#[test] fn $name() {
+                super::RING_SENDS.with(|r| r.set(true));
+                super::$name(ridge_io::BackendChoice::Uring)
+            })*
         }
     };
 }
@@ -700,6 +771,7 @@ suite!(
     completions_reaped_by_send,
     reuse_port,
     auto_picks_a_backend,
+    prefixed_fan_out,
 );
 
 /// uring GSO really leaves as one GSO packet: a GRO receiver on loopback
@@ -714,6 +786,7 @@ fn uring_gso_reaches_gro_receiver() {
         return;
     }
     let opts = SocketOptions {
+        uring_ring_sends: RING_SENDS.with(|r| r.get()),
         gro: true,
         ..SocketOptions::default()
     };
@@ -722,6 +795,7 @@ fn uring_gso_reaches_gro_receiver() {
     send_all(
         &mut a,
         &[Transmit {
+            prefix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(500),
@@ -737,6 +811,7 @@ fn uring_gso_reaches_gro_receiver() {
 fn uring_rejects_bad_buffer_options() {
     for (buffers, size) in [(3u16, 2048u32), (0, 2048), (8, 64)] {
         let opts = SocketOptions {
+            uring_ring_sends: RING_SENDS.with(|r| r.get()),
             uring_buffers: buffers,
             uring_buffer_size: size,
             ..SocketOptions::default()

@@ -247,12 +247,24 @@ pub fn write_packet(
     payload: &[u8],
 ) {
     out.reserve(FIXED_HEADER_LEN + payload.len());
+    write_header(out, marker, payload_type, sequence, timestamp, ssrc);
+    out.extend_from_slice(payload);
+}
+
+/// Appends a 12-byte RTP header (no CSRCs, no extension) to `out`.
+pub fn write_header(
+    out: &mut Vec<u8>,
+    marker: bool,
+    payload_type: u8,
+    sequence: u16,
+    timestamp: u32,
+    ssrc: u32,
+) {
     out.push(0x80);
     out.push((u8::from(marker) << 7) | (payload_type & 0x7f));
     out.extend_from_slice(&sequence.to_be_bytes());
     out.extend_from_slice(&timestamp.to_be_bytes());
     out.extend_from_slice(&ssrc.to_be_bytes());
-    out.extend_from_slice(payload);
 }
 
 #[cfg(test)]

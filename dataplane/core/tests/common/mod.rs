@@ -98,7 +98,7 @@ impl Node {
                         at: self.now,
                         source: t.source,
                         destination: t.destination,
-                        contents: t.contents.clone(),
+                        contents: t.to_vec(),
                     });
                     self.sfu.recycle(t.contents);
                 }
