@@ -223,8 +223,19 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
         }
         None => None,
     };
-    tasks.push(tokio::spawn(probe.clone().run_receiver()));
-    tasks.push(tokio::spawn(probe.clone().run_prober(shared.config.probe_interval)));
+    // The probe loops hold nothing in flight: they simply stop.
+    for task in [
+        Box::pin(probe.clone().run_receiver()) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        Box::pin(probe.clone().run_prober(shared.config.probe_interval)),
+    ] {
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = task => {}
+                _ = rx.wait_for(|v| *v) => {}
+            }
+        }));
+    }
     tasks.push(tokio::spawn(heartbeat_loop(shared.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(watch_loop(shared.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(apply_loop(shared.clone(), stop_rx)));

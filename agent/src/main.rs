@@ -42,7 +42,7 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     cmdline_path: Option<PathBuf>,
     /// The dataplane's control socket; "" applies nothing locally [default: /run/ridge/dataplane.sock as root, else $XDG_RUNTIME_DIR/ridge/dataplane.sock]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = parse_path)]
     control_socket: Option<PathBuf>,
     /// Media address to report [default: the dataplane's]
     #[arg(long, value_name = "ADDR")]
@@ -167,4 +167,9 @@ async fn run(config: config::Config, env_token: Option<String>) -> Result<(), i3
     };
     agent.shutdown().await;
     result
+}
+
+/// Like clap's path parser, but an empty value is allowed ("" disables).
+fn parse_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
