@@ -17,7 +17,9 @@ use crate::identity::{self, Identity, IdentityError, NodeKey};
 use crate::load::{CpuSampler, RateMeter, cpu_times};
 use crate::metrics::{self, Metrics, ResultLabels};
 use crate::probe::{PeerLink, ProbeEngine, wire};
-use crate::scheduler::{self, DesiredState, EnrollRequest, Heartbeat, SchedulerClient, SchedulerError, Watch};
+use crate::scheduler::{
+    self, DesiredState, EnrollRequest, Heartbeat, SchedulerClient, SchedulerError, Watch,
+};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -67,9 +69,10 @@ impl AgentError {
     /// identity), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Identity(_) | Self::EnrollRefused { .. } | Self::CredentialRefused { .. } | Self::OtherScheduler { .. } => {
-                EXIT_ENROLL
-            }
+            Self::Identity(_)
+            | Self::EnrollRefused { .. }
+            | Self::CredentialRefused { .. }
+            | Self::OtherScheduler { .. } => EXIT_ENROLL,
             _ => 1,
         }
     }
@@ -119,16 +122,19 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (registry, metrics) = metrics::registry();
     // Bind first, so that a port conflict does not use up a bootstrap token.
-    let probe_socket = std::net::UdpSocket::bind(config.probe_listen).map_err(|source| AgentError::Bind {
-        what: "the probe responder",
-        addr: config.probe_listen,
-        source,
-    })?;
-    let probe_addr = probe_socket.local_addr().map_err(|source| AgentError::Bind {
-        what: "the probe responder",
-        addr: config.probe_listen,
-        source,
-    })?;
+    let probe_socket =
+        std::net::UdpSocket::bind(config.probe_listen).map_err(|source| AgentError::Bind {
+            what: "the probe responder",
+            addr: config.probe_listen,
+            source,
+        })?;
+    let probe_addr = probe_socket
+        .local_addr()
+        .map_err(|source| AgentError::Bind {
+            what: "the probe responder",
+            addr: config.probe_listen,
+            source,
+        })?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
@@ -205,7 +211,10 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
                     let reg = reg.clone();
                     async move {
                         (
-                            [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
                             metrics::encode(&reg),
                         )
                     }
@@ -225,7 +234,8 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
     };
     // The probe loops hold nothing in flight: they simply stop.
     for task in [
-        Box::pin(probe.clone().run_receiver()) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        Box::pin(probe.clone().run_receiver())
+            as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
         Box::pin(probe.clone().run_prober(shared.config.probe_interval)),
     ] {
         let mut rx = stop_rx.clone();
@@ -236,7 +246,10 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
             }
         }));
     }
-    tasks.push(tokio::spawn(heartbeat_loop(shared.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(heartbeat_loop(
+        shared.clone(),
+        stop_rx.clone(),
+    )));
     tasks.push(tokio::spawn(watch_loop(shared.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(apply_loop(shared.clone(), stop_rx)));
     Ok(RunningAgent {
@@ -253,8 +266,17 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
     })
 }
 
-async fn enroll(config: &Config, client: &SchedulerClient, metrics: &Metrics, env_token: Option<String>) -> Result<Identity, AgentError> {
-    let (token, source) = identity::find_token(config.token_file.as_deref(), env_token, &config.cmdline_path)?;
+async fn enroll(
+    config: &Config,
+    client: &SchedulerClient,
+    metrics: &Metrics,
+    env_token: Option<String>,
+) -> Result<Identity, AgentError> {
+    let (token, source) = identity::find_token(
+        config.token_file.as_deref(),
+        env_token,
+        &config.cmdline_path,
+    )?;
     let key = NodeKey::generate()?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -274,18 +296,27 @@ async fn enroll(config: &Config, client: &SchedulerClient, metrics: &Metrics, en
         match client.enroll(&req).await {
             Ok(r) => break r,
             Err(SchedulerError::Refused { code, message }) => {
-                metrics.enrollments.get_or_create(&ResultLabels { result: "refused" }).inc();
+                metrics
+                    .enrollments
+                    .get_or_create(&ResultLabels { result: "refused" })
+                    .inc();
                 return Err(AgentError::EnrollRefused { code, message });
             }
             Err(e) => {
-                metrics.enrollments.get_or_create(&ResultLabels { result: "failed" }).inc();
+                metrics
+                    .enrollments
+                    .get_or_create(&ResultLabels { result: "failed" })
+                    .inc();
                 let d = backoff.next_random();
                 tracing::warn!(error = %e, retry_in = ?d, "enrollment failed; retrying");
                 tokio::time::sleep(d).await;
             }
         }
     };
-    metrics.enrollments.get_or_create(&ResultLabels { result: "ok" }).inc();
+    metrics
+        .enrollments
+        .get_or_create(&ResultLabels { result: "ok" })
+        .inc();
     let id = Identity::new(
         &key,
         resp.node_id,
@@ -354,13 +385,19 @@ async fn heartbeat_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut meters = LoadMeters::default();
     let mut caps: Option<(Instant, Capabilities)> = None;
     loop {
-        if caps.as_ref().is_none_or(|(t, _)| t.elapsed() > REDISCOVER_EVERY) {
-            if let Ok(c) = tokio::task::spawn_blocking(discover::discover).await {
-                caps = Some((Instant::now(), c));
-            }
+        if caps
+            .as_ref()
+            .is_none_or(|(t, _)| t.elapsed() > REDISCOVER_EVERY)
+            && let Ok(c) = tokio::task::spawn_blocking(discover::discover).await
+        {
+            caps = Some((Instant::now(), c));
         }
         let hb = build_heartbeat(&s, caps.as_ref().map(|(_, c)| c), &mut meters).await;
-        let delay = match s.client.heartbeat(&s.identity.node_id, &s.identity.node_token, &hb).await {
+        let delay = match s
+            .client
+            .heartbeat(&s.identity.node_id, &s.identity.node_token, &hb)
+            .await
+        {
             Ok(r) => {
                 s.metrics.heartbeat("ok");
                 backoff.reset();
@@ -389,7 +426,11 @@ async fn heartbeat_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn build_heartbeat(s: &Shared, caps: Option<&Capabilities>, meters: &mut LoadMeters) -> Heartbeat {
+async fn build_heartbeat(
+    s: &Shared,
+    caps: Option<&Capabilities>,
+    meters: &mut LoadMeters,
+) -> Heartbeat {
     let now = Instant::now();
     let status = match &s.control {
         Some(c) => match c.status().await {
@@ -403,8 +444,10 @@ async fn build_heartbeat(s: &Shared, caps: Option<&Capabilities>, meters: &mut L
         None => None,
     };
     // A restarted dataplane lost its desired state: apply it again.
-    if let (Some(st), Some(held)) = (&status, s.desired.lock().unwrap_or_else(|e| e.into_inner()).as_ref())
-        && st.desired_version != Some(held.version)
+    if let (Some(st), Some(held)) = (
+        &status,
+        s.desired.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
+    ) && st.desired_version != Some(held.version)
     {
         s.apply_now.notify_one();
     }
@@ -423,11 +466,22 @@ async fn build_heartbeat(s: &Shared, caps: Option<&Capabilities>, meters: &mut L
         ..Default::default()
     };
     let mut rooms = Vec::new();
-    let media = s.config.media_address.map(|a| a.to_string()).or_else(|| status.as_ref().map(|st| st.media.clone()));
+    let media = s
+        .config
+        .media_address
+        .map(|a| a.to_string())
+        .or_else(|| status.as_ref().map(|st| st.media.clone()));
     if let Some(st) = &status {
         load.sessions = st.sessions;
-        load.pps = meters.packets.update(now, st.packets_in + st.packets_out).unwrap_or(0.0) as u64;
-        load.bandwidth_bps = (meters.bytes.update(now, st.bytes_in + st.bytes_out).unwrap_or(0.0) * 8.0) as u64;
+        load.pps = meters
+            .packets
+            .update(now, st.packets_in + st.packets_out)
+            .unwrap_or(0.0) as u64;
+        load.bandwidth_bps = (meters
+            .bytes
+            .update(now, st.bytes_in + st.bytes_out)
+            .unwrap_or(0.0)
+            * 8.0) as u64;
         rooms = st
             .rooms
             .iter()
@@ -488,7 +542,11 @@ async fn build_heartbeat(s: &Shared, caps: Option<&Capabilities>, meters: &mut L
     Heartbeat {
         version: VERSION.into(),
         addresses: scheduler::Addresses {
-            mesh: s.config.mesh_address.map(|a| a.to_string()).or_else(|| media.clone()),
+            mesh: s
+                .config
+                .mesh_address
+                .map(|a| a.to_string())
+                .or_else(|| media.clone()),
             media,
             http: s.config.http_url.clone(),
         },
@@ -515,7 +573,12 @@ async fn watch_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     };
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     loop {
-        let poll = s.client.watch(&s.identity.node_id, &s.identity.node_token, since, s.config.watch_wait);
+        let poll = s.client.watch(
+            &s.identity.node_id,
+            &s.identity.node_token,
+            since,
+            s.config.watch_wait,
+        );
         let r = tokio::select! {
             r = poll => r,
             _ = stop.wait_for(|v| *v) => return,
@@ -526,7 +589,13 @@ async fn watch_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 since = d.version;
                 s.metrics.watch_version.set(d.version as i64);
                 s.probe.set_links(s.links_from(&d));
-                tracing::info!(version = d.version, drain = d.drain, links = d.links.len(), routes = d.routes.len(), "desired state received");
+                tracing::info!(
+                    version = d.version,
+                    drain = d.drain,
+                    links = d.links.len(),
+                    routes = d.routes.len(),
+                    "desired state received"
+                );
                 *s.desired.lock().unwrap_or_else(|e| e.into_inner()) = Some(*d);
                 s.apply_now.notify_one();
             }

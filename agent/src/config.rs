@@ -128,11 +128,19 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-fn duration(field: &'static str, flag: Option<Duration>, file: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    field: &'static str,
+    flag: Option<Duration>,
+    file: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match (flag, file) {
         (Some(d), _) => Ok(d),
         (None, Some(s)) => humantime::parse_duration(s.trim()).map_err(|e| {
-            invalid(field, format!("`{s}` is not a duration ({e}); write e.g. \"1s\" or \"500ms\""))
+            invalid(
+                field,
+                format!("`{s}` is not a duration ({e}); write e.g. \"1s\" or \"500ms\""),
+            )
         }),
         (None, None) => Ok(default),
     }
@@ -176,10 +184,18 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         .scheduler_url
         .clone()
         .or(fc.scheduler_url)
-        .ok_or_else(|| invalid("scheduler_url", "not set: give the scheduler's https:// URL (--scheduler)"))?;
+        .ok_or_else(|| {
+            invalid(
+                "scheduler_url",
+                "not set: give the scheduler's https:// URL (--scheduler)",
+            )
+        })?;
     let url = url.trim().trim_end_matches('/').to_owned();
     let rest = url.strip_prefix("https://").ok_or_else(|| {
-        invalid("scheduler_url", format!("`{url}` must start with https:// (the scheduler only speaks HTTPS)"))
+        invalid(
+            "scheduler_url",
+            format!("`{url}` must start with https:// (the scheduler only speaks HTTPS)"),
+        )
     })?;
     if rest.is_empty() || rest.contains(char::is_whitespace) {
         return Err(invalid("scheduler_url", format!("`{url}` has no host")));
@@ -192,7 +208,10 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     if !scheduler_ca.is_file() {
         return Err(invalid(
             "scheduler_ca",
-            format!("{} is not a readable file: give the PEM CA certificate of the scheduler (--scheduler-ca)", scheduler_ca.display()),
+            format!(
+                "{} is not a readable file: give the PEM CA certificate of the scheduler (--scheduler-ca)",
+                scheduler_ca.display()
+            ),
         ));
     }
     let state_dir = o
@@ -200,9 +219,17 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         .clone()
         .or(fc.state_dir)
         .or_else(|| default_state_dir(euid(), std::env::var("HOME").ok().as_deref()))
-        .ok_or_else(|| invalid("state_dir", "not set and no default applies (no HOME): give --state-dir"))?;
+        .ok_or_else(|| {
+            invalid(
+                "state_dir",
+                "not set and no default applies (no HOME): give --state-dir",
+            )
+        })?;
     if state_dir.is_relative() {
-        return Err(invalid("state_dir", format!("{} is relative: give an absolute path", state_dir.display())));
+        return Err(invalid(
+            "state_dir",
+            format!("{} is relative: give an absolute path", state_dir.display()),
+        ));
     }
     let token_file = o.token_file.clone().or(fc.token_file);
     let cmdline_path = o
@@ -224,13 +251,22 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     if let Some(p) = &control_socket
         && p.is_relative()
     {
-        return Err(invalid("control_socket", format!("{} is relative: give an absolute path or \"\" to disable", p.display())));
+        return Err(invalid(
+            "control_socket",
+            format!(
+                "{} is relative: give an absolute path or \"\" to disable",
+                p.display()
+            ),
+        ));
     }
     let http_url = o.http_url.clone().or(fc.http_url);
     if let Some(u) = &http_url
         && !(u.starts_with("https://") || u.starts_with("http://"))
     {
-        return Err(invalid("http_url", format!("`{u}` must be an http(s):// URL")));
+        return Err(invalid(
+            "http_url",
+            format!("`{u}` must be an http(s):// URL"),
+        ));
     }
     let probe_listen = match o.probe_listen.or(fc.probe_listen) {
         Some(a) => a,
@@ -239,13 +275,26 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
             .map_err(|_| invalid("probe_listen", "bad built-in default"))?,
     };
     let probe_port_offset = o.probe_port_offset.or(fc.probe_port_offset).unwrap_or(1);
-    let probe_interval = duration("probe_interval", o.probe_interval, fc.probe_interval.as_deref(), Duration::from_secs(1))?;
+    let probe_interval = duration(
+        "probe_interval",
+        o.probe_interval,
+        fc.probe_interval.as_deref(),
+        Duration::from_secs(1),
+    )?;
     if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&probe_interval) {
         return Err(invalid("probe_interval", "must be 10ms ..= 60s"));
     }
-    let watch_wait = duration("watch_wait", o.watch_wait, fc.watch_wait.as_deref(), Duration::from_secs(30))?;
+    let watch_wait = duration(
+        "watch_wait",
+        o.watch_wait,
+        fc.watch_wait.as_deref(),
+        Duration::from_secs(30),
+    )?;
     if watch_wait > Duration::from_secs(60) {
-        return Err(invalid("watch_wait", "must be at most 60s (the scheduler's limit)"));
+        return Err(invalid(
+            "watch_wait",
+            "must be at most 60s (the scheduler's limit)",
+        ));
     }
     let metrics_listen = match o
         .metrics_listen
@@ -254,15 +303,32 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned())
     {
         s if s.is_empty() => None,
-        s => Some(s.parse().map_err(|_| invalid("metrics_listen", format!("`{s}` is not IP:PORT (\"\" disables)")))?),
+        s => Some(s.parse().map_err(|_| {
+            invalid(
+                "metrics_listen",
+                format!("`{s}` is not IP:PORT (\"\" disables)"),
+            )
+        })?),
     };
-    let drain_timeout = duration("drain_timeout", o.drain_timeout, fc.drain_timeout.as_deref(), Duration::from_secs(5))?;
+    let drain_timeout = duration(
+        "drain_timeout",
+        o.drain_timeout,
+        fc.drain_timeout.as_deref(),
+        Duration::from_secs(5),
+    )?;
     if drain_timeout > Duration::from_secs(60) {
         return Err(invalid("drain_timeout", "must be at most 60s"));
     }
-    let log = o.log.clone().or(fc.log).unwrap_or_else(|| "info".to_owned());
+    let log = o
+        .log
+        .clone()
+        .or(fc.log)
+        .unwrap_or_else(|| "info".to_owned());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
-        return Err(invalid("log", format!("`{log}` is not a tracing filter ({e})")));
+        return Err(invalid(
+            "log",
+            format!("`{log}` is not a tracing filter ({e})"),
+        ));
     }
     Ok(Config {
         scheduler_url: url,
@@ -309,16 +375,76 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: Vec<(Overrides, &str)> = vec![
-            (Overrides { scheduler_url: None, ..base() }, "scheduler_url"),
-            (Overrides { scheduler_url: Some("http://x".into()), ..base() }, "scheduler_url"),
-            (Overrides { scheduler_ca: Some("/nonexistent.pem".into()), ..base() }, "scheduler_ca"),
-            (Overrides { state_dir: Some("rel".into()), ..base() }, "state_dir"),
-            (Overrides { control_socket: Some("rel.sock".into()), ..base() }, "control_socket"),
-            (Overrides { probe_interval: Some(Duration::from_millis(1)), ..base() }, "probe_interval"),
-            (Overrides { watch_wait: Some(Duration::from_secs(61)), ..base() }, "watch_wait"),
-            (Overrides { metrics_listen: Some("nope".into()), ..base() }, "metrics_listen"),
-            (Overrides { log: Some("x=verbose!!".into()), ..base() }, "log"),
-            (Overrides { http_url: Some("ftp://x".into()), ..base() }, "http_url"),
+            (
+                Overrides {
+                    scheduler_url: None,
+                    ..base()
+                },
+                "scheduler_url",
+            ),
+            (
+                Overrides {
+                    scheduler_url: Some("http://x".into()),
+                    ..base()
+                },
+                "scheduler_url",
+            ),
+            (
+                Overrides {
+                    scheduler_ca: Some("/nonexistent.pem".into()),
+                    ..base()
+                },
+                "scheduler_ca",
+            ),
+            (
+                Overrides {
+                    state_dir: Some("rel".into()),
+                    ..base()
+                },
+                "state_dir",
+            ),
+            (
+                Overrides {
+                    control_socket: Some("rel.sock".into()),
+                    ..base()
+                },
+                "control_socket",
+            ),
+            (
+                Overrides {
+                    probe_interval: Some(Duration::from_millis(1)),
+                    ..base()
+                },
+                "probe_interval",
+            ),
+            (
+                Overrides {
+                    watch_wait: Some(Duration::from_secs(61)),
+                    ..base()
+                },
+                "watch_wait",
+            ),
+            (
+                Overrides {
+                    metrics_listen: Some("nope".into()),
+                    ..base()
+                },
+                "metrics_listen",
+            ),
+            (
+                Overrides {
+                    log: Some("x=verbose!!".into()),
+                    ..base()
+                },
+                "log",
+            ),
+            (
+                Overrides {
+                    http_url: Some("ftp://x".into()),
+                    ..base()
+                },
+                "http_url",
+            ),
         ];
         for (o, field) in cases {
             let e = build(FileConfig::default(), &o).unwrap_err();
@@ -332,7 +458,10 @@ mod tests {
             "scheduler_url = \"https://file:1\"\nprobe_interval = \"250ms\"\ncontrol_socket = \"\"\nmetrics_listen = \"\"\n",
         )
         .unwrap();
-        let o = Overrides { scheduler_url: None, ..base() };
+        let o = Overrides {
+            scheduler_url: None,
+            ..base()
+        };
         let c = build(fc.clone(), &o).unwrap();
         assert_eq!(c.scheduler_url, "https://file:1");
         assert_eq!(c.probe_interval, Duration::from_millis(250));

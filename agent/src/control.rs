@@ -81,7 +81,12 @@ impl ControlClient {
         &self.path
     }
 
-    async fn request(&self, method: Method, uri: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes), ControlError> {
+    async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ControlError> {
         let fut = async {
             let stream = tokio::net::UnixStream::connect(&self.path)
                 .await
@@ -122,7 +127,10 @@ impl ControlClient {
             .map_err(|_| ControlError::Timeout)?
     }
 
-    fn ok<T: for<'de> Deserialize<'de>>(status: StatusCode, body: &[u8]) -> Result<T, ControlError> {
+    fn ok<T: for<'de> Deserialize<'de>>(
+        status: StatusCode,
+        body: &[u8],
+    ) -> Result<T, ControlError> {
         if !status.is_success() {
             return Err(ControlError::Status {
                 status: status.as_u16(),

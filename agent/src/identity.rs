@@ -220,7 +220,8 @@ impl Identity {
         let pkcs8 = STANDARD
             .decode(&self.private_key_pkcs8)
             .map_err(|_| "private_key_pkcs8 is not base64".to_owned())?;
-        let key = NodeKey::from_pkcs8(&pkcs8).map_err(|_| "private key does not parse".to_owned())?;
+        let key =
+            NodeKey::from_pkcs8(&pkcs8).map_err(|_| "private key does not parse".to_owned())?;
         if key.public_b64() != self.public_key {
             return Err("the public key does not match the private key".into());
         }
@@ -302,7 +303,11 @@ mod tests {
     use super::*;
 
     fn scratch(tag: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("ridge-agent-id-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
+        let p = std::env::temp_dir().join(format!(
+            "ridge-agent-id-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&p).unwrap();
         p
     }
@@ -324,8 +329,14 @@ mod tests {
 
     #[test]
     fn cmdline_parsing() {
-        assert_eq!(cmdline_token("quiet ridge.token=rbt_x.y root=/dev/sda"), Some("rbt_x.y".into()));
-        assert_eq!(cmdline_token("ridge.token=\"rbt_q\"\n"), Some("rbt_q".into()));
+        assert_eq!(
+            cmdline_token("quiet ridge.token=rbt_x.y root=/dev/sda"),
+            Some("rbt_x.y".into())
+        );
+        assert_eq!(
+            cmdline_token("ridge.token=\"rbt_q\"\n"),
+            Some("rbt_q".into())
+        );
         assert_eq!(cmdline_token("ridge.token= quiet"), None);
         assert_eq!(cmdline_token("ridge.tokens=x"), None);
     }
@@ -357,7 +368,10 @@ mod tests {
         let id = sample(&key);
         assert!(load(&d).unwrap().is_none());
         let path = store(&d, &id).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(load(&d).unwrap(), Some(id.clone()));
         assert!(!format!("{id:?}").contains(&id.private_key_pkcs8));
 

@@ -79,7 +79,13 @@ mod tests {
     #[test]
     fn cpu_fraction_from_deltas() {
         let a = cpu_times("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3 4\n").unwrap();
-        assert_eq!(a, CpuTimes { busy: 200, total: 1000 });
+        assert_eq!(
+            a,
+            CpuTimes {
+                busy: 200,
+                total: 1000
+            }
+        );
         let b = cpu_times("cpu  150 0 150 880 20 0 0 0 0 0\n").unwrap();
         let mut s = CpuSampler::default();
         assert_eq!(s.update(a), None);

@@ -130,7 +130,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: config::Config, env_token: Option<String>) -> Result<(), i32> {
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             eprintln!("ridge-agent: cannot install signal handlers");

@@ -50,7 +50,9 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn heartbeat(&self, result: &'static str) {
-        self.heartbeats.get_or_create(&ResultLabels { result }).inc();
+        self.heartbeats
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
     pub fn scheduler_error(&self, op: &'static str) {
         self.scheduler_errors.get_or_create(&OpLabels { op }).inc();
@@ -59,14 +61,20 @@ impl Metrics {
         self.control_errors.get_or_create(&OpLabels { op }).inc();
     }
     pub fn probe_rejected(&self, reason: &'static str) {
-        self.probes_rejected.get_or_create(&ReasonLabels { reason }).inc();
+        self.probes_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
     /// Counter value for a rejection reason (tests, logs).
     pub fn probe_rejected_count(&self, reason: &'static str) -> u64 {
-        self.probes_rejected.get_or_create(&ReasonLabels { reason }).get()
+        self.probes_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .get()
     }
     pub fn heartbeat_count(&self, result: &'static str) -> u64 {
-        self.heartbeats.get_or_create(&ResultLabels { result }).get()
+        self.heartbeats
+            .get_or_create(&ResultLabels { result })
+            .get()
     }
 }
 
@@ -75,19 +83,67 @@ pub fn registry() -> (Registry, Metrics) {
     let mut registry = Registry::default();
     let m = Metrics::default();
     let r = registry.sub_registry_with_prefix("ridge_agent");
-    r.register("heartbeats", "Heartbeats by result (ok, failed)", m.heartbeats.clone());
-    r.register("enrolled", "1 once the node has an identity", m.enrolled.clone());
-    r.register("enrollments", "Enrollment attempts by result", m.enrollments.clone());
-    r.register("watch_version", "Latest desired-state version seen from the scheduler", m.watch_version.clone());
-    r.register("applied_version", "Desired-state version the dataplane accepted", m.applied_version.clone());
-    r.register("scheduler_errors", "Failed scheduler calls by operation", m.scheduler_errors.clone());
-    r.register("control_errors", "Failed control API calls to the dataplane by operation", m.control_errors.clone());
+    r.register(
+        "heartbeats",
+        "Heartbeats by result (ok, failed)",
+        m.heartbeats.clone(),
+    );
+    r.register(
+        "enrolled",
+        "1 once the node has an identity",
+        m.enrolled.clone(),
+    );
+    r.register(
+        "enrollments",
+        "Enrollment attempts by result",
+        m.enrollments.clone(),
+    );
+    r.register(
+        "watch_version",
+        "Latest desired-state version seen from the scheduler",
+        m.watch_version.clone(),
+    );
+    r.register(
+        "applied_version",
+        "Desired-state version the dataplane accepted",
+        m.applied_version.clone(),
+    );
+    r.register(
+        "scheduler_errors",
+        "Failed scheduler calls by operation",
+        m.scheduler_errors.clone(),
+    );
+    r.register(
+        "control_errors",
+        "Failed control API calls to the dataplane by operation",
+        m.control_errors.clone(),
+    );
     r.register("probes_sent", "Link probes sent", m.probes_sent.clone());
-    r.register("probes_answered", "Valid probe replies received", m.probes_answered.clone());
-    r.register("probes_rejected", "Probe datagrams refused by reason (malformed, unknown_peer, bad_mac, unexpected)", m.probes_rejected.clone());
-    r.register("probe_rtt_seconds", "Mean probe round-trip time per peer", m.probe_rtt.clone());
-    r.register("probe_loss_ratio", "Probe loss per peer over the window", m.probe_loss.clone());
-    r.register("probe_jitter_seconds", "Probe RTT jitter per peer", m.probe_jitter.clone());
+    r.register(
+        "probes_answered",
+        "Valid probe replies received",
+        m.probes_answered.clone(),
+    );
+    r.register(
+        "probes_rejected",
+        "Probe datagrams refused by reason (malformed, unknown_peer, bad_mac, unexpected)",
+        m.probes_rejected.clone(),
+    );
+    r.register(
+        "probe_rtt_seconds",
+        "Mean probe round-trip time per peer",
+        m.probe_rtt.clone(),
+    );
+    r.register(
+        "probe_loss_ratio",
+        "Probe loss per peer over the window",
+        m.probe_loss.clone(),
+    );
+    r.register(
+        "probe_jitter_seconds",
+        "Probe RTT jitter per peer",
+        m.probe_jitter.clone(),
+    );
     (registry, m)
 }
 

@@ -227,7 +227,9 @@ impl SchedulerClient {
             let _ = roots.add(cert);
         }
         if roots.is_empty() {
-            return Err(SchedulerError::Ca("no usable certificate in the PEM file".into()));
+            return Err(SchedulerError::Ca(
+                "no usable certificate in the PEM file".into(),
+            ));
         }
         let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
@@ -268,7 +270,10 @@ impl SchedulerClient {
             code: String::new(),
             error: String::new(),
         });
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST {
+        if status == StatusCode::UNAUTHORIZED
+            || status == StatusCode::FORBIDDEN
+            || status == StatusCode::BAD_REQUEST
+        {
             Err(SchedulerError::Refused {
                 code: body.code,
                 message: body.error,
@@ -284,9 +289,14 @@ impl SchedulerClient {
 
     pub async fn enroll(&self, req: &EnrollRequest<'_>) -> Result<EnrollResponse, SchedulerError> {
         let r = self
-            .send(self.http.post(format!("{}/v1/enroll", self.base)).json(req), Duration::from_secs(15))
+            .send(
+                self.http.post(format!("{}/v1/enroll", self.base)).json(req),
+                Duration::from_secs(15),
+            )
             .await?;
-        r.json().await.map_err(|e| SchedulerError::BadAnswer(e.to_string()))
+        r.json()
+            .await
+            .map_err(|e| SchedulerError::BadAnswer(e.to_string()))
     }
 
     pub async fn heartbeat(
@@ -304,7 +314,9 @@ impl SchedulerClient {
                 Duration::from_secs(10),
             )
             .await?;
-        r.json().await.map_err(|e| SchedulerError::BadAnswer(e.to_string()))
+        r.json()
+            .await
+            .map_err(|e| SchedulerError::BadAnswer(e.to_string()))
     }
 
     /// One long poll of the desired-state watch.
@@ -321,7 +333,10 @@ impl SchedulerClient {
             wait.as_secs()
         );
         let r = self
-            .send(self.http.get(url).bearer_auth(token), wait + Duration::from_secs(10))
+            .send(
+                self.http.get(url).bearer_auth(token),
+                wait + Duration::from_secs(10),
+            )
             .await?;
         if r.status() == StatusCode::NO_CONTENT {
             let v = r
@@ -332,7 +347,10 @@ impl SchedulerClient {
                 .unwrap_or(since);
             return Ok(Watch::Unchanged(v));
         }
-        let d: DesiredState = r.json().await.map_err(|e| SchedulerError::BadAnswer(e.to_string()))?;
+        let d: DesiredState = r
+            .json()
+            .await
+            .map_err(|e| SchedulerError::BadAnswer(e.to_string()))?;
         Ok(Watch::Changed(Box::new(d)))
     }
 }

@@ -18,7 +18,11 @@ const LIMIT: Duration = Duration::from_secs(20);
 struct TempDir(PathBuf);
 impl TempDir {
     fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("ridge-agent-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
+        let p = std::env::temp_dir().join(format!(
+            "ridge-agent-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&p).unwrap();
         Self(p)
     }
@@ -38,7 +42,8 @@ struct Env {
 
 async fn env(tag: &str) -> Env {
     let dir = TempDir::new(tag);
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let ca = dir.0.join("cert.pem");
     std::fs::write(&ca, ck.cert.pem()).unwrap();
     std::fs::write(dir.0.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
@@ -57,7 +62,12 @@ async fn env(tag: &str) -> Env {
     let cfg = ridge_scheduler::config::build(Default::default(), &o, secrets).unwrap();
     let sched = ridge_scheduler::server::start(cfg).await.unwrap();
     let url = format!("https://{}", sched.addr);
-    Env { dir, ca, sched, url }
+    Env {
+        dir,
+        ca,
+        sched,
+        url,
+    }
 }
 
 impl Env {
@@ -106,7 +116,11 @@ impl Env {
     async fn until_state(&self, id: &str, want: &str) {
         let t = Instant::now();
         while self.state(id) != want {
-            assert!(t.elapsed() < LIMIT, "node {id} never became {want} (is {})", self.state(id));
+            assert!(
+                t.elapsed() < LIMIT,
+                "node {id} never became {want} (is {})",
+                self.state(id)
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -126,7 +140,10 @@ async fn enrollment_from_file_env_and_cmdline_then_restart_reuses_identity() {
     // Token from a file.
     let tf = e.dir.0.join("token");
     std::fs::write(&tf, format!("{}\n", e.mint(3600, 1).await)).unwrap();
-    let o_file = Overrides { token_file: Some(tf.clone()), ..e.overrides("s-file") };
+    let o_file = Overrides {
+        token_file: Some(tf.clone()),
+        ..e.overrides("s-file")
+    };
     let a = ridge_agent::start(cfg(&o_file), None).await.unwrap();
     assert!(a.enrolled_now);
     let id_file = a.node_id.clone();
@@ -134,12 +151,24 @@ async fn enrollment_from_file_env_and_cmdline_then_restart_reuses_identity() {
     assert_eq!(mode(&path), 0o600);
     assert_eq!(mode(&e.dir.0.join("s-file")), 0o700);
     // From the environment.
-    let b = ridge_agent::start(cfg(&e.overrides("s-env")), Some(e.mint(3600, 1).await)).await.unwrap();
+    let b = ridge_agent::start(cfg(&e.overrides("s-env")), Some(e.mint(3600, 1).await))
+        .await
+        .unwrap();
     assert!(b.enrolled_now);
     // From a fake kernel command line.
     let cmdline = e.dir.0.join("cmdline");
-    std::fs::write(&cmdline, format!("BOOT_IMAGE=/vmlinuz ro ridge.token={} quiet\n", e.mint(3600, 1).await)).unwrap();
-    let o_cmd = Overrides { cmdline_path: Some(cmdline), ..e.overrides("s-cmd") };
+    std::fs::write(
+        &cmdline,
+        format!(
+            "BOOT_IMAGE=/vmlinuz ro ridge.token={} quiet\n",
+            e.mint(3600, 1).await
+        ),
+    )
+    .unwrap();
+    let o_cmd = Overrides {
+        cmdline_path: Some(cmdline),
+        ..e.overrides("s-cmd")
+    };
     let c = ridge_agent::start(cfg(&o_cmd), None).await.unwrap();
     assert!(c.enrolled_now);
     let ids = [a.node_id.clone(), b.node_id.clone(), c.node_id.clone()];
@@ -152,7 +181,10 @@ async fn enrollment_from_file_env_and_cmdline_then_restart_reuses_identity() {
     // Restart: the token file is gone and the token was single-use; the
     // stored identity is reused and no second node appears.
     std::fs::remove_file(&tf).unwrap();
-    let o_again = Overrides { token_file: None, ..o_file };
+    let o_again = Overrides {
+        token_file: None,
+        ..o_file
+    };
     let a2 = ridge_agent::start(cfg(&o_again), None).await.unwrap();
     assert!(!a2.enrolled_now);
     assert_eq!(a2.node_id, id_file);
@@ -169,7 +201,10 @@ fn run_bin(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
         .envs(envs.iter().copied())
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,20 +213,34 @@ async fn bad_expired_reused_and_missing_tokens_fail_with_clear_errors() {
     let ca = e.ca.display().to_string();
     let base = |state: &str| -> Vec<String> {
         vec![
-            "--scheduler".into(), e.url.clone(), "--scheduler-ca".into(), ca.clone(),
-            "--state-dir".into(), e.dir.0.join(state).display().to_string(),
-            "--cmdline-path".into(), e.dir.0.join("none").display().to_string(),
-            "--control-socket".into(), String::new(), "--metrics-listen".into(), String::new(),
-            "--probe-listen".into(), "127.0.0.1:0".into(),
+            "--scheduler".into(),
+            e.url.clone(),
+            "--scheduler-ca".into(),
+            ca.clone(),
+            "--state-dir".into(),
+            e.dir.0.join(state).display().to_string(),
+            "--cmdline-path".into(),
+            e.dir.0.join("none").display().to_string(),
+            "--control-socket".into(),
+            String::new(),
+            "--metrics-listen".into(),
+            String::new(),
+            "--probe-listen".into(),
+            "127.0.0.1:0".into(),
         ]
     };
     let used = e.mint(3600, 1).await;
-    let a = ridge_agent::start(cfg(&e.overrides("s-used")), Some(used.clone())).await.unwrap();
+    let a = ridge_agent::start(cfg(&e.overrides("s-used")), Some(used.clone()))
+        .await
+        .unwrap();
     a.shutdown().await;
     let expired = e.mint(1, 1).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let cases = [
-        ("rbt_bt-0000000000000000.nope".to_owned(), "bootstrap_token_invalid"),
+        (
+            "rbt_bt-0000000000000000.nope".to_owned(),
+            "bootstrap_token_invalid",
+        ),
         (expired, "bootstrap_token_expired"),
         (used, "bootstrap_token_exhausted"),
     ];
@@ -204,7 +253,10 @@ async fn bad_expired_reused_and_missing_tokens_fail_with_clear_errors() {
         .await
         .unwrap();
         assert_eq!(status, 77, "{code}: {err}");
-        assert!(err.contains("enrollment refused") && err.contains(code), "{code}: {err}");
+        assert!(
+            err.contains("enrollment refused") && err.contains(code),
+            "{code}: {err}"
+        );
         assert!(!e.dir.0.join(format!("s{i}/identity.json")).exists());
     }
     // No token anywhere.
@@ -222,17 +274,28 @@ async fn bad_expired_reused_and_missing_tokens_fail_with_clear_errors() {
     assert_eq!(status, 64, "{err}");
     assert!(err.contains("scheduler_url"), "{err}");
     let (status, out) = {
-        let o = Command::new(env!("CARGO_BIN_EXE_ridge-agent")).arg("--help").output().unwrap();
-        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+        let o = Command::new(env!("CARGO_BIN_EXE_ridge-agent"))
+            .arg("--help")
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
     };
     assert_eq!(status, 0);
-    assert!(out.contains("--token-file") && out.contains("ridge.token="), "{out}");
+    assert!(
+        out.contains("--token-file") && out.contains("ridge.token="),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_the_node_up_and_it_goes_down_when_the_agent_stops() {
     let e = env("lease").await;
-    let a = ridge_agent::start(cfg(&e.overrides("s")), Some(e.mint(3600, 1).await)).await.unwrap();
+    let a = ridge_agent::start(cfg(&e.overrides("s")), Some(e.mint(3600, 1).await))
+        .await
+        .unwrap();
     let id = a.node_id.clone();
     e.until_state(&id, "up").await;
     // Stays up over many lease periods (3 × 200 ms).
@@ -246,27 +309,53 @@ async fn heartbeats_keep_the_node_up_and_it_goes_down_when_the_agent_stops() {
     let cores = std::thread::available_parallelism().unwrap().get() as u32;
     assert_eq!(detail.capabilities.cores, cores);
     assert!(detail.capabilities.nics.iter().any(|n| n.name == "lo"));
-    assert_eq!(detail.capabilities.io_uring, ridge_io::probe_uring().is_ok());
+    assert_eq!(
+        detail.capabilities.io_uring,
+        ridge_io::probe_uring().is_ok()
+    );
     assert!(detail.capabilities.memory_bytes > 0);
     // Its metrics endpoint serves the registry.
-    let m = reqwest::get(format!("http://{}/metrics", a.metrics_addr.unwrap())).await.unwrap().text().await.unwrap();
-    assert!(m.contains("ridge_agent_heartbeats_total{result=\"ok\"}"), "{m}");
+    let m = reqwest::get(format!("http://{}/metrics", a.metrics_addr.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("ridge_agent_heartbeats_total{result=\"ok\"}"),
+        "{m}"
+    );
     assert!(m.contains("ridge_agent_enrolled 1"), "{m}");
     let stopped = Instant::now();
     a.shutdown().await;
-    assert!(stopped.elapsed() < Duration::from_secs(1), "shutdown took {:?}", stopped.elapsed());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(1),
+        "shutdown took {:?}",
+        stopped.elapsed()
+    );
     e.until_state(&id, "down").await;
-    assert!(stopped.elapsed() >= Duration::from_millis(300), "down too early: {:?}", stopped.elapsed());
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(300),
+        "down too early: {:?}",
+        stopped.elapsed()
+    );
 }
 
 #[test]
 fn capability_discovery_returns_real_values() {
     let c = ridge_agent::discover::discover();
-    assert_eq!(c.cores as usize, std::thread::available_parallelism().unwrap().get());
+    assert_eq!(
+        c.cores as usize,
+        std::thread::available_parallelism().unwrap().get()
+    );
     assert!(c.memory_bytes > 64 << 20, "{}", c.memory_bytes);
     let lo = c.nics.iter().find(|n| n.name == "lo").expect("lo");
     assert!(lo.mtu > 0);
-    assert!(lo.addresses.iter().any(|a| a == "127.0.0.1/8"), "{:?}", lo.addresses);
+    assert!(
+        lo.addresses.iter().any(|a| a == "127.0.0.1/8"),
+        "{:?}",
+        lo.addresses
+    );
     assert_eq!(c.io_uring, ridge_io::probe_uring().is_ok());
     assert!(["none", "generic", "native"].contains(&c.xdp.mode()));
     // Absent libraries are a plain false, never an error.
@@ -281,39 +370,84 @@ async fn link_probes_measure_rtt_and_loss_and_reject_wrong_keys() {
     let (_, mc) = metrics::registry();
     let t = Duration::from_millis(300);
     let lo = "127.0.0.1:0".parse().unwrap();
-    let a = ProbeEngine::bind(lo, "n-000000000000000a", ma.clone(), t).await.unwrap();
-    let b = ProbeEngine::bind(lo, "n-000000000000000b", mb.clone(), t).await.unwrap();
-    let c = ProbeEngine::bind(lo, "n-000000000000000c", mc.clone(), t).await.unwrap();
+    let a = ProbeEngine::bind(lo, "n-000000000000000a", ma.clone(), t)
+        .await
+        .unwrap();
+    let b = ProbeEngine::bind(lo, "n-000000000000000b", mb.clone(), t)
+        .await
+        .unwrap();
+    let c = ProbeEngine::bind(lo, "n-000000000000000c", mc.clone(), t)
+        .await
+        .unwrap();
     let key = vec![0x42u8; 32];
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     a.set_links(vec![
-        PeerLink { peer: "n-000000000000000b".into(), key: key.clone(), target: Some(b.local_addr().unwrap()) },
-        PeerLink { peer: "n-000000000000000d".into(), key: key.clone(), target: Some(dead_addr) },
+        PeerLink {
+            peer: "n-000000000000000b".into(),
+            key: key.clone(),
+            target: Some(b.local_addr().unwrap()),
+        },
+        PeerLink {
+            peer: "n-000000000000000d".into(),
+            key: key.clone(),
+            target: Some(dead_addr),
+        },
     ]);
     b.set_links(vec![
-        PeerLink { peer: "n-000000000000000a".into(), key: key.clone(), target: None },
-        PeerLink { peer: "n-000000000000000c".into(), key: key.clone(), target: None },
+        PeerLink {
+            peer: "n-000000000000000a".into(),
+            key: key.clone(),
+            target: None,
+        },
+        PeerLink {
+            peer: "n-000000000000000c".into(),
+            key: key.clone(),
+            target: None,
+        },
     ]);
     // c believes it has a link to b, with the wrong key.
-    c.set_links(vec![PeerLink { peer: "n-000000000000000b".into(), key: vec![0x43; 32], target: Some(b.local_addr().unwrap()) }]);
+    c.set_links(vec![PeerLink {
+        peer: "n-000000000000000b".into(),
+        key: vec![0x43; 32],
+        target: Some(b.local_addr().unwrap()),
+    }]);
     let mut tasks = Vec::new();
     for e in [&a, &b, &c] {
         tasks.push(tokio::spawn(e.clone().run_receiver()));
-        tasks.push(tokio::spawn(e.clone().run_prober(Duration::from_millis(50))));
+        tasks.push(tokio::spawn(
+            e.clone().run_prober(Duration::from_millis(50)),
+        ));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ms = a.measures();
-    let ab = ms.iter().find(|(p, _)| p == "n-000000000000000b").expect("a→b measured").1;
+    let ab = ms
+        .iter()
+        .find(|(p, _)| p == "n-000000000000000b")
+        .expect("a→b measured")
+        .1;
     assert!(ab.samples >= 10, "{ab:?}");
     assert_eq!(ab.loss, 0.0, "{ab:?}");
     assert!(ab.rtt_ms > 0.0 && ab.rtt_ms < 50.0, "{ab:?}");
-    let ad = ms.iter().find(|(p, _)| p == "n-000000000000000d").expect("a→d measured").1;
+    let ad = ms
+        .iter()
+        .find(|(p, _)| p == "n-000000000000000d")
+        .expect("a→d measured")
+        .1;
     assert_eq!(ad.loss, 1.0, "{ad:?}");
-    let cb = c.measures().into_iter().find(|(p, _)| p == "n-000000000000000b").expect("c→b").1;
+    let cb = c
+        .measures()
+        .into_iter()
+        .find(|(p, _)| p == "n-000000000000000b")
+        .expect("c→b")
+        .1;
     assert_eq!(cb.loss, 1.0, "{cb:?}");
-    assert!(mb.probe_rejected_count("bad_mac") >= 5, "b rejected {}", mb.probe_rejected_count("bad_mac"));
+    assert!(
+        mb.probe_rejected_count("bad_mac") >= 5,
+        "b rejected {}",
+        mb.probe_rejected_count("bad_mac")
+    );
     assert_eq!(ma.probe_rejected_count("bad_mac"), 0);
     for t in tasks {
         t.abort();
@@ -328,7 +462,9 @@ async fn desired_state_reaches_the_dataplane_and_drain_refuses_new_sessions() {
         http: Some("127.0.0.1:0".parse().unwrap()),
         udp: Some("127.0.0.1:0".parse().unwrap()),
         shards: Some(1),
-        jwt_secret: Some(ridge_dataplane::config::Secret::new("local-secret-0123456789")),
+        jwt_secret: Some(ridge_dataplane::config::Secret::new(
+            "local-secret-0123456789",
+        )),
         drain_timeout: Some(Duration::from_secs(1)),
         control_socket: Some(sock.clone()),
         ..Default::default()
@@ -337,25 +473,42 @@ async fn desired_state_reaches_the_dataplane_and_drain_refuses_new_sessions() {
     let node = ridge_dataplane::Node::start(dp_cfg).await.unwrap();
     assert_eq!(mode(&sock), 0o600);
     let http = node.base_url();
-    let o = Overrides { control_socket: Some(sock.clone()), media_address: None, ..e.overrides("s") };
-    let a = ridge_agent::start(cfg(&o), Some(e.mint(3600, 1).await)).await.unwrap();
+    let o = Overrides {
+        control_socket: Some(sock.clone()),
+        media_address: None,
+        ..e.overrides("s")
+    };
+    let a = ridge_agent::start(cfg(&o), Some(e.mint(3600, 1).await))
+        .await
+        .unwrap();
     let id = a.node_id.clone();
     e.until_state(&id, "up").await;
     let cc = ControlClient::new(&sock);
     let sched_version = || e.sched.scheduler.desired_json(&id).map_or(0, |(v, _)| v);
-    let held = |cc: ControlClient| async move { cc.held().await.unwrap().map(|h| (h.version, h.drain)) };
+    let held =
+        |cc: ControlClient| async move { cc.held().await.unwrap().map(|h| (h.version, h.drain)) };
     let t = Instant::now();
     while held(cc.clone()).await.map(|h| h.0) != Some(sched_version()) || sched_version() == 0 {
-        assert!(t.elapsed() < LIMIT, "desired state never reached the dataplane");
+        assert!(
+            t.elapsed() < LIMIT,
+            "desired state never reached the dataplane"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let v1 = sched_version();
     // The agent reported the dataplane's media address.
     let detail = e.sched.scheduler.node_detail(&id).await.unwrap();
-    assert_eq!(detail.summary.addresses.media, Some(node.udp_addr().to_string()));
+    assert_eq!(
+        detail.summary.addresses.media,
+        Some(node.udp_addr().to_string())
+    );
     // The dataplane now verifies tokens with the scheduler's key: a token
     // from dispatch is accepted (a malformed offer gets 400, not 401).
-    let d = e.sched.scheduler.dispatch("r", None, true, true, None, None).unwrap();
+    let d = e
+        .sched
+        .scheduler
+        .dispatch("r", None, true, true, None, None)
+        .unwrap();
     let whip = |tok: String| {
         let url = format!("{http}/whip/r");
         async move {
@@ -374,11 +527,23 @@ async fn desired_state_reaches_the_dataplane_and_drain_refuses_new_sessions() {
     assert_eq!(whip(d.token.clone()).await, 400);
     let local = ridge_dataplane::auth::mint(
         &ridge_dataplane::config::Secret::new("local-secret-0123456789"),
-        "r", "x", true, true, false, Duration::from_secs(60),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+        "r",
+        "x",
+        true,
+        true,
+        false,
+        Duration::from_secs(60),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
     )
     .unwrap();
-    assert_eq!(whip(local).await, 401, "the old key must be refused after rotation");
+    assert_eq!(
+        whip(local).await,
+        401,
+        "the old key must be refused after rotation"
+    );
 
     // Drain through the scheduler: a new version reaches the node, which
     // refuses new sessions.
@@ -403,7 +568,9 @@ async fn desired_state_reaches_the_dataplane_and_drain_refuses_new_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_identity_fails_clearly() {
     let e = env("tamper").await;
-    let a = ridge_agent::start(cfg(&e.overrides("s")), Some(e.mint(3600, 1).await)).await.unwrap();
+    let a = ridge_agent::start(cfg(&e.overrides("s")), Some(e.mint(3600, 1).await))
+        .await
+        .unwrap();
     a.shutdown().await;
     let path = e.dir.0.join("s/identity.json");
     let original = std::fs::read_to_string(&path).unwrap();
@@ -415,16 +582,25 @@ async fn tampered_identity_fails_clearly() {
     let flipped: String = sig.chars().rev().collect();
     v["node_token"] = format!("{head}.{flipped}").into();
     std::fs::write(&path, v.to_string()).unwrap();
-    let mut a = ridge_agent::start(cfg(&e.overrides("s")), None).await.unwrap();
-    let msg = tokio::time::timeout(LIMIT, a.failed()).await.expect("agent must fail");
-    assert!(msg.contains("invalid_credential") && msg.contains("identity.json"), "{msg}");
+    let mut a = ridge_agent::start(cfg(&e.overrides("s")), None)
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(LIMIT, a.failed())
+        .await
+        .expect("agent must fail");
+    assert!(
+        msg.contains("invalid_credential") && msg.contains("identity.json"),
+        "{msg}"
+    );
     a.shutdown().await;
 
     // A swapped public key: caught locally before any call.
     let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
     v["public_key"] = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into();
     std::fs::write(&path, v.to_string()).unwrap();
-    let err = ridge_agent::start(cfg(&e.overrides("s")), None).await.unwrap_err();
+    let err = ridge_agent::start(cfg(&e.overrides("s")), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.exit_code(), 77);
     assert!(err.to_string().contains("tampered"), "{err}");
 }

@@ -152,7 +152,9 @@ impl DesiredState {
         }
         for r in &self.routes {
             if r.room.is_empty() || r.room.len() > 128 || r.room.chars().any(char::is_control) {
-                return Err("routes[].room must be 1 to 128 bytes without control characters".into());
+                return Err(
+                    "routes[].room must be 1 to 128 bytes without control characters".into(),
+                );
             }
             check_node_id("routes[].source", &r.source)?;
             for hop in r.upstream.iter().chain(&r.downstream) {
@@ -290,8 +292,7 @@ impl ControlSocket {
             source,
         };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         Ok(Self {
             path: path.to_owned(),
             listener,
@@ -480,7 +481,11 @@ async fn put_desired(
     let json_ct = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/json"));
+        .is_some_and(|v| {
+            v.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
     if !json_ct {
         count("invalid");
         return error(
@@ -511,7 +516,10 @@ async fn put_desired(
                 return error(
                     StatusCode::CONFLICT,
                     "stale_version",
-                    format!("version {} is older than the held version {held}", doc.version),
+                    format!(
+                        "version {} is older than the held version {held}",
+                        doc.version
+                    ),
                 );
             }
             Some(cur) if doc.version == cur.version && *cur != doc => {
@@ -534,7 +542,10 @@ async fn put_desired(
             _ => slot.replace(doc.clone()),
         }
     };
-    state.control_metrics.desired_version.set(doc.version as i64);
+    state
+        .control_metrics
+        .desired_version
+        .set(doc.version as i64);
     if doc.drain && !state.draining.swap(true, Ordering::Relaxed) {
         tracing::info!(version = doc.version, "desired state: draining");
         state.metrics.draining.set(1);
@@ -622,13 +633,20 @@ mod tests {
 
     #[test]
     fn invalid_documents_name_the_field() {
-        let cases: Vec<(fn(&mut DesiredState), &str)> = vec![
+        type Mutation = fn(&mut DesiredState);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|d| d.version = 0, "version"),
-            (|d| d.dataplane_secret = Some("short".into()), "dataplane_secret"),
+            (
+                |d| d.dataplane_secret = Some("short".into()),
+                "dataplane_secret",
+            ),
             (|d| d.links[0].key = "xyz".into(), "key"),
             (|d| d.links[0].peer = "bad id!".into(), "links[].peer"),
             (|d| d.links.push(d.links[0].clone()), "twice"),
-            (|d| d.routes[0].downstream.push("n-0000000000000009".into()), "no entry in links"),
+            (
+                |d| d.routes[0].downstream.push("n-0000000000000009".into()),
+                "no entry in links",
+            ),
             (|d| d.routes[0].room = String::new(), "room"),
         ];
         for (mutate, needle) in cases {

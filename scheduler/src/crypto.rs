@@ -138,7 +138,7 @@ fn p256_point_valid(key: &[u8]) -> bool {
         return false;
     };
     let peer = agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, key);
-    agreement::agree_ephemeral(mine, &peer, (), |_| Ok(())).is_ok()
+    agreement::agree_ephemeral(mine, peer, (), |_| Ok(())).is_ok()
 }
 
 /// The per-link key both ends of a mesh link get: HMAC-SHA256 over the

@@ -53,7 +53,7 @@ pub fn registry() -> (Registry, Metrics) {
         leader: Gauge::default(),
         route_computations: Counter::default(),
         route_computation_seconds: Histogram::new(
-            [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0].into_iter(),
+            [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
         ),
         desired_updates: Counter::default(),
         watchers: Gauge::default(),

@@ -2,11 +2,7 @@
 //! loaded (dlopen through libloading). No symbol is ever called.
 
 /// The libraries the agent may probe; nothing else is ever loaded.
-pub const KNOWN_LIBRARIES: &[&str] = &[
-    "libnvidia-encode.so.1",
-    "libnvcuvid.so.1",
-    "libva.so.2",
-];
+pub const KNOWN_LIBRARIES: &[&str] = &["libnvidia-encode.so.1", "libnvcuvid.so.1", "libva.so.2"];
 
 /// Whether the dynamic loader finds and loads `name` (one of
 /// [`KNOWN_LIBRARIES`]). A missing library is a normal `false`.

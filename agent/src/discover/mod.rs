@@ -3,7 +3,10 @@
 //! io_uring (`ridge_io::probe_uring`), XDP prerequisites, and hardware codec
 //! libraries. Parsers take text, so they are tested without the machine.
 
-#[allow(unsafe_code, reason = "dlopen of codec libraries; the only unsafe in the crate")]
+#[allow(
+    unsafe_code,
+    reason = "dlopen of codec libraries; the only unsafe in the crate"
+)]
 mod ffi;
 
 use std::collections::BTreeMap;
@@ -77,8 +80,24 @@ pub struct Capabilities {
 
 /// Drivers that implement XDP in the driver (native mode).
 const NATIVE_XDP_DRIVERS: &[&str] = &[
-    "mlx4_core", "mlx5_core", "i40e", "ice", "ixgbe", "ixgbevf", "igb", "igc", "bnxt_en",
-    "nfp", "qede", "ena", "virtio_net", "veth", "tun", "sfc", "thunder", "stmmac",
+    "mlx4_core",
+    "mlx5_core",
+    "i40e",
+    "ice",
+    "ixgbe",
+    "ixgbevf",
+    "igb",
+    "igc",
+    "bnxt_en",
+    "nfp",
+    "qede",
+    "ena",
+    "virtio_net",
+    "veth",
+    "tun",
+    "sfc",
+    "thunder",
+    "stmmac",
 ];
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -107,8 +126,7 @@ pub fn discover() -> Capabilities {
             && (has_cap(cap_eff, CAP_BPF) || has_cap(cap_eff, CAP_SYS_ADMIN)),
         native_driver: nics.iter().any(|n| {
             n.name != "lo"
-                && n
-                    .driver
+                && n.driver
                     .as_deref()
                     .is_some_and(|d| NATIVE_XDP_DRIVERS.contains(&d))
         }),
@@ -301,7 +319,8 @@ mod tests {
 
     #[test]
     fn parses_meminfo() {
-        let m = meminfo("MemTotal:       16000 kB\nMemFree: 1 kB\nMemAvailable:    4000 kB\n").unwrap();
+        let m =
+            meminfo("MemTotal:       16000 kB\nMemFree: 1 kB\nMemAvailable:    4000 kB\n").unwrap();
         assert_eq!(m.total, 16000 * 1024);
         assert_eq!(m.available, 4000 * 1024);
         assert!((m.used() - 0.75).abs() < 1e-9);

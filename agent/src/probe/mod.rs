@@ -175,9 +175,15 @@ impl ProbeEngine {
         }
         for (peer, m) in self.measures() {
             let l = PeerLabels { peer };
-            self.metrics.probe_rtt.get_or_create(&l).set(m.rtt_ms / 1000.0);
+            self.metrics
+                .probe_rtt
+                .get_or_create(&l)
+                .set(m.rtt_ms / 1000.0);
             self.metrics.probe_loss.get_or_create(&l).set(m.loss);
-            self.metrics.probe_jitter.get_or_create(&l).set(m.jitter_ms / 1000.0);
+            self.metrics
+                .probe_jitter
+                .get_or_create(&l)
+                .set(m.jitter_ms / 1000.0);
         }
     }
 

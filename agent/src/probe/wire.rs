@@ -81,7 +81,11 @@ pub fn encode(p: &Probe, key: &[u8]) -> Vec<u8> {
 /// Parses a datagram without checking its MAC (the key depends on the
 /// sender's node id inside it); then call [`verify`].
 pub fn decode(buf: &[u8]) -> Result<Probe, ProbeError> {
-    if buf.len() < HEADER_LEN + MAC_LEN || buf.len() > MAX_LEN || &buf[..4] != MAGIC || buf[4] != VERSION {
+    if buf.len() < HEADER_LEN + MAC_LEN
+        || buf.len() > MAX_LEN
+        || &buf[..4] != MAGIC
+        || buf[4] != VERSION
+    {
         return Err(ProbeError::Malformed);
     }
     let kind = match buf[5] {
