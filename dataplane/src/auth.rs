@@ -8,7 +8,7 @@
 //! Error messages never contain the token or the secret.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
@@ -101,7 +101,9 @@ impl Grant {
 /// Verifies access tokens. Cheap to clone. `Debug` never shows the key.
 #[derive(Clone)]
 pub struct Authenticator {
-    mode: Mode,
+    /// Shared by every clone, so that a key rotated through the control API
+    /// ([`Authenticator::rotate`]) is seen by every handler at once.
+    mode: Arc<RwLock<Mode>>,
 }
 
 #[derive(Clone)]
@@ -121,7 +123,7 @@ struct Verifier {
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mode = match self.mode {
+        let mode = match *self.mode() {
             Mode::Verify(_) => "hs256",
             Mode::Disabled => "disabled (dev_no_auth)",
             Mode::NoSecret => "no secret (rejects all)",
@@ -154,7 +156,30 @@ impl Authenticator {
             }
             (false, None) => Mode::NoSecret,
         };
-        Self { mode }
+        Self {
+            mode: Arc::new(RwLock::new(mode)),
+        }
+    }
+
+    fn mode(&self) -> std::sync::RwLockReadGuard<'_, Mode> {
+        // A poisoned lock only means a writer panicked between two plain
+        // assignments; the value is still whole.
+        self.mode.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the HS256 key (the scheduler's `dataplane_secret`, applied
+    /// through the control API). Tokens signed with the previous key are
+    /// refused from now on. With `dev_no_auth` nothing changes and this
+    /// returns `false`.
+    pub fn rotate(&self, secret: &Secret) -> bool {
+        let mut mode = self.mode.write().unwrap_or_else(|e| e.into_inner());
+        if matches!(*mode, Mode::Disabled) {
+            return false;
+        }
+        let fresh = Self::new(Some(secret), false);
+        let fresh = fresh.mode().clone();
+        *mode = fresh;
+        true
     }
 
     /// From a validated configuration.
@@ -164,7 +189,7 @@ impl Authenticator {
 
     /// Whether authentication is disabled (`dev_no_auth`).
     pub fn disabled(&self) -> bool {
-        matches!(self.mode, Mode::Disabled)
+        matches!(*self.mode(), Mode::Disabled)
     }
 
     /// Extracts the token from `Authorization: Bearer ...` or, failing that,
@@ -188,14 +213,14 @@ impl Authenticator {
 
     /// Verifies a token (HS256 only) and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        let verifier = match &self.mode {
+        let verifier = match &*self.mode() {
             Mode::Disabled => return Ok(Claims::dev()),
             Mode::NoSecret => {
                 return Err(AuthError::Invalid(
                     "this node has no token secret configured".to_owned(),
                 ));
             }
-            Mode::Verify(v) => v,
+            Mode::Verify(v) => v.clone(),
         };
         let token = token.trim();
         if token.is_empty() {

@@ -97,6 +97,10 @@ pub struct RunArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "ridge_dataplane=debug,info" [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    /// Unix socket of the local control API for ridge-agent (mode 0600); "" disables it
+    /// [default: /run/ridge/dataplane.sock as root, else $XDG_RUNTIME_DIR/ridge/dataplane.sock, else none]
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -118,6 +122,7 @@ impl RunArgs {
             pin_cores: self.no_pin_cores.then_some(false),
             io_backend: self.io_backend,
             log: self.log.clone(),
+            control_socket: self.control_socket.clone(),
         }
     }
 

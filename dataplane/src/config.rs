@@ -125,6 +125,8 @@ pub struct FileConfig {
     pub io_backend: Option<IoBackend>,
     /// tracing `EnvFilter` directive.
     pub log: Option<String>,
+    /// Unix socket of the local control API (`""`: none).
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Which datagram I/O backend the shards use.
@@ -170,6 +172,8 @@ pub struct Overrides {
     pub pin_cores: Option<bool>,
     pub io_backend: Option<IoBackend>,
     pub log: Option<String>,
+    /// An empty path disables the control socket.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// TLS certificate chain and private key files (both PEM).
@@ -209,6 +213,29 @@ pub struct Config {
     pub io_backend: IoBackend,
     /// tracing `EnvFilter` directive.
     pub log: String,
+    /// The local control API's Unix socket (`None`: no control API).
+    pub control_socket: Option<PathBuf>,
+    /// `control_socket` is the built-in default rather than configured: if
+    /// another live node holds it, this node runs without a control API
+    /// (and says so) instead of failing.
+    pub control_socket_is_default: bool,
+}
+
+/// The control socket used when none is configured:
+/// `/run/ridge/dataplane.sock` for root, `$XDG_RUNTIME_DIR/ridge/dataplane.sock`
+/// for other users, none when neither applies.
+pub fn default_control_socket(euid: Option<u32>, xdg_runtime_dir: Option<&str>) -> Option<PathBuf> {
+    match (euid, xdg_runtime_dir) {
+        (Some(0), _) => Some(PathBuf::from("/run/ridge/dataplane.sock")),
+        (_, Some(dir)) if !dir.is_empty() => Some(Path::new(dir).join("ridge/dataplane.sock")),
+        _ => None,
+    }
+}
+
+fn process_euid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective uid.
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
 impl Config {
@@ -463,6 +490,41 @@ pub fn build(
     };
     let pin_cores = overrides.pin_cores.or(file.pin_cores).unwrap_or(true);
     let io_backend = overrides.io_backend.or(file.io_backend).unwrap_or_default();
+    let configured_socket = overrides
+        .control_socket
+        .clone()
+        .or(file.control_socket.clone());
+    let control_socket_is_default = configured_socket.is_none();
+    let control_socket = match configured_socket {
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(p),
+        None => default_control_socket(
+            process_euid(),
+            std::env::var("XDG_RUNTIME_DIR").ok().as_deref(),
+        ),
+    };
+    if let Some(p) = &control_socket {
+        if p.is_relative() {
+            return Err(invalid(
+                "control_socket",
+                format!(
+                    "{} is relative: give an absolute path (--control-socket), or \"\" to \
+                     disable the control API",
+                    p.display()
+                ),
+            ));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if p.as_os_str().len() > 107 {
+            return Err(invalid(
+                "control_socket",
+                format!(
+                    "{} is longer than the 107 bytes a Unix socket path may have",
+                    p.display()
+                ),
+            ));
+        }
+    }
 
     // Secret.
     let jwt_secret = pick_secret(overrides.jwt_secret.as_ref(), env_secret, file.jwt_secret);
@@ -643,6 +705,8 @@ pub fn build(
         pin_cores,
         io_backend,
         log,
+        control_socket,
+        control_socket_is_default,
     })
 }
 
@@ -1104,6 +1168,41 @@ mod tests {
         assert_eq!(field, "pli_interval");
         assert_eq!(ok("pli_interval = \"50ms\"").pli_interval, MIN_PLI_INTERVAL);
         assert_eq!(ok("pli_interval = \"10s\"").pli_interval, MAX_PLI_INTERVAL);
+    }
+
+    #[test]
+    fn control_socket_rules() {
+        assert_eq!(
+            default_control_socket(Some(0), Some("/run/user/0")),
+            Some(PathBuf::from("/run/ridge/dataplane.sock"))
+        );
+        assert_eq!(
+            default_control_socket(Some(1000), Some("/run/user/1000")),
+            Some(PathBuf::from("/run/user/1000/ridge/dataplane.sock"))
+        );
+        assert_eq!(default_control_socket(Some(1000), None), None);
+        assert_eq!(default_control_socket(Some(1000), Some("")), None);
+
+        let c = ok("control_socket = \"/tmp/x/dp.sock\"");
+        assert_eq!(c.control_socket, Some(PathBuf::from("/tmp/x/dp.sock")));
+        assert!(!c.control_socket_is_default);
+        let c = ok("control_socket = \"\"");
+        assert_eq!(c.control_socket, None);
+        let o = Overrides {
+            control_socket: Some(PathBuf::from("/tmp/flag.sock")),
+            ..Overrides::default()
+        };
+        let c = from_toml_str("control_socket = \"/tmp/file.sock\"", &o, env()).unwrap();
+        assert_eq!(c.control_socket, Some(PathBuf::from("/tmp/flag.sock")));
+        assert!(ok("").control_socket_is_default);
+
+        let (field, msg) = err("control_socket = \"run/dp.sock\"", &Overrides::default());
+        assert_eq!(field, "control_socket");
+        assert!(msg.contains("absolute"), "{msg}");
+        let long = format!("control_socket = \"/{}\"", "a".repeat(120));
+        let (field, msg) = err(&long, &Overrides::default());
+        assert_eq!(field, "control_socket");
+        assert!(msg.contains("107"), "{msg}");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! bounded drain on shutdown. Used by `main` and by in-process tests.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum_server::Handle;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::control::{ControlError, ControlMetrics, ControlSocket, ControlState};
 use crate::http::{AppState, router};
 use crate::media::{self, MediaHandle};
 use crate::ws::{RoomHub, run_hub};
@@ -32,6 +34,8 @@ pub enum NodeError {
     Media(#[from] crate::media::MediaError),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// A running node.
@@ -39,6 +43,7 @@ pub enum NodeError {
 pub struct Node {
     http_addr: SocketAddr,
     udp_addr: SocketAddr,
+    control_socket: Option<PathBuf>,
     tls: bool,
     media: MediaHandle,
     shutdown: watch::Sender<bool>,
@@ -50,7 +55,8 @@ impl Node {
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         // Media first: its sockets are what a second node on this host
         // would collide on, and the error should name them.
-        let (registry, metrics) = crate::metrics::registry();
+        let (mut registry, metrics) = crate::metrics::registry();
+        let control_metrics = ControlMetrics::register(&mut registry);
         let mut sfu = SfuConfig::new(config.udp);
         sfu.candidates = config
             .public_ip
@@ -93,6 +99,25 @@ impl Node {
             None => None,
         };
 
+        // The control socket binds with the other listeners, before anything
+        // serves, so that a second node on the same path fails here.
+        let control = match &config.control_socket {
+            Some(path) => match ControlSocket::bind(path) {
+                Ok(c) => Some(c),
+                Err(ControlError::InUse { .. }) if config.control_socket_is_default => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "the default control socket is held by another running node; \
+                         this node runs without a control API (set control_socket)"
+                    );
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        let control_socket = control.as_ref().map(|c| c.path().to_owned());
+
         let hub = Arc::new(RoomHub::default());
         let hub_task = tokio::spawn(run_hub(hub.clone(), media.clone()));
         let draining = Arc::new(AtomicBool::new(false));
@@ -104,6 +129,23 @@ impl Node {
             draining: draining.clone(),
             hub: hub.clone(),
         };
+        let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let control_task = control.map(|control| {
+            let state = ControlState {
+                media: media.clone(),
+                auth: state.auth.clone(),
+                metrics: metrics.clone(),
+                control_metrics,
+                draining: draining.clone(),
+                hub: hub.clone(),
+                desired: Arc::new(Mutex::new(None)),
+                max_sessions: config.max_sessions,
+            };
+            let mut stop = shutdown.subscribe();
+            tokio::spawn(control.serve(state, async move {
+                let _ = stop.wait_for(|v| *v).await;
+            }))
+        });
         let app = router(state).into_make_service();
         let handle: Handle<SocketAddr> = Handle::new();
         let server = {
@@ -131,7 +173,6 @@ impl Node {
             })
         };
 
-        let (shutdown, mut shutdown_rx) = watch::channel(false);
         let drain_timeout = config.drain_timeout;
         let media2 = media.clone();
         let done = tokio::spawn(async move {
@@ -157,6 +198,10 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             media2.close_all().await;
+            if let Some(t) = control_task {
+                // It stopped accepting when the drain began; let it finish.
+                let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+            }
             handle.graceful_shutdown(Some(Duration::from_secs(1)));
             hub_task.abort();
             let r = match server.await {
@@ -184,6 +229,7 @@ impl Node {
         Ok(Node {
             http_addr,
             udp_addr,
+            control_socket,
             tls: config.tls.is_some(),
             media,
             shutdown,
@@ -197,6 +243,11 @@ impl Node {
 
     pub fn udp_addr(&self) -> SocketAddr {
         self.udp_addr
+    }
+
+    /// The control API's socket, when this node serves one.
+    pub fn control_socket(&self) -> Option<&std::path::Path> {
+        self.control_socket.as_deref()
     }
 
     /// The base URL of the HTTP API, e.g. `http://127.0.0.1:8080`.

@@ -59,6 +59,22 @@ pub struct Nic {
     pub name: String,
     #[serde(default)]
     pub speed_mbps: u64,
+    /// `aa:bb:cc:dd:ee:ff`; empty when the interface has none (e.g. `lo`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub mtu: u32,
+    /// `ADDR/PREFIX`, IPv4 and IPv6.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A GPU.
@@ -78,6 +94,9 @@ pub struct Gpu {
 pub struct Capabilities {
     #[serde(default)]
     pub cores: u32,
+    /// Total memory (MemTotal of /proc/meminfo).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub memory_bytes: u64,
     #[serde(default)]
     pub nics: Vec<Nic>,
     #[serde(default)]
@@ -98,6 +117,9 @@ pub struct Capabilities {
 pub struct Load {
     #[serde(default)]
     pub cpu: f64,
+    /// 0.0 – 1.0: used memory (1 − MemAvailable/MemTotal).
+    #[serde(default)]
+    pub memory: f64,
     #[serde(default)]
     pub pps: u64,
     #[serde(default)]
@@ -152,6 +174,9 @@ impl Heartbeat {
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.load.cpu) {
             return Err("load.cpu must be between 0 and 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.load.memory) {
+            return Err("load.memory must be between 0 and 1".into());
         }
         for (name, a) in [
             ("media", &self.addresses.media),
