@@ -449,6 +449,7 @@ async fn agents_mode(
                         pps: rng.random_range(0..200_000),
                         sessions: rng.random_range(0..500),
                         bandwidth_bps: 0,
+                        memory: rng.random_range(0.1..0.9),
                     },
                     links: peers
                         .iter()
