@@ -291,7 +291,16 @@ impl ControlSocket {
             path: path.to_owned(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let listener = match UnixListener::bind(path) {
+            Ok(l) => l,
+            // Another node bound it between our check and our bind.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(ControlError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => return Err(bind_err(e)),
+        };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         Ok(Self {
             path: path.to_owned(),
