@@ -189,7 +189,15 @@ async fn enrollment_from_file_env_and_cmdline_then_restart_reuses_identity() {
     assert!(!a2.enrolled_now);
     assert_eq!(a2.node_id, id_file);
     e.until_state(&id_file, "up").await;
-    // Three enrollments, three nodes: the restart added none.
+    // Three enrollments, three nodes: the restart added none. The
+    // scheduler's registry view is refreshed from the database every tick,
+    // so give it a few ticks to show the last enrollments, then check that
+    // it settles at three.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while e.sched.scheduler.list_nodes().len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(e.sched.scheduler.list_nodes().len(), 3);
     a2.shutdown().await;
 }

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,19 +19,9 @@ use ridge_scheduler::crypto::enroll_message;
 pub const ADMIN: &str = "admin-token-0123456789abcdef";
 pub const DISPATCH: &str = "dispatch-token-0123456789abcdef";
 
-/// Like tests/src/skip.rs: skip with a `SKIP` line, or panic under
-/// `RIDGE_REQUIRE_ALL=1`.
-#[allow(clippy::result_unit_err, reason = "callers only test is_err()")]
-pub fn require(test: &str, check: Result<(), String>) -> Result<(), ()> {
-    let Err(why) = check else {
-        return Ok(());
-    };
-    if std::env::var("RIDGE_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-        panic!("required test prerequisite missing: {why}");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
-    Err(())
-}
+/// Skip with a `SKIP` line, or panic under `RIDGE_REQUIRE_ALL=1`.
+#[allow(unused_imports, reason = "not every test binary checks prerequisites")]
+pub use ridge_tests::skip::require;
 
 /// A temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
