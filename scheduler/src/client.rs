@@ -94,14 +94,23 @@ impl Client {
         body: Option<&B>,
     ) -> Result<Reply, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
-        if let Some(b) = bearer {
-            req = req.bearer_auth(b);
+        let build = || {
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(b) = bearer {
+                req = req.bearer_auth(b);
+            }
+            if let Some(body) = body {
+                req = req.json(body);
+            }
+            req
+        };
+        let resp = match build().send().await {
+            // A pooled connection the server had already closed: the request
+            // never reached it, so send it again on a fresh connection.
+            Err(e) if closed_before_response(&e) => build().send().await,
+            r => r,
         }
-        if let Some(body) = body {
-            req = req.json(body);
-        }
-        let resp = req.send().await.map_err(|source| ClientError::Http {
+        .map_err(|source| ClientError::Http {
             url: url.clone(),
             source,
         })?;
@@ -167,4 +176,27 @@ impl Client {
     ) -> Result<Reply, ClientError> {
         self.call(Method::POST, path, bearer, Some(body)).await
     }
+}
+
+/// Whether a request failed because its (reused) connection was closed
+/// before any response arrived: hyper's "incomplete message" or a reset
+/// while writing, as opposed to a timeout, a TLS or a DNS failure.
+fn closed_before_response(e: &reqwest::Error) -> bool {
+    if !e.is_request() || e.is_timeout() || e.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled();
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
+    }
+    false
 }
