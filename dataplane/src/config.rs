@@ -872,6 +872,32 @@ mod tests {
     }
 
     #[test]
+    fn shard_ports_per_shard_by_default_or_shared() {
+        assert_eq!(ok("").shard_ports, ShardPorts::PerShard);
+        assert_eq!(
+            ok(r#"shard_ports = "per-shard""#).shard_ports,
+            ShardPorts::PerShard
+        );
+        let c = ok("shard_ports = \"shared\"\nshards = 4\nudp = \"127.0.0.1:65535\"");
+        assert_eq!(c.shard_ports, ShardPorts::Shared);
+        assert_eq!(c.shard_ports.as_str(), "shared");
+        // Per-shard, the same would run past port 65535.
+        let (field, msg) = err(
+            "shards = 4\nudp = \"127.0.0.1:65535\"",
+            &Overrides::default(),
+        );
+        assert_eq!(field, "shards", "{msg}");
+        // The flag wins over the file.
+        let over = Overrides {
+            shard_ports: Some(ShardPorts::PerShard),
+            ..Overrides::default()
+        };
+        let c = from_toml_str(r#"shard_ports = "shared""#, &over, env()).unwrap();
+        assert_eq!(c.shard_ports, ShardPorts::PerShard);
+        assert!(from_toml_str(r#"shard_ports = "one""#, &Overrides::default(), env()).is_err());
+    }
+
+    #[test]
     fn load_without_file_uses_defaults() {
         let c = load(None, &Overrides::default(), env()).unwrap();
         assert_eq!(c.http, DEFAULT_HTTP);
