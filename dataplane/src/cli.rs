@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Datagram I/O backend [default: auto]
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub io_backend: Option<crate::config::IoBackend>,
+    /// Shard sockets: "per-shard" (port udp+i each) or "shared" (all on the udp port,
+    /// steered to their shard by a BPF program; needs root) [default: per-shard]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub shard_ports: Option<crate::config::ShardPorts>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "ridge_dataplane=debug,info" [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
@@ -121,6 +125,7 @@ impl RunArgs {
             shards: self.shards,
             pin_cores: self.no_pin_cores.then_some(false),
             io_backend: self.io_backend,
+            shard_ports: self.shard_ports,
             log: self.log.clone(),
             control_socket: self.control_socket.clone(),
         }

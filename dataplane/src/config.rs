@@ -123,6 +123,9 @@ pub struct FileConfig {
     pub pin_cores: Option<bool>,
     /// Datagram I/O: "auto", "uring" or "mmsg".
     pub io_backend: Option<IoBackend>,
+    /// "per-shard" (shard `i` on udp port + `i`) or "shared" (one port,
+    /// steered by BPF; needs root).
+    pub shard_ports: Option<ShardPorts>,
     /// tracing `EnvFilter` directive.
     pub log: Option<String>,
     /// Unix socket of the local control API (`""`: none).
@@ -152,6 +155,29 @@ impl IoBackend {
     }
 }
 
+/// How the shards' media sockets are addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShardPorts {
+    /// Shard `i` binds the udp port + `i` and advertises it: no kernel
+    /// support needed.
+    #[default]
+    PerShard,
+    /// Every shard binds the udp port itself (SO_REUSEPORT) and the
+    /// `ridge_steer` BPF program sends each datagram to the owning shard;
+    /// needs root (CAP_BPF and CAP_NET_ADMIN).
+    Shared,
+}
+
+impl ShardPorts {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardPorts::PerShard => "per-shard",
+            ShardPorts::Shared => "shared",
+        }
+    }
+}
+
 /// Values given on the command line; they take precedence over everything else.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -171,6 +197,7 @@ pub struct Overrides {
     pub shards: Option<usize>,
     pub pin_cores: Option<bool>,
     pub io_backend: Option<IoBackend>,
+    pub shard_ports: Option<ShardPorts>,
     pub log: Option<String>,
     /// An empty path disables the control socket.
     pub control_socket: Option<PathBuf>,
@@ -206,11 +233,14 @@ pub struct Config {
     pub max_sessions: usize,
     /// Minimum interval between keyframe requests (50 ms ..= 10 s).
     pub pli_interval: Duration,
-    /// Media shards (1 ..= 64). Shard `i` listens on `udp` port + `i`.
+    /// Media shards (1 ..= 64). Shard `i` listens on `udp` port + `i`, or
+    /// every shard on `udp` itself with [`ShardPorts::Shared`].
     pub shards: usize,
     /// Pin shard `i` to core `i` (modulo the cores this process may use).
     pub pin_cores: bool,
     pub io_backend: IoBackend,
+    /// Per-shard ports, or one port steered by BPF.
+    pub shard_ports: ShardPorts,
     /// tracing `EnvFilter` directive.
     pub log: String,
     /// The local control API's Unix socket (`None`: no control API).
@@ -490,6 +520,10 @@ pub fn build(
     };
     let pin_cores = overrides.pin_cores.or(file.pin_cores).unwrap_or(true);
     let io_backend = overrides.io_backend.or(file.io_backend).unwrap_or_default();
+    let shard_ports = overrides
+        .shard_ports
+        .or(file.shard_ports)
+        .unwrap_or_default();
     let configured_socket = overrides
         .control_socket
         .clone()
@@ -652,7 +686,10 @@ pub fn build(
             format!("{shards} is too many: at most {MAX_SHARDS} (--shards; 0 = one per core)"),
         ));
     }
-    if udp.port() != 0 && usize::from(udp.port()) + shards - 1 > usize::from(u16::MAX) {
+    if shard_ports == ShardPorts::PerShard
+        && udp.port() != 0
+        && usize::from(udp.port()) + shards - 1 > usize::from(u16::MAX)
+    {
         return Err(invalid(
             "shards",
             format!(
@@ -704,6 +741,7 @@ pub fn build(
         shards,
         pin_cores,
         io_backend,
+        shard_ports,
         log,
         control_socket,
         control_socket_is_default,
@@ -831,6 +869,32 @@ mod tests {
         assert_eq!(c.pli_interval, Duration::from_millis(500));
         assert_eq!(c.log, "info");
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn shard_ports_per_shard_by_default_or_shared() {
+        assert_eq!(ok("").shard_ports, ShardPorts::PerShard);
+        assert_eq!(
+            ok(r#"shard_ports = "per-shard""#).shard_ports,
+            ShardPorts::PerShard
+        );
+        let c = ok("shard_ports = \"shared\"\nshards = 4\nudp = \"127.0.0.1:65535\"");
+        assert_eq!(c.shard_ports, ShardPorts::Shared);
+        assert_eq!(c.shard_ports.as_str(), "shared");
+        // Per-shard, the same would run past port 65535.
+        let (field, msg) = err(
+            "shards = 4\nudp = \"127.0.0.1:65535\"",
+            &Overrides::default(),
+        );
+        assert_eq!(field, "shards", "{msg}");
+        // The flag wins over the file.
+        let over = Overrides {
+            shard_ports: Some(ShardPorts::PerShard),
+            ..Overrides::default()
+        };
+        let c = from_toml_str(r#"shard_ports = "shared""#, &over, env()).unwrap();
+        assert_eq!(c.shard_ports, ShardPorts::PerShard);
+        assert!(from_toml_str(r#"shard_ports = "one""#, &Overrides::default(), env()).is_err());
     }
 
     #[test]

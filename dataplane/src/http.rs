@@ -496,6 +496,7 @@ async fn healthz(
             "sessions": sessions,
             "media": state.media.local_addr().to_string(),
             "media_shards": state.media.local_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "shard_ports": state.media.shard_ports(),
             "io_backend": match state.media.backend() {
                 ridge_io::Backend::Uring => "io_uring",
                 ridge_io::Backend::Mmsg => "mmsg",

@@ -13,6 +13,7 @@ pub mod http;
 pub mod media;
 pub mod metrics;
 pub mod node;
+pub mod steering;
 pub mod ws;
 
 pub use node::{Node, NodeError};

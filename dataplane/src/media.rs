@@ -3,10 +3,12 @@
 //! and one [`Sfu`]. A shard's loop is the only code that touches its core,
 //! so the packet path takes no lock.
 //!
-//! Steering is by port: shard `i` listens on the configured UDP port + `i`
-//! and advertises exactly that port in its ICE candidates and plain-RTP
-//! endpoint answers, so every packet of a session arrives on the socket of
-//! the shard that owns it. Rooms are placed on shards by a stable hash of
+//! Steering is by port (`shard_ports = "per-shard"`, the default): shard
+//! `i` listens on the configured UDP port + `i` and advertises exactly that
+//! port in its ICE candidates and plain-RTP endpoint answers, so every
+//! packet of a session arrives on the socket of the shard that owns it.
+//! With `shard_ports = "shared"` every shard binds the one port and a BPF
+//! program steers each datagram to its shard (see [`crate::steering`]). Rooms are placed on shards by a stable hash of
 //! their name, so the peers of a room share a shard and a packet never
 //! crosses threads. (docs/decisions.md: "Shards".)
 //!
@@ -29,6 +31,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::metrics::Metrics;
+use crate::steering::{SharedPort, SteeringError};
 
 type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
 
@@ -93,6 +96,8 @@ enum Command {
 pub struct MediaHandle {
     shards: Arc<[ShardLink]>,
     events: broadcast::Sender<SfuEvent>,
+    /// Shared-port mode: the steering program over the shards' sockets.
+    shared: Option<Arc<SharedPort>>,
 }
 
 #[derive(Debug)]
@@ -135,6 +140,8 @@ pub enum MediaError {
     Bind(#[from] IoError),
     #[error("cannot start a shard thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Steering(#[from] SteeringError),
 }
 
 fn gone() -> SfuError {
@@ -162,6 +169,20 @@ impl MediaHandle {
     /// Every shard's media socket address, by shard index.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.shards.iter().map(|s| s.local_addr).collect()
+    }
+
+    /// Shared-port mode's steering, if the shards share one port.
+    pub fn shared_port(&self) -> Option<&Arc<SharedPort>> {
+        self.shared.as_ref()
+    }
+
+    /// `"shared"` or `"per-shard"`.
+    pub fn shard_ports(&self) -> &'static str {
+        if self.shared.is_some() {
+            "shared"
+        } else {
+            "per-shard"
+        }
     }
 
     pub fn shard_count(&self) -> usize {
@@ -257,13 +278,29 @@ impl MediaHandle {
         identity: &str,
         spec: RtpEndpointSpec,
     ) -> Result<RtpEndpointInfo, SfuError> {
-        Self::call(self.by_room(room), |reply| Command::RtpEndpoint {
+        let shard = shard_for_room(room, self.shards.len());
+        let remote = spec.remote;
+        // Shared port: steer the remote to its shard before the endpoint
+        // exists, so its first datagram cannot reach another shard.
+        if let Some(shared) = &self.shared {
+            shared
+                .insert(remote, shard)
+                .map_err(|e| SfuError::Internal(format!("steering {remote}: {e}")))?;
+        }
+        let r = Self::call(&self.shards[shard], |reply| Command::RtpEndpoint {
             room: room.into(),
             identity: identity.into(),
             spec,
             reply,
         })
-        .await
+        .await;
+        if let Some(shared) = &self.shared {
+            match &r {
+                Ok(info) => shared.bind_endpoint(info.peer, remote),
+                Err(_) => shared.remove(remote),
+            }
+        }
+        r
     }
 
     pub async fn remove_peer(&self, peer: PeerId) -> Result<(), SfuError> {
@@ -271,7 +308,11 @@ impl MediaHandle {
             peer,
             reply,
         })
-        .await
+        .await?;
+        if let Some(shared) = &self.shared {
+            shared.remove_endpoint(peer);
+        }
+        Ok(())
     }
 
     pub async fn set_layer(&self, peer: PeerId, rid: Option<String>) -> Result<(), SfuError> {
@@ -350,11 +391,14 @@ impl MediaHandle {
 #[derive(Debug, Clone)]
 pub struct ShardOptions {
     /// Shard 0's address; shard `i` binds port + `i` (or an ephemeral port
-    /// when the port is 0).
+    /// when the port is 0), or this address too when `shared_port`.
     pub udp: SocketAddr,
     pub shards: usize,
     pub pin_cores: bool,
     pub backend: BackendChoice,
+    /// Every shard on `udp` (with port 0: the port shard 0 got), steered by
+    /// BPF. Start-up fails if the steering program cannot be attached.
+    pub shared_port: bool,
 }
 
 /// Binds every shard's socket and starts the shard threads. `config` is the
@@ -371,17 +415,29 @@ pub fn spawn(
         send_buffer_size: Some(4 << 20),
         ..SocketOptions::default()
     };
-    let mut ios = Vec::with_capacity(opts.shards);
+    let mut ios: Vec<Box<dyn DatagramIo + Send>> = Vec::with_capacity(opts.shards);
     for i in 0..opts.shards {
-        let port = match opts.udp.port() {
-            0 => 0,
-            p => p + i as u16,
+        let addr = match (opts.shared_port, ios.first(), opts.udp.port()) {
+            // Shared: every shard on shard 0's address (its port, if 0 was asked).
+            (true, Some(first), _) => first.local_addr(),
+            (_, _, 0) => opts.udp,
+            (_, _, p) => SocketAddr::new(opts.udp.ip(), p + i as u16),
         };
-        let addr = SocketAddr::new(opts.udp.ip(), port);
         ios.push(ridge_io::bind(addr, opts.backend, &socket_opts)?);
     }
     let backend = ios[0].backend();
     tracing::info!(shards = opts.shards, ?backend, first = %ios[0].local_addr(), "media shards bound");
+    // Every socket of the group exists before the program attaches.
+    let shared = if opts.shared_port {
+        let fds = ios
+            .iter()
+            .map(|io| ridge_io::dup_socket(io.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SteeringError::new(format!("duplicating a shard socket: {e}")))?;
+        Some(SharedPort::attach(&fds, ios[0].local_addr())?)
+    } else {
+        None
+    };
     let cores = if opts.pin_cores {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -462,6 +518,7 @@ pub fn spawn(
         MediaHandle {
             shards: links.into(),
             events,
+            shared,
         },
         joins,
     ))

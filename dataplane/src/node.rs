@@ -13,7 +13,7 @@ use ridge_sfu::SfuConfig;
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::config::{Config, ShardPorts};
 use crate::control::{ControlError, ControlMetrics, ControlSocket, ControlState};
 use crate::http::{AppState, router};
 use crate::media::{self, MediaHandle};
@@ -71,8 +71,12 @@ impl Node {
             shards: config.shards,
             pin_cores: config.pin_cores,
             backend: config.io_backend.choice(),
+            shared_port: config.shard_ports == ShardPorts::Shared,
         };
         let (media, media_threads) = media::spawn(&shard_opts, sfu, metrics.clone())?;
+        if let Some(shared) = media.shared_port() {
+            registry.register_collector(Box::new(crate::steering::SteerCollector(shared.clone())));
+        }
         let udp_addr = media.local_addr();
         metrics.set_shards(&media);
 

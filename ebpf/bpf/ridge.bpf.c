@@ -669,7 +669,11 @@ fail:
 
 /* ---- steering ------------------------------------------------------------ */
 
-static __always_inline int steer_key(struct sk_reuseport_md *md, struct ridge_steer_key *key)
+/* Fills `key` from the packet; `*udp` is set to the UDP header's offset
+ * from the network header, `*udp_len` to the UDP length field (validated
+ * by the kernel's UDP receive path before socket lookup). */
+static __always_inline int steer_key(struct sk_reuseport_md *md, struct ridge_steer_key *key,
+				     __u32 *udp, __u32 *udp_len)
 {
 	__u32 l4;
 	if (md->eth_protocol == bpf_htons(ETH_P_IP)) {
@@ -695,20 +699,113 @@ static __always_inline int steer_key(struct sk_reuseport_md *md, struct ridge_st
 	} else {
 		return -1;
 	}
-	__u16 ports[2];
-	if (bpf_skb_load_bytes_relative(md, l4, ports, sizeof(ports), BPF_HDR_START_NET))
+	struct udphdr uh;
+	if (bpf_skb_load_bytes_relative(md, l4, &uh, sizeof(uh), BPF_HDR_START_NET))
 		return -1;
-	key->src_port = ports[0];
-	key->dst_port = ports[1];
+	key->src_port = uh.source;
+	key->dst_port = uh.dest;
+	*udp = l4;
+	*udp_len = bpf_ntohs(uh.len);
 	return 0;
+}
+
+#define STUN_HEADER 20
+#define STUN_MAGIC_COOKIE 0x2112A442
+#define STUN_BINDING_REQUEST 0x0001
+#define STUN_ATTR_USERNAME 0x0006
+#define STUN_MAX_ATTRS 16
+
+/* What the STUN parse of an unknown flow found. */
+enum stun_shard {
+	STUN_NOT_STUN = -1,  /* not a STUN binding request: no opinion */
+	STUN_UNUSABLE = -2,  /* a binding request without a usable USERNAME */
+};
+
+static __always_inline int hex_digit(__u8 c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return -1;
+}
+
+/* The shard named by the first two characters of the USERNAME of a STUN
+ * binding request (our ufrag comes first in requests sent to us; the core
+ * writes the shard there in lowercase hex). Reads through
+ * bpf_skb_load_bytes_relative, so it works whether or not the payload is in
+ * the skb's linear part, and a read past the end fails instead of reading
+ * garbage. */
+static __always_inline int stun_shard(struct sk_reuseport_md *md, __u32 udp, __u32 udp_len)
+{
+	__u32 off = udp + sizeof(struct udphdr);
+	struct {
+		__be16 type;
+		__be16 length;
+		__be32 cookie;
+		__u8 txid[12];
+	} hdr;
+	if (bpf_skb_load_bytes_relative(md, off, &hdr, sizeof(hdr), BPF_HDR_START_NET))
+		return STUN_NOT_STUN;
+	/* The first two bits of a STUN message are 0; the cookie is fixed. */
+	if (hdr.cookie != bpf_htonl(STUN_MAGIC_COOKIE) || (bpf_ntohs(hdr.type) & 0xC000))
+		return STUN_NOT_STUN;
+	if (hdr.type != bpf_htons(STUN_BINDING_REQUEST))
+		return STUN_NOT_STUN;
+	__u32 len = bpf_ntohs(hdr.length);
+	/* The message must fill the datagram exactly (RFC 8489 over UDP): a
+	 * truncated or padded request is not one the core would answer. */
+	if ((len & 3) || udp_len != sizeof(struct udphdr) + STUN_HEADER + len)
+		return STUN_UNUSABLE;
+	/* Attributes start after the header and end at the message length,
+	 * which is the datagram's (and a load past the packet fails anyway). */
+	__u32 pos = STUN_HEADER;
+	__u32 end = STUN_HEADER + len;
+	for (int i = 0; i < STUN_MAX_ATTRS; i++) {
+		if (pos + 4 > end)
+			return STUN_UNUSABLE;
+		__be16 attr[2];
+		if (bpf_skb_load_bytes_relative(md, off + pos, attr, sizeof(attr),
+						BPF_HDR_START_NET))
+			return STUN_UNUSABLE;
+		__u32 alen = bpf_ntohs(attr[1]);
+		if (attr[0] == bpf_htons(STUN_ATTR_USERNAME)) {
+			__u8 digits[2];
+			if (alen < 2 || pos + 4 + alen > end)
+				return STUN_UNUSABLE;
+			if (bpf_skb_load_bytes_relative(md, off + pos + 4, digits, sizeof(digits),
+							BPF_HDR_START_NET))
+				return STUN_UNUSABLE;
+			int hi = hex_digit(digits[0]);
+			int lo = hex_digit(digits[1]);
+			if (hi < 0 || lo < 0)
+				return STUN_UNUSABLE;
+			int shard = hi * 16 + lo;
+			if (shard >= RIDGE_MAX_SHARDS)
+				return STUN_UNUSABLE;
+			return shard;
+		}
+		/* Values are padded to four bytes. pos stays small: end is at
+		 * most 20 + 65535 and alen at most 65535. */
+		pos += 4 + ((alen + 3) & ~3u);
+	}
+	return STUN_UNUSABLE;
 }
 
 SEC("sk_reuseport")
 int ridge_steer(struct sk_reuseport_md *md)
 {
 	struct ridge_steer_key key = {};
-	if (md->ip_protocol == IPPROTO_UDP && steer_key(md, &key) == 0) {
+	__u32 udp = 0, udp_len = 0;
+	if (md->ip_protocol == IPPROTO_UDP && steer_key(md, &key, &udp, &udp_len) == 0) {
 		__u32 *shard = bpf_map_lookup_elem(&ridge_steer_flows, &key);
+		if (!shard) {
+			/* Entries userspace made for a wildcard-bound group carry
+			 * an all-zero local address. */
+			struct ridge_steer_key any = key;
+			__builtin_memset(any.dst_addr, 0, sizeof(any.dst_addr));
+			shard = bpf_map_lookup_elem(&ridge_steer_flows, &any);
+		}
 		if (shard) {
 			__u32 index = *shard;
 			if (bpf_sk_select_reuseport(md, &ridge_steer_socks, &index, 0) == 0) {
@@ -716,6 +813,25 @@ int ridge_steer(struct sk_reuseport_md *md)
 				return SK_PASS;
 			}
 			stat_inc(RIDGE_STEER_ERRORS);
+		} else {
+			/* Unknown: a STUN binding request names its shard in our
+			 * ufrag. Learn the flow, so the DTLS and SRTP that follow
+			 * on this 4-tuple go to the same shard. */
+			int named = stun_shard(md, udp, udp_len);
+			if (named >= 0) {
+				__u32 index = named;
+				if (bpf_sk_select_reuseport(md, &ridge_steer_socks, &index, 0) == 0) {
+					if (bpf_map_update_elem(&ridge_steer_flows, &key, &index,
+								BPF_ANY) == 0)
+						stat_inc(RIDGE_STEER_STUN_LEARNED);
+					else
+						stat_inc(RIDGE_STEER_ERRORS);
+					return SK_PASS;
+				}
+				stat_inc(RIDGE_STEER_ERRORS);
+			} else if (named == STUN_UNUSABLE) {
+				stat_inc(RIDGE_STEER_ERRORS);
+			}
 		}
 	}
 	__u32 zero = 0;

@@ -39,8 +39,11 @@ enum ridge_stat {
 	RIDGE_STEER_FLOW = 12,       /* known flow, sent to its shard */
 	RIDGE_STEER_DEFAULT = 13,    /* unknown flow, sent to the default shard */
 	RIDGE_STEER_HASH = 14,       /* unknown flow, left to the kernel's hash */
-	RIDGE_STEER_ERRORS = 15,     /* shard slot empty or select failed */
-	RIDGE_STAT_COUNT = 16,
+	RIDGE_STEER_ERRORS = 15,     /* shard slot empty, select failed, or an
+				      * unusable STUN binding request */
+	RIDGE_STEER_STUN_LEARNED = 16, /* unknown flow steered (and learned) by
+					* the shard in its STUN USERNAME */
+	RIDGE_STAT_COUNT = 17,
 };
 
 /* Guard configuration (array map `ridge_guard_cfg`, one element).

@@ -129,8 +129,14 @@ pub struct Counters {
     pub steer_default: u64,
     /// Steering: unknown flows left to the kernel's hash.
     pub steer_hash: u64,
-    /// Steering: selections that failed (empty shard slot).
+    /// Steering: selections that failed (empty shard slot), STUN binding
+    /// requests on unknown flows without a usable shard in their USERNAME,
+    /// and learned flows the table had no room for.
     pub steer_errors: u64,
+    /// Steering: unknown flows sent to the shard named in the USERNAME of
+    /// their STUN binding request, and learned (flow → shard entry added
+    /// by the program).
+    pub steer_stun_learned: u64,
 }
 
 impl Counters {
@@ -277,6 +283,7 @@ impl RidgeBpf {
             steer_default: at(stat::STEER_DEFAULT),
             steer_hash: at(stat::STEER_HASH),
             steer_errors: at(stat::STEER_ERRORS),
+            steer_stun_learned: at(stat::STEER_STUN_LEARNED),
         })
     }
 

@@ -14,8 +14,10 @@ pub(crate) const SOCKS_MAP: &str = "ridge_steer_socks";
 pub(crate) const CFG_MAP: &str = "ridge_steer_cfg";
 
 /// A UDP flow as a shard socket sees it: datagrams from `remote` to
-/// `local`. `local` is the address the datagram was sent to (the socket may
-/// be bound to the wildcard address; use the packet's destination).
+/// `local`. `local` is the address the datagram was sent to; an unspecified
+/// `local` IP (`0.0.0.0`, `::`) matches datagrams to any local address on
+/// `local`'s port (for groups bound to the wildcard address, where the
+/// destination address of a future flow is not known).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SteerFlow {
     /// The sender.
@@ -28,7 +30,11 @@ impl SteerFlow {
     pub(crate) fn key(&self) -> SteerKey {
         SteerKey {
             src_addr: mapped(self.remote.ip()),
-            dst_addr: mapped(self.local.ip()),
+            dst_addr: if self.local.ip().is_unspecified() {
+                [0; 16]
+            } else {
+                mapped(self.local.ip())
+            },
             src_port: self.remote.port().to_be(),
             dst_port: self.local.port().to_be(),
         }

@@ -31,7 +31,8 @@ pub(crate) mod stat {
     pub(crate) const STEER_DEFAULT: u32 = 13;
     pub(crate) const STEER_HASH: u32 = 14;
     pub(crate) const STEER_ERRORS: u32 = 15;
-    pub(crate) const COUNT: u32 = 16;
+    pub(crate) const STEER_STUN_LEARNED: u32 = 16;
+    pub(crate) const COUNT: u32 = 17;
 }
 
 /// `struct ridge_guard_cfg`.

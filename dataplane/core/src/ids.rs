@@ -62,9 +62,64 @@ pub fn shard_of(id: u64) -> u8 {
     (id >> 56) as u8
 }
 
+/// A local ICE username fragment that names its shard: two lowercase hex
+/// digits (the shard index), then `random`, which must be ice-chars
+/// (ALPHA / DIGIT / "+" / "/") with at least 24 bits of randomness.
+///
+/// The kernel's `ridge_steer` program reads those two digits from the
+/// USERNAME of a STUN binding request ("ourufrag:theirufrag") to send a
+/// WebRTC session's first datagram, and the rest of its 4-tuple, to the
+/// shard that owns the session when every shard shares one port.
+pub fn shard_ufrag(shard: u8, random: &str) -> String {
+    format!("{shard:02x}{random}")
+}
+
+/// The shard a ufrag made by [`shard_ufrag`] names, if it has the prefix.
+pub fn ufrag_shard(ufrag: &str) -> Option<u8> {
+    let digits = ufrag.get(..2)?;
+    if !digits
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    u8::from_str_radix(digits, 16).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_ice_ufrag(s: &str) -> bool {
+        // RFC 8839: ice-ufrag = 4*256ice-char; ice-char = ALPHA / DIGIT / "+" / "/"
+        (4..=256).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    }
+
+    #[test]
+    fn ufrags_carry_the_shard_and_stay_valid() {
+        for shard in [0u8, 1, 9, 10, 15, 16, 63, 255] {
+            let creds = str0m::IceCreds::new();
+            let ufrag = shard_ufrag(shard, &creds.ufrag);
+            assert!(is_ice_ufrag(&ufrag), "{ufrag}");
+            assert_eq!(ufrag_shard(&ufrag), Some(shard), "{ufrag}");
+            assert_eq!(&ufrag[..2], format!("{shard:02x}"));
+            // str0m's random part: 16 alphanumerics, ~95 bits.
+            assert!(ufrag.len() - 2 >= 4, "{ufrag}");
+        }
+        assert_eq!(ufrag_shard("x1abcd"), None);
+        assert_eq!(
+            ufrag_shard("A1abcd"),
+            None,
+            "lowercase only, as BPF reads it"
+        );
+        assert_eq!(ufrag_shard("1"), None);
+        assert_ne!(
+            shard_ufrag(1, &str0m::IceCreds::new().ufrag),
+            shard_ufrag(1, &str0m::IceCreds::new().ufrag)
+        );
+    }
 
     #[test]
     fn ids_round_trip_through_text() {

@@ -55,7 +55,7 @@ mod types;
 
 pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
 pub use error::SfuError;
-pub use ids::{ParticipantId, PeerId, TrackId, shard_of};
+pub use ids::{ParticipantId, PeerId, TrackId, shard_of, shard_ufrag, ufrag_shard};
 pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;

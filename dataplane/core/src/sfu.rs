@@ -13,7 +13,7 @@ use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Rids};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
-use str0m::{Candidate, Event, IceConnectionState, Input, Rtc, RtcConfig};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Rtc, RtcConfig};
 
 use crate::buf::{BufPool, PacketBuf};
 use crate::error::SfuError;
@@ -555,6 +555,11 @@ impl Sfu {
         if matches!(intent, OfferIntent::Subscribe { .. }) {
             config = config.enable_bwe(Some(Bitrate::from(self.config.initial_bwe_bps)));
         }
+        // Our ufrag names our shard, so the kernel can steer a session's
+        // first STUN request on a port shared by every shard.
+        let mut creds = IceCreds::new();
+        creds.ufrag = crate::ids::shard_ufrag(self.config.shard, &creds.ufrag);
+        config = config.set_local_ice_credentials(creds);
         let mut rtc = config.build(now);
         for addr in &self.config.candidates {
             let c = Candidate::host(*addr, "udp")

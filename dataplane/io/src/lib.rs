@@ -53,7 +53,7 @@ pub use alloc::CountingAlloc;
 pub use error::IoError;
 
 pub use mmsg::MmsgIo;
-pub use readiness::register_readiness;
+pub use readiness::{dup_socket, register_readiness};
 pub use uring::{UringIo, probe_uring};
 
 /// What the kernel told us about one received datagram.

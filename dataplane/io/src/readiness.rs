@@ -23,3 +23,14 @@ pub fn register_readiness(io: &dyn DatagramIo) -> io::Result<AsyncFd<OwnedFd>> {
     // AsyncFd is dropped.
     unsafe { AsyncFd::register(owned) }.map_err(|e| e.into_parts().1)
 }
+
+/// A duplicate of `io`'s UDP socket ([`DatagramIo::socket_fd`]), e.g. to
+/// put it in a BPF `REUSEPORT_SOCKARRAY` or attach a program to its
+/// `SO_REUSEPORT` group. The duplicate refers to the same socket.
+pub fn dup_socket(io: &dyn DatagramIo) -> io::Result<OwnedFd> {
+    // SAFETY: `socket_fd` is the live socket owned by `io`, which the caller
+    // holds for the duration of this call; the borrow ends before we return
+    // (we keep only a duplicate).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(io.socket_fd()) };
+    borrowed.try_clone_to_owned()
+}
