@@ -85,6 +85,9 @@ enum Command {
     Stats {
         reply: oneshot::Sender<(StatsSnapshot, usize)>,
     },
+    RemoteAddrs {
+        reply: oneshot::Sender<Vec<SocketAddr>>,
+    },
     Drain,
     CloseAll {
         reply: oneshot::Sender<()>,
@@ -369,6 +372,21 @@ impl MediaHandle {
             }
         }
         total
+    }
+
+    /// Remote addresses of every live session on every shard; `None` if a
+    /// shard has stopped.
+    pub async fn remote_addrs(&self) -> Option<Vec<SocketAddr>> {
+        let mut all = Vec::new();
+        for link in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            link.tx
+                .send(Command::RemoteAddrs { reply: tx })
+                .await
+                .ok()?;
+            all.extend(rx.await.ok()?);
+        }
+        Some(all)
     }
 
     pub async fn drain(&self) {
@@ -771,6 +789,9 @@ fn execute(sfu: &mut Sfu, cmd: Command) {
         }
         Command::Stats { reply } => {
             let _ = reply.send((sfu.stats(), sfu.peer_count()));
+        }
+        Command::RemoteAddrs { reply } => {
+            let _ = reply.send(sfu.remote_addrs());
         }
         Command::Drain => sfu.start_drain(),
         Command::CloseAll { reply } => {

@@ -77,6 +77,11 @@ impl Node {
         if let Some(shared) = media.shared_port() {
             registry.register_collector(Box::new(crate::steering::SteerCollector(shared.clone())));
         }
+        // Holds a media handle: aborted with the other tasks at shutdown so
+        // the shards can stop.
+        let sweep_task = media
+            .shared_port()
+            .map(|shared| tokio::spawn(sweep_steering(media.clone(), shared.clone())));
         let udp_addr = media.local_addr();
         metrics.set_shards(&media);
 
@@ -208,6 +213,9 @@ impl Node {
             }
             handle.graceful_shutdown(Some(Duration::from_secs(1)));
             hub_task.abort();
+            if let Some(t) = &sweep_task {
+                t.abort();
+            }
             let r = match server.await {
                 Ok(r) => r,
                 Err(_) => Ok(()),
@@ -276,6 +284,28 @@ impl Node {
         match done.await {
             Ok(r) => r,
             Err(_) => Ok(()),
+        }
+    }
+}
+
+/// How often shared-port steering entries of gone sessions are looked for.
+const STEERING_SWEEP: Duration = Duration::from_secs(5);
+
+/// Expires steering entries whose session is gone (see
+/// [`crate::steering::SharedPort::sweep`]); ends when the shards stop.
+async fn sweep_steering(media: MediaHandle, shared: std::sync::Arc<crate::steering::SharedPort>) {
+    loop {
+        tokio::time::sleep(STEERING_SWEEP).await;
+        let Some(live) = media.remote_addrs().await else {
+            return;
+        };
+        let live: std::collections::HashSet<SocketAddr> = live.into_iter().collect();
+        let shared = shared.clone();
+        let removed = tokio::task::spawn_blocking(move || shared.sweep(&live))
+            .await
+            .unwrap_or(0);
+        if removed > 0 {
+            tracing::debug!(removed, "expired steering entries of gone sessions");
         }
     }
 }

@@ -16,7 +16,7 @@
 //! (the XDP guard and forwarding, if any, are someone else's instance), and
 //! is touched only from control paths, never per packet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -56,6 +56,11 @@ struct Inner {
     bpf: RidgeBpf,
     /// Plain-RTP endpoints' entries, to remove with the endpoint.
     endpoints: HashMap<PeerId, SteerFlow>,
+    /// Entries whose remote no live session had at the last sweep: removed
+    /// if the next sweep finds them dead too (two rounds, so an entry the
+    /// program has just learned, whose session the shard has not yet
+    /// registered, is never taken away).
+    suspects: HashSet<SteerFlow>,
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -85,6 +90,7 @@ impl SharedPort {
             inner: Mutex::new(Inner {
                 bpf,
                 endpoints: HashMap::new(),
+                suspects: HashSet::new(),
             }),
             local,
         }))
@@ -146,6 +152,45 @@ impl SharedPort {
         if let Err(e) = inner.bpf.steering().remove(flow) {
             tracing::warn!(remote = %flow.remote, error = %chain(&e), "cannot remove a steering entry");
         }
+    }
+
+    /// Removes entries that no live session uses any more: WebRTC flows
+    /// the program learned from STUN, and plain-RTP endpoints removed other
+    /// than one by one (a participant leaving, drain). `live` is every
+    /// remote address the shards have a session for. An entry goes once it
+    /// has been dead for two sweeps in a row. Returns how many were removed.
+    pub fn sweep(&self, live: &HashSet<SocketAddr>) -> usize {
+        let mut inner = self.lock();
+        let flows = match inner.bpf.steering().flows() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "cannot list steering entries");
+                return 0;
+            }
+        };
+        // An endpoint's entry is made just before the shard creates the
+        // endpoint; it is live again long before a second sweep.
+        let dead: HashSet<SteerFlow> = flows
+            .into_iter()
+            .map(|(f, _)| f)
+            .filter(|f| !live.contains(&f.remote))
+            .collect();
+        let expired: Vec<SteerFlow> = dead.intersection(&inner.suspects).copied().collect();
+        let mut removed = 0;
+        for flow in &expired {
+            match inner.bpf.steering().remove(*flow) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(remote = %flow.remote, error = %chain(&e), "cannot remove a steering entry")
+                }
+            }
+        }
+        inner.endpoints.retain(|_, f| !expired.contains(f));
+        inner.suspects = dead
+            .difference(&expired.iter().copied().collect())
+            .copied()
+            .collect();
+        removed
     }
 
     /// The program's counters.

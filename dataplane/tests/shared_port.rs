@@ -205,6 +205,22 @@ fn plain_rtp_rooms_on_both_shards_share_one_port() {
         media.remove_peer(*peer).await.unwrap();
         assert_eq!(shared.flows(), 15);
 
+        // A session that goes without remove_peer (its participant leaves)
+        // keeps its entry until the sweep has seen it dead twice; live
+        // sessions' entries stay.
+        let (_, _, _, _, _, peer) = &pairs[1];
+        let (participant, _, _) = media.peer_owner(*peer).await.expect("owner");
+        media.leave(participant).await.unwrap();
+        let live: std::collections::HashSet<SocketAddr> =
+            media.remote_addrs().await.unwrap().into_iter().collect();
+        assert_eq!(live.len(), 14, "14 endpoints left");
+        assert_eq!(shared.sweep(&live), 0, "first sweep only marks");
+        assert_eq!(shared.flows(), 15);
+        let removed = shared.sweep(&live);
+        assert!(removed >= 1, "second sweep removes the dead entry");
+        assert_eq!(shared.flows(), 15 - removed);
+        assert!(shared.flows() >= 14, "no live entry removed");
+
         node.shutdown();
         node.wait().await.expect("clean stop");
     });

@@ -42,6 +42,29 @@ impl SteerFlow {
 }
 
 /// IPv4 as IPv4-mapped IPv6, as the BPF side keys it.
+impl SteerFlow {
+    /// The flow a map key stands for (IPv4-mapped addresses back to IPv4;
+    /// an all-zero local address is the unspecified one).
+    pub(crate) fn from_key(k: &SteerKey) -> Self {
+        let ip = |b: [u8; 16]| -> IpAddr {
+            let v6 = std::net::Ipv6Addr::from(b);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        };
+        let local_ip = if k.dst_addr == [0; 16] {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        } else {
+            ip(k.dst_addr)
+        };
+        SteerFlow {
+            remote: SocketAddr::new(ip(k.src_addr), u16::from_be(k.src_port)),
+            local: SocketAddr::new(local_ip, u16::from_be(k.dst_port)),
+        }
+    }
+}
+
 pub(crate) fn mapped(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
@@ -152,6 +175,16 @@ impl Steering {
             None => SteerCfg::default(),
         };
         self.cfg.set(0, cfg, 0).map_err(|e| Error::map(CFG_MAP, e))
+    }
+
+    /// Every flow entry and its shard (a control-path scan of the map).
+    pub fn flows(&self) -> Result<Vec<(SteerFlow, u32)>> {
+        let mut out = Vec::new();
+        for item in self.flows.iter() {
+            let (key, shard) = item.map_err(|e| Error::map(FLOWS_MAP, e))?;
+            out.push((SteerFlow::from_key(&key), shard));
+        }
+        Ok(out)
     }
 
     /// Number of flow entries.

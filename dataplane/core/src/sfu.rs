@@ -916,6 +916,18 @@ impl Sfu {
         self.peers.len()
     }
 
+    /// Every remote address a live session sends from (WebRTC peers once ICE
+    /// has seen them, plain-RTP endpoints). A control-path query, e.g. to
+    /// expire steering entries of sessions that are gone.
+    pub fn remote_addrs(&self) -> Vec<SocketAddr> {
+        self.io
+            .by_addr
+            .keys()
+            .chain(self.rtp_by_addr.keys())
+            .copied()
+            .collect()
+    }
+
     // ----- the run loop ------------------------------------------------------
 
     /// Feeds one received datagram.
