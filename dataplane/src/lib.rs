@@ -9,8 +9,10 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod kernel;
 pub mod media;
 pub mod metrics;
+pub mod netinfo;
 pub mod node;
 pub mod ws;
 

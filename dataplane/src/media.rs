@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use ridge_io::{Backend, BackendChoice, DatagramIo, IoError, RecvMeta, SocketOptions};
 use ridge_sfu::{
-    MAX_BATCH, OfferIntent, Output, PacketBuf, ParticipantId, PeerId, RoomState, RtpEndpointInfo,
-    RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent, StatsSnapshot, Transmit, shard_of,
+    MAX_BATCH, OfferIntent, Output, PacketBuf, ParticipantId, PeerId, PlainFlow, RoomState,
+    RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent, StatsSnapshot, Transmit,
+    shard_of,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -81,6 +82,13 @@ enum Command {
     },
     Stats {
         reply: oneshot::Sender<(StatsSnapshot, usize)>,
+    },
+    PlainFlows {
+        max_destinations: usize,
+        reply: oneshot::Sender<Vec<PlainFlow>>,
+    },
+    SetKernelForwarded {
+        publishers: Vec<PeerId>,
     },
     Drain,
     CloseAll {
@@ -328,6 +336,35 @@ impl MediaHandle {
             }
         }
         total
+    }
+
+    /// Each shard's plain-RTP flows that a kernel fast path could forward
+    /// (`Sfu::plain_flows`), by shard index; `None` if a shard has stopped.
+    pub async fn plain_flows(&self, max_destinations: usize) -> Option<Vec<Vec<PlainFlow>>> {
+        let mut out = Vec::with_capacity(self.shards.len());
+        for link in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            link.tx
+                .send(Command::PlainFlows {
+                    max_destinations,
+                    reply: tx,
+                })
+                .await
+                .ok()?;
+            out.push(rx.await.ok()?);
+        }
+        Some(out)
+    }
+
+    /// Tells shard `shard` which of its plain publishers the kernel
+    /// forwards (`Sfu::set_kernel_forwarded`).
+    pub async fn set_kernel_forwarded(&self, shard: usize, publishers: Vec<PeerId>) {
+        if let Some(link) = self.shards.get(shard) {
+            let _ = link
+                .tx
+                .send(Command::SetKernelForwarded { publishers })
+                .await;
+        }
     }
 
     pub async fn drain(&self) {
@@ -710,6 +747,13 @@ fn execute(sfu: &mut Sfu, cmd: Command) {
         Command::Stats { reply } => {
             let _ = reply.send((sfu.stats(), sfu.peer_count()));
         }
+        Command::PlainFlows {
+            max_destinations,
+            reply,
+        } => {
+            let _ = reply.send(sfu.plain_flows(max_destinations));
+        }
+        Command::SetKernelForwarded { publishers } => sfu.set_kernel_forwarded(&publishers),
         Command::Drain => sfu.start_drain(),
         Command::CloseAll { reply } => {
             sfu.close_all(now);

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::http::{AppState, router};
+use crate::kernel::KernelPath;
 use crate::media::{self, MediaHandle};
 use crate::ws::{RoomHub, run_hub};
 
@@ -69,6 +70,17 @@ impl Node {
         let (media, media_threads) = media::spawn(&shard_opts, sfu, metrics.clone())?;
         let udp_addr = media.local_addr();
         metrics.set_shards(&media);
+        // The kernel path needs the shards' ports; it never fails the start.
+        let kernel = {
+            let kc = config.kernel.clone();
+            let m = media.clone();
+            match tokio::task::spawn_blocking(move || KernelPath::start(&kc, &m)).await {
+                Ok(k) => Arc::new(k),
+                Err(_) => Arc::new(KernelPath::none()),
+            }
+        };
+        metrics.set_kernel(kernel.clone());
+        let kernel_task = tokio::spawn(kernel.clone().run(media.clone()));
 
         let tcp =
             std::net::TcpListener::bind(config.http).map_err(|source| NodeError::BindHttp {
@@ -103,6 +115,7 @@ impl Node {
             registry: Arc::new(registry),
             draining: draining.clone(),
             hub: hub.clone(),
+            kernel: kernel.clone(),
         };
         let app = router(state).into_make_service();
         let handle: Handle<SocketAddr> = Handle::new();
@@ -156,6 +169,10 @@ impl Node {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            // Back to userspace before the sessions close, so no packet is
+            // forwarded for a session that is gone.
+            kernel_task.abort();
+            kernel.close();
             media2.close_all().await;
             handle.graceful_shutdown(Some(Duration::from_secs(1)));
             hub_task.abort();
