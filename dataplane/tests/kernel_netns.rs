@@ -8,7 +8,8 @@
 //!   then arrive intact, rewritten (SSRC, seq, ts), with no checksum
 //!   error, while the node's userspace sees only the sampled share. A flood
 //!   from another source is cut by the guard while the stream flows.
-//!   Deleting the subscriber removes the entry.
+//!   Deleting the subscriber removes the entry. Two new subscribers then
+//!   share one two-destination entry, sent by the TC fan-out's clones.
 //! - `xdp_off_relays_in_userspace`, `a_missing_media_interface_relays_in_userspace`:
 //!   the fallbacks report mode none and still relay every packet.
 //!
@@ -29,6 +30,8 @@ const SUB: &str = "10.77.1.1:6000";
 const FLOODER: &str = "10.77.1.3:4100";
 const PUB_SSRC: u32 = 0x5eed_0001;
 const SUB_SSRC: u32 = 0xb0b0_0002;
+const SUB2: &str = "10.77.1.1:6002";
+const SUB2_SSRC: u32 = 0xc0c0_0003;
 const PT: u8 = 96;
 const HELPER_ENV: &str = "RIDGE_KERNEL_HELPER";
 
@@ -351,6 +354,11 @@ fn udp_in_csum_errors() -> u64 {
     values[i].parse().unwrap()
 }
 
+/// Every 200th packet is a keyframe (subscribers start on one).
+fn is_key(seq: u16) -> bool {
+    seq.is_multiple_of(200)
+}
+
 /// Sends `seqs` from `publisher` every `gap` while `sub` collects what
 /// arrives; returns the received datagrams.
 fn stream(
@@ -359,35 +367,54 @@ fn stream(
     seqs: std::ops::Range<u16>,
     gap: Duration,
 ) -> Vec<Vec<u8>> {
+    stream_to(publisher, &[sub], seqs, gap).remove(0)
+}
+
+/// [`stream`] with several subscriber sockets.
+fn stream_to(
+    publisher: &UdpSocket,
+    subs: &[&UdpSocket],
+    seqs: std::ops::Range<u16>,
+    gap: Duration,
+) -> Vec<Vec<Vec<u8>>> {
     let expected = seqs.len();
-    let rx = sub.try_clone().unwrap();
-    let collector = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2048];
-        while got.len() < expected {
-            match rx.recv_from(&mut buf) {
-                Ok((n, _)) => got.push(buf[..n].to_vec()),
-                Err(_) => break,
-            }
-        }
-        got
-    });
+    let collectors: Vec<_> = subs
+        .iter()
+        .map(|sub| {
+            let rx = sub.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 2048];
+                while got.len() < expected {
+                    match rx.recv_from(&mut buf) {
+                        Ok((n, _)) => got.push(buf[..n].to_vec()),
+                        Err(_) => break,
+                    }
+                }
+                got
+            })
+        })
+        .collect();
     let media = room_media();
     let mut next = Instant::now();
     for seq in seqs {
-        publisher.send_to(&rtp(seq, seq == 0), media).unwrap();
+        publisher.send_to(&rtp(seq, is_key(seq)), media).unwrap();
         next += gap;
         if let Some(d) = next.checked_duration_since(Instant::now()) {
             std::thread::sleep(d);
         }
     }
-    collector.join().unwrap()
+    collectors.into_iter().map(|c| c.join().unwrap()).collect()
 }
 
 /// Checks every received packet against what was sent: the subscriber's
 /// SSRC, the publisher's seq/ts plus one constant offset each, same PT,
 /// same payload. Returns (seq offset, ts offset).
 fn check_stream(got: &[Vec<u8>], offsets: Option<(u16, u32)>) -> (u16, u32) {
+    check_stream_of(got, offsets, SUB_SSRC)
+}
+
+fn check_stream_of(got: &[Vec<u8>], offsets: Option<(u16, u32)>, sub_ssrc: u32) -> (u16, u32) {
     let mut offsets = offsets;
     let mut seen = std::collections::BTreeSet::new();
     for p in got {
@@ -397,9 +424,9 @@ fn check_stream(got: &[Vec<u8>], offsets: Option<(u16, u32)>) -> (u16, u32) {
         let seq = u16::from_be_bytes([p[2], p[3]]);
         let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
         let ssrc = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
-        assert_eq!(ssrc, SUB_SSRC, "subscriber SSRC");
+        assert_eq!(ssrc, sub_ssrc, "subscriber SSRC");
         let in_seq = u16::from_be_bytes([p[17], p[18]]);
-        let want = rtp(in_seq, in_seq == 0);
+        let want = rtp(in_seq, is_key(in_seq));
         assert_eq!(&p[12..], &want[12..], "payload of input {in_seq}");
         let in_ts = 90_000 + u32::from(in_seq) * 3000;
         let (so, to) = *offsets.get_or_insert((seq.wrapping_sub(in_seq), ts.wrapping_sub(in_ts)));
@@ -573,4 +600,55 @@ fn helper_in_a() {
     );
     assert!(got.is_empty(), "nothing reaches a deleted subscriber");
     eprintln!("teardown: entry removed, deleted subscriber receives nothing");
+
+    // Fan-out: two subscribers, one entry with two destinations, sent by
+    // the TC program's clones.
+    let sub2 = udp(SUB2);
+    api.endpoint("subscribe", SUB, SUB_SSRC);
+    api.endpoint("subscribe", SUB2, SUB2_SSRC);
+    let got = stream_to(
+        &publisher,
+        &[&sub, &sub2],
+        2200..2220,
+        Duration::from_millis(5),
+    );
+    assert!(
+        got.iter().all(|g| g.len() == 20),
+        "both start on the keyframe: {} {}",
+        got[0].len(),
+        got[1].len()
+    );
+    let off1 = check_stream_of(&got[0], None, SUB_SSRC);
+    let off2 = check_stream_of(&got[1], None, SUB2_SSRC);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = api.metrics();
+        if metric(&m, "ridge_bpf_flow_destinations", "") == 2.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no 2-destination entry: {m}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let tc_before = metric(&m, "ridge_bpf_forwarded_total", "how=\"tc_copy\"");
+    let got = stream_to(
+        &publisher,
+        &[&sub, &sub2],
+        2220..2720,
+        Duration::from_millis(2),
+    );
+    assert_eq!((got[0].len(), got[1].len()), (500, 500), "{}", diag());
+    check_stream_of(&got[0], Some(off1), SUB_SSRC);
+    check_stream_of(&got[1], Some(off2), SUB2_SSRC);
+    let m = api.metrics();
+    let copies = metric(&m, "ridge_bpf_forwarded_total", "how=\"tc_copy\"") - tc_before;
+    eprintln!("fan-out: 500 packets to 2 subscribers, all intact; {copies} TC copies");
+    assert!(
+        copies >= 2.0 * 500.0 * 0.9,
+        "TC sent the copies: {copies}\n{m}"
+    );
+    assert_eq!(
+        udp_in_csum_errors(),
+        csum_before,
+        "UDP checksum errors in A"
+    );
 }
