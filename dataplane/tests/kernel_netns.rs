@@ -124,6 +124,10 @@ impl Net {
     }
 
     fn start_node(&mut self, extra: &[&str]) {
+        self.start_node_with_guard("1000", extra);
+    }
+
+    fn start_node_with_guard(&mut self, rate_pps: &str, extra: &[&str]) {
         let log = std::fs::File::create(&self.log).unwrap();
         let mut args = vec![
             "netns",
@@ -139,7 +143,7 @@ impl Net {
             "2",
             "--no-pin-cores",
             "--guard-rate-pps",
-            "1000",
+            rate_pps,
             "--guard-burst",
             "500",
             "--log",
@@ -182,6 +186,10 @@ impl Net {
             ])
             .env(HELPER_ENV, scenario)
             .env("RIDGE_TEST_TOKEN", token.trim())
+            .env(
+                "RIDGE_TEST_NODE_PID",
+                self.node.as_ref().map_or(0, Child::id).to_string(),
+            )
             .env("RIDGE_JWT_SECRET", SECRET)
             .output()
             .expect("run the helper");
@@ -238,6 +246,41 @@ fn a_missing_media_interface_relays_in_userspace() {
     let mut net = Net::new("noif");
     net.start_node(&["--media-interface", "nosuch0"]);
     net.run_helper("userspace");
+}
+
+/// Node CPU with and without kernel forwarding for the same stream (run
+/// with `--ignored`, best with `--release`; prints `BENCH` lines). The XDP
+/// work itself runs in softirq context, not in the node process: its cost
+/// per packet is measured by ridge-ebpf's `kernel_path` example.
+#[test]
+#[ignore = "benchmark"]
+fn offload_node_cpu() {
+    if !require("offload_node_cpu") {
+        return;
+    }
+    for mode in ["auto", "off"] {
+        let mut net = Net::new(&format!("bench{mode}"));
+        net.start_node_with_guard("0", &["--xdp", mode]);
+        net.run_helper("bench");
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `after` starts at field 3.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
 }
 
 // ----- the A side (run in namespace A by the tests above) -------------------
@@ -346,11 +389,24 @@ fn diag() -> String {
 }
 
 fn udp_in_csum_errors() -> u64 {
+    udp_counter("InCsumErrors")
+}
+
+/// A's `a0` receive drops (/proc/net/dev).
+fn a0_rx_dropped() -> u64 {
+    let dev = std::fs::read_to_string("/proc/net/dev").unwrap();
+    dev.lines()
+        .find_map(|l| l.trim().strip_prefix("a0:"))
+        .and_then(|rest| rest.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn udp_counter(name: &str) -> u64 {
     let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
     let rows: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
     let names: Vec<&str> = rows[0].split_whitespace().collect();
     let values: Vec<&str> = rows[1].split_whitespace().collect();
-    let i = names.iter().position(|n| *n == "InCsumErrors").unwrap();
+    let i = names.iter().position(|n| *n == name).unwrap();
     values[i].parse().unwrap()
 }
 
@@ -437,6 +493,54 @@ fn check_stream_of(got: &[Vec<u8>], offsets: Option<(u16, u32)>, sub_ssrc: u32) 
     offsets.unwrap_or((0, 0))
 }
 
+fn bench(api: &Api, health: &serde_json::Value, publisher: &UdpSocket, sub: &UdpSocket) {
+    let pid = std::env::var("RIDGE_TEST_NODE_PID").unwrap();
+    let offload = health["xdp"] != "none";
+    if offload {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(&api.metrics(), "ridge_bpf_flows", "") < 1.0 {
+            assert!(Instant::now() < deadline, "no flow installed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    const PACKETS: u16 = 50_000;
+    let rate = 25_000.0;
+    let before = cpu_ticks(&pid);
+    let (rcvbuf0, drop0) = (udp_counter("RcvbufErrors"), a0_rx_dropped());
+    let t = Instant::now();
+    let rx = sub.try_clone().unwrap();
+    let counter = std::thread::spawn(move || {
+        let mut n = 0u32;
+        let mut buf = [0u8; 2048];
+        while rx.recv_from(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    let media = room_media();
+    let mut next = Instant::now();
+    for i in 0..PACKETS {
+        let seq = 10 + i;
+        let _ = publisher.send_to(&rtp(seq, is_key(seq)), media);
+        next += Duration::from_secs_f64(1.0 / rate);
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    }
+    let elapsed = t.elapsed();
+    let received = counter.join().unwrap();
+    let ticks = cpu_ticks(&pid) - before;
+    let rcvbuf = udp_counter("RcvbufErrors") - rcvbuf0;
+    let dropped = a0_rx_dropped() - drop0;
+    let cpu_ms = ticks as f64 * 1000.0 / clock_ticks_per_second() as f64;
+    eprintln!(
+        "BENCH xdp={} sent={PACKETS} in {elapsed:.2?} received={received} (A: {rcvbuf} socket-buffer drops, {dropped} a0 rx drops) node_cpu_ms={cpu_ms:.0} \
+         node_cpu_ns_per_packet={:.0} (incl. 1.5 s idle tail)",
+        health["xdp"],
+        cpu_ms * 1e6 / f64::from(PACKETS)
+    );
+}
+
 #[test]
 fn helper_in_a() {
     let Ok(scenario) = std::env::var(HELPER_ENV) else {
@@ -450,7 +554,7 @@ fn helper_in_a() {
     // A veth delivers frames its peer sends with XDP_TX only while it runs
     // an XDP program itself (the kernel flushes its XDP ring only then): a
     // pass-everything guard on a0 stands in for a real next hop's NIC.
-    let _peer_xdp = (scenario == "kernel").then(|| {
+    let _peer_xdp = (scenario != "userspace").then(|| {
         let mut bpf = ridge_ebpf::RidgeBpf::load().expect("load BPF in A");
         let mode = bpf.attach_xdp("a0", ridge_ebpf::XdpProgram::Guard);
         assert_eq!(mode, ridge_ebpf::AttachMode::Native, "XDP on a0");
@@ -473,6 +577,10 @@ fn helper_in_a() {
     let offsets = check_stream(&got, None);
 
     let m = api.metrics();
+    if scenario == "bench" {
+        bench(&api, &health, &publisher, &sub);
+        return;
+    }
     let kernel = scenario == "kernel";
     if !kernel {
         assert_eq!(health["xdp"], "none", "{health}");
