@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 
 use crate::config::{KernelConfig, XdpSetting};
 use crate::media::MediaHandle;
-use crate::netinfo::{self, ResolveError, Tables};
+use crate::netinfo::{self, Tables};
 
 /// How often the forwarding table is reconciled with the shards' flows
 /// even without a session event (layer/source switches raise none).
@@ -507,12 +507,11 @@ impl KernelPath {
             if dst.ip().is_loopback() || IpAddr::V4(*dst.ip()).is_unspecified() {
                 return Err(NotOffloaded::Loopback);
             }
-            let path = tables.resolve(*dst.ip()).map_err(|e| match e {
-                ResolveError::NoRoute(_) | ResolveError::NoNeighbour { .. } => {
-                    NotOffloaded::Unresolved
-                }
-                _ => NotOffloaded::Unresolved,
-            })?;
+            // No route, no complete neighbour entry, or an unreadable
+            // interface: wait; the next pass tries again.
+            let path = tables
+                .resolve(*dst.ip())
+                .map_err(|_| NotOffloaded::Unresolved)?;
             destinations.push(Destination {
                 dst,
                 src: local,
