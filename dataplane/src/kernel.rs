@@ -399,7 +399,7 @@ impl KernelPath {
         let mut desired: HashMap<FlowKey, Installed> = HashMap::new();
         for (shard, shard_flows) in flows.iter().enumerate() {
             for flow in shard_flows {
-                match self.entry_for(flow, tables) {
+                match entry_for(flow, tables, self.fanout) {
                     Ok((key, entry)) => {
                         desired.insert(
                             key,
@@ -476,65 +476,66 @@ impl KernelPath {
         status.install_errors += install_errors;
         Some(changed)
     }
+}
 
-    /// The forwarding entry for one flow, or why there is none.
-    fn entry_for(
-        &self,
-        flow: &PlainFlow,
-        tables: &Tables,
-    ) -> Result<(FlowKey, FlowEntry), NotOffloaded> {
-        let (SocketAddr::V4(src), SocketAddr::V4(local)) = (flow.source, flow.local) else {
-            return Err(NotOffloaded::Ipv6);
+/// The forwarding entry for one flow, or why there is none. `fanout`: the
+/// TC program is attached (needed for two or more destinations).
+fn entry_for(
+    flow: &PlainFlow,
+    tables: &Tables,
+    fanout: bool,
+) -> Result<(FlowKey, FlowEntry), NotOffloaded> {
+    let (SocketAddr::V4(src), SocketAddr::V4(local)) = (flow.source, flow.local) else {
+        return Err(NotOffloaded::Ipv6);
+    };
+    if local.ip().is_unspecified() {
+        return Err(NotOffloaded::Wildcard);
+    }
+    if src.ip().is_loopback() || local.ip().is_loopback() {
+        return Err(NotOffloaded::Loopback);
+    }
+    if flow.destinations.len() > 1 && !fanout {
+        return Err(NotOffloaded::FanoutUnavailable);
+    }
+    let mut destinations = Vec::with_capacity(flow.destinations.len());
+    for d in &flow.destinations {
+        let dst = match d.remote {
+            SocketAddr::V4(v4) => v4,
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(ip) => SocketAddrV4::new(ip, v6.port()),
+                None => return Err(NotOffloaded::Ipv6),
+            },
         };
-        if local.ip().is_unspecified() {
-            return Err(NotOffloaded::Wildcard);
-        }
-        if src.ip().is_loopback() || local.ip().is_loopback() {
+        if dst.ip().is_loopback() || IpAddr::V4(*dst.ip()).is_unspecified() {
             return Err(NotOffloaded::Loopback);
         }
-        if flow.destinations.len() > 1 && !self.fanout {
-            return Err(NotOffloaded::FanoutUnavailable);
-        }
-        let mut destinations = Vec::with_capacity(flow.destinations.len());
-        for d in &flow.destinations {
-            let dst = match d.remote {
-                SocketAddr::V4(v4) => v4,
-                SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-                    Some(ip) => SocketAddrV4::new(ip, v6.port()),
-                    None => return Err(NotOffloaded::Ipv6),
-                },
-            };
-            if dst.ip().is_loopback() || IpAddr::V4(*dst.ip()).is_unspecified() {
-                return Err(NotOffloaded::Loopback);
-            }
-            // No route, no complete neighbour entry, or an unreadable
-            // interface: wait; the next pass tries again.
-            let path = tables
-                .resolve(*dst.ip())
-                .map_err(|_| NotOffloaded::Unresolved)?;
-            destinations.push(Destination {
-                dst,
-                src: local,
-                ssrc: d.ssrc,
-                seq_offset: d.seq_offset,
-                ts_offset: d.ts_offset,
-                ifindex: path.ifindex,
-                dst_mac: path.dst_mac,
-                src_mac: path.src_mac,
-            });
-        }
-        Ok((
-            FlowKey {
-                src,
-                dst: local,
-                ssrc: flow.ssrc,
-            },
-            FlowEntry {
-                destinations,
-                sample_every: SAMPLE_EVERY,
-            },
-        ))
+        // No route, no complete neighbour entry, or an unreadable
+        // interface: wait; the next pass tries again.
+        let path = tables
+            .resolve(*dst.ip())
+            .map_err(|_| NotOffloaded::Unresolved)?;
+        destinations.push(Destination {
+            dst,
+            src: local,
+            ssrc: d.ssrc,
+            seq_offset: d.seq_offset,
+            ts_offset: d.ts_offset,
+            ifindex: path.ifindex,
+            dst_mac: path.dst_mac,
+            src_mac: path.src_mac,
+        });
     }
+    Ok((
+        FlowKey {
+            src,
+            dst: local,
+            ssrc: flow.ssrc,
+        },
+        FlowEntry {
+            destinations,
+            sample_every: SAMPLE_EVERY,
+        },
+    ))
 }
 
 fn add(total: &mut FlowCounters, c: &FlowCounters) {
@@ -548,6 +549,106 @@ fn add(total: &mut FlowCounters, c: &FlowCounters) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use ridge_sfu::{PlainFlowDestination, TrackId};
+
+    /// Routes everything via `lo` (present on every host, so its sysfs
+    /// index and MAC can be read) and knows one neighbour.
+    fn tables() -> Tables {
+        Tables {
+            routes: netinfo::parse_routes(
+                "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                 lo\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\n",
+            ),
+            neighbours: netinfo::parse_arp(
+                "IP address HW type Flags HW address Mask Device\n\
+                 10.0.0.7 0x1 0x2 02:00:00:00:00:07 * lo\n",
+            ),
+        }
+    }
+
+    fn flow(dests: &[&str]) -> PlainFlow {
+        PlainFlow {
+            publisher: PeerId(1),
+            track: TrackId(2),
+            source: "10.0.0.5:4000".parse().unwrap(),
+            local: "10.0.0.1:5004".parse().unwrap(),
+            ssrc: 0x1234,
+            destinations: dests
+                .iter()
+                .enumerate()
+                .map(|(i, d)| PlainFlowDestination {
+                    peer: PeerId(10 + i as u64),
+                    remote: d.parse().unwrap(),
+                    ssrc: 0xb0 + i as u32,
+                    seq_offset: 100 + i as u16,
+                    ts_offset: 9000 + i as u32,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_entry_carries_the_cores_rewrite_and_the_resolved_path() {
+        let (key, entry) = entry_for(&flow(&["10.0.0.7:6000"]), &tables(), false).unwrap();
+        assert_eq!(
+            key,
+            FlowKey {
+                src: "10.0.0.5:4000".parse().unwrap(),
+                dst: "10.0.0.1:5004".parse().unwrap(),
+                ssrc: 0x1234
+            }
+        );
+        assert_eq!(entry.sample_every, SAMPLE_EVERY);
+        let (lo_index, lo_mac) = netinfo::link("lo").unwrap();
+        assert_eq!(
+            entry.destinations,
+            vec![Destination {
+                dst: "10.0.0.7:6000".parse().unwrap(),
+                src: "10.0.0.1:5004".parse().unwrap(),
+                ssrc: 0xb0,
+                seq_offset: 100,
+                ts_offset: 9000,
+                ifindex: lo_index,
+                dst_mac: [2, 0, 0, 0, 0, 7],
+                src_mac: lo_mac,
+            }]
+        );
+    }
+
+    #[test]
+    fn flows_the_kernel_cannot_take_say_why() {
+        let t = tables();
+        let e = |f: &PlainFlow, fanout| entry_for(f, &t, fanout).map(|_| ()).unwrap_err();
+        // No neighbour entry for .8 yet.
+        assert_eq!(
+            e(&flow(&["10.0.0.8:6000"]), false),
+            NotOffloaded::Unresolved
+        );
+        // No route at all.
+        assert_eq!(
+            e(&flow(&["192.0.2.1:6000"]), false),
+            NotOffloaded::Unresolved
+        );
+        // One unresolved destination keeps the whole flow in userspace.
+        assert_eq!(
+            e(&flow(&["10.0.0.7:6000", "10.0.0.8:6000"]), true),
+            NotOffloaded::Unresolved
+        );
+        assert_eq!(
+            e(&flow(&["10.0.0.7:6000", "10.0.0.7:6002"]), false),
+            NotOffloaded::FanoutUnavailable
+        );
+        assert!(entry_for(&flow(&["10.0.0.7:6000", "10.0.0.7:6002"]), &t, true).is_ok());
+        assert_eq!(e(&flow(&["127.0.0.1:6000"]), false), NotOffloaded::Loopback);
+        assert_eq!(e(&flow(&["[2001:db8::1]:6000"]), false), NotOffloaded::Ipv6);
+        let mut wild = flow(&["10.0.0.7:6000"]);
+        wild.local = "0.0.0.0:5004".parse().unwrap();
+        assert_eq!(e(&wild, false), NotOffloaded::Wildcard);
+        let mut v6 = flow(&["10.0.0.7:6000"]);
+        v6.source = "[2001:db8::5]:4000".parse().unwrap();
+        assert_eq!(e(&v6, false), NotOffloaded::Ipv6);
+    }
 
     #[test]
     fn the_weakest_mode_is_reported() {
