@@ -98,6 +98,21 @@ pub struct RunArgs {
     /// steered to their shard by a BPF program; needs root) [default: per-shard]
     #[arg(long, value_enum, value_name = "MODE")]
     pub shard_ports: Option<crate::config::ShardPorts>,
+    /// Kernel fast path: try XDP (native, else generic, else none) or off [default: auto]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub xdp: Option<crate::config::XdpSetting>,
+    /// Interface the XDP guard attaches to; repeat for several [default: the one owning --udp]
+    #[arg(long = "media-interface", value_name = "IFACE")]
+    pub media_interfaces: Vec<String>,
+    /// XDP guard: packets per second per source on media ports, 0 = no limit [default: 10000]
+    #[arg(long, value_name = "PPS")]
+    pub guard_rate_pps: Option<u32>,
+    /// XDP guard: token-bucket burst per source, in packets [default: 2000]
+    #[arg(long, value_name = "PACKETS")]
+    pub guard_burst: Option<u32>,
+    /// Keep learned plain-RTP flows in userspace (no kernel forwarding)
+    #[arg(long)]
+    pub no_kernel_forwarding: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "ridge_dataplane=debug,info" [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
@@ -126,6 +141,11 @@ impl RunArgs {
             pin_cores: self.no_pin_cores.then_some(false),
             io_backend: self.io_backend,
             shard_ports: self.shard_ports,
+            xdp: self.xdp,
+            media_interfaces: self.media_interfaces.clone(),
+            guard_rate_pps: self.guard_rate_pps,
+            guard_burst: self.guard_burst,
+            kernel_forwarding: self.no_kernel_forwarding.then_some(false),
             log: self.log.clone(),
             control_socket: self.control_socket.clone(),
         }

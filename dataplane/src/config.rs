@@ -46,6 +46,12 @@ pub const DEFAULT_PLI_INTERVAL: Duration = Duration::from_millis(500);
 pub const MIN_PLI_INTERVAL: Duration = Duration::from_millis(50);
 /// Upper bound for `pli_interval`.
 pub const MAX_PLI_INTERVAL: Duration = Duration::from_secs(10);
+/// Default per-source packet rate of the XDP guard on media ports.
+pub const DEFAULT_GUARD_RATE_PPS: u32 = 10_000;
+/// Default burst (packets) of the XDP guard's per-source token bucket.
+pub const DEFAULT_GUARD_BURST: u32 = 2_000;
+/// Longest Linux interface name (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
 /// Default tracing `EnvFilter` directive.
 pub const DEFAULT_LOG: &str = "info";
 /// Minimum length of the JWT secret in bytes.
@@ -126,10 +132,33 @@ pub struct FileConfig {
     /// "per-shard" (shard `i` on udp port + `i`) or "shared" (one port,
     /// steered by BPF; needs root).
     pub shard_ports: Option<ShardPorts>,
+    /// Kernel fast path: "auto" (try XDP, fall back) or "off".
+    pub xdp: Option<XdpSetting>,
+    /// Interfaces the XDP guard attaches to (default: the one owning the
+    /// `udp` address).
+    pub media_interfaces: Option<Vec<String>>,
+    /// XDP guard: packets per second allowed per source address (0: no limit).
+    pub guard_rate_pps: Option<u32>,
+    /// XDP guard: burst of the per-source token bucket, in packets.
+    pub guard_burst: Option<u32>,
+    /// Forward learned plain-RTP flows in the kernel.
+    pub kernel_forwarding: Option<bool>,
     /// tracing `EnvFilter` directive.
     pub log: Option<String>,
     /// Unix socket of the local control API (`""`: none).
     pub control_socket: Option<PathBuf>,
+}
+
+/// Whether the node tries to attach its XDP programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpSetting {
+    /// Load the BPF programs and attach native XDP, else generic, else none
+    /// (one log line says which); the node works in userspace either way.
+    #[default]
+    Auto,
+    /// No BPF at all: every packet takes the userspace path.
+    Off,
 }
 
 /// Which datagram I/O backend the shards use.
@@ -198,6 +227,12 @@ pub struct Overrides {
     pub pin_cores: Option<bool>,
     pub io_backend: Option<IoBackend>,
     pub shard_ports: Option<ShardPorts>,
+    pub xdp: Option<XdpSetting>,
+    /// Replaces the file's `media_interfaces` when non-empty.
+    pub media_interfaces: Vec<String>,
+    pub guard_rate_pps: Option<u32>,
+    pub guard_burst: Option<u32>,
+    pub kernel_forwarding: Option<bool>,
     pub log: Option<String>,
     /// An empty path disables the control socket.
     pub control_socket: Option<PathBuf>,
@@ -241,6 +276,8 @@ pub struct Config {
     pub io_backend: IoBackend,
     /// Per-shard ports, or one port steered by BPF.
     pub shard_ports: ShardPorts,
+    /// The kernel fast path (XDP guard and forwarding).
+    pub kernel: KernelConfig,
     /// tracing `EnvFilter` directive.
     pub log: String,
     /// The local control API's Unix socket (`None`: no control API).
@@ -268,6 +305,21 @@ fn process_euid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
+/// The kernel fast path settings (docs/operations.md, "Kernel fast path").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub xdp: XdpSetting,
+    /// Interfaces to attach to; empty: the interface that owns the `udp`
+    /// address (none when `udp` is a wildcard address).
+    pub media_interfaces: Vec<String>,
+    /// Per-source packets per second on media ports; 0: no rate limit.
+    pub guard_rate_pps: u32,
+    /// Token-bucket burst in packets (at least 1 when a rate is set).
+    pub guard_burst: u32,
+    /// Install learned plain-RTP flows in the kernel forwarding table.
+    pub kernel_forwarding: bool,
+}
+
 impl Config {
     /// Human-readable warnings about risky but valid settings. Log them once
     /// tracing is initialised.
@@ -282,6 +334,17 @@ impl Config {
             out.push(format!(
                 "dev_no_auth is on: every request is admitted without a token{scope}; \
                  never use this outside local development"
+            ));
+        }
+        if self.kernel.xdp == XdpSetting::Auto
+            && self.kernel.media_interfaces.is_empty()
+            && self.udp.ip().is_unspecified()
+        {
+            out.push(format!(
+                "udp listens on {} (all interfaces) and media_interfaces is empty: the XDP \
+                 guard and kernel forwarding stay off; name the interfaces in \
+                 media_interfaces (--media-interface) to enable them",
+                self.udp
             ));
         }
         if self.tls.is_none() && self.insecure_http && !self.http.ip().is_loopback() {
@@ -559,6 +622,27 @@ pub fn build(
             ));
         }
     }
+    let kernel = KernelConfig {
+        xdp: overrides.xdp.or(file.xdp).unwrap_or_default(),
+        media_interfaces: if overrides.media_interfaces.is_empty() {
+            file.media_interfaces.unwrap_or_default()
+        } else {
+            overrides.media_interfaces.clone()
+        },
+        guard_rate_pps: overrides
+            .guard_rate_pps
+            .or(file.guard_rate_pps)
+            .unwrap_or(DEFAULT_GUARD_RATE_PPS),
+        guard_burst: overrides
+            .guard_burst
+            .or(file.guard_burst)
+            .unwrap_or(DEFAULT_GUARD_BURST),
+        kernel_forwarding: overrides
+            .kernel_forwarding
+            .or(file.kernel_forwarding)
+            .unwrap_or(true),
+    };
+    check_kernel(&kernel)?;
 
     // Secret.
     let jwt_secret = pick_secret(overrides.jwt_secret.as_ref(), env_secret, file.jwt_secret);
@@ -742,10 +826,39 @@ pub fn build(
         pin_cores,
         io_backend,
         shard_ports,
+        kernel,
         log,
         control_socket,
         control_socket_is_default,
     })
+}
+
+fn check_kernel(k: &KernelConfig) -> Result<(), ConfigError> {
+    for name in &k.media_interfaces {
+        if name.is_empty()
+            || name.len() > MAX_IFNAME
+            || name == "."
+            || name == ".."
+            || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "media_interfaces",
+                format!(
+                    "`{}` is not a network interface name (1..={MAX_IFNAME} bytes, no '/', \
+                     ':' or whitespace) (--media-interface)",
+                    name.escape_debug()
+                ),
+            ));
+        }
+    }
+    if k.guard_rate_pps > 0 && k.guard_burst == 0 {
+        return Err(invalid(
+            "guard_burst",
+            "must be at least 1 while guard_rate_pps is set (--guard-burst); \
+             set guard_rate_pps = 0 to turn the rate limit off",
+        ));
+    }
+    Ok(())
 }
 
 fn check_cert_file(path: &Path) -> Result<(), ConfigError> {
@@ -895,6 +1008,61 @@ mod tests {
         let c = from_toml_str(r#"shard_ports = "shared""#, &over, env()).unwrap();
         assert_eq!(c.shard_ports, ShardPorts::PerShard);
         assert!(from_toml_str(r#"shard_ports = "one""#, &Overrides::default(), env()).is_err());
+    }
+
+    #[test]
+    fn kernel_defaults_and_values() {
+        let c = ok("");
+        assert_eq!(
+            c.kernel,
+            KernelConfig {
+                xdp: XdpSetting::Auto,
+                media_interfaces: vec![],
+                guard_rate_pps: 10_000,
+                guard_burst: 2_000,
+                kernel_forwarding: true,
+            }
+        );
+        let c = ok(r#"
+            xdp = "off"
+            media_interfaces = ["eth0", "ens1f0"]
+            guard_rate_pps = 0
+            guard_burst = 0
+            kernel_forwarding = false
+        "#);
+        assert_eq!(c.kernel.xdp, XdpSetting::Off);
+        assert_eq!(c.kernel.media_interfaces, vec!["eth0", "ens1f0"]);
+        assert_eq!((c.kernel.guard_rate_pps, c.kernel.guard_burst), (0, 0));
+        assert!(!c.kernel.kernel_forwarding);
+        let o = Overrides {
+            media_interfaces: vec!["b0".into()],
+            xdp: Some(XdpSetting::Auto),
+            ..Overrides::default()
+        };
+        let c = from_toml_str("xdp = \"off\"\nmedia_interfaces = [\"eth0\"]", &o, env()).unwrap();
+        assert_eq!(c.kernel.xdp, XdpSetting::Auto);
+        assert_eq!(c.kernel.media_interfaces, vec!["b0"]);
+    }
+
+    #[test]
+    fn kernel_settings_are_validated() {
+        let o = Overrides::default();
+        for bad in ["", "a/b", "eth 0", "sixteen-chars-xx", "..", "eth0:1"] {
+            let (field, msg) = err(&format!("media_interfaces = [{bad:?}]"), &o);
+            assert_eq!(field, "media_interfaces", "{bad:?}: {msg}");
+        }
+        let (field, _) = err("guard_rate_pps = 100\nguard_burst = 0", &o);
+        assert_eq!(field, "guard_burst");
+        assert!(from_toml_str("xdp = \"maybe\"", &o, env()).is_err());
+        // A wildcard udp without interfaces is valid, with a warning.
+        let c = ok("udp = \"0.0.0.0:5004\"\npublic_ip = [\"203.0.113.7\"]");
+        assert!(
+            c.warnings().iter().any(|w| w.contains("media_interfaces")),
+            "{:?}",
+            c.warnings()
+        );
+        let c = ok("udp = \"0.0.0.0:5004\"\npublic_ip = [\"203.0.113.7\"]\nxdp = \"off\"");
+        assert!(c.warnings().is_empty());
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub draining: Arc<AtomicBool>,
     pub hub: Arc<RoomHub>,
+    pub kernel: Arc<crate::kernel::KernelPath>,
 }
 
 /// An error response: `{"error": "..."}` with a status code.
@@ -501,6 +502,9 @@ async fn healthz(
                 ridge_io::Backend::Uring => "io_uring",
                 ridge_io::Backend::Mmsg => "mmsg",
             },
+            "xdp": state.kernel.mode().as_str(),
+            "kernel_forwarding": state.kernel.forwarding(),
+            "kernel_flows": state.kernel.flow_count(),
             "version": env!("CARGO_PKG_VERSION"),
         })),
     )

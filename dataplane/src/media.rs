@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use ridge_io::{Backend, BackendChoice, DatagramIo, IoError, RecvMeta, SocketOptions};
 use ridge_sfu::{
-    MAX_BATCH, OfferIntent, Output, PacketBuf, ParticipantId, PeerId, RoomState, RtpEndpointInfo,
-    RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent, StatsSnapshot, Transmit, shard_of,
+    MAX_BATCH, OfferIntent, Output, PacketBuf, ParticipantId, PeerId, PlainFlow, RoomState,
+    RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent, StatsSnapshot, Transmit,
+    shard_of,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -87,6 +88,13 @@ enum Command {
     },
     RemoteAddrs {
         reply: oneshot::Sender<Vec<SocketAddr>>,
+    },
+    PlainFlows {
+        max_destinations: usize,
+        reply: oneshot::Sender<Vec<PlainFlow>>,
+    },
+    SetKernelForwarded {
+        publishers: Vec<PeerId>,
     },
     Drain,
     CloseAll {
@@ -387,6 +395,35 @@ impl MediaHandle {
             all.extend(rx.await.ok()?);
         }
         Some(all)
+    }
+
+    /// Each shard's plain-RTP flows that a kernel fast path could forward
+    /// (`Sfu::plain_flows`), by shard index; `None` if a shard has stopped.
+    pub async fn plain_flows(&self, max_destinations: usize) -> Option<Vec<Vec<PlainFlow>>> {
+        let mut out = Vec::with_capacity(self.shards.len());
+        for link in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            link.tx
+                .send(Command::PlainFlows {
+                    max_destinations,
+                    reply: tx,
+                })
+                .await
+                .ok()?;
+            out.push(rx.await.ok()?);
+        }
+        Some(out)
+    }
+
+    /// Tells shard `shard` which of its plain publishers the kernel
+    /// forwards (`Sfu::set_kernel_forwarded`).
+    pub async fn set_kernel_forwarded(&self, shard: usize, publishers: Vec<PeerId>) {
+        if let Some(link) = self.shards.get(shard) {
+            let _ = link
+                .tx
+                .send(Command::SetKernelForwarded { publishers })
+                .await;
+        }
     }
 
     pub async fn drain(&self) {
@@ -793,6 +830,13 @@ fn execute(sfu: &mut Sfu, cmd: Command) {
         Command::RemoteAddrs { reply } => {
             let _ = reply.send(sfu.remote_addrs());
         }
+        Command::PlainFlows {
+            max_destinations,
+            reply,
+        } => {
+            let _ = reply.send(sfu.plain_flows(max_destinations));
+        }
+        Command::SetKernelForwarded { publishers } => sfu.set_kernel_forwarded(&publishers),
         Command::Drain => sfu.start_drain(),
         Command::CloseAll { reply } => {
             sfu.close_all(now);

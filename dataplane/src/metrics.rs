@@ -39,6 +39,7 @@ pub struct Metrics {
     pub draining: Gauge,
     snapshot: Arc<Mutex<Option<StatsSnapshot>>>,
     shards: Arc<Mutex<ShardInfo>>,
+    kernel: Arc<Mutex<Option<Arc<crate::kernel::KernelPath>>>>,
 }
 
 /// The shards' own counters and the I/O backend they run on.
@@ -63,6 +64,7 @@ pub fn registry() -> (Registry, Metrics) {
         draining: Gauge::default(),
         snapshot: Arc::new(Mutex::new(None)),
         shards: Arc::new(Mutex::new(ShardInfo::default())),
+        kernel: Arc::new(Mutex::new(None)),
     };
     let r = registry.sub_registry_with_prefix("ridge");
     r.register(
@@ -116,6 +118,9 @@ pub fn registry() -> (Registry, Metrics) {
     registry.register_collector(Box::new(ShardCollector {
         shards: metrics.shards.clone(),
     }));
+    registry.register_collector(Box::new(KernelCollector {
+        kernel: metrics.kernel.clone(),
+    }));
     (registry, metrics)
 }
 
@@ -138,6 +143,195 @@ impl Metrics {
             };
             g.stats = media.shard_stats();
         }
+    }
+}
+
+impl Metrics {
+    /// Registers the kernel fast path, whose mode and counters every scrape
+    /// reads.
+    pub fn set_kernel(&self, kernel: Arc<crate::kernel::KernelPath>) {
+        if let Ok(mut g) = self.kernel.lock() {
+            *g = Some(kernel);
+        }
+    }
+}
+
+/// The kernel fast path: XDP mode, guard drops by reason, forwarding
+/// counters, installed flows and their per-flow counters.
+#[derive(Debug)]
+struct KernelCollector {
+    kernel: Arc<Mutex<Option<Arc<crate::kernel::KernelPath>>>>,
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let kernel = match self.kernel.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let Some(kernel) = kernel else {
+            return Ok(());
+        };
+        let s = kernel.snapshot();
+        gauge(
+            &mut enc,
+            "ridge_xdp_mode",
+            "XDP mode the media interfaces have at least: native, generic or none (value 1)",
+            &[(vec![("mode", s.mode.to_owned())], 1.0)],
+        )?;
+        if !s.interfaces.is_empty() {
+            let rows: Vec<(Labels, f64)> = s
+                .interfaces
+                .iter()
+                .map(|(i, m)| {
+                    (
+                        vec![("interface", i.clone()), ("mode", (*m).to_owned())],
+                        1.0,
+                    )
+                })
+                .collect();
+            gauge(
+                &mut enc,
+                "ridge_xdp_interface_mode",
+                "XDP mode per media interface (value 1)",
+                &rows,
+            )?;
+        }
+        gauge(
+            &mut enc,
+            "ridge_bpf_flows",
+            "Plain-RTP flows installed in the kernel forwarding table",
+            &[(vec![], s.flows.len() as f64)],
+        )?;
+        let rows: Vec<(Labels, f64)> = s
+            .not_offloaded
+            .iter()
+            .map(|(r, n)| (vec![("reason", r.as_str().to_owned())], *n as f64))
+            .collect();
+        gauge(
+            &mut enc,
+            "ridge_bpf_flows_not_offloaded",
+            "Offload candidates the last reconcile kept in userspace, by reason",
+            &rows,
+        )?;
+        counter(
+            &mut enc,
+            "ridge_bpf_install_errors",
+            "Forwarding entries the kernel table refused",
+            &[(vec![], s.install_errors)],
+        )?;
+        if let Some(c) = s.counters {
+            let rows: Vec<(Labels, u64)> = c
+                .drops_by_reason()
+                .iter()
+                .map(|(r, n)| (vec![("reason", (*r).to_owned())], *n))
+                .collect();
+            counter(
+                &mut enc,
+                "ridge_bpf_dropped",
+                "Packets the XDP guard dropped on media ports, by reason",
+                &rows,
+            )?;
+            counter(
+                &mut enc,
+                "ridge_bpf_guard_packets",
+                "Packets the XDP guard let through: media (on a media port) or not_media",
+                &[
+                    (vec![("class", "media".to_owned())], c.guard_media_ok),
+                    (vec![("class", "not_media".to_owned())], c.guard_not_media),
+                ],
+            )?;
+            counter(
+                &mut enc,
+                "ridge_bpf_forwarded",
+                "Packets sent by the kernel: xdp_tx, xdp_redirect or tc_copy",
+                &[
+                    (vec![("how", "xdp_tx".to_owned())], c.forward_xdp_tx),
+                    (
+                        vec![("how", "xdp_redirect".to_owned())],
+                        c.forward_xdp_redirect,
+                    ),
+                    (vec![("how", "tc_copy".to_owned())], c.forward_tc_copies),
+                ],
+            )?;
+            counter(
+                &mut enc,
+                "ridge_bpf_sampled",
+                "Packets of installed flows handed to userspace as samples",
+                &[(vec![], c.forward_sampled)],
+            )?;
+            counter(
+                &mut enc,
+                "ridge_bpf_forward_errors",
+                "Kernel forwarding failures (unusable entries, clone/rewrite errors)",
+                &[(vec![], c.forward_errors)],
+            )?;
+        }
+        counter(
+            &mut enc,
+            "ridge_kernel_forwarded_packets",
+            "Packets of plain-RTP flows forwarded in the kernel (installed and removed flows)",
+            &[(vec![], s.totals.packets)],
+        )?;
+        counter(
+            &mut enc,
+            "ridge_kernel_forwarded_bytes",
+            "Their size (Ethernet frames)",
+            &[(vec![], s.totals.bytes)],
+        )?;
+        if !s.flows.is_empty() {
+            let label = |k: &ridge_ebpf::FlowKey| -> Labels {
+                vec![
+                    ("source", k.src.to_string()),
+                    ("local", k.dst.to_string()),
+                    ("ssrc", format!("{:#010x}", k.ssrc)),
+                ]
+            };
+            type FlowField = (
+                &'static str,
+                &'static str,
+                fn(&ridge_ebpf::FlowCounters) -> u64,
+            );
+            const FLOW_FIELDS: [FlowField; 4] = [
+                (
+                    "ridge_bpf_flow_packets",
+                    "Packets of one installed flow forwarded in the kernel",
+                    |c| c.packets,
+                ),
+                (
+                    "ridge_bpf_flow_bytes",
+                    "Their size (Ethernet frames)",
+                    |c| c.bytes,
+                ),
+                (
+                    "ridge_bpf_flow_copies",
+                    "Copies sent (packets x destinations)",
+                    |c| c.copies,
+                ),
+                (
+                    "ridge_bpf_flow_sampled",
+                    "Packets of the flow handed to userspace as samples",
+                    |c| c.sampled,
+                ),
+            ];
+            for (name, help, get) in FLOW_FIELDS {
+                let rows: Vec<(Labels, u64)> =
+                    s.flows.iter().map(|(k, _, c)| (label(k), get(c))).collect();
+                counter(&mut enc, name, help, &rows)?;
+            }
+            let rows: Vec<(Labels, f64)> = s
+                .flows
+                .iter()
+                .map(|(k, n, _)| (label(k), *n as f64))
+                .collect();
+            gauge(
+                &mut enc,
+                "ridge_bpf_flow_destinations",
+                "Destinations of one installed flow",
+                &rows,
+            )?;
+        }
+        Ok(())
     }
 }
 

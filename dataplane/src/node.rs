@@ -16,6 +16,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ShardPorts};
 use crate::control::{ControlError, ControlMetrics, ControlSocket, ControlState};
 use crate::http::{AppState, router};
+use crate::kernel::KernelPath;
 use crate::media::{self, MediaHandle};
 use crate::ws::{RoomHub, run_hub};
 
@@ -84,6 +85,17 @@ impl Node {
             .map(|shared| tokio::spawn(sweep_steering(media.clone(), shared.clone())));
         let udp_addr = media.local_addr();
         metrics.set_shards(&media);
+        // The kernel path needs the shards' ports; it never fails the start.
+        let kernel = {
+            let kc = config.kernel.clone();
+            let m = media.clone();
+            match tokio::task::spawn_blocking(move || KernelPath::start(&kc, &m)).await {
+                Ok(k) => Arc::new(k),
+                Err(_) => Arc::new(KernelPath::none()),
+            }
+        };
+        metrics.set_kernel(kernel.clone());
+        let kernel_task = tokio::spawn(kernel.clone().run(media.clone()));
 
         let tcp =
             std::net::TcpListener::bind(config.http).map_err(|source| NodeError::BindHttp {
@@ -137,6 +149,7 @@ impl Node {
             registry: Arc::new(registry),
             draining: draining.clone(),
             hub: hub.clone(),
+            kernel: kernel.clone(),
         };
         let (shutdown, mut shutdown_rx) = watch::channel(false);
         let control_task = control.map(|control| {
@@ -206,6 +219,10 @@ impl Node {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            // Back to userspace before the sessions close, so no packet is
+            // forwarded for a session that is gone.
+            kernel_task.abort();
+            kernel.close();
             media2.close_all().await;
             if let Some(t) = control_task {
                 // It stopped accepting when the drain began; let it finish.

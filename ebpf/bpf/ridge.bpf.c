@@ -602,7 +602,10 @@ int ridge_fanout(struct __sk_buff *skb)
 	};
 	__builtin_memcpy(&key.ssrc, rtp + 8, 4);
 	struct ridge_fwd_entry *e = bpf_map_lookup_elem(&ridge_fwd, &key);
-	if (!e)
+	/* One destination is the XDP program's: a packet of such a flow that
+	 * reaches TC is one XDP handed to userspace (a sample, or XDP is not
+	 * attached), and must get there. */
+	if (!e || e->n_dests < 2)
 		return TC_ACT_OK;
 	__u32 n = e->n_dests;
 	__u32 slot = e->stats_slot;

@@ -561,6 +561,22 @@ fn xdp_leaves_fan_out_to_tc_and_tc_fans_out() {
             .unwrap()
     });
     assert_eq!(rtcp.verdict, tc_verdict::OK);
+
+    // A single-destination flow belongs to XDP: what XDP passed (a sample)
+    // goes up to userspace, TC leaves it alone.
+    bpf.flows()
+        .insert(
+            flow_key(),
+            &FlowEntry {
+                destinations: vec![dests[0]],
+                sample_every: 0,
+            },
+        )
+        .unwrap();
+    let ns3 = Netns::new("tc-run3");
+    let single = ns3.enter(|| bpf.test_run(TestProgram::Fanout, &input, None, 1).unwrap());
+    assert_eq!(single.verdict, tc_verdict::OK);
+    assert_eq!(single.data, input, "untouched");
 }
 
 #[test]

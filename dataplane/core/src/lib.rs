@@ -60,7 +60,7 @@ pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;
 pub use types::{
-    Counters, DropReason, LayerSnapshot, OfferIntent, Output, PeerSnapshot, RoomSnapshot,
-    RoomState, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot,
-    TrackInfo, TrackKind, Transmit,
+    Counters, DropReason, LayerSnapshot, OfferIntent, Output, PeerSnapshot, PlainFlow,
+    PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection, RtpEndpointInfo, RtpEndpointSpec,
+    SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind, Transmit,
 };

@@ -53,6 +53,16 @@ impl StreamRewriter {
         self.source
     }
 
+    /// The constant (sequence, timestamp) offsets that map packets of
+    /// `ssrc` onto the output, when `ssrc` is the current source: then every
+    /// further packet of it is rewritten as `seq + offset` (mod 2^16) and
+    /// `ts + offset` (mod 2^32), which is what a kernel fast path needs to
+    /// forward it without this rewriter. `None` before the first packet of
+    /// `ssrc` has been rewritten (the offsets are only chosen then).
+    pub fn constant_offsets(&self, ssrc: u32) -> Option<(u16, u32)> {
+        (self.source == Some(ssrc)).then_some((self.seq_offset, self.ts_offset))
+    }
+
     /// Rewrites one packet of `ssrc`. A packet of a different SSRC than the
     /// current source makes it the new source (the caller decides when a
     /// switch is allowed, normally on a keyframe).
@@ -127,6 +137,32 @@ mod tests {
         assert_eq!(b.timestamp, 53_000 + 9_000, "100 ms at 90 kHz later");
         let c = r.rewrite(t0 + Duration::from_millis(133), 2, 778, 9_999_999 + 3000);
         assert_eq!((c.seq, c.timestamp), (13, 65_000));
+    }
+
+    #[test]
+    fn constant_offsets_match_the_rewrite_of_the_current_source_only() {
+        let t0 = Instant::now();
+        let mut r = StreamRewriter::new(90_000, 10);
+        assert_eq!(r.constant_offsets(1), None, "no source yet");
+        r.rewrite(t0, 1, 60_000, 5);
+        let (seq_off, ts_off) = r.constant_offsets(1).unwrap();
+        for (seq, ts) in [(60_001u16, 3005u32), (65_535, u32::MAX), (0, 0), (7, 9)] {
+            let out = r.rewrite(t0, 1, seq, ts);
+            assert_eq!(out.seq as u16, seq.wrapping_add(seq_off));
+            assert_eq!(out.timestamp, ts.wrapping_add(ts_off));
+        }
+        assert_eq!(
+            r.constant_offsets(2),
+            None,
+            "another SSRC is not the source"
+        );
+        r.rewrite(t0 + Duration::from_millis(50), 2, 100, 100);
+        assert_eq!(
+            r.constant_offsets(1),
+            None,
+            "the old source lost its offsets"
+        );
+        assert!(r.constant_offsets(2).is_some());
     }
 
     #[test]

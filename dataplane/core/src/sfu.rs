@@ -115,6 +115,13 @@ struct RtpEndpoint {
     retransmit: RetransmitBuffer,
     /// Highest sequence number received from a plain publisher.
     highest_in: Option<u16>,
+    /// A plain publisher's last packet, when it carried no CSRC, no header
+    /// extension and no padding (so the core's rewrite changes only SSRC,
+    /// PT, sequence number and timestamp): its payload type.
+    simple_pt: Option<u8>,
+    /// A plain publisher whose stream a kernel fast path forwards: the core
+    /// sees only samples, so sequence gaps are not loss.
+    kernel_forwarded: bool,
 }
 
 struct Layer {
@@ -793,6 +800,8 @@ impl Sfu {
                 self.config.retransmit_max_age,
             ),
             highest_in: None,
+            simple_pt: None,
+            kernel_forwarded: false,
         };
         let mut info = None;
         if spec.direction == RtpDirection::Publish {
@@ -857,6 +866,84 @@ impl Sfu {
             ssrc,
             track,
         })
+    }
+
+    /// The plain-RTP streams a kernel fast path could forward exactly as the
+    /// core would: tracks of a plain publisher (IPv4 or IPv6, the caller
+    /// filters) whose every subscriber (1 ..= `max_destinations`) is a plain
+    /// endpoint already receiving the publisher's stream with the payload
+    /// type the publisher sends (a kernel rewrite keeps the PT), and whose
+    /// last packet had no CSRC, header extension or padding (the core sends
+    /// a bare 12-byte header; a kernel rewrite keeps the rest). A track with
+    /// a WebRTC subscriber, a subscriber still waiting for its first
+    /// keyframe, or too many subscribers stays in userspace.
+    ///
+    /// The answer changes with subscriptions, layer/source switches and
+    /// teardown, so a caller re-queries and diffs.
+    pub fn plain_flows(&self, max_destinations: usize) -> Vec<PlainFlow> {
+        let mut out = Vec::new();
+        for (&tid, track) in &self.tracks {
+            let Some(Transport::Rtp(p)) = self.peers.get(&track.peer).map(|p| &p.transport) else {
+                continue;
+            };
+            if p.direction != RtpDirection::Publish || track.layers.len() != 1 {
+                continue;
+            }
+            let Some(pt) = p.simple_pt else { continue };
+            let n = track.subscribers.len();
+            if n == 0 || n > max_destinations {
+                continue;
+            }
+            let mut destinations = Vec::with_capacity(n);
+            for sub in &track.subscribers {
+                let Some(Transport::Rtp(e)) = self.peers.get(sub).map(|p| &p.transport) else {
+                    break;
+                };
+                if e.direction != RtpDirection::Subscribe
+                    || e.payload_type != pt
+                    || e.current != Some(0)
+                    || e.target.is_some_and(|t| t != 0)
+                {
+                    break;
+                }
+                let Some((seq_offset, ts_offset)) = e.rewriter.constant_offsets(p.ssrc) else {
+                    break;
+                };
+                destinations.push(PlainFlowDestination {
+                    peer: *sub,
+                    remote: e.remote,
+                    ssrc: e.ssrc,
+                    seq_offset,
+                    ts_offset,
+                });
+            }
+            if destinations.len() != n {
+                continue;
+            }
+            out.push(PlainFlow {
+                publisher: track.peer,
+                track: tid,
+                source: p.remote,
+                local: self.config.local_addr,
+                ssrc: p.ssrc,
+                destinations,
+            });
+        }
+        out.sort_by_key(|f| f.track);
+        out
+    }
+
+    /// Marks exactly `publishers` as forwarded by a kernel fast path (and
+    /// every other plain publisher as not): their sequence gaps are then not
+    /// counted as loss nor NACKed, since the core only sees samples.
+    pub fn set_kernel_forwarded(&mut self, publishers: &[PeerId]) {
+        for (id, peer) in self.peers.iter_mut() {
+            if let Transport::Rtp(e) = &mut peer.transport
+                && e.direction == RtpDirection::Publish
+            {
+                e.kernel_forwarded = publishers.contains(id);
+            }
+        }
     }
 
     /// Ends one session.
@@ -1348,9 +1435,19 @@ impl Sfu {
             return;
         };
         let Some(tid) = e.track else { return };
-        // Loss detection and NACKs towards the plain publisher.
+        e.simple_pt = (header.csrc_count == 0 && !header.has_extension && header.padding_len == 0)
+            .then_some(header.payload_type);
+        // Loss detection and NACKs towards the plain publisher. While the
+        // kernel forwards this stream only samples arrive here: their gaps
+        // are not loss.
         match e.highest_in {
             None => e.highest_in = Some(header.sequence),
+            Some(h) if e.kernel_forwarded => {
+                let gap = header.sequence.wrapping_sub(h);
+                if gap > 0 && gap < 0x8000 {
+                    e.highest_in = Some(header.sequence);
+                }
+            }
             Some(h) => {
                 let gap = header.sequence.wrapping_sub(h);
                 if gap > 0 && gap < 0x8000 {

@@ -115,6 +115,37 @@ pub struct RtpEndpointInfo {
     pub track: Option<TrackId>,
 }
 
+/// A plain-RTP publisher's stream that the core would forward unchanged
+/// apart from a constant per-subscriber rewrite, so a kernel fast path may
+/// forward it instead (see [`crate::Sfu::plain_flows`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainFlow {
+    /// The publishing endpoint.
+    pub publisher: PeerId,
+    pub track: TrackId,
+    /// Where the publisher sends from.
+    pub source: SocketAddr,
+    /// The shard address it sends to.
+    pub local: SocketAddr,
+    /// The publisher's SSRC.
+    pub ssrc: u32,
+    /// Every subscriber of the track; never empty.
+    pub destinations: Vec<PlainFlowDestination>,
+}
+
+/// One subscriber of a [`PlainFlow`] and its rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainFlowDestination {
+    pub peer: PeerId,
+    pub remote: SocketAddr,
+    /// The subscriber's SSRC.
+    pub ssrc: u32,
+    /// Added to the publisher's sequence number (mod 2^16).
+    pub seq_offset: u16,
+    /// Added to the publisher's timestamp (mod 2^32).
+    pub ts_offset: u32,
+}
+
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Transmit {

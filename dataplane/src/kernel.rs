@@ -1,0 +1,673 @@
+//! The kernel fast path in a running node (ARCHITECTURE.md §4): the XDP
+//! guard on the media interfaces, and forwarding of learned plain-RTP flows
+//! in the kernel. "Learn in userspace, offload to the kernel": the shards'
+//! cores say which plain-RTP streams they forward with a constant rewrite
+//! (`Sfu::plain_flows`), and a reconcile task installs exactly those in
+//! `ridge-ebpf`'s forwarding table, every [`RECONCILE_INTERVAL`] and on
+//! every session change.
+//!
+//! All of it is control plane: [`RidgeBpf`] sits behind a std mutex that
+//! only this module's task, `/metrics` and `/healthz` take; the packet path
+//! never does. When anything fails (no privilege, no BPF, a driver without
+//! XDP, a missing interface) the node logs one line and keeps relaying in
+//! userspace; [`KernelPath::mode`] says what it got.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ridge_ebpf::{
+    AttachMode, Counters, Destination, FlowCounters, FlowEntry, FlowKey, MAX_DESTINATIONS,
+    RateLimit, RidgeBpf, XdpProgram,
+};
+use ridge_sfu::{PeerId, PlainFlow, SfuEvent};
+use tokio::sync::broadcast;
+
+use crate::config::{KernelConfig, XdpSetting};
+use crate::media::MediaHandle;
+use crate::netinfo::{self, Tables};
+
+/// How often the forwarding table is reconciled with the shards' flows
+/// even without a session event (layer/source switches raise none).
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One in this many packets of a kernel-forwarded flow still goes through
+/// userspace (keeps its NACK buffer, stats and liveness warm).
+pub const SAMPLE_EVERY: u32 = 100;
+
+/// Why a flow the core offered stays in userspace (a gauge per reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NotOffloaded {
+    /// A destination (or the publisher) is on a loopback address: XDP on
+    /// `lo` is not a deployment, and the kernel forwards only real links.
+    Loopback,
+    /// IPv6: ridge-ebpf forwards IPv4 only.
+    Ipv6,
+    /// The shard socket is bound to a wildcard address: the address the
+    /// publisher sends to is unknown.
+    Wildcard,
+    /// No route or no complete neighbour entry for a destination yet.
+    Unresolved,
+    /// Several destinations, but the TC fan-out program is not attached.
+    FanoutUnavailable,
+    /// The forwarding table refused the entry.
+    InstallFailed,
+}
+
+impl NotOffloaded {
+    pub const ALL: [NotOffloaded; 6] = [
+        Self::Loopback,
+        Self::Ipv6,
+        Self::Wildcard,
+        Self::Unresolved,
+        Self::FanoutUnavailable,
+        Self::InstallFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loopback => "loopback",
+            Self::Ipv6 => "ipv6",
+            Self::Wildcard => "wildcard",
+            Self::Unresolved => "unresolved",
+            Self::FanoutUnavailable => "fanout_unavailable",
+            Self::InstallFailed => "install_failed",
+        }
+    }
+}
+
+/// One installed forwarding entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Installed {
+    shard: usize,
+    publisher: PeerId,
+    entry: FlowEntry,
+}
+
+struct Loaded {
+    bpf: RidgeBpf,
+    installed: HashMap<FlowKey, Installed>,
+    /// Counters of entries already removed, so totals never go back.
+    retired: FlowCounters,
+    /// Per shard: the publishers last reported as kernel-forwarded.
+    reported: Vec<Vec<PeerId>>,
+}
+
+/// A snapshot for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct KernelSnapshot {
+    pub mode: &'static str,
+    pub interfaces: Vec<(String, &'static str)>,
+    pub counters: Option<Counters>,
+    /// Per installed flow: key, destinations, counters.
+    pub flows: Vec<(FlowKey, usize, FlowCounters)>,
+    /// Sum over installed and removed flows.
+    pub totals: FlowCounters,
+    pub not_offloaded: Vec<(NotOffloaded, u64)>,
+    pub install_errors: u64,
+}
+
+/// The node's kernel fast path. Dropping it (or [`KernelPath::close`])
+/// detaches the programs and empties the tables.
+pub struct KernelPath {
+    mode: AttachMode,
+    interfaces: Vec<(String, AttachMode)>,
+    forwarding: bool,
+    fanout: bool,
+    loaded: Mutex<Option<Loaded>>,
+    status: Mutex<Status>,
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    not_offloaded: BTreeMap<NotOffloaded, u64>,
+    install_errors: u64,
+}
+
+impl std::fmt::Debug for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelPath")
+            .field("mode", &self.mode)
+            .field("interfaces", &self.interfaces)
+            .field("forwarding", &self.forwarding)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The weakest of several attach modes (what every media packet can count on).
+fn weakest(modes: impl IntoIterator<Item = AttachMode>) -> AttachMode {
+    let rank = |m: AttachMode| match m {
+        AttachMode::None => 0,
+        AttachMode::Generic => 1,
+        AttachMode::Native => 2,
+    };
+    modes
+        .into_iter()
+        .min_by_key(|m| rank(*m))
+        .unwrap_or(AttachMode::None)
+}
+
+impl KernelPath {
+    /// A kernel path that does nothing (mode none).
+    pub fn none() -> Self {
+        Self {
+            mode: AttachMode::None,
+            interfaces: Vec::new(),
+            forwarding: false,
+            fanout: false,
+            loaded: Mutex::new(None),
+            status: Mutex::new(Status::default()),
+        }
+    }
+
+    /// Loads and attaches the programs for the bound shards. Never fails:
+    /// every problem is one log line and a weaker mode.
+    pub fn start(config: &KernelConfig, media: &MediaHandle) -> Self {
+        if config.xdp == XdpSetting::Off {
+            tracing::info!("kernel fast path off (xdp = \"off\"): media stays in userspace");
+            return Self::none();
+        }
+        let udp = media.local_addr();
+        let interfaces = if !config.media_interfaces.is_empty() {
+            config.media_interfaces.clone()
+        } else if udp.ip().is_unspecified() {
+            // Config::warnings said so already.
+            return Self::none();
+        } else if udp.ip().is_loopback() {
+            tracing::info!(
+                udp = %udp,
+                "kernel fast path off: media listens on loopback (name media_interfaces to \
+                 attach anyway)"
+            );
+            return Self::none();
+        } else {
+            match netinfo::interface_owning(udp.ip()) {
+                Ok(Some(name)) => vec![name],
+                Ok(None) => {
+                    tracing::warn!(
+                        udp = %udp,
+                        "kernel fast path off: no interface owns the udp address; set \
+                         media_interfaces; media stays in userspace"
+                    );
+                    return Self::none();
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "kernel fast path off: cannot find the media interface ({e}); set \
+                         media_interfaces; media stays in userspace"
+                    );
+                    return Self::none();
+                }
+            }
+        };
+        let mut bpf = match RidgeBpf::load() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "kernel fast path unavailable (cannot load the BPF programs: {e}); xdp \
+                     mode none, media stays in userspace"
+                );
+                return Self::none();
+            }
+        };
+        let ports: Vec<u16> = media.local_addrs().iter().map(SocketAddr::port).collect();
+        let limit = (config.guard_rate_pps > 0).then_some(RateLimit {
+            packets_per_second: config.guard_rate_pps,
+            burst: config.guard_burst,
+        });
+        if let Err(e) = bpf
+            .guard()
+            .set_media_ports(&ports)
+            .and_then(|()| bpf.guard().set_rate_limit(limit))
+        {
+            tracing::warn!(error = %e, "kernel fast path unavailable (cannot configure the guard: {e}); xdp mode none");
+            return Self::none();
+        }
+        let program = if config.kernel_forwarding {
+            XdpProgram::GuardAndForward
+        } else {
+            XdpProgram::Guard
+        };
+        let mut attached = Vec::new();
+        for iface in &interfaces {
+            // attach_xdp logs its own line when it falls back.
+            let mode = bpf.attach_xdp(iface, program);
+            attached.push((iface.clone(), mode));
+        }
+        let mode = weakest(attached.iter().map(|(_, m)| *m));
+        let forwarding = config.kernel_forwarding && mode != AttachMode::None;
+        let mut fanout = forwarding;
+        if forwarding {
+            for (iface, _) in &attached {
+                if let Err(e) = bpf.attach_tc_fanout(iface) {
+                    tracing::warn!(
+                        iface,
+                        error = %e,
+                        "cannot attach the TC fan-out program: flows with several \
+                         subscribers stay in userspace"
+                    );
+                    fanout = false;
+                }
+            }
+        }
+        tracing::info!(
+            mode = mode.as_str(),
+            interfaces = ?attached.iter().map(|(i, m)| format!("{i}:{m}")).collect::<Vec<_>>(),
+            ports = ?ports,
+            rate_pps = config.guard_rate_pps,
+            burst = config.guard_burst,
+            forwarding,
+            "kernel fast path: xdp mode {}",
+            mode.as_str()
+        );
+        Self {
+            mode,
+            interfaces: attached,
+            forwarding,
+            fanout,
+            loaded: Mutex::new(Some(Loaded {
+                bpf,
+                installed: HashMap::new(),
+                retired: FlowCounters::default(),
+                reported: vec![Vec::new(); media.shard_count()],
+            })),
+            status: Mutex::new(Status::default()),
+        }
+    }
+
+    /// The XDP mode every media interface has at least.
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// Whether learned flows are installed in the kernel.
+    pub fn forwarding(&self) -> bool {
+        self.forwarding
+    }
+
+    /// Installed forwarding entries.
+    pub fn flow_count(&self) -> usize {
+        lock(&self.loaded).as_ref().map_or(0, |l| l.installed.len())
+    }
+
+    /// Detaches everything and empties the tables (as dropping does).
+    pub fn close(&self) {
+        let loaded = lock(&self.loaded).take();
+        drop(loaded);
+    }
+
+    /// Counters and per-flow state for `/metrics`.
+    pub fn snapshot(&self) -> KernelSnapshot {
+        let mut snap = KernelSnapshot {
+            mode: self.mode.as_str(),
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(|(i, m)| (i.clone(), m.as_str()))
+                .collect(),
+            ..KernelSnapshot::default()
+        };
+        {
+            let status = lock(&self.status);
+            snap.not_offloaded = NotOffloaded::ALL
+                .iter()
+                .map(|r| (*r, status.not_offloaded.get(r).copied().unwrap_or(0)))
+                .collect();
+            snap.install_errors = status.install_errors;
+        }
+        let mut guard = lock(&self.loaded);
+        let Some(l) = guard.as_mut() else {
+            return snap;
+        };
+        snap.counters = l.bpf.counters().ok();
+        let mut totals = l.retired;
+        if let Ok(list) = l.bpf.flows().list() {
+            for (key, c) in list {
+                add(&mut totals, &c);
+                let n = l
+                    .installed
+                    .get(&key)
+                    .map_or(0, |i| i.entry.destinations.len());
+                snap.flows.push((key, n, c));
+            }
+        }
+        snap.flows.sort_by_key(|(k, _, _)| (k.src, k.dst, k.ssrc));
+        snap.totals = totals;
+        snap
+    }
+
+    /// Reconciles the forwarding table with the shards' flows until the
+    /// node closes the kernel path or the shards stop.
+    pub async fn run(self: Arc<Self>, media: MediaHandle) {
+        if !self.forwarding {
+            return;
+        }
+        let mut events = media.subscribe_events();
+        let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                ev = events.recv() => match ev {
+                    Ok(SfuEvent::PeerConnected { .. }
+                        | SfuEvent::PeerClosed { .. }
+                        | SfuEvent::TrackPublished { .. }
+                        | SfuEvent::TrackUnpublished { .. }) => {}
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+            let Some(flows) = media.plain_flows(MAX_DESTINATIONS).await else {
+                return;
+            };
+            let tables = match tokio::task::spawn_blocking(Tables::read).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the route/neighbour tables");
+                    Tables::default()
+                }
+                Err(_) => return,
+            };
+            let Some(reports) = self.reconcile(&flows, &tables) else {
+                return;
+            };
+            for (shard, publishers) in reports {
+                media.set_kernel_forwarded(shard, publishers).await;
+            }
+        }
+    }
+
+    /// One reconcile pass. Returns the per-shard publisher sets that
+    /// changed, or `None` once the kernel path is closed.
+    fn reconcile(
+        &self,
+        flows: &[Vec<PlainFlow>],
+        tables: &Tables,
+    ) -> Option<Vec<(usize, Vec<PeerId>)>> {
+        let mut not_offloaded: BTreeMap<NotOffloaded, u64> = BTreeMap::new();
+        let mut desired: HashMap<FlowKey, Installed> = HashMap::new();
+        for (shard, shard_flows) in flows.iter().enumerate() {
+            for flow in shard_flows {
+                match entry_for(flow, tables, self.fanout) {
+                    Ok((key, entry)) => {
+                        desired.insert(
+                            key,
+                            Installed {
+                                shard,
+                                publisher: flow.publisher,
+                                entry,
+                            },
+                        );
+                    }
+                    Err(reason) => *not_offloaded.entry(reason).or_default() += 1,
+                }
+            }
+        }
+        let mut guard = lock(&self.loaded);
+        let l = guard.as_mut()?;
+        let mut install_errors = 0u64;
+        // Remove what is gone or changed; a changed entry is replaced below.
+        let stale: Vec<FlowKey> = l
+            .installed
+            .iter()
+            .filter(|(k, v)| desired.get(*k) != Some(*v))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            match l.bpf.flows().remove(key) {
+                Ok(Some(c)) => add(&mut l.retired, &c),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(?key, error = %e, "cannot remove a kernel flow"),
+            }
+            l.installed.remove(&key);
+        }
+        for (key, want) in desired {
+            if l.installed.contains_key(&key) {
+                continue;
+            }
+            match l.bpf.flows().insert(key, &want.entry) {
+                Ok(()) => {
+                    tracing::debug!(
+                        ?key,
+                        destinations = want.entry.destinations.len(),
+                        "kernel flow installed"
+                    );
+                    l.installed.insert(key, want);
+                }
+                Err(e) => {
+                    install_errors += 1;
+                    *not_offloaded
+                        .entry(NotOffloaded::InstallFailed)
+                        .or_default() += 1;
+                    tracing::warn!(?key, error = %e, "cannot install a kernel flow; it stays in userspace");
+                }
+            }
+        }
+        // Tell each shard which of its publishers the kernel now forwards.
+        let mut by_shard: Vec<Vec<PeerId>> = vec![Vec::new(); l.reported.len()];
+        for v in l.installed.values() {
+            if let Some(s) = by_shard.get_mut(v.shard) {
+                s.push(v.publisher);
+            }
+        }
+        let mut changed = Vec::new();
+        for (shard, mut now) in by_shard.into_iter().enumerate() {
+            now.sort();
+            now.dedup();
+            if l.reported[shard] != now {
+                l.reported[shard] = now.clone();
+                changed.push((shard, now));
+            }
+        }
+        drop(guard);
+        let mut status = lock(&self.status);
+        status.not_offloaded = not_offloaded;
+        status.install_errors += install_errors;
+        Some(changed)
+    }
+}
+
+/// The forwarding entry for one flow, or why there is none. `fanout`: the
+/// TC program is attached (needed for two or more destinations).
+fn entry_for(
+    flow: &PlainFlow,
+    tables: &Tables,
+    fanout: bool,
+) -> Result<(FlowKey, FlowEntry), NotOffloaded> {
+    let (SocketAddr::V4(src), SocketAddr::V4(local)) = (flow.source, flow.local) else {
+        return Err(NotOffloaded::Ipv6);
+    };
+    if local.ip().is_unspecified() {
+        return Err(NotOffloaded::Wildcard);
+    }
+    if src.ip().is_loopback() || local.ip().is_loopback() {
+        return Err(NotOffloaded::Loopback);
+    }
+    if flow.destinations.len() > 1 && !fanout {
+        return Err(NotOffloaded::FanoutUnavailable);
+    }
+    let mut destinations = Vec::with_capacity(flow.destinations.len());
+    for d in &flow.destinations {
+        let dst = match d.remote {
+            SocketAddr::V4(v4) => v4,
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(ip) => SocketAddrV4::new(ip, v6.port()),
+                None => return Err(NotOffloaded::Ipv6),
+            },
+        };
+        if dst.ip().is_loopback() || IpAddr::V4(*dst.ip()).is_unspecified() {
+            return Err(NotOffloaded::Loopback);
+        }
+        // No route, no complete neighbour entry, or an unreadable
+        // interface: wait; the next pass tries again.
+        let path = tables
+            .resolve(*dst.ip())
+            .map_err(|_| NotOffloaded::Unresolved)?;
+        destinations.push(Destination {
+            dst,
+            src: local,
+            ssrc: d.ssrc,
+            seq_offset: d.seq_offset,
+            ts_offset: d.ts_offset,
+            ifindex: path.ifindex,
+            dst_mac: path.dst_mac,
+            src_mac: path.src_mac,
+        });
+    }
+    Ok((
+        FlowKey {
+            src,
+            dst: local,
+            ssrc: flow.ssrc,
+        },
+        FlowEntry {
+            destinations,
+            sample_every: SAMPLE_EVERY,
+        },
+    ))
+}
+
+fn add(total: &mut FlowCounters, c: &FlowCounters) {
+    total.packets += c.packets;
+    total.bytes += c.bytes;
+    total.copies += c.copies;
+    total.sampled += c.sampled;
+    total.errors += c.errors;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use ridge_sfu::{PlainFlowDestination, TrackId};
+
+    /// Routes everything via `lo` (present on every host, so its sysfs
+    /// index and MAC can be read) and knows one neighbour.
+    fn tables() -> Tables {
+        Tables {
+            routes: netinfo::parse_routes(
+                "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                 lo\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\n",
+            ),
+            neighbours: netinfo::parse_arp(
+                "IP address HW type Flags HW address Mask Device\n\
+                 10.0.0.7 0x1 0x2 02:00:00:00:00:07 * lo\n",
+            ),
+        }
+    }
+
+    fn flow(dests: &[&str]) -> PlainFlow {
+        PlainFlow {
+            publisher: PeerId(1),
+            track: TrackId(2),
+            source: "10.0.0.5:4000".parse().unwrap(),
+            local: "10.0.0.1:5004".parse().unwrap(),
+            ssrc: 0x1234,
+            destinations: dests
+                .iter()
+                .enumerate()
+                .map(|(i, d)| PlainFlowDestination {
+                    peer: PeerId(10 + i as u64),
+                    remote: d.parse().unwrap(),
+                    ssrc: 0xb0 + i as u32,
+                    seq_offset: 100 + i as u16,
+                    ts_offset: 9000 + i as u32,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_entry_carries_the_cores_rewrite_and_the_resolved_path() {
+        let (key, entry) = entry_for(&flow(&["10.0.0.7:6000"]), &tables(), false).unwrap();
+        assert_eq!(
+            key,
+            FlowKey {
+                src: "10.0.0.5:4000".parse().unwrap(),
+                dst: "10.0.0.1:5004".parse().unwrap(),
+                ssrc: 0x1234
+            }
+        );
+        assert_eq!(entry.sample_every, SAMPLE_EVERY);
+        let (lo_index, lo_mac) = netinfo::link("lo").unwrap();
+        assert_eq!(
+            entry.destinations,
+            vec![Destination {
+                dst: "10.0.0.7:6000".parse().unwrap(),
+                src: "10.0.0.1:5004".parse().unwrap(),
+                ssrc: 0xb0,
+                seq_offset: 100,
+                ts_offset: 9000,
+                ifindex: lo_index,
+                dst_mac: [2, 0, 0, 0, 0, 7],
+                src_mac: lo_mac,
+            }]
+        );
+    }
+
+    #[test]
+    fn flows_the_kernel_cannot_take_say_why() {
+        let t = tables();
+        let e = |f: &PlainFlow, fanout| entry_for(f, &t, fanout).map(|_| ()).unwrap_err();
+        // No neighbour entry for .8 yet.
+        assert_eq!(
+            e(&flow(&["10.0.0.8:6000"]), false),
+            NotOffloaded::Unresolved
+        );
+        // No route at all.
+        assert_eq!(
+            e(&flow(&["192.0.2.1:6000"]), false),
+            NotOffloaded::Unresolved
+        );
+        // One unresolved destination keeps the whole flow in userspace.
+        assert_eq!(
+            e(&flow(&["10.0.0.7:6000", "10.0.0.8:6000"]), true),
+            NotOffloaded::Unresolved
+        );
+        assert_eq!(
+            e(&flow(&["10.0.0.7:6000", "10.0.0.7:6002"]), false),
+            NotOffloaded::FanoutUnavailable
+        );
+        assert!(entry_for(&flow(&["10.0.0.7:6000", "10.0.0.7:6002"]), &t, true).is_ok());
+        assert_eq!(e(&flow(&["127.0.0.1:6000"]), false), NotOffloaded::Loopback);
+        assert_eq!(e(&flow(&["[2001:db8::1]:6000"]), false), NotOffloaded::Ipv6);
+        let mut wild = flow(&["10.0.0.7:6000"]);
+        wild.local = "0.0.0.0:5004".parse().unwrap();
+        assert_eq!(e(&wild, false), NotOffloaded::Wildcard);
+        let mut v6 = flow(&["10.0.0.7:6000"]);
+        v6.source = "[2001:db8::5]:4000".parse().unwrap();
+        assert_eq!(e(&v6, false), NotOffloaded::Ipv6);
+    }
+
+    #[test]
+    fn the_weakest_mode_is_reported() {
+        use AttachMode::*;
+        assert_eq!(weakest([Native, Native]), Native);
+        assert_eq!(weakest([Native, Generic]), Generic);
+        assert_eq!(weakest([Generic, None, Native]), None);
+        assert_eq!(weakest([]), None);
+    }
+
+    #[test]
+    fn a_kernel_path_that_is_off_reports_none_and_no_flows() {
+        let k = KernelPath::none();
+        assert_eq!(k.mode(), AttachMode::None);
+        assert_eq!(k.flow_count(), 0);
+        assert!(!k.forwarding());
+        let s = k.snapshot();
+        assert_eq!(s.mode, "none");
+        assert!(s.counters.is_none());
+        k.close();
+    }
+}
