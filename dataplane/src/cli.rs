@@ -160,6 +160,10 @@ impl RunArgs {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing would only complicate clap's derive"
+)]
 pub enum Command {
     /// Print an access token signed with the node's secret
     Token(TokenArgs),
