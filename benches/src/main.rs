@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)]
 
+mod kernel_path;
 mod mmsg;
 mod naive;
 mod node;
@@ -42,6 +43,11 @@ Scenarios:
            WHEP subscribers, all on one thread of this process; every leg is
            ICE + DTLS-SRTP, so the node decrypts once and encrypts per
            subscriber
+  kernel-path  ridge-ebpf's programs: cost per packet of each through
+           BPF_PROG_TEST_RUN, then packets per core of a forwarding hop B on a
+           veth topology A -> B -> C in private namespaces, XDP rewrite+redirect
+           vs a recvmmsg/sendmmsg relay, in the same run (root; --duration s
+           per path, --json)
   rooms    --rooms M rooms (default 2), each with one publisher and an equal
            share of --subscribers (default 50); rooms are named so that they
            spread evenly over the node's --shards
@@ -77,6 +83,9 @@ enum Scenario {
     Rooms,
     /// A str0m WHIP publisher and N str0m WHEP subscribers (SRTP on every leg)
     WebrtcFanout,
+    /// The kernel fast path: BPF programs' cost per packet (BPF_PROG_TEST_RUN)
+    /// and kernel vs userspace forwarding per core on veth pairs (root)
+    KernelPath,
     /// All of the above in sequence, with the ratio table
     All,
 }
@@ -161,6 +170,9 @@ fn run(cli: &Cli) -> Result<()> {
     if !(cli.duration > 0.0 && cli.duration.is_finite()) {
         bail!("--duration must be a positive number of seconds");
     }
+    if cli.scenario == Scenario::KernelPath {
+        return kernel_path::run(cli.duration, cli.json.as_deref());
+    }
     if cli.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of packets/s");
     }
@@ -213,6 +225,8 @@ fn run(cli: &Cli) -> Result<()> {
             Kind::Node,
             topo(fanout_n, cli.rooms, cli.shards),
         )],
+        // Handled above.
+        Scenario::KernelPath => Vec::new(),
         Scenario::All => vec![
             ("ceiling".into(), Kind::Ceiling, topo(1, 1, 1)),
             ("ceiling-max".into(), Kind::Ceiling, topo(1, 1, 1)),

@@ -12,14 +12,15 @@
 //!    the sender and receiver run on CPU 1 and are not charged to B.
 //!
 //! ```sh
-//! cargo run -p ridge-ebpf --release --example kernel_path -- [--seconds 3] [--json FILE]
+//! ridge-bench kernel-path [--duration 3] [--json FILE]
 //! ```
 //!
 //! Needs root; prints a table and then one JSON object.
 //! `KERNEL_PATH_DEBUG=1` also prints the programs' counters after each path.
 #![allow(clippy::print_stdout)] // a command-line report
 
-#[path = "../tests/common/mod.rs"]
+// ridge-ebpf's test helpers (namespaces, veth pairs, crafted frames).
+#[path = "../../ebpf/tests/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
@@ -38,23 +39,11 @@ const MEDIA_PORT: u16 = 5004;
 const PAYLOAD: usize = 160; // RTP payload bytes: 20 ms of G.711
 const REPEAT: u32 = 1_000_000;
 
-fn main() {
-    let mut seconds = 3.0f64;
-    let mut json_path = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--seconds" => seconds = args.next().and_then(|s| s.parse().ok()).unwrap_or(seconds),
-            "--json" => json_path = args.next(),
-            _ => {
-                eprintln!("usage: kernel_path [--seconds N] [--json FILE]");
-                std::process::exit(64);
-            }
-        }
-    }
+/// Runs both measurements, prints the tables and the JSON object, and
+/// writes the JSON to `json_path` when given.
+pub fn run(seconds: f64, json_path: Option<&std::path::Path>) -> anyhow::Result<()> {
     if let Err(e) = common::netns_tools() {
-        eprintln!("kernel_path: {e}");
-        std::process::exit(2);
+        anyhow::bail!("kernel-path needs root and iproute2: {e}");
     }
 
     let costs = test_run_costs();
@@ -95,12 +84,11 @@ fn main() {
         },
     });
     println!("{json}");
-    if let Some(path) = json_path
-        && let Err(e) = std::fs::write(&path, format!("{json:#}\n"))
-    {
-        eprintln!("kernel_path: writing {path}: {e}");
-        std::process::exit(1);
+    if let Some(path) = json_path {
+        std::fs::write(path, format!("{json:#}\n"))
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
+    Ok(())
 }
 
 // ---- 1. test_run -----------------------------------------------------------
