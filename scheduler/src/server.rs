@@ -50,14 +50,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(StartError::Tls)?;
     let (registry, metrics) = crate::metrics::registry();
     let sched = Scheduler::open(config, metrics).await?;
-    let listener =
-        std::net::TcpListener::bind(sched.config.listen).map_err(|source| StartError::Bind {
-            addr: sched.config.listen,
-            source,
-        })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| StartError::Serve(e.to_string()))?;
+    let listener = bind_listener(sched.config.listen).map_err(|source| StartError::Bind {
+        addr: sched.config.listen,
+        source,
+    })?;
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Serve(e.to_string()))?;
@@ -133,4 +129,24 @@ impl Running {
             }
         }
     }
+}
+
+/// Connections the kernel may queue before `accept`: thousands of agents
+/// reconnect at once after a restart or a network blip, and std's default
+/// backlog (128) makes the overflow wait out SYN retransmits (1 s, 3 s, 7 s).
+/// The kernel caps it at `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// A non-blocking listener on `addr` with [`ACCEPT_BACKLOG`].
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(ACCEPT_BACKLOG)?.into_std()?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
