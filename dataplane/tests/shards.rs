@@ -12,13 +12,17 @@
 //! The allocation counter is per thread, so the tests do not disturb each
 //! other.
 
+mod common;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ridge_dataplane::config::{self, FileConfig, IoBackend, Overrides};
 use ridge_dataplane::node::Node;
-use ridge_sfu::{RtpDirection, RtpEndpointSpec, TrackKind};
+
+use common::video_spec as spec;
+use ridge_sfu::RtpDirection;
 
 #[global_allocator]
 static ALLOC: ridge_io::CountingAlloc = ridge_io::CountingAlloc;
@@ -26,14 +30,7 @@ static ALLOC: ridge_io::CountingAlloc = ridge_io::CountingAlloc;
 const SSRC: u32 = 0x1234_5678;
 
 fn rtp(seq: u16, keyframe: bool) -> Vec<u8> {
-    let mut p = vec![0x80, 96];
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&(u32::from(seq) * 3000).to_be_bytes());
-    p.extend_from_slice(&SSRC.to_be_bytes());
-    // VP8 payload descriptor + a keyframe (P bit clear) or delta frame.
-    p.extend_from_slice(&[0x10, if keyframe { 0x00 } else { 0x01 }, 0x9d, 0x01, 0x2a]);
-    p.resize(200, 0xab);
-    p
+    common::vp8_rtp(SSRC, seq, keyframe, 200)
 }
 
 /// A blocking receive that retries when a signal interrupts it.
@@ -82,14 +79,6 @@ impl Relay {
         let node = Node::start(cfg).await.expect("node");
         let media = node.media().clone();
         let publisher = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let spec = |direction, remote: SocketAddr, ssrc| RtpEndpointSpec {
-            direction,
-            kind: TrackKind::Video,
-            remote,
-            payload_type: 96,
-            ssrc,
-            track: None,
-        };
         let info = media
             .rtp_endpoint(
                 "shards",
@@ -160,12 +149,7 @@ impl Relay {
 }
 
 fn block_on(f: impl std::future::Future<Output = ()>) {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f);
+    common::block_on(1, f);
 }
 
 fn allocates_nothing(backend: IoBackend) {

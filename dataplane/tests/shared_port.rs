@@ -13,14 +13,17 @@
 //!   steered by the shard in our ufrag and the DTLS that follows by the
 //!   learned flow.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use common::video_spec as spec;
 use ridge_dataplane::config::{self, FileConfig, Overrides, ShardPorts};
 use ridge_dataplane::media::shard_for_room;
 use ridge_dataplane::node::Node;
-use ridge_sfu::{OfferIntent, RtpDirection, RtpEndpointSpec, TrackKind};
+use ridge_sfu::{OfferIntent, RtpDirection};
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind};
 use str0m::net::{Protocol, Receive};
@@ -83,22 +86,11 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 }
 
 fn rtp(ssrc: u32, seq: u16) -> Vec<u8> {
-    let mut p = vec![0x80, 96];
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&(u32::from(seq) * 3000).to_be_bytes());
-    p.extend_from_slice(&ssrc.to_be_bytes());
-    p.extend_from_slice(&[0x10, if seq == 0 { 0x00 } else { 0x01 }, 0x9d, 0x01, 0x2a]);
-    p.resize(120, 0xab);
-    p
+    common::vp8_rtp(ssrc, seq, seq == 0, 120)
 }
 
 fn block_on(f: impl std::future::Future<Output = ()>) {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f);
+    common::block_on(2, f);
 }
 
 #[test]
@@ -112,14 +104,6 @@ fn plain_rtp_rooms_on_both_shards_share_one_port() {
         assert_eq!(media.shard_ports(), "shared");
         let addrs = media.local_addrs();
         assert_eq!(addrs[0], addrs[1], "both shards on one address");
-        let spec = |direction, remote: SocketAddr, ssrc| RtpEndpointSpec {
-            direction,
-            kind: TrackKind::Video,
-            remote,
-            payload_type: 96,
-            ssrc,
-            track: None,
-        };
         // Per shard: 4 rooms' worth of (publisher, subscriber), each room
         // its own, so a publisher's packets have exactly one reader.
         let mut pairs = Vec::new();
