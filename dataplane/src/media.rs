@@ -649,35 +649,33 @@ impl Shard {
     fn receive(&mut self) -> bool {
         let local = self.io.local_addr();
         let mut meta = [RecvMeta::default(); MAX_BATCH];
-        {
-            let io = &mut self.io;
-            let got = self
-                .sfu
-                .packet_pool()
-                .recv_slots(MAX_BATCH, |bufs| io.recv(bufs, &mut meta));
-            let n = match got {
-                Ok(0) => return true,
-                Ok(n) => n,
-                Err(e) => {
-                    self.metrics.udp_recv_errors.inc();
-                    tracing::error!(error = %e, "media socket receive failed");
-                    return true;
-                }
-            };
-            // Freeze the whole batch before routing: routing may take
-            // further slots from the pool.
-            let pool = self.sfu.packet_pool();
-            let packets: [Option<PacketBuf>; MAX_BATCH] =
-                std::array::from_fn(|i| (i < n).then(|| pool.freeze(i, meta[i].len)));
-            let now = Instant::now();
-            for (packet, m) in packets.into_iter().zip(&meta).take(n) {
-                let Some(packet) = packet else { continue };
-                if m.truncated {
-                    self.stats.truncated.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                self.sfu.handle_packet(now, m.source, local, packet);
+        let io = &mut self.io;
+        let got = self
+            .sfu
+            .packet_pool()
+            .recv_slots(MAX_BATCH, |bufs| io.recv(bufs, &mut meta));
+        let n = match got {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(e) => {
+                self.metrics.udp_recv_errors.inc();
+                tracing::error!(error = %e, "media socket receive failed");
+                return true;
             }
+        };
+        // Freeze the whole batch before routing: routing may take further
+        // slots from the pool.
+        let pool = self.sfu.packet_pool();
+        let packets: [Option<PacketBuf>; MAX_BATCH] =
+            std::array::from_fn(|i| (i < n).then(|| pool.freeze(i, meta[i].len)));
+        let now = Instant::now();
+        for (packet, m) in packets.into_iter().zip(&meta).take(n) {
+            let Some(packet) = packet else { continue };
+            if m.truncated {
+                self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.sfu.handle_packet(now, m.source, local, packet);
         }
         false
     }
