@@ -135,13 +135,21 @@ impl BufPool {
         Arc::strong_count(slot) == 1 && Arc::weak_count(slot) == 0
     }
 
-    /// The index of a free slot, growing the pool if none is.
-    fn free_slot(&mut self, skip: &[usize]) -> usize {
+    /// The index of a free slot at or after the cursor, looking at no more
+    /// than `budget` slots (and taking what it looked at off the budget);
+    /// grows the pool when none is found.
+    ///
+    /// One receive lends its slots with one shared budget that starts at the
+    /// pool's size: the cursor only moves forward, so the slots lent so far
+    /// lie in the part of the ring already scanned, and a scan that stays
+    /// within the budget never meets them again.
+    fn free_slot(&mut self, budget: &mut usize) -> usize {
         let n = self.slots.len();
-        for step in 0..n {
-            let i = (self.cursor + step) % n;
-            if Self::is_free(&self.slots[i]) && !skip.contains(&i) {
-                self.cursor = (i + 1) % n;
+        while *budget > 0 {
+            *budget -= 1;
+            let i = self.cursor;
+            self.cursor = (i + 1) % n;
+            if Self::is_free(&self.slots[i]) {
                 return i;
             }
         }
@@ -157,8 +165,9 @@ impl BufPool {
         let n = n.min(MAX_BATCH);
         let mut lent = std::mem::take(&mut self.lent);
         lent.clear();
+        let mut budget = self.slots.len();
         for _ in 0..n {
-            let i = self.free_slot(&lent);
+            let i = self.free_slot(&mut budget);
             lent.push(i);
         }
         // Disjoint mutable borrows of the lent slots: walk them in index
