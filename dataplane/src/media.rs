@@ -363,56 +363,52 @@ impl MediaHandle {
         rx.await.unwrap_or_default()
     }
 
+    /// Sends the command `make` builds to every shard and collects the
+    /// replies, by shard index; `None` if a shard has stopped.
+    async fn ask_every_shard<T>(
+        &self,
+        make: impl Fn(oneshot::Sender<T>) -> Command,
+    ) -> Option<Vec<T>> {
+        let mut out = Vec::with_capacity(self.shards.len());
+        for link in self.shards.iter() {
+            let (tx, rx) = oneshot::channel();
+            link.tx.send(make(tx)).await.ok()?;
+            out.push(rx.await.ok()?);
+        }
+        Some(out)
+    }
+
     /// A statistics snapshot of every shard, merged, and the number of open
     /// sessions; `None` if any shard has stopped.
     pub async fn stats(&self) -> Option<(StatsSnapshot, usize)> {
-        let mut total: Option<(StatsSnapshot, usize)> = None;
-        for link in self.shards.iter() {
-            let (tx, rx) = oneshot::channel();
-            link.tx.send(Command::Stats { reply: tx }).await.ok()?;
-            let (snap, sessions) = rx.await.ok()?;
-            match &mut total {
-                None => total = Some((snap, sessions)),
-                Some((t, n)) => {
-                    t.merge(snap);
-                    *n += sessions;
-                }
-            }
-        }
-        total
+        let replies = self
+            .ask_every_shard(|reply| Command::Stats { reply })
+            .await?;
+        replies
+            .into_iter()
+            .reduce(|(mut total, n), (snap, sessions)| {
+                total.merge(snap);
+                (total, n + sessions)
+            })
     }
 
     /// Remote addresses of every live session on every shard; `None` if a
     /// shard has stopped.
     pub async fn remote_addrs(&self) -> Option<Vec<SocketAddr>> {
-        let mut all = Vec::new();
-        for link in self.shards.iter() {
-            let (tx, rx) = oneshot::channel();
-            link.tx
-                .send(Command::RemoteAddrs { reply: tx })
-                .await
-                .ok()?;
-            all.extend(rx.await.ok()?);
-        }
-        Some(all)
+        let replies = self
+            .ask_every_shard(|reply| Command::RemoteAddrs { reply })
+            .await?;
+        Some(replies.into_iter().flatten().collect())
     }
 
     /// Each shard's plain-RTP flows that a kernel fast path could forward
     /// (`Sfu::plain_flows`), by shard index; `None` if a shard has stopped.
     pub async fn plain_flows(&self, max_destinations: usize) -> Option<Vec<Vec<PlainFlow>>> {
-        let mut out = Vec::with_capacity(self.shards.len());
-        for link in self.shards.iter() {
-            let (tx, rx) = oneshot::channel();
-            link.tx
-                .send(Command::PlainFlows {
-                    max_destinations,
-                    reply: tx,
-                })
-                .await
-                .ok()?;
-            out.push(rx.await.ok()?);
-        }
-        Some(out)
+        self.ask_every_shard(|reply| Command::PlainFlows {
+            max_destinations,
+            reply,
+        })
+        .await
     }
 
     /// Tells shard `shard` which of its plain publishers the kernel
