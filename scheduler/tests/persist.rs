@@ -45,14 +45,16 @@ async fn restart_keeps_nodes_and_tokens() {
     let tokens = c.get("/v1/tokens", Some(ADMIN)).await.unwrap().json();
     assert_eq!(tokens["tokens"][0]["id"], tid.as_str());
     assert_eq!(tokens["tokens"][0]["uses"], 1);
+    // The desired state resumes at the same version: no change, no new
+    // version. (Checked before another node enrolls below: a new peer may
+    // legitimately change this node's desired state.)
+    let v2 = desired(&c, &n, 0, 1).await.unwrap();
+    assert_eq!(v2.version, v1.version);
+    assert_eq!(v2.dataplane_secret, v1.dataplane_secret);
     // The bootstrap token still works (2 uses left) and the node token is still valid.
     enroll_ok(&c, &token).await;
     let r = heartbeat(&c, &n, &report("127.0.0.1:5004", 0.3, &[], &[])).await;
     assert_eq!(r.status.as_u16(), 200, "{}", r.body);
-    // The desired state resumes at the same version: no change, no new version.
-    let v2 = desired(&c, &n, 0, 1).await.unwrap();
-    assert_eq!(v2.version, v1.version);
-    assert_eq!(v2.dataplane_secret, v1.dataplane_secret);
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
