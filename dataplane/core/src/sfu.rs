@@ -215,6 +215,18 @@ struct Io {
 }
 
 impl Io {
+    /// Makes room for `packets` more header-plus-payload transmits in
+    /// flight at once: header buffers in the pool and output queue slots.
+    fn reserve_fanout(&mut self, packets: usize) {
+        let add = packets.min(HEADER_POOL_MAX.saturating_sub(self.headers.len()));
+        self.headers
+            .extend((0..add).map(|_| Vec::with_capacity(HEADER_CAPACITY)));
+        // Capacity grows by `packets` for every subscriber added (exactly:
+        // `reserve` would double it every time).
+        let want = self.outputs.capacity() + packets;
+        self.outputs.reserve_exact(want - self.outputs.len());
+    }
+
     /// A buffer for a header of up to [`HEADER_CAPACITY`] bytes.
     fn header(&mut self) -> Vec<u8> {
         let mut b = self
@@ -781,6 +793,12 @@ impl Sfu {
         };
         let id = PeerId(crate::ids::tagged(self.config.shard, self.random()));
         let initial = (self.random() & 0x3fff) as u16;
+        if spec.direction == RtpDirection::Subscribe {
+            // A receive batch fanned out to this subscriber needs a header
+            // buffer and an output slot per packet: provision them now, on
+            // the control path, so the packet path never grows a pool.
+            self.io.reserve_fanout(crate::buf::MAX_BATCH);
+        }
         let mut endpoint = RtpEndpoint {
             direction: spec.direction,
             kind: spec.kind,
