@@ -1,5 +1,7 @@
-//! Compiles the C BPF programs in `bpf/` into one object with
-//! `clang -O2 -g -target bpf`; the crate embeds it (`include_bytes!`).
+//! Compiles the C BPF programs in `bpf/` with `clang -O2 -g -target bpf`:
+//! `ridge.bpf.c` (the dataplane's programs) into `ridge.bpf.o` and
+//! `impair.bpf.c` (the test impairment) into `impair.bpf.o`; the crate
+//! embeds both (`include_bytes!`).
 //!
 //! `$CLANG` names the compiler (default `clang`). A missing compiler or
 //! missing libbpf headers stop the build with a message that says what to
@@ -9,7 +11,13 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: &[&str] = &["bpf/ridge.bpf.c", "bpf/ridge.h"];
+const SOURCES: &[&str] = &["bpf/ridge.bpf.c", "bpf/impair.bpf.c", "bpf/ridge.h"];
+
+/// (source, object in `$OUT_DIR`) for each BPF object the crate embeds.
+const OBJECTS: &[(&str, &str)] = &[
+    ("bpf/ridge.bpf.c", "ridge.bpf.o"),
+    ("bpf/impair.bpf.c", "impair.bpf.o"),
+];
 
 fn main() {
     for source in SOURCES {
@@ -39,8 +47,14 @@ fn main() {
         ));
     }
 
-    let object = out_dir.join("ridge.bpf.o");
-    let mut cmd = Command::new(&clang);
+    let multiarch = multiarch_include();
+    for (source, object) in OBJECTS {
+        compile(&clang, multiarch.as_deref(), source, &out_dir.join(object));
+    }
+}
+
+fn compile(clang: &str, multiarch: Option<&Path>, source: &str, object: &Path) {
+    let mut cmd = Command::new(clang);
     cmd.args([
         "-O2",
         "-g",
@@ -53,16 +67,16 @@ fn main() {
     .arg("-Ibpf");
     // <linux/types.h> includes <asm/types.h>, which Debian keeps in the
     // host's multiarch directory; `-target bpf` does not search it.
-    if let Some(dir) = multiarch_include() {
+    if let Some(dir) = multiarch {
         cmd.arg(format!("-I{}", dir.display()));
     }
-    cmd.args(["-c", "bpf/ridge.bpf.c", "-o"]).arg(&object);
+    cmd.args(["-c", source, "-o"]).arg(object);
     let status = cmd
         .status()
         .unwrap_or_else(|e| fail(&format!("running {clang}: {e}")));
     if !status.success() {
         fail(&format!(
-            "{clang} failed to compile bpf/ridge.bpf.c ({status}); see the errors above"
+            "{clang} failed to compile {source} ({status}); see the errors above"
         ));
     }
 }

@@ -1,5 +1,5 @@
-/* Map key and value types shared by the BPF programs (ridge.bpf.c) and
- * userspace. The Rust mirrors live in src/types.rs and check size and every
+/* Map key and value types shared by the BPF programs (ridge.bpf.c, and
+ * impair.bpf.c for the test impairment) and userspace. The Rust mirrors live in src/types.rs and check size and every
  * field offset at compile time: change both together.
  *
  * Rules: fixed-width types only, explicit padding fields (named _pad*), no
@@ -127,6 +127,23 @@ struct ridge_fwd_stats {
 	__u32 _pad0;
 };
 
+/* Test impairment (impair.bpf.c, its own object): configuration (array map
+ * `ridge_impair_cfg`, one element). A drop is decided per packet with
+ * bpf_get_prandom_u32(). */
+#define RIDGE_IMPAIR_PPM 1000000 /* loss_ppm at which every packet is dropped */
+struct ridge_impair_cfg {
+	__u32 loss_ppm; /* drop probability, parts per million (0..=RIDGE_IMPAIR_PPM) */
+	__u32 udp_only; /* non-zero: only UDP over IPv4/IPv6 is impaired */
+};
+
+/* Test impairment counters (per-CPU array `ridge_impair_stats`, one
+ * element). passed + dropped = packets subject to loss. */
+struct ridge_impair_stats {
+	__u64 passed;  /* subject to loss, let through */
+	__u64 dropped; /* subject to loss, dropped (TC_ACT_SHOT) */
+	__u64 exempt;  /* let through untouched: not UDP while udp_only is set */
+};
+
 /* The same sizes and offsets that src/types.rs asserts for the Rust
  * mirrors: a change on one side only fails one of the two builds. */
 #define RIDGE_LAYOUT(type, size) _Static_assert(sizeof(type) == (size), #type " size")
@@ -167,5 +184,10 @@ RIDGE_AT(struct ridge_fwd_stats, copies, 16);
 RIDGE_AT(struct ridge_fwd_stats, sampled, 24);
 RIDGE_AT(struct ridge_fwd_stats, errors, 32);
 RIDGE_AT(struct ridge_fwd_stats, sample_countdown, 40);
+RIDGE_LAYOUT(struct ridge_impair_cfg, 8);
+RIDGE_AT(struct ridge_impair_cfg, udp_only, 4);
+RIDGE_LAYOUT(struct ridge_impair_stats, 24);
+RIDGE_AT(struct ridge_impair_stats, dropped, 8);
+RIDGE_AT(struct ridge_impair_stats, exempt, 16);
 
 #endif

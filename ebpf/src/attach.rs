@@ -58,7 +58,7 @@ impl fmt::Display for AttachMode {
     }
 }
 
-/// How the TC program is hooked to an interface's ingress.
+/// How a TC program is hooked to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TcAttachKind {
     /// A TCX link (kernel 6.6 and later); goes away with the program.
@@ -208,51 +208,19 @@ impl RidgeBpf {
         }
         self.detach_tc_fanout(iface)?;
         let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_FANOUT)?;
-        let mut failures = Vec::new();
-        for &kind in kinds {
-            let options = match kind {
-                TcAttachKind::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
-                TcAttachKind::Clsact => {
-                    // EEXIST (a clsact qdisc is already there) is fine.
-                    if let Err(e) = tc::qdisc_add_clsact(iface) {
-                        tracing::debug!("ridge-ebpf: adding clsact to {iface}: {e}");
-                    }
-                    TcAttachOptions::Netlink(NlOptions::default())
-                }
-            };
-            match prog.attach_with_options(iface, TcAttachType::Ingress, options) {
-                Ok(link) => {
-                    tracing::info!("ridge-ebpf: TC {PROG_FANOUT} on {iface} ingress ({kind:?})");
-                    self.attachments.tc.push(TcAttachment {
-                        iface: iface.to_owned(),
-                        link,
-                    });
-                    return Ok(kind);
-                }
-                Err(e) => failures.push((kind, e)),
-            }
-        }
-        let target = format!(
-            "{iface} ingress ({})",
-            failures
-                .iter()
-                .map(|(kind, e)| format!("{kind:?}: {}", error_chain(e)))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        let source = match failures.pop() {
-            Some((_, e)) => e,
-            None => {
-                return Err(Error::InvalidArgument(
-                    "no TC attach kind to try".to_owned(),
-                ));
-            }
-        };
-        Err(Error::Attach {
-            program: PROG_FANOUT,
-            target,
-            source: Box::new(source),
-        })
+        let (link, kind) = attach_tc(
+            prog,
+            PROG_FANOUT,
+            iface,
+            TcAttachType::Ingress,
+            TcxPlace::Last,
+            kinds,
+        )?;
+        self.attachments.tc.push(TcAttachment {
+            iface: iface.to_owned(),
+            link,
+        });
+        Ok(kind)
     }
 
     /// Detaches the fan-out program from `iface`, if this `RidgeBpf`
@@ -268,8 +236,85 @@ impl RidgeBpf {
     }
 }
 
+/// Where a TCX link goes among the other programs on its hook (a `clsact`
+/// filter gets the priority the kernel picks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TcxPlace {
+    First,
+    Last,
+}
+
+/// Attaches the loaded TC program `prog` (named `name`) to `iface` (in the
+/// calling thread's network namespace) at `attach_type`, trying `kinds` in
+/// order: TCX, or a filter on a `clsact` qdisc (added if missing). Logs one
+/// line saying which it got.
+pub(crate) fn attach_tc(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    attach_type: TcAttachType,
+    place: TcxPlace,
+    kinds: &[TcAttachKind],
+) -> Result<(tc::SchedClassifierLinkId, TcAttachKind)> {
+    if iface.contains('\0') {
+        // aya would panic turning this into a C string.
+        return Err(Error::InvalidArgument(format!(
+            "interface name {iface:?} contains NUL"
+        )));
+    }
+    let hook = match attach_type {
+        TcAttachType::Ingress => "ingress",
+        TcAttachType::Egress => "egress",
+        TcAttachType::Custom(_) => "custom parent",
+    };
+    let mut failures = Vec::new();
+    for &kind in kinds {
+        let options = match kind {
+            TcAttachKind::Tcx => TcAttachOptions::TcxOrder(match place {
+                TcxPlace::First => LinkOrder::first(),
+                TcxPlace::Last => LinkOrder::default(),
+            }),
+            TcAttachKind::Clsact => {
+                // EEXIST (a clsact qdisc is already there) is fine.
+                if let Err(e) = tc::qdisc_add_clsact(iface) {
+                    tracing::debug!("ridge-ebpf: adding clsact to {iface}: {e}");
+                }
+                TcAttachOptions::Netlink(NlOptions::default())
+            }
+        };
+        match prog.attach_with_options(iface, attach_type, options) {
+            Ok(link) => {
+                tracing::info!("ridge-ebpf: TC {name} on {iface} {hook} ({kind:?})");
+                return Ok((link, kind));
+            }
+            Err(e) => failures.push((kind, e)),
+        }
+    }
+    let target = format!(
+        "{iface} {hook} ({})",
+        failures
+            .iter()
+            .map(|(kind, e)| format!("{kind:?}: {}", error_chain(e)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let source = match failures.pop() {
+        Some((_, e)) => e,
+        None => {
+            return Err(Error::InvalidArgument(
+                "no TC attach kind to try".to_owned(),
+            ));
+        }
+    };
+    Err(Error::Attach {
+        program: name,
+        target,
+        source: Box::new(source),
+    })
+}
+
 /// An error with its sources, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

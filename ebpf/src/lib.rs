@@ -21,6 +21,10 @@
 //!
 //! Everything here needs `CAP_BPF`/`CAP_NET_ADMIN` (root, in practice).
 //!
+//! Apart from the relay's programs, [`Impairment`] puts random packet loss
+//! on an interface (`ridge_impair`, a TC program in its own object) for
+//! tests and benchmarks on kernels without netem.
+//!
 //! ```no_run
 //! use std::net::UdpSocket;
 //! use ridge_ebpf::*;
@@ -66,6 +70,7 @@ mod attach;
 mod error;
 mod forward;
 mod guard;
+mod impair;
 mod steer;
 mod sys;
 mod test_run;
@@ -81,6 +86,7 @@ pub use attach::{AttachMode, TcAttachKind, XdpProgram};
 pub use error::{Error, Result};
 pub use forward::{Destination, FlowCounters, FlowEntry, FlowKey, FlowTable, MAX_DESTINATIONS};
 pub use guard::{Guard, RateLimit};
+pub use impair::{ImpairCounters, Impairment, LOSS_ALL_PPM, TcDirection, parse_loss};
 pub use steer::{SteerFlow, Steering};
 pub use test_run::{TestProgram, TestRunOutput, tc as tc_verdict, xdp as xdp_verdict};
 

@@ -3,7 +3,10 @@
 
 use aya::Pod;
 
-use crate::types::{FwdEntry, FwdKey, FwdStats, GuardCfg, RateState, SrcKey, SteerCfg, SteerKey};
+use crate::types::{
+    FwdEntry, FwdKey, FwdStats, GuardCfg, ImpairCfg, ImpairStats, RateState, SrcKey, SteerCfg,
+    SteerKey,
+};
 
 // SAFETY: `#[repr(C)]`, only integer and integer-array fields, padding made
 // explicit (checked in types.rs), so every byte pattern is a valid value and
@@ -24,3 +27,7 @@ unsafe impl Pod for FwdKey {}
 unsafe impl Pod for FwdEntry {}
 // SAFETY: as above: `#[repr(C)]`, integers with explicit padding.
 unsafe impl Pod for FwdStats {}
+// SAFETY: as above: `#[repr(C)]`, two u32s.
+unsafe impl Pod for ImpairCfg {}
+// SAFETY: as above: `#[repr(C)]`, three u64s.
+unsafe impl Pod for ImpairStats {}

@@ -46,6 +46,9 @@ pub mod xdp {
 
 /// TC verdicts, as the programs return them.
 pub mod tc {
+    /// `TC_ACT_UNSPEC` (-1): no verdict; the next TCX program or `clsact`
+    /// filter decides, and without one the packet continues.
+    pub const UNSPEC: u32 = u32::MAX;
     /// `TC_ACT_OK`: continue up the stack.
     pub const OK: u32 = 0;
     /// `TC_ACT_SHOT`: drop.

@@ -129,6 +129,27 @@ pub(crate) struct FwdStats {
     pub(crate) _pad0: u32,
 }
 
+/// `RIDGE_IMPAIR_PPM`: the `loss_ppm` that drops every packet.
+pub(crate) const IMPAIR_PPM: u32 = 1_000_000;
+
+/// `struct ridge_impair_cfg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ImpairCfg {
+    pub(crate) loss_ppm: u32,
+    /// Non-zero: only UDP over IPv4/IPv6 is impaired.
+    pub(crate) udp_only: u32,
+}
+
+/// `struct ridge_impair_stats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ImpairStats {
+    pub(crate) passed: u64,
+    pub(crate) dropped: u64,
+    pub(crate) exempt: u64,
+}
+
 const _: () = {
     assert!(size_of::<GuardCfg>() == 16 && align_of::<GuardCfg>() == 8);
     assert!(offset_of!(GuardCfg, interval_ns) == 0);
@@ -182,4 +203,13 @@ const _: () = {
     assert!(offset_of!(FwdStats, errors) == 32);
     assert!(offset_of!(FwdStats, sample_countdown) == 40);
     assert!(offset_of!(FwdStats, _pad0) == 44);
+
+    assert!(size_of::<ImpairCfg>() == 8 && align_of::<ImpairCfg>() == 4);
+    assert!(offset_of!(ImpairCfg, loss_ppm) == 0);
+    assert!(offset_of!(ImpairCfg, udp_only) == 4);
+
+    assert!(size_of::<ImpairStats>() == 24 && align_of::<ImpairStats>() == 8);
+    assert!(offset_of!(ImpairStats, passed) == 0);
+    assert!(offset_of!(ImpairStats, dropped) == 8);
+    assert!(offset_of!(ImpairStats, exempt) == 16);
 };
