@@ -51,6 +51,7 @@ mod retransmit;
 mod rewrite;
 mod sfu;
 mod speaker;
+mod srtp;
 mod types;
 
 pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
@@ -59,6 +60,10 @@ pub use ids::{ParticipantId, PeerId, TrackId, shard_of, shard_ufrag, ufrag_shard
 pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;
+pub use srtp::{
+    SRTCP_TRAILER_LEN, SRTP_AUTH_TAG_LEN, SRTP_MAX_PACKET_LEN, SrtpContext, SrtpError, SrtpProfile,
+    Unprotected, mesh_master_key,
+};
 pub use types::{
     Counters, DropReason, LayerSnapshot, OfferIntent, Output, PeerSnapshot, PlainFlow,
     PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection, RtpEndpointInfo, RtpEndpointSpec,
