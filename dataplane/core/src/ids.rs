@@ -49,6 +49,18 @@ id_type!(
     "t-"
 );
 
+/// The shard that owns `room` among `shards`: a stable hash (FNV-1a, the
+/// same in every build and run), so every peer of a room, and every node's
+/// idea of it, lands on one shard.
+pub fn shard_for_room(room: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
 /// Bits of an identifier below the shard byte.
 pub(crate) const ID_MASK: u64 = (1 << 56) - 1;
 

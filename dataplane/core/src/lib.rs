@@ -45,6 +45,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod ids;
+pub mod mesh;
 mod meter;
 pub mod packet;
 mod retransmit;
@@ -56,7 +57,8 @@ mod types;
 
 pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
 pub use error::SfuError;
-pub use ids::{ParticipantId, PeerId, TrackId, shard_of, shard_ufrag, ufrag_shard};
+pub use ids::{ParticipantId, PeerId, TrackId, shard_for_room, shard_of, shard_ufrag, ufrag_shard};
+pub use mesh::{MeshConfig, MeshLinkSnapshot, MeshLinkSpec, MeshRouteSpec};
 pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;
@@ -65,7 +67,7 @@ pub use srtp::{
     Unprotected, mesh_master_key,
 };
 pub use types::{
-    Counters, DropReason, LayerSnapshot, OfferIntent, Output, PeerSnapshot, PlainFlow,
+    Counters, DropReason, LayerSnapshot, MeshControl, OfferIntent, Output, PeerSnapshot, PlainFlow,
     PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection, RtpEndpointInfo, RtpEndpointSpec,
     SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind, Transmit,
 };

@@ -25,6 +25,8 @@ use crate::rewrite::StreamRewriter;
 use crate::speaker::SpeakerDetector;
 use crate::types::*;
 
+mod links;
+
 /// How often layer selection, speaker detection and demand updates run.
 const TICK: Duration = Duration::from_millis(250);
 /// A layer with no packet for this long is considered stopped.
@@ -72,6 +74,9 @@ struct Peer {
 enum Transport {
     WebRtc(Box<WebRtcPeer>),
     Rtp(Box<RtpEndpoint>),
+    /// A placeholder for a participant on another node whose tracks reach
+    /// this one over a mesh link.
+    Mesh(links::MeshPeer),
 }
 
 struct WebRtcPeer {
@@ -180,6 +185,12 @@ struct Track {
     layers: Vec<Layer>,
     subscribers: Vec<PeerId>,
     demanded: Vec<String>,
+    /// Streams of this track to downstream mesh links.
+    mesh_out: Vec<links::MeshOut>,
+    /// Where a remote track comes from (`None`: published on this node).
+    origin: Option<crate::mesh::OriginKey>,
+    /// When an upstream last announced a remote track.
+    announced: Option<Instant>,
 }
 
 impl Track {
@@ -360,6 +371,7 @@ pub struct Sfu {
     /// session costs milliseconds of CPU, and browsers only pin the
     /// fingerprint from the SDP of each session.
     dtls_cert: Option<str0m::config::DtlsCert>,
+    mesh: links::MeshState,
 }
 
 impl std::fmt::Debug for Sfu {
@@ -403,6 +415,7 @@ impl Sfu {
             sessions_created: 0,
             sessions_closed: 0,
             dtls_cert: None,
+            mesh: links::MeshState::new(now),
         }
     }
 
@@ -500,6 +513,7 @@ impl Sfu {
         let transport = match &p.transport {
             Transport::WebRtc(_) => std::mem::size_of::<WebRtcPeer>(),
             Transport::Rtp(e) => std::mem::size_of::<RtpEndpoint>() + e.retransmit.state_bytes(),
+            Transport::Mesh(_) => 0,
         };
         Some(table_entries + p.room.capacity() + transport)
     }
@@ -689,6 +703,9 @@ impl Sfu {
                 layers,
                 subscribers: Vec::new(),
                 demanded: Vec::new(),
+                mesh_out: Vec::new(),
+                origin: None,
+                announced: None,
             };
             infos.push(track.info(tid));
             self.tracks.insert(tid, track);
@@ -840,6 +857,9 @@ impl Sfu {
                 layers: vec![layer],
                 subscribers: Vec::new(),
                 demanded: Vec::new(),
+                mesh_out: Vec::new(),
+                origin: None,
+                announced: None,
             };
             info = Some(track.info(tid));
             self.tracks.insert(tid, track);
@@ -1070,6 +1090,8 @@ impl Sfu {
             self.feed_rtc(now, peer, source, destination, data);
         } else if self.rtp_by_addr.contains_key(&source) {
             self.handle_plain(now, source, &packet);
+        } else if !self.mesh.is_empty() && self.mesh_receive(now, source, &packet) {
+            // A mesh link's datagram (or one failing its authentication).
         } else {
             match packet::classify(data) {
                 PacketClass::Stun => self.handle_new_stun(now, source, destination, data),
@@ -1146,6 +1168,7 @@ impl Sfu {
             }
         }
         self.process_events(now);
+        self.mesh_timeout(now);
         if now >= self.next_tick {
             self.next_tick = now + TICK;
             self.tick(now);
@@ -1174,6 +1197,9 @@ impl Sfu {
     /// The next instant [`Sfu::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.next_tick;
+        if let Some(m) = self.mesh.next_timeout() {
+            t = t.min(m);
+        }
         for p in self.peers.values() {
             if let Transport::WebRtc(w) = &p.transport {
                 t = t.min(w.next_timeout);
@@ -1410,6 +1436,10 @@ impl Sfu {
                 rtcp::write_pli(&mut buf, self.rtcp_ssrc, e.ssrc);
                 self.io.send(&mut publisher.counters, e.remote, buf);
             }
+            Transport::Mesh(m) => {
+                let (room, source) = (track.room.clone(), m.source_node().to_owned());
+                self.mesh_keyframe_request(&room, &source, ssrc);
+            }
         }
     }
 
@@ -1640,6 +1670,10 @@ impl Sfu {
         }
         let mut shared: Option<Arc<[u8]>> = pkt.shared.cloned();
         let mut stored: Option<PacketBuf> = pkt.stored.clone();
+        if !track.mesh_out.is_empty() {
+            self.mesh
+                .forward(&mut self.io, tid, track, now, layer, pkt, &mut stored);
+        }
         let mut switched: Option<(TrackId, usize)> = None;
         for i in 0..track.subscribers.len() {
             let sub_id = track.subscribers[i];
@@ -1722,6 +1756,7 @@ impl Sfu {
                     self.io
                         .send_shared(&mut sub.counters, e.remote, header, payload);
                 }
+                Transport::Mesh(_) => {}
             }
         }
         // A subscriber is waiting for a keyframe on this layer: ask again
@@ -1743,6 +1778,9 @@ impl Sfu {
             track: info,
         });
         self.bind_waiting_subscribers(now, room);
+        if !self.mesh.is_empty() {
+            self.mesh_reconcile(now);
+        }
     }
 
     /// Offers the room's tracks to every subscription in it that has none.
@@ -1878,7 +1916,7 @@ impl Sfu {
                         }
                     }
                 }
-                Transport::Rtp(_) => {}
+                Transport::Rtp(_) | Transport::Mesh(_) => {}
             }
         }
         // Watchers per layer.
@@ -1895,6 +1933,17 @@ impl Sfu {
                     }
                 }
                 Transport::Rtp(e) => count_watchers(&mut self.tracks, e.track, e.current, e.target),
+                Transport::Mesh(_) => {}
+            }
+        }
+        // Downstream mesh links watch the layers they have not paused.
+        for track in self.tracks.values_mut() {
+            for m in &track.mesh_out {
+                for i in m.watched_layers() {
+                    if let Some(l) = track.layers.get_mut(i) {
+                        l.watchers += 1;
+                    }
+                }
             }
         }
         // Demand changes, and layers that were asked for but never came.
@@ -1979,6 +2028,7 @@ impl Sfu {
                 }
             }
         }
+        self.mesh_tick(now);
         for (name, r) in self.rooms.iter_mut() {
             if let Some((participant, level)) = r.speaker.tick() {
                 self.io.event(SfuEvent::ActiveSpeaker {
@@ -2024,6 +2074,7 @@ impl Sfu {
                     t.subscribers.retain(|s| *s != id);
                 }
             }
+            Transport::Mesh(_) => {}
         }
         // Unpublish the peer's tracks; their subscribers wait for new ones.
         let owned: Vec<TrackId> = self
@@ -2033,36 +2084,7 @@ impl Sfu {
             .map(|(tid, _)| *tid)
             .collect();
         for tid in &owned {
-            let Some(track) = self.tracks.remove(tid) else {
-                continue;
-            };
-            for sub in &track.subscribers {
-                let Some(p) = self.peers.get_mut(sub) else {
-                    continue;
-                };
-                match &mut p.transport {
-                    Transport::WebRtc(w) => {
-                        for s in w.slots.iter_mut().filter(|s| s.track == Some(*tid)) {
-                            s.track = None;
-                            s.current = None;
-                            s.target = None;
-                        }
-                    }
-                    Transport::Rtp(e) => {
-                        e.track = None;
-                        e.current = None;
-                        e.target = None;
-                    }
-                }
-            }
-            if let Some(r) = self.rooms.get_mut(&track.room) {
-                r.tracks.retain(|t| t != tid);
-            }
-            self.io.event(SfuEvent::TrackUnpublished {
-                room: track.room.clone(),
-                participant: track.participant,
-                track: *tid,
-            });
+            self.unpublish_track(*tid);
         }
         if let Some(r) = self.rooms.get_mut(&peer.room) {
             r.retired.add(&peer.counters);
@@ -2089,6 +2111,42 @@ impl Sfu {
         self.select_layers(now);
     }
 
+    /// Removes a track: its subscribers lose it (and wait for another),
+    /// its room forgets it.
+    fn unpublish_track(&mut self, tid: TrackId) {
+        let Some(track) = self.tracks.remove(&tid) else {
+            return;
+        };
+        for sub in &track.subscribers {
+            let Some(p) = self.peers.get_mut(sub) else {
+                continue;
+            };
+            match &mut p.transport {
+                Transport::WebRtc(w) => {
+                    for s in w.slots.iter_mut().filter(|s| s.track == Some(tid)) {
+                        s.track = None;
+                        s.current = None;
+                        s.target = None;
+                    }
+                }
+                Transport::Rtp(e) => {
+                    e.track = None;
+                    e.current = None;
+                    e.target = None;
+                }
+                Transport::Mesh(_) => {}
+            }
+        }
+        if let Some(r) = self.rooms.get_mut(&track.room) {
+            r.tracks.retain(|t| *t != tid);
+        }
+        self.io.event(SfuEvent::TrackUnpublished {
+            room: track.room.clone(),
+            participant: track.participant,
+            track: tid,
+        });
+    }
+
     // ----- statistics --------------------------------------------------------------
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -2101,7 +2159,17 @@ impl Sfu {
                     RoomSnapshot {
                         room: name.clone(),
                         participants: r.participants.len(),
-                        tracks: r.tracks.len(),
+                        tracks: r
+                            .tracks
+                            .iter()
+                            .filter(|t| self.tracks.get(t).is_some_and(|t| t.origin.is_none()))
+                            .count(),
+                        remote_participants: 0,
+                        remote_tracks: r
+                            .tracks
+                            .iter()
+                            .filter(|t| self.tracks.get(t).is_some_and(|t| t.origin.is_some()))
+                            .count(),
                         counters: r.retired,
                     },
                 )
@@ -2115,6 +2183,13 @@ impl Sfu {
             let (transport, bwe, connected) = match &p.transport {
                 Transport::WebRtc(w) => ("webrtc", w.bwe_bps, w.connected),
                 Transport::Rtp(_) => ("rtp", None, true),
+                Transport::Mesh(_) => {
+                    if let Some(r) = rooms.get_mut(p.room.as_str()) {
+                        r.participants = r.participants.saturating_sub(1);
+                        r.remote_participants += 1;
+                    }
+                    continue;
+                }
             };
             peers.push(PeerSnapshot {
                 peer: *id,
@@ -2155,6 +2230,7 @@ impl Sfu {
                     })
                 })
                 .collect(),
+            mesh_links: self.mesh_links(),
         }
     }
 
@@ -2170,6 +2246,7 @@ impl Sfu {
                 (s.track?, s.current?)
             }
             Transport::Rtp(e) => (e.track?, e.current?),
+            Transport::Mesh(_) => return None,
         };
         let layer = self.tracks.get(&track)?.layers.get(current)?;
         Some(layer.rid.as_ref().map(|r| r.to_string()))

@@ -27,6 +27,9 @@ pub struct SfuConfig {
     pub retransmit_max_age: Duration,
     /// Starting bandwidth estimate for WebRTC subscribers.
     pub initial_bwe_bps: u64,
+    /// How many shards the process runs (rooms are placed by
+    /// [`shard_for_room`](crate::shard_for_room)); 1 for a single core.
+    pub shards: u8,
     /// Seed for identifiers and SSRCs (the core reads no entropy itself).
     pub seed: u64,
     /// Which core (shard) of a process this is, 0 to 255. It is written into
@@ -48,6 +51,7 @@ impl SfuConfig {
             initial_bwe_bps: 1_000_000,
             seed: 0x5eed,
             shard: 0,
+            shards: 1,
         }
     }
 }
@@ -259,6 +263,21 @@ impl SfuEvent {
 pub enum Output {
     Transmit(Transmit),
     Event(SfuEvent),
+    /// A mesh control message for a room of another shard: deliver it to
+    /// that shard's [`Sfu::handle_mesh_control`](crate::Sfu::handle_mesh_control).
+    MeshControl(MeshControl),
+}
+
+/// See [`Output::MeshControl`].
+#[derive(Debug, Clone)]
+pub struct MeshControl {
+    pub shard: u8,
+    /// The link's peer node id.
+    pub link: String,
+    /// The socket it came from.
+    pub source: SocketAddr,
+    /// The authenticated RTCP APP packet.
+    pub rtcp: Vec<u8>,
 }
 
 /// Why a received datagram was dropped. Each reason is a metric label.
@@ -277,16 +296,22 @@ pub enum DropReason {
     UnknownSsrc,
     /// A simulcast layer that nobody watches.
     Paused,
+    /// From a mesh link's address, failing authentication or replay checks.
+    MeshAuth,
+    /// A mesh control message for a room/source with no matching route.
+    MeshUnrouted,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
         DropReason::Rejected,
         DropReason::UnknownSsrc,
         DropReason::Paused,
+        DropReason::MeshAuth,
+        DropReason::MeshUnrouted,
     ];
 
     pub fn label(self) -> &'static str {
@@ -297,6 +322,8 @@ impl DropReason {
             DropReason::Rejected => "rejected",
             DropReason::UnknownSsrc => "unknown_ssrc",
             DropReason::Paused => "paused",
+            DropReason::MeshAuth => "mesh_auth",
+            DropReason::MeshUnrouted => "mesh_unrouted",
         }
     }
 }
@@ -373,8 +400,13 @@ pub struct LayerSnapshot {
 #[derive(Debug, Clone)]
 pub struct RoomSnapshot {
     pub room: String,
+    /// Local participants (remote ones, placeholders for publishers on
+    /// other nodes, are in `remote_participants`).
     pub participants: usize,
+    /// Tracks published on this node.
     pub tracks: usize,
+    pub remote_participants: usize,
+    pub remote_tracks: usize,
     /// Includes peers that have left.
     pub counters: Counters,
 }
@@ -388,6 +420,7 @@ pub struct StatsSnapshot {
     pub rooms: Vec<RoomSnapshot>,
     pub peers: Vec<PeerSnapshot>,
     pub layers: Vec<LayerSnapshot>,
+    pub mesh_links: Vec<crate::mesh::MeshLinkSnapshot>,
 }
 
 impl StatsSnapshot {
@@ -402,6 +435,26 @@ impl StatsSnapshot {
         self.rooms.extend(other.rooms);
         self.peers.extend(other.peers);
         self.layers.extend(other.layers);
+        for l in other.mesh_links {
+            match self.mesh_links.iter_mut().find(|x| x.peer == l.peer) {
+                Some(x) => {
+                    x.packets_in += l.packets_in;
+                    x.packets_out += l.packets_out;
+                    x.bytes_in += l.bytes_in;
+                    x.bytes_out += l.bytes_out;
+                    x.nacks_sent += l.nacks_sent;
+                    x.nacks_received += l.nacks_received;
+                    x.retransmits += l.retransmits;
+                    x.recovered += l.recovered;
+                    x.unrecovered += l.unrecovered;
+                    x.auth_failures += l.auth_failures;
+                    x.rtt_us = x.rtt_us.max(l.rtt_us);
+                    x.rooms_out += l.rooms_out;
+                    x.rooms_in += l.rooms_in;
+                }
+                None => self.mesh_links.push(l),
+            }
+        }
     }
 }
 

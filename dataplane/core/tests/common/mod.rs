@@ -106,6 +106,7 @@ impl Node {
                     self.events.push(e.clone());
                     events.push(e);
                 }
+                Output::MeshControl(m) => panic!("a single core has no other shard: {m:?}"),
             }
         }
         (sent, events)

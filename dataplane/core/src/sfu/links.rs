@@ -1,0 +1,1284 @@
+//! The [`Sfu`]'s side of mesh links (crate::mesh has the wire format):
+//! which rooms each link carries, remote tracks received from upstream
+//! nodes, hop-by-hop NACK and retransmission, keyframe requests and layer
+//! demand travelling upstream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::*;
+use crate::mesh::{
+    AnnouncedTrack, Arrival, InboundRef, LossTracker, MESH_STATE_TIMEOUT, MeshConfig,
+    MeshLinkSnapshot, MeshMessage, MeshRouteSpec, OriginKey, RemoteParticipantKey,
+    SUBSCRIBE_INTERVAL, codec_code, codec_from_code, is_mesh_app, parse_message, write_message,
+};
+use crate::srtp::{SrtpContext, SrtpProfile, Unprotected, mesh_master_key};
+
+/// Receive contexts one link keeps, one per remote socket (each shard of
+/// the peer sends from its own).
+const MAX_RX_CONTEXTS: usize = 16;
+/// Payload types on links (the codec travels in the announcement).
+const MESH_PT_AUDIO: u8 = 111;
+const MESH_PT_VIDEO: u8 = 96;
+
+pub(super) struct MeshState {
+    node_id: String,
+    links: Vec<Link>,
+    routes: Vec<Route>,
+    /// Remote sockets that authenticated as a link.
+    by_addr: HashMap<SocketAddr, usize>,
+    remote_tracks: HashMap<OriginKey, TrackId>,
+    remote_participants: HashMap<RemoteParticipantKey, (ParticipantId, PeerId)>,
+    next_subscribe: Instant,
+    /// Announcements are due early: a link stream was added or changed.
+    announce_due: Option<Instant>,
+    /// The earliest due NACK of any stream.
+    next_nack: Option<Instant>,
+    scratch: Vec<u8>,
+    /// The configuration applied last.
+    config: Option<MeshConfig>,
+}
+
+impl MeshState {
+    pub(super) fn new(now: Instant) -> Self {
+        MeshState {
+            node_id: String::new(),
+            links: Vec::new(),
+            routes: Vec::new(),
+            by_addr: HashMap::new(),
+            remote_tracks: HashMap::new(),
+            remote_participants: HashMap::new(),
+            next_subscribe: now,
+            announce_due: None,
+            next_nack: None,
+            scratch: Vec::with_capacity(1500),
+            config: None,
+        }
+    }
+
+    pub(super) fn next_timeout(&self) -> Option<Instant> {
+        match (self.next_nack, self.announce_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Sends a packet of a track's layer on every link stream of it.
+    /// Called from [`Sfu::forward`] once the layer is known to be wanted.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward(
+        &mut self,
+        io: &mut Io,
+        tid: TrackId,
+        track: &mut Track,
+        now: Instant,
+        layer: usize,
+        pkt: &Forward<'_>,
+        stored: &mut Option<PacketBuf>,
+    ) {
+        let kind = track.kind;
+        for m in &mut track.mesh_out {
+            let Some(ol) = m.layers.get_mut(layer) else {
+                continue;
+            };
+            if ol.paused {
+                continue;
+            }
+            let Some(l) = self.links.get_mut(m.link) else {
+                continue;
+            };
+            if ol.source_ssrc != Some(pkt.ssrc) {
+                if ol.source_ssrc.is_some() {
+                    // New source, new link stream: the downstream learns its
+                    // SSRC from the next announcement.
+                    l.outbound.remove(&ol.ssrc);
+                    ol.ssrc = ol.ssrc.wrapping_mul(0x9e37_79b9).rotate_left(7) | 1;
+                    l.outbound.insert(ol.ssrc, (tid, layer));
+                    ol.retransmit.clear();
+                    self.announce_due = Some(now);
+                }
+                ol.source_ssrc = Some(pkt.ssrc);
+            }
+            let payload = stored.get_or_insert_with(|| io.packets.copy_in(pkt.payload));
+            ol.retransmit
+                .insert(now, pkt.seq, pkt.timestamp, pkt.marker, payload);
+            let mut buf = io.buffer();
+            packet::rtp::write_header(
+                &mut buf,
+                pkt.marker,
+                mesh_pt(kind),
+                pkt.seq,
+                pkt.timestamp,
+                ol.ssrc,
+            );
+            buf.extend_from_slice(payload.as_slice());
+            if l.tx.protect_rtp(&mut buf).is_err() {
+                continue;
+            }
+            l.stats.packets_out += 1;
+            l.stats.bytes_out += buf.len() as u64;
+            let mut scratch = Counters::default();
+            io.send(&mut scratch, m.dest, buf);
+        }
+    }
+}
+
+impl MeshOut {
+    /// The layers this link wants.
+    pub(super) fn watched_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.paused)
+            .map(|(i, _)| i)
+    }
+}
+
+impl MeshPeer {
+    pub(super) fn source_node(&self) -> &str {
+        &self.source
+    }
+}
+
+struct Link {
+    peer: String,
+    address: SocketAddr,
+    trusted: bool,
+    profile: SrtpProfile,
+    tx: SrtpContext,
+    rx_key: ([u8; 16], [u8; 14]),
+    rx: HashMap<SocketAddr, SrtpContext>,
+    /// Streams received on this link, by their link SSRC.
+    inbound: HashMap<u32, InStream>,
+    /// Streams sent on this link: link SSRC → track and layer.
+    outbound: HashMap<u32, (TrackId, usize)>,
+    stats: MeshLinkSnapshot,
+}
+
+struct InStream {
+    at: InboundRef,
+    loss: LossTracker,
+    /// The upstream socket the stream comes from (NACKs go there).
+    remote: SocketAddr,
+}
+
+struct Route {
+    spec: MeshRouteSpec,
+    upstream: Option<usize>,
+    downstream: Vec<usize>,
+    /// Downstream subscriptions to this route.
+    serving: Vec<Serving>,
+    /// The upstream socket that announces this room (its shard's socket).
+    upstream_addr: Option<SocketAddr>,
+}
+
+struct Serving {
+    link: usize,
+    dest: SocketAddr,
+    renewed: Instant,
+    paused: Vec<u32>,
+}
+
+/// A track's stream to one downstream link.
+pub(super) struct MeshOut {
+    link: usize,
+    dest: SocketAddr,
+    layers: Vec<OutLayer>,
+}
+
+struct OutLayer {
+    ssrc: u32,
+    /// The SSRC the layer's packets arrive with; a new one starts a new
+    /// link stream (sequence numbers restart with the source).
+    source_ssrc: Option<u32>,
+    retransmit: RetransmitBuffer,
+    paused: bool,
+}
+
+/// A remote participant's placeholder peer: where its tracks come from.
+pub(super) struct MeshPeer {
+    source: String,
+}
+
+impl Sfu {
+    /// Applies the mesh part of a desired state: links, and the routes
+    /// through this node. Idempotent; rooms whose route went away lose
+    /// their remote tracks, and links that went away stop at once.
+    pub fn set_mesh(&mut self, now: Instant, config: MeshConfig) {
+        if self.mesh.config.as_ref() == Some(&config) {
+            return;
+        }
+        let node = config.node_id.clone();
+        // Links: keep the state (contexts, streams) of unchanged ones.
+        let mut old: Vec<Option<Link>> = std::mem::take(&mut self.mesh.links)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut remap: HashMap<usize, usize> = HashMap::new();
+        for (i, spec) in config.links.iter().enumerate() {
+            let key = spec.key;
+            let kept = old.iter_mut().enumerate().find_map(|(j, l)| {
+                let same = l.as_ref().is_some_and(|l| {
+                    l.peer == spec.peer && l.address == spec.address && l.trusted == spec.trusted
+                }) && self.mesh.config.as_ref().is_some_and(|c| {
+                    c.links
+                        .iter()
+                        .any(|o| o.peer == spec.peer && o.key == spec.key)
+                });
+                if same { l.take().map(|l| (j, l)) } else { None }
+            });
+            let link = match kept {
+                Some((j, l)) => {
+                    remap.insert(j, i);
+                    l
+                }
+                None => {
+                    let profile = if spec.trusted {
+                        SrtpProfile::NullHmacSha1_80
+                    } else {
+                        SrtpProfile::Aes128CmHmacSha1_80
+                    };
+                    let (tk, ts) = mesh_master_key(&key, &node, &spec.peer);
+                    let rx_key = mesh_master_key(&key, &spec.peer, &node);
+                    Link {
+                        peer: spec.peer.clone(),
+                        address: spec.address,
+                        trusted: spec.trusted,
+                        profile,
+                        tx: SrtpContext::new(profile, &tk, &ts),
+                        rx_key,
+                        rx: HashMap::new(),
+                        inbound: HashMap::new(),
+                        outbound: HashMap::new(),
+                        stats: MeshLinkSnapshot {
+                            peer: spec.peer.clone(),
+                            trusted: spec.trusted,
+                            ..Default::default()
+                        },
+                    }
+                }
+            };
+            self.mesh.links.push(link);
+        }
+        self.mesh.by_addr.retain(|_, l| match remap.get(l) {
+            Some(n) => {
+                *l = *n;
+                true
+            }
+            None => false,
+        });
+        // Outgoing streams on links that went or moved.
+        for track in self.tracks.values_mut() {
+            track.mesh_out.retain_mut(|m| match remap.get(&m.link) {
+                Some(n) => {
+                    m.link = *n;
+                    true
+                }
+                None => false,
+            });
+        }
+        let link_index = |peer: &str, links: &[Link]| links.iter().position(|l| l.peer == peer);
+        // Routes: keep the subscriptions and upstream address of routes
+        // that stay (with the same upstream).
+        let mut old_routes = std::mem::take(&mut self.mesh.routes);
+        for spec in &config.routes {
+            let upstream = spec
+                .upstream
+                .as_deref()
+                .and_then(|u| link_index(u, &self.mesh.links));
+            let downstream: Vec<usize> = spec
+                .downstream
+                .iter()
+                .filter_map(|d| link_index(d, &self.mesh.links))
+                .collect();
+            let prev = old_routes
+                .iter()
+                .position(|r| r.spec.room == spec.room && r.spec.source == spec.source)
+                .map(|i| old_routes.swap_remove(i));
+            let (serving, upstream_addr) = match prev {
+                Some(p) => {
+                    let serving = p
+                        .serving
+                        .into_iter()
+                        .filter_map(|mut s| {
+                            let n = *remap.get(&s.link)?;
+                            s.link = n;
+                            downstream.contains(&n).then_some(s)
+                        })
+                        .collect();
+                    let same_upstream = p.spec.upstream == spec.upstream;
+                    (serving, if same_upstream { p.upstream_addr } else { None })
+                }
+                None => (Vec::new(), None),
+            };
+            self.mesh.routes.push(Route {
+                spec: spec.clone(),
+                upstream,
+                downstream,
+                serving,
+                upstream_addr,
+            });
+        }
+        self.mesh.node_id = node;
+        self.mesh.config = Some(config);
+        // Inbound streams from a link that is no longer a route's upstream
+        // for their room stop feeding it (a new upstream re-announces).
+        self.mesh_prune_inbound();
+        // Remote tracks of routes that went away.
+        let gone: Vec<TrackId> = self
+            .mesh
+            .remote_tracks
+            .iter()
+            .filter(|(k, _)| {
+                !self.mesh.routes.iter().any(|r| {
+                    r.spec.room == k.room && r.spec.source == k.source && r.upstream.is_some()
+                })
+            })
+            .map(|(_, t)| *t)
+            .collect();
+        for t in gone {
+            self.remove_remote_track(now, t);
+        }
+        self.mesh.next_subscribe = now;
+        self.mesh_reconcile(now);
+        self.mesh_tick(now);
+    }
+
+    /// Drops inbound stream entries that no longer match a route's
+    /// upstream or a live track.
+    fn mesh_prune_inbound(&mut self) {
+        let routes = &self.mesh.routes;
+        let tracks = &self.tracks;
+        for (li, link) in self.mesh.links.iter_mut().enumerate() {
+            link.inbound.retain(|_, s| {
+                let Some(t) = tracks.get(&s.at.track) else {
+                    return false;
+                };
+                let Some(o) = &t.origin else { return false };
+                routes.iter().any(|r| {
+                    r.spec.room == o.room && r.spec.source == o.source && r.upstream == Some(li)
+                })
+            });
+        }
+    }
+
+    /// Whether this shard owns `room`.
+    fn owns_room(&self, room: &str) -> bool {
+        crate::ids::shard_for_room(room, usize::from(self.config.shards.max(1)))
+            == usize::from(self.config.shard)
+    }
+
+    /// Brings every track's outgoing link streams in line with the routes
+    /// and live subscriptions.
+    pub(super) fn mesh_reconcile(&mut self, now: Instant) {
+        let node = self.mesh.node_id.clone();
+        let mut rng = self.rng;
+        for (tid, track) in self.tracks.iter_mut() {
+            let source = match &track.origin {
+                Some(o) => o.source.as_str(),
+                None => node.as_str(),
+            };
+            // (link, destination, paused) wanted for this track.
+            let mut want: Vec<(usize, SocketAddr, &[u32])> = Vec::new();
+            for r in &self.mesh.routes {
+                if r.spec.room != track.room || r.spec.source != source {
+                    continue;
+                }
+                for s in &r.serving {
+                    if now.saturating_duration_since(s.renewed) < MESH_STATE_TIMEOUT
+                        && r.downstream.contains(&s.link)
+                    {
+                        want.push((s.link, s.dest, &s.paused));
+                    }
+                }
+            }
+            let links = &mut self.mesh.links;
+            track.mesh_out.retain(|m| {
+                let keep = want.iter().any(|w| w.0 == m.link);
+                if !keep && let Some(l) = links.get_mut(m.link) {
+                    for ol in &m.layers {
+                        l.outbound.remove(&ol.ssrc);
+                    }
+                }
+                keep
+            });
+            for (link, dest, paused) in want {
+                let i = match track.mesh_out.iter().position(|m| m.link == link) {
+                    Some(i) => i,
+                    None => {
+                        self.mesh.announce_due = Some(now);
+                        track.mesh_out.push(MeshOut {
+                            link,
+                            dest,
+                            layers: Vec::new(),
+                        });
+                        track.mesh_out.len() - 1
+                    }
+                };
+                let m = &mut track.mesh_out[i];
+                m.dest = dest;
+                if m.layers.len() < track.layers.len() {
+                    self.mesh.announce_due = Some(now);
+                }
+                while m.layers.len() < track.layers.len() {
+                    let ssrc = (xorshift(&mut rng) as u32) | 1;
+                    if let Some(l) = links.get_mut(link) {
+                        l.outbound.insert(ssrc, (*tid, m.layers.len()));
+                    }
+                    m.layers.push(OutLayer {
+                        ssrc,
+                        source_ssrc: None,
+                        retransmit: RetransmitBuffer::new(
+                            self.config.retransmit_packets.max(512),
+                            self.config.retransmit_max_age,
+                        ),
+                        paused: false,
+                    });
+                }
+                let multi = track.layers.len() > 1;
+                for ol in &mut m.layers {
+                    ol.paused = multi && paused.contains(&ol.ssrc);
+                }
+            }
+        }
+        self.rng = rng;
+    }
+
+    /// Periodic mesh work: subscriptions and announcements, expiry.
+    pub(super) fn mesh_tick(&mut self, now: Instant) {
+        if self.mesh.links.is_empty() {
+            return;
+        }
+        // Expire remote tracks nobody announced lately.
+        let stale: Vec<TrackId> = self
+            .mesh
+            .remote_tracks
+            .values()
+            .copied()
+            .filter(|t| {
+                self.tracks.get(t).is_none_or(|t| {
+                    t.announced
+                        .is_none_or(|a| now.saturating_duration_since(a) > MESH_STATE_TIMEOUT)
+                })
+            })
+            .collect();
+        for t in stale {
+            self.remove_remote_track(now, t);
+        }
+        for r in &mut self.mesh.routes {
+            r.serving
+                .retain(|s| now.saturating_duration_since(s.renewed) < MESH_STATE_TIMEOUT);
+        }
+        self.mesh_reconcile(now);
+        let periodic = now >= self.mesh.next_subscribe;
+        let announce = periodic || self.mesh.announce_due.is_some_and(|t| t <= now);
+        if !announce {
+            return;
+        }
+        self.mesh.announce_due = None;
+        if periodic {
+            self.mesh.next_subscribe = now + SUBSCRIBE_INTERVAL;
+        }
+        // Subscribe upstream for every route of ours that has an upstream
+        // (and a room on this shard), listing the layers nobody here needs.
+        let mut msgs: Vec<(usize, SocketAddr, MeshMessage)> = Vec::new();
+        for r in self.mesh.routes.iter().filter(|_| periodic) {
+            let Some(up) = r.upstream else { continue };
+            if !self.owns_room(&r.spec.room) {
+                continue;
+            }
+            let Some(link) = self.mesh.links.get(up) else {
+                continue;
+            };
+            let mut paused = Vec::new();
+            for (ssrc, s) in &link.inbound {
+                if let Some(t) = self.tracks.get(&s.at.track)
+                    && t.room == r.spec.room
+                    && t.layers.len() > 1
+                    && t.layers.get(s.at.layer).is_some_and(|l| l.watchers == 0)
+                {
+                    paused.push(*ssrc);
+                }
+            }
+            paused.sort_unstable();
+            let dest = r.upstream_addr.unwrap_or(link.address);
+            msgs.push((
+                up,
+                dest,
+                MeshMessage::Subscribe {
+                    room: r.spec.room.clone(),
+                    source: r.spec.source.clone(),
+                    paused,
+                },
+            ));
+        }
+        // Announce to every live subscription what we send it.
+        for r in &self.mesh.routes {
+            for s in &r.serving {
+                let mut tracks = Vec::new();
+                for t in self
+                    .rooms
+                    .get(&r.spec.room)
+                    .map(|x| &x.tracks[..])
+                    .unwrap_or(&[])
+                {
+                    let Some(track) = self.tracks.get(t) else {
+                        continue;
+                    };
+                    let Some(m) = track.mesh_out.iter().find(|m| m.link == s.link) else {
+                        continue;
+                    };
+                    let (origin_track, origin_participant) = match &track.origin {
+                        Some(o) => (
+                            o.track,
+                            self.mesh
+                                .remote_participants
+                                .iter()
+                                .find(|(_, v)| v.0 == track.participant)
+                                .map(|(k, _)| k.participant)
+                                .unwrap_or(track.participant.0),
+                        ),
+                        None => (t.0, track.participant.0),
+                    };
+                    tracks.push(AnnouncedTrack {
+                        origin_track,
+                        origin_participant,
+                        identity: self
+                            .participants
+                            .get(&track.participant)
+                            .map(|p| p.identity.clone())
+                            .unwrap_or_default(),
+                        kind: track.kind,
+                        codec: codec_code(track.codec),
+                        layers: track
+                            .layers
+                            .iter()
+                            .zip(&m.layers)
+                            .map(|(l, o)| (l.rid.as_ref().map(|r| r.to_string()), o.ssrc))
+                            .collect(),
+                    });
+                }
+                // An empty announcement still tells the downstream the
+                // route is alive.
+                let mut chunks: Vec<Vec<AnnouncedTrack>> = tracks
+                    .chunks(crate::mesh::ANNOUNCE_TRACKS_PER_PACKET)
+                    .map(<[_]>::to_vec)
+                    .collect();
+                if chunks.is_empty() {
+                    chunks.push(Vec::new());
+                }
+                for c in chunks {
+                    msgs.push((
+                        s.link,
+                        s.dest,
+                        MeshMessage::Announce {
+                            room: r.spec.room.clone(),
+                            source: r.spec.source.clone(),
+                            tracks: c,
+                        },
+                    ));
+                }
+            }
+        }
+        for (link, dest, msg) in msgs {
+            let mut buf = self.io.buffer();
+            write_message(&mut buf, self.rtcp_ssrc, &msg);
+            self.mesh_send_rtcp(link, dest, buf);
+        }
+    }
+
+    fn mesh_send_rtcp(&mut self, link: usize, dest: SocketAddr, mut buf: Vec<u8>) {
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return;
+        };
+        if l.tx.protect_rtcp(&mut buf).is_err() {
+            return;
+        }
+        l.stats.packets_out += 1;
+        l.stats.bytes_out += buf.len() as u64;
+        let mut scratch = Counters::default();
+        self.io.send(&mut scratch, dest, buf);
+    }
+
+    /// Removes a remote track (and its participant when it has no more).
+    fn remove_remote_track(&mut self, now: Instant, tid: TrackId) {
+        self.mesh.remote_tracks.retain(|_, t| *t != tid);
+        for l in &mut self.mesh.links {
+            l.inbound.retain(|_, s| s.at.track != tid);
+        }
+        let Some(participant) = self.tracks.get(&tid).map(|t| t.participant) else {
+            return;
+        };
+        let room = self
+            .tracks
+            .get(&tid)
+            .map(|t| t.room.clone())
+            .unwrap_or_default();
+        self.unpublish_track(tid);
+        self.bind_waiting_subscribers(now, &room);
+        self.select_layers(now);
+        let has_more = self.tracks.values().any(|t| t.participant == participant);
+        if !has_more {
+            let key = self
+                .mesh
+                .remote_participants
+                .iter()
+                .find(|(_, v)| v.0 == participant)
+                .map(|(k, v)| (k.clone(), v.1));
+            if let Some((k, peer)) = key {
+                self.mesh.remote_participants.remove(&k);
+                self.peers.remove(&peer);
+                self.remove_participant(participant);
+            }
+        }
+    }
+
+    /// Handles a datagram that may come from a mesh link. Returns false if
+    /// it does not (no link authenticates it).
+    pub(super) fn mesh_receive(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        packet: &PacketBuf,
+    ) -> bool {
+        let data = packet.as_slice();
+        let class = packet::classify(data);
+        let rtcp = match class {
+            PacketClass::Rtp => false,
+            PacketClass::Rtcp => true,
+            _ => return false,
+        };
+        let link = match self.mesh.by_addr.get(&source) {
+            Some(&l) => l,
+            None => match self.mesh_authenticate_new(source, data, rtcp) {
+                Some(l) => l,
+                None => return false,
+            },
+        };
+        let mut scratch = std::mem::take(&mut self.mesh.scratch);
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            self.mesh.scratch = scratch;
+            return false;
+        };
+        let Some(ctx) = l.rx.get_mut(&source) else {
+            self.mesh.scratch = scratch;
+            return false;
+        };
+        let result = if rtcp {
+            ctx.unprotect_rtcp(data, &mut scratch)
+        } else {
+            ctx.unprotect_rtp(data, &mut scratch)
+        };
+        let plain = match result {
+            Ok(Unprotected::InPlace(len)) => packet.slice(0..len),
+            Ok(Unprotected::Decrypted) => self.io.packets.copy_in(&scratch),
+            Err(_) => {
+                l.stats.auth_failures += 1;
+                self.io.drop_packet(DropReason::MeshAuth);
+                self.mesh.scratch = scratch;
+                return true;
+            }
+        };
+        self.mesh.scratch = scratch;
+        l.stats.packets_in += 1;
+        l.stats.bytes_in += data.len() as u64;
+        if rtcp {
+            self.mesh_rtcp(now, link, source, plain.as_slice());
+        } else {
+            self.mesh_rtp(now, link, source, &plain);
+        }
+        true
+    }
+
+    /// Finds the link whose keys authenticate a datagram from a socket not
+    /// seen before, trying links at that IP first.
+    fn mesh_authenticate_new(
+        &mut self,
+        source: SocketAddr,
+        data: &[u8],
+        rtcp: bool,
+    ) -> Option<usize> {
+        let mut order: Vec<usize> = (0..self.mesh.links.len()).collect();
+        order.sort_by_key(|&i| self.mesh.links[i].address.ip() != source.ip());
+        let mut scratch = std::mem::take(&mut self.mesh.scratch);
+        let mut found = None;
+        for i in order {
+            let l = &mut self.mesh.links[i];
+            if l.rx.len() >= MAX_RX_CONTEXTS {
+                continue;
+            }
+            let mut ctx = SrtpContext::new(l.profile, &l.rx_key.0, &l.rx_key.1);
+            // Verify without consuming: the caller unprotects again through
+            // the stored context (fresh contexts accept any first index).
+            let ok = if rtcp {
+                ctx.unprotect_rtcp(data, &mut scratch).is_ok()
+            } else {
+                ctx.unprotect_rtp(data, &mut scratch).is_ok()
+            };
+            if ok {
+                let fresh = SrtpContext::new(l.profile, &l.rx_key.0, &l.rx_key.1);
+                l.rx.insert(source, fresh);
+                found = Some(i);
+                break;
+            }
+        }
+        self.mesh.scratch = scratch;
+        match found {
+            Some(i) => {
+                self.mesh.by_addr.insert(source, i);
+                Some(i)
+            }
+            None => {
+                if self
+                    .mesh
+                    .links
+                    .iter()
+                    .any(|l| l.address.ip() == source.ip())
+                {
+                    self.io.drop_packet(DropReason::MeshAuth);
+                    if let Some(l) = self
+                        .mesh
+                        .links
+                        .iter_mut()
+                        .find(|l| l.address.ip() == source.ip())
+                    {
+                        l.stats.auth_failures += 1;
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn mesh_rtp(&mut self, now: Instant, link: usize, source: SocketAddr, packet: &PacketBuf) {
+        let data = packet.as_slice();
+        let Ok(header) = RtpHeader::parse(data) else {
+            self.io.drop_packet(DropReason::Malformed);
+            return;
+        };
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return;
+        };
+        let Some(s) = l.inbound.get_mut(&header.ssrc) else {
+            self.io.drop_packet(DropReason::UnknownSsrc);
+            return;
+        };
+        s.remote = source;
+        let lost_before = s.loss.lost;
+        let recovered_before = s.loss.recovered;
+        let arrival = s.loss.on_packet(now, header.sequence);
+        let at = s.at;
+        if s.loss.lost != lost_before {
+            self.io.counters.packets_lost += s.loss.lost - lost_before;
+        }
+        l.stats.recovered += s.loss.recovered - recovered_before;
+        let due = s.loss.next_due().is_some_and(|d| d <= now);
+        if arrival == Arrival::Stale {
+            return;
+        }
+        if due {
+            self.mesh_nack_stream(now, link, header.ssrc);
+        }
+        let Some(track) = self.tracks.get(&at.track) else {
+            return;
+        };
+        let payload = header.payload(data);
+        let keyframe = track.kind == TrackKind::Video
+            && track.codec == Some(Codec::Vp8)
+            && packet::codec::vp8_is_keyframe(payload);
+        let start = payload.as_ptr() as usize - data.as_ptr() as usize;
+        let stored = packet.slice(start..start + payload.len());
+        let fwd = Forward {
+            ssrc: header.ssrc,
+            seq: header.sequence,
+            timestamp: header.timestamp,
+            marker: header.marker,
+            keyframe,
+            payload,
+            shared: None,
+            stored: Some(stored),
+            audio_level: None,
+        };
+        self.forward(now, at.track, at.layer, &fwd);
+    }
+
+    /// Sends one NACK with every due sequence number of a stream.
+    fn mesh_nack_stream(&mut self, now: Instant, link: usize, ssrc: u32) {
+        let mut lost = [0u16; 64];
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return;
+        };
+        let Some(s) = l.inbound.get_mut(&ssrc) else {
+            return;
+        };
+        let n = s.loss.due(now, &mut lost);
+        let dest = s.remote;
+        if n == 0 {
+            return;
+        }
+        l.stats.nacks_sent += n as u64;
+        self.io.counters.nacks_sent += n as u64;
+        let mut buf = self.io.buffer();
+        rtcp::write_nack(&mut buf, self.rtcp_ssrc, ssrc, &lost[..n]);
+        self.mesh_send_rtcp(link, dest, buf);
+        self.mesh_schedule_nacks();
+    }
+
+    fn mesh_schedule_nacks(&mut self) {
+        self.mesh.next_nack = self
+            .mesh
+            .links
+            .iter()
+            .flat_map(|l| l.inbound.values())
+            .filter_map(|s| s.loss.next_due())
+            .min();
+    }
+
+    /// Due NACK retries (from `handle_timeout`).
+    pub(super) fn mesh_timeout(&mut self, now: Instant) {
+        if self.mesh.announce_due.is_some_and(|t| t <= now) {
+            self.mesh_tick(now);
+        }
+        if self.mesh.next_nack.is_none_or(|t| t > now) {
+            return;
+        }
+        let due: Vec<(usize, u32)> = self
+            .mesh
+            .links
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.inbound
+                    .iter()
+                    .filter(|(_, s)| s.loss.next_due().is_some_and(|d| d <= now))
+                    .map(move |(ssrc, _)| (i, *ssrc))
+            })
+            .collect();
+        for (link, ssrc) in due {
+            self.mesh_nack_stream(now, link, ssrc);
+        }
+        // Streams whose missing packets all expired.
+        for l in &mut self.mesh.links {
+            for s in l.inbound.values_mut() {
+                let mut none = [0u16; 0];
+                s.loss.due(now, &mut none);
+            }
+            l.stats.unrecovered = l.inbound.values().map(|s| s.loss.unrecovered).sum::<u64>();
+        }
+        self.mesh_schedule_nacks();
+    }
+
+    fn mesh_rtcp(&mut self, now: Instant, link: usize, source: SocketAddr, data: &[u8]) {
+        if is_mesh_app(data) {
+            match parse_message(data) {
+                Ok(msg) => self.mesh_message(now, link, source, msg, data),
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad mesh control message");
+                    self.io.drop_packet(DropReason::Malformed);
+                }
+            }
+            return;
+        }
+        for item in rtcp::iter(data) {
+            let Ok(item) = item else {
+                self.io.drop_packet(DropReason::Malformed);
+                return;
+            };
+            match item {
+                rtcp::RtcpPacket::Nack {
+                    media_ssrc, lost, ..
+                } => {
+                    for seq in lost {
+                        self.mesh_retransmit(now, link, media_ssrc, seq);
+                    }
+                }
+                rtcp::RtcpPacket::Pli { media_ssrc, .. } => {
+                    if let Some(&(t, layer)) = self
+                        .mesh
+                        .links
+                        .get(link)
+                        .and_then(|l| l.outbound.get(&media_ssrc))
+                    {
+                        self.io.counters.keyframe_requests_received += 1;
+                        self.request_keyframe(now, t, layer);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn mesh_retransmit(&mut self, now: Instant, link: usize, ssrc: u32, seq: u16) {
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return;
+        };
+        l.stats.nacks_received += 1;
+        self.io.counters.nacks_received += 1;
+        let Some(&(tid, layer)) = l.outbound.get(&ssrc) else {
+            return;
+        };
+        let Some(track) = self.tracks.get(&tid) else {
+            return;
+        };
+        let kind = track.kind;
+        let Some((dest, sent)) = track
+            .mesh_out
+            .iter()
+            .find(|m| m.link == link)
+            .and_then(|m| Some((m.dest, m.layers.get(layer)?.retransmit.get(now, seq)?)))
+        else {
+            self.io.counters.retransmit_misses += 1;
+            return;
+        };
+        let mut buf = self.io.buffer();
+        packet::rtp::write_header(
+            &mut buf,
+            sent.marker,
+            mesh_pt(kind),
+            sent.seq,
+            sent.timestamp,
+            ssrc,
+        );
+        buf.extend_from_slice(sent.payload.as_slice());
+        if l.tx.protect_rtp(&mut buf).is_err() {
+            return;
+        }
+        l.stats.retransmits += 1;
+        l.stats.packets_out += 1;
+        l.stats.bytes_out += buf.len() as u64;
+        self.io.counters.retransmits += 1;
+        let mut scratch = Counters::default();
+        self.io.send(&mut scratch, dest, buf);
+    }
+
+    fn mesh_message(
+        &mut self,
+        now: Instant,
+        link: usize,
+        source: SocketAddr,
+        msg: MeshMessage,
+        raw: &[u8],
+    ) {
+        let room = match &msg {
+            MeshMessage::Subscribe { room, .. } | MeshMessage::Announce { room, .. } => room,
+        };
+        if !self.owns_room(room) {
+            // Another shard serves the room: hand it the (authenticated)
+            // message; it answers from its own socket.
+            let shard = crate::ids::shard_for_room(room, usize::from(self.config.shards.max(1)));
+            let peer = self
+                .mesh
+                .links
+                .get(link)
+                .map(|l| l.peer.clone())
+                .unwrap_or_default();
+            self.io
+                .outputs
+                .push_back(Output::MeshControl(crate::types::MeshControl {
+                    shard: shard as u8,
+                    link: peer,
+                    source,
+                    rtcp: raw.to_vec(),
+                }));
+            return;
+        }
+        match msg {
+            MeshMessage::Subscribe {
+                room,
+                source: origin,
+                paused,
+            } => {
+                let Some(r) = self.mesh.routes.iter_mut().find(|r| {
+                    r.spec.room == room && r.spec.source == origin && r.downstream.contains(&link)
+                }) else {
+                    self.io.drop_packet(DropReason::MeshUnrouted);
+                    return;
+                };
+                match r.serving.iter_mut().find(|s| s.link == link) {
+                    Some(s) => {
+                        s.dest = source;
+                        s.renewed = now;
+                        s.paused = paused;
+                    }
+                    None => r.serving.push(Serving {
+                        link,
+                        dest: source,
+                        renewed: now,
+                        paused,
+                    }),
+                }
+                self.mesh_reconcile(now);
+                self.select_layers(now);
+            }
+            MeshMessage::Announce {
+                room,
+                source: origin,
+                tracks,
+            } => {
+                let Some(ri) = self.mesh.routes.iter().position(|r| {
+                    r.spec.room == room && r.spec.source == origin && r.upstream == Some(link)
+                }) else {
+                    self.io.drop_packet(DropReason::MeshUnrouted);
+                    return;
+                };
+                if self.mesh.routes[ri].upstream_addr != Some(source) {
+                    self.mesh.routes[ri].upstream_addr = Some(source);
+                }
+                for t in tracks {
+                    self.mesh_remote_track(now, link, source, &room, &origin, t);
+                }
+            }
+        }
+    }
+
+    /// Creates or refreshes a remote track from an announcement, and
+    /// points its layers at the announced link streams.
+    fn mesh_remote_track(
+        &mut self,
+        now: Instant,
+        link: usize,
+        source: SocketAddr,
+        room: &str,
+        origin: &str,
+        t: AnnouncedTrack,
+    ) {
+        let key = OriginKey {
+            room: room.to_owned(),
+            source: origin.to_owned(),
+            track: t.origin_track,
+        };
+        let tid = match self.mesh.remote_tracks.get(&key) {
+            Some(&tid) if self.tracks.contains_key(&tid) => tid,
+            _ => {
+                let pkey = RemoteParticipantKey {
+                    room: room.to_owned(),
+                    source: origin.to_owned(),
+                    participant: t.origin_participant,
+                };
+                let known =
+                    self.mesh
+                        .remote_participants
+                        .get(&pkey)
+                        .copied()
+                        .filter(|(p, peer)| {
+                            self.participants.contains_key(p) && self.peers.contains_key(peer)
+                        });
+                let (participant, peer) = match known {
+                    Some(v) => v,
+                    None => {
+                        let v = self.add_remote_participant(now, room, origin, &t.identity);
+                        self.mesh.remote_participants.insert(pkey, v);
+                        v
+                    }
+                };
+                let tid = TrackId(crate::ids::tagged(self.config.shard, self.next_seq_id));
+                self.next_seq_id += 1;
+                let track = Track {
+                    room: room.to_owned(),
+                    participant,
+                    peer,
+                    kind: t.kind,
+                    mid: None,
+                    codec: codec_from_code(t.codec),
+                    layers: t
+                        .layers
+                        .iter()
+                        .map(|(rid, _)| Layer::new(rid.as_deref().map(Rid::from)))
+                        .collect(),
+                    subscribers: Vec::new(),
+                    demanded: Vec::new(),
+                    mesh_out: Vec::new(),
+                    origin: Some(key.clone()),
+                    announced: Some(now),
+                };
+                let info = track.info(tid);
+                self.tracks.insert(tid, track);
+                self.mesh.remote_tracks.insert(key, tid);
+                self.publish_track(now, room, info);
+                tid
+            }
+        };
+        let Some(track) = self.tracks.get_mut(&tid) else {
+            return;
+        };
+        track.announced = Some(now);
+        let mut repointed: Vec<usize> = Vec::new();
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return;
+        };
+        for (i, (rid, ssrc)) in t.layers.into_iter().enumerate() {
+            if i >= track.layers.len() {
+                track.layers.push(Layer::new(rid.as_deref().map(Rid::from)));
+            }
+            if !l.inbound.contains_key(&ssrc) {
+                // A new stream for this layer (new upstream, or the
+                // upstream's source changed): forget the old one.
+                l.inbound
+                    .retain(|_, s| !(s.at.track == tid && s.at.layer == i));
+                if track.layers[i].last_packet.is_some() {
+                    repointed.push(i);
+                }
+                l.inbound.insert(
+                    ssrc,
+                    InStream {
+                        at: InboundRef {
+                            track: tid,
+                            layer: i,
+                        },
+                        loss: LossTracker::default(),
+                        remote: source,
+                    },
+                );
+            }
+        }
+        // The same layers must not also be fed from another link.
+        for (j, other) in self.mesh.links.iter_mut().enumerate() {
+            if j != link {
+                other.inbound.retain(|_, s| s.at.track != tid);
+            }
+        }
+        // A stream that moved to a new upstream starts decoding afresh.
+        for i in repointed {
+            self.request_keyframe(now, tid, i);
+        }
+    }
+
+    fn add_remote_participant(
+        &mut self,
+        now: Instant,
+        room: &str,
+        origin: &str,
+        identity: &str,
+    ) -> (ParticipantId, PeerId) {
+        let id = ParticipantId(crate::ids::tagged(self.config.shard, self.next_seq_id));
+        self.next_seq_id += 1;
+        let r = self.rooms.entry(room.to_string()).or_insert_with(|| Room {
+            participants: Vec::new(),
+            tracks: Vec::new(),
+            speaker: SpeakerDetector::default(),
+            retired: Counters::default(),
+        });
+        r.participants.push(id);
+        let peer = PeerId(crate::ids::tagged(self.config.shard, self.random()));
+        self.participants.insert(
+            id,
+            Participant {
+                room: room.to_string(),
+                identity: identity.to_string(),
+                peers: vec![peer],
+                ephemeral: false,
+            },
+        );
+        self.peers.insert(
+            peer,
+            Peer {
+                participant: id,
+                room: room.to_string(),
+                transport: Transport::Mesh(MeshPeer {
+                    source: origin.to_owned(),
+                }),
+                counters: Counters::default(),
+                created: now,
+                loss: None,
+                rtt: None,
+            },
+        );
+        self.io.event(SfuEvent::ParticipantJoined {
+            room: room.to_string(),
+            participant: id,
+            identity: identity.to_string(),
+        });
+        (id, peer)
+    }
+
+    /// Asks the upstream of a remote track's layer for a keyframe.
+    pub(super) fn mesh_keyframe_request(&mut self, room: &str, source: &str, ssrc: Option<u32>) {
+        let Some(ssrc) = ssrc else { return };
+        let Some((link, dest)) = self.mesh.routes.iter().find_map(|r| {
+            (r.spec.room == room && r.spec.source == source)
+                .then_some(())
+                .and(r.upstream)
+                .map(|u| (u, r.upstream_addr))
+        }) else {
+            return;
+        };
+        let Some(l) = self.mesh.links.get(link) else {
+            return;
+        };
+        let dest = dest.unwrap_or(l.address);
+        let mut buf = self.io.buffer();
+        rtcp::write_pli(&mut buf, self.rtcp_ssrc, ssrc);
+        self.mesh_send_rtcp(link, dest, buf);
+    }
+
+    /// Per-link counters, for `/metrics`.
+    pub fn mesh_links(&self) -> Vec<MeshLinkSnapshot> {
+        self.mesh
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut s = l.stats.clone();
+                s.rtt_us = l
+                    .inbound
+                    .values()
+                    .filter_map(|x| x.loss.srtt())
+                    .max()
+                    .map(|d| d.as_micros() as u64);
+                s.unrecovered = l.inbound.values().map(|x| x.loss.unrecovered).sum();
+                s.rooms_out = self
+                    .mesh
+                    .routes
+                    .iter()
+                    .filter(|r| r.serving.iter().any(|x| x.link == i))
+                    .count() as u64;
+                s.rooms_in = self
+                    .mesh
+                    .routes
+                    .iter()
+                    .filter(|r| r.upstream == Some(i) && r.upstream_addr.is_some())
+                    .count() as u64;
+                s
+            })
+            .collect()
+    }
+
+    /// Handles a mesh control message that another shard received and
+    /// authenticated for a room of this shard.
+    pub fn handle_mesh_control(
+        &mut self,
+        now: Instant,
+        link_peer: &str,
+        source: SocketAddr,
+        rtcp: &[u8],
+    ) {
+        let Some(link) = self.mesh.links.iter().position(|l| l.peer == link_peer) else {
+            return;
+        };
+        match parse_message(rtcp) {
+            Ok(msg)
+                if self.owns_room(match &msg {
+                    MeshMessage::Subscribe { room, .. } | MeshMessage::Announce { room, .. } => {
+                        room
+                    }
+                }) =>
+            {
+                self.mesh_message(now, link, source, msg, rtcp)
+            }
+            _ => self.io.drop_packet(DropReason::Malformed),
+        }
+        self.process_events(now);
+    }
+}
+
+fn mesh_pt(kind: TrackKind) -> u8 {
+    match kind {
+        TrackKind::Audio => MESH_PT_AUDIO,
+        TrackKind::Video => MESH_PT_VIDEO,
+    }
+}

@@ -1,0 +1,556 @@
+//! Mesh links between cores, with simulated time and a simulated network:
+//! cascading over several hops, hop-by-hop loss recovery, keyframe
+//! requests travelling upstream, route changes and link authentication.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use common::{parse_rtcp, parse_rtp, pli, remote, rtp, vp8_payload};
+use ridge_sfu::{
+    DropReason, MeshConfig, MeshLinkSpec, MeshRouteSpec, Output, RtpDirection, RtpEndpointSpec,
+    Sfu, SfuConfig, TrackKind,
+};
+
+fn node_addr(i: u8) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 5000))
+}
+
+const KEY: [u8; 32] = [7; 32];
+
+/// A datagram in flight.
+struct Flight {
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// Nodes on a simulated network: every link has a one-way delay and a
+/// loss rate; client legs are lossless.
+struct Net {
+    now: Instant,
+    nodes: BTreeMap<String, Sfu>,
+    addrs: HashMap<SocketAddr, String>,
+    in_flight: BTreeMap<(Instant, u64), Flight>,
+    seq: u64,
+    delay: Duration,
+    /// Loss on node-to-node datagrams, in 1/1000.
+    loss_permille: u64,
+    rng: u64,
+    /// Datagrams delivered to addresses that are not nodes (clients).
+    delivered: Vec<(Instant, SocketAddr, Vec<u8>)>,
+    mesh_sent: u64,
+    mesh_dropped: u64,
+}
+
+impl Net {
+    fn new(names: &[&str]) -> Self {
+        let now = Instant::now();
+        let mut nodes = BTreeMap::new();
+        let mut addrs = HashMap::new();
+        for (i, n) in names.iter().enumerate() {
+            let addr = node_addr(i as u8 + 1);
+            let mut c = SfuConfig::new(addr);
+            c.seed = 1000 + i as u64;
+            nodes.insert(n.to_string(), Sfu::new(c, now));
+            addrs.insert(addr, n.to_string());
+        }
+        Net {
+            now,
+            nodes,
+            addrs,
+            in_flight: BTreeMap::new(),
+            seq: 0,
+            delay: Duration::from_millis(5),
+            loss_permille: 0,
+            rng: 0x1234_5678_9abc_def1,
+            delivered: Vec::new(),
+            mesh_sent: 0,
+            mesh_dropped: 0,
+        }
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        *self.addrs.iter().find(|(_, n)| *n == name).expect("node").0
+    }
+
+    fn sfu(&mut self, name: &str) -> &mut Sfu {
+        self.nodes.get_mut(name).expect("node")
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Applies a mesh configuration: `links` as (peer, trusted), routes as
+    /// (room, source, upstream, downstream).
+    fn configure(
+        &mut self,
+        name: &str,
+        links: &[(&str, bool)],
+        routes: &[(&str, &str, Option<&str>, &[&str])],
+    ) {
+        let cfg = MeshConfig {
+            node_id: name.to_string(),
+            links: links
+                .iter()
+                .map(|(p, trusted)| MeshLinkSpec {
+                    peer: p.to_string(),
+                    address: self.addr(p),
+                    key: KEY,
+                    trusted: *trusted,
+                })
+                .collect(),
+            routes: routes
+                .iter()
+                .map(|(room, source, up, down)| MeshRouteSpec {
+                    room: room.to_string(),
+                    source: source.to_string(),
+                    upstream: up.map(str::to_string),
+                    downstream: down.iter().map(|d| d.to_string()).collect(),
+                })
+                .collect(),
+        };
+        let now = self.now;
+        self.sfu(name).set_mesh(now, cfg);
+        self.collect(name);
+    }
+
+    /// Moves every output of a node onto the network.
+    fn collect(&mut self, name: &str) {
+        let from = self.addr(name);
+        let mut outs = Vec::new();
+        let sfu = self.nodes.get_mut(name).expect("node");
+        while let Some(o) = sfu.poll_output() {
+            match o {
+                Output::Transmit(t) => {
+                    outs.push((t.destination, t.to_vec()));
+                    sfu.recycle(t.contents);
+                }
+                Output::Event(_) => {}
+                Output::MeshControl(_) => panic!("one shard per node here"),
+            }
+        }
+        for (to, data) in outs {
+            if self.addrs.contains_key(&to) {
+                self.mesh_sent += 1;
+                if self.random() % 1000 < self.loss_permille {
+                    self.mesh_dropped += 1;
+                    continue;
+                }
+            }
+            self.seq += 1;
+            let at = self.now + self.delay;
+            self.in_flight
+                .insert((at, self.seq), Flight { from, to, data });
+        }
+    }
+
+    /// A client sends a datagram to a node (arrives after the link delay).
+    fn client_send(&mut self, from: SocketAddr, to: &str, data: Vec<u8>) {
+        self.seq += 1;
+        let to = self.addr(to);
+        let at = self.now + self.delay;
+        self.in_flight
+            .insert((at, self.seq), Flight { from, to, data });
+    }
+
+    /// Runs the simulation until `until`.
+    fn run_until(&mut self, until: Instant) {
+        loop {
+            let next_flight = self.in_flight.keys().next().map(|k| k.0);
+            let next_timer = self
+                .nodes
+                .iter()
+                .map(|(n, s)| (s.poll_timeout(), n.clone()))
+                .min();
+            let t = match (next_flight, &next_timer) {
+                (Some(f), Some((tm, _))) => f.min(*tm),
+                (Some(f), None) => f,
+                (None, Some((tm, _))) => *tm,
+                (None, None) => until,
+            };
+            if t > until {
+                break;
+            }
+            self.now = self.now.max(t);
+            if next_flight == Some(t) {
+                let (_, f) = self.in_flight.pop_first().expect("flight");
+                match self.addrs.get(&f.to).cloned() {
+                    // A node that is gone (killed) drops what reaches it.
+                    Some(name) if !self.nodes.contains_key(&name) => {}
+                    Some(name) => {
+                        let now = self.now;
+                        let to = f.to;
+                        self.sfu(&name).handle_datagram(now, f.from, to, &f.data);
+                        self.collect(&name);
+                    }
+                    None => self.delivered.push((self.now, f.to, f.data)),
+                }
+            } else if let Some((_, name)) = next_timer {
+                let now = self.now;
+                self.sfu(&name).handle_timeout(now);
+                self.collect(&name);
+            }
+        }
+        self.now = until;
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(until);
+    }
+}
+
+fn publisher(net: &mut Net, node: &str, client: SocketAddr, ssrc: u32, kind: TrackKind) {
+    let now = net.now;
+    let sfu = net.sfu(node);
+    let p = sfu.join("demo", "alice", true).expect("join");
+    sfu.add_rtp_endpoint(
+        now,
+        p,
+        RtpEndpointSpec {
+            direction: RtpDirection::Publish,
+            kind,
+            remote: client,
+            payload_type: 96,
+            ssrc: Some(ssrc),
+            track: None,
+        },
+    )
+    .expect("publisher");
+    net.collect(node);
+}
+
+fn subscriber(net: &mut Net, node: &str, client: SocketAddr, kind: TrackKind) -> u32 {
+    let now = net.now;
+    let sfu = net.sfu(node);
+    let p = sfu.join("demo", "bob", true).expect("join");
+    let info = sfu
+        .add_rtp_endpoint(
+            now,
+            p,
+            RtpEndpointSpec {
+                direction: RtpDirection::Subscribe,
+                kind,
+                remote: client,
+                payload_type: 100,
+                ssrc: None,
+                track: None,
+            },
+        )
+        .expect("subscriber");
+    net.collect(node);
+    info.ssrc
+}
+
+/// A → B → C, as the scheduler would configure it.
+fn chain(net: &mut Net, trusted: bool) {
+    net.configure("a", &[("b", trusted)], &[("demo", "a", None, &["b"])]);
+    net.configure(
+        "b",
+        &[("a", trusted), ("c", trusted)],
+        &[("demo", "a", Some("a"), &["c"])],
+    );
+    net.configure("c", &[("b", trusted)], &[("demo", "a", Some("b"), &[])]);
+}
+
+/// Sends `n` video packets from the publisher client at `pps`, with a
+/// keyframe every 30, recording when each was sent. Returns send times by
+/// payload tag.
+fn stream(
+    net: &mut Net,
+    from: SocketAddr,
+    node: &str,
+    ssrc: u32,
+    n: u32,
+    pps: u32,
+) -> Vec<Instant> {
+    let mut sent = Vec::new();
+    let gap = Duration::from_micros(1_000_000 / u64::from(pps));
+    for i in 0..n {
+        let tag = i.to_be_bytes();
+        let payload = vp8_payload(i % 30 == 0, 640, 480, &tag, 200);
+        let pkt = rtp(96, i as u16, i * 3000, ssrc, true, &payload);
+        sent.push(net.now);
+        net.client_send(from, node, pkt);
+        net.advance(gap);
+    }
+    sent
+}
+
+/// Packets a client got: payload tag → arrival time.
+fn received(net: &Net, client: SocketAddr) -> HashMap<u32, Instant> {
+    let mut got = HashMap::new();
+    for (at, to, data) in &net.delivered {
+        if *to != client || ridge_sfu::packet::classify(data) != ridge_sfu::packet::PacketClass::Rtp
+        {
+            continue;
+        }
+        let p = parse_rtp(data);
+        let Some(tag) = vp8_tag(&p.payload) else {
+            continue;
+        };
+        got.entry(tag).or_insert(*at);
+    }
+    got
+}
+
+/// The tag `vp8_payload` put after the VP8 header (keyframes carry 10
+/// header bytes, others 3 after a 1-byte descriptor).
+fn vp8_tag(payload: &[u8]) -> Option<u32> {
+    let key = payload.get(1).is_some_and(|b| b & 1 == 0);
+    let off = if key { 11 } else { 4 };
+    let t = payload.get(off..off + 4)?;
+    Some(u32::from_be_bytes([t[0], t[1], t[2], t[3]]))
+}
+
+fn setup_chain(trusted: bool) -> (Net, SocketAddr, SocketAddr) {
+    let mut net = Net::new(&["a", "b", "c", "d"]);
+    let pub_client = remote(1, 4000);
+    let sub_client = remote(2, 4002);
+    publisher(&mut net, "a", pub_client, 0xaaaa, TrackKind::Video);
+    subscriber(&mut net, "c", sub_client, TrackKind::Video);
+    chain(&mut net, trusted);
+    net.advance(Duration::from_millis(1500));
+    (net, pub_client, sub_client)
+}
+
+#[test]
+fn media_cascades_over_two_hops_in_order() {
+    for trusted in [true, false] {
+        let (mut net, pub_client, sub_client) = setup_chain(trusted);
+        let sent = stream(&mut net, pub_client, "a", 0xaaaa, 300, 100);
+        net.advance(Duration::from_millis(500));
+        let got = received(&net, sub_client);
+        assert_eq!(got.len(), 300, "trusted={trusted}: every packet arrives");
+        for (tag, at) in &got {
+            let d = at.duration_since(sent[*tag as usize]);
+            assert!(d <= Duration::from_millis(30), "3 legs of 5 ms, got {d:?}");
+        }
+        // B relays without local subscribers; C has a remote track.
+        let c = net.sfu("c").stats();
+        let room = c.rooms.iter().find(|r| r.room == "demo").expect("room");
+        assert_eq!((room.tracks, room.remote_tracks), (0, 1));
+        assert_eq!(room.remote_participants, 1);
+        let links = net.sfu("b").stats().mesh_links;
+        assert_eq!(links.len(), 2);
+        assert!(links.iter().all(|l| l.packets_in > 0 && l.packets_out > 0));
+        assert!(links.iter().all(|l| l.auth_failures == 0));
+    }
+}
+
+#[test]
+fn loss_is_repaired_on_each_hop() {
+    let (mut net, pub_client, sub_client) = setup_chain(true);
+    net.loss_permille = 200;
+    let n = 3000;
+    let sent = stream(&mut net, pub_client, "a", 0xaaaa, n, 200);
+    net.advance(Duration::from_secs(2));
+    let got = received(&net, sub_client);
+    // The subscriber starts at the first keyframe it gets.
+    let first = got.keys().min().copied().unwrap_or(0);
+    let expected = n - first;
+    let in_time = got
+        .iter()
+        .filter(|(tag, at)| at.duration_since(sent[**tag as usize]) <= Duration::from_millis(200))
+        .count() as u32;
+    let ratio = f64::from(in_time) / f64::from(expected);
+    eprintln!(
+        "20% loss per mesh datagram, 2 mesh hops: {in_time}/{expected} within 200 ms ({:.2}%), {} of {} mesh datagrams dropped",
+        ratio * 100.0,
+        net.mesh_dropped,
+        net.mesh_sent
+    );
+    assert!(
+        net.mesh_dropped * 100 / net.mesh_sent >= 18,
+        "the loss model works"
+    );
+    assert!(ratio >= 0.995, "{ratio}");
+    let b = net.sfu("b").stats().mesh_links;
+    let from_a = b.iter().find(|l| l.peer == "a").expect("link");
+    assert!(from_a.nacks_sent > 0 && from_a.recovered > 0, "{from_a:?}");
+    let to_c = b.iter().find(|l| l.peer == "c").expect("link");
+    assert!(to_c.retransmits > 0, "{to_c:?}");
+}
+
+#[test]
+fn keyframe_requests_travel_upstream() {
+    let (mut net, pub_client, sub_client) = setup_chain(true);
+    stream(&mut net, pub_client, "a", 0xaaaa, 40, 100);
+    let sub_ssrc = received_ssrc(&net, sub_client).expect("media reached C");
+    net.delivered.clear();
+    // The subscriber's client asks C for a keyframe.
+    let c = net.addr("c");
+    let _ = c;
+    net.client_send(sub_client, "c", pli(0x5555, sub_ssrc));
+    net.advance(Duration::from_millis(100));
+    let plis = net
+        .delivered
+        .iter()
+        .filter(|(_, to, d)| {
+            *to == pub_client
+                && parse_rtcp(d)
+                    .iter()
+                    .any(|r| matches!(r, common::Rtcp::Pli { media_ssrc } if *media_ssrc == 0xaaaa))
+        })
+        .count();
+    assert_eq!(plis, 1, "the publisher gets one PLI");
+}
+
+fn received_ssrc(net: &Net, client: SocketAddr) -> Option<u32> {
+    net.delivered
+        .iter()
+        .find(|(_, to, d)| {
+            *to == client && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
+        })
+        .map(|(_, _, d)| parse_rtp(d).ssrc)
+}
+
+#[test]
+fn a_new_upstream_takes_over_and_the_subscriber_keeps_its_stream() {
+    let (mut net, pub_client, sub_client) = setup_chain(true);
+    stream(&mut net, pub_client, "a", 0xaaaa, 100, 100);
+    net.advance(Duration::from_millis(100));
+    assert_eq!(received(&net, sub_client).len(), 100);
+    // B dies; the scheduler routes A → D → C.
+    net.nodes.remove("b");
+    net.configure("a", &[("d", true)], &[("demo", "a", None, &["d"])]);
+    net.configure(
+        "d",
+        &[("a", true), ("c", true)],
+        &[("demo", "a", Some("a"), &["c"])],
+    );
+    net.configure("c", &[("d", true)], &[("demo", "a", Some("d"), &[])]);
+    net.delivered.clear();
+    let switched_at = net.now;
+    let mut sent = Vec::new();
+    for i in 100..400u32 {
+        let payload = vp8_payload(i % 30 == 0, 640, 480, &i.to_be_bytes(), 200);
+        sent.push((i, net.now));
+        net.client_send(
+            pub_client,
+            "a",
+            rtp(96, i as u16, i * 3000, 0xaaaa, true, &payload),
+        );
+        net.advance(Duration::from_millis(10));
+    }
+    net.advance(Duration::from_millis(100));
+    let got = received(&net, sub_client);
+    let first = *got.values().min().expect("media flows again");
+    eprintln!(
+        "media resumed {:?} after the route change",
+        first.duration_since(switched_at)
+    );
+    assert!(
+        first.duration_since(switched_at) < Duration::from_secs(1),
+        "recovered after {:?}",
+        first.duration_since(switched_at)
+    );
+    // Once flowing, nothing is missing.
+    let first_tag = *got.keys().min().expect("tag");
+    assert!((first_tag..400).all(|t| got.contains_key(&t)));
+    // The subscriber saw one continuous SSRC.
+    let ssrcs: std::collections::HashSet<u32> = net
+        .delivered
+        .iter()
+        .filter(|(_, to, d)| {
+            *to == sub_client
+                && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
+        })
+        .map(|(_, _, d)| parse_rtp(d).ssrc)
+        .collect();
+    assert_eq!(ssrcs.len(), 1);
+}
+
+#[test]
+fn a_link_with_the_wrong_key_is_refused_and_counted() {
+    let mut net = Net::new(&["a", "b"]);
+    let pub_client = remote(1, 4000);
+    let sub_client = remote(2, 4002);
+    publisher(&mut net, "a", pub_client, 0xaaaa, TrackKind::Video);
+    subscriber(&mut net, "b", sub_client, TrackKind::Video);
+    net.configure("a", &[("b", true)], &[("demo", "a", None, &["b"])]);
+    // B holds another key for the link.
+    let cfg = MeshConfig {
+        node_id: "b".into(),
+        links: vec![MeshLinkSpec {
+            peer: "a".into(),
+            address: net.addr("a"),
+            key: [9; 32],
+            trusted: true,
+        }],
+        routes: vec![MeshRouteSpec {
+            room: "demo".into(),
+            source: "a".into(),
+            upstream: Some("a".into()),
+            downstream: vec![],
+        }],
+    };
+    let now = net.now;
+    net.sfu("b").set_mesh(now, cfg);
+    net.collect("b");
+    net.advance(Duration::from_secs(2));
+    stream(&mut net, pub_client, "a", 0xaaaa, 50, 100);
+    assert!(received(&net, sub_client).is_empty());
+    // A refuses B's subscriptions, so it never sends B anything.
+    assert!(net.sfu("a").stats().drops[DropReason::MeshAuth as usize] > 0);
+    let links = net.sfu("a").stats().mesh_links;
+    assert!(
+        links[0].auth_failures > 0 && links[0].rooms_out == 0,
+        "{links:?}"
+    );
+}
+
+#[test]
+fn a_route_that_goes_away_removes_the_remote_track() {
+    let (mut net, pub_client, sub_client) = setup_chain(true);
+    stream(&mut net, pub_client, "a", 0xaaaa, 50, 100);
+    assert!(!received(&net, sub_client).is_empty());
+    net.configure("c", &[], &[]);
+    net.advance(Duration::from_millis(100));
+    let c = net.sfu("c").stats();
+    let room = c.rooms.iter().find(|r| r.room == "demo").expect("room");
+    assert_eq!((room.remote_tracks, room.remote_participants), (0, 0));
+    // And an upstream whose announcements stop is forgotten too.
+    let (mut net, pub_client, _) = setup_chain(true);
+    stream(&mut net, pub_client, "a", 0xaaaa, 10, 100);
+    net.nodes.remove("b");
+    net.advance(Duration::from_secs(4));
+    let c = net.sfu("c").stats();
+    let room = c.rooms.iter().find(|r| r.room == "demo").expect("room");
+    assert_eq!(room.remote_tracks, 0);
+}
+
+#[test]
+fn random_datagrams_from_a_link_address_never_panic() {
+    let (mut net, _, _) = setup_chain(false);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let from = net.addr("b");
+    for i in 0..20_000u32 {
+        let n = (x % 200) as usize;
+        let mut d = Vec::with_capacity(n);
+        for _ in 0..n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            d.push(x as u8);
+        }
+        if !d.is_empty() {
+            d[0] = 0x80 | (d[0] & 0x3f);
+            if i % 2 == 0 && d.len() > 1 {
+                d[1] = 200 + (d[1] % 8);
+            }
+        }
+        let now = net.now;
+        let to = net.addr("c");
+        net.sfu("c").handle_datagram(now, from, to, &d);
+        while net.sfu("c").poll_output().is_some() {}
+    }
+    assert!(net.sfu("c").stats().drops[DropReason::MeshAuth as usize] > 0);
+}
