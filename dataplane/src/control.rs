@@ -9,11 +9,10 @@
 //!
 //! What it does: `GET /v1/status` reports sessions, rooms, shard addresses and
 //! traffic counters; `PUT /v1/desired` validates and stores the desired-state
-//! document the agent got from the scheduler and applies the parts the node
-//! can act on today (`drain`, `dataplane_secret`); `GET /v1/desired` returns
-//! what the node holds (without secrets) so a restarted agent can resume.
-//! Mesh `links` and `routes` are validated and stored only: mesh forwarding
-//! does not exist yet.
+//! document the agent got from the scheduler and applies it (`drain`,
+//! `dataplane_secret`, and the mesh `links` and `routes`, which go to every
+//! media shard's core); `GET /v1/desired` returns what the node holds
+//! (without secrets) so a restarted agent can resume.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -437,6 +436,8 @@ async fn status(State(state): State<ControlState>) -> Response {
                 "room": r.room,
                 "participants": r.participants,
                 "tracks": r.tracks,
+                "remote_participants": r.remote_participants,
+                "remote_tracks": r.remote_tracks,
             })
         })
         .collect();
@@ -459,6 +460,19 @@ async fn status(State(state): State<ControlState>) -> Response {
         "packets_out": c.packets_out,
         "bytes_in": c.bytes_in,
         "bytes_out": c.bytes_out,
+        "mesh_links": snapshot.mesh_links.iter().map(|l| json!({
+            "peer": l.peer,
+            "trusted": l.trusted,
+            "packets_in": l.packets_in,
+            "packets_out": l.packets_out,
+            "rooms_in": l.rooms_in,
+            "rooms_out": l.rooms_out,
+            "nacks_sent": l.nacks_sent,
+            "retransmits": l.retransmits,
+            "recovered": l.recovered,
+            "unrecovered": l.unrecovered,
+            "auth_failures": l.auth_failures,
+        })).collect::<Vec<_>>(),
         "desired_version": desired_version,
     }))
     .into_response()
@@ -573,14 +587,76 @@ async fn put_desired(
             );
         }
     }
+    if mesh_supported(&state) {
+        let mesh = mesh_config(&doc);
+        let changed = previous.as_ref().is_none_or(|p| mesh_config(p) != mesh);
+        if changed {
+            state.media.set_mesh(mesh).await;
+        }
+    }
     tracing::info!(
         version = doc.version,
         links = doc.links.len(),
         routes = doc.routes.len(),
-        "desired state stored"
+        "desired state applied"
     );
     count("applied");
     axum::Json(outcome(&state, &doc, true)).into_response()
+}
+
+/// Mesh traffic of a room must reach the room's shard: with one port per
+/// shard the upstream answers the socket a subscription came from; behind
+/// one shared port nothing steers it.
+fn mesh_supported(state: &ControlState) -> bool {
+    state.media.shard_count() == 1 || state.media.shard_ports() == "per-shard"
+}
+
+/// The core's view of a desired state's links and routes. Links without
+/// an address are left out, and so are routes through them.
+pub fn mesh_config(doc: &DesiredState) -> ridge_sfu::MeshConfig {
+    let links: Vec<ridge_sfu::MeshLinkSpec> = doc
+        .links
+        .iter()
+        .filter_map(|l| {
+            Some(ridge_sfu::MeshLinkSpec {
+                peer: l.peer.clone(),
+                address: l.address?,
+                key: decode_key(&l.key)?,
+                trusted: l.trusted,
+            })
+        })
+        .collect();
+    let has = |p: &str| links.iter().any(|l| l.peer == p);
+    let routes = doc
+        .routes
+        .iter()
+        .filter(|r| r.upstream.as_deref().is_none_or(has))
+        .map(|r| ridge_sfu::MeshRouteSpec {
+            room: r.room.clone(),
+            source: r.source.clone(),
+            upstream: r.upstream.clone(),
+            downstream: r.downstream.iter().filter(|d| has(d)).cloned().collect(),
+        })
+        .collect();
+    ridge_sfu::MeshConfig {
+        node_id: doc.node_id.clone(),
+        links,
+        routes,
+    }
+}
+
+/// 64 hex digits (checked by `validate`) as 32 bytes.
+fn decode_key(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        let pair = std::str::from_utf8(&b[2 * i..2 * i + 2]).ok()?;
+        *o = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// The answer to a PUT: what the node did with each part.
@@ -593,11 +669,14 @@ fn outcome(state: &ControlState, doc: &DesiredState, changed: bool) -> serde_jso
              sessions until it restarts",
         );
     }
-    if !doc.links.is_empty() {
-        not_applied.push("links: stored only; mesh links are not implemented yet");
+    if (!doc.links.is_empty() || !doc.routes.is_empty()) && !mesh_supported(state) {
+        not_applied.push(
+            "links, routes: mesh links need one media port per shard (shard_ports = \"per-shard\") \
+             or a single shard",
+        );
     }
-    if !doc.routes.is_empty() {
-        not_applied.push("routes: stored only; mesh forwarding is not implemented yet");
+    if doc.links.iter().any(|l| l.address.is_none()) {
+        not_applied.push("links without an address: the peer has not reported one yet");
     }
     if doc.dataplane_secret.is_some() && state.auth.disabled() {
         not_applied.push("dataplane_secret: authentication is off (dev_no_auth)");

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use ridge_io::{Backend, BackendChoice, DatagramIo, IoError, RecvMeta, SocketOptions};
 use ridge_sfu::{
-    MAX_BATCH, OfferIntent, Output, PacketBuf, ParticipantId, PeerId, PlainFlow, RoomState,
-    RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent, StatsSnapshot, Transmit,
-    shard_of,
+    MAX_BATCH, MeshConfig, MeshControl, OfferIntent, Output, PacketBuf, ParticipantId, PeerId,
+    PlainFlow, RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent,
+    StatsSnapshot, Transmit, shard_of,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -100,6 +100,9 @@ enum Command {
     CloseAll {
         reply: oneshot::Sender<()>,
     },
+    SetMesh(Box<MeshConfig>),
+    /// A mesh control message another shard received for a room of this one.
+    MeshControl(MeshControl),
 }
 
 /// A cloneable handle to the media shards.
@@ -160,15 +163,9 @@ fn gone() -> SfuError {
 }
 
 /// The shard that owns `room`: a stable hash, so every peer of a room
-/// lands on one shard.
+/// lands on one shard (the core routes mesh messages by the same rule).
 pub fn shard_for_room(room: &str, shards: usize) -> usize {
-    // FNV-1a: stable across runs and builds, unlike the std hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in room.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % shards as u64) as usize
+    ridge_sfu::shard_for_room(room, shards)
 }
 
 impl MediaHandle {
@@ -422,6 +419,16 @@ impl MediaHandle {
         }
     }
 
+    /// Applies the mesh links and routes of a desired state on every shard.
+    pub async fn set_mesh(&self, config: MeshConfig) {
+        for link in self.shards.iter() {
+            let _ = link
+                .tx
+                .send(Command::SetMesh(Box::new(config.clone())))
+                .await;
+        }
+    }
+
     pub async fn drain(&self) {
         for link in self.shards.iter() {
             let _ = link.tx.send(Command::Drain).await;
@@ -495,6 +502,9 @@ pub fn spawn(
         Vec::new()
     };
     let (events, _) = broadcast::channel(4096);
+    let (senders, mut receivers): (Vec<_>, Vec<_>) =
+        (0..opts.shards).map(|_| mpsc::channel(1024)).unzip();
+    let siblings: Arc<[mpsc::Sender<Command>]> = senders.clone().into();
     let mut links = Vec::with_capacity(opts.shards);
     let mut joins = Vec::with_capacity(opts.shards);
     for (i, io) in ios.into_iter().enumerate() {
@@ -502,13 +512,16 @@ pub fn spawn(
         let mut config = config.clone();
         config.local_addr = local_addr;
         config.shard = i as u8;
+        config.shards = opts.shards.min(255) as u8;
         config.seed = config
             .seed
             .wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1));
         for c in &mut config.candidates {
             c.set_port(local_addr.port());
         }
-        let (tx, rx) = mpsc::channel(1024);
+        let tx = senders[i].clone();
+        let rx = receivers.remove(0);
+        let siblings = siblings.clone();
         let stats = Arc::new(ShardStats::default());
         links.push(ShardLink {
             tx,
@@ -557,6 +570,7 @@ pub fn spawn(
                         events,
                         metrics,
                         stats,
+                        siblings,
                     }
                     .run(&fd, rx)
                     .await;
@@ -587,6 +601,8 @@ struct Shard {
     events: broadcast::Sender<SfuEvent>,
     metrics: Metrics,
     stats: Arc<ShardStats>,
+    /// Every shard's command queue (mesh control messages cross here).
+    siblings: Arc<[mpsc::Sender<Command>]>,
 }
 
 impl Shard {
@@ -687,6 +703,17 @@ impl Shard {
                     Output::Event(e) => {
                         tracing::debug!(event = ?e, "core event");
                         let _ = self.events.send(e);
+                    }
+                    Output::MeshControl(m) => {
+                        // Control traffic (a few per second per room), not
+                        // media: a full queue drops it and the sender retries.
+                        if let Some(tx) = self.siblings.get(usize::from(m.shard))
+                            && tx.try_send(Command::MeshControl(m)).is_err()
+                        {
+                            tracing::debug!(
+                                "a shard's command queue is full; mesh message dropped"
+                            );
+                        }
                     }
                 }
             }
@@ -832,6 +859,8 @@ fn execute(sfu: &mut Sfu, cmd: Command) {
         }
         Command::SetKernelForwarded { publishers } => sfu.set_kernel_forwarded(&publishers),
         Command::Drain => sfu.start_drain(),
+        Command::SetMesh(config) => sfu.set_mesh(now, *config),
+        Command::MeshControl(m) => sfu.handle_mesh_control(now, &m.link, m.source, &m.rtcp),
         Command::CloseAll { reply } => {
             sfu.close_all(now);
             let _ = reply.send(());

@@ -711,8 +711,100 @@ impl Collector for MediaCollector {
             "Subscribers receiving or switching to each video layer (0: paused)",
             &layer_watchers,
         )?;
+        encode_mesh_links(&mut enc, &s.mesh_links)?;
         Ok(())
     }
+}
+
+type MeshField = (
+    &'static str,
+    &'static str,
+    fn(&ridge_sfu::MeshLinkSnapshot) -> u64,
+);
+
+const MESH_COUNTERS: &[MeshField] = &[
+    ("packets_in", "Datagrams received on a mesh link", |l| {
+        l.packets_in
+    }),
+    ("packets_out", "Datagrams sent on a mesh link", |l| {
+        l.packets_out
+    }),
+    ("bytes_in", "Bytes received on a mesh link", |l| l.bytes_in),
+    ("bytes_out", "Bytes sent on a mesh link", |l| l.bytes_out),
+    (
+        "nacks_sent",
+        "Sequence numbers NACKed to the link's upstream",
+        |l| l.nacks_sent,
+    ),
+    (
+        "nacks_received",
+        "Sequence numbers the link's downstream NACKed",
+        |l| l.nacks_received,
+    ),
+    (
+        "retransmits",
+        "Packets resent on the link from its retransmission buffers",
+        |l| l.retransmits,
+    ),
+    (
+        "recovered",
+        "Missing packets that arrived after a NACK (or late)",
+        |l| l.recovered,
+    ),
+    ("unrecovered", "Missing packets given up on", |l| {
+        l.unrecovered
+    }),
+    (
+        "auth_failures",
+        "Datagrams from the link's peer failing SRTP authentication or replay checks",
+        |l| l.auth_failures,
+    ),
+];
+
+/// `ridge_mesh_*{peer}`: per mesh link, summed over shards.
+fn encode_mesh_links(
+    enc: &mut DescriptorEncoder,
+    links: &[ridge_sfu::MeshLinkSnapshot],
+) -> Result<(), std::fmt::Error> {
+    let label = |l: &ridge_sfu::MeshLinkSnapshot| -> Labels {
+        vec![("peer", l.peer.clone()), ("trusted", l.trusted.to_string())]
+    };
+    for (field, help, get) in MESH_COUNTERS {
+        let rows: Vec<(Labels, u64)> = links.iter().map(|l| (label(l), get(l))).collect();
+        counter(enc, &format!("ridge_mesh_{field}"), help, &rows)?;
+    }
+    let rtt: Vec<(Labels, f64)> = links
+        .iter()
+        .filter_map(|l| Some((label(l), l.rtt_us? as f64 / 1e6)))
+        .collect();
+    gauge(
+        enc,
+        "ridge_mesh_nack_rtt_seconds",
+        "Smoothed time from a NACK to its retransmission on the link",
+        &rtt,
+    )?;
+    let rooms: Vec<(Labels, f64)> = links
+        .iter()
+        .flat_map(|l| {
+            let mut out = label(l);
+            out.push(("direction", "out".into()));
+            let mut inn = label(l);
+            inn.push(("direction", "in".into()));
+            [(out, l.rooms_out as f64), (inn, l.rooms_in as f64)]
+        })
+        .collect();
+    gauge(
+        enc,
+        "ridge_mesh_rooms",
+        "Rooms carried on a mesh link, by direction",
+        &rooms,
+    )?;
+    gauge(
+        enc,
+        "ridge_mesh_links",
+        "Mesh links configured by the desired state",
+        &[(vec![], links.len() as f64)],
+    )
 }
 
 /// Encodes the registry in the text exposition format.
