@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// steered to their shard by a BPF program; needs root) [default: per-shard]
     #[arg(long, value_enum, value_name = "MODE")]
     pub shard_ports: Option<crate::config::ShardPorts>,
+    /// Mesh links' loss repair: every hop NACKs its upstream, or only the last
+    /// node does (relays pass NACKs on; for comparison) [default: hop-by-hop]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mesh_recovery: Option<crate::config::MeshRecoveryMode>,
     /// Kernel fast path: try XDP (native, else generic, else none) or off [default: auto]
     #[arg(long, value_enum, value_name = "MODE")]
     pub xdp: Option<crate::config::XdpSetting>,
@@ -141,6 +145,7 @@ impl RunArgs {
             pin_cores: self.no_pin_cores.then_some(false),
             io_backend: self.io_backend,
             shard_ports: self.shard_ports,
+            mesh_recovery: self.mesh_recovery,
             xdp: self.xdp,
             media_interfaces: self.media_interfaces.clone(),
             guard_rate_pps: self.guard_rate_pps,

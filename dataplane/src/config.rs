@@ -132,6 +132,8 @@ pub struct FileConfig {
     /// "per-shard" (shard `i` on udp port + `i`) or "shared" (one port,
     /// steered by BPF; needs root).
     pub shard_ports: Option<ShardPorts>,
+    /// Mesh links' loss repair: "hop-by-hop" (default) or "end-to-end".
+    pub mesh_recovery: Option<MeshRecoveryMode>,
     /// Kernel fast path: "auto" (try XDP, fall back) or "off".
     pub xdp: Option<XdpSetting>,
     /// Interfaces the XDP guard attaches to (default: the one owning the
@@ -198,6 +200,27 @@ pub enum ShardPorts {
     Shared,
 }
 
+/// How mesh links repair loss (docs/mesh.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MeshRecoveryMode {
+    /// Every hop NACKs its upstream and answers from its own buffers.
+    #[default]
+    HopByHop,
+    /// Only the last node NACKs; relays pass what they lack upstream (for
+    /// comparison: how cascades without per-hop recovery behave).
+    EndToEnd,
+}
+
+impl MeshRecoveryMode {
+    pub fn core(self) -> ridge_sfu::MeshRecovery {
+        match self {
+            MeshRecoveryMode::HopByHop => ridge_sfu::MeshRecovery::HopByHop,
+            MeshRecoveryMode::EndToEnd => ridge_sfu::MeshRecovery::EndToEnd,
+        }
+    }
+}
+
 impl ShardPorts {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -227,6 +250,7 @@ pub struct Overrides {
     pub pin_cores: Option<bool>,
     pub io_backend: Option<IoBackend>,
     pub shard_ports: Option<ShardPorts>,
+    pub mesh_recovery: Option<MeshRecoveryMode>,
     pub xdp: Option<XdpSetting>,
     /// Replaces the file's `media_interfaces` when non-empty.
     pub media_interfaces: Vec<String>,
@@ -276,6 +300,7 @@ pub struct Config {
     pub io_backend: IoBackend,
     /// Per-shard ports, or one port steered by BPF.
     pub shard_ports: ShardPorts,
+    pub mesh_recovery: MeshRecoveryMode,
     /// The kernel fast path (XDP guard and forwarding).
     pub kernel: KernelConfig,
     /// tracing `EnvFilter` directive.
@@ -587,6 +612,10 @@ pub fn build(
         .shard_ports
         .or(file.shard_ports)
         .unwrap_or_default();
+    let mesh_recovery = overrides
+        .mesh_recovery
+        .or(file.mesh_recovery)
+        .unwrap_or_default();
     let configured_socket = overrides
         .control_socket
         .clone()
@@ -826,6 +855,7 @@ pub fn build(
         pin_cores,
         io_backend,
         shard_ports,
+        mesh_recovery,
         kernel,
         log,
         control_socket,

@@ -59,6 +59,7 @@ impl Node {
         let (mut registry, metrics) = crate::metrics::registry();
         let control_metrics = ControlMetrics::register(&mut registry);
         let mut sfu = SfuConfig::new(config.udp);
+        sfu.mesh_recovery = config.mesh_recovery.core();
         sfu.candidates = config
             .public_ip
             .iter()

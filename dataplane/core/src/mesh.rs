@@ -31,6 +31,19 @@ const MAX_NAME: usize = 128;
 /// Announced tracks per APP packet, so one fits a 1200-byte datagram.
 pub const ANNOUNCE_TRACKS_PER_PACKET: usize = 8;
 
+/// How a mesh repairs loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MeshRecovery {
+    /// Every hop NACKs its upstream and answers its downstream from its
+    /// own retransmission buffers: a loss costs one link's round trip.
+    #[default]
+    HopByHop,
+    /// Only the last node NACKs, and relays pass NACKs on to the source
+    /// node, which alone answers: how cascaded SFUs without per-hop
+    /// recovery behave. For comparison (ridge-bench `mesh-loss`).
+    EndToEnd,
+}
+
 /// One link of this node, as the scheduler's desired state gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshLinkSpec {

@@ -30,6 +30,8 @@ pub struct SfuConfig {
     /// How many shards the process runs (rooms are placed by
     /// [`shard_for_room`](crate::shard_for_room)); 1 for a single core.
     pub shards: u8,
+    /// How mesh links repair loss.
+    pub mesh_recovery: crate::mesh::MeshRecovery,
     /// Seed for identifiers and SSRCs (the core reads no entropy itself).
     pub seed: u64,
     /// Which core (shard) of a process this is, 0 to 255. It is written into
@@ -52,6 +54,7 @@ impl SfuConfig {
             seed: 0x5eed,
             shard: 0,
             shards: 1,
+            mesh_recovery: crate::mesh::MeshRecovery::HopByHop,
         }
     }
 }

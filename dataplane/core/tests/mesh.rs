@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{parse_rtcp, parse_rtp, pli, remote, rtp, vp8_payload};
 use ridge_sfu::{
-    DropReason, MeshConfig, MeshLinkSpec, MeshRouteSpec, Output, RtpDirection, RtpEndpointSpec,
-    Sfu, SfuConfig, TrackKind,
+    DropReason, MeshConfig, MeshLinkSpec, MeshRecovery, MeshRouteSpec, Output, RtpDirection,
+    RtpEndpointSpec, Sfu, SfuConfig, TrackKind,
 };
 
 fn node_addr(i: u8) -> SocketAddr {
@@ -47,6 +47,10 @@ struct Net {
 
 impl Net {
     fn new(names: &[&str]) -> Self {
+        Self::with_recovery(names, MeshRecovery::HopByHop)
+    }
+
+    fn with_recovery(names: &[&str], recovery: MeshRecovery) -> Self {
         let now = Instant::now();
         let mut nodes = BTreeMap::new();
         let mut addrs = HashMap::new();
@@ -54,6 +58,7 @@ impl Net {
             let addr = node_addr(i as u8 + 1);
             let mut c = SfuConfig::new(addr);
             c.seed = 1000 + i as u64;
+            c.mesh_recovery = recovery;
             nodes.insert(n.to_string(), Sfu::new(c, now));
             addrs.insert(addr, n.to_string());
         }
@@ -553,4 +558,57 @@ fn random_datagrams_from_a_link_address_never_panic() {
         while net.sfu("c").poll_output().is_some() {}
     }
     assert!(net.sfu("c").stats().drops[DropReason::MeshAuth as usize] > 0);
+}
+
+/// Three lossy hops (A → B → C → D), 20% loss on every mesh datagram:
+/// hop-by-hop recovery against end-to-end recovery (only D asks; relays
+/// answer what they hold and pass the rest upstream), side by side.
+#[test]
+fn hop_by_hop_recovery_beats_end_to_end_over_three_hops() {
+    let mut ratios = Vec::new();
+    for recovery in [MeshRecovery::HopByHop, MeshRecovery::EndToEnd] {
+        let mut net = Net::with_recovery(&["a", "b", "c", "d"], recovery);
+        let pub_client = remote(1, 4000);
+        let sub_client = remote(2, 4002);
+        publisher(&mut net, "a", pub_client, 0xaaaa, TrackKind::Video);
+        subscriber(&mut net, "d", sub_client, TrackKind::Video);
+        net.configure("a", &[("b", true)], &[("demo", "a", None, &["b"])]);
+        net.configure(
+            "b",
+            &[("a", true), ("c", true)],
+            &[("demo", "a", Some("a"), &["c"])],
+        );
+        net.configure(
+            "c",
+            &[("b", true), ("d", true)],
+            &[("demo", "a", Some("b"), &["d"])],
+        );
+        net.configure("d", &[("c", true)], &[("demo", "a", Some("c"), &[])]);
+        net.advance(Duration::from_millis(1500));
+        net.loss_permille = 200;
+        let n = 3000;
+        let sent = stream(&mut net, pub_client, "a", 0xaaaa, n, 200);
+        net.advance(Duration::from_secs(2));
+        let got = received(&net, sub_client);
+        let first = got.keys().min().copied().unwrap_or(0);
+        let in_time = got
+            .iter()
+            .filter(|(tag, at)| {
+                at.duration_since(sent[**tag as usize]) <= Duration::from_millis(200)
+            })
+            .count();
+        let ratio = in_time as f64 / f64::from(n - first);
+        eprintln!(
+            "{recovery:?}: {:.2}% within 200 ms over 3 hops at 20% loss per link",
+            ratio * 100.0
+        );
+        ratios.push(ratio);
+    }
+    assert!(ratios[0] >= 0.995, "hop-by-hop: {}", ratios[0]);
+    assert!(
+        ratios[1] < ratios[0],
+        "end-to-end {} vs hop-by-hop {}",
+        ratios[1],
+        ratios[0]
+    );
 }

@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use super::*;
 use crate::mesh::{
-    AnnouncedTrack, Arrival, InboundRef, LossTracker, MESH_STATE_TIMEOUT, MeshConfig,
-    MeshLinkSnapshot, MeshMessage, MeshRouteSpec, OriginKey, RemoteParticipantKey,
-    SUBSCRIBE_INTERVAL, codec_code, codec_from_code, is_mesh_app, parse_message, write_message,
+    AnnouncedTrack, InboundRef, LossTracker, MESH_STATE_TIMEOUT, MeshConfig, MeshLinkSnapshot,
+    MeshMessage, MeshRecovery, MeshRouteSpec, OriginKey, RemoteParticipantKey, SUBSCRIBE_INTERVAL,
+    codec_code, codec_from_code, is_mesh_app, parse_message, write_message,
 };
 use crate::srtp::{SrtpContext, SrtpProfile, Unprotected, mesh_master_key};
 
@@ -761,28 +761,40 @@ impl Sfu {
             self.io.drop_packet(DropReason::Malformed);
             return;
         };
+        let Some(at) = self
+            .mesh
+            .links
+            .get(link)
+            .and_then(|l| l.inbound.get(&header.ssrc))
+            .map(|s| s.at)
+        else {
+            self.io.drop_packet(DropReason::UnknownSsrc);
+            return;
+        };
+        let Some(track) = self.tracks.get(&at.track) else {
+            return;
+        };
+        // End-to-end recovery: relays leave loss to the last node.
+        let relay_only =
+            self.config.mesh_recovery == MeshRecovery::EndToEnd && !track.mesh_out.is_empty();
         let Some(l) = self.mesh.links.get_mut(link) else {
             return;
         };
         let Some(s) = l.inbound.get_mut(&header.ssrc) else {
-            self.io.drop_packet(DropReason::UnknownSsrc);
             return;
         };
         s.remote = source;
-        let lost_before = s.loss.lost;
-        let recovered_before = s.loss.recovered;
-        let arrival = s.loss.on_packet(now, header.sequence);
-        let at = s.at;
-        if s.loss.lost != lost_before {
-            self.io.counters.packets_lost += s.loss.lost - lost_before;
-        }
-        l.stats.recovered += s.loss.recovered - recovered_before;
-        let due = s.loss.next_due().is_some_and(|d| d <= now);
-        if arrival == Arrival::Stale {
-            return;
-        }
-        if due {
-            self.mesh_nack_stream(now, link, header.ssrc);
+        if !relay_only {
+            let (lost, recovered) = (s.loss.lost, s.loss.recovered);
+            // Whatever `on_packet` says, the packet is forwarded: one older
+            // than this hop waits for still passed SRTP's replay check, so
+            // nobody downstream has it either.
+            s.loss.on_packet(now, header.sequence);
+            self.io.counters.packets_lost += s.loss.lost - lost;
+            l.stats.recovered += s.loss.recovered - recovered;
+            if s.loss.next_due().is_some_and(|d| d <= now) {
+                self.mesh_nack_stream(now, link, header.ssrc);
+            }
         }
         let Some(track) = self.tracks.get(&at.track) else {
             return;
@@ -893,8 +905,27 @@ impl Sfu {
                 rtcp::RtcpPacket::Nack {
                     media_ssrc, lost, ..
                 } => {
+                    // End-to-end recovery: what a relay does not hold goes
+                    // on upstream, towards the source.
+                    let relay = self.config.mesh_recovery == MeshRecovery::EndToEnd
+                        && self
+                            .mesh
+                            .links
+                            .get(link)
+                            .and_then(|l| l.outbound.get(&media_ssrc))
+                            .is_some_and(|(t, _)| {
+                                self.tracks.get(t).is_some_and(|t| t.origin.is_some())
+                            });
+                    let mut misses = [0u16; 64];
+                    let mut n = 0;
                     for seq in lost {
-                        self.mesh_retransmit(now, link, media_ssrc, seq);
+                        if !self.mesh_retransmit(now, link, media_ssrc, seq) && relay && n < 64 {
+                            misses[n] = seq;
+                            n += 1;
+                        }
+                    }
+                    if n > 0 {
+                        self.mesh_relay_nack(link, media_ssrc, &misses[..n]);
                     }
                 }
                 rtcp::RtcpPacket::Pli { media_ssrc, .. } => {
@@ -913,17 +944,44 @@ impl Sfu {
         }
     }
 
-    fn mesh_retransmit(&mut self, now: Instant, link: usize, ssrc: u32, seq: u16) {
-        let Some(l) = self.mesh.links.get_mut(link) else {
+    /// End-to-end recovery on a relay: passes a downstream NACK for one
+    /// of our link streams to the upstream stream that feeds it.
+    fn mesh_relay_nack(&mut self, link: usize, ssrc: u32, seqs: &[u16]) {
+        let Some(l) = self.mesh.links.get(link) else {
             return;
+        };
+        let Some(&(tid, layer)) = l.outbound.get(&ssrc) else {
+            return;
+        };
+        let upstream = self.mesh.links.iter().enumerate().find_map(|(i, l)| {
+            l.inbound
+                .iter()
+                .find(|(_, s)| s.at.track == tid && s.at.layer == layer)
+                .map(|(up_ssrc, s)| (i, *up_ssrc, s.remote))
+        });
+        let Some((up, up_ssrc, dest)) = upstream else {
+            return;
+        };
+        if let Some(u) = self.mesh.links.get_mut(up) {
+            u.stats.nacks_sent += seqs.len() as u64;
+        }
+        self.io.counters.nacks_sent += seqs.len() as u64;
+        let mut buf = self.io.buffer();
+        rtcp::write_nack(&mut buf, self.rtcp_ssrc, up_ssrc, seqs);
+        self.mesh_send_rtcp(up, dest, buf);
+    }
+
+    fn mesh_retransmit(&mut self, now: Instant, link: usize, ssrc: u32, seq: u16) -> bool {
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return false;
         };
         l.stats.nacks_received += 1;
         self.io.counters.nacks_received += 1;
         let Some(&(tid, layer)) = l.outbound.get(&ssrc) else {
-            return;
+            return false;
         };
         let Some(track) = self.tracks.get(&tid) else {
-            return;
+            return false;
         };
         let kind = track.kind;
         let Some((dest, sent)) = track
@@ -933,7 +991,7 @@ impl Sfu {
             .and_then(|m| Some((m.dest, m.layers.get(layer)?.retransmit.get(now, seq)?)))
         else {
             self.io.counters.retransmit_misses += 1;
-            return;
+            return false;
         };
         let mut buf = self.io.buffer();
         packet::rtp::write_header(
@@ -946,7 +1004,7 @@ impl Sfu {
         );
         buf.extend_from_slice(sent.payload.as_slice());
         if l.tx.protect_rtp(&mut buf).is_err() {
-            return;
+            return false;
         }
         l.stats.retransmits += 1;
         l.stats.packets_out += 1;
@@ -954,6 +1012,7 @@ impl Sfu {
         self.io.counters.retransmits += 1;
         let mut scratch = Counters::default();
         self.io.send(&mut scratch, dest, buf);
+        true
     }
 
     fn mesh_message(
