@@ -63,3 +63,42 @@ fn random_datagram_streams_never_panic() {
         fuzzing::datagrams(&data);
     }
 }
+
+#[test]
+fn random_mesh_control_messages_never_panic() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for _ in 0..20_000 {
+        let len = rng.random_range(0..256);
+        let mut data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if data.len() >= 12 {
+            data[0] = 0x80 | (data[0] & 0x03);
+            data[1] = 204;
+            data[8..12].copy_from_slice(b"RDGM");
+        }
+        fuzzing::mesh_message(&data);
+    }
+}
+
+/// Authenticated garbage on a mesh link: the handlers behind SRTP.
+#[test]
+fn random_authenticated_mesh_datagrams_never_panic() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let mut accepted = 0;
+    for round in 0..300 {
+        let len = rng.random_range(0..4096);
+        let mut data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        // Shape some chunks as RTP/RTCP headers, some as mesh APP packets.
+        for i in (1..data.len()).step_by(23) {
+            data[i] = 0x80 | (data[i] & 0x3f);
+            if round % 2 == 0 && i + 12 < data.len() {
+                data[i + 1] = 204;
+                data[i + 8..i + 12].copy_from_slice(b"RDGM");
+            }
+        }
+        accepted += fuzzing::mesh_datagrams(&data);
+    }
+    assert!(
+        accepted > 1_000,
+        "only {accepted} datagrams got past authentication"
+    );
+}
