@@ -777,6 +777,23 @@ fn encode_mesh_links(
         .iter()
         .filter_map(|l| Some((label(l), l.rtt_us? as f64 / 1e6)))
         .collect();
+    let budget: Vec<(Labels, f64)> = links
+        .iter()
+        .filter_map(|l| Some((label(l), l.budget_bps? as f64)))
+        .collect();
+    gauge(
+        enc,
+        "ridge_mesh_budget_bps",
+        "Loss-based send budget of a link, when one binds (layers above it are not sent)",
+        &budget,
+    )?;
+    let loss: Vec<(Labels, f64)> = links.iter().map(|l| (label(l), l.loss)).collect();
+    gauge(
+        enc,
+        "ridge_mesh_loss_ratio",
+        "Fraction of what was sent on a link that the downstream NACKed (last second)",
+        &loss,
+    )?;
     gauge(
         enc,
         "ridge_mesh_nack_rtt_seconds",

@@ -78,7 +78,7 @@ pub struct MeshConfig {
 }
 
 /// Counters of one mesh link, for `/metrics`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MeshLinkSnapshot {
     pub peer: String,
     pub trusted: bool,
@@ -99,6 +99,10 @@ pub struct MeshLinkSnapshot {
     pub auth_failures: u64,
     /// Smoothed NACK-to-retransmission round trip, when measured.
     pub rtt_us: Option<u64>,
+    /// The link's loss-based send budget (`None`: unlimited).
+    pub budget_bps: Option<u64>,
+    /// Fraction of what we sent that the downstream NACKed, last window.
+    pub loss: f64,
     /// Rooms this node sends on the link / receives from it.
     pub rooms_out: u64,
     pub rooms_in: u64,
@@ -131,8 +135,20 @@ pub struct AnnouncedTrack {
     pub kind: TrackKind,
     /// [`codec_code`] of the codec, 0 when unknown.
     pub codec: u8,
-    /// Per layer: the rid, and the SSRC it is sent with on this link.
-    pub layers: Vec<(Option<String>, u32)>,
+    pub layers: Vec<AnnouncedLayer>,
+}
+
+/// One simulcast layer (or the only one) of an announced track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnouncedLayer {
+    pub rid: Option<String>,
+    /// The SSRC it is sent with on this link.
+    pub ssrc: u32,
+    /// Its bitrate at the upstream, in kbit/s.
+    pub kbps: u32,
+    /// The upstream receives it and the link's budget allows it: the
+    /// downstream may ask for it even while it is paused on the link.
+    pub available: bool,
 }
 
 /// A decoded mesh control message.
@@ -234,9 +250,11 @@ pub fn write_message(out: &mut Vec<u8>, sender_ssrc: u32, msg: &MeshMessage) {
                 out.push(t.codec);
                 let layers = t.layers.len().min(8);
                 out.push(layers as u8);
-                for (rid, ssrc) in &t.layers[..layers] {
-                    put_str(out, rid.as_deref().unwrap_or(""));
-                    out.extend_from_slice(&ssrc.to_be_bytes());
+                for l in &t.layers[..layers] {
+                    put_str(out, l.rid.as_deref().unwrap_or(""));
+                    out.extend_from_slice(&l.ssrc.to_be_bytes());
+                    let kbps = l.kbps.min(0x7fff_ffff) | (u32::from(l.available) << 31);
+                    out.extend_from_slice(&kbps.to_be_bytes());
                 }
             }
         }
@@ -349,7 +367,13 @@ pub fn parse_message(rtcp: &[u8]) -> Result<MeshMessage, MeshWireError> {
                 for _ in 0..layers {
                     let rid = r.str("rid")?;
                     let ssrc = r.u32()?;
-                    ls.push(((!rid.is_empty()).then_some(rid), ssrc));
+                    let kbps = r.u32()?;
+                    ls.push(AnnouncedLayer {
+                        rid: (!rid.is_empty()).then_some(rid),
+                        ssrc,
+                        kbps: kbps & 0x7fff_ffff,
+                        available: kbps >> 31 == 1,
+                    });
                 }
                 tracks.push(AnnouncedTrack {
                     origin_track,
@@ -548,6 +572,103 @@ impl LossTracker {
     }
 }
 
+// ----- link capacity ------------------------------------------------------------------
+
+/// Window over which a link's loss is judged.
+const CAPACITY_WINDOW: Duration = Duration::from_secs(1);
+/// Loss above this lowers the link's budget; below [`LOSS_LOW`] raises it
+/// (the loss-based half of GCC, RFC draft-ietf-rmcat-gcc §6).
+const LOSS_HIGH: f64 = 0.10;
+const LOSS_LOW: f64 = 0.02;
+
+/// A loss-based send budget for one mesh link: the downstream's NACKs say
+/// how much of what we send is lost; above 10% the budget drops to 85% of
+/// what the link carried, below 2% it grows 8% a window until it no longer
+/// binds. Layers that do not fit the budget are not sent on the link (the
+/// lowest wanted layer always is), so each link carries the simulcast
+/// layers its capacity allows.
+#[derive(Debug, Default, Clone)]
+pub struct LinkCapacity {
+    window_start: Option<Instant>,
+    sent_bytes: u64,
+    sent_packets: u64,
+    nacked: u64,
+    cap_bps: Option<u64>,
+    /// Loss fraction of the last complete window.
+    pub last_loss: f64,
+}
+
+impl LinkCapacity {
+    pub fn on_sent(&mut self, bytes: usize) {
+        self.sent_bytes += bytes as u64;
+        self.sent_packets += 1;
+    }
+
+    pub fn on_nacked(&mut self, packets: u64) {
+        self.nacked += packets;
+    }
+
+    /// The current budget; `None`: unlimited.
+    pub fn cap_bps(&self) -> Option<u64> {
+        self.cap_bps
+    }
+
+    /// Closes a window when one has passed. Returns true if the budget
+    /// changed.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        let start = *self.window_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed < CAPACITY_WINDOW {
+            return false;
+        }
+        let rate = (self.sent_bytes * 8) as f64 / elapsed.as_secs_f64();
+        let before = self.cap_bps;
+        if self.sent_packets >= 20 {
+            // A NACKed packet may be asked for more than once: count at
+            // most what was sent.
+            let loss = self.nacked.min(self.sent_packets) as f64 / self.sent_packets as f64;
+            self.last_loss = loss;
+            if loss > LOSS_HIGH {
+                let lowered = (rate * 0.85) as u64;
+                self.cap_bps = Some(self.cap_bps.map_or(lowered, |c| c.min(lowered)));
+            } else if loss < LOSS_LOW
+                && let Some(c) = self.cap_bps
+            {
+                let raised = (c as f64 * 1.08) as u64 + 8_000;
+                // Unlimited again once the budget is well above the load.
+                self.cap_bps = (raised < (rate * 2.0) as u64).then_some(raised);
+            }
+        }
+        self.window_start = Some(now);
+        self.sent_bytes = 0;
+        self.sent_packets = 0;
+        self.nacked = 0;
+        before != self.cap_bps
+    }
+}
+
+/// Which layers of a track a link may carry: `wanted[i]` says the
+/// downstream wants layer `i`, `bps[i]` is its bitrate. The lowest wanted
+/// layer always fits; higher ones are added, lowest first, while the sum
+/// stays within `cap_bps`.
+pub fn layers_within(bps: &[u64], wanted: &[bool], cap_bps: Option<u64>) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..bps.len())
+        .filter(|&i| wanted.get(i) == Some(&true))
+        .collect();
+    order.sort_by_key(|&i| bps[i]);
+    let mut allowed = vec![false; bps.len()];
+    let mut sum = 0u64;
+    for (k, i) in order.into_iter().enumerate() {
+        sum += bps[i];
+        if k == 0 || cap_bps.is_none_or(|c| sum <= c) {
+            allowed[i] = true;
+        } else {
+            break;
+        }
+    }
+    allowed
+}
+
 /// Keys the core uses for a remote track: room, source node and the
 /// track's id there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -609,7 +730,20 @@ mod tests {
                     identity: "alice".into(),
                     kind: TrackKind::Video,
                     codec: 2,
-                    layers: vec![(Some("q".into()), 11), (Some("f".into()), 12)],
+                    layers: vec![
+                        AnnouncedLayer {
+                            rid: Some("q".into()),
+                            ssrc: 11,
+                            kbps: 150,
+                            available: true,
+                        },
+                        AnnouncedLayer {
+                            rid: Some("f".into()),
+                            ssrc: 12,
+                            kbps: 2500,
+                            available: false,
+                        },
+                    ],
                 },
                 AnnouncedTrack {
                     origin_track: 8,
@@ -617,7 +751,12 @@ mod tests {
                     identity: "alice".into(),
                     kind: TrackKind::Audio,
                     codec: 1,
-                    layers: vec![(None, 13)],
+                    layers: vec![AnnouncedLayer {
+                        rid: None,
+                        ssrc: 13,
+                        kbps: 32,
+                        available: true,
+                    }],
                 },
             ],
         });
@@ -669,6 +808,66 @@ mod tests {
         assert_eq!(asked, usize::from(NACK_ATTEMPTS));
         assert_eq!(l.missing(), 0);
         assert_eq!((l.recovered, l.unrecovered, l.lost), (1, 1, 2));
+    }
+
+    #[test]
+    fn link_capacity_backs_off_on_loss_and_recovers() {
+        let t0 = Instant::now();
+        let mut c = LinkCapacity::default();
+        let mut t = t0;
+        // 1 Mbit/s, no loss: no budget.
+        for _ in 0..3 {
+            for _ in 0..100 {
+                c.on_sent(1250);
+            }
+            t += Duration::from_secs(1);
+            c.tick(t);
+        }
+        assert_eq!(c.cap_bps(), None);
+        // 30% NACKed: budget 85% of the rate.
+        for _ in 0..100 {
+            c.on_sent(1250);
+        }
+        c.on_nacked(30);
+        t += Duration::from_secs(1);
+        assert!(c.tick(t));
+        let cap = c.cap_bps().expect("a budget");
+        assert!((840_000..=860_000).contains(&cap), "{cap}");
+        // Clean windows raise it until it no longer binds.
+        let mut windows = 0;
+        while c.cap_bps().is_some() && windows < 100 {
+            for _ in 0..100 {
+                c.on_sent(1250);
+            }
+            t += Duration::from_secs(1);
+            c.tick(t);
+            windows += 1;
+        }
+        assert!(c.cap_bps().is_none() && windows > 3, "{windows}");
+    }
+
+    #[test]
+    fn layers_fit_the_budget_lowest_first() {
+        let bps = [150_000, 2_500_000, 600_000];
+        let all = [true, true, true];
+        assert_eq!(layers_within(&bps, &all, None), [true, true, true]);
+        assert_eq!(
+            layers_within(&bps, &all, Some(800_000)),
+            [true, false, true]
+        );
+        assert_eq!(
+            layers_within(&bps, &all, Some(100_000)),
+            [true, false, false]
+        );
+        // The lowest *wanted* layer always goes.
+        assert_eq!(
+            layers_within(&bps, &[false, true, false], Some(1)),
+            [false, true, false]
+        );
+        assert_eq!(
+            layers_within(&bps, &[false, false, false], None),
+            [false, false, false]
+        );
     }
 
     #[test]

@@ -452,6 +452,11 @@ impl StatsSnapshot {
                     x.unrecovered += l.unrecovered;
                     x.auth_failures += l.auth_failures;
                     x.rtt_us = x.rtt_us.max(l.rtt_us);
+                    x.budget_bps = match (x.budget_bps, l.budget_bps) {
+                        (Some(a), Some(b)) => Some(a + b),
+                        (a, b) => a.or(b),
+                    };
+                    x.loss = x.loss.max(l.loss);
                     x.rooms_out += l.rooms_out;
                     x.rooms_in += l.rooms_in;
                 }

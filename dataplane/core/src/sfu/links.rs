@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use super::*;
 use crate::mesh::{
-    AnnouncedTrack, InboundRef, LossTracker, MESH_STATE_TIMEOUT, MeshConfig, MeshLinkSnapshot,
-    MeshMessage, MeshRecovery, MeshRouteSpec, OriginKey, RemoteParticipantKey, SUBSCRIBE_INTERVAL,
-    codec_code, codec_from_code, is_mesh_app, parse_message, write_message,
+    AnnouncedLayer, AnnouncedTrack, InboundRef, LinkCapacity, LossTracker, MESH_STATE_TIMEOUT,
+    MeshConfig, MeshLinkSnapshot, MeshMessage, MeshRecovery, MeshRouteSpec, OriginKey,
+    RemoteParticipantKey, SUBSCRIBE_INTERVAL, codec_code, codec_from_code, is_mesh_app,
+    layers_within, parse_message, write_message,
 };
 use crate::srtp::{SrtpContext, SrtpProfile, Unprotected, mesh_master_key};
 
@@ -86,7 +87,7 @@ impl MeshState {
             let Some(ol) = m.layers.get_mut(layer) else {
                 continue;
             };
-            if ol.paused {
+            if ol.paused || ol.capped {
                 continue;
             }
             let Some(l) = self.links.get_mut(m.link) else {
@@ -122,6 +123,7 @@ impl MeshState {
             }
             l.stats.packets_out += 1;
             l.stats.bytes_out += buf.len() as u64;
+            l.capacity.on_sent(buf.len());
             let mut scratch = Counters::default();
             io.send(&mut scratch, m.dest, buf);
         }
@@ -134,8 +136,12 @@ impl MeshOut {
         self.layers
             .iter()
             .enumerate()
-            .filter(|(_, l)| !l.paused)
+            .filter(|(_, l)| !l.paused && !l.capped)
             .map(|(i, _)| i)
+    }
+
+    fn over_budget(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.over_budget)
     }
 }
 
@@ -157,6 +163,8 @@ struct Link {
     inbound: HashMap<u32, InStream>,
     /// Streams sent on this link: link SSRC → track and layer.
     outbound: HashMap<u32, (TrackId, usize)>,
+    /// The loss-based budget that decides which layers the link carries.
+    capacity: LinkCapacity,
     stats: MeshLinkSnapshot,
 }
 
@@ -197,7 +205,13 @@ struct OutLayer {
     /// link stream (sequence numbers restart with the source).
     source_ssrc: Option<u32>,
     retransmit: RetransmitBuffer,
+    /// The downstream does not want it.
     paused: bool,
+    /// Wanted, but the link's budget does not allow it.
+    capped: bool,
+    /// Over the link's budget even on its own (and not the lowest layer):
+    /// announced as unavailable.
+    over_budget: bool,
 }
 
 /// A remote participant's placeholder peer: where its tracks come from.
@@ -255,6 +269,7 @@ impl Sfu {
                         rx: HashMap::new(),
                         inbound: HashMap::new(),
                         outbound: HashMap::new(),
+                        capacity: LinkCapacity::default(),
                         stats: MeshLinkSnapshot {
                             peer: spec.peer.clone(),
                             trusted: spec.trusted,
@@ -438,11 +453,29 @@ impl Sfu {
                             self.config.retransmit_max_age,
                         ),
                         paused: false,
+                        capped: false,
+                        over_budget: false,
                     });
                 }
+                // A single layer always goes; of several, those the
+                // downstream wants and the link's budget allows.
                 let multi = track.layers.len() > 1;
-                for ol in &mut m.layers {
-                    ol.paused = multi && paused.contains(&ol.ssrc);
+                let wanted: Vec<bool> = m
+                    .layers
+                    .iter()
+                    .map(|ol| !paused.contains(&ol.ssrc))
+                    .collect();
+                let bps: Vec<u64> = track.layers.iter().map(|l| l.bps).collect();
+                let cap = links.get(link).and_then(|l| l.capacity.cap_bps());
+                let allowed = layers_within(&bps, &wanted, cap);
+                let lowest = (0..bps.len()).min_by_key(|&i| bps[i]);
+                for (i, ol) in m.layers.iter_mut().enumerate() {
+                    let want = wanted.get(i).copied().unwrap_or(false);
+                    ol.paused = multi && !want;
+                    ol.capped = multi && want && !allowed.get(i).copied().unwrap_or(false);
+                    ol.over_budget = multi
+                        && Some(i) != lowest
+                        && cap.is_some_and(|c| bps.get(i).is_some_and(|b| *b > c));
                 }
             }
         }
@@ -474,7 +507,14 @@ impl Sfu {
             r.serving
                 .retain(|s| now.saturating_duration_since(s.renewed) < MESH_STATE_TIMEOUT);
         }
+        let mut budget_changed = false;
+        for l in &mut self.mesh.links {
+            budget_changed |= l.capacity.tick(now);
+        }
         self.mesh_reconcile(now);
+        if budget_changed {
+            self.select_layers(now);
+        }
         let periodic = now >= self.mesh.next_subscribe;
         let announce = periodic || self.mesh.announce_due.is_some_and(|t| t <= now);
         if !announce {
@@ -559,7 +599,13 @@ impl Sfu {
                             .layers
                             .iter()
                             .zip(&m.layers)
-                            .map(|(l, o)| (l.rid.as_ref().map(|r| r.to_string()), o.ssrc))
+                            .enumerate()
+                            .map(|(i, (l, o))| AnnouncedLayer {
+                                rid: l.rid.as_ref().map(|r| r.to_string()),
+                                ssrc: o.ssrc,
+                                kbps: (l.bps / 1000).min(u64::from(u32::MAX)) as u32,
+                                available: l.active(now) && !m.over_budget(i),
+                            })
                             .collect(),
                     });
                 }
@@ -976,6 +1022,7 @@ impl Sfu {
             return false;
         };
         l.stats.nacks_received += 1;
+        l.capacity.on_nacked(1);
         self.io.counters.nacks_received += 1;
         let Some(&(tid, layer)) = l.outbound.get(&ssrc) else {
             return false;
@@ -1007,6 +1054,7 @@ impl Sfu {
             return false;
         }
         l.stats.retransmits += 1;
+        l.capacity.on_sent(buf.len());
         l.stats.packets_out += 1;
         l.stats.bytes_out += buf.len() as u64;
         self.io.counters.retransmits += 1;
@@ -1147,7 +1195,7 @@ impl Sfu {
                     layers: t
                         .layers
                         .iter()
-                        .map(|(rid, _)| Layer::new(rid.as_deref().map(Rid::from)))
+                        .map(|l| Layer::new(l.rid.as_deref().map(Rid::from)))
                         .collect(),
                     subscribers: Vec::new(),
                     demanded: Vec::new(),
@@ -1170,9 +1218,25 @@ impl Sfu {
         let Some(l) = self.mesh.links.get_mut(link) else {
             return;
         };
-        for (i, (rid, ssrc)) in t.layers.into_iter().enumerate() {
+        for (i, al) in t.layers.into_iter().enumerate() {
+            let ssrc = al.ssrc;
             if i >= track.layers.len() {
-                track.layers.push(Layer::new(rid.as_deref().map(Rid::from)));
+                track
+                    .layers
+                    .push(Layer::new(al.rid.as_deref().map(Rid::from)));
+            }
+            // A layer the upstream has (and may send us) stays selectable
+            // while it is paused on the link: otherwise a viewer could
+            // never move to a layer nobody here watched before.
+            let layer = &mut track.layers[i];
+            if al.available {
+                if layer.last_packet.is_none_or(|t| t < now) {
+                    layer.last_packet = Some(now);
+                }
+                // Not receiving it: take the upstream's measurement.
+                if layer.meter.bps(now) == 0 {
+                    layer.bps = u64::from(al.kbps) * 1000;
+                }
             }
             if !l.inbound.contains_key(&ssrc) {
                 // A new stream for this layer (new upstream, or the
@@ -1290,6 +1354,8 @@ impl Sfu {
                     .max()
                     .map(|d| d.as_micros() as u64);
                 s.unrecovered = l.inbound.values().map(|x| x.loss.unrecovered).sum();
+                s.budget_bps = l.capacity.cap_bps();
+                s.loss = l.capacity.last_loss;
                 s.rooms_out = self
                     .mesh
                     .routes
