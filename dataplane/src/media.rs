@@ -89,6 +89,9 @@ enum Command {
     RemoteAddrs {
         reply: oneshot::Sender<Vec<SocketAddr>>,
     },
+    MeshPeerAddrs {
+        reply: oneshot::Sender<Vec<SocketAddr>>,
+    },
     PlainFlows {
         max_destinations: usize,
         reply: oneshot::Sender<Vec<PlainFlow>>,
@@ -400,6 +403,13 @@ impl MediaHandle {
 
     /// Each shard's plain-RTP flows that a kernel fast path could forward
     /// (`Sfu::plain_flows`), by shard index; `None` if a shard has stopped.
+    /// Every remote socket that authenticated as a mesh link, on any shard.
+    pub async fn mesh_peer_addrs(&self) -> Option<Vec<SocketAddr>> {
+        self.ask_every_shard(|reply| Command::MeshPeerAddrs { reply })
+            .await
+            .map(|v| v.into_iter().flatten().collect())
+    }
+
     pub async fn plain_flows(&self, max_destinations: usize) -> Option<Vec<Vec<PlainFlow>>> {
         self.ask_every_shard(|reply| Command::PlainFlows {
             max_destinations,
@@ -850,6 +860,9 @@ fn execute(sfu: &mut Sfu, cmd: Command) {
         }
         Command::RemoteAddrs { reply } => {
             let _ = reply.send(sfu.remote_addrs());
+        }
+        Command::MeshPeerAddrs { reply } => {
+            let _ = reply.send(sfu.mesh_peer_addrs());
         }
         Command::PlainFlows {
             max_destinations,

@@ -1339,6 +1339,13 @@ impl Sfu {
         self.mesh_send_rtcp(link, dest, buf);
     }
 
+    /// Remote sockets that authenticated as one of this core's mesh links
+    /// (a control-path query: e.g. to exempt them from a per-source rate
+    /// limit meant for clients).
+    pub fn mesh_peer_addrs(&self) -> Vec<SocketAddr> {
+        self.mesh.by_addr.keys().copied().collect()
+    }
+
     /// Per-link counters, for `/metrics`.
     pub fn mesh_links(&self) -> Vec<MeshLinkSnapshot> {
         self.mesh
