@@ -17,6 +17,10 @@ export RUST_BACKTRACE=1
 
 echo "== unit, fuzz-smoke and integration tests"
 cargo test --workspace --all-targets --exclude ridge-tests
+# The mesh lab (tests/tests/mesh_netns.rs) runs these binaries; it builds
+# them itself too, but a failure reads better here.
+echo "== binaries for the mesh lab"
+cargo build --bins -p ridge-scheduler -p ridge-agent -p ridge-dataplane
 echo "== real-browser and end-to-end tests (serial: each starts Chromium), io_uring backend"
 RIDGE_TEST_IO_BACKEND=uring cargo test -p ridge-tests --all-targets -- --test-threads=1
 echo "== the same end-to-end tests on the recvmmsg/sendmmsg backend"

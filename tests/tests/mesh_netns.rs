@@ -1,0 +1,483 @@
+//! The mesh end to end in network namespaces: the real `ridge-scheduler`,
+//! and per node a real `ridge-dataplane` and `ridge-agent` enrolled with a
+//! bootstrap token from `ridgectl` (tests/src/mesh.rs, `MeshLab`). The lab
+//! is a square A–B, B–C, A–D, D–C with no A–C link: A can reach B's and D's
+//! mesh addresses but not C's.
+//!
+//! - `the_lab_reaches_mesh_neighbours_only`: the topology itself.
+//! - `nodes_enroll_and_bad_tokens_are_refused`: four nodes enroll and are
+//!   up with the addresses their agents report; a bad, an expired and a
+//!   reused single-use token are refused (the agent exits 77 naming the
+//!   scheduler's code); dispatch hands out tokens the chosen node accepts.
+//! - `route_forms_through_a_transit_node_and_moves_when_it_dies`: a plain-RTP
+//!   publisher on A and a subscriber on C in room `demo`: every node
+//!   measures its topology neighbours, the plan holds a two-hop path A→B→C
+//!   or A→D→C and every node's dataplane holds the matching links and
+//!   routes; when the transit node is killed the route moves through the
+//!   other one. **Ignored for now**: an agent probes only the peers of its
+//!   desired state's `links`, and the scheduler derives those links only
+//!   from routes, which it computes only over links that agents report. No
+//!   node ever measures a link, so no route can form from scratch (the
+//!   plan says `unreachable: [C]`). Run it with `-- --ignored`; it fails at
+//!   the "neighbours measured" step until agents also probe candidate
+//!   peers that are not (yet) on a route.
+//! - `scheduler_restart_loses_no_nodes`.
+//!
+//! Needs root (namespaces, veths) and iproute2: otherwise each test prints
+//! `SKIP` (and fails with RIDGE_REQUIRE_ALL=1).
+
+use std::collections::BTreeSet;
+use std::net::UdpSocket;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, ensure};
+use ridge_tests::mesh::{MeshLab, eventually};
+use ridge_tests::skip::require;
+use serde_json::Value;
+
+const UP: Duration = Duration::from_secs(30);
+/// How long the scheduler may take to form or move a route: a few
+/// heartbeats (500 ms) and lease expiries (1.5 s) with room to spare on a
+/// loaded machine.
+const ROUTE: Duration = Duration::from_secs(20);
+
+/// The square lab, or `None` (after a `SKIP` line) without root.
+fn square(test: &str) -> Option<MeshLab> {
+    require(test, MeshLab::prerequisites()).ok()?;
+    Some(MeshLab::square().expect("the mesh lab starts"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[test]
+fn the_lab_reaches_mesh_neighbours_only() -> Result<()> {
+    let Some(lab) = square("the_lab_reaches_mesh_neighbours_only") else {
+        return Ok(());
+    };
+    // One listener per node on its mesh IP; A sends to each.
+    let listeners: Vec<(String, UdpSocket)> = ["b", "c", "d"]
+        .into_iter()
+        .map(|n| {
+            let addr = lab.node_mesh(n)?;
+            let s = lab.in_ns(n, move || UdpSocket::bind((addr.ip(), 7000)))??;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok((n.to_owned(), s))
+        })
+        .collect::<Result<_>>()?;
+    let a_mesh = lab.node_mesh("a")?.ip();
+    let from_a = lab.in_ns("a", move || UdpSocket::bind((a_mesh, 0)))??;
+    for (name, sock) in &listeners {
+        let to = std::net::SocketAddr::new(lab.node_mesh(name)?.ip(), 7000);
+        let sent = from_a.send_to(b"hello", to);
+        let mut buf = [0u8; 16];
+        let got = sock.recv_from(&mut buf).map(|(n, from)| (n, from.ip()));
+        if lab.neighbours("a").contains(&name.as_str()) {
+            sent.with_context(|| format!("a → {name}'s mesh IP"))?;
+            ensure!(
+                got.as_ref().ok() == Some(&(5, a_mesh)),
+                "{name} got {got:?} from a (expected a's mesh IP as the source)"
+            );
+        } else {
+            let e = sent.expect_err("a has no route to a non-neighbour's mesh IP");
+            ensure!(
+                e.kind() == std::io::ErrorKind::NetworkUnreachable,
+                "a → {name}: {e}"
+            );
+            ensure!(got.is_err(), "{name} got {got:?}");
+        }
+    }
+    // Each link's interfaces exist on both sides, named for the peer.
+    for l in lab.links() {
+        for (node, iface) in [(&l.a, &l.a_iface), (&l.b, &l.b_iface)] {
+            let ns = lab.ns(node)?.to_owned();
+            let out = std::process::Command::new("ip")
+                .args(["-n", &ns, "-br", "link", "show", "dev", iface])
+                .output()?;
+            ensure!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("UP"),
+                "{node}: {iface}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ensure!(l.iface_of(&l.a) == Some(format!("m-{}", l.b).as_str()));
+    }
+    ensure!(lab.link("a", "c").is_none() && lab.link("c", "b").is_some());
+    // Clients in the hub reach every node's HTTP API.
+    for n in lab.node_names() {
+        let (status, _) = lab.node_request(n, "GET", "/healthz", None, None)?;
+        ensure!(
+            status == 401,
+            "{n}: /healthz without a token answered {status}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn nodes_enroll_and_bad_tokens_are_refused() -> Result<()> {
+    let Some(lab) = square("nodes_enroll_and_bad_tokens_are_refused") else {
+        return Ok(());
+    };
+    let nodes = lab.wait_until_up(4, UP)?;
+    ensure!(nodes.len() == 4, "{nodes:?}");
+    let ids: BTreeSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    ensure!(ids.len() == 4);
+    for name in lab.node_names() {
+        let id = lab.node_id(name)?;
+        let n = nodes.iter().find(|n| n.id == id).context("enrolled node")?;
+        ensure!(n.state == "up", "{name}: {}", n.state);
+        ensure!(n.region == format!("lab-{name}"), "{name}: {}", n.region);
+        ensure!(n.labels.get("trust_domain").map(String::as_str) == Some("lab"));
+        ensure!(n.addresses.media == Some(lab.node_media(name)?.to_string()));
+        ensure!(n.addresses.mesh == Some(lab.node_mesh(name)?.to_string()));
+        ensure!(n.addresses.http == Some(lab.node_http(name)?));
+        // The agent applied the node's first desired state.
+        eventually(
+            &format!("{name}'s dataplane to hold a desired state"),
+            Duration::from_secs(10),
+            || {
+                Ok(lab
+                    .held_desired(name)?
+                    .filter(|d| d["dataplane_secret_set"] == true && d["node_id"] == id.as_str()))
+            },
+        )?;
+    }
+    // ridgectl sees them as up too.
+    let table = lab.ridgectl(&["nodes", "list"])?;
+    for id in &ids {
+        ensure!(
+            table
+                .lines()
+                .any(|l| l.starts_with(id) && l.contains(" up ")),
+            "{table}"
+        );
+    }
+
+    // Refused tokens: the agent exits 77 and names the scheduler's code.
+    let expired = lab.create_bootstrap_token("lab-x", "1s", 1, "expires at once")?;
+    std::thread::sleep(Duration::from_millis(2100));
+    let cases = [
+        (
+            "rbt_bt-0000000000000000.nope".to_owned(),
+            "bootstrap_token_invalid",
+        ),
+        (expired, "bootstrap_token_expired"),
+        (
+            lab.bootstrap_token("a")?.to_owned(),
+            "bootstrap_token_exhausted",
+        ),
+    ];
+    for (token, code) in cases {
+        let run = lab.enroll_agent_once(&token, Duration::from_secs(30))?;
+        ensure!(
+            run.code == Some(77),
+            "{code}: exit {:?}\n{}",
+            run.code,
+            run.output
+        );
+        ensure!(
+            run.output.contains("enrollment refused") && run.output.contains(code),
+            "{code}: {}",
+            run.output
+        );
+    }
+    // Nothing enrolled: still four nodes, and the tokens say why.
+    ensure!(lab.nodes()?.len() == 4);
+    let tokens: Value = serde_json::from_str(&lab.ridgectl(&["--json", "tokens", "list"])?)?;
+    let states: Vec<(String, String)> = tokens["tokens"]
+        .as_array()
+        .context("tokens")?
+        .iter()
+        .map(|t| {
+            (
+                t["region"].as_str().unwrap_or_default().to_owned(),
+                t["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for name in lab.node_names() {
+        ensure!(
+            states.contains(&(format!("lab-{name}"), "exhausted".into())),
+            "{states:?}"
+        );
+    }
+    ensure!(
+        states.contains(&("lab-x".into(), "expired".into())),
+        "{states:?}"
+    );
+
+    // Dispatch signs a token that the node it picked accepts.
+    let d = lab.dispatch("demo", "alice", true, true, Some("lab-b"))?;
+    let name = lab
+        .node_name(&d.node_id)
+        .context("dispatch picked a lab node")?
+        .to_owned();
+    ensure!(d.media_address == lab.node_media(&name)?.to_string());
+    ensure!(d.url == Some(lab.node_http(&name)?));
+    let remote = "10.250.255.1:40000".parse()?;
+    let ep = lab.rtp_endpoint(
+        &name,
+        "demo",
+        &d.token,
+        "publish",
+        "audio",
+        remote,
+        111,
+        Some(7),
+    )?;
+    ensure!(ep["id"].is_string(), "{ep}");
+    // ... and another node refuses it (each node has its own key).
+    let other = lab
+        .node_names()
+        .into_iter()
+        .find(|n| *n != name)
+        .context("a second node")?;
+    let body = serde_json::json!({"direction": "publish", "kind": "audio",
+        "remote": "10.250.255.1:40002", "payload_type": 111, "ssrc": 8});
+    let (status, text) = lab.node_request(
+        other,
+        "POST",
+        "/v1/rooms/demo/rtp",
+        Some(&d.token),
+        Some(&body),
+    )?;
+    ensure!(
+        status == 401,
+        "{other} accepted {name}'s token: {status} {text}"
+    );
+    Ok(())
+}
+
+/// Waits until the dataplanes on `path` (lab names, source first) hold
+/// `room`'s route along it, with links to their path neighbours at their
+/// mesh addresses, and `bystanders` hold no route for it.
+fn expect_held_routes(
+    lab: &MeshLab,
+    room: &str,
+    path: &[String],
+    bystanders: &[&str],
+) -> Result<()> {
+    let id = |n: &str| lab.node_id(n);
+    let source = id(&path[0])?;
+    let mut last = String::new();
+    let held = eventually(
+        &format!("the dataplanes on {path:?} to hold the route"),
+        Duration::from_secs(10),
+        || {
+            for (i, node) in path.iter().enumerate() {
+                let Some(d) = lab.held_desired(node)? else {
+                    last = format!("{node}: nothing held");
+                    return Ok(None);
+                };
+                last = lab.names_for_ids(&format!("{node}: {d}"));
+                let Some(r) = d["routes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| r["room"] == room && r["source"] == source.as_str())
+                else {
+                    return Ok(None);
+                };
+                let up = if i == 0 {
+                    Value::Null
+                } else {
+                    Value::from(id(&path[i - 1])?)
+                };
+                let down: Vec<Value> = match path.get(i + 1) {
+                    Some(n) => vec![Value::from(id(n)?)],
+                    None => vec![],
+                };
+                if r["upstream"] != up || r["downstream"] != Value::from(down) {
+                    return Ok(None);
+                }
+                let mut want = Vec::new();
+                for n in [i.checked_sub(1).map(|j| &path[j]), path.get(i + 1)]
+                    .into_iter()
+                    .flatten()
+                {
+                    want.push((id(n)?, lab.node_mesh(n)?.to_string()));
+                }
+                want.sort();
+                let mut links: Vec<(String, String)> = d["links"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|l| {
+                        (
+                            l["peer"].as_str().unwrap_or_default().to_owned(),
+                            l["address"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect();
+                links.sort();
+                if links != want
+                    || d["links"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|l| l["trusted"] != true)
+                {
+                    return Ok(None);
+                }
+            }
+            for node in bystanders {
+                let d = lab.held_desired(node)?.unwrap_or_default();
+                last = lab.names_for_ids(&format!("{node}: {d}"));
+                if d["routes"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|r| r["room"] == room))
+                {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    );
+    held.with_context(|| format!("last held: {last}"))
+}
+
+#[test]
+#[ignore = "blocked: agents probe only desired-state link peers, links come only from routes, \
+            routes only from measured links: no route can form (see the module docs)"]
+fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
+    let Some(mut lab) = square("route_forms_through_a_transit_node_and_moves_when_it_dies") else {
+        return Ok(());
+    };
+    lab.wait_until_up(4, UP)?;
+    // A publisher on A, a subscriber on C: their heartbeats carry the room.
+    let pair = lab.plain_rtp_pair("demo", "a", "c")?;
+    let (a, c) = (lab.node_id("a")?, lab.node_id("c")?);
+    eventually("room demo in the scheduler", ROUTE, || {
+        let rooms = lab.rooms()?;
+        Ok(rooms["rooms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| {
+                r["room"] == "demo"
+                    && r["publishers"] == serde_json::json!([a])
+                    && r["subscribers"] == serde_json::json!([c])
+            })
+            .map(drop))
+    })
+    .with_context(|| lab.mesh_report())?;
+
+    // Routes are computed over measured links only: every node must report
+    // its topology neighbours as reachable.
+    eventually(
+        "every node to report its mesh neighbours as measured links",
+        ROUTE,
+        || {
+            for name in lab.node_names() {
+                let links = lab.node_detail(name)?["links"].clone();
+                for peer in lab.neighbours(name) {
+                    let id = lab.node_id(peer)?;
+                    let measured = links.as_array().into_iter().flatten().any(|l| {
+                        l["peer"] == id.as_str() && l["loss"].as_f64().is_some_and(|x| x < 0.5)
+                    });
+                    if !measured {
+                        return Ok(None);
+                    }
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "agents probe only the peers in their desired state's links, and those \
+             exist only on routes, so no link is measured and no route can form\n{}",
+            lab.mesh_report()
+        )
+    })?;
+
+    // Two hops through B or D: there is no A–C link.
+    let path = lab.wait_route("demo", "a", "c", ROUTE, |p| {
+        p.len() == 3 && (p[1] == "b" || p[1] == "d")
+    })?;
+    let transit = path[1].clone();
+    let other = if transit == "b" { "d" } else { "b" };
+    expect_held_routes(&lab, "demo", &path, &[other])?;
+    // Media assertions go here once the dataplane forwards over the mesh:
+    // pair.send(N, interval) and pair.received_indices() / pair.receiver.
+    let _ = &pair;
+
+    // The transit node dies: within a lease (1.5 s) and a tick the route
+    // goes through the other one.
+    let killed = Instant::now();
+    lab.kill(&transit)?;
+    let moved = lab.wait_route("demo", "a", "c", ROUTE, |p| p == ["a", other, "c"])?;
+    eprintln!(
+        "route {path:?} moved to {moved:?} {:?} after {transit} was killed",
+        killed.elapsed()
+    );
+    expect_held_routes(&lab, "demo", &moved, &[])?;
+    Ok(())
+}
+
+#[test]
+fn scheduler_restart_loses_no_nodes() -> Result<()> {
+    let Some(mut lab) = square("scheduler_restart_loses_no_nodes") else {
+        return Ok(());
+    };
+    let before = lab.wait_until_up(4, UP)?;
+    let ids: BTreeSet<String> = before.iter().map(|n| n.id.clone()).collect();
+    lab.restart_scheduler()?;
+    let restarted = now_ms();
+    // Every agent heartbeats the new process (not just the stored state).
+    let after = eventually(
+        "every node to heartbeat the restarted scheduler",
+        UP,
+        || {
+            let nodes = lab.nodes()?;
+            Ok((nodes.len() == 4
+                && nodes.iter().all(|n| {
+                    n.state == "up" && n.last_heartbeat_ms.is_some_and(|t| t > restarted)
+                }))
+            .then_some(nodes))
+        },
+    )
+    .with_context(|| lab.mesh_report())?;
+    let ids_after: BTreeSet<String> = after.iter().map(|n| n.id.clone()).collect();
+    ensure!(ids == ids_after, "{ids:?} became {ids_after:?}");
+    for name in lab.node_names() {
+        let log = lab.agent_log(name);
+        ensure!(
+            log.matches("ridge-agent running:").count() == 1
+                && !log.contains("enrollment refused")
+                && !log.contains("fatal"),
+            "{name}'s agent:\n{log}"
+        );
+        // The desired-state watch resumed: the dataplane holds the
+        // scheduler's current version.
+        let id = lab.node_id(name)?;
+        eventually(
+            &format!("{name} to hold its current desired state"),
+            Duration::from_secs(15),
+            || {
+                let v = lab
+                    .nodes()?
+                    .into_iter()
+                    .find(|n| n.id == id)
+                    .map(|n| n.desired_version);
+                let held = lab.held_desired(name)?.and_then(|d| d["version"].as_u64());
+                Ok((v.is_some() && v == held).then_some(()))
+            },
+        )?;
+    }
+    // The lease still works after the restart.
+    lab.kill("d")?;
+    let d = lab.node_id("d")?;
+    eventually("d to go down", UP, || {
+        Ok(lab
+            .nodes()?
+            .iter()
+            .any(|n| n.id == d && n.state == "down")
+            .then_some(()))
+    })?;
+    Ok(())
+}
