@@ -19,16 +19,12 @@
 //! `KERNEL_PATH_DEBUG=1` also prints the programs' counters after each path.
 #![allow(clippy::print_stdout)] // a command-line report
 
-// ridge-ebpf's test helpers (namespaces, veth pairs, crafted frames).
-#[path = "../../ebpf/tests/common/mod.rs"]
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Frame4, Netns, rtcp_sr, rtp, v4};
+use crate::common::{self, Frame4, Netns, rtcp_sr, rtp, v4};
 use ridge_ebpf::{
     AttachMode, Destination, FlowEntry, FlowKey, RateLimit, RidgeBpf, TestProgram, XdpProgram,
     tc_verdict, xdp_verdict,

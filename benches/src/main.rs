@@ -6,7 +6,12 @@
 
 #![deny(unsafe_code)]
 
+// ridge-ebpf's test helpers (namespaces, veth pairs, crafted frames), for
+// kernel-path and mesh-loss.
+#[path = "../../ebpf/tests/common/mod.rs"]
+mod common;
 mod kernel_path;
+mod mesh_loss;
 mod mmsg;
 mod naive;
 mod node;
@@ -48,6 +53,17 @@ Scenarios:
            veth topology A -> B -> C in private namespaces, XDP rewrite+redirect
            vs a recvmmsg/sendmmsg relay, in the same run (root; --duration s
            per path, --json)
+  mesh-loss  loss recovery over mesh links: four nodes A-B-C-D in a chain, each
+           ridge-dataplane in its own network namespace with veths between
+           neighbours, room `bench` routed A -> B -> C -> D by desired states
+           PUT on each node's control socket, random UDP loss (--loss, default
+           20%) on every mesh link in both directions (ridge-ebpf's TC
+           impairment), a plain-RTP publisher into A and subscriber on D
+           (--rate, default 500 pps, for --duration, default 10 s): the share
+           of packets delivered and delivered within 200 ms, latency, and
+           every node's ridge_mesh_* counters, for a loss-free control run,
+           --mesh-recovery hop-by-hop and --mesh-recovery end-to-end, the
+           nodes restarted between runs (root; not part of `all`)
   rooms    --rooms M rooms (default 2), each with one publisher and an equal
            share of --subscribers (default 50); rooms are named so that they
            spread evenly over the node's --shards
@@ -86,7 +102,12 @@ enum Scenario {
     /// The kernel fast path: BPF programs' cost per packet (BPF_PROG_TEST_RUN)
     /// and kernel vs userspace forwarding per core on veth pairs (root)
     KernelPath,
-    /// All of the above in sequence, with the ratio table
+    /// Loss recovery over 3 mesh hops (A-B-C-D in network namespaces, random
+    /// loss on every link): hop-by-hop vs end-to-end NACKs, and a loss-free
+    /// control (root)
+    MeshLoss,
+    /// All of the above but kernel-path and mesh-loss in sequence, with the
+    /// ratio table
     All,
 }
 
@@ -102,15 +123,21 @@ struct Cli {
     /// Scenario to run
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Target packets/s sent by the publisher; omitted: as fast as the sender can (unpaced)
+    /// Target packets/s sent by the publisher; omitted: as fast as the sender
+    /// can (unpaced), for mesh-loss 500
     #[arg(long, value_name = "PPS")]
     rate: Option<f64>,
     /// Datagram size in bytes, RTP header included (48..=1500)
     #[arg(long, value_name = "BYTES", default_value_t = 200)]
     size: usize,
-    /// Seconds each run sends for (each --search step too)
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
-    duration: f64,
+    /// Seconds each run sends for (each --search step, each kernel-path
+    /// path too) [default: 5; mesh-loss: 10]
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// mesh-loss: random UDP loss on every mesh link, in each direction: a
+    /// percentage (20%, 0.5%) or parts per million (2500ppm)
+    #[arg(long, value_name = "LOSS", default_value = "20%", value_parser = parse_loss)]
+    loss: u32,
     /// Subscribers for naive/relay/fanout/rooms [default: 1; fanout, rooms and all: 50]
     #[arg(long, value_name = "N")]
     subscribers: Option<usize>,
@@ -166,12 +193,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--loss` as parts per million (ridge-ebpf's parser: `20%`, `2500ppm`).
+fn parse_loss(s: &str) -> Result<u32, String> {
+    ridge_ebpf::parse_loss(s).map_err(|e| e.to_string())
+}
+
 fn run(cli: &Cli) -> Result<()> {
-    if !(cli.duration > 0.0 && cli.duration.is_finite()) {
+    let duration = cli.duration.unwrap_or(match cli.scenario {
+        Scenario::MeshLoss => 10.0,
+        _ => 5.0,
+    });
+    if !(duration > 0.0 && duration.is_finite()) {
         bail!("--duration must be a positive number of seconds");
     }
     if cli.scenario == Scenario::KernelPath {
-        return kernel_path::run(cli.duration, cli.json.as_deref());
+        return kernel_path::run(duration, cli.json.as_deref());
     }
     if cli.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of packets/s");
@@ -187,6 +223,20 @@ fn run(cli: &Cli) -> Result<()> {
         Some(p) => p.clone(),
         None => node::default_node_bin()?,
     };
+    if cli.scenario == Scenario::MeshLoss {
+        if cli.node.is_some() || cli.search {
+            bail!("mesh-loss starts its own four nodes: --node and --search do not apply");
+        }
+        let opts = mesh_loss::Options {
+            rate: cli.rate.unwrap_or(mesh_loss::DEFAULT_RATE),
+            size: cli.size,
+            duration: Duration::from_secs_f64(duration),
+            loss_ppm: cli.loss,
+            node_bin,
+            io_backend: cli.io_backend.clone(),
+        };
+        return mesh_loss::run(&opts, cli.json.as_deref(), command_line());
+    }
     let external = match &cli.node {
         Some(url) => Some((
             node::parse_http_url(url)?,
@@ -226,7 +276,7 @@ fn run(cli: &Cli) -> Result<()> {
             topo(fanout_n, cli.rooms, cli.shards),
         )],
         // Handled above.
-        Scenario::KernelPath => Vec::new(),
+        Scenario::KernelPath | Scenario::MeshLoss => Vec::new(),
         Scenario::All => vec![
             ("ceiling".into(), Kind::Ceiling, topo(1, 1, 1)),
             ("ceiling-max".into(), Kind::Ceiling, topo(1, 1, 1)),
@@ -247,7 +297,7 @@ fn run(cli: &Cli) -> Result<()> {
             ("webrtc-fanout".into(), Kind::WebRtc, topo(20, 1, 1)),
         ],
     };
-    let mut report = Report::new(cli.rate, cli.size, cli.duration, cli.search, command_line());
+    let mut report = Report::new(cli.rate, cli.size, duration, cli.search, command_line());
     let base = Instant::now();
     for (name, kind, topology) in plan {
         let name = name.as_str();
@@ -269,7 +319,7 @@ fn run(cli: &Cli) -> Result<()> {
                 cli.rate
             },
             size: cli.size,
-            duration: Duration::from_secs_f64(cli.duration),
+            duration: Duration::from_secs_f64(duration),
         };
         if cli.search {
             let s = scenario::search(&mut target, &settings, |r: &RunResult, ok| {

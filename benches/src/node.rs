@@ -212,24 +212,30 @@ impl NodeProcess {
     }
 
     fn terminate(&mut self) -> Result<()> {
-        let Some(child) = self.child.as_mut() else {
-            return Ok(());
-        };
+        match self.child.as_mut() {
+            Some(child) => stop_child(child),
+            None => Ok(()),
+        }
+    }
+}
+
+/// SIGTERM, then wait up to 5 s for a node process to drain and exit (then
+/// SIGKILL, reported as an error). Nothing to do if it already exited.
+pub fn stop_child(child: &mut Child) -> Result<()> {
+    if child.try_wait()?.is_some() {
+        return Ok(());
+    }
+    mmsg::sigterm(child.id()).context("sending SIGTERM to the node")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
         if child.try_wait()?.is_some() {
             return Ok(());
         }
-        mmsg::sigterm(child.id()).context("sending SIGTERM to the node")?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.kill()?;
-        child.wait()?;
-        bail!("the node did not exit within 5 s of SIGTERM; killed it")
+        std::thread::sleep(Duration::from_millis(20));
     }
+    child.kill()?;
+    child.wait()?;
+    bail!("the node did not exit within 5 s of SIGTERM; killed it")
 }
 
 impl Drop for NodeProcess {
@@ -279,7 +285,44 @@ pub fn http_request_with(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let host = addr.to_string();
+    exchange(&mut s, &host, method, path, token, content_type, body)
+}
+
+/// [`http_request`] over a Unix stream socket (the node's control API),
+/// JSON body, no token.
+pub fn http_request_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<HttpResponse> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    exchange(
+        &mut s,
+        "localhost",
+        method,
+        path,
+        None,
+        "application/json",
+        body,
+    )
+}
+
+/// Writes one `Connection: close` request on `s` and reads the whole
+/// response.
+fn exchange(
+    s: &mut (impl Read + Write),
+    host: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &str,
+) -> Result<HttpResponse> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }

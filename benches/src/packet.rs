@@ -53,7 +53,13 @@ pub struct Stamp {
 
 /// Whether packet `seq` of a stream is a keyframe.
 pub fn is_keyframe(seq: u64) -> bool {
-    seq.is_multiple_of(KEYFRAME_INTERVAL)
+    is_keyframe_every(seq, KEYFRAME_INTERVAL)
+}
+
+/// Whether packet `seq` of a stream with a keyframe every `interval`
+/// packets is a keyframe (`interval` 0 counts as 1).
+pub fn is_keyframe_every(seq: u64, interval: u64) -> bool {
+    seq.is_multiple_of(interval.max(1))
 }
 
 /// Writes a complete packet of `buf.len()` bytes (at least [`MIN_SIZE`]):
@@ -171,6 +177,9 @@ mod tests {
         assert!(is_keyframe(0));
         assert!(!is_keyframe(1));
         assert!(is_keyframe(KEYFRAME_INTERVAL));
+        assert!(is_keyframe_every(60, 30));
+        assert!(!is_keyframe_every(61, 30));
+        assert!(is_keyframe_every(7, 0), "interval 0 counts as 1");
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::mesh_loss::{self, MeshRun};
 use crate::scenario::{RunResult, SearchResult};
 
 /// The machine the numbers come from.
@@ -306,6 +307,213 @@ impl Report {
         }
         o.push_str("</svg>\n");
         o
+    }
+}
+
+/// Everything one `mesh-loss` invocation measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshLossReport {
+    pub command: String,
+    pub machine: Machine,
+    pub rate_pps: f64,
+    pub size_bytes: usize,
+    pub duration_s: f64,
+    /// Loss per mesh link and direction (the control run has 0).
+    pub loss_ppm: u32,
+    pub hops: usize,
+    pub deadline_ms: u64,
+    pub keyframe_interval: u64,
+    /// Target share of packets on time at 20% loss per link, in percent.
+    pub target_on_time_pct: f64,
+    pub runs: Vec<MeshRun>,
+    /// Runs left out, and why.
+    pub skipped: Vec<String>,
+}
+
+/// The issue's target: at 20% random loss on every link, at least 99.5% of
+/// packets arrive end to end within 200 ms over 3 hops.
+const MESH_TARGET_LOSS_PPM: u32 = 200_000;
+const MESH_TARGET_PCT: f64 = 99.5;
+
+impl MeshLossReport {
+    pub fn new(opts: &mesh_loss::Options, command: String, skipped: Vec<String>) -> Self {
+        MeshLossReport {
+            command,
+            machine: Machine::probe(),
+            rate_pps: opts.rate,
+            size_bytes: opts.size,
+            duration_s: opts.duration.as_secs_f64(),
+            loss_ppm: opts.loss_ppm,
+            hops: mesh_loss::HOPS,
+            deadline_ms: mesh_loss::DEADLINE.as_millis() as u64,
+            keyframe_interval: mesh_loss::KEYFRAME_INTERVAL,
+            target_on_time_pct: MESH_TARGET_PCT,
+            runs: Vec::new(),
+            skipped,
+        }
+    }
+
+    /// The tables as text: one row per run, then per link of each run.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            o,
+            "ridge-bench mesh-loss: {} cores, {}, kernel {}, load {}; {:.0} pps, {} B packets, \
+             {} s per run, keyframe every {} packets, {} hops",
+            m.nproc,
+            m.cpu_model,
+            m.kernel,
+            m.loadavg_at_start,
+            self.rate_pps,
+            self.size_bytes,
+            self.duration_s,
+            self.keyframe_interval,
+            self.hops,
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "| run | recovery | loss/link | hops | sent | counted | delivered % | <= {} ms % | p50 ms | p99 ms | p99.9 ms | max ms | NACKs sent | retransmits | recovered | unrecovered | rtx misses | dup |",
+            self.deadline_ms
+        );
+        let _ = writeln!(
+            o,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let ms = |us: f64| us / 1000.0;
+        for r in &self.runs {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
+                r.name,
+                r.recovery.as_str(),
+                loss_text(r.loss_ppm),
+                r.hops,
+                r.sent,
+                r.counted,
+                r.delivered_pct,
+                r.on_time_pct,
+                ms(r.latency.p50_us),
+                ms(r.latency.p99_us),
+                ms(r.latency.p999_us),
+                ms(r.latency.max_us),
+                r.totals.nacks_sent,
+                r.totals.retransmits,
+                r.totals.recovered,
+                r.totals.unrecovered,
+                r.totals.retransmit_misses,
+                r.duplicates,
+            );
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "Per link (U = upstream, D = downstream; UDP dropped/passed by the impairment; NACKs the downstream sent and the upstream received; retransmits and rtx misses at the upstream; recovered/unrecovered at the downstream):"
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "| run | link U-D | dropped/passed U->D | dropped/passed D->U | NACKs sent by D | NACKs recv by U | retransmits by U | rtx misses at U | recovered at D | unrecovered at D | NACK RTT ms |"
+        );
+        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &self.runs {
+            for hop in 0..r.hops {
+                let (Some(up), Some(down)) = (r.nodes.get(hop), r.nodes.get(hop + 1)) else {
+                    continue;
+                };
+                let loss = |from: &str, to: &str| {
+                    r.impairment
+                        .iter()
+                        .find(|l| l.from == from && l.to == to)
+                        .map_or("-".to_string(), |l| format!("{}/{}", l.dropped, l.passed))
+                };
+                let up_link = up.link(&down.node).cloned().unwrap_or_default();
+                let down_link = down.link(&up.node).cloned().unwrap_or_default();
+                let _ = writeln!(
+                    o,
+                    "| {} | {}-{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.name,
+                    up.node,
+                    down.node,
+                    loss(&up.node, &down.node),
+                    loss(&down.node, &up.node),
+                    down_link.nacks_sent,
+                    up_link.nacks_received,
+                    up_link.retransmits,
+                    up.retransmit_misses,
+                    down_link.recovered,
+                    down_link.unrecovered,
+                    down_link
+                        .nack_rtt_ms
+                        .map_or("-".to_string(), |v| format!("{v:.2}")),
+                );
+            }
+        }
+        let drops: Vec<String> = self
+            .runs
+            .iter()
+            .flat_map(|r| {
+                r.nodes.iter().filter(|n| !n.dropped.is_empty()).map(|n| {
+                    let list: Vec<String> =
+                        n.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    format!("{} {}: {}", r.name, n.node, list.join(", "))
+                })
+            })
+            .collect();
+        if !drops.is_empty() {
+            let _ = writeln!(o);
+            let _ = writeln!(o, "Datagrams the nodes dropped (ridge_packets_dropped):");
+            for d in drops {
+                let _ = writeln!(o, "  {d}");
+            }
+        }
+        let _ = writeln!(o);
+        for r in self.runs.iter().filter(|r| r.loss_ppm > 0) {
+            let verdict = if r.loss_ppm != MESH_TARGET_LOSS_PPM {
+                "(the target is stated at 20% loss)"
+            } else if r.on_time_pct >= MESH_TARGET_PCT {
+                "target met"
+            } else {
+                "target MISSED"
+            };
+            let _ = writeln!(
+                o,
+                "{}: {:.3}% of packets within {} ms over {} hops at {} loss per link; target >= {}% at 20%: {verdict}",
+                r.name,
+                r.on_time_pct,
+                self.deadline_ms,
+                r.hops,
+                loss_text(r.loss_ppm),
+                MESH_TARGET_PCT,
+            );
+        }
+        for r in self
+            .runs
+            .iter()
+            .filter(|r| !r.killed_after_sigterm.is_empty())
+        {
+            let _ = writeln!(
+                o,
+                "{}: node(s) {} did not exit within 5 s of SIGTERM and were killed",
+                r.name,
+                r.killed_after_sigterm.join(", ")
+            );
+        }
+        for s in &self.skipped {
+            let _ = writeln!(o, "skipped {s}");
+        }
+        o
+    }
+}
+
+/// A loss in ppm as a percentage.
+fn loss_text(ppm: u32) -> String {
+    let pct = f64::from(ppm) / 1e4;
+    if pct.fract() == 0.0 {
+        format!("{pct:.0}%")
+    } else {
+        format!("{pct}%")
     }
 }
 

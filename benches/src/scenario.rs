@@ -296,6 +296,7 @@ impl Target {
                     per_socket: r.per_subscriber,
                     latencies_ns: r.latencies_ns,
                     foreign: r.foreign,
+                    arrivals: Vec::new(),
                     // The clients receive on the generator's thread.
                     cpu_seconds: None,
                 };

@@ -26,7 +26,13 @@ pub fn now_ns(base: Instant) -> u64 {
 
 /// Binds a UDP socket on 127.0.0.1 with large socket buffers.
 pub fn bind_loopback() -> io::Result<UdpSocket> {
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Binds a UDP socket on `addr` (in the calling thread's network
+/// namespace) with large socket buffers.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = UdpSocket::bind(addr)?;
     let r = socket2::SockRef::from(&sock);
     // Best effort: a smaller buffer only means earlier loss.
     let _ = r.set_recv_buffer_size(SOCKET_BUFFER);
@@ -40,6 +46,10 @@ pub fn bind_loopback() -> io::Result<UdpSocket> {
 #[derive(Debug)]
 pub struct Publisher {
     streams: Vec<Stream>,
+    /// A stream's packets `0, n, 2n, ...` are VP8 keyframes.
+    keyframe_interval: u64,
+    /// Datagrams per `sendmmsg` call, all with the same send time.
+    batch: usize,
 }
 
 #[derive(Debug)]
@@ -81,13 +91,33 @@ impl Publisher {
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(Publisher { streams })
+        Ok(Publisher {
+            streams,
+            keyframe_interval: packet::KEYFRAME_INTERVAL,
+            batch: SEND_BATCH,
+        })
     }
 
-    /// Sends run `run` for `duration`: packets of `size` bytes in batches of
-    /// [`SEND_BATCH`], each batch paced against its deadline for `rate`
-    /// packets/s (`None`: as fast as possible). When the sender cannot keep up
-    /// it sends late batches at once and the report shows the achieved rate.
+    /// A keyframe every `packets` packets of each stream instead of every
+    /// [`packet::KEYFRAME_INTERVAL`].
+    pub fn with_keyframe_interval(mut self, packets: u64) -> Publisher {
+        self.keyframe_interval = packets.max(1);
+        self
+    }
+
+    /// Sends `n` datagrams per `sendmmsg` (1..=[`SEND_BATCH`]; default
+    /// [`SEND_BATCH`]). With 1 every packet is paced on its own and carries
+    /// its own send time.
+    pub fn with_batch(mut self, n: usize) -> Publisher {
+        self.batch = n.clamp(1, SEND_BATCH);
+        self
+    }
+
+    /// Sends run `run` for `duration`: packets of `size` bytes in batches
+    /// (of [`SEND_BATCH`] unless [`with_batch`](Self::with_batch)), each
+    /// batch paced against its deadline for `rate` packets/s (`None`: as
+    /// fast as possible). When the sender cannot keep up it sends late
+    /// batches at once and the report shows the achieved rate.
     pub fn send(
         &mut self,
         base: Instant,
@@ -97,12 +127,12 @@ impl Publisher {
         duration: Duration,
     ) -> io::Result<SendReport> {
         let size = size.clamp(packet::MIN_SIZE, packet::MAX_SIZE);
-        let mut bufs: Vec<Vec<u8>> = (0..SEND_BATCH)
+        let mut bufs: Vec<Vec<u8>> = (0..self.batch)
             .map(|i| (0..size).map(|k| (k as u8) ^ (i as u8)).collect())
             .collect();
         let interval = rate
             .filter(|r| *r > 0.0)
-            .map(|r| Duration::from_secs_f64(SEND_BATCH as f64 / r));
+            .map(|r| Duration::from_secs_f64(self.batch as f64 / r));
         let cpu_before = stats::thread_cpu_seconds();
         let start = Instant::now();
         let end = start + duration;
@@ -128,7 +158,8 @@ impl Publisher {
             let st = &mut self.streams[stream];
             for buf in bufs.iter_mut() {
                 let stamp = Stamp { run, seq, sent_ns };
-                packet::build(buf, st.next_rtp_seq, packet::is_keyframe(st.sent), stamp);
+                let keyframe = packet::is_keyframe_every(st.sent, self.keyframe_interval);
+                packet::build(buf, st.next_rtp_seq, keyframe, stamp);
                 st.next_rtp_seq = st.next_rtp_seq.wrapping_add(1);
                 st.sent += 1;
                 seq += 1;
@@ -170,6 +201,9 @@ pub struct RecvReport {
     pub latencies_ns: Vec<u64>,
     /// Datagrams that were not packets of this run (RTCP, earlier runs).
     pub foreign: u64,
+    /// Every packet of this run in arrival order, as (benchmark sequence
+    /// number, one-way latency in ns); only from [`Receiver::recording`].
+    pub arrivals: Vec<(u64, u64)>,
     /// CPU seconds the receiver thread used.
     pub cpu_seconds: Option<f64>,
 }
@@ -190,7 +224,21 @@ impl Receiver {
         let flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("bench-recv".into())
-            .spawn(move || receive(socks, base, run, sample_stride.max(1), &flag))
+            .spawn(move || receive(socks, base, run, sample_stride.max(1), false, &flag))
+            .expect("spawn the receiver thread");
+        Receiver { stop, handle }
+    }
+
+    /// Like [`start`](Self::start) with a latency sample of every packet,
+    /// and also records each packet's sequence number and latency in
+    /// arrival order ([`RecvReport::arrivals`]): for runs of a few
+    /// thousand packets where which packets arrived matters.
+    pub fn recording(socks: Vec<UdpSocket>, base: Instant, run: u32) -> Receiver {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("bench-recv".into())
+            .spawn(move || receive(socks, base, run, 1, true, &flag))
             .expect("spawn the receiver thread");
         Receiver { stop, handle }
     }
@@ -210,6 +258,7 @@ fn receive(
     base: Instant,
     run: u32,
     stride: u64,
+    record: bool,
     stop: &AtomicBool,
 ) -> io::Result<(Vec<UdpSocket>, RecvReport)> {
     let mut report = RecvReport {
@@ -242,8 +291,12 @@ fn receive(
                     match packet::parse(&buf[..len]) {
                         Some(s) if s.run == run => {
                             report.per_socket[i] += 1;
+                            let latency = now.saturating_sub(s.sent_ns);
                             if s.seq.is_multiple_of(stride) {
-                                report.latencies_ns.push(now.saturating_sub(s.sent_ns));
+                                report.latencies_ns.push(latency);
+                            }
+                            if record {
+                                report.arrivals.push((s.seq, latency));
                             }
                         }
                         _ => report.foreign += 1,
