@@ -4,7 +4,9 @@
 //! cores say which plain-RTP streams they forward with a constant rewrite
 //! (`Sfu::plain_flows`), and a reconcile task installs exactly those in
 //! `ridge-ebpf`'s forwarding table, every [`RECONCILE_INTERVAL`] and on
-//! every session change.
+//! every session change. The same task keeps the guard's rate-limit
+//! exemptions equal to the addresses of the node's authenticated mesh peers
+//! (one peer carries many rooms, above any per-client rate).
 //!
 //! All of it is control plane: [`RidgeBpf`] sits behind a std mutex that
 //! only this module's task, `/metrics` and `/healthz` take; the packet path
@@ -12,14 +14,14 @@
 //! XDP, a missing interface) the node logs one line and keeps relaying in
 //! userspace; [`KernelPath::mode`] says what it got.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ridge_ebpf::{
     AttachMode, Counters, Destination, FlowCounters, FlowEntry, FlowKey, MAX_DESTINATIONS,
-    RateLimit, RidgeBpf, XdpProgram,
+    MAX_RATE_EXEMPT_SOURCES, RateLimit, RidgeBpf, XdpProgram,
 };
 use ridge_sfu::{PeerId, PlainFlow, SfuEvent};
 use tokio::sync::broadcast;
@@ -92,6 +94,10 @@ struct Loaded {
     retired: FlowCounters,
     /// Per shard: the publishers last reported as kernel-forwarded.
     reported: Vec<Vec<PeerId>>,
+    /// The mesh peer addresses last asked for as rate-exempt (what the
+    /// guard holds is `bpf.guard().rate_exempt()`), so that a failure is
+    /// logged once per change, not once per pass.
+    exempt_wanted: Option<BTreeSet<IpAddr>>,
 }
 
 /// A snapshot for `/metrics`.
@@ -106,6 +112,8 @@ pub struct KernelSnapshot {
     pub totals: FlowCounters,
     pub not_offloaded: Vec<(NotOffloaded, u64)>,
     pub install_errors: u64,
+    /// Sources the guard does not rate-limit (mesh peers).
+    pub rate_exempt_sources: usize,
 }
 
 /// The node's kernel fast path. Dropping it (or [`KernelPath::close`])
@@ -115,6 +123,9 @@ pub struct KernelPath {
     interfaces: Vec<(String, AttachMode)>,
     forwarding: bool,
     fanout: bool,
+    /// The guard is attached to some media interface with a rate limit:
+    /// mesh peers are exempted from it.
+    exempting: bool,
     loaded: Mutex<Option<Loaded>>,
     status: Mutex<Status>,
 }
@@ -163,6 +174,7 @@ impl KernelPath {
             interfaces: Vec::new(),
             forwarding: false,
             fanout: false,
+            exempting: false,
             loaded: Mutex::new(None),
             status: Mutex::new(Status::default()),
         }
@@ -246,6 +258,7 @@ impl KernelPath {
         }
         let mode = weakest(attached.iter().map(|(_, m)| *m));
         let forwarding = config.kernel_forwarding && mode != AttachMode::None;
+        let exempting = limit.is_some() && attached.iter().any(|(_, m)| *m != AttachMode::None);
         let mut fanout = forwarding;
         if forwarding {
             for (iface, _) in &attached {
@@ -275,11 +288,13 @@ impl KernelPath {
             interfaces: attached,
             forwarding,
             fanout,
+            exempting,
             loaded: Mutex::new(Some(Loaded {
                 bpf,
                 installed: HashMap::new(),
                 retired: FlowCounters::default(),
                 reported: vec![Vec::new(); media.shard_count()],
+                exempt_wanted: None,
             })),
             status: Mutex::new(Status::default()),
         }
@@ -330,6 +345,7 @@ impl KernelPath {
             return snap;
         };
         snap.counters = l.bpf.counters().ok();
+        snap.rate_exempt_sources = l.bpf.guard().rate_exempt().len();
         let mut totals = l.retired;
         if let Ok(list) = l.bpf.flows().list() {
             for (key, c) in list {
@@ -346,10 +362,11 @@ impl KernelPath {
         snap
     }
 
-    /// Reconciles the forwarding table with the shards' flows until the
-    /// node closes the kernel path or the shards stop.
+    /// Reconciles the forwarding table with the shards' flows, and the
+    /// guard's rate exemptions with the mesh peers, until the node closes
+    /// the kernel path or the shards stop.
     pub async fn run(self: Arc<Self>, media: MediaHandle) {
-        if !self.forwarding {
+        if !self.forwarding && !self.exempting {
             return;
         }
         let mut events = media.subscribe_events();
@@ -367,6 +384,17 @@ impl KernelPath {
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+            }
+            if self.exempting {
+                let Some(peers) = media.mesh_peer_addrs().await else {
+                    return;
+                };
+                if self.set_rate_exempt(&peers).is_none() {
+                    return;
+                }
+            }
+            if !self.forwarding {
+                continue;
             }
             let Some(flows) = media.plain_flows(MAX_DESTINATIONS).await else {
                 return;
@@ -386,6 +414,50 @@ impl KernelPath {
                 media.set_kernel_forwarded(shard, publishers).await;
             }
         }
+    }
+
+    /// Makes the guard's rate-exempt sources the IPs of `peers` (the mesh
+    /// links' remote sockets) when they changed; logs once per change.
+    /// `None` once the kernel path is closed.
+    fn set_rate_exempt(&self, peers: &[SocketAddr]) -> Option<()> {
+        let (wanted, dropped) = exempt_sources(peers);
+        let mut guard = lock(&self.loaded);
+        let l = guard.as_mut()?;
+        let held: BTreeSet<IpAddr> = l.bpf.guard().rate_exempt().into_iter().collect();
+        if held == wanted {
+            l.exempt_wanted = Some(wanted);
+            return Some(());
+        }
+        let new_change = l.exempt_wanted.as_ref() != Some(&wanted);
+        let addrs: Vec<IpAddr> = wanted.iter().copied().collect();
+        match l.bpf.guard().set_rate_exempt(&addrs) {
+            Ok(()) => {
+                if dropped > 0 && new_change {
+                    tracing::warn!(
+                        dropped,
+                        "more mesh peer addresses than the XDP guard can exempt \
+                         ({MAX_RATE_EXEMPT_SOURCES}): {dropped} stay rate-limited"
+                    );
+                }
+                tracing::info!(
+                    count = addrs.len(),
+                    "xdp guard: {} mesh peer address(es) exempt from the rate limit",
+                    addrs.len()
+                );
+            }
+            Err(e) => {
+                if new_change {
+                    tracing::warn!(
+                        count = addrs.len(),
+                        error = %e,
+                        "cannot exempt mesh peers from the XDP guard's rate limit ({e}); \
+                         retrying every pass"
+                    );
+                }
+            }
+        }
+        l.exempt_wanted = Some(wanted);
+        Some(())
     }
 
     /// One reconcile pass. Returns the per-shard publisher sets that
@@ -538,6 +610,18 @@ fn entry_for(
     ))
 }
 
+/// The source addresses to exempt for these mesh peer sockets: their IPs
+/// (IPv4-mapped IPv6 as IPv4, each once), at most the guard's bound (the
+/// lowest, so the choice is stable); and how many were left out.
+fn exempt_sources(peers: &[SocketAddr]) -> (BTreeSet<IpAddr>, usize) {
+    let mut all: BTreeSet<IpAddr> = peers.iter().map(|a| a.ip().to_canonical()).collect();
+    let dropped = all.len().saturating_sub(MAX_RATE_EXEMPT_SOURCES);
+    while all.len() > MAX_RATE_EXEMPT_SOURCES {
+        all.pop_last();
+    }
+    (all, dropped)
+}
+
 fn add(total: &mut FlowCounters, c: &FlowCounters) {
     total.packets += c.packets;
     total.bytes += c.bytes;
@@ -651,6 +735,34 @@ mod tests {
     }
 
     #[test]
+    fn mesh_peers_become_one_exempt_source_per_address() {
+        let peers: Vec<SocketAddr> = [
+            "192.0.2.7:5004",
+            "192.0.2.7:5005",
+            "[::ffff:192.0.2.7]:5006",
+            "192.0.2.9:5004",
+            "[2001:db8::1]:5004",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let (set, dropped) = exempt_sources(&peers);
+        let want: BTreeSet<IpAddr> = ["192.0.2.7", "192.0.2.9", "2001:db8::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!((set, dropped), (want, 0));
+        assert_eq!(exempt_sources(&[]), (BTreeSet::new(), 0));
+
+        let many: Vec<SocketAddr> = (0..MAX_RATE_EXEMPT_SOURCES as u32 + 3)
+            .map(|i| SocketAddr::new(IpAddr::V4((0x0a00_0000 + i).into()), 5004))
+            .collect();
+        let (set, dropped) = exempt_sources(&many);
+        assert_eq!((set.len(), dropped), (MAX_RATE_EXEMPT_SOURCES, 3));
+        assert_eq!(set.first(), Some(&IpAddr::V4(0x0a00_0000.into())));
+    }
+
+    #[test]
     fn the_weakest_mode_is_reported() {
         use AttachMode::*;
         assert_eq!(weakest([Native, Native]), Native);
@@ -668,6 +780,11 @@ mod tests {
         let s = k.snapshot();
         assert_eq!(s.mode, "none");
         assert!(s.counters.is_none());
+        assert_eq!(s.rate_exempt_sources, 0);
+        assert_eq!(
+            k.set_rate_exempt(&["192.0.2.7:5004".parse().unwrap()]),
+            None
+        );
         k.close();
     }
 }

@@ -214,6 +214,12 @@ impl Collector for KernelCollector {
             "Offload candidates the last reconcile kept in userspace, by reason",
             &rows,
         )?;
+        gauge(
+            &mut enc,
+            "ridge_xdp_rate_exempt_sources",
+            "Source addresses the XDP guard does not rate-limit (authenticated mesh peers)",
+            &[(vec![], s.rate_exempt_sources as f64)],
+        )?;
         counter(
             &mut enc,
             "ridge_bpf_install_errors",
@@ -240,6 +246,13 @@ impl Collector for KernelCollector {
                     (vec![("class", "media".to_owned())], c.guard_media_ok),
                     (vec![("class", "not_media".to_owned())], c.guard_not_media),
                 ],
+            )?;
+            counter(
+                &mut enc,
+                "ridge_bpf_guard_rate_exempt_packets",
+                "Media packets from rate-exempt sources (mesh peers) that skipped the rate \
+                 limit; also counted as media in ridge_bpf_guard_packets",
+                &[(vec![], c.guard_rate_exempt)],
             )?;
             counter(
                 &mut enc,

@@ -49,6 +49,15 @@ struct {
 	__type(value, struct ridge_rate_state);
 } ridge_rate SEC(".maps");
 
+/* Sources the rate limit does not apply to (peer nodes' mesh links): a
+ * plain hash, not LRU, so an entry stays until userspace removes it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RIDGE_MAX_RATE_EXEMPT);
+	__type(key, struct ridge_src_key);
+	__type(value, __u8);
+} ridge_rate_exempt SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RIDGE_STAT_COUNT);
@@ -152,13 +161,23 @@ static __always_inline int is_media_port(__u16 port_be)
 }
 
 /* GCRA per source address. Concurrent CPUs may race on one source's state;
- * the worst case is that a few extra packets get through. */
+ * the worst case is that a few extra packets get through. An exempt source
+ * is never over its rate, and neither reads the clock nor takes (or
+ * refreshes) a slot in the LRU. The exemption lookup (a hash lookup, ~20 ns)
+ * is skipped while userspace says the set is empty. */
 static __always_inline int over_rate(const struct ridge_src_key *src)
 {
 	__u32 zero = 0;
 	struct ridge_guard_cfg *cfg = bpf_map_lookup_elem(&ridge_guard_cfg, &zero);
 	if (!cfg || cfg->interval_ns == 0)
 		return 0;
+	if (cfg->exempt_any) {
+		__u8 *exempt = bpf_map_lookup_elem(&ridge_rate_exempt, src);
+		if (exempt && *exempt) {
+			stat_inc(RIDGE_GUARD_RATE_EXEMPT);
+			return 0;
+		}
+	}
 	__u64 now = bpf_ktime_get_ns();
 	struct ridge_rate_state *st = bpf_map_lookup_elem(&ridge_rate, src);
 	if (!st) {

@@ -13,6 +13,7 @@
 
 /* Limits compiled into the maps. */
 #define RIDGE_MAX_RATE_SOURCES 65536
+#define RIDGE_MAX_RATE_EXEMPT 4096
 #define RIDGE_MAX_STEER_FLOWS 65536
 #define RIDGE_MAX_SHARDS 64
 #define RIDGE_MAX_FWD_FLOWS 16384
@@ -43,7 +44,11 @@ enum ridge_stat {
 				      * unusable STUN binding request */
 	RIDGE_STEER_STUN_LEARNED = 16, /* unknown flow steered (and learned) by
 					* the shard in its STUN USERNAME */
-	RIDGE_STAT_COUNT = 17,
+	/* Guard, again (appended: indices never move). */
+	RIDGE_GUARD_RATE_EXEMPT = 17, /* media packet from a rate-exempt source
+				       * while the rate limit is on (also counted
+				       * as RIDGE_GUARD_MEDIA_OK when it passes) */
+	RIDGE_STAT_COUNT = 18,
 };
 
 /* Guard configuration (array map `ridge_guard_cfg`, one element).
@@ -53,6 +58,9 @@ enum ridge_stat {
 struct ridge_guard_cfg {
 	__u64 interval_ns;  /* 1e9 / packets per second */
 	__u64 tolerance_ns; /* interval_ns * (burst - 1) */
+	__u32 exempt_any;   /* non-zero while ridge_rate_exempt has entries:
+			     * with 0 the guard skips that lookup */
+	__u32 _pad0;
 };
 
 /* Rate-limiter key (LRU hash `ridge_rate`): the source address; IPv4 as
@@ -60,6 +68,10 @@ struct ridge_guard_cfg {
 struct ridge_src_key {
 	__u8 addr[16];
 };
+
+/* Rate-limit exemptions (hash `ridge_rate_exempt`, key struct
+ * ridge_src_key, value __u8 non-zero): sources never rate-limited, such as
+ * peer nodes whose mesh links carry many rooms. Every other check applies. */
 
 /* Rate-limiter state: the theoretical arrival time of the next packet. */
 struct ridge_rate_state {
@@ -149,8 +161,9 @@ struct ridge_impair_stats {
 #define RIDGE_LAYOUT(type, size) _Static_assert(sizeof(type) == (size), #type " size")
 #define RIDGE_AT(type, field, off) \
 	_Static_assert(__builtin_offsetof(type, field) == (off), #type "." #field " offset")
-RIDGE_LAYOUT(struct ridge_guard_cfg, 16);
+RIDGE_LAYOUT(struct ridge_guard_cfg, 24);
 RIDGE_AT(struct ridge_guard_cfg, tolerance_ns, 8);
+RIDGE_AT(struct ridge_guard_cfg, exempt_any, 16);
 RIDGE_LAYOUT(struct ridge_src_key, 16);
 RIDGE_LAYOUT(struct ridge_rate_state, 8);
 RIDGE_LAYOUT(struct ridge_steer_key, 36);

@@ -1,15 +1,22 @@
-//! The ingress guard's configuration: media ports and the per-source rate.
+//! The ingress guard's configuration: media ports, the per-source rate, and
+//! the sources exempt from it.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 use aya::maps::{Array, HashMap, MapData};
 
 use crate::error::{Error, Result};
-use crate::types::{GuardCfg, RateState, SrcKey};
+use crate::steer::mapped;
+use crate::types::{GuardCfg, MAX_RATE_EXEMPT, RateState, SrcKey};
 
 pub(crate) const PORTS_MAP: &str = "ridge_media_ports";
 pub(crate) const CFG_MAP: &str = "ridge_guard_cfg";
 pub(crate) const RATE_MAP: &str = "ridge_rate";
+pub(crate) const EXEMPT_MAP: &str = "ridge_rate_exempt";
+
+/// Most sources [`Guard::set_rate_exempt`] takes (`RIDGE_MAX_RATE_EXEMPT`).
+pub const MAX_RATE_EXEMPT_SOURCES: usize = MAX_RATE_EXEMPT;
 
 /// Per-source rate limit on media ports: a token bucket (implemented as
 /// GCRA) that refills at `packets_per_second` and holds `burst` packets.
@@ -34,11 +41,13 @@ impl RateLimit {
         Ok(GuardCfg {
             interval_ns: interval_ns.max(1),
             tolerance_ns: interval_ns.max(1) * (u64::from(self.burst) - 1),
+            ..GuardCfg::default()
         })
     }
 }
 
-/// The guard's maps: which UDP ports carry media, and the rate limit.
+/// The guard's maps: which UDP ports carry media, the rate limit, and the
+/// sources exempt from it.
 ///
 /// Packets to other ports pass the guard untouched. Changes take effect for
 /// the next packet; the program need not be re-attached.
@@ -48,7 +57,14 @@ pub struct Guard {
     /// What `ports` holds, so listing needs no 65536 lookups.
     media: BTreeSet<u16>,
     cfg: Array<MapData, GuardCfg>,
+    /// What `cfg` holds: the rate limit and the exemption flag are written
+    /// together.
+    cfg_now: GuardCfg,
     rate: HashMap<MapData, SrcKey, RateState>,
+    /// Rate-exempt sources: key present (value 1) = exempt.
+    exempt: HashMap<MapData, SrcKey, u8>,
+    /// What `exempt` holds, canonical (IPv4-mapped IPv6 as IPv4).
+    exempt_set: BTreeSet<IpAddr>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -62,12 +78,16 @@ impl Guard {
         ports: Array<MapData, u8>,
         cfg: Array<MapData, GuardCfg>,
         rate: HashMap<MapData, SrcKey, RateState>,
+        exempt: HashMap<MapData, SrcKey, u8>,
     ) -> Self {
         Self {
             ports,
             media: BTreeSet::new(),
             cfg,
+            cfg_now: GuardCfg::default(),
             rate,
+            exempt,
+            exempt_set: BTreeSet::new(),
         }
     }
 
@@ -109,11 +129,74 @@ impl Guard {
 
     /// Sets (or with `None` disables) the per-source rate limit.
     pub fn set_rate_limit(&mut self, limit: Option<RateLimit>) -> Result<()> {
-        let cfg = match limit {
+        let limit = match limit {
             Some(limit) => limit.to_cfg()?,
             None => GuardCfg::default(),
         };
-        self.cfg.set(0, cfg, 0).map_err(|e| Error::map(CFG_MAP, e))
+        self.write_cfg(GuardCfg {
+            exempt_any: self.cfg_now.exempt_any,
+            ..limit
+        })
+    }
+
+    fn write_cfg(&mut self, cfg: GuardCfg) -> Result<()> {
+        self.cfg
+            .set(0, cfg, 0)
+            .map_err(|e| Error::map(CFG_MAP, e))?;
+        self.cfg_now = cfg;
+        Ok(())
+    }
+
+    /// Makes `addrs` the set of sources the rate limit never applies to
+    /// (peer nodes, whose mesh links carry many rooms from one address):
+    /// adds the new ones, removes those no longer listed. Their packets
+    /// still go through every other check of the guard. An IPv4-mapped IPv6
+    /// address is the same source as its IPv4 address; duplicates count
+    /// once. More than [`MAX_RATE_EXEMPT_SOURCES`] distinct sources is an
+    /// [`Error::InvalidArgument`] and changes nothing.
+    ///
+    /// A source that leaves the set is limited again from its next packet
+    /// (its bucket as it was before it became exempt, or full).
+    pub fn set_rate_exempt(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let wanted: BTreeSet<IpAddr> = addrs.iter().map(IpAddr::to_canonical).collect();
+        if wanted.len() > MAX_RATE_EXEMPT {
+            return Err(Error::InvalidArgument(format!(
+                "{} rate-exempt sources, at most {MAX_RATE_EXEMPT}",
+                wanted.len()
+            )));
+        }
+        // Removals first, so the map never needs room for both sets.
+        let gone: Vec<IpAddr> = self.exempt_set.difference(&wanted).copied().collect();
+        for ip in gone {
+            match self.exempt.remove(&src_key(ip)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(EXEMPT_MAP, e)),
+            }
+            self.exempt_set.remove(&ip);
+        }
+        // The program looks exemptions up only while this flag is set:
+        // cleared once the map is empty, set before the first insertion.
+        let any = u32::from(!wanted.is_empty());
+        if self.cfg_now.exempt_any != any {
+            self.write_cfg(GuardCfg {
+                exempt_any: any,
+                ..self.cfg_now
+            })?;
+        }
+        let new: Vec<IpAddr> = wanted.difference(&self.exempt_set).copied().collect();
+        for ip in new {
+            self.exempt
+                .insert(src_key(ip), 1, 0)
+                .map_err(|e| Error::map(EXEMPT_MAP, e))?;
+            self.exempt_set.insert(ip);
+        }
+        Ok(())
+    }
+
+    /// The rate-exempt sources, sorted (IPv4 sources as IPv4).
+    pub fn rate_exempt(&self) -> Vec<IpAddr> {
+        self.exempt_set.iter().copied().collect()
     }
 
     /// Forgets every source's rate state (each starts with a full bucket).
@@ -132,6 +215,11 @@ impl Guard {
         }
         Ok(())
     }
+}
+
+/// A source address as the guard's maps key it.
+fn src_key(ip: IpAddr) -> SrcKey {
+    SrcKey { addr: mapped(ip) }
 }
 
 /// Whether a map error is "no such key" (ENOENT), which removals tolerate.

@@ -34,6 +34,7 @@
 //! let mut bpf = RidgeBpf::load()?;
 //! bpf.guard().set_media_ports(&[5004])?;
 //! bpf.guard().set_rate_limit(Some(RateLimit { packets_per_second: 2000, burst: 200 }))?;
+//! bpf.guard().set_rate_exempt(&["192.0.2.50".parse()?])?; // a peer node: never rate-limited
 //! let mode = bpf.attach_xdp("eth0", XdpProgram::GuardAndForward);
 //! println!("xdp mode: {}", mode.as_str());
 //! bpf.attach_tc_fanout("eth0")?;
@@ -85,7 +86,7 @@ use aya::{Ebpf, EbpfLoader};
 pub use attach::{AttachMode, TcAttachKind, XdpProgram};
 pub use error::{Error, Result};
 pub use forward::{Destination, FlowCounters, FlowEntry, FlowKey, FlowTable, MAX_DESTINATIONS};
-pub use guard::{Guard, RateLimit};
+pub use guard::{Guard, MAX_RATE_EXEMPT_SOURCES, RateLimit};
 pub use impair::{ImpairCounters, Impairment, LOSS_ALL_PPM, TcDirection, parse_loss};
 pub use steer::{SteerFlow, Steering};
 pub use test_run::{TestProgram, TestRunOutput, tc as tc_verdict, xdp as xdp_verdict};
@@ -119,6 +120,10 @@ pub struct Counters {
     pub guard_media_ok: u64,
     /// Packets the guard let through untouched: not for a media port.
     pub guard_not_media: u64,
+    /// Media packets whose source is rate-exempt
+    /// ([`Guard::set_rate_exempt`]), counted while a rate limit is set:
+    /// they skipped the limiter (and are in `guard_media_ok` too).
+    pub guard_rate_exempt: u64,
     /// Forwarded with `XDP_TX`.
     pub forward_xdp_tx: u64,
     /// Forwarded with `XDP_REDIRECT`.
@@ -226,6 +231,8 @@ impl RidgeBpf {
         let guard_cfg: Array<MapData, types::GuardCfg> = typed_map!(&mut ebpf, guard::CFG_MAP);
         let rate: HashMap<MapData, types::SrcKey, types::RateState> =
             typed_map!(&mut ebpf, guard::RATE_MAP);
+        let rate_exempt: HashMap<MapData, types::SrcKey, u8> =
+            typed_map!(&mut ebpf, guard::EXEMPT_MAP);
         let steer_flows: HashMap<MapData, types::SteerKey, u32> =
             typed_map!(&mut ebpf, steer::FLOWS_MAP);
         let steer_socks: ReusePortSockArray<MapData> = typed_map!(&mut ebpf, steer::SOCKS_MAP);
@@ -238,7 +245,7 @@ impl RidgeBpf {
 
         Ok(Self {
             ebpf,
-            guard: Guard::new(ports, guard_cfg, rate),
+            guard: Guard::new(ports, guard_cfg, rate, rate_exempt),
             steering: Steering::new(steer_flows, steer_socks, steer_cfg),
             flows: FlowTable::new(fwd, fwd_stats, cpus),
             stats,
@@ -246,7 +253,7 @@ impl RidgeBpf {
         })
     }
 
-    /// The guard's media ports and rate limit.
+    /// The guard's media ports, rate limit and rate-exempt sources.
     pub fn guard(&mut self) -> &mut Guard {
         &mut self.guard
     }
@@ -280,6 +287,7 @@ impl RidgeBpf {
             drop_rate_limited: at(stat::DROP_RATE_LIMITED),
             guard_media_ok: at(stat::GUARD_MEDIA_OK),
             guard_not_media: at(stat::GUARD_NOT_MEDIA),
+            guard_rate_exempt: at(stat::GUARD_RATE_EXEMPT),
             forward_xdp_tx: at(stat::FWD_XDP_TX),
             forward_xdp_redirect: at(stat::FWD_XDP_REDIRECT),
             forward_tc_copies: at(stat::FWD_TC_COPIES),

@@ -9,6 +9,7 @@
 use core::mem::{align_of, offset_of, size_of};
 
 /// Limits compiled into the maps (`RIDGE_MAX_*` in `ridge.h`).
+pub(crate) const MAX_RATE_EXEMPT: usize = 4096;
 pub(crate) const MAX_SHARDS: u32 = 64;
 pub(crate) const MAX_FWD_FLOWS: u32 = 16384;
 pub(crate) const FWD_MAX_DESTS: usize = 8;
@@ -32,7 +33,8 @@ pub(crate) mod stat {
     pub(crate) const STEER_HASH: u32 = 14;
     pub(crate) const STEER_ERRORS: u32 = 15;
     pub(crate) const STEER_STUN_LEARNED: u32 = 16;
-    pub(crate) const COUNT: u32 = 17;
+    pub(crate) const GUARD_RATE_EXEMPT: u32 = 17;
+    pub(crate) const COUNT: u32 = 18;
 }
 
 /// `struct ridge_guard_cfg`.
@@ -41,6 +43,9 @@ pub(crate) mod stat {
 pub(crate) struct GuardCfg {
     pub(crate) interval_ns: u64,
     pub(crate) tolerance_ns: u64,
+    /// Non-zero while the rate-exempt map has entries.
+    pub(crate) exempt_any: u32,
+    pub(crate) _pad0: u32,
 }
 
 /// `struct ridge_src_key`.
@@ -151,9 +156,11 @@ pub(crate) struct ImpairStats {
 }
 
 const _: () = {
-    assert!(size_of::<GuardCfg>() == 16 && align_of::<GuardCfg>() == 8);
+    assert!(size_of::<GuardCfg>() == 24 && align_of::<GuardCfg>() == 8);
     assert!(offset_of!(GuardCfg, interval_ns) == 0);
     assert!(offset_of!(GuardCfg, tolerance_ns) == 8);
+    assert!(offset_of!(GuardCfg, exempt_any) == 16);
+    assert!(offset_of!(GuardCfg, _pad0) == 20);
 
     assert!(size_of::<SrcKey>() == 16 && align_of::<SrcKey>() == 1);
     assert!(size_of::<RateState>() == 8);

@@ -4,11 +4,12 @@
 
 mod common;
 
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use common::{Frame4, Netns, checksums_valid, dtls, load, require, root, rtcp_sr, rtp, stun, v4};
 use ridge_ebpf::{
-    Destination, FlowEntry, FlowKey, RateLimit, RidgeBpf, TestProgram, tc_verdict, xdp_verdict,
+    Destination, FlowEntry, FlowKey, MAX_RATE_EXEMPT_SOURCES, RateLimit, RidgeBpf, TestProgram,
+    tc_verdict, xdp_verdict,
 };
 
 const MEDIA_PORT: u16 = 5004;
@@ -269,6 +270,139 @@ fn guard_rate_limits_per_source() {
             }))
             .is_err()
     );
+}
+
+/// Runs `frame` through the guard `n` times; returns how many passed.
+fn passed_of(bpf: &RidgeBpf, frame: &[u8], n: usize) -> usize {
+    (0..n)
+        .filter(|_| run(bpf, TestProgram::Guard, frame) == xdp_verdict::PASS)
+        .count()
+}
+
+#[test]
+fn guard_never_rate_limits_exempt_sources() {
+    if require("guard_never_rate_limits_exempt_sources", root()).is_err() {
+        return;
+    }
+    let mut bpf = guard_bpf();
+    bpf.guard()
+        .set_rate_limit(Some(RateLimit {
+            packets_per_second: 1,
+            burst: 5,
+        }))
+        .unwrap();
+    let peer = media_frame().build(); // from 10.99.0.1
+    let mut client = media_frame();
+    client.src = v4([10, 99, 0, 9], 4000);
+    let client = client.build();
+    let peer6: Ipv6Addr = "fd00::1".parse().unwrap();
+    let frame6 = |src: Ipv6Addr| {
+        common::frame6(
+            src,
+            "fd00::2".parse().unwrap(),
+            4000,
+            MEDIA_PORT,
+            &[],
+            &rtp(96, 1, 2, 3, 100),
+        )
+    };
+
+    // The IPv4 peer given as an IPv4-mapped IPv6 address and again as IPv4:
+    // one source.
+    let mapped: IpAddr = "::ffff:10.99.0.1".parse().unwrap();
+    let v4_peer: IpAddr = "10.99.0.1".parse().unwrap();
+    bpf.guard()
+        .set_rate_exempt(&[mapped, IpAddr::V6(peer6), v4_peer])
+        .unwrap();
+    assert_eq!(bpf.guard().rate_exempt(), vec![v4_peer, IpAddr::V6(peer6)]);
+
+    // The same flood from a peer and from a client: the peer's all passes,
+    // the client gets its burst.
+    assert_eq!(passed_of(&bpf, &peer, 500), 500);
+    assert_eq!(passed_of(&bpf, &frame6(peer6), 500), 500);
+    assert_eq!(passed_of(&bpf, &client, 500), 5);
+    let c = bpf.counters().unwrap();
+    assert_eq!(c.drop_rate_limited, 495, "{c:?}");
+    assert_eq!(c.guard_rate_exempt, 1000, "{c:?}");
+    assert_eq!(c.guard_media_ok, 1005, "{c:?}");
+    // Many repetitions in the kernel: still nothing dropped.
+    let out = bpf
+        .test_run(TestProgram::Guard, &peer, None, 100_000)
+        .unwrap();
+    assert_eq!(out.verdict, xdp_verdict::PASS);
+    let c = bpf.counters().unwrap();
+    assert_eq!((c.drop_rate_limited, c.guard_rate_exempt), (495, 101_000));
+    // ridge_xdp runs the same guard.
+    assert_eq!(run(&bpf, TestProgram::Xdp, &peer), xdp_verdict::PASS);
+
+    // Exempt from the rate only: a malformed packet from a peer still drops.
+    let mut bad = peer.clone();
+    bad[38..40].copy_from_slice(&300u16.to_be_bytes());
+    assert_eq!(run(&bpf, TestProgram::Guard, &bad), xdp_verdict::DROP);
+    let mut frag = media_frame();
+    frag.frag = 0x2000;
+    assert_eq!(
+        run(&bpf, TestProgram::Guard, &frag.build()),
+        xdp_verdict::DROP
+    );
+    let c = bpf.counters().unwrap();
+    assert_eq!((c.drop_bad_udp_length, c.drop_fragment), (1, 1), "{c:?}");
+
+    // Removing the IPv4 peer restores its limit (a fresh bucket: exempt
+    // packets took no rate state); the IPv6 one stays exempt.
+    bpf.guard().set_rate_exempt(&[IpAddr::V6(peer6)]).unwrap();
+    assert_eq!(bpf.guard().rate_exempt(), vec![IpAddr::V6(peer6)]);
+    assert_eq!(passed_of(&bpf, &peer, 50), 5);
+    assert_eq!(passed_of(&bpf, &frame6(peer6), 50), 50);
+    // An IPv6 neighbour of the peer is not exempt.
+    assert_eq!(passed_of(&bpf, &frame6("fd00::3".parse().unwrap()), 50), 5);
+    bpf.guard().set_rate_exempt(&[]).unwrap();
+    assert!(bpf.guard().rate_exempt().is_empty());
+    assert_eq!(passed_of(&bpf, &frame6(peer6), 50), 5);
+
+    // Without a rate limit there is nothing to be exempt from: the
+    // exemption counter stays.
+    bpf.guard().set_rate_exempt(&[v4_peer]).unwrap();
+    bpf.guard().set_rate_limit(None).unwrap();
+    let before = bpf.counters().unwrap().guard_rate_exempt;
+    assert_eq!(passed_of(&bpf, &peer, 10), 10);
+    assert_eq!(bpf.counters().unwrap().guard_rate_exempt, before);
+    // Setting a limit again keeps the exemption.
+    bpf.guard()
+        .set_rate_limit(Some(RateLimit {
+            packets_per_second: 1,
+            burst: 1,
+        }))
+        .unwrap();
+    assert_eq!(passed_of(&bpf, &peer, 10), 10);
+    assert_eq!(bpf.counters().unwrap().guard_rate_exempt, before + 10);
+}
+
+#[test]
+fn rate_exempt_set_is_bounded() {
+    if require("rate_exempt_set_is_bounded", root()).is_err() {
+        return;
+    }
+    let mut bpf = load();
+    let addrs = |n: usize, base: u32| -> Vec<IpAddr> {
+        (0..n as u32)
+            .map(|i| IpAddr::V4((0x0a00_0000 + base + i).into()))
+            .collect()
+    };
+    // The map holds the whole bound.
+    let full = addrs(MAX_RATE_EXEMPT_SOURCES, 0);
+    bpf.guard().set_rate_exempt(&full).unwrap();
+    assert_eq!(bpf.guard().rate_exempt(), full);
+    // One more is refused and changes nothing.
+    let over = addrs(MAX_RATE_EXEMPT_SOURCES + 1, 0);
+    assert!(bpf.guard().set_rate_exempt(&over).is_err());
+    assert_eq!(bpf.guard().rate_exempt().len(), MAX_RATE_EXEMPT_SOURCES);
+    // Replacing a full set with another full set fits: removals go first.
+    let other = addrs(MAX_RATE_EXEMPT_SOURCES, 100_000);
+    bpf.guard().set_rate_exempt(&other).unwrap();
+    assert_eq!(bpf.guard().rate_exempt(), other);
+    bpf.guard().set_rate_exempt(&[]).unwrap();
+    assert!(bpf.guard().rate_exempt().is_empty());
 }
 
 fn flow_key() -> FlowKey {
