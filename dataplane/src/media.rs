@@ -514,7 +514,10 @@ pub fn spawn(
     let (events, _) = broadcast::channel(4096);
     let (senders, mut receivers): (Vec<_>, Vec<_>) =
         (0..opts.shards).map(|_| mpsc::channel(1024)).unzip();
-    let siblings: Arc<[mpsc::Sender<Command>]> = senders.clone().into();
+    // Weak: a shard stops when every handle's sender is gone, so the
+    // shards must not keep each other's (or their own) queues open.
+    let siblings: Arc<[mpsc::WeakSender<Command>]> =
+        senders.iter().map(mpsc::Sender::downgrade).collect();
     let mut links = Vec::with_capacity(opts.shards);
     let mut joins = Vec::with_capacity(opts.shards);
     for (i, io) in ios.into_iter().enumerate() {
@@ -612,7 +615,7 @@ struct Shard {
     metrics: Metrics,
     stats: Arc<ShardStats>,
     /// Every shard's command queue (mesh control messages cross here).
-    siblings: Arc<[mpsc::Sender<Command>]>,
+    siblings: Arc<[mpsc::WeakSender<Command>]>,
 }
 
 impl Shard {
@@ -717,7 +720,10 @@ impl Shard {
                     Output::MeshControl(m) => {
                         // Control traffic (a few per second per room), not
                         // media: a full queue drops it and the sender retries.
-                        if let Some(tx) = self.siblings.get(usize::from(m.shard))
+                        if let Some(tx) = self
+                            .siblings
+                            .get(usize::from(m.shard))
+                            .and_then(mpsc::WeakSender::upgrade)
                             && tx.try_send(Command::MeshControl(m)).is_err()
                         {
                             tracing::debug!(
