@@ -769,8 +769,18 @@ const MESH_COUNTERS: &[MeshField] = &[
     }),
     (
         "auth_failures",
-        "Datagrams from the link's peer failing SRTP authentication or replay checks",
+        "Datagrams from the link's peer failing SRTP authentication",
         |l| l.auth_failures,
+    ),
+    (
+        "duplicates",
+        "Authentic datagrams that had already arrived (SRTP replay check): retransmissions racing a repaired original",
+        |l| l.duplicates,
+    ),
+    (
+        "nack_misses",
+        "NACKed packets this hop did not hold (yet), so could not resend",
+        |l| l.nack_misses,
     ),
 ];
 

@@ -38,9 +38,14 @@ pub enum MeshRecovery {
     /// own retransmission buffers: a loss costs one link's round trip.
     #[default]
     HopByHop,
-    /// Only the last node NACKs, and relays pass NACKs on to the source
-    /// node, which alone answers: how cascaded SFUs without per-hop
-    /// recovery behave. For comparison (ridge-bench `mesh-loss`).
+    /// End-to-end loss detection: only the last node NACKs; a relay
+    /// answers from its buffer what it holds and passes the rest upstream
+    /// towards the source. Relays never ask for what they miss themselves,
+    /// so a loss is repaired over the path from the last node back to the
+    /// hop that holds the packet. For comparison (ridge-bench `mesh-loss`).
+    /// (A relay cannot leave answering to the source alone: it would drop
+    /// the source's retransmission of a packet it already holds as an SRTP
+    /// replay.)
     EndToEnd,
 }
 
@@ -95,8 +100,13 @@ pub struct MeshLinkSnapshot {
     pub recovered: u64,
     /// Packets given up on after the last NACK attempt.
     pub unrecovered: u64,
-    /// Datagrams that failed authentication or replay checks.
+    /// Datagrams that failed authentication.
     pub auth_failures: u64,
+    /// Authentic datagrams that had already arrived (SRTP replay check):
+    /// retransmissions racing a repaired original.
+    pub duplicates: u64,
+    /// NACKed sequence numbers this hop did not hold (yet).
+    pub nack_misses: u64,
     /// Smoothed NACK-to-retransmission round trip, when measured.
     pub rtt_us: Option<u64>,
     /// The link's loss-based send budget (`None`: unlimited).

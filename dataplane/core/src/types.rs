@@ -303,10 +303,12 @@ pub enum DropReason {
     MeshAuth,
     /// A mesh control message for a room/source with no matching route.
     MeshUnrouted,
+    /// An authentic mesh datagram that had already arrived.
+    MeshDuplicate,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
@@ -315,6 +317,7 @@ impl DropReason {
         DropReason::Paused,
         DropReason::MeshAuth,
         DropReason::MeshUnrouted,
+        DropReason::MeshDuplicate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -327,6 +330,7 @@ impl DropReason {
             DropReason::Paused => "paused",
             DropReason::MeshAuth => "mesh_auth",
             DropReason::MeshUnrouted => "mesh_unrouted",
+            DropReason::MeshDuplicate => "mesh_duplicate",
         }
     }
 }
@@ -451,6 +455,8 @@ impl StatsSnapshot {
                     x.recovered += l.recovered;
                     x.unrecovered += l.unrecovered;
                     x.auth_failures += l.auth_failures;
+                    x.duplicates += l.duplicates;
+                    x.nack_misses += l.nack_misses;
                     x.rtt_us = x.rtt_us.max(l.rtt_us);
                     x.budget_bps = match (x.budget_bps, l.budget_bps) {
                         (Some(a), Some(b)) => Some(a + b),

@@ -14,7 +14,7 @@ use crate::mesh::{
     RemoteParticipantKey, SUBSCRIBE_INTERVAL, codec_code, codec_from_code, is_mesh_app,
     layers_within, parse_message, write_message,
 };
-use crate::srtp::{SrtpContext, SrtpProfile, Unprotected, mesh_master_key};
+use crate::srtp::{SrtpContext, SrtpError, SrtpProfile, Unprotected, mesh_master_key};
 
 /// Receive contexts one link keeps, one per remote socket (each shard of
 /// the peer sends from its own).
@@ -723,6 +723,14 @@ impl Sfu {
         let plain = match result {
             Ok(Unprotected::InPlace(len)) => packet.slice(0..len),
             Ok(Unprotected::Decrypted) => self.io.packets.copy_in(&scratch),
+            // An authentic copy of what already arrived: a retransmission
+            // racing the repaired original, not an attack.
+            Err(SrtpError::Replayed | SrtpError::TooOld) => {
+                l.stats.duplicates += 1;
+                self.io.drop_packet(DropReason::MeshDuplicate);
+                self.mesh.scratch = scratch;
+                return true;
+            }
             Err(_) => {
                 l.stats.auth_failures += 1;
                 self.io.drop_packet(DropReason::MeshAuth);
@@ -1037,7 +1045,9 @@ impl Sfu {
             .find(|m| m.link == link)
             .and_then(|m| Some((m.dest, m.layers.get(layer)?.retransmit.get(now, seq)?)))
         else {
-            self.io.counters.retransmit_misses += 1;
+            // Not (yet) here: on a relay, usually a packet this hop is
+            // itself still waiting for.
+            l.stats.nack_misses += 1;
             return false;
         };
         let mut buf = self.io.buffer();
