@@ -274,7 +274,7 @@ if [[ "$net" == netns ]]; then
   public_ip=(10.213.1.2 10.213.2.2)
   media=(10.213.1.2:5004 10.213.2.2:5004)
   mesh=(10.213.12.1:5004 10.213.12.2:5004)
-  probe=(10.213.12.1:5005 10.213.12.2:5005)
+  probe=(10.213.12.1:6004 10.213.12.2:6004)
   metrics=(127.0.0.1:9107 127.0.0.1:9107)
 else
   sched_ip=127.0.0.1
@@ -283,7 +283,7 @@ else
   public_ip=(127.0.0.1 127.0.0.1)
   media=(127.0.0.1:5004 127.0.0.1:5014)
   mesh=("${media[@]}")
-  probe=(127.0.0.1:5005 127.0.0.1:5015)
+  probe=(127.0.0.1:6004 127.0.0.1:6014)
   metrics=(127.0.0.1:9107 127.0.0.1:9108)
 fi
 # What browsers on this machine open (forwarded in netns mode).
@@ -352,8 +352,7 @@ for i in 1 2; do
   in_ns=()
   [[ "$net" == netns ]] && in_ns=(ip netns exec "ridge-n$i")
   log "starting node $i: HTTP ${http_listen[$j]}, media ${media[$j]}, mesh ${mesh[$j]}"
-  # One media shard: mesh mode keeps the media port and the probe port
-  # (mesh port + 1) apart. The dataplane starts with the local secret; the
+  # One media shard is plenty for a demo. The dataplane starts with the local secret; the
   # scheduler's dataplane_secret replaces it once the agent applies the
   # desired state.
   dp_args=(--http "${http_listen[$j]}" --udp "${udp_listen[$j]}" --public-ip "${public_ip[$j]}"

@@ -348,9 +348,12 @@ impl Shared {
         }
     }
 
+    /// Everything the agent measures: its mesh links and the probe-only
+    /// peers the scheduler lists.
     fn links_from(&self, d: &DesiredState) -> Vec<PeerLink> {
         d.links
             .iter()
+            .chain(&d.probes)
             .filter_map(|l| {
                 let key = wire::parse_key(&l.key)?;
                 let target = l

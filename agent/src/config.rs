@@ -17,8 +17,9 @@ pub const EXIT_ENROLL: i32 = 77;
 pub const ENV_TOKEN: &str = "RIDGE_BOOTSTRAP_TOKEN";
 /// Default system CA bundle (Debian) used when `scheduler_ca` is not set.
 pub const DEFAULT_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
-/// Default probe responder address.
-pub const DEFAULT_PROBE_LISTEN: &str = "0.0.0.0:5007";
+/// Default distance from a node's mesh port to its probe responder's:
+/// clear of the dataplane's shard ports (mesh port + shard index).
+pub const DEFAULT_PROBE_PORT_OFFSET: u16 = 1000;
 /// Default metrics listener.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9107";
 
@@ -268,13 +269,30 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
             format!("`{u}` must be an http(s):// URL"),
         ));
     }
+    let probe_port_offset = o
+        .probe_port_offset
+        .or(fc.probe_port_offset)
+        .unwrap_or(DEFAULT_PROBE_PORT_OFFSET);
+    // By default the responder listens where peers send: this node's mesh
+    // port plus the offset (peers use the same offset).
     let probe_listen = match o.probe_listen.or(fc.probe_listen) {
         Some(a) => a,
-        None => DEFAULT_PROBE_LISTEN
-            .parse()
-            .map_err(|_| invalid("probe_listen", "bad built-in default"))?,
+        None => {
+            let mesh_port = o
+                .mesh_address
+                .or(fc.mesh_address)
+                .or(o.media_address)
+                .or(fc.media_address)
+                .map_or(5004, |a| a.port());
+            let port = mesh_port.checked_add(probe_port_offset).ok_or_else(|| {
+                invalid(
+                    "probe_port_offset",
+                    "the mesh port plus the offset is beyond 65535",
+                )
+            })?;
+            SocketAddr::from(([0, 0, 0, 0], port))
+        }
     };
-    let probe_port_offset = o.probe_port_offset.or(fc.probe_port_offset).unwrap_or(1);
     let probe_interval = duration(
         "probe_interval",
         o.probe_interval,
@@ -367,7 +385,7 @@ mod tests {
     fn defaults_and_trailing_slash() {
         let c = build(FileConfig::default(), &base()).unwrap();
         assert_eq!(c.scheduler_url, "https://127.0.0.1:8443");
-        assert_eq!(c.probe_port_offset, 1);
+        assert_eq!(c.probe_port_offset, 1000);
         assert_eq!(c.cmdline_path, PathBuf::from("/proc/cmdline"));
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9107".parse().unwrap()));
     }

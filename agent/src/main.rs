@@ -53,10 +53,10 @@ struct Cli {
     /// Base URL of the node's HTTP API to report
     #[arg(long, value_name = "URL")]
     http_url: Option<String>,
-    /// UDP address of the probe responder [default: 0.0.0.0:5007]
+    /// UDP address of the probe responder [default: 0.0.0.0:(mesh port + probe offset)]
     #[arg(long, value_name = "ADDR")]
     probe_listen: Option<SocketAddr>,
-    /// Peers' probe responders listen on their mesh port + this [default: 1]
+    /// Peers' probe responders listen on their mesh port + this [default: 1000]
     #[arg(long, value_name = "N")]
     probe_port_offset: Option<u16>,
     /// Interval between probes to each peer [default: 1s]

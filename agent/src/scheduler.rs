@@ -180,6 +180,10 @@ pub struct DesiredState {
     pub links: Vec<DesiredLink>,
     #[serde(default)]
     pub routes: Vec<DesiredRoute>,
+    /// Peers to measure besides `links`; the agent's business only (the
+    /// dataplane's control API does not take them).
+    #[serde(default, skip_serializing)]
+    pub probes: Vec<DesiredLink>,
 }
 
 impl std::fmt::Debug for DesiredState {

@@ -257,6 +257,9 @@ pub struct DesiredState {
     pub dataplane_secret: String,
     pub links: Vec<DesiredLink>,
     pub routes: Vec<DesiredRoute>,
+    /// Peers to measure (link probes) besides `links`: how the scheduler
+    /// learns the link qualities routes are computed from. Not a mesh link.
+    pub probes: Vec<DesiredLink>,
 }
 
 /// `POST /v1/tokens` body.

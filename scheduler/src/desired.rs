@@ -18,7 +18,13 @@ pub struct NodeFacts<'a> {
     pub mesh_address: Option<&'a str>,
     /// The node's `trust_domain` label, if any.
     pub trust_domain: Option<&'a str>,
+    /// Up and not draining: worth measuring a link to.
+    pub up: bool,
 }
+
+/// Peers a node probes besides its links, at most: enough for a PoP's
+/// neighbourhood, bounded so a large mesh does not probe all pairs.
+pub const MAX_PROBES: usize = 32;
 
 /// Desired states of all `nodes` (version 0; the caller assigns versions).
 pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<DesiredState> {
@@ -71,6 +77,21 @@ pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<
                         .collect()
                 })
                 .unwrap_or_default();
+            // Every other up node with a mesh address is a link candidate:
+            // measure it (nearest ids first is arbitrary but stable).
+            let probes: Vec<DesiredLink> = nodes
+                .iter()
+                .filter(|p| {
+                    p.id != n.id && p.up && p.mesh_address.is_some() && !peers.contains(p.id)
+                })
+                .take(MAX_PROBES)
+                .map(|p| DesiredLink {
+                    peer: p.id.to_owned(),
+                    address: p.mesh_address.map(str::to_owned),
+                    key: keys.key(n.id, p.id),
+                    trusted: false,
+                })
+                .collect();
             let links = peers
                 .into_iter()
                 .map(|peer| {
@@ -94,6 +115,7 @@ pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<
                 dataplane_secret: n.dataplane_secret.to_owned(),
                 links,
                 routes,
+                probes,
             }
         })
         .collect()
@@ -111,6 +133,7 @@ mod tests {
             dataplane_secret: "s",
             mesh_address: Some("10.0.0.1:5006"),
             trust_domain: td,
+            up: true,
         }
     }
 

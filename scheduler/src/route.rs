@@ -185,6 +185,11 @@ impl Graph {
         let mut sorted: Vec<_> = pairs.into_iter().collect();
         sorted.sort_by_key(|(k, _)| *k);
         for ((a, b), (rtt, loss, jitter)) in sorted {
+            // A link either end finds dead (every probe lost) carries
+            // nothing, whatever its other numbers say.
+            if loss >= 1.0 {
+                continue;
+            }
             let base = rtt + jitter + model.loss_weight * loss * 100.0 + model.hop_cost;
             adj[a].push((b, base + model.load_weight * load[b]));
             adj[b].push((a, base + model.load_weight * load[a]));

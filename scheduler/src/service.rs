@@ -427,10 +427,12 @@ impl Scheduler {
             let mut d: serde_json::Value = serde_json::from_str(&body).ok()?;
             let obj = d.as_object_mut()?;
             obj.remove("dataplane_secret");
-            if let Some(links) = obj.get_mut("links").and_then(|l| l.as_array_mut()) {
-                for l in links {
-                    if let Some(l) = l.as_object_mut() {
-                        l.remove("key");
+            for field in ["links", "probes"] {
+                if let Some(links) = obj.get_mut(field).and_then(|l| l.as_array_mut()) {
+                    for l in links {
+                        if let Some(l) = l.as_object_mut() {
+                            l.remove("key");
+                        }
                     }
                 }
             }
@@ -823,6 +825,7 @@ fn compute_desired(
                 .media
                 .as_deref()),
             trust_domain: n.labels.get("trust_domain").map(String::as_str),
+            up: n.up(now, lease) && !n.row.drain,
         })
         .collect();
     let states = desired::derive(&facts, &plan, mesh_key);

@@ -18,7 +18,7 @@
 //!   control veths, so nodes and hub clients reach each other's control IPs.
 //! - node `i`: a **mesh IP** `10.251.0.(i+1)/32` on its `lo`, announced as
 //!   `addresses.mesh` (`:5004`); the agent's probe responder listens on
-//!   `:5005`. Mesh IPs are reachable only over the **mesh veths**: one
+//!   `:6004`. Mesh IPs are reachable only over the **mesh veths**: one
 //!   point-to-point veth per topology link, its own `/30` (`10.252.k.0/30`),
 //!   named `m-<peer>` in each namespace, with a static `/32` route to the
 //!   neighbour's mesh IP (source: the node's own mesh IP). A non-neighbour's
@@ -68,8 +68,8 @@ pub const HTTP_PORT: u16 = 8080;
 /// Every node's media port (the dataplane binds `0.0.0.0:MEDIA_PORT`).
 pub const MEDIA_PORT: u16 = 5004;
 /// Every agent's probe responder port (on the node's mesh IP):
-/// the mesh port + the agent's default `probe_port_offset` of 1.
-pub const PROBE_PORT: u16 = MEDIA_PORT + 1;
+/// the mesh port + the agent's default `probe_port_offset` of 1000.
+pub const PROBE_PORT: u16 = MEDIA_PORT + 1000;
 /// The payload type [`MeshLab::plain_rtp_pair`] uses (VP8 video).
 pub const RTP_PT: u8 = 96;
 

@@ -14,13 +14,8 @@
 //!   measures its topology neighbours, the plan holds a two-hop path A→B→C
 //!   or A→D→C and every node's dataplane holds the matching links and
 //!   routes; when the transit node is killed the route moves through the
-//!   other one. **Ignored for now**: an agent probes only the peers of its
-//!   desired state's `links`, and the scheduler derives those links only
-//!   from routes, which it computes only over links that agents report. No
-//!   node ever measures a link, so no route can form from scratch (the
-//!   plan says `unreachable: [C]`). Run it with `-- --ignored`; it fails at
-//!   the "neighbours measured" step until agents also probe candidate
-//!   peers that are not (yet) on a route.
+//!   other one. Media sent to A reaches C through the transit node, and
+//!   after the kill resumes within 3 s.
 //! - `scheduler_restart_loses_no_nodes`.
 //!
 //! Needs root (namespaces, veths) and iproute2: otherwise each test prints
@@ -341,8 +336,6 @@ fn expect_held_routes(
 }
 
 #[test]
-#[ignore = "blocked: agents probe only desired-state link peers, links come only from routes, \
-            routes only from measured links: no route can form (see the module docs)"]
 fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
     let Some(mut lab) = square("route_forms_through_a_transit_node_and_moves_when_it_dies") else {
         return Ok(());
@@ -387,13 +380,7 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
             Ok(Some(()))
         },
     )
-    .with_context(|| {
-        format!(
-            "agents probe only the peers in their desired state's links, and those \
-             exist only on routes, so no link is measured and no route can form\n{}",
-            lab.mesh_report()
-        )
-    })?;
+    .with_context(|| lab.mesh_report())?;
 
     // Two hops through B or D: there is no A–C link.
     let path = lab.wait_route("demo", "a", "c", ROUTE, |p| {
@@ -402,18 +389,65 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
     let transit = path[1].clone();
     let other = if transit == "b" { "d" } else { "b" };
     expect_held_routes(&lab, "demo", &path, &[other])?;
-    // Media assertions go here once the dataplane forwards over the mesh:
-    // pair.send(N, interval) and pair.received_indices() / pair.receiver.
-    let _ = &pair;
+    // Media crosses the mesh: A → transit → C, every packet (the links are
+    // clean), in order of arrival once flowing.
+    let mut pair = pair;
+    pair.send(300, Duration::from_millis(5))?;
+    let got = pair.receiver.wait_for(300, Duration::from_secs(5));
+    let indices = pair.received_indices();
+    let first = indices.first().copied().unwrap_or(u32::MAX);
+    ensure!(
+        first < 60 && (first..300).all(|i| indices.binary_search(&i).is_ok()),
+        "C received {} packets (first index {first}) of 300 sent to A\n{}",
+        got.len(),
+        lab.mesh_report()
+    );
 
-    // The transit node dies: within a lease (1.5 s) and a tick the route
-    // goes through the other one.
-    let killed = Instant::now();
-    lab.kill(&transit)?;
-    let moved = lab.wait_route("demo", "a", "c", ROUTE, |p| p == ["a", other, "c"])?;
+    // The transit node dies while the publisher keeps sending: the route
+    // moves through the other one and the subscriber's stream resumes
+    // within 3 s.
+    pair.receiver.clear();
+    let (moved, killed, resumed_after) = std::thread::scope(|scope| -> Result<_> {
+        let (target, tx, receiver) = (pair.target, &mut pair.sender, &pair.receiver);
+        let sender = scope.spawn(move || tx.send(target, 1000, Duration::from_millis(8)));
+        std::thread::sleep(Duration::from_secs(2));
+        let killed = Instant::now();
+        lab.kill(&transit)?;
+        let moved = lab.wait_route("demo", "a", "c", ROUTE, |p| p == ["a", other, "c"])?;
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+        let got = receiver.wait_for(usize::MAX, Duration::from_millis(500));
+        let mut arrivals: Vec<Instant> = got.iter().map(|r| r.at).filter(|t| *t > killed).collect();
+        arrivals.sort();
+        // The first arrival after the longest silence that followed the kill.
+        let mut resumed = arrivals.first().copied();
+        let mut prev = killed;
+        let mut gap = Duration::ZERO;
+        for t in &arrivals {
+            if t.duration_since(prev) > gap {
+                gap = t.duration_since(prev);
+                resumed = Some(*t);
+            }
+            prev = *t;
+        }
+        let resumed_after = resumed.map(|t| t.duration_since(killed));
+        Ok((moved, killed, resumed_after))
+    })?;
     eprintln!(
-        "route {path:?} moved to {moved:?} {:?} after {transit} was killed",
+        "route {path:?} moved to {moved:?} {:?} after {transit} was killed; media resumed {resumed_after:?} after the kill",
         killed.elapsed()
+    );
+    let resumed_after = resumed_after.with_context(|| {
+        format!(
+            "no media reached C after {transit} was killed\n{}",
+            lab.mesh_report()
+        )
+    })?;
+    ensure!(
+        resumed_after <= Duration::from_secs(3),
+        "the subscriber recovered {resumed_after:?} after the kill (limit 3 s)\n{}",
+        lab.mesh_report()
     );
     expect_held_routes(&lab, "demo", &moved, &[])?;
     Ok(())

@@ -199,6 +199,7 @@ fn routes_mode(n: usize, links: usize, rooms: usize, subs: usize, max_hops: usiz
                 dataplane_secret: s,
                 mesh_address: Some("10.0.0.1:5006"),
                 trust_domain: None,
+                up: true,
             })
             .collect();
         let states = desired::derive(&facts, &plan, "mesh-key");
