@@ -532,6 +532,16 @@ pub fn spawn(
         for c in &mut config.candidates {
             c.set_port(local_addr.port());
         }
+        let recv_dest = if local_addr.ip().is_unspecified() {
+            config
+                .candidates
+                .iter()
+                .find(|c| c.is_ipv4() == local_addr.is_ipv4())
+                .copied()
+                .unwrap_or(local_addr)
+        } else {
+            local_addr
+        };
         let tx = senders[i].clone();
         let rx = receivers.remove(0);
         let siblings = siblings.clone();
@@ -577,6 +587,7 @@ pub fn spawn(
                         }
                     };
                     Shard {
+                        recv_dest,
                         io,
                         sfu: Sfu::new(config, Instant::now()),
                         pending: VecDeque::with_capacity(4096),
@@ -607,6 +618,10 @@ pub fn spawn(
 const SEND_PATIENCE: Duration = Duration::from_millis(20);
 
 struct Shard {
+    /// The destination the core sees for received datagrams: the socket's
+    /// address, or for a wildcard bind (`0.0.0.0`) the first advertised
+    /// candidate, since WebRTC's ICE matches checks to a candidate address.
+    recv_dest: SocketAddr,
     io: Box<dyn DatagramIo + Send>,
     sfu: Sfu,
     /// Transmits taken from the core, not yet accepted by the socket.
@@ -672,7 +687,7 @@ impl Shard {
     /// it; the loop flushes the resulting sends before the next batch, so a
     /// fan-out burst stays bounded. Returns true once the socket is empty.
     fn receive(&mut self) -> bool {
-        let local = self.io.local_addr();
+        let local = self.recv_dest;
         let mut meta = [RecvMeta::default(); MAX_BATCH];
         let io = &mut self.io;
         let got = self

@@ -17,6 +17,8 @@
 //!   other one. Media sent to A reaches C through the transit node, and
 //!   after the kill resumes within 3 s.
 //! - `scheduler_restart_loses_no_nodes`.
+//! - `chromium_publishes_on_a_and_watches_on_c_through_the_mesh`: WHIP on A,
+//!   WHEP on C, the viewer decodes 640×480 video and audio relayed by B or D.
 //!
 //! Needs root (namespaces, veths) and iproute2: otherwise each test prints
 //! `SKIP` (and fails with RIDGE_REQUIRE_ALL=1).
@@ -513,5 +515,99 @@ fn scheduler_restart_loses_no_nodes() -> Result<()> {
             .any(|n| n.id == d && n.state == "down")
             .then_some(()))
     })?;
+    Ok(())
+}
+
+/// Chromium (in the hub) publishes camera and microphone to A over WHIP and
+/// watches on C over WHEP: the scheduler routes the room through B or D,
+/// and the viewer decodes the publisher's video and audio.
+#[test]
+fn chromium_publishes_on_a_and_watches_on_c_through_the_mesh() -> Result<()> {
+    let name = "chromium_publishes_on_a_and_watches_on_c_through_the_mesh";
+    if require(name, ridge_tests::skip::chromium_present()).is_err() {
+        return Ok(());
+    }
+    let Some(lab) = square(name) else {
+        return Ok(());
+    };
+    lab.wait_until_up(4, UP)?;
+    let room = "e2e-mesh";
+    let (a_url, c_url) = (lab.node_http("a")?, lab.node_http("c")?);
+    let pub_token = lab.dispatch_token("a", room, "camera", true, false)?;
+    let sub_token = lab.dispatch_token("c", room, "viewer", false, true)?;
+    // getUserMedia (the fake camera) needs a secure context.
+    let secure = format!("--unsafely-treat-insecure-origin-as-secure={a_url},{c_url}");
+    let (pub_url, sub_url) = (
+        format!("{a_url}/?token={pub_token}"),
+        format!("{c_url}/?token={sub_token}"),
+    );
+    let run = async move {
+        let browser = ridge_tests::Chromium::launch_with(&[secure.as_str()]).await?;
+        let publisher = browser.open(&pub_url).await?;
+        publisher
+            .wait_for("typeof window.Ridge === 'object'", Duration::from_secs(10))
+            .await
+            .context("the demo page on A did not load ridge.js")?;
+        publisher
+            .eval(&format!(
+                "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 480}});
+                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s}}); }})()"
+            ))
+            .await
+            .context("WHIP publish on A")?;
+        let viewer = browser.open(&sub_url).await?;
+        viewer
+            .wait_for("typeof window.Ridge === 'object'", Duration::from_secs(10))
+            .await
+            .context("the demo page on C did not load ridge.js")?;
+        let sub = viewer
+            .eval(&format!(
+                "(() => {{ const v = document.createElement('video'); v.id = 'mesh-remote';
+                   document.body.appendChild(v);
+                   return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
+            ))
+            .await
+            .context("WHEP subscribe on C")?;
+        let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+        let start = Instant::now();
+        loop {
+            let s = viewer.eval(&format!("Ridge.stats({id:?})")).await?;
+            let frames = s["video"]["framesDecoded"].as_f64().unwrap_or(0.0);
+            let audio = s["audio"]["packetsReceived"].as_f64().unwrap_or(0.0);
+            if frames > 60.0 && audio > 60.0 && s["video"]["frameWidth"].as_f64() == Some(640.0) {
+                return Ok::<_, anyhow::Error>((start.elapsed(), s));
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "C's viewer decoded no video from A; last stats: {s}; console: {:?}",
+                viewer.console()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let (took, stats) = lab
+        .block_on(run)
+        .with_context(|| format!("{}\n{}", lab.mesh_report(), lab.log_tails(40)))?;
+    eprintln!("C decoded A's camera {took:?} after subscribing: {stats}");
+    // The media went through a transit node: there is no A–C link.
+    let path = lab
+        .route_path(room, "a", "c")?
+        .context("no route A → C for the room")?;
+    ensure!(
+        path.len() == 3 && (path[1] == "b" || path[1] == "d"),
+        "route {path:?}"
+    );
+    let transit = lab.dataplane_status(&path[1])?;
+    let relayed: u64 = transit["mesh_links"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| l["packets_out"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(
+        relayed > 200,
+        "{} relayed {relayed} packets: {transit}",
+        path[1]
+    );
     Ok(())
 }
