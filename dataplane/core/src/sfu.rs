@@ -348,6 +348,31 @@ struct Forward<'a> {
     audio_level: Option<(bool, u8)>,
 }
 
+impl<'a> Forward<'a> {
+    /// A received RTP packet, its payload forwarded as a view of the stored
+    /// datagram (never copied).
+    fn from_stored(
+        header: &RtpHeader,
+        packet: &'a PacketBuf,
+        is_keyframe: impl FnOnce(&[u8]) -> bool,
+    ) -> Self {
+        let data = packet.as_slice();
+        let payload = header.payload(data);
+        let start = payload.as_ptr() as usize - data.as_ptr() as usize;
+        Forward {
+            ssrc: header.ssrc,
+            seq: header.sequence,
+            timestamp: header.timestamp,
+            marker: header.marker,
+            keyframe: is_keyframe(payload),
+            payload,
+            shared: None,
+            stored: Some(packet.slice(start..start + payload.len())),
+            audio_level: None,
+        }
+    }
+}
+
 /// The media relay core. See the crate docs for the run loop.
 pub struct Sfu {
     config: SfuConfig,
@@ -1525,21 +1550,10 @@ impl Sfu {
                 }
             }
         }
-        let payload = header.payload(data);
-        let keyframe = e.kind == TrackKind::Video && packet::codec::vp8_is_keyframe(payload);
-        let start = payload.as_ptr() as usize - data.as_ptr() as usize;
-        let stored = packet.slice(start..start + payload.len());
-        let fwd = Forward {
-            ssrc: header.ssrc,
-            seq: header.sequence,
-            timestamp: header.timestamp,
-            marker: header.marker,
-            keyframe,
-            payload,
-            shared: None,
-            stored: Some(stored),
-            audio_level: None,
-        };
+        let video = e.kind == TrackKind::Video;
+        let fwd = Forward::from_stored(&header, packet, |p| {
+            video && packet::codec::vp8_is_keyframe(p)
+        });
         self.forward(now, tid, 0, &fwd);
     }
 

@@ -853,23 +853,10 @@ impl Sfu {
         let Some(track) = self.tracks.get(&at.track) else {
             return;
         };
-        let payload = header.payload(data);
-        let keyframe = track.kind == TrackKind::Video
-            && track.codec == Some(Codec::Vp8)
-            && packet::codec::vp8_is_keyframe(payload);
-        let start = payload.as_ptr() as usize - data.as_ptr() as usize;
-        let stored = packet.slice(start..start + payload.len());
-        let fwd = Forward {
-            ssrc: header.ssrc,
-            seq: header.sequence,
-            timestamp: header.timestamp,
-            marker: header.marker,
-            keyframe,
-            payload,
-            shared: None,
-            stored: Some(stored),
-            audio_level: None,
-        };
+        let vp8 = track.kind == TrackKind::Video && track.codec == Some(Codec::Vp8);
+        let fwd = Forward::from_stored(&header, packet, |p| {
+            vp8 && packet::codec::vp8_is_keyframe(p)
+        });
         self.forward(now, at.track, at.layer, &fwd);
     }
 
