@@ -730,19 +730,7 @@ fn create_endpoint(ns: &Netns, direction: &str, remote: SocketAddr) -> Result<So
     .to_string();
     let path = format!("/v1/rooms/{ROOM}/rtp");
     let r = node_http(ns, "POST", &path, &body)?;
-    ensure!(
-        r.status == 201,
-        "POST {path} ({direction}) answered {}: {}",
-        r.status,
-        r.body
-    );
-    let v: serde_json::Value = serde_json::from_str(&r.body).context("endpoint response")?;
-    let local = v["local"]
-        .as_str()
-        .context("endpoint response without `local`")?;
-    local
-        .parse()
-        .with_context(|| format!("`local` {local:?} is not an address"))
+    node::endpoint_local(&path, direction, &r)
 }
 
 // ---- metrics -----------------------------------------------------------------

@@ -161,19 +161,7 @@ impl NodeProcess {
         .to_string();
         let path = format!("/v1/rooms/{room}/rtp");
         let r = http_request(self.http, "POST", &path, Some(&self.token), &body)?;
-        ensure!(
-            r.status == 201,
-            "POST {path} ({direction}) answered {}: {}",
-            r.status,
-            r.body
-        );
-        let v: serde_json::Value = serde_json::from_str(&r.body).context("endpoint response")?;
-        let local = v["local"]
-            .as_str()
-            .context("endpoint response without `local`")?;
-        local
-            .parse()
-            .with_context(|| format!("`local` {local:?} is not an address"))
+        endpoint_local(&path, direction, &r)
     }
 
     pub fn http(&self) -> SocketAddr {
@@ -263,6 +251,23 @@ pub struct HttpResponse {
 }
 
 /// One HTTP/1.1 request with `Connection: close`; reads the whole response.
+/// The node's media address from a `POST /v1/rooms/{room}/rtp` answer.
+pub fn endpoint_local(path: &str, direction: &str, r: &HttpResponse) -> Result<SocketAddr> {
+    ensure!(
+        r.status == 201,
+        "POST {path} ({direction}) answered {}: {}",
+        r.status,
+        r.body
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).context("endpoint response")?;
+    let local = v["local"]
+        .as_str()
+        .context("endpoint response without `local`")?;
+    local
+        .parse()
+        .with_context(|| format!("`local` {local:?} is not an address"))
+}
+
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
