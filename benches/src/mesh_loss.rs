@@ -141,8 +141,9 @@ pub struct LinkCounters {
 pub struct NodeCounters {
     pub node: String,
     pub links: Vec<LinkCounters>,
-    /// `ridge_retransmit_misses`: NACKed packets no longer (or never) in a
-    /// retransmission buffer.
+    /// `ridge_retransmit_misses` plus the links' `ridge_mesh_nack_misses`:
+    /// NACKed packets not (or no longer, or not yet) in a retransmission
+    /// buffer.
     pub retransmit_misses: u64,
     /// `ridge_packets_lost`: sequence gaps seen on the way in.
     pub packets_lost: u64,
@@ -902,10 +903,22 @@ impl Snapshot {
         NodeCounters {
             node: NODES[index].to_string(),
             links,
+            // Mesh links count their misses per link (`nack_misses`):
+            // NACKed packets this hop did not hold (yet).
             retransmit_misses: d(
                 self.node("retransmit_misses"),
                 after.node("retransmit_misses"),
-            ),
+            ) + [index.checked_sub(1), (index < HOPS).then_some(index + 1)]
+                .into_iter()
+                .flatten()
+                .map(|i| {
+                    let peer = NODES[i];
+                    d(
+                        self.mesh(peer, "nack_misses"),
+                        after.mesh(peer, "nack_misses"),
+                    )
+                })
+                .sum::<u64>(),
             packets_lost: d(self.node("packets_lost"), after.node("packets_lost")),
             dropped,
         }
