@@ -165,11 +165,9 @@ fn gone() -> SfuError {
     SfuError::Internal("the media shard has stopped".into())
 }
 
-/// The shard that owns `room`: a stable hash, so every peer of a room
-/// lands on one shard (the core routes mesh messages by the same rule).
-pub fn shard_for_room(room: &str, shards: usize) -> usize {
-    ridge_sfu::shard_for_room(room, shards)
-}
+/// The shard that owns a room (the core routes mesh messages by the same
+/// rule).
+pub use ridge_sfu::shard_for_room;
 
 impl MediaHandle {
     /// The media socket address of shard 0.

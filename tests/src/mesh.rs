@@ -633,19 +633,7 @@ fn http_exchange(
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     let body = if chunked {
-        let mut out = String::new();
-        let mut s = rest;
-        while let Some((size, more)) = s.split_once("\r\n") {
-            let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-                break;
-            };
-            if n == 0 || more.len() < n {
-                break;
-            }
-            out.push_str(&more[..n]);
-            s = more[n..].trim_start_matches("\r\n");
-        }
-        out
+        crate::node::dechunk(rest)
     } else {
         rest.to_owned()
     };
