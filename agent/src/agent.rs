@@ -14,7 +14,7 @@ use crate::config::{Config, EXIT_ENROLL};
 use crate::control::ControlClient;
 use crate::discover::{self, Capabilities};
 use crate::identity::{self, Identity, IdentityError, NodeKey};
-use crate::load::{CpuSampler, RateMeter, cpu_times};
+use crate::load::{CpuSampler, RateMeter, Smoothed, cpu_times};
 use crate::metrics::{self, Metrics, ResultLabels};
 use crate::probe::{PeerLink, ProbeEngine, wire};
 use crate::scheduler::{
@@ -375,11 +375,27 @@ impl Shared {
 }
 
 /// Samples for load rates between heartbeats.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LoadMeters {
     cpu: CpuSampler,
+    /// The CPU figure reported: averaged, since routes are computed on it.
+    cpu_avg: Smoothed,
     packets: RateMeter,
     bytes: RateMeter,
+}
+
+/// Time constant of the reported CPU load.
+const CPU_SMOOTHING: Duration = Duration::from_secs(5);
+
+impl Default for LoadMeters {
+    fn default() -> Self {
+        Self {
+            cpu: CpuSampler::default(),
+            cpu_avg: Smoothed::new(CPU_SMOOTHING),
+            packets: RateMeter::default(),
+            bytes: RateMeter::default(),
+        }
+    }
 }
 
 async fn heartbeat_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -458,7 +474,7 @@ async fn build_heartbeat(
         .ok()
         .and_then(|t| cpu_times(&t))
         .and_then(|t| meters.cpu.update(t))
-        .unwrap_or(0.0);
+        .map_or(0.0, |c| meters.cpu_avg.update(now, c));
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| discover::meminfo(&t))

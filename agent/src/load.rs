@@ -1,7 +1,7 @@
 //! Load measurement, sans-IO: CPU busy fraction from successive `/proc/stat`
 //! samples, and packet/byte rates from successive dataplane counter samples.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Aggregate CPU time counters (the first `cpu` line of `/proc/stat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,10 +71,39 @@ impl RateMeter {
     }
 }
 
+/// An exponentially weighted moving average over irregular samples, with
+/// time constant `tau`: the CPU figure the scheduler routes on must not
+/// swing with every half-second burst, or routes flap between equal nodes.
+#[derive(Debug, Clone)]
+pub struct Smoothed {
+    tau: Duration,
+    last: Option<(Instant, f64)>,
+}
+
+impl Smoothed {
+    pub fn new(tau: Duration) -> Self {
+        Self { tau, last: None }
+    }
+
+    /// Feeds `value` observed at `now`; returns the average (the first
+    /// sample as is).
+    pub fn update(&mut self, now: Instant, value: f64) -> f64 {
+        let avg = match self.last {
+            Some((t, prev)) if !self.tau.is_zero() => {
+                let dt = now.saturating_duration_since(t).as_secs_f64();
+                let w = 1.0 - (-dt / self.tau.as_secs_f64()).exp();
+                prev + w * (value - prev)
+            }
+            _ => value,
+        };
+        self.last = Some((now, avg));
+        avg
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn cpu_fraction_from_deltas() {
@@ -93,6 +122,25 @@ mod tests {
         assert_eq!(s.update(b), Some(0.5));
         assert_eq!(s.update(b), None);
         assert!(cpu_times("intr 1 2 3").is_none());
+    }
+
+    #[test]
+    fn smoothing_follows_with_its_time_constant() {
+        let t0 = Instant::now();
+        let mut s = Smoothed::new(Duration::from_secs(5));
+        assert_eq!(s.update(t0, 0.2), 0.2);
+        // A half-second spike to 1.0 moves the average by about a tenth.
+        let spiked = s.update(t0 + Duration::from_millis(500), 1.0);
+        assert!((spiked - (0.2 + 0.8 * (1.0 - (-0.1f64).exp()))).abs() < 1e-9);
+        assert!(spiked < 0.3);
+        // A sustained change arrives: after 5 τ it is within 1 %.
+        let mut v = spiked;
+        for i in 1..=50 {
+            v = s.update(t0 + Duration::from_millis(500 + 500 * i), 1.0);
+        }
+        assert!(v > 0.99, "{v}");
+        // Zero time passed: unchanged.
+        assert_eq!(s.update(t0 + Duration::from_millis(25_500), 0.0), v);
     }
 
     #[test]

@@ -9,9 +9,14 @@
 //! hop-bounded Bellman-Ford (exact for the hop bound, unlike Dijkstra, which
 //! can find a cheaper but longer path and then has to give up). The cost of
 //! entering node `v` over link `u→v` is
-//! `rtt + jitter + loss_weight·loss% + load_weight·load(v) + hop_cost`.
+//! `rtt + jitter + loss_weight·loss% + load_weight·overload(v) + hop_cost`,
+//! where `overload` is 0 up to `load_knee` and rises linearly to 1 at full
+//! load: a node at 20 % CPU relays as well as one at 5 %, so only load that
+//! threatens the node's media moves routes.
 //! A subscriber's previous path is kept while it stays valid and costs at
-//! most `stickiness` more than the best, so routes do not flap as load moves.
+//! most `stickiness` × best + `stickiness_ms` (both, added), so routes do not
+//! flap as load or sub-millisecond RTTs move: every switch costs the
+//! subscriber a keyframe.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -26,10 +31,29 @@ pub struct CostModel {
     pub loss_weight: f64,
     /// Milliseconds of cost for a fully loaded node (load 1.0).
     pub load_weight: f64,
+    /// Load up to which a node costs nothing extra (0.0 – 1.0).
+    pub load_knee: f64,
     /// Fixed cost per link, so that equal paths prefer fewer hops.
     pub hop_cost: f64,
-    /// Keep the previous path while it costs at most `1 + stickiness` × best.
+    /// Keep the previous path while it costs at most
+    /// `(1 + stickiness) × best + stickiness_ms`.
     pub stickiness: f64,
+    /// The absolute part of the hysteresis, in milliseconds of cost.
+    pub stickiness_ms: f64,
+}
+
+impl CostModel {
+    /// The cost of relaying through a node at `load` (0.0 – 1.0).
+    pub fn load_cost(&self, load: f64) -> f64 {
+        let knee = self.load_knee.clamp(0.0, 0.99);
+        self.load_weight * ((load - knee).max(0.0) / (1.0 - knee))
+    }
+
+    /// Whether a previous path at `old` cost is kept against the best at
+    /// `best`.
+    pub fn keeps(&self, old: f64, best: f64) -> bool {
+        old <= best * (1.0 + self.stickiness) + self.stickiness_ms
+    }
 }
 
 impl Default for CostModel {
@@ -38,8 +62,10 @@ impl Default for CostModel {
             max_hops: 4,
             loss_weight: 10.0,
             load_weight: 50.0,
+            load_knee: 0.5,
             hop_cost: 1.0,
             stickiness: 0.2,
+            stickiness_ms: 10.0,
         }
     }
 }
@@ -191,8 +217,8 @@ impl Graph {
                 continue;
             }
             let base = rtt + jitter + model.loss_weight * loss * 100.0 + model.hop_cost;
-            adj[a].push((b, base + model.load_weight * load[b]));
-            adj[b].push((a, base + model.load_weight * load[a]));
+            adj[a].push((b, base + model.load_cost(load[b])));
+            adj[b].push((a, base + model.load_cost(load[a])));
         }
         let mut offsets = Vec::with_capacity(ids.len() + 1);
         let mut targets = Vec::new();
@@ -441,9 +467,7 @@ fn build_tree(
         let kept = previous
             .and_then(|p| previous_path(graph, p, s, t, model.max_hops))
             .filter(|old| match (graph.path_cost(old), table.cost(t)) {
-                (Some(old_cost), Some(best_cost)) => {
-                    old_cost <= best_cost * (1.0 + model.stickiness)
-                }
+                (Some(old_cost), Some(best_cost)) => model.keeps(old_cost, best_cost),
                 _ => false,
             });
         let Some(path) = kept.or(best) else {
@@ -666,6 +690,45 @@ mod tests {
         view.links[1].rtt_ms = 40.0;
         let third = compute(&view, &CostModel::default(), Some(&second));
         assert_eq!(edges(&third.routes[0]), vec![e("a", "c"), e("c", "d")]);
+    }
+
+    #[test]
+    fn sub_millisecond_links_and_moderate_load_do_not_flap() {
+        // A LAN-like square: every link well under a millisecond.
+        let mut view = MeshView {
+            nodes: ["a", "b", "c", "d"].into_iter().map(node).collect(),
+            links: vec![
+                link("a", "b", 0.3),
+                link("b", "c", 0.3),
+                link("a", "d", 0.5),
+                link("d", "c", 0.5),
+            ],
+            rooms: vec![room("r", &["a"], &["c"])],
+        };
+        let first = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&first.routes[0]), vec![e("a", "b"), e("b", "c")]);
+        // b's CPU swings up to the knee and d's RTTs halve: nothing moves,
+        // though d is now the cheaper path by more than 20 %.
+        view.nodes[1].load = 0.5;
+        view.links[2].rtt_ms = 0.1;
+        view.links[3].rtt_ms = 0.1;
+        let second = compute(&view, &CostModel::default(), Some(&first));
+        assert_eq!(second, first);
+        // Load below the knee costs nothing even for a fresh computation.
+        let fresh = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&fresh.routes[0]), vec![e("a", "d"), e("d", "c")]);
+        view.links[2].rtt_ms = 0.5;
+        view.links[3].rtt_ms = 0.5;
+        let fresh = compute(&view, &CostModel::default(), None);
+        assert_eq!(edges(&fresh.routes[0]), vec![e("a", "b"), e("b", "c")]);
+        // b near saturation (0.9 → 40 ms) is worth a switch.
+        view.nodes[1].load = 0.9;
+        let third = compute(&view, &CostModel::default(), Some(&second));
+        assert_eq!(edges(&third.routes[0]), vec![e("a", "d"), e("d", "c")]);
+        let m = CostModel::default();
+        assert_eq!(m.load_cost(0.3), 0.0);
+        assert!((m.load_cost(0.75) - 25.0).abs() < 1e-9);
+        assert!((m.load_cost(1.0) - 50.0).abs() < 1e-9);
     }
 
     #[test]
