@@ -39,6 +39,8 @@ pub struct Metrics {
     pub dispatches: Family<CodeLabels, Counter>,
     pub tick_errors: Counter,
     pub draining: Gauge,
+    pub link_state_changes: Counter,
+    pub early_ticks: Counter,
 }
 
 /// Builds the registry and the handles.
@@ -60,6 +62,8 @@ pub fn registry() -> (Registry, Metrics) {
         dispatches: Family::default(),
         tick_errors: Counter::default(),
         draining: Gauge::default(),
+        link_state_changes: Counter::default(),
+        early_ticks: Counter::default(),
     };
     let r = registry.sub_registry_with_prefix("ridge_scheduler");
     r.register(
@@ -118,6 +122,16 @@ pub fn registry() -> (Registry, Metrics) {
         "draining",
         "1 while the scheduler drains before exit",
         m.draining.clone(),
+    );
+    r.register(
+        "link_state_changes",
+        "Heartbeats whose set of dead links (loss 1.0) differs from the node's previous report",
+        m.link_state_changes.clone(),
+    );
+    r.register(
+        "early_ticks",
+        "Ticks run before they were due because a link went down or came back up",
+        m.early_ticks.clone(),
     );
     (registry, m)
 }

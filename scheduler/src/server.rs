@@ -14,6 +14,11 @@ use crate::config::Config;
 use crate::service::Scheduler;
 use crate::store::LeaderLock;
 
+/// The least time from the start of one tick to an early one (see
+/// [`Scheduler::tick_requested`]): a storm of link changes costs at most 20
+/// ticks a second.
+const EARLY_TICK_GAP: Duration = Duration::from_millis(50);
+
 /// A start-up failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -77,11 +82,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             let mut lock = LeaderLock::default();
             let mut interval = tokio::time::interval(sched.config.tick());
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = tokio::time::Instant::now();
             loop {
-                tokio::select! {
-                    _ = interval.tick() => {}
+                let early = tokio::select! {
+                    _ = interval.tick() => false,
+                    () = sched.tick_requested() => true,
                     _ = stop_rx.changed() => break,
+                };
+                if early {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(last + EARLY_TICK_GAP) => {}
+                        _ = stop_rx.changed() => break,
+                    }
+                    // The next regular tick is a full period after this one.
+                    interval.reset();
+                    sched.metrics.early_ticks.inc();
                 }
+                last = tokio::time::Instant::now();
                 if let Err(e) = sched.tick(&mut lock).await {
                     sched.metrics.tick_errors.inc();
                     tracing::warn!(error = %e, "scheduling tick failed");

@@ -10,7 +10,11 @@
 //!   the long polls.
 //!
 //! Every tick the leader (see [`crate::store::LeaderLock`]) recomputes the
-//! route plan and desired states and writes those that changed.
+//! route plan and desired states and writes those that changed. A heartbeat
+//! that reports a link dead (loss 1.0) which the node's previous report did
+//! not, or alive again, asks for a tick at once ([`Scheduler::tick_requested`]):
+//! routes leave a dead transit node when its neighbours stop hearing it, not
+//! when its lease expires.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -18,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::api::{self, DesiredState, Heartbeat, NodeSummary, TokenInfo};
 use crate::config::{Config, valid_region};
@@ -86,6 +90,10 @@ pub struct Scheduler {
     leader: AtomicBool,
     plan: Mutex<Option<RoutePlan>>,
     shutting_down: AtomicBool,
+    /// Per node, the peers its last heartbeat reported dead (loss 1.0).
+    dead_links: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Wakes the ticker (see [`Scheduler::tick_requested`]).
+    tick_now: Notify,
 }
 
 /// Errors mapped for the enrollment metric.
@@ -120,6 +128,8 @@ impl Scheduler {
             leader: AtomicBool::new(false),
             plan: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
+            dead_links: Mutex::new(HashMap::new()),
+            tick_now: Notify::new(),
         });
         s.reload().await?;
         s.refresh_desired().await?;
@@ -339,7 +349,8 @@ impl Scheduler {
 
     // -------------------------------------------------------------- registry
 
-    /// Records a heartbeat (persisted at the next tick).
+    /// Records a heartbeat (persisted at the next tick, which comes at once
+    /// when the set of links the node reports dead changed).
     pub fn heartbeat(&self, id: &str, hb: &Heartbeat) -> Result<api::HeartbeatResponse, ApiError> {
         hb.validate().map_err(ApiError::InvalidRequest)?;
         let now = now_ms();
@@ -355,6 +366,11 @@ impl Scheduler {
             );
         }
         self.metrics.heartbeats.inc();
+        if self.dead_links_changed(id, hb) {
+            self.metrics.link_state_changes.inc();
+            tracing::debug!(node_id = %id, "a link went down or came back up: scheduling now");
+            self.tick_now.notify_one();
+        }
         let desired_version = self
             .desired
             .read()
@@ -373,6 +389,45 @@ impl Scheduler {
             desired_version,
             drain,
         })
+    }
+
+    /// Whether the links `hb` reports dead differ from those the node's
+    /// previous heartbeat did (the stored report when this replica has seen
+    /// none from it yet); remembers them.
+    fn dead_links_changed(&self, id: &str, hb: &Heartbeat) -> bool {
+        let dead: BTreeSet<String> = hb
+            .links
+            .iter()
+            .filter(|l| l.loss >= 1.0)
+            .map(|l| l.peer.clone())
+            .collect();
+        let Ok(mut known) = self.dead_links.lock() else {
+            return false;
+        };
+        let changed = match known.get(id) {
+            Some(before) => *before != dead,
+            None => {
+                let v = self.view();
+                let before = v.nodes.get(id).map(|n| {
+                    n.report
+                        .links
+                        .iter()
+                        .filter(|l| l.loss >= 1.0)
+                        .map(|l| l.peer.as_str())
+                        .collect::<BTreeSet<&str>>()
+                });
+                before.unwrap_or_default() != dead.iter().map(String::as_str).collect()
+            }
+        };
+        known.insert(id.to_owned(), dead);
+        changed
+    }
+
+    /// Resolves when a heartbeat asked for a tick before the next one is
+    /// due (a link went down or came back up). One request is kept if the
+    /// ticker was busy; the caller bounds how often it acts on them.
+    pub async fn tick_requested(&self) {
+        self.tick_now.notified().await;
     }
 
     /// Node summaries, sorted by id.

@@ -323,3 +323,125 @@ async fn route_moves_when_a_node_dies_and_watch_sees_it() {
         l.abort();
     }
 }
+
+/// Long-polls `n`'s desired state from `since` until its first route's
+/// upstream is `want` or `limit` passes; returns the version and how long
+/// it took.
+async fn wait_upstream(
+    c: &Client,
+    n: &Node,
+    since: u64,
+    want: &str,
+    limit: Duration,
+) -> Option<(u64, Duration)> {
+    let started = std::time::Instant::now();
+    let mut since = since;
+    while started.elapsed() < limit {
+        let Some(st) = desired(c, n, since, 1).await else {
+            continue;
+        };
+        since = st.version;
+        if st.routes.first().and_then(|r| r.upstream.as_deref()) == Some(want) {
+            return Some((since, started.elapsed()));
+        }
+    }
+    None
+}
+
+/// Sets the loss `hb` reports for `peer`.
+fn set_loss(hb: &mut api::Heartbeat, peer: &str, loss: f64) {
+    for l in hb.links.iter_mut().filter(|l| l.peer == peer) {
+        l.loss = loss;
+    }
+}
+
+/// The same square as above, with a 10 s heartbeat interval: ticks every
+/// 5 s, leases of 30 s. A heartbeat that reports a link dead (loss 1.0) moves
+/// the route within a second, neither waiting for the next tick nor for any
+/// lease; so does one that reports it alive again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_reported_dead_moves_the_route_at_once() {
+    let dir = TempDir::new("linkdown");
+    let ca = write_cert(dir.path());
+    let db = format!("sqlite:{}", dir.path().join("s.db").display());
+    let sched = Sched::start(dir.path(), &db, &["--heartbeat-interval", "10s"]);
+    let c = client(&sched.url, &ca);
+    let (_, token) = mint(&c, "eu", 3600, 4, &[("trust_domain", "bb")]).await;
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(enroll_ok(&c, &token).await);
+    }
+    let (a, b, cc, d) = (&nodes[0], &nodes[1], &nodes[2], &nodes[3]);
+    let mut hbs = [
+        report(
+            "127.0.0.1:7101",
+            0.0,
+            &[(&b.id, 5.0), (&cc.id, 20.0)],
+            &[("talk", 1, 0)],
+        ),
+        report("127.0.0.1:7102", 0.0, &[(&a.id, 5.0), (&d.id, 5.0)], &[]),
+        report("127.0.0.1:7103", 0.0, &[(&a.id, 20.0), (&d.id, 20.0)], &[]),
+        report(
+            "127.0.0.1:7104",
+            0.0,
+            &[(&b.id, 5.0), (&cc.id, 20.0)],
+            &[("talk", 0, 3)],
+        ),
+    ];
+    // No heartbeat loops: one report each is good for the 30 s lease, and
+    // nothing else may post an older report in between.
+    for (n, hb) in nodes.iter().zip(&hbs) {
+        assert_eq!(heartbeat(&c, n, hb).await.status.as_u16(), 200);
+    }
+    // The first route waits for a regular tick (up to 5 s).
+    let (since, _) = wait_upstream(&c, d, 0, &b.id, LIMIT)
+        .await
+        .expect("route via b");
+    let within = Duration::from_secs(1);
+
+    // d stops hearing b: the route moves to c, although b's lease runs.
+    set_loss(&mut hbs[3], &b.id, 1.0);
+    heartbeat(&c, d, &hbs[3]).await;
+    let (since, took) = wait_upstream(&c, d, since, &cc.id, LIMIT)
+        .await
+        .expect("route via c");
+    eprintln!("the route moved {took:?} after the dead link");
+    assert!(
+        took < within,
+        "the route moved {took:?} after the dead link"
+    );
+    assert_eq!(node_state(&c, &b.id).await, "up");
+
+    // d hears b again: back through b.
+    set_loss(&mut hbs[3], &b.id, 0.0);
+    heartbeat(&c, d, &hbs[3]).await;
+    let (since, took) = wait_upstream(&c, d, since, &b.id, LIMIT)
+        .await
+        .expect("route back via b");
+    eprintln!("the route came back {took:?} after the link");
+    assert!(took < within, "the route came back {took:?} after the link");
+
+    // b dies: both its neighbours report it dead (b itself is silent).
+    set_loss(&mut hbs[0], &b.id, 1.0);
+    set_loss(&mut hbs[3], &b.id, 1.0);
+    heartbeat(&c, a, &hbs[0]).await;
+    heartbeat(&c, d, &hbs[3]).await;
+    let (_, took) = wait_upstream(&c, d, since, &cc.id, LIMIT)
+        .await
+        .expect("route via c again");
+    eprintln!("the route moved {took:?} after b died");
+    assert!(took < within, "the route moved {took:?} after b died");
+    assert_eq!(node_state(&c, &b.id).await, "up");
+    // The same report again asks for nothing.
+    heartbeat(&c, d, &hbs[3]).await;
+
+    let m = c.get("/metrics", Some(ADMIN)).await.unwrap().body;
+    let count = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // d twice, a and d once each.
+    assert_eq!(count("ridge_scheduler_link_state_changes_total "), 4, "{m}");
+    assert!(count("ridge_scheduler_early_ticks_total ") >= 2, "{m}");
+}
