@@ -16,7 +16,7 @@ use crate::discover::{self, Capabilities};
 use crate::identity::{self, Identity, IdentityError, NodeKey};
 use crate::load::{CpuSampler, RateMeter, Smoothed, cpu_times};
 use crate::metrics::{self, Metrics, ResultLabels};
-use crate::probe::{PeerLink, ProbeEngine, wire};
+use crate::probe::{self, PeerLink, ProbeEngine, wire};
 use crate::scheduler::{
     self, DesiredState, EnrollRequest, Heartbeat, SchedulerClient, SchedulerError, Watch,
 };
@@ -174,7 +174,8 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
         probe_socket,
         &identity.node_id,
         metrics.clone(),
-        Duration::from_millis(1000).max(config.probe_interval * 3),
+        probe::loss_timeout(config.probe_interval),
+        probe::down_after(config.probe_interval),
     )
     .map_err(|source| AgentError::Bind {
         what: "the probe responder",

@@ -24,6 +24,11 @@ pub struct OpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -46,6 +51,7 @@ pub struct Metrics {
     pub probe_rtt: Family<PeerLabels, FloatGauge>,
     pub probe_loss: Family<PeerLabels, FloatGauge>,
     pub probe_jitter: Family<PeerLabels, FloatGauge>,
+    pub link_state_changes: Family<StateLabels, Counter>,
 }
 
 impl Metrics {
@@ -74,6 +80,17 @@ impl Metrics {
     pub fn heartbeat_count(&self, result: &'static str) -> u64 {
         self.heartbeats
             .get_or_create(&ResultLabels { result })
+            .get()
+    }
+    /// A link went `"down"` or came back `"up"`.
+    pub fn link_state_change(&self, state: &'static str) {
+        self.link_state_changes
+            .get_or_create(&StateLabels { state })
+            .inc();
+    }
+    pub fn link_state_change_count(&self, state: &'static str) -> u64 {
+        self.link_state_changes
+            .get_or_create(&StateLabels { state })
             .get()
     }
 }
@@ -143,6 +160,11 @@ pub fn registry() -> (Registry, Metrics) {
         "probe_jitter_seconds",
         "Probe RTT jitter per peer",
         m.probe_jitter.clone(),
+    );
+    r.register(
+        "link_state_changes",
+        "Links that went down (no probe answered for the down-after time) or came back up, by new state",
+        m.link_state_changes.clone(),
     );
     (registry, m)
 }

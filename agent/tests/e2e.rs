@@ -378,13 +378,13 @@ async fn link_probes_measure_rtt_and_loss_and_reject_wrong_keys() {
     let (_, mc) = metrics::registry();
     let t = Duration::from_millis(300);
     let lo = "127.0.0.1:0".parse().unwrap();
-    let a = ProbeEngine::bind(lo, "n-000000000000000a", ma.clone(), t)
+    let a = ProbeEngine::bind(lo, "n-000000000000000a", ma.clone(), t, t)
         .await
         .unwrap();
-    let b = ProbeEngine::bind(lo, "n-000000000000000b", mb.clone(), t)
+    let b = ProbeEngine::bind(lo, "n-000000000000000b", mb.clone(), t, t)
         .await
         .unwrap();
-    let c = ProbeEngine::bind(lo, "n-000000000000000c", mc.clone(), t)
+    let c = ProbeEngine::bind(lo, "n-000000000000000c", mc.clone(), t, t)
         .await
         .unwrap();
     let key = vec![0x42u8; 32];
@@ -457,6 +457,14 @@ async fn link_probes_measure_rtt_and_loss_and_reject_wrong_keys() {
         mb.probe_rejected_count("bad_mac")
     );
     assert_eq!(ma.probe_rejected_count("bad_mac"), 0);
+    // The dead peer (and only it) went down once, within `down_after`.
+    assert_eq!(ma.link_state_change_count("down"), 1);
+    assert_eq!(ma.link_state_change_count("up"), 0);
+    assert_eq!(
+        a.dead_links().into_iter().collect::<Vec<_>>(),
+        ["n-000000000000000d"]
+    );
+    assert_eq!(mc.link_state_change_count("down"), 1);
     for t in tasks {
         t.abort();
     }

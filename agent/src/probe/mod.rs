@@ -5,19 +5,39 @@
 pub mod stats;
 pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 
 use crate::metrics::{Metrics, PeerLabels};
-use stats::{LinkMeasure, LinkStats};
+use stats::{LinkMeasure, LinkState, LinkStats};
 use wire::{Kind, Probe};
 
 /// Probes remembered per link.
 pub const WINDOW: usize = 20;
+
+/// The shortest [`down_after`]: with very short probe intervals, a few
+/// lost datagrams in a row are not yet a dead peer.
+pub const MIN_DOWN_AFTER: Duration = Duration::from_millis(300);
+
+/// When an unanswered probe counts as lost in the window: max(1 s,
+/// 3 × `interval`).
+pub fn loss_timeout(interval: Duration) -> Duration {
+    Duration::from_secs(1).max(interval.saturating_mul(3))
+}
+
+/// How long a link may go without an answered probe before it is down
+/// (reported with loss 1.0, so routes leave it at once): max(300 ms,
+/// 3 × `interval`). With the lab's 200 ms probes that is 600 ms, with the
+/// default 1 s probes 3 s; either way well inside the scheduler's lease of
+/// 3 heartbeats, which is what catches a node nobody probes.
+pub fn down_after(interval: Duration) -> Duration {
+    MIN_DOWN_AFTER.max(interval.saturating_mul(3))
+}
 
 /// One link as the desired state describes it.
 #[derive(Clone, PartialEq, Eq)]
@@ -53,18 +73,24 @@ pub struct ProbeEngine {
     metrics: Metrics,
     epoch: Instant,
     timeout: Duration,
+    down_after: Duration,
+    /// Poked when a link goes down or comes back up.
+    link_changed: Notify,
 }
 
 impl ProbeEngine {
-    /// Binds the responder socket. A probe unanswered after `timeout` is lost.
+    /// Binds the responder socket. A probe unanswered after `timeout` is
+    /// lost; a link whose probes go unanswered for `down_after` is down (see
+    /// [`loss_timeout`] and [`down_after`] for the agent's choices).
     pub async fn bind(
         addr: SocketAddr,
         node_id: &str,
         metrics: Metrics,
         timeout: Duration,
+        down_after: Duration,
     ) -> std::io::Result<Arc<Self>> {
         let socket = std::net::UdpSocket::bind(addr)?;
-        Self::from_socket(socket, node_id, metrics, timeout)
+        Self::from_socket(socket, node_id, metrics, timeout, down_after)
     }
 
     /// Wraps a socket bound earlier (the agent binds before it enrolls, so
@@ -74,6 +100,7 @@ impl ProbeEngine {
         node_id: &str,
         metrics: Metrics,
         timeout: Duration,
+        down_after: Duration,
     ) -> std::io::Result<Arc<Self>> {
         socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(socket)?;
@@ -84,6 +111,8 @@ impl ProbeEngine {
             metrics,
             epoch: Instant::now(),
             timeout,
+            down_after,
+            link_changed: Notify::new(),
         }))
     }
 
@@ -99,7 +128,7 @@ impl ProbeEngine {
     /// that stay are kept.
     pub fn set_links(&self, links: Vec<PeerLink>) {
         let mut t = self.table();
-        let timeout = self.timeout;
+        let (timeout, down_after) = (self.timeout, self.down_after);
         t.links = links.into_iter().map(|l| (l.peer.clone(), l)).collect();
         let gone: Vec<String> = t
             .stats
@@ -114,7 +143,7 @@ impl ProbeEngine {
         for p in peers {
             t.stats
                 .entry(p)
-                .or_insert_with(|| LinkStats::new(WINDOW, timeout));
+                .or_insert_with(|| LinkStats::new(WINDOW, timeout, down_after));
         }
         drop(t);
         for peer in gone {
@@ -125,7 +154,8 @@ impl ProbeEngine {
         }
     }
 
-    /// The current measurement of every link with at least one resolved probe.
+    /// The current measurement of every link with at least one resolved
+    /// probe, or that is down (loss 1.0).
     pub fn measures(&self) -> Vec<(String, LinkMeasure)> {
         let now = Instant::now();
         let mut t = self.table();
@@ -133,15 +163,52 @@ impl ProbeEngine {
             .iter_mut()
             .filter_map(|(p, s)| {
                 s.expire(now);
-                s.measure().map(|m| (p.clone(), m))
+                s.measure(now).map(|m| (p.clone(), m))
             })
             .collect()
+    }
+
+    /// The peers whose link measures as dead now (loss 1.0): what the
+    /// scheduler takes out of the routing graph.
+    pub fn dead_links(&self) -> BTreeSet<String> {
+        self.measures()
+            .into_iter()
+            .filter(|(_, m)| m.loss >= 1.0)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Resolves after a link went down or came back up (one stored wake-up
+    /// if nobody was waiting). The heartbeat loop waits on it to report the
+    /// change at once.
+    pub async fn link_changed(&self) {
+        self.link_changed.notified().await;
+    }
+
+    /// Counts, logs and announces link state changes.
+    fn changed(&self, changes: Vec<(String, LinkState)>) {
+        if changes.is_empty() {
+            return;
+        }
+        for (peer, state) in changes {
+            self.metrics.link_state_change(state.as_str());
+            match state {
+                LinkState::Down => tracing::warn!(
+                    %peer,
+                    down_after = ?self.down_after,
+                    "link down: no probe answered"
+                ),
+                LinkState::Up => tracing::info!(%peer, "link up: probes answered again"),
+            }
+        }
+        self.link_changed.notify_one();
     }
 
     /// Sends one probe to every link with a target.
     pub async fn probe_all(&self) {
         let now = Instant::now();
         let sent_us = now.duration_since(self.epoch).as_micros() as u64;
+        let mut changes = Vec::new();
         let batch: Vec<(SocketAddr, Vec<u8>)> = {
             let mut t = self.table();
             let targets: Vec<(String, SocketAddr, Vec<u8>)> = t
@@ -156,6 +223,9 @@ impl ProbeEngine {
                     let seq = t.seq;
                     if let Some(s) = t.stats.get_mut(&peer) {
                         s.on_sent(seq, now);
+                        if let Some(state) = s.update(now) {
+                            changes.push((peer, state));
+                        }
                     }
                     let p = Probe {
                         kind: Kind::Request,
@@ -167,6 +237,7 @@ impl ProbeEngine {
                 })
                 .collect()
         };
+        self.changed(changes);
         for (target, buf) in batch {
             self.metrics.probes_sent.inc();
             if let Err(e) = self.socket.send_to(&buf, target).await {
@@ -217,14 +288,21 @@ impl ProbeEngine {
             }
             Kind::Reply => {
                 let now = Instant::now();
-                let answered = t
-                    .stats
-                    .get_mut(&probe.node)
-                    .and_then(|s| s.on_reply(probe.seq, now));
+                let (answered, change) = match t.stats.get_mut(&probe.node) {
+                    Some(s) => {
+                        let rtt = s.on_reply(probe.seq, now);
+                        (rtt, s.update(now))
+                    }
+                    None => (None, None),
+                };
+                drop(t);
                 if answered.is_some() {
                     self.metrics.probes_answered.inc();
                 } else {
                     self.metrics.probe_rejected("unexpected");
+                }
+                if let Some(state) = change {
+                    self.changed(vec![(probe.node, state)]);
                 }
                 None
             }
