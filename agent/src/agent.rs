@@ -1,6 +1,7 @@
 //! The agent's run loop: identity (load or enroll), then heartbeats, the
 //! desired-state watch, link probes and `/metrics`, until shutdown.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +26,10 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const REDISCOVER_EVERY: Duration = Duration::from_secs(60);
+/// The least time from one heartbeat to the next one sent early because a
+/// link went down or came back up (a flapping link must not turn into a
+/// heartbeat storm).
+const LINK_CHANGE_GAP: Duration = Duration::from_millis(100);
 
 /// Why the agent stopped or could not start.
 #[non_exhaustive]
@@ -413,7 +418,14 @@ async fn heartbeat_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             caps = Some((Instant::now(), c));
         }
         let hb = build_heartbeat(&s, caps.as_ref().map(|(_, c)| c), &mut meters).await;
-        let delay = match s
+        let reported_dead: BTreeSet<&str> = hb
+            .links
+            .iter()
+            .filter(|l| l.loss >= 1.0)
+            .map(|l| l.peer.as_str())
+            .collect();
+        let sent = tokio::time::Instant::now();
+        let (delay, early) = match s
             .client
             .heartbeat(&s.identity.node_id, &s.identity.node_token, &hb)
             .await
@@ -423,7 +435,7 @@ async fn heartbeat_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 backoff.reset();
                 interval = Duration::from_millis(r.heartbeat_interval_ms.max(50));
                 s.metrics.watch_version.set(r.desired_version as i64);
-                interval
+                (interval, true)
             }
             Err(SchedulerError::Refused { code, message }) => {
                 s.metrics.heartbeat("failed");
@@ -436,11 +448,33 @@ async fn heartbeat_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 // Retry sooner than the interval, never later: the lease.
                 let d = backoff.next_random().min(interval);
                 tracing::warn!(error = %e, retry_in = ?d, "heartbeat failed");
-                d
+                (d, false)
             }
         };
+        // The next heartbeat goes after `delay`, or as soon as a link went
+        // down or came back up since this one (not while retrying failures),
+        // so that routes leave a dead peer without waiting for its lease.
+        let next = sent + delay;
+        let mut at = next;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                () = s.probe.link_changed(), if early => {
+                    let dead = s.probe.dead_links();
+                    if dead.iter().map(String::as_str).eq(reported_dead.iter().copied()) {
+                        // Already in the heartbeat just sent.
+                        continue;
+                    }
+                    tracing::debug!(?dead, "link state changed: heartbeat now");
+                    at = (sent + LINK_CHANGE_GAP).min(next);
+                    s.metrics.heartbeats_early.inc();
+                    break;
+                }
+                _ = stop.wait_for(|v| *v) => return,
+            }
+        }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep_until(at) => {}
             _ = stop.wait_for(|v| *v) => return,
         }
     }

@@ -39,6 +39,7 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     pub heartbeats: Family<ResultLabels, Counter>,
+    pub heartbeats_early: Counter,
     pub enrolled: Gauge,
     pub enrollments: Family<ResultLabels, Counter>,
     pub watch_version: Gauge,
@@ -104,6 +105,11 @@ pub fn registry() -> (Registry, Metrics) {
         "heartbeats",
         "Heartbeats by result (ok, failed)",
         m.heartbeats.clone(),
+    );
+    r.register(
+        "heartbeats_early",
+        "Heartbeats sent before they were due because a link went down or came back up",
+        m.heartbeats_early.clone(),
     );
     r.register(
         "enrolled",

@@ -41,6 +41,10 @@ struct Env {
 }
 
 async fn env(tag: &str) -> Env {
+    env_with(tag, Duration::from_millis(200)).await
+}
+
+async fn env_with(tag: &str, heartbeat_interval: Duration) -> Env {
     let dir = TempDir::new(tag);
     let ck =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
@@ -52,7 +56,7 @@ async fn env(tag: &str) -> Env {
         tls_cert: Some(ca.clone()),
         tls_key: Some(dir.0.join("key.pem")),
         database: Some(format!("sqlite:{}", dir.0.join("s.db").display())),
-        heartbeat_interval: Some(Duration::from_millis(200)),
+        heartbeat_interval: Some(heartbeat_interval),
         ..Default::default()
     };
     let secrets = ridge_scheduler::config::EnvSecrets {
@@ -347,6 +351,76 @@ async fn heartbeats_keep_the_node_up_and_it_goes_down_when_the_agent_stops() {
         "down too early: {:?}",
         stopped.elapsed()
     );
+}
+
+/// Two agents probe each other (the scheduler lists each as the other's
+/// probe peer). Heartbeats are 4 s apart, but when b stops, a reports the
+/// link dead within a second or so: it finds b down after 3 probe intervals
+/// (300 ms here) and heartbeats at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_is_reported_at_once_not_at_the_next_heartbeat() {
+    let e = env_with("linkdown", Duration::from_secs(4)).await;
+    let token = e.mint(3600, 2).await;
+    let mut agents = Vec::new();
+    for state in ["a", "b"] {
+        // Peers probe the mesh (here: media) address plus the offset: put
+        // the responder right there.
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut o = e.overrides(state);
+        o.media_address = Some(addr);
+        o.probe_listen = Some(addr);
+        o.probe_port_offset = Some(0);
+        agents.push(
+            ridge_agent::start(cfg(&o), Some(token.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    let b = agents.pop().unwrap();
+    let a = agents.pop().unwrap();
+    let b_id = b.node_id.clone();
+    let t = Instant::now();
+    while !a
+        .probe()
+        .measures()
+        .iter()
+        .any(|(p, m)| *p == b_id && m.samples >= 3 && m.loss == 0.0)
+    {
+        assert!(t.elapsed() < LIMIT, "a never measured b");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.metrics.link_state_change_count("down"), 0);
+    let early = a.metrics.heartbeats_early.get();
+
+    let stopped = Instant::now();
+    b.shutdown().await;
+    let dead_at_scheduler = || async {
+        let d = e.sched.scheduler.node_detail(&a.node_id).await.unwrap();
+        d.links.iter().any(|l| l.peer == b_id && l.loss >= 1.0)
+    };
+    while !dead_at_scheduler().await {
+        assert!(stopped.elapsed() < LIMIT, "b's link never reported dead");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = stopped.elapsed();
+    eprintln!("a's report of b dead reached the scheduler {took:?} after b stopped");
+    assert!(
+        took >= Duration::from_millis(300),
+        "reported dead too early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "reported after {took:?}"
+    );
+    // By a heartbeat sent early, not the next regular one.
+    assert_eq!(a.metrics.link_state_change_count("down"), 1);
+    assert!(a.metrics.heartbeats_early.get() > early);
+    // b's lease (12 s) has not expired: the link report did it.
+    assert_eq!(e.state(&b_id), "up");
+    a.shutdown().await;
 }
 
 #[test]
