@@ -7,8 +7,10 @@
 //! sequence numbers of each stream, one SSRC per (track, layer, link);
 //! control is single RTCP packets: generic NACK, PLI, and two APP packets
 //! (name `RDGM`): `SUBSCRIBE` (downstream to upstream, every
-//! [`SUBSCRIBE_INTERVAL`]) and `ANNOUNCE` (upstream to downstream, the
-//! streams it sends and what they carry).
+//! [`SUBSCRIBE_INTERVAL`]), `ANNOUNCE` (upstream to downstream, the
+//! streams it sends and what they carry) and `UNSUBSCRIBE` (downstream to
+//! its previous upstream, once a new upstream delivers after a route
+//! change).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,10 +23,20 @@ use crate::types::TrackKind;
 pub const SUBSCRIBE_INTERVAL: Duration = Duration::from_millis(500);
 /// A subscription or announced track not renewed for this long is dropped.
 pub const MESH_STATE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How long a route change is make-before-break: a node keeps serving the
+/// subscriptions of a route (and keeps the link) the scheduler moved away
+/// from it, and a downstream keeps taking media from its previous upstream
+/// until the new upstream delivers, for at most this long.
+pub const ROUTE_HANDOVER: Duration = Duration::from_millis(3000);
+/// How often a route whose (new) upstream has not announced yet subscribes:
+/// the upstream may get its own desired state a moment later and refuse
+/// the first subscription.
+pub const PENDING_SUBSCRIBE_INTERVAL: Duration = Duration::from_millis(100);
 /// RTCP APP name of mesh control messages.
 pub const APP_NAME: [u8; 4] = *b"RDGM";
 const APP_SUBSCRIBE: u8 = 1;
 const APP_ANNOUNCE: u8 = 2;
+const APP_UNSUBSCRIBE: u8 = 3;
 const WIRE_VERSION: u8 = 1;
 /// Longest room name or node id on the wire.
 const MAX_NAME: usize = 128;
@@ -177,6 +189,20 @@ pub enum MeshMessage {
         source: String,
         tracks: Vec<AnnouncedTrack>,
     },
+    /// Stop sending me `room`'s media from `source`: another upstream
+    /// delivers it now.
+    Unsubscribe { room: String, source: String },
+}
+
+impl MeshMessage {
+    /// The room the message is about.
+    pub fn room(&self) -> &str {
+        match self {
+            Self::Subscribe { room, .. }
+            | Self::Announce { room, .. }
+            | Self::Unsubscribe { room, .. } => room,
+        }
+    }
 }
 
 /// Wire code of a codec (0: unknown).
@@ -219,6 +245,7 @@ pub fn write_message(out: &mut Vec<u8>, sender_ssrc: u32, msg: &MeshMessage) {
     let subtype = match msg {
         MeshMessage::Subscribe { .. } => APP_SUBSCRIBE,
         MeshMessage::Announce { .. } => APP_ANNOUNCE,
+        MeshMessage::Unsubscribe { .. } => APP_UNSUBSCRIBE,
     };
     out.push(0x80 | subtype);
     out.push(crate::packet::rtcp::PT_APP);
@@ -227,6 +254,10 @@ pub fn write_message(out: &mut Vec<u8>, sender_ssrc: u32, msg: &MeshMessage) {
     out.extend_from_slice(&APP_NAME);
     out.push(WIRE_VERSION);
     match msg {
+        MeshMessage::Unsubscribe { room, source } => {
+            put_str(out, room);
+            put_str(out, source);
+        }
         MeshMessage::Subscribe {
             room,
             source,
@@ -341,6 +372,7 @@ pub fn parse_message(rtcp: &[u8]) -> Result<MeshMessage, MeshWireError> {
         return Err(MeshWireError::Field("room/source"));
     }
     match rtcp[0] & 0x1f {
+        APP_UNSUBSCRIBE => Ok(MeshMessage::Unsubscribe { room, source }),
         APP_SUBSCRIBE => {
             let n = r.u8()?;
             let mut paused = Vec::with_capacity(usize::from(n));
@@ -689,7 +721,7 @@ pub(crate) struct OriginKey {
 }
 
 /// Where a remote track's layer comes from on its current upstream link.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct InboundRef {
     pub track: TrackId,
     pub layer: usize,
@@ -725,6 +757,10 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
+        roundtrip(MeshMessage::Unsubscribe {
+            room: "demo".into(),
+            source: "n-a".into(),
+        });
         roundtrip(MeshMessage::Subscribe {
             room: "demo".into(),
             source: "n-a".into(),

@@ -473,6 +473,83 @@ fn a_new_upstream_takes_over_and_the_subscriber_keeps_its_stream() {
     assert_eq!(ssrcs.len(), 1);
 }
 
+/// Moves the route A → B → C to A → D → C while B stays alive, the nodes
+/// getting their desired states in `order`, 150 ms apart, while the
+/// publisher streams. Returns the tags the subscriber got.
+fn switch_routes_alive(order: &[&str]) -> (Net, HashMap<u32, Instant>, SocketAddr) {
+    let (mut net, pub_client, sub_client) = setup_chain(true);
+    stream(&mut net, pub_client, "a", 0xaaaa, 100, 100);
+    net.advance(Duration::from_millis(100));
+    assert_eq!(received(&net, sub_client).len(), 100);
+    net.delivered.clear();
+    let mut pending: Vec<&str> = order.to_vec();
+    for i in 100..400u32 {
+        if i % 15 == 0 && !pending.is_empty() {
+            match pending.remove(0) {
+                "a" => net.configure("a", &[("d", true)], &[("demo", "a", None, &["d"])]),
+                "b" => net.configure("b", &[], &[]),
+                "c" => net.configure("c", &[("d", true)], &[("demo", "a", Some("d"), &[])]),
+                "d" => net.configure(
+                    "d",
+                    &[("a", true), ("c", true)],
+                    &[("demo", "a", Some("a"), &["c"])],
+                ),
+                other => panic!("no node {other}"),
+            }
+        }
+        let payload = vp8_payload(i % 30 == 0, 640, 480, &i.to_be_bytes(), 200);
+        net.client_send(
+            pub_client,
+            "a",
+            rtp(96, i as u16, i * 3000, 0xaaaa, true, &payload),
+        );
+        net.advance(Duration::from_millis(10));
+    }
+    net.advance(Duration::from_millis(200));
+    let got = received(&net, sub_client);
+    (net, got, sub_client)
+}
+
+#[test]
+fn a_route_change_with_every_node_alive_loses_nothing() {
+    // Every order the desired states can arrive in that matters: the
+    // subscriber first (its new upstream is not ready), the old transit
+    // first (it must keep serving), the source first, the new transit last.
+    for order in [
+        ["c", "d", "a", "b"],
+        ["b", "a", "d", "c"],
+        ["a", "b", "c", "d"],
+        ["c", "b", "a", "d"],
+    ] {
+        let (mut net, got, sub_client) = switch_routes_alive(&order);
+        let missing: Vec<u32> = (100..400).filter(|t| !got.contains_key(t)).collect();
+        assert!(missing.is_empty(), "order {order:?}: lost {missing:?}");
+        let ssrcs: std::collections::HashSet<u32> = net
+            .delivered
+            .iter()
+            .filter(|(_, to, d)| {
+                *to == sub_client
+                    && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
+            })
+            .map(|(_, _, d)| parse_rtp(d).ssrc)
+            .collect();
+        assert_eq!(ssrcs.len(), 1, "order {order:?}");
+        // The hand-over is over: B serves nobody and holds no link, and C
+        // takes the room from D only.
+        net.advance(Duration::from_secs(4));
+        let b = net.sfu("b").stats();
+        assert!(
+            b.mesh_links.is_empty(),
+            "order {order:?}: {:?}",
+            b.mesh_links
+        );
+        let c = net.sfu("c").stats();
+        let peers: Vec<&str> = c.mesh_links.iter().map(|l| l.peer.as_str()).collect();
+        assert_eq!(peers, ["d"], "order {order:?}");
+        assert_eq!(c.mesh_links[0].rooms_in, 1, "order {order:?}");
+    }
+}
+
 #[test]
 fn a_link_with_the_wrong_key_is_refused_and_counted() {
     let mut net = Net::new(&["a", "b"]);

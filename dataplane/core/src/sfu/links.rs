@@ -11,8 +11,8 @@ use super::*;
 use crate::mesh::{
     AnnouncedLayer, AnnouncedTrack, InboundRef, LinkCapacity, LossTracker, MESH_STATE_TIMEOUT,
     MeshConfig, MeshLinkSnapshot, MeshMessage, MeshRecovery, MeshRouteSpec, OriginKey,
-    RemoteParticipantKey, SUBSCRIBE_INTERVAL, codec_code, codec_from_code, is_mesh_app,
-    layers_within, parse_message, write_message,
+    PENDING_SUBSCRIBE_INTERVAL, ROUTE_HANDOVER, RemoteParticipantKey, SUBSCRIBE_INTERVAL,
+    codec_code, codec_from_code, is_mesh_app, layers_within, parse_message, write_message,
 };
 use crate::srtp::{SrtpContext, SrtpError, SrtpProfile, Unprotected, mesh_master_key};
 
@@ -32,6 +32,8 @@ pub(super) struct MeshState {
     remote_tracks: HashMap<OriginKey, TrackId>,
     remote_participants: HashMap<RemoteParticipantKey, (ParticipantId, PeerId)>,
     next_subscribe: Instant,
+    /// Subscriptions of routes whose upstream has not announced yet are due.
+    next_pending: Option<Instant>,
     /// Announcements are due early: a link stream was added or changed.
     announce_due: Option<Instant>,
     /// The earliest due NACK of any stream.
@@ -51,6 +53,7 @@ impl MeshState {
             remote_tracks: HashMap::new(),
             remote_participants: HashMap::new(),
             next_subscribe: now,
+            next_pending: None,
             announce_due: None,
             next_nack: None,
             scratch: Vec::with_capacity(1500),
@@ -59,10 +62,10 @@ impl MeshState {
     }
 
     pub(super) fn next_timeout(&self) -> Option<Instant> {
-        match (self.next_nack, self.announce_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.next_nack, self.announce_due, self.next_pending]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -154,7 +157,11 @@ impl MeshPeer {
 struct Link {
     peer: String,
     address: SocketAddr,
+    key: [u8; 32],
     trusted: bool,
+    /// A link the desired state no longer lists, kept until then for a
+    /// route hand-over.
+    linger_until: Option<Instant>,
     profile: SrtpProfile,
     tx: SrtpContext,
     rx_key: ([u8; 16], [u8; 14]),
@@ -173,6 +180,23 @@ struct InStream {
     loss: LossTracker,
     /// The upstream socket the stream comes from (NACKs go there).
     remote: SocketAddr,
+    /// A stream from a previous upstream: it feeds its layer until the
+    /// new upstream's stream delivers, or until then.
+    draining_until: Option<Instant>,
+    /// A packet of it arrived.
+    delivered: bool,
+}
+
+impl InStream {
+    fn new(at: InboundRef, remote: SocketAddr) -> Self {
+        InStream {
+            at,
+            loss: LossTracker::default(),
+            remote,
+            draining_until: None,
+            delivered: false,
+        }
+    }
 }
 
 struct Route {
@@ -183,6 +207,11 @@ struct Route {
     serving: Vec<Serving>,
     /// The upstream socket that announces this room (its shard's socket).
     upstream_addr: Option<SocketAddr>,
+    /// The current upstream announced the room.
+    announced: bool,
+    /// A route the desired state no longer lists, serving its live
+    /// subscriptions until then.
+    linger_until: Option<Instant>,
 }
 
 struct Serving {
@@ -190,6 +219,16 @@ struct Serving {
     dest: SocketAddr,
     renewed: Instant,
     paused: Vec<u32>,
+    /// The link is no longer downstream of the route: served until then
+    /// (or until it unsubscribes), so the downstream can move first.
+    linger_until: Option<Instant>,
+}
+
+impl Serving {
+    fn live(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.renewed) < MESH_STATE_TIMEOUT
+            && self.linger_until.is_none_or(|t| now < t)
+    }
 }
 
 /// A track's stream to one downstream link.
@@ -221,13 +260,27 @@ pub(super) struct MeshPeer {
 
 impl Sfu {
     /// Applies the mesh part of a desired state: links, and the routes
-    /// through this node. Idempotent; rooms whose route went away lose
-    /// their remote tracks, and links that went away stop at once.
+    /// through this node. Idempotent. A route change is make-before-break
+    /// for [`ROUTE_HANDOVER`]: links and routes that went keep serving the
+    /// subscriptions they had, and a room whose upstream moved keeps taking
+    /// its previous upstream's media until the new upstream's arrives.
     pub fn set_mesh(&mut self, now: Instant, config: MeshConfig) {
         if self.mesh.config.as_ref() == Some(&config) {
             return;
         }
+        self.mesh_apply(now, config);
+        self.mesh.next_subscribe = now;
+        self.mesh_reconcile(now);
+        self.mesh_tick(now);
+    }
+
+    /// Rebuilds links and routes from `config` and what of the previous
+    /// state is still handing over.
+    fn mesh_apply(&mut self, now: Instant, config: MeshConfig) {
         let node = config.node_id.clone();
+        // Keys derive from both node ids: nothing survives a new identity.
+        let same_node = self.mesh.node_id == node;
+        let live = |until: Option<Instant>| until.is_none_or(|t| now < t);
         // Links: keep the state (contexts, streams) of unchanged ones.
         let mut old: Vec<Option<Link>> = std::mem::take(&mut self.mesh.links)
             .into_iter()
@@ -235,20 +288,21 @@ impl Sfu {
             .collect();
         let mut remap: HashMap<usize, usize> = HashMap::new();
         for (i, spec) in config.links.iter().enumerate() {
-            let key = spec.key;
             let kept = old.iter_mut().enumerate().find_map(|(j, l)| {
-                let same = l.as_ref().is_some_and(|l| {
-                    l.peer == spec.peer && l.address == spec.address && l.trusted == spec.trusted
-                }) && self.mesh.config.as_ref().is_some_and(|c| {
-                    c.links
-                        .iter()
-                        .any(|o| o.peer == spec.peer && o.key == spec.key)
-                });
+                let same = same_node
+                    && l.as_ref().is_some_and(|l| {
+                        l.peer == spec.peer
+                            && l.address == spec.address
+                            && l.trusted == spec.trusted
+                            && l.key == spec.key
+                            && live(l.linger_until)
+                    });
                 if same { l.take().map(|l| (j, l)) } else { None }
             });
             let link = match kept {
-                Some((j, l)) => {
+                Some((j, mut l)) => {
                     remap.insert(j, i);
+                    l.linger_until = None;
                     l
                 }
                 None => {
@@ -257,12 +311,14 @@ impl Sfu {
                     } else {
                         SrtpProfile::Aes128CmHmacSha1_80
                     };
-                    let (tk, ts) = mesh_master_key(&key, &node, &spec.peer);
-                    let rx_key = mesh_master_key(&key, &spec.peer, &node);
+                    let (tk, ts) = mesh_master_key(&spec.key, &node, &spec.peer);
+                    let rx_key = mesh_master_key(&spec.key, &spec.peer, &node);
                     Link {
                         peer: spec.peer.clone(),
                         address: spec.address,
+                        key: spec.key,
                         trusted: spec.trusted,
+                        linger_until: None,
                         profile,
                         tx: SrtpContext::new(profile, &tk, &ts),
                         rx_key,
@@ -280,6 +336,17 @@ impl Sfu {
             };
             self.mesh.links.push(link);
         }
+        // Links that went linger for the hand-over.
+        for (j, l) in old.into_iter().enumerate() {
+            let Some(mut l) = l else { continue };
+            let until = l.linger_until.unwrap_or(now + ROUTE_HANDOVER);
+            if !same_node || now >= until {
+                continue;
+            }
+            l.linger_until = Some(until);
+            remap.insert(j, self.mesh.links.len());
+            self.mesh.links.push(l);
+        }
         self.mesh.by_addr.retain(|_, l| match remap.get(l) {
             Some(n) => {
                 *l = *n;
@@ -287,7 +354,7 @@ impl Sfu {
             }
             None => false,
         });
-        // Outgoing streams on links that went or moved.
+        // Outgoing streams on links that went.
         for track in self.tracks.values_mut() {
             track.mesh_out.retain_mut(|m| match remap.get(&m.link) {
                 Some(n) => {
@@ -297,53 +364,112 @@ impl Sfu {
                 None => false,
             });
         }
-        let link_index = |peer: &str, links: &[Link]| links.iter().position(|l| l.peer == peer);
+        let links = &self.mesh.links;
+        let link_index = |peer: &str| {
+            links
+                .iter()
+                .position(|l| l.peer == peer && l.linger_until.is_none())
+        };
         // Routes: keep the subscriptions and upstream address of routes
         // that stay (with the same upstream).
         let mut old_routes = std::mem::take(&mut self.mesh.routes);
+        let mut routes = Vec::with_capacity(config.routes.len());
+        // (room, source, previous upstream link) of routes whose upstream moved.
+        let mut moved: Vec<(String, String, usize)> = Vec::new();
         for spec in &config.routes {
-            let upstream = spec
-                .upstream
-                .as_deref()
-                .and_then(|u| link_index(u, &self.mesh.links));
+            let upstream = spec.upstream.as_deref().and_then(link_index);
             let downstream: Vec<usize> = spec
                 .downstream
                 .iter()
-                .filter_map(|d| link_index(d, &self.mesh.links))
+                .filter_map(|d| link_index(d))
                 .collect();
             let prev = old_routes
                 .iter()
                 .position(|r| r.spec.room == spec.room && r.spec.source == spec.source)
                 .map(|i| old_routes.swap_remove(i));
-            let (serving, upstream_addr) = match prev {
+            let (serving, upstream_addr, announced) = match prev {
                 Some(p) => {
                     let serving = p
                         .serving
                         .into_iter()
                         .filter_map(|mut s| {
-                            let n = *remap.get(&s.link)?;
-                            s.link = n;
-                            downstream.contains(&n).then_some(s)
+                            s.link = *remap.get(&s.link)?;
+                            s.linger_until = if downstream.contains(&s.link) {
+                                None
+                            } else {
+                                Some(s.linger_until.unwrap_or(now + ROUTE_HANDOVER))
+                            };
+                            s.live(now).then_some(s)
                         })
                         .collect();
-                    let same_upstream = p.spec.upstream == spec.upstream;
-                    (serving, if same_upstream { p.upstream_addr } else { None })
+                    let old_up = p.upstream.and_then(|u| remap.get(&u).copied());
+                    let same_upstream = old_up == upstream && p.spec.upstream == spec.upstream;
+                    if !same_upstream && let Some(u) = old_up {
+                        moved.push((spec.room.clone(), spec.source.clone(), u));
+                    }
+                    if same_upstream {
+                        (serving, p.upstream_addr, p.announced)
+                    } else {
+                        (serving, None, false)
+                    }
                 }
-                None => (Vec::new(), None),
+                None => (Vec::new(), None, false),
             };
-            self.mesh.routes.push(Route {
+            routes.push(Route {
                 spec: spec.clone(),
                 upstream,
                 downstream,
                 serving,
                 upstream_addr,
+                announced,
+                linger_until: None,
             });
         }
+        // Routes that went keep serving their live subscriptions.
+        for p in old_routes.into_iter().filter(|_| same_node) {
+            let until = p.linger_until.unwrap_or(now + ROUTE_HANDOVER);
+            let serving: Vec<Serving> = p
+                .serving
+                .into_iter()
+                .filter_map(|mut s| {
+                    s.link = *remap.get(&s.link)?;
+                    s.linger_until = Some(s.linger_until.map_or(until, |t| t.min(until)));
+                    s.live(now).then_some(s)
+                })
+                .collect();
+            if serving.is_empty() {
+                continue;
+            }
+            routes.push(Route {
+                upstream: p.upstream.and_then(|u| remap.get(&u).copied()),
+                spec: p.spec,
+                downstream: Vec::new(),
+                serving,
+                upstream_addr: p.upstream_addr,
+                announced: p.announced,
+                linger_until: Some(until),
+            });
+        }
+        self.mesh.routes = routes;
         self.mesh.node_id = node;
         self.mesh.config = Some(config);
-        // Inbound streams from a link that is no longer a route's upstream
-        // for their room stop feeding it (a new upstream re-announces).
-        self.mesh_prune_inbound();
+        // The previous upstream's streams of a moved route feed their
+        // layers until the new upstream's arrive.
+        for (room, source, link) in moved {
+            let tracks = &self.tracks;
+            if let Some(l) = self.mesh.links.get_mut(link) {
+                for s in l.inbound.values_mut() {
+                    let ours = tracks
+                        .get(&s.at.track)
+                        .and_then(|t| t.origin.as_ref())
+                        .is_some_and(|o| o.room == room && o.source == source);
+                    if ours && s.draining_until.is_none() {
+                        s.draining_until = Some(now + ROUTE_HANDOVER);
+                    }
+                }
+            }
+        }
+        self.mesh_prune_inbound(now);
         // Remote tracks of routes that went away.
         let gone: Vec<TrackId> = self
             .mesh
@@ -359,14 +485,37 @@ impl Sfu {
         for t in gone {
             self.remove_remote_track(now, t);
         }
-        self.mesh.next_subscribe = now;
-        self.mesh_reconcile(now);
-        self.mesh_tick(now);
+    }
+
+    /// Re-applies the current desired state once a hand-over ends: a
+    /// lingering link, route or subscription expired, or a lingering route
+    /// has nobody left to serve.
+    fn mesh_expire_handover(&mut self, now: Instant) {
+        let expired = |t: Option<Instant>| t.is_some_and(|t| now >= t);
+        let due = self.mesh.links.iter().any(|l| expired(l.linger_until))
+            || self.mesh.routes.iter().any(|r| {
+                expired(r.linger_until)
+                    || (r.linger_until.is_some() && !r.serving.iter().any(|s| s.live(now)))
+            })
+            || self
+                .mesh
+                .links
+                .iter()
+                .flat_map(|l| l.inbound.values())
+                .any(|s| expired(s.draining_until));
+        if !due {
+            return;
+        }
+        if let Some(config) = self.mesh.config.clone() {
+            self.mesh_apply(now, config);
+            self.mesh_reconcile(now);
+        }
     }
 
     /// Drops inbound stream entries that no longer match a route's
-    /// upstream or a live track.
-    fn mesh_prune_inbound(&mut self) {
+    /// upstream or a live track; those of a previous upstream stay until
+    /// their hand-over ends.
+    fn mesh_prune_inbound(&mut self, now: Instant) {
         let routes = &self.mesh.routes;
         let tracks = &self.tracks;
         for (li, link) in self.mesh.links.iter_mut().enumerate() {
@@ -375,6 +524,9 @@ impl Sfu {
                     return false;
                 };
                 let Some(o) = &t.origin else { return false };
+                if let Some(d) = s.draining_until {
+                    return now < d;
+                }
                 routes.iter().any(|r| {
                     r.spec.room == o.room && r.spec.source == o.source && r.upstream == Some(li)
                 })
@@ -405,9 +557,8 @@ impl Sfu {
                     continue;
                 }
                 for s in &r.serving {
-                    if now.saturating_duration_since(s.renewed) < MESH_STATE_TIMEOUT
-                        && r.downstream.contains(&s.link)
-                    {
+                    // Downstream links, and those handing over.
+                    if s.live(now) {
                         want.push((s.link, s.dest, &s.paused));
                     }
                 }
@@ -485,6 +636,8 @@ impl Sfu {
     /// Periodic mesh work: subscriptions and announcements, expiry.
     pub(super) fn mesh_tick(&mut self, now: Instant) {
         if self.mesh.links.is_empty() {
+            self.mesh.next_pending = None;
+            self.mesh.announce_due = None;
             return;
         }
         // Expire remote tracks nobody announced lately.
@@ -504,9 +657,9 @@ impl Sfu {
             self.remove_remote_track(now, t);
         }
         for r in &mut self.mesh.routes {
-            r.serving
-                .retain(|s| now.saturating_duration_since(s.renewed) < MESH_STATE_TIMEOUT);
+            r.serving.retain(|s| s.live(now));
         }
+        self.mesh_expire_handover(now);
         let mut budget_changed = false;
         for l in &mut self.mesh.links {
             budget_changed |= l.capacity.tick(now);
@@ -516,18 +669,32 @@ impl Sfu {
             self.select_layers(now);
         }
         let periodic = now >= self.mesh.next_subscribe;
+        let pending = self.mesh.next_pending.is_some_and(|t| t <= now);
         let announce = periodic || self.mesh.announce_due.is_some_and(|t| t <= now);
-        if !announce {
+        if !announce && !pending {
             return;
         }
-        self.mesh.announce_due = None;
         if periodic {
             self.mesh.next_subscribe = now + SUBSCRIBE_INTERVAL;
         }
+        // Routes whose upstream has not announced yet subscribe often.
+        let waiting = |r: &Route| r.upstream.is_some() && r.linger_until.is_none() && !r.announced;
+        self.mesh.next_pending = self
+            .mesh
+            .routes
+            .iter()
+            .any(|r| waiting(r) && self.owns_room(&r.spec.room))
+            .then(|| now + PENDING_SUBSCRIBE_INTERVAL);
         // Subscribe upstream for every route of ours that has an upstream
         // (and a room on this shard), listing the layers nobody here needs.
+        // Lingering routes do not: they only finish a hand-over.
         let mut msgs: Vec<(usize, SocketAddr, MeshMessage)> = Vec::new();
-        for r in self.mesh.routes.iter().filter(|_| periodic) {
+        for r in self
+            .mesh
+            .routes
+            .iter()
+            .filter(|r| r.linger_until.is_none() && (periodic || (pending && waiting(r))))
+        {
             let Some(up) = r.upstream else { continue };
             if !self.owns_room(&r.spec.room) {
                 continue;
@@ -558,7 +725,10 @@ impl Sfu {
             ));
         }
         // Announce to every live subscription what we send it.
-        for r in &self.mesh.routes {
+        if announce {
+            self.mesh.announce_due = None;
+        }
+        for r in self.mesh.routes.iter().filter(|_| announce) {
             for s in &r.serving {
                 let mut tracks = Vec::new();
                 for t in self
@@ -838,6 +1008,19 @@ impl Sfu {
             return;
         };
         s.remote = source;
+        let mut first = false;
+        match s.draining_until {
+            // A previous upstream past its hand-over.
+            Some(d) if now >= d => {
+                self.io.drop_packet(DropReason::MeshUnrouted);
+                return;
+            }
+            Some(_) => {}
+            None => {
+                first = !s.delivered;
+                s.delivered = true;
+            }
+        }
         if !relay_only {
             let (lost, recovered) = (s.loss.lost, s.loss.recovered);
             // Whatever `on_packet` says, the packet is forwarded: one older
@@ -850,6 +1033,9 @@ impl Sfu {
                 self.mesh_nack_stream(now, link, header.ssrc);
             }
         }
+        if first {
+            self.mesh_end_handover(at);
+        }
         let Some(track) = self.tracks.get(&at.track) else {
             return;
         };
@@ -858,6 +1044,51 @@ impl Sfu {
             vp8 && packet::codec::vp8_is_keyframe(p)
         });
         self.forward(now, at.track, at.layer, &fwd);
+    }
+
+    /// The current upstream's stream of a layer delivered its first
+    /// packet: the previous upstream's stream of that layer stops feeding
+    /// it, and a previous upstream left with no stream of the room is told
+    /// to stop sending.
+    fn mesh_end_handover(&mut self, at: InboundRef) {
+        let Some(origin) = self.tracks.get(&at.track).and_then(|t| t.origin.clone()) else {
+            return;
+        };
+        let mut done: Vec<(usize, SocketAddr)> = Vec::new();
+        for (li, l) in self.mesh.links.iter_mut().enumerate() {
+            let mut remote = None;
+            l.inbound.retain(|_, s| {
+                let old = s.draining_until.is_some() && s.at == at;
+                if old {
+                    remote = Some(s.remote);
+                }
+                !old
+            });
+            let Some(remote) = remote else { continue };
+            let tracks = &self.tracks;
+            let more = l.inbound.values().any(|s| {
+                s.draining_until.is_some()
+                    && tracks
+                        .get(&s.at.track)
+                        .and_then(|t| t.origin.as_ref())
+                        .is_some_and(|o| o.room == origin.room && o.source == origin.source)
+            });
+            if !more {
+                done.push((li, remote));
+            }
+        }
+        for (link, dest) in done {
+            let mut buf = self.io.buffer();
+            write_message(
+                &mut buf,
+                self.rtcp_ssrc,
+                &MeshMessage::Unsubscribe {
+                    room: origin.room.clone(),
+                    source: origin.source.clone(),
+                },
+            );
+            self.mesh_send_rtcp(link, dest, buf);
+        }
     }
 
     /// Sends one NACK with every due sequence number of a stream.
@@ -894,7 +1125,9 @@ impl Sfu {
 
     /// Due NACK retries (from `handle_timeout`).
     pub(super) fn mesh_timeout(&mut self, now: Instant) {
-        if self.mesh.announce_due.is_some_and(|t| t <= now) {
+        if self.mesh.announce_due.is_some_and(|t| t <= now)
+            || self.mesh.next_pending.is_some_and(|t| t <= now)
+        {
             self.mesh_tick(now);
         }
         if self.mesh.next_nack.is_none_or(|t| t > now) {
@@ -1068,9 +1301,7 @@ impl Sfu {
         msg: MeshMessage,
         raw: &[u8],
     ) {
-        let room = match &msg {
-            MeshMessage::Subscribe { room, .. } | MeshMessage::Announce { room, .. } => room,
-        };
+        let room = msg.room();
         if !self.owns_room(room) {
             // Another shard serves the room: hand it the (authenticated)
             // message; it answers from its own socket.
@@ -1097,8 +1328,13 @@ impl Sfu {
                 source: origin,
                 paused,
             } => {
+                // A downstream of the route, or one still handing over
+                // (its own desired state may not have moved it yet).
                 let Some(r) = self.mesh.routes.iter_mut().find(|r| {
-                    r.spec.room == room && r.spec.source == origin && r.downstream.contains(&link)
+                    r.spec.room == room
+                        && r.spec.source == origin
+                        && (r.downstream.contains(&link)
+                            || r.serving.iter().any(|s| s.link == link && s.live(now)))
                 }) else {
                     self.io.drop_packet(DropReason::MeshUnrouted);
                     return;
@@ -1114,10 +1350,28 @@ impl Sfu {
                         dest: source,
                         renewed: now,
                         paused,
+                        linger_until: None,
                     }),
                 }
                 self.mesh_reconcile(now);
                 self.select_layers(now);
+            }
+            MeshMessage::Unsubscribe {
+                room,
+                source: origin,
+            } => {
+                let mut found = false;
+                for r in &mut self.mesh.routes {
+                    if r.spec.room == room && r.spec.source == origin {
+                        let before = r.serving.len();
+                        r.serving.retain(|s| s.link != link);
+                        found |= r.serving.len() != before;
+                    }
+                }
+                if found {
+                    self.mesh_reconcile(now);
+                    self.select_layers(now);
+                }
             }
             MeshMessage::Announce {
                 room,
@@ -1130,9 +1384,9 @@ impl Sfu {
                     self.io.drop_packet(DropReason::MeshUnrouted);
                     return;
                 };
-                if self.mesh.routes[ri].upstream_addr != Some(source) {
-                    self.mesh.routes[ri].upstream_addr = Some(source);
-                }
+                let r = &mut self.mesh.routes[ri];
+                r.upstream_addr = Some(source);
+                r.announced = true;
                 for t in tracks {
                     self.mesh_remote_track(now, link, source, &room, &origin, t);
                 }
@@ -1245,21 +1499,24 @@ impl Sfu {
                 }
                 l.inbound.insert(
                     ssrc,
-                    InStream {
-                        at: InboundRef {
+                    InStream::new(
+                        InboundRef {
                             track: tid,
                             layer: i,
                         },
-                        loss: LossTracker::default(),
-                        remote: source,
-                    },
+                        source,
+                    ),
                 );
             }
         }
-        // The same layers must not also be fed from another link.
+        // The same layers must not also be fed from another link: a
+        // previous upstream's streams feed them only until this link's
+        // deliver (make-before-break), and others not at all.
         for (j, other) in self.mesh.links.iter_mut().enumerate() {
             if j != link {
-                other.inbound.retain(|_, s| s.at.track != tid);
+                other
+                    .inbound
+                    .retain(|_, s| s.at.track != tid || s.draining_until.is_some());
             }
         }
         // A stream that moved to a new upstream starts decoding afresh.
@@ -1390,13 +1647,7 @@ impl Sfu {
             return;
         };
         match parse_message(rtcp) {
-            Ok(msg)
-                if self.owns_room(match &msg {
-                    MeshMessage::Subscribe { room, .. } | MeshMessage::Announce { room, .. } => {
-                        room
-                    }
-                }) =>
-            {
+            Ok(msg) if self.owns_room(msg.room()) => {
                 self.mesh_message(now, link, source, msg, rtcp)
             }
             _ => self.io.drop_packet(DropReason::Malformed),
