@@ -413,9 +413,8 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
     pair.send(300, Duration::from_millis(5))?;
     let got = pair.receiver.wait_for(300, Duration::from_secs(5));
     let indices = pair.received_indices();
-    // The links are clean, but on a loaded machine the scheduler may move
-    // the route (B ↔ D) while the packets flow, and a switch is
-    // break-before-make: the packets in flight on the old path are lost.
+    // The links are clean. Route switches are make-before-break, but the
+    // veths still drop the odd packet on a loaded machine, so 2 % slack.
     let arrived = (start..start + 300)
         .filter(|i| indices.binary_search(i).is_ok())
         .count();
