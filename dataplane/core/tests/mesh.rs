@@ -417,6 +417,29 @@ fn received_ssrc(net: &Net, client: SocketAddr) -> Option<u32> {
         .map(|(_, _, d)| parse_rtp(d).ssrc)
 }
 
+/// Sends video packet `i` (tagged `i`, a keyframe every 30) from the
+/// publisher client to A, then lets 10 ms pass.
+fn send_tagged(net: &mut Net, pub_client: SocketAddr, i: u32) {
+    let payload = vp8_payload(i % 30 == 0, 640, 480, &i.to_be_bytes(), 200);
+    net.client_send(
+        pub_client,
+        "a",
+        rtp(96, i as u16, i * 3000, 0xaaaa, true, &payload),
+    );
+    net.advance(Duration::from_millis(10));
+}
+
+/// The SSRCs of the RTP packets a client got.
+fn delivered_ssrcs(net: &Net, client: SocketAddr) -> std::collections::HashSet<u32> {
+    net.delivered
+        .iter()
+        .filter(|(_, to, d)| {
+            *to == client && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
+        })
+        .map(|(_, _, d)| parse_rtp(d).ssrc)
+        .collect()
+}
+
 #[test]
 fn a_new_upstream_takes_over_and_the_subscriber_keeps_its_stream() {
     let (mut net, pub_client, sub_client) = setup_chain(true);
@@ -436,14 +459,8 @@ fn a_new_upstream_takes_over_and_the_subscriber_keeps_its_stream() {
     let switched_at = net.now;
     let mut sent = Vec::new();
     for i in 100..400u32 {
-        let payload = vp8_payload(i % 30 == 0, 640, 480, &i.to_be_bytes(), 200);
         sent.push((i, net.now));
-        net.client_send(
-            pub_client,
-            "a",
-            rtp(96, i as u16, i * 3000, 0xaaaa, true, &payload),
-        );
-        net.advance(Duration::from_millis(10));
+        send_tagged(&mut net, pub_client, i);
     }
     net.advance(Duration::from_millis(100));
     let got = received(&net, sub_client);
@@ -461,16 +478,7 @@ fn a_new_upstream_takes_over_and_the_subscriber_keeps_its_stream() {
     let first_tag = *got.keys().min().expect("tag");
     assert!((first_tag..400).all(|t| got.contains_key(&t)));
     // The subscriber saw one continuous SSRC.
-    let ssrcs: std::collections::HashSet<u32> = net
-        .delivered
-        .iter()
-        .filter(|(_, to, d)| {
-            *to == sub_client
-                && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
-        })
-        .map(|(_, _, d)| parse_rtp(d).ssrc)
-        .collect();
-    assert_eq!(ssrcs.len(), 1);
+    assert_eq!(delivered_ssrcs(&net, sub_client).len(), 1);
 }
 
 /// Moves the route A → B → C to A → D → C while B stays alive, the nodes
@@ -497,13 +505,7 @@ fn switch_routes_alive(order: &[&str]) -> (Net, HashMap<u32, Instant>, SocketAdd
                 other => panic!("no node {other}"),
             }
         }
-        let payload = vp8_payload(i % 30 == 0, 640, 480, &i.to_be_bytes(), 200);
-        net.client_send(
-            pub_client,
-            "a",
-            rtp(96, i as u16, i * 3000, 0xaaaa, true, &payload),
-        );
-        net.advance(Duration::from_millis(10));
+        send_tagged(&mut net, pub_client, i);
     }
     net.advance(Duration::from_millis(200));
     let got = received(&net, sub_client);
@@ -524,16 +526,11 @@ fn a_route_change_with_every_node_alive_loses_nothing() {
         let (mut net, got, sub_client) = switch_routes_alive(&order);
         let missing: Vec<u32> = (100..400).filter(|t| !got.contains_key(t)).collect();
         assert!(missing.is_empty(), "order {order:?}: lost {missing:?}");
-        let ssrcs: std::collections::HashSet<u32> = net
-            .delivered
-            .iter()
-            .filter(|(_, to, d)| {
-                *to == sub_client
-                    && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
-            })
-            .map(|(_, _, d)| parse_rtp(d).ssrc)
-            .collect();
-        assert_eq!(ssrcs.len(), 1, "order {order:?}");
+        assert_eq!(
+            delivered_ssrcs(&net, sub_client).len(),
+            1,
+            "order {order:?}"
+        );
         // The hand-over is over: B serves nobody and holds no link, and C
         // takes the room from D only.
         net.advance(Duration::from_secs(4));
