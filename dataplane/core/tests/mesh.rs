@@ -420,7 +420,7 @@ fn received_ssrc(net: &Net, client: SocketAddr) -> Option<u32> {
 /// Sends video packet `i` (tagged `i`, a keyframe every 30) from the
 /// publisher client to A, then lets 10 ms pass.
 fn send_tagged(net: &mut Net, pub_client: SocketAddr, i: u32) {
-    let payload = vp8_payload(i % 30 == 0, 640, 480, &i.to_be_bytes(), 200);
+    let payload = vp8_payload(i.is_multiple_of(30), 640, 480, &i.to_be_bytes(), 200);
     net.client_send(
         pub_client,
         "a",
