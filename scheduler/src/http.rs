@@ -231,7 +231,7 @@ async fn heartbeat(
 ) -> Result<Json<api::HeartbeatResponse>, ApiError> {
     require_node(&st, &headers, &id).await?;
     let hb: api::Heartbeat = json_body(&headers, body).await?;
-    Ok(Json(st.sched.heartbeat(&id, &hb)?))
+    Ok(Json(st.sched.heartbeat(&id, hb)?))
 }
 
 #[derive(Deserialize)]

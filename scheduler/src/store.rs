@@ -89,6 +89,28 @@ pub struct HeartbeatWrite {
     pub report: String,
 }
 
+/// The columns of a node row that change after enrollment, which a
+/// snapshot reload reads for every node (see `Store::load_node_heads`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHead {
+    pub id: String,
+    pub drain: bool,
+    pub last_heartbeat_ms: Option<u64>,
+    pub desired_version: u64,
+}
+
+/// Rows per statement when reading or writing many nodes at once: well
+/// under SQLite's 32,766 and PostgreSQL's 65,535 bind parameters.
+const BATCH_ROWS: usize = 500;
+
+/// `$first, $first+1, …` for `n` parameters.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|k| format!("${k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The database.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -410,24 +432,77 @@ impl Store {
         })
     }
 
-    /// Persists heartbeats in one transaction. A heartbeat never moves
-    /// `last_heartbeat_ms` backwards (another replica may have a newer one).
+    /// The changing columns of every node: what a snapshot reload needs to
+    /// decide which rows it must read in full ([`Store::load_nodes_by_id`]).
+    pub async fn load_node_heads(&self) -> Result<Vec<NodeHead>, StoreError> {
+        with_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT id, drain, last_heartbeat_ms, desired_version FROM nodes ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await?;
+            let mut heads = Vec::with_capacity(rows.len());
+            for r in &rows {
+                heads.push(NodeHead {
+                    id: r.try_get("id")?,
+                    drain: r.try_get::<i64, _>("drain")? != 0,
+                    last_heartbeat_ms: r.try_get::<Option<i64>, _>("last_heartbeat_ms")?.map(u),
+                    desired_version: u(r.try_get("desired_version")?),
+                });
+            }
+            Ok(heads)
+        })
+    }
+
+    /// The full rows of these nodes (unknown ids are left out), read
+    /// [`BATCH_ROWS`] at a time.
+    pub async fn load_nodes_by_id(&self, ids: &[String]) -> Result<Vec<NodeRow>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH_ROWS) {
+            let sql = format!(
+                "SELECT {NODE_COLS} FROM nodes WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            with_pool!(self, pool => {
+                let mut q = sqlx::query(&sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                for r in q.fetch_all(pool).await? {
+                    out.push(node_row(&r)?);
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// Persists heartbeats in one transaction, [`BATCH_ROWS`] per
+    /// statement. A heartbeat never moves `last_heartbeat_ms` backwards
+    /// (another replica may have a newer one).
     pub async fn write_heartbeats(&self, batch: &[HeartbeatWrite]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            for hb in batch {
-                sqlx::query(
-                    "UPDATE nodes SET last_heartbeat_ms = $1, report = $2 \
-                     WHERE id = $3 AND (last_heartbeat_ms IS NULL OR last_heartbeat_ms <= $1)",
-                )
-                .bind(i(hb.at_ms))
-                .bind(&hb.report)
-                .bind(&hb.id)
-                .execute(&mut *tx)
-                .await?;
+            for chunk in batch.chunks(BATCH_ROWS) {
+                // `VALUES` names its columns column1, column2, … in both
+                // SQLite (3.33+, for UPDATE … FROM) and PostgreSQL.
+                let rows = (0..chunk.len())
+                    .map(|k| format!("({})", placeholders(3 * k + 1, 3)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!(
+                    "UPDATE nodes SET last_heartbeat_ms = v.column2, report = v.column3 \
+                     FROM (VALUES {rows}) AS v \
+                     WHERE nodes.id = v.column1 \
+                     AND (nodes.last_heartbeat_ms IS NULL OR nodes.last_heartbeat_ms <= v.column2)"
+                );
+                let mut q = sqlx::query(&sql);
+                for hb in chunk {
+                    q = q.bind(&hb.id).bind(i(hb.at_ms)).bind(&hb.report);
+                }
+                q.execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
