@@ -82,6 +82,10 @@ pub struct MeshLink {
     /// Plain RTP with per-link authentication is allowed (else SRTP).
     #[serde(default)]
     pub trusted: bool,
+    /// Send FEC on the link (FlexFEC for video, RED for audio). Received
+    /// FEC is used on every link whatever this says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fec: bool,
 }
 
 /// Where a room's media comes from and goes to on this node.
@@ -623,6 +627,7 @@ pub fn mesh_config(doc: &DesiredState) -> ridge_sfu::MeshConfig {
                 address: l.address?,
                 key: decode_key(&l.key)?,
                 trusted: l.trusted,
+                fec: l.fec,
             })
         })
         .collect();
@@ -704,6 +709,7 @@ mod tests {
                 address: Some("10.0.0.9:5006".parse().unwrap()),
                 key: "4c".repeat(32),
                 trusted: true,
+                fec: false,
             }],
             routes: vec![TrackRoute {
                 room: "demo".into(),

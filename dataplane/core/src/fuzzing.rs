@@ -141,6 +141,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
                 address: peer,
                 key,
                 trusted: data.first().is_some_and(|b| b & 1 == 0),
+                fec: true,
             }],
             routes: vec![route("a", Some("b"), &[]), route("c", None, &["b"])],
         },
