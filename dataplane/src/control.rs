@@ -467,6 +467,7 @@ async fn status(State(state): State<ControlState>) -> Response {
         "mesh_links": snapshot.mesh_links.iter().map(|l| json!({
             "peer": l.peer,
             "trusted": l.trusted,
+            "fec": l.fec,
             "packets_in": l.packets_in,
             "packets_out": l.packets_out,
             "rooms_in": l.rooms_in,
@@ -476,6 +477,8 @@ async fn status(State(state): State<ControlState>) -> Response {
             "recovered": l.recovered,
             "unrecovered": l.unrecovered,
             "auth_failures": l.auth_failures,
+            "fec_recovered": l.fec_recovered,
+            "red_recovered": l.red_recovered,
         })).collect::<Vec<_>>(),
         "desired_version": desired_version,
     }))
