@@ -156,6 +156,11 @@ pub struct DesiredLink {
     pub key: String,
     #[serde(default)]
     pub trusted: bool,
+    /// Send FEC on the link; forwarded to the dataplane only when true, so
+    /// a dataplane that predates it (its control API refuses unknown
+    /// fields) keeps taking states without FEC.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fec: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

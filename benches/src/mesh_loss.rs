@@ -29,7 +29,9 @@
 //! impairment's counters are read before and after the measured send.
 //!
 //! Runs: a control at loss 0, then hop-by-hop and end-to-end recovery
-//! (`--mesh-recovery`) at `--loss`, with fresh nodes for each.
+//! (`--mesh-recovery`) at `--loss`, and hop-by-hop with FEC on every link
+//! (`"fec": true` in the desired states: FlexFEC for the video stream),
+//! with fresh nodes for each.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -132,6 +134,10 @@ pub struct LinkCounters {
     /// Packets from the peer this node gave up on.
     pub unrecovered: u64,
     pub auth_failures: u64,
+    /// FlexFEC repair packets this node sent to the peer.
+    pub fec_sent: u64,
+    /// Packets from the peer rebuilt from FEC (never NACKed).
+    pub fec_recovered: u64,
     /// `ridge_mesh_nack_rtt_seconds` at the end, in ms.
     pub nack_rtt_ms: Option<f64>,
 }
@@ -171,6 +177,8 @@ pub struct LinkLoss {
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct MeshTotals {
     pub nacks_sent: u64,
+    pub fec_sent: u64,
+    pub fec_recovered: u64,
     pub nacks_received: u64,
     pub retransmits: u64,
     pub recovered: u64,
@@ -182,9 +190,11 @@ pub struct MeshTotals {
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct MeshRun {
-    /// "control", "hop-by-hop" or "end-to-end".
+    /// "control", "hop-by-hop", "hop-by-hop+fec" or "end-to-end".
     pub name: String,
     pub recovery: Recovery,
+    /// The links sent FEC (`fec` in the desired states).
+    pub fec: bool,
     /// Whether the nodes were started with `--mesh-recovery` (older
     /// binaries only have hop-by-hop and no flag).
     pub recovery_flag: bool,
@@ -239,12 +249,15 @@ pub fn run(opts: &Options, json_path: Option<&Path>, command: String) -> Result<
     let flag = supports_recovery_flag(&opts.node_bin)?;
     let mut cases = Vec::new();
     if opts.loss_ppm > 0 {
-        cases.push(("control", Recovery::HopByHop, 0));
+        cases.push(("control", Recovery::HopByHop, 0, false));
     }
-    cases.push(("hop-by-hop", Recovery::HopByHop, opts.loss_ppm));
+    cases.push(("hop-by-hop", Recovery::HopByHop, opts.loss_ppm, false));
+    if opts.loss_ppm > 0 {
+        cases.push(("hop-by-hop+fec", Recovery::HopByHop, opts.loss_ppm, true));
+    }
     let mut skipped = Vec::new();
     if flag {
-        cases.push(("end-to-end", Recovery::EndToEnd, opts.loss_ppm));
+        cases.push(("end-to-end", Recovery::EndToEnd, opts.loss_ppm, false));
     } else {
         let why = format!(
             "end-to-end: {} has no --mesh-recovery option (a build from before end-to-end \
@@ -259,16 +272,18 @@ pub fn run(opts: &Options, json_path: Option<&Path>, command: String) -> Result<
     let mut chain = Chain::build(opts.loss_ppm).context("building the namespaces")?;
     let control_dir = ControlDir::create()?;
     let mut clients = Clients::bind(&chain.hub, opts.rate)?;
-    for (name, recovery, loss) in cases {
+    for (name, recovery, loss, fec) in cases {
         eprintln!(
-            "ridge-bench: mesh-loss {name}: {} recovery, {:.2}% loss per link and direction ...",
+            "ridge-bench: mesh-loss {name}: {} recovery{}, {:.2}% loss per link and direction ...",
             recovery.as_str(),
+            if fec { " with FEC" } else { "" },
             f64::from(loss) / 1e4
         );
         let case = Case {
             name,
             recovery,
             flag,
+            fec,
             loss_ppm: loss,
         };
         let r = run_case(opts, &mut chain, &control_dir.0, &case, &mut clients)
@@ -685,16 +700,21 @@ fn random_key() -> String {
 }
 
 /// Node `i`'s desired state: links to its neighbours (`keys[k]` is the key
-/// of the link between nodes `k` and `k + 1`), and the route of the room
-/// from source A down the chain.
-fn desired_state(i: usize, keys: &[String]) -> serde_json::Value {
+/// of the link between nodes `k` and `k + 1`), with FEC when `fec`, and the
+/// route of the room from source A down the chain.
+fn desired_state(i: usize, keys: &[String], fec: bool) -> serde_json::Value {
     let link = |peer: usize, key: &str| {
-        serde_json::json!({
+        let mut l = serde_json::json!({
             "peer": NODES[peer],
             "address": media_addr(peer).to_string(),
             "key": key,
             "trusted": true,
-        })
+        });
+        // Only when on: a node that predates FEC refuses the field.
+        if fec {
+            l["fec"] = serde_json::Value::Bool(true);
+        }
+        l
     };
     let mut links = Vec::new();
     if i > 0 {
@@ -884,6 +904,8 @@ impl Snapshot {
                     recovered: f("recovered"),
                     unrecovered: f("unrecovered"),
                     auth_failures: f("auth_failures"),
+                    fec_sent: f("fec_sent"),
+                    fec_recovered: f("fec_recovered"),
                     nack_rtt_ms: after
                         .mesh
                         .get(&(peer.to_string(), "nack_rtt_seconds".to_string()))
@@ -950,6 +972,8 @@ struct Case {
     recovery: Recovery,
     /// Pass `--mesh-recovery` to the nodes.
     flag: bool,
+    /// Links send FEC.
+    fec: bool,
     loss_ppm: u32,
 }
 
@@ -1040,7 +1064,14 @@ fn run_case(
     }
     let keys: Vec<String> = (0..HOPS).map(|_| random_key()).collect();
     for (i, n) in nodes.iter().enumerate() {
-        n.put_desired(&desired_state(i, &keys))?;
+        n.put_desired(&desired_state(i, &keys, case.fec))
+            .with_context(|| {
+                if case.fec {
+                    "the node binary may predate mesh FEC (links[].fec)"
+                } else {
+                    "desired state refused"
+                }
+            })?;
     }
     let last = NODES.len() - 1;
     let media = create_endpoint(&chain.nodes[0], "publish", clients.publisher_addr)?;
@@ -1110,6 +1141,8 @@ fn run_case(
         totals.retransmit_misses += n.retransmit_misses;
         for l in &n.links {
             totals.nacks_sent += l.nacks_sent;
+            totals.fec_sent += l.fec_sent;
+            totals.fec_recovered += l.fec_recovered;
             totals.nacks_received += l.nacks_received;
             totals.retransmits += l.retransmits;
             totals.recovered += l.recovered;
@@ -1137,6 +1170,7 @@ fn run_case(
     Ok(MeshRun {
         name: case.name.to_string(),
         recovery: case.recovery,
+        fec: case.fec,
         recovery_flag: case.flag,
         loss_ppm: case.loss_ppm,
         hops: HOPS,
@@ -1229,17 +1263,19 @@ mod tests {
     fn desired_states_route_the_room_down_the_chain() {
         let keys: Vec<String> = (0..HOPS).map(|_| random_key()).collect();
         assert!(keys.iter().all(|k| k.len() == 64));
-        let a = desired_state(0, &keys);
+        let a = desired_state(0, &keys, false);
+        assert!(a["links"][0].get("fec").is_none());
+        assert_eq!(desired_state(0, &keys, true)["links"][0]["fec"], true);
         assert_eq!(a["links"].as_array().map(Vec::len), Some(1));
         assert_eq!(a["routes"][0]["upstream"], serde_json::Value::Null);
         assert_eq!(a["routes"][0]["downstream"], serde_json::json!(["B"]));
-        let b = desired_state(1, &keys);
+        let b = desired_state(1, &keys, false);
         assert_eq!(b["links"][0]["peer"], "A");
         assert_eq!(b["links"][0]["key"], keys[0].as_str());
         assert_eq!(b["links"][1]["address"], "10.81.2.3:5004");
         assert_eq!(b["links"][1]["key"], keys[1].as_str());
         assert_eq!(b["routes"][0]["upstream"], "A");
-        let d = desired_state(3, &keys);
+        let d = desired_state(3, &keys, false);
         assert_eq!(d["routes"][0]["downstream"], serde_json::json!([]));
         assert_eq!(d["links"][0]["key"], keys[2].as_str());
     }

@@ -82,6 +82,10 @@ pub struct MeshLink {
     /// Plain RTP with per-link authentication is allowed (else SRTP).
     #[serde(default)]
     pub trusted: bool,
+    /// Send FEC on the link (FlexFEC for video, RED for audio). Received
+    /// FEC is used on every link whatever this says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fec: bool,
 }
 
 /// Where a room's media comes from and goes to on this node.
@@ -463,6 +467,7 @@ async fn status(State(state): State<ControlState>) -> Response {
         "mesh_links": snapshot.mesh_links.iter().map(|l| json!({
             "peer": l.peer,
             "trusted": l.trusted,
+            "fec": l.fec,
             "packets_in": l.packets_in,
             "packets_out": l.packets_out,
             "rooms_in": l.rooms_in,
@@ -472,6 +477,8 @@ async fn status(State(state): State<ControlState>) -> Response {
             "recovered": l.recovered,
             "unrecovered": l.unrecovered,
             "auth_failures": l.auth_failures,
+            "fec_recovered": l.fec_recovered,
+            "red_recovered": l.red_recovered,
         })).collect::<Vec<_>>(),
         "desired_version": desired_version,
     }))
@@ -623,6 +630,7 @@ pub fn mesh_config(doc: &DesiredState) -> ridge_sfu::MeshConfig {
                 address: l.address?,
                 key: decode_key(&l.key)?,
                 trusted: l.trusted,
+                fec: l.fec,
             })
         })
         .collect();
@@ -704,6 +712,7 @@ mod tests {
                 address: Some("10.0.0.9:5006".parse().unwrap()),
                 key: "4c".repeat(32),
                 trusted: true,
+                fec: false,
             }],
             routes: vec![TrackRoute {
                 room: "demo".into(),

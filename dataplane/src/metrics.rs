@@ -782,6 +782,31 @@ const MESH_COUNTERS: &[MeshField] = &[
         "NACKed packets this hop did not hold (yet), so could not resend",
         |l| l.nack_misses,
     ),
+    (
+        "fec_sent",
+        "FlexFEC repair packets sent on the link (links with fec on)",
+        |l| l.fec_sent,
+    ),
+    (
+        "fec_received",
+        "FlexFEC repair packets received on the link",
+        |l| l.fec_received,
+    ),
+    (
+        "fec_recovered",
+        "Missing packets rebuilt from a received FlexFEC repair packet (not NACKed)",
+        |l| l.fec_recovered,
+    ),
+    (
+        "red_sent",
+        "Audio packets sent as RED with the previous packet as a redundant block",
+        |l| l.red_sent,
+    ),
+    (
+        "red_recovered",
+        "Missing audio packets rebuilt from a received RED block (not NACKed)",
+        |l| l.red_recovered,
+    ),
 ];
 
 /// `ridge_mesh_*{peer}`: per mesh link, summed over shards.

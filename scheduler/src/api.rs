@@ -237,6 +237,15 @@ pub struct DesiredLink {
     pub address: Option<String>,
     pub key: String,
     pub trusted: bool,
+    /// Send FEC on the link (FlexFEC for video, RED for audio): its
+    /// measured loss is at least [`crate::desired::FEC_LOSS_THRESHOLD`].
+    /// Left out when false, so states without FEC keep their bytes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fec: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// A route entry in the desired state.

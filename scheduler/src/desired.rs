@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::api::{DesiredLink, DesiredRoute, DesiredState};
 use crate::crypto::LinkKeys;
-use crate::route::RoutePlan;
+use crate::route::{LinkInput, RoutePlan};
 
 /// What desired-state derivation needs to know about a node.
 #[derive(Debug, Clone)]
@@ -90,6 +90,7 @@ pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<
                     address: p.mesh_address.map(str::to_owned),
                     key: keys.key(n.id, p.id),
                     trusted: false,
+                    fec: false,
                 })
                 .collect();
             let links = peers
@@ -104,6 +105,7 @@ pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<
                         address: p.and_then(|p| p.mesh_address).map(str::to_owned),
                         key: keys.key(n.id, &peer),
                         trusted,
+                        fec: false,
                         peer,
                     }
                 })
@@ -119,6 +121,28 @@ pub fn derive(nodes: &[NodeFacts<'_>], plan: &RoutePlan, mesh_key: &str) -> Vec<
             }
         })
         .collect()
+}
+
+/// Measured loss at or above which a mesh link carries FEC.
+pub const FEC_LOSS_THRESHOLD: f64 = 0.02;
+
+/// Turns FEC on for the links of `states` whose measured loss (the worse
+/// of what either end reports, `links` as the heartbeats give them) is at
+/// least [`FEC_LOSS_THRESHOLD`], off for the others. Both ends of a link
+/// get the same flag. Apply to [`derive`]'s output.
+pub fn mark_lossy_links(states: &mut [DesiredState], links: &[LinkInput]) {
+    let loss = |a: &str, b: &str| {
+        links
+            .iter()
+            .filter(|l| (l.from == a && l.to == b) || (l.from == b && l.to == a))
+            .map(|l| l.loss)
+            .fold(0.0f64, f64::max)
+    };
+    for st in states {
+        for l in &mut st.links {
+            l.fec = loss(&st.node_id, &l.peer) >= FEC_LOSS_THRESHOLD;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -177,6 +201,48 @@ mod tests {
         assert_eq!(b_links, vec![("a", true), ("c", false)]);
         // Both ends of a link get the same key.
         assert_eq!(d[0].links[0].key, d[1].links[0].key);
+        // No FEC unless a measured loss asks for it, and then on both
+        // ends of the link only.
+        assert!(d.iter().flat_map(|s| &s.links).all(|l| !l.fec));
+        assert!(!serde_json::to_string(&d).unwrap().contains("fec"));
+        let mut lossy = d.clone();
+        let link = |from: &str, to: &str, loss: f64| LinkInput {
+            from: from.into(),
+            to: to.into(),
+            rtt_ms: 5.0,
+            loss,
+            jitter_ms: 0.0,
+        };
+        mark_lossy_links(
+            &mut lossy,
+            &[
+                link("a", "b", 0.001),
+                link("c", "b", 0.03),
+                link("b", "c", 0.0),
+            ],
+        );
+        let fec: Vec<(&str, &str, bool)> = lossy
+            .iter()
+            .flat_map(|s| {
+                s.links
+                    .iter()
+                    .map(|l| (s.node_id.as_str(), l.peer.as_str(), l.fec))
+            })
+            .collect();
+        assert_eq!(
+            fec,
+            [
+                ("a", "b", false),
+                ("b", "a", false),
+                ("b", "c", true),
+                ("c", "b", true)
+            ]
+        );
+        assert!(
+            serde_json::to_string(&lossy[1])
+                .unwrap()
+                .contains(r#""fec":true"#)
+        );
         // Deterministic.
         assert_eq!(
             serde_json::to_string(&d).unwrap(),

@@ -42,12 +42,14 @@
 
 mod buf;
 mod error;
+pub mod fec;
 #[doc(hidden)]
 pub mod fuzzing;
 mod ids;
 pub mod mesh;
 mod meter;
 pub mod packet;
+pub mod red;
 mod retransmit;
 mod rewrite;
 mod sfu;

@@ -73,6 +73,10 @@ pub struct MeshLinkSpec {
     /// Trusted: plain RTP, authenticated (SRTP NULL cipher). Untrusted:
     /// encrypted SRTP (AES-CM).
     pub trusted: bool,
+    /// Send forward error correction on the link: FlexFEC for video, RED
+    /// for audio. Only sending depends on it: FEC and RED arriving on any
+    /// link are always used.
+    pub fec: bool,
 }
 
 /// One route entry: for `room`'s media from node `source`, where it comes
@@ -119,6 +123,17 @@ pub struct MeshLinkSnapshot {
     pub duplicates: u64,
     /// NACKed sequence numbers this hop did not hold (yet).
     pub nack_misses: u64,
+    /// FEC and RED are sent on the link.
+    pub fec: bool,
+    /// FlexFEC repair packets sent / received.
+    pub fec_sent: u64,
+    pub fec_received: u64,
+    /// Missing packets rebuilt from a received repair packet.
+    pub fec_recovered: u64,
+    /// Audio packets sent with the previous one as a RED block.
+    pub red_sent: u64,
+    /// Missing audio packets rebuilt from a received RED block.
+    pub red_recovered: u64,
     /// Smoothed NACK-to-retransmission round trip, when measured.
     pub rtt_us: Option<u64>,
     /// The link's loss-based send budget (`None`: unlimited).
@@ -478,9 +493,14 @@ pub struct LossTracker {
     missing: Vec<Missing>,
     /// Smoothed NACK round trip (first attempts only, as Karn's rule).
     srtt: Option<Duration>,
+    /// How long a newly missing packet waits before its first NACK: a
+    /// repair packet (FEC) may rebuild it first.
+    hold: Duration,
     pub recovered: u64,
     pub unrecovered: u64,
     pub lost: u64,
+    /// Missing packets rebuilt from FEC or RED.
+    pub repaired: u64,
 }
 
 impl Default for LossTracker {
@@ -489,9 +509,11 @@ impl Default for LossTracker {
             highest: None,
             missing: Vec::with_capacity(MAX_MISSING),
             srtt: None,
+            hold: Duration::ZERO,
             recovered: 0,
             unrecovered: 0,
             lost: 0,
+            repaired: 0,
         }
     }
 }
@@ -514,6 +536,49 @@ impl LossTracker {
                 (rtt + rtt / 2 + Duration::from_millis(5)).clamp(NACK_RETRY_MIN, NACK_RETRY_MAX)
             }
             None => Duration::from_millis(20),
+        }
+    }
+
+    /// Sets how long newly missing packets wait for their first NACK
+    /// (zero: NACKed at once).
+    pub fn set_hold(&mut self, hold: Duration) {
+        self.hold = hold;
+    }
+
+    /// Whether `seq` is missing (waiting for a NACK or its answer).
+    pub fn is_missing(&self, seq: u16) -> bool {
+        self.missing.iter().any(|m| m.seq == seq)
+    }
+
+    /// Ends the hold of missing packets up to `last` that were not NACKed
+    /// yet: the repair packet that could have rebuilt them came and could
+    /// not.
+    pub fn release_through(&mut self, now: Instant, last: u16) {
+        for m in self.missing.iter_mut() {
+            if m.attempts == 0 && last.wrapping_sub(m.seq) < 0x8000 && m.next > now {
+                m.next = now;
+            }
+        }
+    }
+
+    /// Records a sequence number rebuilt from FEC or RED: like an arrival,
+    /// but it is no NACK round trip and not counted as recovered.
+    pub fn on_repaired(&mut self, now: Instant, seq: u16) -> Arrival {
+        match self.missing.iter().position(|m| m.seq == seq) {
+            Some(i) => {
+                self.missing.remove(i);
+                self.repaired += 1;
+                Arrival::Recovered
+            }
+            None => {
+                let a = self.on_packet(now, seq);
+                if a == Arrival::New {
+                    // Rebuilt before anything after it arrived.
+                    self.lost += 1;
+                    self.repaired += 1;
+                }
+                a
+            }
         }
     }
 
@@ -548,7 +613,7 @@ impl LossTracker {
                             self.missing.push(Missing {
                                 seq: h.wrapping_add(i),
                                 first_sent: None,
-                                next: now,
+                                next: now + self.hold,
                                 attempts: 0,
                                 detected: now,
                             });
@@ -854,6 +919,34 @@ mod tests {
         assert_eq!(asked, usize::from(NACK_ATTEMPTS));
         assert_eq!(l.missing(), 0);
         assert_eq!((l.recovered, l.unrecovered, l.lost), (1, 1, 2));
+    }
+
+    #[test]
+    fn loss_tracker_holds_nacks_for_fec_and_forgets_repaired_packets() {
+        let t0 = Instant::now();
+        let mut l = LossTracker::default();
+        l.set_hold(Duration::from_millis(30));
+        l.on_packet(t0, 10);
+        l.on_packet(t0, 14); // 11, 12, 13 missing
+        let mut out = [0u16; 16];
+        assert_eq!(l.due(t0, &mut out), 0, "held for a repair packet");
+        assert_eq!(l.next_due(), Some(t0 + Duration::from_millis(30)));
+        // FEC rebuilt 11: never NACKed, not counted as a NACK recovery.
+        assert_eq!(l.on_repaired(t0, 11), Arrival::Recovered);
+        assert!(!l.is_missing(11));
+        // The repair packet covering up to 12 could not rebuild 12: NACK it
+        // now; 13 stays held.
+        l.release_through(t0, 12);
+        assert_eq!(l.due(t0, &mut out), 1);
+        assert_eq!(out[0], 12);
+        // 13 after the hold (and 12 again after the retry interval).
+        assert_eq!(l.due(t0 + Duration::from_millis(30), &mut out), 2);
+        assert!(out[..2].contains(&13));
+        assert_eq!((l.recovered, l.repaired, l.lost), (0, 1, 3));
+        assert!(l.srtt().is_none());
+        // A packet rebuilt ahead of everything counts as lost and repaired.
+        assert_eq!(l.on_repaired(t0, 15), Arrival::New);
+        assert_eq!((l.repaired, l.lost), (2, 4));
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct Sent {
     pub timestamp: u32,
     pub marker: bool,
     pub payload: PacketBuf,
+    /// Sent with the packet before it as a redundant block (RED on a mesh
+    /// link): a retransmission must carry the same bytes.
+    pub redundant: bool,
 }
 
 #[derive(Debug, Default)]
@@ -26,6 +29,7 @@ struct Slot {
     timestamp: u32,
     seq: u16,
     marker: bool,
+    redundant: bool,
     payload: Option<PacketBuf>,
 }
 
@@ -65,6 +69,7 @@ impl RetransmitBuffer {
         slot.seq = seq;
         slot.timestamp = timestamp;
         slot.marker = marker;
+        slot.redundant = false;
         slot.stored_at = Some(now);
         // Assigning drops the previous view, releasing its pool slot.
         slot.payload = Some(payload.clone());
@@ -82,8 +87,19 @@ impl RetransmitBuffer {
                 timestamp: slot.timestamp,
                 marker: slot.marker,
                 payload: p.clone(),
+                redundant: slot.redundant,
             }),
             _ => None,
+        }
+    }
+
+    /// Records that the packet stored with `seq` went out with the one
+    /// before it as a redundant block (see [`Sent::redundant`]).
+    pub fn set_redundant(&mut self, seq: u16) {
+        let i = self.index(seq);
+        let slot = &mut self.slots[i];
+        if slot.seq == seq && slot.payload.is_some() {
+            slot.redundant = true;
         }
     }
 

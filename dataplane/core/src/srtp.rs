@@ -560,6 +560,19 @@ impl SrtpContext {
         Ok(result)
     }
 
+    /// Marks sequence number `seq` of `ssrc` as received without a packet:
+    /// one rebuilt from FEC or RED, so a later retransmission or late
+    /// original of it is refused as a replay. Fails (changing nothing) if
+    /// it already arrived, is older than the replay window, or the SSRC has
+    /// not been received from at all.
+    pub fn mark_received(&mut self, ssrc: u32, seq: u16) -> Result<(), SrtpError> {
+        let window = self.received.get_mut(&ssrc).ok_or(SrtpError::TooOld)?;
+        let index = estimate_index(window.highest, seq)?;
+        window.check(index)?;
+        window.accept(index);
+        Ok(())
+    }
+
     /// Protects an RTCP (compound) packet in place: for the AES profile
     /// everything after the first 8 bytes is encrypted; then the E flag with
     /// the 31-bit SRTCP index (one counter per context, from 0) and the
@@ -1095,6 +1108,30 @@ mod tests {
         assert_eq!(open_rtcp(&mut rx, &packets[171]), Err(SrtpError::TooOld));
         open_rtcp(&mut rx, &packets[172]).unwrap();
         assert_eq!(open_rtcp(&mut rx, &packets[172]), Err(SrtpError::Replayed));
+    }
+
+    #[test]
+    fn a_packet_marked_received_is_refused_as_a_replay() {
+        for profile in PROFILES {
+            let (mut tx, mut rx) = pair(profile);
+            let packets: Vec<Vec<u8>> = (100..104u16)
+                .map(|seq| protected_rtp(&mut tx, &rtp(5, seq, &[1; 20])))
+                .collect();
+            assert_eq!(
+                rx.mark_received(5, 101),
+                Err(SrtpError::TooOld),
+                "unknown SSRC"
+            );
+            open_rtp(&mut rx, &packets[0]).unwrap();
+            open_rtp(&mut rx, &packets[2]).unwrap();
+            // 101 was rebuilt (FEC): its retransmission is a replay.
+            rx.mark_received(5, 101).unwrap();
+            assert_eq!(rx.mark_received(5, 101), Err(SrtpError::Replayed));
+            assert_eq!(open_rtp(&mut rx, &packets[1]), Err(SrtpError::Replayed));
+            // Ahead of the highest works too, and moves the window.
+            rx.mark_received(5, 103).unwrap();
+            assert_eq!(open_rtp(&mut rx, &packets[3]), Err(SrtpError::Replayed));
+        }
     }
 
     #[test]

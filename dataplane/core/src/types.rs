@@ -305,10 +305,13 @@ pub enum DropReason {
     MeshUnrouted,
     /// An authentic mesh datagram that had already arrived.
     MeshDuplicate,
+    /// An authentic mesh datagram whose FEC (FlexFEC) or RED payload is
+    /// malformed.
+    MeshFec,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
@@ -318,6 +321,7 @@ impl DropReason {
         DropReason::MeshAuth,
         DropReason::MeshUnrouted,
         DropReason::MeshDuplicate,
+        DropReason::MeshFec,
     ];
 
     pub fn label(self) -> &'static str {
@@ -331,6 +335,7 @@ impl DropReason {
             DropReason::MeshAuth => "mesh_auth",
             DropReason::MeshUnrouted => "mesh_unrouted",
             DropReason::MeshDuplicate => "mesh_duplicate",
+            DropReason::MeshFec => "mesh_fec",
         }
     }
 }
@@ -457,6 +462,12 @@ impl StatsSnapshot {
                     x.auth_failures += l.auth_failures;
                     x.duplicates += l.duplicates;
                     x.nack_misses += l.nack_misses;
+                    x.fec |= l.fec;
+                    x.fec_sent += l.fec_sent;
+                    x.fec_received += l.fec_received;
+                    x.fec_recovered += l.fec_recovered;
+                    x.red_sent += l.red_sent;
+                    x.red_recovered += l.red_recovered;
                     x.rtt_us = x.rtt_us.max(l.rtt_us);
                     x.budget_bps = match (x.budget_bps, l.budget_bps) {
                         (Some(a), Some(b)) => Some(a + b),

@@ -43,6 +43,8 @@ struct Net {
     delivered: Vec<(Instant, SocketAddr, Vec<u8>)>,
     mesh_sent: u64,
     mesh_dropped: u64,
+    /// Links configured from now on send FEC (and RED).
+    fec: bool,
 }
 
 impl Net {
@@ -74,6 +76,7 @@ impl Net {
             delivered: Vec::new(),
             mesh_sent: 0,
             mesh_dropped: 0,
+            fec: false,
         }
     }
 
@@ -109,6 +112,7 @@ impl Net {
                     address: self.addr(p),
                     key: KEY,
                     trusted: *trusted,
+                    fec: self.fec,
                 })
                 .collect(),
             routes: routes
@@ -563,6 +567,7 @@ fn a_link_with_the_wrong_key_is_refused_and_counted() {
             address: net.addr("a"),
             key: [9; 32],
             trusted: true,
+            fec: false,
         }],
         routes: vec![MeshRouteSpec {
             room: "demo".into(),
@@ -685,4 +690,202 @@ fn hop_by_hop_recovery_beats_end_to_end_over_three_hops() {
         ratios[1],
         ratios[0]
     );
+}
+
+/// The NACKs every node sent, summed over its links.
+fn nacks_sent(net: &mut Net) -> u64 {
+    let names: Vec<String> = net.nodes.keys().cloned().collect();
+    names
+        .iter()
+        .map(|n| {
+            net.sfu(n)
+                .stats()
+                .mesh_links
+                .iter()
+                .map(|l| l.nacks_sent)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn link_stats(net: &mut Net, node: &str, peer: &str) -> ridge_sfu::MeshLinkSnapshot {
+    net.sfu(node)
+        .stats()
+        .mesh_links
+        .into_iter()
+        .find(|l| l.peer == peer)
+        .expect("link")
+}
+
+/// A → B → C at `permille` loss per mesh datagram, FEC on or off: the
+/// tags the subscriber got (and when), when each was sent, and the net.
+fn lossy_chain(fec: bool, permille: u64, n: u32) -> (Net, HashMap<u32, Instant>, Vec<Instant>) {
+    let mut net = Net::new(&["a", "b", "c", "d"]);
+    net.fec = fec;
+    let pub_client = remote(1, 4000);
+    let sub_client = remote(2, 4002);
+    publisher(&mut net, "a", pub_client, 0xaaaa, TrackKind::Video);
+    subscriber(&mut net, "c", sub_client, TrackKind::Video);
+    chain(&mut net, true);
+    net.advance(Duration::from_millis(1500));
+    net.loss_permille = permille;
+    let sent = stream(&mut net, pub_client, "a", 0xaaaa, n, 200);
+    net.loss_permille = 0;
+    net.advance(Duration::from_secs(2));
+    let got = received(&net, sub_client);
+    (net, got, sent)
+}
+
+#[test]
+fn fec_repairs_loss_without_a_nack_round_trip() {
+    let n = 3000;
+    let (mut off, got_off, _) = lossy_chain(false, 50, n);
+    let (mut on, got_on, sent_on) = lossy_chain(true, 50, n);
+    let (nacks_off, nacks_on) = (nacks_sent(&mut off), nacks_sent(&mut on));
+    let b_from_a = link_stats(&mut on, "b", "a");
+    let c_from_b = link_stats(&mut on, "c", "b");
+    let a_to_b = link_stats(&mut on, "a", "b");
+    eprintln!(
+        "5% loss, 2 hops: NACKs {nacks_off} without FEC, {nacks_on} with; \
+         B rebuilt {} (duplicates {}), C rebuilt {}; A sent {} repair packets for {} datagrams",
+        b_from_a.fec_recovered,
+        b_from_a.duplicates,
+        c_from_b.fec_recovered,
+        a_to_b.fec_sent,
+        a_to_b.packets_out,
+    );
+    // Everything arrives either way (NACK repairs what FEC cannot).
+    for (got, what) in [(&got_off, "off"), (&got_on, "on")] {
+        let first = got.keys().min().copied().unwrap_or(n);
+        assert!(first < 30, "FEC {what}: media started at {first}");
+        let missing: Vec<u32> = (first..n).filter(|t| !got.contains_key(t)).collect();
+        assert!(missing.is_empty(), "FEC {what}: lost {missing:?}");
+    }
+    // FEC worked on both hops, and most losses needed no NACK.
+    assert!(b_from_a.fec_recovered > 50, "{b_from_a:?}");
+    assert!(c_from_b.fec_recovered > 50, "{c_from_b:?}");
+    assert!(
+        nacks_on * 2 < nacks_off,
+        "NACKs with FEC {nacks_on}, without {nacks_off}"
+    );
+    // One repair packet per 4 media packets.
+    let media = u64::from(n);
+    assert!(
+        (media / 5..=media / 3).contains(&a_to_b.fec_sent),
+        "{} repair packets for {media}",
+        a_to_b.fec_sent
+    );
+    // A packet FEC rebuilt is not NACKed as well: hardly any
+    // retransmission races a rebuilt packet.
+    assert!(
+        b_from_a.duplicates * 20 <= b_from_a.fec_recovered,
+        "{b_from_a:?}"
+    );
+    // And a rebuilt packet is on time.
+    let late = got_on
+        .iter()
+        .filter(|(tag, at)| at.duration_since(sent_on[**tag as usize]) > Duration::from_millis(100))
+        .count();
+    assert_eq!(late, 0);
+}
+
+#[test]
+fn fec_sent_by_one_end_is_used_by_the_other_whatever_its_flag() {
+    // Version skew: A's desired state turned FEC on, B's and C's not yet.
+    let mut net = Net::new(&["a", "b", "c"]);
+    let pub_client = remote(1, 4000);
+    let sub_client = remote(2, 4002);
+    publisher(&mut net, "a", pub_client, 0xaaaa, TrackKind::Video);
+    subscriber(&mut net, "c", sub_client, TrackKind::Video);
+    net.fec = true;
+    net.configure("a", &[("b", true)], &[("demo", "a", None, &["b"])]);
+    net.fec = false;
+    net.configure(
+        "b",
+        &[("a", true), ("c", true)],
+        &[("demo", "a", Some("a"), &["c"])],
+    );
+    net.configure("c", &[("b", true)], &[("demo", "a", Some("b"), &[])]);
+    net.advance(Duration::from_millis(1500));
+    net.loss_permille = 50;
+    stream(&mut net, pub_client, "a", 0xaaaa, 1000, 200);
+    net.loss_permille = 0;
+    net.advance(Duration::from_secs(2));
+    let got = received(&net, sub_client);
+    let first = got.keys().min().copied().unwrap_or(1000);
+    assert!((first..1000).all(|t| got.contains_key(&t)));
+    let b_from_a = link_stats(&mut net, "b", "a");
+    assert!(b_from_a.fec_received > 100 && b_from_a.fec_recovered > 10);
+    assert!(!b_from_a.fec, "B's own flag stays off");
+    let c_from_b = link_stats(&mut net, "c", "b");
+    assert_eq!(c_from_b.fec_received, 0, "B does not send FEC");
+    assert_eq!(net.sfu("b").stats().drops[DropReason::MeshFec as usize], 0);
+}
+
+/// Audio packets from the publisher client, tagged in their first 4
+/// payload bytes, every 20 ms.
+fn stream_audio(net: &mut Net, from: SocketAddr, n: u32) {
+    for i in 0..n {
+        let mut payload = i.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[0x55; 76]);
+        let pkt = rtp(96, i as u16, i * 960, 0xbbbb, false, &payload);
+        net.client_send(from, "a", pkt);
+        net.advance(Duration::from_millis(20));
+    }
+}
+
+fn received_audio(net: &Net, client: SocketAddr) -> HashMap<u32, Vec<u8>> {
+    let mut got = HashMap::new();
+    for (_, to, data) in &net.delivered {
+        if *to != client || ridge_sfu::packet::classify(data) != ridge_sfu::packet::PacketClass::Rtp
+        {
+            continue;
+        }
+        let p = parse_rtp(data);
+        if let Some(t) = p.payload.get(..4) {
+            got.insert(u32::from_be_bytes([t[0], t[1], t[2], t[3]]), p.payload);
+        }
+    }
+    got
+}
+
+#[test]
+fn red_repairs_lost_audio_with_the_next_packet() {
+    let mut results = Vec::new();
+    for fec in [false, true] {
+        let mut net = Net::new(&["a", "b", "c"]);
+        net.fec = fec;
+        let pub_client = remote(1, 4000);
+        let sub_client = remote(2, 4002);
+        publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
+        subscriber(&mut net, "c", sub_client, TrackKind::Audio);
+        chain(&mut net, false);
+        net.advance(Duration::from_millis(1500));
+        net.loss_permille = 100;
+        let n = 1000;
+        stream_audio(&mut net, pub_client, n);
+        net.loss_permille = 0;
+        net.advance(Duration::from_secs(2));
+        let got = received_audio(&net, sub_client);
+        let missing: Vec<u32> = (1..n).filter(|t| !got.contains_key(t)).collect();
+        assert!(missing.is_empty(), "RED {fec}: lost {missing:?}");
+        // The subscriber gets plain Opus, byte for byte what was sent.
+        for (tag, payload) in &got {
+            assert_eq!(payload.len(), 80, "tag {tag}");
+            assert!(payload[4..].iter().all(|b| *b == 0x55));
+        }
+        let b_from_a = link_stats(&mut net, "b", "a");
+        let a_to_b = link_stats(&mut net, "a", "b");
+        let nacks = nacks_sent(&mut net);
+        eprintln!(
+            "RED {fec}: {nacks} NACKs, B rebuilt {}, A sent {} RED packets",
+            b_from_a.red_recovered, a_to_b.red_sent
+        );
+        results.push((nacks, b_from_a.red_recovered, a_to_b.red_sent));
+    }
+    let (nacks_off, red_off, sent_off) = results[0];
+    let (nacks_on, red_on, sent_on) = results[1];
+    assert_eq!((red_off, sent_off), (0, 0));
+    assert!(sent_on > 900 && red_on > 50, "{results:?}");
+    assert!(nacks_on * 2 < nacks_off, "{results:?}");
 }

@@ -79,6 +79,23 @@ fn random_mesh_control_messages_never_panic() {
     }
 }
 
+#[test]
+fn random_mesh_fec_and_red_payloads_never_panic() {
+    let mut rng = StdRng::seed_from_u64(14);
+    for i in 0..20_000 {
+        let len = rng.random_range(0..160);
+        let mut data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        // Half of them shaped as repair packets: RTP with one CSRC and a
+        // flexible-mask FEC header (R = F = 0) with a short mask.
+        if i % 2 == 0 && data.len() >= 28 {
+            data[0] = 0x81 | (data[0] & 0x30);
+            data[16] &= 0x3f;
+            data[26] |= if i % 4 == 0 { 0x80 } else { 0 };
+        }
+        fuzzing::mesh_fec(&data);
+    }
+}
+
 /// Authenticated garbage on a mesh link: the handlers behind SRTP.
 #[test]
 fn random_authenticated_mesh_datagrams_never_panic() {

@@ -5,15 +5,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::*;
+use crate::fec::{FecDecoder, FecEncoder, FecPacket, Recovery};
 use crate::mesh::{
     AnnouncedLayer, AnnouncedTrack, InboundRef, LinkCapacity, LossTracker, MESH_STATE_TIMEOUT,
     MeshConfig, MeshLinkSnapshot, MeshMessage, MeshRecovery, MeshRouteSpec, OriginKey,
     PENDING_SUBSCRIBE_INTERVAL, ROUTE_HANDOVER, RemoteParticipantKey, SUBSCRIBE_INTERVAL,
     codec_code, codec_from_code, is_mesh_app, layers_within, parse_message, write_message,
 };
+use crate::red::{self, RedPayload};
 use crate::srtp::{SrtpContext, SrtpError, SrtpProfile, Unprotected, mesh_master_key};
 
 /// Receive contexts one link keeps, one per remote socket (each shard of
@@ -22,6 +24,17 @@ const MAX_RX_CONTEXTS: usize = 16;
 /// Payload types on links (the codec travels in the announcement).
 const MESH_PT_AUDIO: u8 = 111;
 const MESH_PT_VIDEO: u8 = 96;
+/// RED (RFC 2198) audio on links with FEC: the primary and, as a
+/// redundant block, the packet before (payload type 111 in the blocks).
+const MESH_PT_RED: u8 = 63;
+/// FlexFEC (RFC 8627) repair packets, on an SSRC of their own; the
+/// protected link SSRC is their CSRC.
+const MESH_PT_FLEXFEC: u8 = 118;
+/// How long a missing packet of a stream that carries FEC waits for its
+/// first NACK (unless a repair packet that cannot rebuild it comes first).
+const FEC_NACK_HOLD: Duration = Duration::from_millis(30);
+/// A stream carries FEC while a repair packet for it came this recently.
+const FEC_ACTIVE: Duration = Duration::from_secs(1);
 
 pub(super) struct MeshState {
     node_id: String,
@@ -39,6 +52,8 @@ pub(super) struct MeshState {
     /// The earliest due NACK of any stream.
     next_nack: Option<Instant>,
     scratch: Vec<u8>,
+    /// Where a packet rebuilt from FEC is assembled.
+    fec_scratch: Vec<u8>,
     /// The configuration applied last.
     config: Option<MeshConfig>,
 }
@@ -57,6 +72,7 @@ impl MeshState {
             announce_due: None,
             next_nack: None,
             scratch: Vec::with_capacity(1500),
+            fec_scratch: Vec::with_capacity(1500),
             config: None,
         }
     }
@@ -104,24 +120,58 @@ impl MeshState {
                     ol.ssrc = ol.ssrc.wrapping_mul(0x9e37_79b9).rotate_left(7) | 1;
                     l.outbound.insert(ol.ssrc, (tid, layer));
                     ol.retransmit.clear();
+                    if let Some(enc) = &mut ol.fec {
+                        enc.reset();
+                    }
                     self.announce_due = Some(now);
                 }
                 ol.source_ssrc = Some(pkt.ssrc);
             }
             let payload = stored.get_or_insert_with(|| io.packets.copy_in(pkt.payload));
+            // Audio on a link with FEC: RED, the packet before as a
+            // redundant block (when this link sent it and it fits).
+            let prev = (l.fec && kind == TrackKind::Audio)
+                .then(|| ol.retransmit.get(now, pkt.seq.wrapping_sub(1)))
+                .flatten()
+                .filter(|p| red::fits(pkt.timestamp.wrapping_sub(p.timestamp), p.payload.len()));
             ol.retransmit
                 .insert(now, pkt.seq, pkt.timestamp, pkt.marker, payload);
             let mut buf = io.buffer();
-            packet::rtp::write_header(
-                &mut buf,
-                pkt.marker,
-                mesh_pt(kind),
-                pkt.seq,
-                pkt.timestamp,
-                ol.ssrc,
-            );
-            buf.extend_from_slice(payload.as_slice());
+            let pt = if prev.is_some() {
+                ol.retransmit.set_redundant(pkt.seq);
+                MESH_PT_RED
+            } else {
+                mesh_pt(kind)
+            };
+            packet::rtp::write_header(&mut buf, pkt.marker, pt, pkt.seq, pkt.timestamp, ol.ssrc);
+            match &prev {
+                Some(p) => {
+                    let off = pkt.timestamp.wrapping_sub(p.timestamp);
+                    red::write(
+                        &mut buf,
+                        MESH_PT_AUDIO,
+                        Some((off, p.payload.as_slice())),
+                        payload.as_slice(),
+                    );
+                    l.stats.red_sent += 1;
+                }
+                None => buf.extend_from_slice(payload.as_slice()),
+            }
+            // Video on a link with FEC: the packet joins its FEC group.
+            let fec = if l.fec && kind == TrackKind::Video {
+                let enc = ol
+                    .fec
+                    .get_or_insert_with(|| FecEncoder::new(repair_ssrc(ol.ssrc)));
+                if enc.must_close_before(pkt.seq) {
+                    send_repair(io, l, enc, ol.ssrc, m.dest);
+                }
+                enc.push(&buf);
+                Some(enc)
+            } else {
+                None
+            };
             if l.tx.protect_rtp(&mut buf).is_err() {
+                io.pool.push(buf);
                 continue;
             }
             l.stats.packets_out += 1;
@@ -129,8 +179,38 @@ impl MeshState {
             l.capacity.on_sent(buf.len());
             let mut scratch = Counters::default();
             io.send(&mut scratch, m.dest, buf);
+            if let Some(enc) = fec
+                && enc.is_full()
+            {
+                send_repair(io, l, enc, ol.ssrc, m.dest);
+            }
         }
     }
+}
+
+/// The repair stream's SSRC for a link stream (any SSRC not otherwise used
+/// on the link would do: receivers find repair packets by payload type).
+fn repair_ssrc(ssrc: u32) -> u32 {
+    (ssrc.rotate_left(16) ^ 0x0fec_0fec) | 1
+}
+
+/// Sends the repair packet of an FEC group (none for a group of one).
+fn send_repair(io: &mut Io, l: &mut Link, enc: &mut FecEncoder, protected: u32, dest: SocketAddr) {
+    if enc.pending() < 2 {
+        enc.reset();
+        return;
+    }
+    let mut buf = io.buffer();
+    if !enc.finish(MESH_PT_FLEXFEC, protected, &mut buf) || l.tx.protect_rtp(&mut buf).is_err() {
+        io.pool.push(buf);
+        return;
+    }
+    l.stats.fec_sent += 1;
+    l.stats.packets_out += 1;
+    l.stats.bytes_out += buf.len() as u64;
+    l.capacity.on_sent(buf.len());
+    let mut scratch = Counters::default();
+    io.send(&mut scratch, dest, buf);
 }
 
 impl MeshOut {
@@ -159,6 +239,8 @@ struct Link {
     address: SocketAddr,
     key: [u8; 32],
     trusted: bool,
+    /// Send FEC (video) and RED (audio) on it.
+    fec: bool,
     /// A link the desired state no longer lists, kept until then for a
     /// route hand-over.
     linger_until: Option<Instant>,
@@ -185,6 +267,11 @@ struct InStream {
     draining_until: Option<Instant>,
     /// A packet of it arrived.
     delivered: bool,
+    /// Its last packets, to rebuild a lost one from a repair packet: from
+    /// the first repair packet of the stream on.
+    fec: Option<Box<FecDecoder>>,
+    /// When a repair packet for it last came.
+    fec_seen: Option<Instant>,
 }
 
 impl InStream {
@@ -195,6 +282,8 @@ impl InStream {
             remote,
             draining_until: None,
             delivered: false,
+            fec: None,
+            fec_seen: None,
         }
     }
 }
@@ -251,6 +340,9 @@ struct OutLayer {
     /// Over the link's budget even on its own (and not the lowest layer):
     /// announced as unavailable.
     over_budget: bool,
+    /// The open FEC group (video on a link with FEC), from the first
+    /// packet sent with FEC on.
+    fec: Option<FecEncoder>,
 }
 
 /// A remote participant's placeholder peer: where its tracks come from.
@@ -303,6 +395,8 @@ impl Sfu {
                 Some((j, mut l)) => {
                     remap.insert(j, i);
                     l.linger_until = None;
+                    l.fec = spec.fec;
+                    l.stats.fec = spec.fec;
                     l
                 }
                 None => {
@@ -318,6 +412,7 @@ impl Sfu {
                         address: spec.address,
                         key: spec.key,
                         trusted: spec.trusted,
+                        fec: spec.fec,
                         linger_until: None,
                         profile,
                         tx: SrtpContext::new(profile, &tk, &ts),
@@ -329,6 +424,7 @@ impl Sfu {
                         stats: MeshLinkSnapshot {
                             peer: spec.peer.clone(),
                             trusted: spec.trusted,
+                            fec: spec.fec,
                             ..Default::default()
                         },
                     }
@@ -606,6 +702,7 @@ impl Sfu {
                         paused: false,
                         capped: false,
                         over_budget: false,
+                        fec: None,
                     });
                 }
                 // A single layer always goes; of several, those the
@@ -980,10 +1077,48 @@ impl Sfu {
     }
 
     fn mesh_rtp(&mut self, now: Instant, link: usize, source: SocketAddr, packet: &PacketBuf) {
-        let data = packet.as_slice();
-        let Ok(header) = RtpHeader::parse(data) else {
+        let Ok(header) = RtpHeader::parse(packet.as_slice()) else {
             self.io.drop_packet(DropReason::Malformed);
             return;
+        };
+        if header.payload_type == MESH_PT_FLEXFEC {
+            self.mesh_fec(now, link, source, packet);
+        } else {
+            self.mesh_media(now, link, source, packet, &header, false);
+        }
+    }
+
+    /// A media packet of a link stream: received, or rebuilt from a repair
+    /// packet (`repaired`, already marked received in the SRTP replay
+    /// window). Tracks loss (and NACKs), unwraps RED (rebuilding the
+    /// packet before when it is missing) and forwards.
+    fn mesh_media(
+        &mut self,
+        now: Instant,
+        link: usize,
+        source: SocketAddr,
+        packet: &PacketBuf,
+        header: &RtpHeader,
+        repaired: bool,
+    ) {
+        let data = packet.as_slice();
+        // The media payload (the primary of a RED packet), and a RED block.
+        let payload_at = header.header_len;
+        let payload_end = data.len().saturating_sub(header.padding_len);
+        let (range, red_block) = if header.payload_type == MESH_PT_RED {
+            match RedPayload::parse(header.payload(data)) {
+                Ok(r) => (
+                    payload_at + r.primary.start..payload_at + r.primary.end,
+                    r.latest(),
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad RED payload on a mesh link");
+                    self.io.drop_packet(DropReason::MeshFec);
+                    return;
+                }
+            }
+        } else {
+            (payload_at..payload_end, None)
         };
         let Some(at) = self
             .mesh
@@ -1021,16 +1156,57 @@ impl Sfu {
                 s.delivered = true;
             }
         }
+        if let Some(dec) = &mut s.fec {
+            dec.store(header.sequence, packet);
+        }
         if !relay_only {
             let (lost, recovered) = (s.loss.lost, s.loss.recovered);
+            let fec_active = s
+                .fec_seen
+                .is_some_and(|t| now.saturating_duration_since(t) < FEC_ACTIVE);
+            s.loss.set_hold(if fec_active {
+                FEC_NACK_HOLD
+            } else {
+                Duration::ZERO
+            });
             // Whatever `on_packet` says, the packet is forwarded: one older
             // than this hop waits for still passed SRTP's replay check, so
             // nobody downstream has it either.
-            s.loss.on_packet(now, header.sequence);
+            if repaired {
+                s.loss.on_repaired(now, header.sequence);
+            } else {
+                s.loss.on_packet(now, header.sequence);
+            }
             self.io.counters.packets_lost += s.loss.lost - lost;
             l.stats.recovered += s.loss.recovered - recovered;
-            if s.loss.next_due().is_some_and(|d| d <= now) {
-                self.mesh_nack_stream(now, link, header.ssrc);
+        }
+        // RED: the block is the packet before; rebuild it if it never came
+        // (the replay window says so, and from then on refuses it).
+        let mut rebuilt: Option<(u16, u32, PacketBuf)> = None;
+        if let Some(b) = red_block {
+            let prev = header.sequence.wrapping_sub(1);
+            let fresh =
+                l.rx.get_mut(&source)
+                    .is_some_and(|ctx| ctx.mark_received(header.ssrc, prev).is_ok());
+            if fresh {
+                if !relay_only {
+                    s.loss.on_repaired(now, prev);
+                }
+                l.stats.red_recovered += 1;
+                rebuilt = Some((
+                    prev,
+                    header.timestamp.wrapping_sub(u32::from(b.ts_offset)),
+                    packet.slice(payload_at + b.start..payload_at + b.end),
+                ));
+            }
+        }
+        if !relay_only {
+            match s.loss.next_due() {
+                Some(d) if d <= now => self.mesh_nack_stream(now, link, header.ssrc),
+                Some(d) => {
+                    self.mesh.next_nack = Some(self.mesh.next_nack.map_or(d, |n| n.min(d)));
+                }
+                None => {}
             }
         }
         if first {
@@ -1040,10 +1216,101 @@ impl Sfu {
             return;
         };
         let vp8 = track.kind == TrackKind::Video && track.codec == Some(Codec::Vp8);
-        let fwd = Forward::from_stored(&header, packet, |p| {
-            vp8 && packet::codec::vp8_is_keyframe(p)
-        });
+        if let Some((seq, timestamp, view)) = rebuilt {
+            let fwd = Forward {
+                ssrc: header.ssrc,
+                seq,
+                timestamp,
+                marker: false,
+                keyframe: false,
+                payload: view.as_slice(),
+                shared: None,
+                stored: Some(view.clone()),
+                audio_level: None,
+            };
+            self.forward(now, at.track, at.layer, &fwd);
+        }
+        let stored = packet.slice(range);
+        let payload = stored.as_slice();
+        let fwd = Forward {
+            ssrc: header.ssrc,
+            seq: header.sequence,
+            timestamp: header.timestamp,
+            marker: header.marker,
+            keyframe: vp8 && packet::codec::vp8_is_keyframe(payload),
+            payload,
+            shared: None,
+            stored: Some(stored.clone()),
+            audio_level: None,
+        };
         self.forward(now, at.track, at.layer, &fwd);
+    }
+
+    /// A FlexFEC repair packet: rebuilds the one missing packet of its
+    /// group if it can (and forwards it as if it had arrived); missing
+    /// packets up to the group's last that it cannot rebuild are NACKed at
+    /// once instead of after the hold.
+    fn mesh_fec(&mut self, now: Instant, link: usize, source: SocketAddr, packet: &PacketBuf) {
+        let fec = match FecPacket::parse(packet.as_slice()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad FEC packet on a mesh link");
+                self.io.drop_packet(DropReason::MeshFec);
+                return;
+            }
+        };
+        let ssrc = fec.protected_ssrc;
+        let mut scratch = std::mem::take(&mut self.mesh.fec_scratch);
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            self.mesh.fec_scratch = scratch;
+            return;
+        };
+        l.stats.fec_received += 1;
+        let Some(s) = l.inbound.get_mut(&ssrc) else {
+            self.mesh.fec_scratch = scratch;
+            self.io.drop_packet(DropReason::UnknownSsrc);
+            return;
+        };
+        s.fec_seen = Some(now);
+        let dec = s.fec.get_or_insert_with(Box::default);
+        let mut rebuilt = None;
+        match dec.recover(&fec, &mut scratch) {
+            Ok(Recovery::Recovered(seq)) => {
+                // Only what never came: the replay window knows.
+                let fresh =
+                    l.rx.get_mut(&source)
+                        .is_some_and(|ctx| ctx.mark_received(ssrc, seq).is_ok());
+                if fresh {
+                    l.stats.fec_recovered += 1;
+                    rebuilt = Some(self.io.packets.copy_in(&scratch));
+                }
+            }
+            Ok(Recovery::Complete | Recovery::Unrecoverable(_)) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "unusable FEC packet on a mesh link");
+                self.io.drop_packet(DropReason::MeshFec);
+            }
+        }
+        self.mesh.fec_scratch = scratch;
+        if let Some(buf) = rebuilt {
+            match RtpHeader::parse(buf.as_slice()) {
+                Ok(h) if h.ssrc == ssrc => self.mesh_media(now, link, source, &buf, &h, true),
+                _ => self.io.drop_packet(DropReason::MeshFec),
+            }
+        }
+        // What this group could not rebuild is NACKed now.
+        let Some(s) = self
+            .mesh
+            .links
+            .get_mut(link)
+            .and_then(|l| l.inbound.get_mut(&ssrc))
+        else {
+            return;
+        };
+        s.loss.release_through(now, fec.last());
+        if s.loss.next_due().is_some_and(|d| d <= now) {
+            self.mesh_nack_stream(now, link, ssrc);
+        }
     }
 
     /// The current upstream's stream of a layer delivered its first
@@ -1259,27 +1526,47 @@ impl Sfu {
             return false;
         };
         let kind = track.kind;
-        let Some((dest, sent)) = track
+        let found = track
             .mesh_out
             .iter()
             .find(|m| m.link == link)
-            .and_then(|m| Some((m.dest, m.layers.get(layer)?.retransmit.get(now, seq)?)))
-        else {
+            .and_then(|m| {
+                let rtx = &m.layers.get(layer)?.retransmit;
+                let sent = rtx.get(now, seq)?;
+                // Sent as RED: the same bytes again (under SRTP's AES-CM, other
+                // bytes with the same index would reuse its keystream).
+                let prev = if sent.redundant {
+                    Some(rtx.get(now, seq.wrapping_sub(1))?)
+                } else {
+                    None
+                };
+                Some((m.dest, sent, prev))
+            });
+        let Some((dest, sent, prev)) = found else {
             // Not (yet) here: on a relay, usually a packet this hop is
             // itself still waiting for.
             l.stats.nack_misses += 1;
             return false;
         };
         let mut buf = self.io.buffer();
-        packet::rtp::write_header(
-            &mut buf,
-            sent.marker,
-            mesh_pt(kind),
-            sent.seq,
-            sent.timestamp,
-            ssrc,
-        );
-        buf.extend_from_slice(sent.payload.as_slice());
+        let pt = if prev.is_some() {
+            MESH_PT_RED
+        } else {
+            mesh_pt(kind)
+        };
+        packet::rtp::write_header(&mut buf, sent.marker, pt, sent.seq, sent.timestamp, ssrc);
+        match &prev {
+            Some(p) => {
+                let off = sent.timestamp.wrapping_sub(p.timestamp);
+                red::write(
+                    &mut buf,
+                    MESH_PT_AUDIO,
+                    Some((off, p.payload.as_slice())),
+                    sent.payload.as_slice(),
+                );
+            }
+            None => buf.extend_from_slice(sent.payload.as_slice()),
+        }
         if l.tx.protect_rtp(&mut buf).is_err() {
             return false;
         }
