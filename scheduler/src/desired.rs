@@ -131,16 +131,23 @@ pub const FEC_LOSS_THRESHOLD: f64 = 0.02;
 /// least [`FEC_LOSS_THRESHOLD`], off for the others. Both ends of a link
 /// get the same flag. Apply to [`derive`]'s output.
 pub fn mark_lossy_links(states: &mut [DesiredState], links: &[LinkInput]) {
-    let loss = |a: &str, b: &str| {
-        links
-            .iter()
-            .filter(|l| (l.from == a && l.to == b) || (l.from == b && l.to == a))
-            .map(|l| l.loss)
-            .fold(0.0f64, f64::max)
-    };
+    // The worse direction per unordered pair: one pass over the links, so
+    // a 1,000-node mesh costs a hash lookup per desired link.
+    let mut worst: HashMap<(&str, &str), f64> = HashMap::with_capacity(links.len());
+    for l in links {
+        let key = if l.from <= l.to {
+            (l.from.as_str(), l.to.as_str())
+        } else {
+            (l.to.as_str(), l.from.as_str())
+        };
+        let w = worst.entry(key).or_insert(0.0);
+        *w = w.max(l.loss);
+    }
     for st in states {
         for l in &mut st.links {
-            l.fec = loss(&st.node_id, &l.peer) >= FEC_LOSS_THRESHOLD;
+            let (a, b) = (st.node_id.as_str(), l.peer.as_str());
+            let key = if a <= b { (a, b) } else { (b, a) };
+            l.fec = worst.get(&key).copied().unwrap_or(0.0) >= FEC_LOSS_THRESHOLD;
         }
     }
 }

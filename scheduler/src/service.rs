@@ -934,7 +934,8 @@ fn compute_desired(
             up: n.up(now, lease) && !n.row.drain,
         })
         .collect();
-    let states = desired::derive(&facts, &plan, mesh_key);
+    let mut states = desired::derive(&facts, &plan, mesh_key);
+    desired::mark_lossy_links(&mut states, &mesh.links);
     let max_version = view
         .nodes
         .values()
