@@ -33,6 +33,7 @@ pub struct Metrics {
     pub nodes: Family<StateLabels, Gauge>,
     pub leader: Gauge,
     pub route_computations: Counter,
+    pub route_computations_skipped: Counter,
     pub route_computation_seconds: Histogram,
     pub desired_updates: Counter,
     pub watchers: Gauge,
@@ -54,6 +55,7 @@ pub fn registry() -> (Registry, Metrics) {
         nodes: Family::default(),
         leader: Gauge::default(),
         route_computations: Counter::default(),
+        route_computations_skipped: Counter::default(),
         route_computation_seconds: Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
         ]),
@@ -92,6 +94,11 @@ pub fn registry() -> (Registry, Metrics) {
         "route_computations",
         "Route plan computations",
         m.route_computations.clone(),
+    );
+    r.register(
+        "route_computations_skipped",
+        "Leader ticks that kept the route plan: the mesh's structure (nodes up, dead links, rooms, addresses, drain) had not changed and the last plan was younger than the metric refresh",
+        m.route_computations_skipped.clone(),
     );
     r.register(
         "route_computation_seconds",

@@ -103,7 +103,17 @@ pub struct Scheduler {
     dead_links: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Wakes the ticker (see [`Scheduler::tick_requested`]).
     tick_now: Notify,
+    /// The leader's last full computation: the mesh structure it saw
+    /// ([`structure_fingerprint`]) and when.
+    last_computed: Mutex<Option<(u64, u64)>>,
 }
+
+/// How often the leader recomputes routes when only measurements (RTT,
+/// loss below "dead", jitter, load) changed, in heartbeat intervals (5 s at
+/// the default 2 s). A change of structure (a node up or down, a link dead
+/// or alive, room membership, addresses, drain) recomputes at the next
+/// tick, which a dead link brings forward.
+pub const METRIC_REFRESH_INTERVALS: f64 = 2.5;
 
 /// Errors mapped for the enrollment metric.
 fn count<T>(m: &Metrics, r: &Result<T, ApiError>) {
@@ -140,6 +150,7 @@ impl Scheduler {
             shutting_down: AtomicBool::new(false),
             dead_links: Mutex::new(HashMap::new()),
             tick_now: Notify::new(),
+            last_computed: Mutex::new(None),
         });
         s.reload().await?;
         s.refresh_desired().await?;
@@ -710,6 +721,9 @@ impl Scheduler {
             if !leader && let Ok(mut p) = self.plan.lock() {
                 *p = None;
             }
+            if let Ok(mut c) = self.last_computed.lock() {
+                *c = None;
+            }
         }
         self.metrics.leader.set(i64::from(leader));
         if leader {
@@ -766,11 +780,8 @@ impl Scheduler {
     pub async fn reload(&self) -> Result<(), StoreError> {
         let heads = self.store.load_node_heads().await?;
         let prev = self.view();
-        let latest: HashMap<String, LocalReport> = self
-            .latest
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
+        let latest: HashMap<String, LocalReport> =
+            self.latest.lock().map(|l| l.clone()).unwrap_or_default();
         let (mut nodes, fetch, latest) = tokio::task::spawn_blocking(move || {
             let mut nodes = BTreeMap::new();
             let mut fetch = Vec::new();
@@ -827,11 +838,20 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The leader's job: route plan and desired states.
+    /// The leader's job: route plan and desired states, when the mesh's
+    /// structure changed or the last ones are [`METRIC_REFRESH_INTERVALS`]
+    /// heartbeat intervals old.
     async fn schedule(&self) -> Result<(), StoreError> {
         let started = Instant::now();
         let view = self.view();
         let now = now_ms();
+        let structure = structure_fingerprint(&view, now, self.lease_ms());
+        let refresh_ms = (self.interval_ms() as f64 * METRIC_REFRESH_INTERVALS) as u64;
+        let last = self.last_computed.lock().ok().and_then(|c| *c);
+        if last.is_some_and(|(fp, at)| fp == structure && now.saturating_sub(at) < refresh_ms) {
+            self.metrics.route_computations_skipped.inc();
+            return Ok(());
+        }
         let model = CostModel {
             max_hops: self.config.max_hops,
             ..CostModel::default()
@@ -867,6 +887,9 @@ impl Scheduler {
         }
         if let Ok(mut p) = self.plan.lock() {
             *p = Some(plan);
+        }
+        if let Ok(mut c) = self.last_computed.lock() {
+            *c = Some((structure, now));
         }
         self.metrics.route_computations.inc();
         self.metrics
@@ -1013,6 +1036,36 @@ fn reuse(
     n.row.drain = head.drain;
     n.report = report.clone();
     Some(Arc::new(n))
+}
+
+/// A hash of what makes the mesh's shape, as opposed to its measurements:
+/// per node (in id order) whether it is up, drained, its addresses, labels
+/// and which rooms it publishes or watches, and per reported link the peer
+/// and whether it is dead (loss 1.0). Equal fingerprints mean a new route
+/// computation could differ from the last only through RTT, loss, jitter or
+/// load.
+fn structure_fingerprint(v: &View, now_ms: u64, lease_ms: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (id, n) in &v.nodes {
+        id.hash(&mut h);
+        n.up(now_ms, lease_ms).hash(&mut h);
+        n.row.drain.hash(&mut h);
+        n.labels.hash(&mut h);
+        let a = &n.report.addresses;
+        (&a.media, &a.mesh, &a.http).hash(&mut h);
+        n.report.links.len().hash(&mut h);
+        for l in &n.report.links {
+            l.peer.hash(&mut h);
+            (l.loss >= 1.0).hash(&mut h);
+        }
+        n.report.rooms.len().hash(&mut h);
+        for r in &n.report.rooms {
+            r.room.hash(&mut h);
+            (r.publishers > 0, r.subscribers > 0).hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 /// The routing input from a snapshot.
