@@ -556,7 +556,7 @@ async fn agents_mode(
         (self1 - self0) as f64 / clk_tck() / wall * 100.0
     );
     println!(
-        "leader tick (route plan + desired states over {} nodes, {} room trees): mean {:.1} ms over {} ticks",
+        "leader route computation (route plan + desired states over {} nodes, {} room trees): mean {:.1} ms over {} computations; {} ticks kept the plan (measurements only)",
         agents.len(),
         routes["routes"].as_array().map_or(0, Vec::len),
         if rc_count > 0.0 {
@@ -564,7 +564,8 @@ async fn agents_mode(
         } else {
             0.0
         },
-        rc_count
+        rc_count,
+        metric("ridge_scheduler_route_computations_skipped_total")
     );
     drop(proc_guard);
     let _ = std::fs::remove_dir_all(&dir);
