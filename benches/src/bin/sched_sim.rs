@@ -83,6 +83,9 @@ enum Mode {
         max_hops: usize,
         #[arg(long, default_value_t = 20)]
         iterations: usize,
+        /// Seed of the synthetic mesh and its changes (same seed, same runs).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -116,8 +119,17 @@ fn main() -> Result<()> {
             subscribers,
             max_hops,
             iterations,
+            seed,
         } => {
-            routes_mode(nodes, links, rooms, subscribers, max_hops, iterations);
+            routes_mode(RoutesArgs {
+                n: nodes,
+                links,
+                rooms,
+                subs: subscribers,
+                max_hops,
+                iters: iterations,
+                seed,
+            });
             Ok(())
         }
     }
@@ -131,9 +143,28 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+struct RoutesArgs {
+    n: usize,
+    links: usize,
+    rooms: usize,
+    subs: usize,
+    max_hops: usize,
+    iters: usize,
+    seed: u64,
+}
+
 #[allow(clippy::print_stdout, reason = "the report is the product")]
-fn routes_mode(n: usize, links: usize, rooms: usize, subs: usize, max_hops: usize, iters: usize) {
-    let mut rng = rand::rng();
+fn routes_mode(args: RoutesArgs) {
+    let RoutesArgs {
+        n,
+        links,
+        rooms,
+        subs,
+        max_hops,
+        iters,
+        seed,
+    } = args;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let ids: Vec<String> = (0..n).map(|i| format!("n-{i:016x}")).collect();
     let mut view = MeshView::default();
     for id in &ids {
@@ -176,6 +207,15 @@ fn routes_mode(n: usize, links: usize, rooms: usize, subs: usize, max_hops: usiz
     let secrets: Vec<String> = ids.iter().map(|_| "s".repeat(64)).collect();
     let mut route_ms = Vec::new();
     let mut total_ms = Vec::new();
+    let mut tick_ms = Vec::new();
+    let mut changed = Vec::new();
+    // The previous iteration's serialized states: the leader compares each
+    // new state's JSON with the stored one and writes only those that differ.
+    let mut stored: Vec<String> = vec![String::new(); n];
+    // FNV-1a over every iteration's plan and states: equal seeds must give
+    // equal digests whatever the implementation (checks a faster route
+    // computation chose the same paths).
+    let mut digest = 0xcbf2_9ce4_8422_2325u64;
     let mut prev = None;
     let mut edges = 0;
     let mut unreachable = 0;
@@ -205,19 +245,42 @@ fn routes_mode(n: usize, links: usize, rooms: usize, subs: usize, max_hops: usiz
         let states = desired::derive(&facts, &plan, "mesh-key");
         let t2 = Instant::now();
         assert_eq!(states.len(), n);
+        let mut writes = Vec::new();
+        for (i, (st, old)) in states.iter().zip(stored.iter_mut()).enumerate() {
+            let new = serde_json::to_string(st).unwrap_or_default();
+            if new != *old {
+                *old = new;
+                writes.push(i);
+            }
+        }
+        let t3 = Instant::now();
+        // The states written, in full (the first iteration writes all).
+        for &i in &writes {
+            digest = fnv(digest, stored[i].as_bytes());
+        }
+        changed.push(writes.len());
+        digest = fnv(
+            digest,
+            serde_json::to_string(&plan).unwrap_or_default().as_bytes(),
+        );
         edges = plan.routes.iter().map(|r| r.edges.len()).sum();
         unreachable = plan.routes.iter().map(|r| r.unreachable.len()).sum();
         route_ms.push((t1 - t0).as_secs_f64() * 1e3);
         total_ms.push((t2 - t0).as_secs_f64() * 1e3);
+        tick_ms.push((t3 - t0).as_secs_f64() * 1e3);
         prev = Some(plan);
     }
     route_ms.sort_by(f64::total_cmp);
     total_ms.sort_by(f64::total_cmp);
+    tick_ms.sort_by(f64::total_cmp);
+    changed.sort_unstable();
     println!(
         "routes: nodes={n} links/node={links} (reported; {} directed reports) rooms={rooms} subscribers/room={subs} max_hops={max_hops} iterations={iters}",
         view.links.len()
     );
-    println!("  tree edges={edges} unreachable subscribers={unreachable}");
+    println!(
+        "  tree edges={edges} unreachable subscribers={unreachable} seed={seed} digest={digest:016x}"
+    );
     println!(
         "  route plan:           median {:.1} ms  max {:.1} ms",
         pct(&route_ms, 50.0),
@@ -228,6 +291,20 @@ fn routes_mode(n: usize, links: usize, rooms: usize, subs: usize, max_hops: usiz
         pct(&total_ms, 50.0),
         pct(&total_ms, 100.0)
     );
+    println!(
+        "  + serialize/compare:  median {:.1} ms  max {:.1} ms  (changed states per iteration: median {})",
+        pct(&tick_ms, 50.0),
+        pct(&tick_ms, 100.0),
+        changed.get(changed.len() / 2).copied().unwrap_or(0)
+    );
+}
+
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 struct Proc {
