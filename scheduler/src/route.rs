@@ -7,7 +7,11 @@
 //!
 //! Paths are minimum cost with at most `max_hops` links, found with a
 //! hop-bounded Bellman-Ford (exact for the hop bound, unlike Dijkstra, which
-//! can find a cheaper but longer path and then has to give up). The cost of
+//! can find a cheaper but longer path and then has to give up), one search
+//! per source node that publishes, on all cores. A search only finishes the
+//! work its subscriber nodes need: the last levels pull the few nodes that
+//! can still reach one instead of pushing the whole frontier (see
+//! [`Graph::reach`]), with the same paths to the last tie. The cost of
 //! entering node `v` over link `u→v` is
 //! `rtt + jitter + loss_weight·loss% + load_weight·overload(v) + hop_cost`,
 //! where `overload` is 0 up to `load_knee` and rises linearly to 1 at full
@@ -19,6 +23,7 @@
 //! subscriber a keyframe.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -158,10 +163,18 @@ pub struct Graph {
     /// `adj[u]` = (v, cost of u→v).
     adj: Vec<Vec<(usize, f64)>>,
     /// The same adjacency, flattened (CSR) for the hot loop: the edges of
-    /// `u` are `targets[offsets[u]..offsets[u + 1]]` with `costs` alongside.
+    /// `u` are `targets[offsets[u]..offsets[u + 1]]` with `costs` alongside,
+    /// in increasing target order.
     offsets: Vec<usize>,
     targets: Vec<u32>,
     costs: Vec<f64>,
+    /// `rcosts[e]`: the cost of the reverse edge, `targets[e]` → `u` (links
+    /// are symmetric, their cost is not: it includes the entered node's
+    /// load). What [`Graph::reach`] reads when it pulls.
+    rcosts: Vec<f64>,
+    /// The cheapest edge into each node (a lower bound [`Graph::reach`]
+    /// prunes with).
+    min_in: Vec<f64>,
 }
 
 impl Graph {
@@ -207,7 +220,8 @@ impl Graph {
                 .and_modify(|e| *e = (e.0.max(m.0), e.1.max(m.1), e.2.max(m.2)))
                 .or_insert(m);
         }
-        let mut adj = vec![Vec::new(); ids.len()];
+        // (v, cost of u→v, cost of v→u)
+        let mut both: Vec<Vec<(usize, f64, f64)>> = vec![Vec::new(); ids.len()];
         let mut sorted: Vec<_> = pairs.into_iter().collect();
         sorted.sort_by_key(|(k, _)| *k);
         for ((a, b), (rtt, loss, jitter)) in sorted {
@@ -217,20 +231,40 @@ impl Graph {
                 continue;
             }
             let base = rtt + jitter + model.loss_weight * loss * 100.0 + model.hop_cost;
-            adj[a].push((b, base + model.load_cost(load[b])));
-            adj[b].push((a, base + model.load_cost(load[a])));
+            let (ab, ba) = (
+                base + model.load_cost(load[b]),
+                base + model.load_cost(load[a]),
+            );
+            // Pairs come sorted, so every list is in increasing node order
+            // (the order the searches' tie-breaking relies on).
+            both[a].push((b, ab, ba));
+            both[b].push((a, ba, ab));
         }
         let mut offsets = Vec::with_capacity(ids.len() + 1);
         let mut targets = Vec::new();
         let mut costs = Vec::new();
+        let mut rcosts = Vec::new();
         offsets.push(0);
-        for edges in &adj {
-            for &(v, c) in edges {
+        for edges in &both {
+            for &(v, c, r) in edges {
                 targets.push(u32::try_from(v).unwrap_or(u32::MAX));
                 costs.push(c);
+                rcosts.push(r);
             }
             offsets.push(targets.len());
         }
+        let min_in = (0..ids.len())
+            .map(|v| {
+                rcosts[offsets[v]..offsets[v + 1]]
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect();
+        let adj = both
+            .into_iter()
+            .map(|l| l.into_iter().map(|(v, c, _)| (v, c)).collect())
+            .collect();
         Self {
             ids,
             index,
@@ -239,6 +273,8 @@ impl Graph {
             offsets,
             targets,
             costs,
+            rcosts,
+            min_in,
         }
     }
 
@@ -256,8 +292,11 @@ impl Graph {
         self.adj[u].iter().find(|(w, _)| *w == v).map(|(_, c)| *c)
     }
 
-    /// Minimum-cost paths from `source` with at most `max_hops` links.
-    pub fn paths_from(&self, source: &str, max_hops: usize) -> Option<PathTable> {
+    /// Minimum-cost paths from `source` with at most `max_hops` links, to
+    /// every node: the plain hop-bounded Bellman-Ford that [`Graph::reach`]
+    /// must match exactly (kept as the tests' reference).
+    #[cfg(test)]
+    fn paths_from(&self, source: &str, max_hops: usize) -> Option<PathTable> {
         let s = *self.index.get(source)?;
         let n = self.ids.len();
         let levels = max_hops + 1;
@@ -319,6 +358,233 @@ impl Graph {
         })
     }
 
+    /// The best paths from `s` to each of `targets` (node indices, sorted,
+    /// without `s`) with at most `max_hops` links, aligned with `targets`.
+    ///
+    /// The same search as [`Graph::paths_from`], with the same results to
+    /// the last tie (`reach_matches_paths_from` checks it), that skips work
+    /// no target needs: at level `h` only nodes within `max_hops - h` links
+    /// of a target can still be on a path to one, so once those are few, a
+    /// level *pulls* their values from the frontier instead of pushing the
+    /// whole frontier's edges. Pull keeps push's choices: the earliest
+    /// frontier node wins a tie, and the next frontier is ordered as push
+    /// would have filled it (by the first frontier node that improved each
+    /// node, then by node index, the adjacency order). `scratch` is reused
+    /// across sources.
+    fn reach(
+        &self,
+        s: usize,
+        targets: &[usize],
+        max_hops: usize,
+        scratch: &mut Scratch,
+    ) -> Vec<Reach> {
+        let n = self.ids.len();
+        let levels = max_hops + 1;
+        scratch.prepare(n, levels);
+        let Scratch {
+            dist,
+            hops,
+            pred,
+            frontier,
+            next,
+            in_next,
+            pos,
+            from,
+            near,
+            relevant,
+            layer_end,
+            layer_work,
+            improved,
+        } = scratch;
+        dist[..n].fill(f64::INFINITY);
+        hops[..n].fill(NONE);
+        dist[s] = 0.0;
+        hops[s] = 0;
+        // relevant[..layer_end[k]]: the nodes within k links of a target;
+        // layer_work[k]: their edges.
+        relevant.clear();
+        layer_end.clear();
+        layer_work.clear();
+        let degree = |v: usize| self.offsets[v + 1] - self.offsets[v];
+        let mut work = 0;
+        for &t in targets {
+            if near[t] == NONE {
+                near[t] = 0;
+                relevant.push(t as u32);
+                work += degree(t);
+            }
+        }
+        layer_end.push(relevant.len());
+        layer_work.push(work);
+        // Widen while the set is small: a level pulls only while its set is
+        // cheaper than the frontier's edges, which a large set is not.
+        while layer_end.len() < max_hops && relevant.len() <= n / 8 {
+            let k = layer_end.len();
+            let from = if k >= 2 { layer_end[k - 2] } else { 0 };
+            for i in from..layer_end[k - 1] {
+                let v = relevant[i] as usize;
+                for e in self.offsets[v]..self.offsets[v + 1] {
+                    let w = self.targets[e] as usize;
+                    if near[w] == NONE {
+                        near[w] = k as u32;
+                        relevant.push(w as u32);
+                        work += degree(w);
+                    }
+                }
+            }
+            layer_end.push(relevant.len());
+            layer_work.push(work);
+        }
+        frontier.clear();
+        frontier.push(s as u32);
+        next.clear();
+        let mut top = max_hops;
+        for h in 1..levels {
+            let (done, rest) = dist.split_at_mut(h * n);
+            let prev = &done[(h - 1) * n..];
+            let cur = &mut rest[..n];
+            cur.copy_from_slice(prev);
+            let (hdone, hrest) = hops.split_at_mut(h * n);
+            let cur_hops = &mut hrest[..n];
+            cur_hops.copy_from_slice(&hdone[(h - 1) * n..]);
+            let pred = &mut pred[h * n..(h + 1) * n];
+            let left = max_hops - h;
+            let push_work: usize = frontier.iter().map(|&u| degree(u as usize)).sum();
+            if layer_work.get(left).is_some_and(|&w| w < push_work) {
+                // Pull: each node that can still reach a target in `left`
+                // links takes its best in-edge from the frontier. `from[u]`
+                // is u's cost when u is on the frontier and may relay, else
+                // infinite, so the inner loop has one test.
+                let mut min_from = f64::INFINITY;
+                for (i, &u) in frontier.iter().enumerate() {
+                    let u = u as usize;
+                    if u == s || self.transit[u] {
+                        from[u] = prev[u];
+                        pos[u] = i as u32;
+                        min_from = min_from.min(prev[u]);
+                    }
+                }
+                let mut settle = |v: usize, cur: &mut [f64]| {
+                    if let Some((d, winner, first)) = pull(self, v, prev[v], from, pos) {
+                        cur[v] = d;
+                        cur_hops[v] = h as u32;
+                        pred[v] = frontier[winner as usize];
+                        improved.push((first, v as u32));
+                    }
+                };
+                #[cfg(test)]
+                count_level(if left == 1 { 2 } else { 1 });
+                if left == 1 {
+                    // The last level but one: the targets first, then only
+                    // the neighbours that could still improve one over its
+                    // new cost. A neighbour v ends this level at no less
+                    // than `bound` (float addition is monotonic), so where
+                    // `bound + cost(v→t)` does not beat t, v cannot be
+                    // chosen or tie at the last level.
+                    for &t in &relevant[..layer_end[0]] {
+                        settle(t as usize, cur);
+                    }
+                    let mut needed = Vec::new();
+                    for &t in &relevant[..layer_end[0]] {
+                        let t = t as usize;
+                        for e in self.offsets[t]..self.offsets[t + 1] {
+                            let v = self.targets[e] as usize;
+                            if near[v] != 1 || in_next[v] || (v != s && !self.transit[v]) {
+                                continue;
+                            }
+                            let bound = prev[v].min(min_from + self.min_in[v]);
+                            if bound + self.rcosts[e] < cur[t] {
+                                in_next[v] = true;
+                                needed.push(v);
+                            }
+                        }
+                    }
+                    for &v in &needed {
+                        in_next[v] = false;
+                        settle(v, cur);
+                    }
+                } else {
+                    for &v in &relevant[..layer_end[left]] {
+                        settle(v as usize, cur);
+                    }
+                }
+                for &u in frontier.iter() {
+                    from[u as usize] = f64::INFINITY;
+                    pos[u as usize] = NONE;
+                }
+                improved.sort_unstable();
+                next.extend(improved.drain(..).map(|(_, v)| v));
+            } else {
+                #[cfg(test)]
+                count_level(0);
+                // Push, as paths_from.
+                for &u in frontier.iter() {
+                    let u = u as usize;
+                    if u != s && !self.transit[u] {
+                        continue;
+                    }
+                    let du = prev[u];
+                    for e in self.offsets[u]..self.offsets[u + 1] {
+                        let v = self.targets[e] as usize;
+                        let d = du + self.costs[e];
+                        if d < cur[v] {
+                            cur[v] = d;
+                            cur_hops[v] = h as u32;
+                            pred[v] = u as u32;
+                            if !in_next[v] {
+                                in_next[v] = true;
+                                next.push(v as u32);
+                            }
+                        }
+                    }
+                }
+                for &v in next.iter() {
+                    in_next[v as usize] = false;
+                }
+            }
+            if next.is_empty() {
+                top = h;
+                break;
+            }
+            std::mem::swap(frontier, next);
+            next.clear();
+        }
+        for &v in relevant.iter() {
+            near[v as usize] = NONE;
+        }
+        let dist_top = &dist[top * n..(top + 1) * n];
+        targets
+            .iter()
+            .map(|&t| {
+                let c = dist_top[t];
+                if !c.is_finite() {
+                    return Reach::default();
+                }
+                // Walk the predecessors down the levels, as PathTable::path.
+                let mut path = vec![t];
+                let mut cur = t;
+                let mut level = hops[top * n + t] as usize;
+                while cur != s {
+                    let u = pred[level * n + cur];
+                    if u == NONE || level == 0 {
+                        return Reach {
+                            cost: Some(c),
+                            path: None,
+                        };
+                    }
+                    cur = u as usize;
+                    path.push(cur);
+                    level = hops[(level - 1) * n + cur] as usize;
+                }
+                path.reverse();
+                Reach {
+                    cost: Some(c),
+                    path: Some(path),
+                }
+            })
+            .collect()
+    }
+
     fn path_cost(&self, path: &[usize]) -> Option<f64> {
         path.windows(2)
             .map(|w| self.cost(w[0], w[1]))
@@ -326,15 +592,112 @@ impl Graph {
     }
 }
 
+/// One node's pull at one level of [`Graph::reach`]: its best in-edge from
+/// the frontier (`from`, `pos`) where that beats `pv`, as (cost, frontier
+/// position of the winner, frontier position of the first node that beats
+/// `pv`). Ties go to the earlier position, as push's strict `<` in frontier
+/// order does.
+#[inline]
+fn pull(graph: &Graph, v: usize, pv: f64, from: &[f64], pos: &[u32]) -> Option<(f64, u32, u32)> {
+    let mut best = pv;
+    let mut best_pos = NONE;
+    let mut first = NONE;
+    let edges = graph.offsets[v]..graph.offsets[v + 1];
+    for (&u, &c) in graph.targets[edges.clone()]
+        .iter()
+        .zip(&graph.rcosts[edges])
+    {
+        let d = from[u as usize] + c;
+        let p = pos[u as usize];
+        let improves = d < pv;
+        first = if improves { first.min(p) } else { first };
+        let better = improves & ((d < best) | ((d == best) & (p < best_pos)));
+        best = if better { d } else { best };
+        best_pos = if better { p } else { best_pos };
+    }
+    (best_pos != NONE).then_some((best, best_pos, first))
+}
+
+/// Levels [`Graph::reach`] pushed, pulled, and pulled with the last-but-one
+/// pruning: the tests check that each way was exercised.
+#[cfg(test)]
+static LEVEL_KINDS: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+
+#[cfg(test)]
+fn count_level(kind: usize) {
+    LEVEL_KINDS[kind].fetch_add(1, Ordering::Relaxed);
+}
+
+/// "None" in the searches' u32 arrays.
+const NONE: u32 = u32::MAX;
+
+/// The best path to one target: its cost and nodes, source first (what a
+/// tree needs of a search).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Reach {
+    cost: Option<f64>,
+    path: Option<Vec<usize>>,
+}
+
+#[cfg(test)]
+impl PathTable {
+    fn reach(&self, t: usize) -> Reach {
+        Reach {
+            cost: self.cost(t),
+            path: self.path(t),
+        }
+    }
+}
+
+/// Buffers of [`Graph::reach`], one set per thread, reused across sources.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Level-major: `dist[h * n + v]`, best cost with at most `h` links.
+    dist: Vec<f64>,
+    /// The hop count of that path.
+    hops: Vec<u32>,
+    /// The predecessor, when the path has exactly `h` links.
+    pred: Vec<u32>,
+    frontier: Vec<u32>,
+    next: Vec<u32>,
+    in_next: Vec<bool>,
+    /// Position in the frontier (`NONE` when not in it or not relaying);
+    /// all `NONE` between levels.
+    pos: Vec<u32>,
+    /// The frontier's costs (infinite where `pos` is `NONE`).
+    from: Vec<f64>,
+    /// Links to the nearest target (`NONE` when not known); all `NONE` between searches.
+    near: Vec<u32>,
+    relevant: Vec<u32>,
+    layer_end: Vec<usize>,
+    layer_work: Vec<usize>,
+    /// (first improving frontier position, node) of a pull level.
+    improved: Vec<(u32, u32)>,
+}
+
+impl Scratch {
+    fn prepare(&mut self, n: usize, levels: usize) {
+        self.dist.resize(n * levels, f64::INFINITY);
+        self.hops.resize(n * levels, NONE);
+        self.pred.resize(n * levels, NONE);
+        self.in_next.resize(n, false);
+        self.pos.resize(n, NONE);
+        self.from.resize(n, f64::INFINITY);
+        self.near.resize(n, NONE);
+    }
+}
+
 /// Shortest paths from one source (see [`Graph::paths_from`]).
+#[cfg(test)]
 #[derive(Debug)]
-pub struct PathTable {
+struct PathTable {
     source: usize,
     dist: Vec<Vec<f64>>,
     hops: Vec<Vec<usize>>,
     pred: Vec<Vec<usize>>,
 }
 
+#[cfg(test)]
 impl PathTable {
     fn top(&self) -> usize {
         self.dist.len() - 1
@@ -371,72 +734,114 @@ pub fn compute(view: &MeshView, model: &CostModel, previous: Option<&RoutePlan>)
     let graph = Graph::build(view, model);
     let mut rooms: Vec<&RoomInput> = view.rooms.iter().collect();
     rooms.sort_by(|a, b| a.room.cmp(&b.room));
-    // One path table per distinct source, computed on all cores: each is an
-    // independent hop-bounded Bellman-Ford.
-    let sources: Vec<usize> = rooms
-        .iter()
-        .flat_map(|r| r.publishers.iter())
-        .filter_map(|p| graph.index.get(p).copied())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let tables = path_tables(&graph, &sources, model.max_hops);
-    let previous: HashMap<(&str, &str), &RoomRoute> = previous
+    let previous = previous_index(previous);
+    // One job per distinct up source: its trees, in plan order (`slot`),
+    // and the subscriber nodes they need paths to.
+    let mut jobs: BTreeMap<usize, Job<'_>> = BTreeMap::new();
+    let mut slots = 0;
+    for room in &rooms {
+        for source in &room.publishers {
+            let Some(&s) = graph.index.get(source) else {
+                continue; // source down: no tree
+            };
+            let job = jobs.entry(s).or_insert_with(|| Job {
+                source: s,
+                trees: Vec::new(),
+                targets: Vec::new(),
+            });
+            job.trees.push((slots, room));
+            slots += 1;
+            job.targets.extend(
+                room.subscribers
+                    .iter()
+                    .filter_map(|t| graph.index.get(t).copied())
+                    .filter(|&t| t != s),
+            );
+        }
+    }
+    let mut jobs: Vec<Job<'_>> = jobs.into_values().collect();
+    for job in &mut jobs {
+        job.targets.sort_unstable();
+        job.targets.dedup();
+    }
+    let mut routes: Vec<Option<RoomRoute>> = vec![None; slots];
+    for (slot, route) in run_jobs(&graph, model, &jobs, &previous) {
+        routes[slot] = Some(route);
+    }
+    RoutePlan {
+        routes: routes.into_iter().flatten().collect(),
+    }
+}
+
+/// The trees of one source.
+#[derive(Debug)]
+struct Job<'a> {
+    source: usize,
+    /// (position in the plan, room).
+    trees: Vec<(usize, &'a RoomInput)>,
+    /// Subscriber nodes of those rooms, sorted, without the source.
+    targets: Vec<usize>,
+}
+
+type PreviousIndex<'a> = HashMap<(&'a str, &'a str), &'a RoomRoute>;
+
+fn previous_index(previous: Option<&RoutePlan>) -> PreviousIndex<'_> {
+    previous
         .map(|p| {
             p.routes
                 .iter()
                 .map(|r| ((r.room.as_str(), r.source.as_str()), r))
                 .collect()
         })
-        .unwrap_or_default();
-    let mut routes = Vec::new();
-    for room in rooms {
-        for source in &room.publishers {
-            let Some(&s) = graph.index.get(source) else {
-                continue; // source down: no tree
-            };
-            let Some(table) = tables.get(&s) else {
-                continue;
-            };
-            let prev = previous
-                .get(&(room.room.as_str(), source.as_str()))
-                .copied();
-            routes.push(build_tree(
-                &graph,
-                table,
-                model,
-                &room.room,
-                s,
-                &room.subscribers,
-                prev,
-            ));
-        }
-    }
-    RoutePlan { routes }
+        .unwrap_or_default()
 }
 
-/// Path tables for `sources`, split over the available cores.
-fn path_tables(graph: &Graph, sources: &[usize], max_hops: usize) -> HashMap<usize, PathTable> {
-    let run = |chunk: &[usize]| {
-        chunk
-            .iter()
-            .filter_map(|&s| graph.paths_from(&graph.ids[s], max_hops).map(|t| (s, t)))
-            .collect::<Vec<_>>()
+/// One search per job and its trees, on all cores (each search is
+/// independent): the threads take the next job until none is left.
+fn run_jobs(
+    graph: &Graph,
+    model: &CostModel,
+    jobs: &[Job<'_>],
+    previous: &PreviousIndex<'_>,
+) -> Vec<(usize, RoomRoute)> {
+    let next = AtomicUsize::new(0);
+    let run = || {
+        let mut scratch = Scratch::default();
+        let mut out = Vec::new();
+        loop {
+            let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return out;
+            };
+            let s = job.source;
+            let reach = graph.reach(s, &job.targets, model.max_hops, &mut scratch);
+            let best = |t: usize| {
+                job.targets
+                    .binary_search(&t)
+                    .ok()
+                    .and_then(|i| reach.get(i).cloned())
+                    .unwrap_or_default()
+            };
+            for &(slot, room) in &job.trees {
+                let prev = previous
+                    .get(&(room.room.as_str(), graph.ids[s].as_str()))
+                    .copied();
+                out.push((
+                    slot,
+                    build_tree(graph, &best, model, &room.room, s, &room.subscribers, prev),
+                ));
+            }
+        }
     };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .min(sources.len() / 32)
+        .min(jobs.len() / 32)
         .max(1);
     if threads == 1 {
-        return run(sources).into_iter().collect();
+        return run();
     }
-    let chunk = sources.len().div_ceil(threads);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = sources
-            .chunks(chunk)
-            .map(|c| scope.spawn(move || run(c)))
-            .collect();
+        let handles: Vec<_> = (0..threads).map(|_| scope.spawn(run)).collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().unwrap_or_default())
@@ -446,7 +851,7 @@ fn path_tables(graph: &Graph, sources: &[usize], max_hops: usize) -> HashMap<usi
 
 fn build_tree(
     graph: &Graph,
-    table: &PathTable,
+    best: &dyn Fn(usize) -> Reach,
     model: &CostModel,
     room: &str,
     s: usize,
@@ -463,10 +868,10 @@ fn build_tree(
         if t == s {
             continue;
         }
-        let best = table.path(t);
+        let Reach { cost, path: best } = best(t);
         let kept = previous
             .and_then(|p| previous_path(graph, p, s, t, model.max_hops))
-            .filter(|old| match (graph.path_cost(old), table.cost(t)) {
+            .filter(|old| match (graph.path_cost(old), cost) {
                 (Some(old_cost), Some(best_cost)) => model.keeps(old_cost, best_cost),
                 _ => false,
             });
@@ -839,6 +1244,184 @@ mod tests {
                         assert!((g.path_cost(&p).unwrap() - c).abs() < 1e-9);
                     }
                     other => panic!("mismatch {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// xorshift64: deterministic pseudo-random numbers for the tests.
+    fn rng(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
+    /// A random mesh with integer costs (so many exactly equal paths, where
+    /// only tie-breaking decides), nodes down or draining, loads on both
+    /// sides of the knee, and rooms with one or two publishers.
+    fn random_view(
+        rnd: &mut impl FnMut() -> u64,
+        n: usize,
+        degree: usize,
+        rooms: usize,
+    ) -> MeshView {
+        let ids: Vec<String> = (0..n).map(|i| format!("n{i:03}")).collect();
+        let loads = [0.0, 0.3, 0.75, 1.0];
+        let mut view = MeshView {
+            nodes: ids
+                .iter()
+                .map(|id| NodeInput {
+                    id: id.clone(),
+                    up: !rnd().is_multiple_of(20),
+                    transit: !rnd().is_multiple_of(8),
+                    load: loads[(rnd() % 4) as usize],
+                })
+                .collect(),
+            ..MeshView::default()
+        };
+        for a in 0..n {
+            for _ in 0..degree {
+                let b = (rnd() % n as u64) as usize;
+                view.links
+                    .push(link(&ids[a], &ids[b], (rnd() % 6) as f64 * 5.0));
+            }
+        }
+        for r in 0..rooms {
+            let pick = |rnd: &mut dyn FnMut() -> u64, k: u64| -> Vec<&str> {
+                (0..k)
+                    .map(|_| ids[(rnd() % n as u64) as usize].as_str())
+                    .collect()
+            };
+            let (np, ns) = (1 + rnd() % 2, 1 + rnd() % 6);
+            let pubs = pick(&mut *rnd, np);
+            let subs = pick(&mut *rnd, ns);
+            view.rooms.push(room(&format!("r{r}"), &pubs, &subs));
+        }
+        view
+    }
+
+    #[test]
+    fn reach_matches_paths_from() {
+        let mut rnd = rng(0x9e37_79b9_7f4a_7c15);
+        let mut scratch = Scratch::default();
+        let before: Vec<usize> = LEVEL_KINDS
+            .iter()
+            .map(|k| k.load(Ordering::Relaxed))
+            .collect();
+        for _ in 0..400 {
+            let n = 10 + (rnd() % 90) as usize;
+            let degree = 1 + (rnd() % 6) as usize;
+            let view = random_view(&mut rnd, n, degree, 0);
+            let max_hops = 1 + (rnd() % 5) as usize;
+            let model = CostModel {
+                max_hops,
+                ..CostModel::default()
+            };
+            let g = Graph::build(&view, &model);
+            if g.is_empty() {
+                continue;
+            }
+            for _ in 0..4 {
+                let s = (rnd() % g.len() as u64) as usize;
+                // Mostly a few targets (the pull levels), sometimes many.
+                let k = if rnd().is_multiple_of(4) {
+                    g.len()
+                } else {
+                    1 + (rnd() % 4) as usize
+                };
+                let mut targets: Vec<usize> = (0..k)
+                    .map(|_| (rnd() % g.len() as u64) as usize)
+                    .filter(|&t| t != s)
+                    .collect();
+                targets.sort_unstable();
+                targets.dedup();
+                // One scratch for all searches: what one leaves behind
+                // must not change the next.
+                let got = g.reach(s, &targets, max_hops, &mut scratch);
+                let table = g.paths_from(&g.ids[s], max_hops).unwrap();
+                for (i, &t) in targets.iter().enumerate() {
+                    assert_eq!(got[i], table.reach(t), "source {s} target {t}");
+                }
+            }
+        }
+        for (kind, (k, b)) in LEVEL_KINDS.iter().zip(before).enumerate() {
+            assert!(
+                k.load(Ordering::Relaxed) > b,
+                "level kind {kind} not exercised"
+            );
+        }
+    }
+
+    /// The plan as computed before [`Graph::reach`]: a full table per
+    /// source from [`Graph::paths_from`].
+    fn compute_reference(
+        view: &MeshView,
+        model: &CostModel,
+        previous: Option<&RoutePlan>,
+    ) -> RoutePlan {
+        let graph = Graph::build(view, model);
+        let mut rooms: Vec<&RoomInput> = view.rooms.iter().collect();
+        rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        let previous = previous_index(previous);
+        let mut routes = Vec::new();
+        for room in rooms {
+            for source in &room.publishers {
+                let Some(&s) = graph.index.get(source) else {
+                    continue;
+                };
+                let table = graph.paths_from(source, model.max_hops).unwrap();
+                let prev = previous
+                    .get(&(room.room.as_str(), source.as_str()))
+                    .copied();
+                let best = |t: usize| table.reach(t);
+                routes.push(build_tree(
+                    &graph,
+                    &best,
+                    model,
+                    &room.room,
+                    s,
+                    &room.subscribers,
+                    prev,
+                ));
+            }
+        }
+        RoutePlan { routes }
+    }
+
+    #[test]
+    fn compute_matches_reference_as_the_mesh_changes() {
+        let mut rnd = rng(0x2545_f491_4f6c_dd1d);
+        let loads = [0.0, 0.3, 0.75, 1.0];
+        // Small meshes, and one with enough sources for several threads.
+        for (n, rooms) in [(30, 10), (60, 20), (80, 30), (200, 120)] {
+            for _ in 0..6 {
+                let degree = 2 + (rnd() % 4) as usize;
+                let mut view = random_view(&mut rnd, n, degree, rooms);
+                let model = CostModel {
+                    max_hops: 2 + (rnd() % 3) as usize,
+                    ..CostModel::default()
+                };
+                let (mut fast, mut reference) = (None, None);
+                for _ in 0..8 {
+                    let f = compute(&view, &model, fast.as_ref());
+                    let r = compute_reference(&view, &model, reference.as_ref());
+                    assert_eq!(f, r);
+                    fast = Some(f);
+                    reference = Some(r);
+                    // Change a few links, a node's state and a load.
+                    for _ in 0..3 {
+                        let k = (rnd() % view.links.len() as u64) as usize;
+                        view.links[k].rtt_ms = (rnd() % 6) as f64 * 5.0;
+                    }
+                    let k = (rnd() % n as u64) as usize;
+                    match rnd() % 3 {
+                        0 => view.nodes[k].up = !view.nodes[k].up,
+                        1 => view.nodes[k].transit = !view.nodes[k].transit,
+                        _ => view.nodes[k].load = loads[(rnd() % 4) as usize],
+                    }
                 }
             }
         }
