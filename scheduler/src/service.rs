@@ -976,7 +976,7 @@ fn compute_desired(
             .row
             .desired
             .as_deref()
-            .is_some_and(|old| serde_json::to_string(&st).is_ok_and(|new| new == old));
+            .is_some_and(|old| desired::same_json(&st, old));
         if same {
             continue;
         }

@@ -247,9 +247,10 @@ fn routes_mode(args: RoutesArgs) {
         assert_eq!(states.len(), n);
         let mut writes = Vec::new();
         for (i, (st, old)) in states.iter().zip(stored.iter_mut()).enumerate() {
-            let new = serde_json::to_string(st).unwrap_or_default();
-            if new != *old {
-                *old = new;
+            // As the leader (compute_desired): compare, then serialize
+            // what changed.
+            if !desired::same_json(st, old) {
+                *old = serde_json::to_string(st).unwrap_or_default();
                 writes.push(i);
             }
         }
