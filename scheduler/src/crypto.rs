@@ -31,10 +31,13 @@ pub fn random_b64(n: usize) -> String {
 
 /// Lowercase hex.
 pub fn hex(b: &[u8]) -> String {
-    use std::fmt::Write as _;
+    // A table, not `write!`: the leader derives tens of thousands of link
+    // keys per tick.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);
     for x in b {
-        let _ = write!(s, "{x:02x}");
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0x0f)]));
     }
     s
 }
@@ -270,6 +273,12 @@ mod tests {
     use super::*;
     use aws_lc_rs::rand::SystemRandom;
     use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+
+    #[test]
+    fn hex_is_lowercase_two_digits_per_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
+    }
 
     #[test]
     fn ed25519_and_p256_proofs() {
