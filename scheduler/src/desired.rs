@@ -175,33 +175,53 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     })
 }
 
-/// Measured loss at or above which a mesh link carries FEC.
+/// Measured loss at or above which a mesh link starts carrying FEC.
 pub const FEC_LOSS_THRESHOLD: f64 = 0.02;
+/// Measured loss below which a link that carries FEC stops: the gap to
+/// [`FEC_LOSS_THRESHOLD`] keeps a link whose loss hovers around 2 % from
+/// switching at every computation.
+pub const FEC_OFF_THRESHOLD: f64 = 0.01;
 
 /// Turns FEC on for the links of `states` whose measured loss (the worse
 /// of what either end reports, `links` as the heartbeats give them) is at
-/// least [`FEC_LOSS_THRESHOLD`], off for the others. Both ends of a link
-/// get the same flag. Apply to [`derive`]'s output.
-pub fn mark_lossy_links(states: &mut [DesiredState], links: &[LinkInput]) {
+/// least [`FEC_LOSS_THRESHOLD`], or at least [`FEC_OFF_THRESHOLD`] when
+/// `previous` (the last computation's result) had it on; off for the
+/// others. Both ends of a link get the same flag. Apply to [`derive`]'s
+/// output; returns the links with FEC on, as (lower id, higher id).
+pub fn mark_lossy_links(
+    states: &mut [DesiredState],
+    links: &[LinkInput],
+    previous: Option<&BTreeSet<(String, String)>>,
+) -> BTreeSet<(String, String)> {
+    fn pair<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
+        if a <= b { (a, b) } else { (b, a) }
+    }
     // The worse direction per unordered pair: one pass over the links, so
     // a 1,000-node mesh costs a hash lookup per desired link.
     let mut worst: HashMap<(&str, &str), f64> = HashMap::with_capacity(links.len());
     for l in links {
-        let key = if l.from <= l.to {
-            (l.from.as_str(), l.to.as_str())
-        } else {
-            (l.to.as_str(), l.from.as_str())
-        };
-        let w = worst.entry(key).or_insert(0.0);
+        let w = worst.entry(pair(&l.from, &l.to)).or_insert(0.0);
         *w = w.max(l.loss);
     }
+    let was_on =
+        |a: &str, b: &str| previous.is_some_and(|p| p.contains(&(a.to_owned(), b.to_owned())));
+    let mut on = BTreeSet::new();
     for st in states {
         for l in &mut st.links {
-            let (a, b) = (st.node_id.as_str(), l.peer.as_str());
-            let key = if a <= b { (a, b) } else { (b, a) };
-            l.fec = worst.get(&key).copied().unwrap_or(0.0) >= FEC_LOSS_THRESHOLD;
+            let (a, b) = pair(&st.node_id, &l.peer);
+            let loss = worst.get(&(a, b)).copied().unwrap_or(0.0);
+            let threshold = if was_on(a, b) {
+                FEC_OFF_THRESHOLD
+            } else {
+                FEC_LOSS_THRESHOLD
+            };
+            l.fec = loss >= threshold;
+            if l.fec {
+                on.insert((a.to_owned(), b.to_owned()));
+            }
         }
     }
+    on
 }
 
 #[cfg(test)]
@@ -223,6 +243,7 @@ mod tests {
     #[test]
     fn routes_and_links_per_node() {
         let plan = RoutePlan {
+            fec_links: BTreeSet::new(),
             routes: vec![RoomRoute {
                 room: "r".into(),
                 source: "a".into(),
@@ -272,14 +293,29 @@ mod tests {
             loss,
             jitter_ms: 0.0,
         };
-        mark_lossy_links(
+        let on = mark_lossy_links(
             &mut lossy,
             &[
                 link("a", "b", 0.001),
                 link("c", "b", 0.03),
                 link("b", "c", 0.0),
             ],
+            None,
         );
+        assert_eq!(on, BTreeSet::from([("b".to_owned(), "c".to_owned())]));
+        // Hysteresis: at 1.5 % a link stays on if it was on, and does not
+        // come on if it was off; below 1 % it goes off.
+        let hovering = [link("b", "c", 0.015)];
+        let fec_bc = |states: &[DesiredState]| states[1].links[1].fec;
+        let mut again = d.clone();
+        assert_eq!(mark_lossy_links(&mut again, &hovering, Some(&on)), on);
+        assert!(fec_bc(&again));
+        let mut fresh = d.clone();
+        assert!(mark_lossy_links(&mut fresh, &hovering, None).is_empty());
+        assert!(!fec_bc(&fresh));
+        let mut off = d.clone();
+        assert!(mark_lossy_links(&mut off, &[link("b", "c", 0.009)], Some(&on)).is_empty());
+        assert!(!fec_bc(&off));
         let fec: Vec<(&str, &str, bool)> = lossy
             .iter()
             .flat_map(|s| {
@@ -451,7 +487,10 @@ mod tests {
             });
         }
         routes.push(routes[3].clone());
-        let plan = RoutePlan { routes };
+        let plan = RoutePlan {
+            routes,
+            fec_links: BTreeSet::new(),
+        };
         assert_eq!(
             derive(&nodes, &plan, "mk"),
             derive_reference(&nodes, &plan, "mk")

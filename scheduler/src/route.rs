@@ -152,6 +152,11 @@ impl RoomRoute {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RoutePlan {
     pub routes: Vec<RoomRoute>,
+    /// Links that carry FEC, each as (lower id, higher id); set by
+    /// [`crate::desired::mark_lossy_links`] after the routes, kept here so
+    /// the next computation can apply hysteresis.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub fec_links: BTreeSet<(String, String)>,
 }
 
 /// The mesh as an adjacency list over dense indices.
@@ -769,6 +774,7 @@ pub fn compute(view: &MeshView, model: &CostModel, previous: Option<&RoutePlan>)
         routes[slot] = Some(route);
     }
     RoutePlan {
+        fec_links: BTreeSet::new(),
         routes: routes.into_iter().flatten().collect(),
     }
 }
@@ -1388,7 +1394,10 @@ mod tests {
                 ));
             }
         }
-        RoutePlan { routes }
+        RoutePlan {
+            routes,
+            fec_links: BTreeSet::new(),
+        }
     }
 
     #[test]

@@ -940,7 +940,7 @@ fn compute_desired(
     mesh_key: &str,
 ) -> (RoutePlan, Vec<(String, u64, String)>, u64) {
     let mesh = mesh_view(view, now, lease);
-    let plan = route::compute(&mesh, model, previous);
+    let mut plan = route::compute(&mesh, model, previous);
     let facts: Vec<NodeFacts<'_>> = view
         .nodes
         .values()
@@ -958,7 +958,8 @@ fn compute_desired(
         })
         .collect();
     let mut states = desired::derive(&facts, &plan, mesh_key);
-    desired::mark_lossy_links(&mut states, &mesh.links);
+    let fec_links =
+        desired::mark_lossy_links(&mut states, &mesh.links, previous.map(|p| &p.fec_links));
     let max_version = view
         .nodes
         .values()
@@ -983,6 +984,7 @@ fn compute_desired(
         st.version = next;
         writes.push((st.node_id.clone(), next, desired_json(&st)));
     }
+    plan.fec_links = fec_links;
     (plan, writes, next)
 }
 
