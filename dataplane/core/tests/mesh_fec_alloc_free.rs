@@ -12,10 +12,7 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{remote, rtp, vp8_payload};
@@ -24,55 +21,14 @@ use ridge_sfu::{
     TrackKind,
 };
 
-struct CountingAlloc;
-
 #[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
+static GLOBAL: ridge_io::CountingAlloc = ridge_io::CountingAlloc;
 
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn record() {
-    if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards every call to `System` unchanged; only counts.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        record();
-        // SAFETY: the caller's contract is passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        record();
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        record();
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Runs `f`; returns the allocations this thread made meanwhile.
 fn counted<R>(f: impl FnOnce() -> R) -> (u64, R) {
-    let a0 = ALLOCS.load(Ordering::Relaxed);
-    COUNTING.set(true);
+    let a0 = ridge_io::alloc::thread_allocations();
     let r = f();
-    COUNTING.set(false);
-    (ALLOCS.load(Ordering::Relaxed) - a0, r)
+    (ridge_io::alloc::thread_allocations() - a0, r)
 }
 
 fn node(i: u8) -> SocketAddr {

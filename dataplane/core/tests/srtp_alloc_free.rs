@@ -5,55 +5,10 @@
 //! This file holds exactly one `#[test]`: the allocator counts only on the
 //! thread that opened the window.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use ridge_sfu::{SrtpContext, SrtpProfile, mesh_master_key};
 
-struct CountingAlloc;
-
 #[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn record() {
-    if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call forwards to `System` with the caller's arguments, so
-// `System`'s guarantees carry over; counting touches no allocator state.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        record();
-        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        record();
-        // SAFETY: forwarded unchanged; the caller upholds `alloc_zeroed`'s contract.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        record();
-        // SAFETY: forwarded unchanged; the caller upholds `realloc`'s contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged; the caller upholds `dealloc`'s contract.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+static GLOBAL: ridge_io::CountingAlloc = ridge_io::CountingAlloc;
 
 fn rtp(out: &mut Vec<u8>, ssrc: u32, seq: u16) {
     out.clear();
@@ -95,8 +50,7 @@ fn protect_and_unprotect_allocate_nothing_in_steady_state() {
         tx.protect_rtcp(&mut packet).unwrap();
         rx.unprotect_rtcp(&packet, &mut scratch).unwrap();
 
-        ALLOCS.store(0, Ordering::Relaxed);
-        COUNTING.with(|c| c.set(true));
+        let a0 = ridge_io::alloc::thread_allocations();
         // Across the sequence wrap, with a retransmission and a replay.
         for i in 1..2_000u16 {
             let seq = 65_000u16.wrapping_add(i);
@@ -116,7 +70,6 @@ fn protect_and_unprotect_allocate_nothing_in_steady_state() {
             tx.protect_rtcp(&mut packet).unwrap();
             rx.unprotect_rtcp(&packet, &mut scratch).unwrap();
         }
-        COUNTING.with(|c| c.set(false));
-        assert_eq!(ALLOCS.load(Ordering::Relaxed), 0, "{profile:?}");
+        assert_eq!(ridge_io::alloc::thread_allocations() - a0, 0, "{profile:?}");
     }
 }
