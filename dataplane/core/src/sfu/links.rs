@@ -137,26 +137,18 @@ impl MeshState {
             ol.retransmit
                 .insert(now, pkt.seq, pkt.timestamp, pkt.marker, payload);
             let mut buf = io.buffer();
-            let pt = if prev.is_some() {
+            if prev.is_some() {
                 ol.retransmit.set_redundant(pkt.seq);
-                MESH_PT_RED
-            } else {
-                mesh_pt(kind)
-            };
-            packet::rtp::write_header(&mut buf, pkt.marker, pt, pkt.seq, pkt.timestamp, ol.ssrc);
-            match &prev {
-                Some(p) => {
-                    let off = pkt.timestamp.wrapping_sub(p.timestamp);
-                    red::write(
-                        &mut buf,
-                        MESH_PT_AUDIO,
-                        Some((off, p.payload.as_slice())),
-                        payload.as_slice(),
-                    );
-                    l.stats.red_sent += 1;
-                }
-                None => buf.extend_from_slice(payload.as_slice()),
+                l.stats.red_sent += 1;
             }
+            write_link_media(
+                &mut buf,
+                kind,
+                ol.ssrc,
+                (pkt.marker, pkt.seq, pkt.timestamp),
+                payload.as_slice(),
+                prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
+            );
             // Video on a link with FEC: the packet joins its FEC group.
             let fec = if l.fec && kind == TrackKind::Video {
                 let enc = ol
@@ -1549,24 +1541,14 @@ impl Sfu {
             return false;
         };
         let mut buf = self.io.buffer();
-        let pt = if prev.is_some() {
-            MESH_PT_RED
-        } else {
-            mesh_pt(kind)
-        };
-        packet::rtp::write_header(&mut buf, sent.marker, pt, sent.seq, sent.timestamp, ssrc);
-        match &prev {
-            Some(p) => {
-                let off = sent.timestamp.wrapping_sub(p.timestamp);
-                red::write(
-                    &mut buf,
-                    MESH_PT_AUDIO,
-                    Some((off, p.payload.as_slice())),
-                    sent.payload.as_slice(),
-                );
-            }
-            None => buf.extend_from_slice(sent.payload.as_slice()),
-        }
+        write_link_media(
+            &mut buf,
+            kind,
+            ssrc,
+            (sent.marker, sent.seq, sent.timestamp),
+            sent.payload.as_slice(),
+            prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
+        );
         if l.tx.protect_rtp(&mut buf).is_err() {
             return false;
         }
@@ -1940,6 +1922,39 @@ impl Sfu {
             _ => self.io.drop_packet(DropReason::Malformed),
         }
         self.process_events(now);
+    }
+}
+
+/// A link stream's media packet: the RTP header under the link SSRC, then
+/// the payload, or RED (audio on a link with FEC) with `prev` (the packet
+/// before: timestamp and payload) as its redundant block. A retransmission
+/// calls this with what was sent, so it writes the same bytes again (under
+/// SRTP's AES-CM, other bytes with the same index would reuse its
+/// keystream).
+fn write_link_media(
+    buf: &mut Vec<u8>,
+    kind: TrackKind,
+    ssrc: u32,
+    (marker, seq, timestamp): (bool, u16, u32),
+    payload: &[u8],
+    prev: Option<(u32, &[u8])>,
+) {
+    let pt = if prev.is_some() {
+        MESH_PT_RED
+    } else {
+        mesh_pt(kind)
+    };
+    packet::rtp::write_header(buf, marker, pt, seq, timestamp, ssrc);
+    match prev {
+        Some((prev_ts, prev_payload)) => {
+            red::write(
+                buf,
+                MESH_PT_AUDIO,
+                Some((timestamp.wrapping_sub(prev_ts), prev_payload)),
+                payload,
+            );
+        }
+        None => buf.extend_from_slice(payload),
     }
 }
 
