@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{remote, rtp, vp8_payload};
 use ridge_sfu::{
     MeshConfig, MeshLinkSpec, MeshRouteSpec, Output, RtpDirection, RtpEndpointSpec, Sfu, SfuConfig,
-    TrackKind,
+    TrackKind, Transmit,
 };
 
 #[global_allocator]
@@ -29,6 +29,19 @@ fn counted<R>(f: impl FnOnce() -> R) -> (u64, R) {
     let a0 = ridge_io::alloc::thread_allocations();
     let r = f();
     (ridge_io::alloc::thread_allocations() - a0, r)
+}
+
+/// Copies a datagram `from` sent into `buf` (reusing its capacity) and
+/// gives the node its buffer back; returns where it was sent.
+fn copy_out(from: &mut Sfu, t: Transmit, buf: &mut Vec<u8>) -> SocketAddr {
+    buf.clear();
+    buf.extend_from_slice(&t.contents);
+    if let Some(p) = &t.payload {
+        buf.extend_from_slice(p.as_slice());
+    }
+    let to = t.destination;
+    from.recycle(t.contents);
+    to
 }
 
 fn node(i: u8) -> SocketAddr {
@@ -63,13 +76,7 @@ impl Pair {
             while let Some(out) = self.a.poll_output() {
                 moved = true;
                 if let Output::Transmit(t) = out {
-                    self.buf.clear();
-                    self.buf.extend_from_slice(&t.contents);
-                    if let Some(p) = &t.payload {
-                        self.buf.extend_from_slice(p.as_slice());
-                    }
-                    let to = t.destination;
-                    self.a.recycle(t.contents);
+                    let to = copy_out(&mut self.a, t, &mut self.buf);
                     if to == node(2) {
                         self.a_to_b += 1;
                         if self.a_to_b.is_multiple_of(LOSS_EVERY) {
@@ -84,13 +91,7 @@ impl Pair {
             while let Some(out) = self.b.poll_output() {
                 moved = true;
                 if let Output::Transmit(t) = out {
-                    self.buf.clear();
-                    self.buf.extend_from_slice(&t.contents);
-                    if let Some(p) = &t.payload {
-                        self.buf.extend_from_slice(p.as_slice());
-                    }
-                    let to = t.destination;
-                    self.b.recycle(t.contents);
+                    let to = copy_out(&mut self.b, t, &mut self.buf);
                     if to == node(1) {
                         self.a
                             .handle_datagram(self.now, node(2), node(1), &self.buf);
