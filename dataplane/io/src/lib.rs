@@ -171,13 +171,18 @@ pub struct SocketOptions {
     /// Use `UDP_SEGMENT` when a transmit has a `segment_size` and the kernel
     /// accepts it.
     pub gso: bool,
-    /// Enable `UDP_GRO` on receive. Coalesced datagrams need large receive
-    /// buffers (64 KiB): a smaller buffer truncates them. The uring backend
-    /// does not support GRO yet and ignores this option.
+    /// Enable `UDP_GRO` on receive: a run of equal-sized datagrams from one
+    /// sender may arrive as one buffer, described by
+    /// [`RecvMeta::gro_segment`]. Coalesced runs need large receive buffers
+    /// (64 KiB): a smaller caller buffer truncates them. Both backends honour
+    /// it; uring also needs its provided buffers that large, so with GRO on
+    /// buffers smaller than 64 KiB plus headers are enlarged and at most 64
+    /// of them kept (about 4 MiB per socket; larger configured buffers are
+    /// used as they are).
     pub gro: bool,
     /// uring: number of provided buffers (a power of two, at most 32768).
     pub uring_buffers: u16,
-    /// uring: size of each provided buffer, headers included.
+    /// uring: size of each provided buffer, headers included (see `gro`).
     pub uring_buffer_size: u32,
     /// uring: send through linked `SendMsg` chains on the ring instead of
     /// `sendmmsg` on the socket. Off by default: our sends are synchronous

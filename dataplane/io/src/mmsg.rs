@@ -259,7 +259,11 @@ impl DatagramIo for MmsgIo {
                     h.msg_hdr.msg_namelen,
                 ))
                 .unwrap_or(RecvMeta::default().source),
-                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                // With GRO, a lost control message means a coalesced run
+                // whose segment size is unknown: report it as truncated, as
+                // the uring backend does.
+                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+                    || (self.gro && h.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0),
                 gro_segment: if self.gro {
                     cmsg::parse_gro(control)
                 } else {

@@ -6,6 +6,11 @@
 //! payload out and hands the buffer straight back. When the ring runs dry the
 //! multishot request ends with `ENOBUFS` (no `IORING_CQE_F_MORE`); datagrams
 //! keep queueing in the socket and are picked up when `recv` re-arms.
+//!
+//! With `UDP_GRO` the receive template also asks for room for the `UDP_GRO`
+//! control message, which the kernel writes between the name and the payload
+//! of each buffer, and the buffers are enlarged to hold a whole coalesced run
+//! (see [`gro_buffers`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -31,6 +36,23 @@ const SEND_SLOTS: usize = 64;
 const BGID: u16 = 0;
 /// Room for the source address in every provided buffer.
 const NAME_LEN: usize = mem::size_of::<libc::sockaddr_in6>();
+/// `struct io_uring_recvmsg_out` (four `__u32`s), which the kernel writes at
+/// the start of every provided buffer, before the name.
+const RECVMSG_OUT_LEN: usize = 16;
+/// Room for the `UDP_GRO` control message (an `int`) when GRO is on.
+const GRO_CONTROL_LEN: usize = cmsg::space(mem::size_of::<libc::c_int>());
+/// With GRO: room for the largest coalesced run. A UDP payload never exceeds
+/// 65,535 bytes, and GRO stops coalescing before that.
+const GRO_PAYLOAD: usize = 1 << 16;
+/// With GRO: the smallest provided buffer that holds a whole coalesced run
+/// after the recvmsg header, the name and the control message.
+const GRO_BUFFER_SIZE: usize =
+    (RECVMSG_OUT_LEN + NAME_LEN + GRO_CONTROL_LEN + GRO_PAYLOAD).next_multiple_of(64);
+// Header, name and control message in front of the largest UDP payload.
+const _: () = assert!(GRO_BUFFER_SIZE >= RECVMSG_OUT_LEN + NAME_LEN + GRO_CONTROL_LEN + 65_535);
+/// With GRO, when the provided buffers had to be enlarged to
+/// [`GRO_BUFFER_SIZE`], at most this many are allocated (about 4 MiB).
+const GRO_MAX_BUFFERS: u16 = 64;
 const IORING_REGISTER_PBUF_STATUS: libc::c_uint = 26;
 
 fn unavailable(reason: &str, source: io::Error) -> IoError {
@@ -312,6 +334,9 @@ pub struct UringIo {
     local: SocketAddr,
     v6: bool,
     gso: bool,
+    /// `UDP_GRO` is on: the receive template has room for its control
+    /// message and the provided buffers for a coalesced run.
+    gro: bool,
     pbuf_status: bool,
     stats: IoStats,
     /// `sendmmsg` on a duplicate of the socket, unless ring sends were asked
@@ -331,8 +356,23 @@ impl std::fmt::Debug for UringIo {
             .field("local", &self.local)
             .field("armed", &self.armed)
             .field("buffers", &self.bufs.count)
+            .field("buffer_size", &self.bufs.buf_size)
             .field("gso", &self.gso)
+            .field("gro", &self.gro)
             .finish_non_exhaustive()
+    }
+}
+
+/// The provided buffers to use with GRO on, given the configured ones: each
+/// must hold a whole coalesced run ([`GRO_BUFFER_SIZE`]). Buffers too small
+/// for that are enlarged, and then at most [`GRO_MAX_BUFFERS`] of them are
+/// kept, so that the default 512 × 2 KiB (1 MiB) becomes 64 × 64 KiB (4 MiB)
+/// rather than 32 MiB. Buffers already large enough are left as configured.
+fn gro_buffers(count: u16, buf_size: usize) -> (u16, usize) {
+    if buf_size >= GRO_BUFFER_SIZE {
+        (count, buf_size)
+    } else {
+        (count.min(GRO_MAX_BUFFERS), GRO_BUFFER_SIZE)
     }
 }
 
@@ -367,12 +407,15 @@ impl UringIo {
                 "uring_buffer_size must be between 128 bytes and 1 MiB",
             ));
         }
-        if opts.gro {
-            tracing::info!(
-                "UDP_GRO is not supported by the io_uring backend yet; receiving without it"
-            );
+        let b = bind_udp(addr, opts, opts.gro)?;
+        let (count, buf_size) = if b.gro {
+            gro_buffers(count, buf_size)
+        } else {
+            (count, buf_size)
+        };
+        if (count, buf_size) != (opts.uring_buffers, opts.uring_buffer_size as usize) {
+            tracing::info!(local = %b.local, buffers = count, buffer_size = buf_size, "UDP_GRO: provided buffers enlarged to hold coalesced datagrams");
         }
-        let b = bind_udp(addr, opts, false)?;
         let sender = if opts.uring_ring_sends {
             None
         } else {
@@ -402,7 +445,11 @@ impl UringIo {
         // SAFETY: msghdr is plain data; all-zero is valid.
         let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { mem::zeroed() });
         recv_hdr.msg_namelen = NAME_LEN as libc::socklen_t;
-        recv_hdr.msg_controllen = 0;
+        // Multishot recvmsg lays out every buffer as the recvmsg header, then
+        // `msg_namelen` bytes of name, then `msg_controllen` bytes of control
+        // data, then the payload; only these two lengths are read from the
+        // template.
+        recv_hdr.msg_controllen = if b.gro { GRO_CONTROL_LEN } else { 0 } as _;
         let mut io = Self {
             ring,
             socket: b.socket,
@@ -415,6 +462,7 @@ impl UringIo {
             local: b.local,
             v6: b.v6,
             gso: b.gso,
+            gro: b.gro,
             pbuf_status: true,
             stats: IoStats::default(),
             sender,
@@ -554,11 +602,24 @@ impl UringIo {
                 let payload = out.payload_data();
                 let len = payload.len().min(buf.len());
                 buf[..len].copy_from_slice(&payload[..len]);
+                // With GRO, a lost control message means a coalesced run
+                // whose segment size is unknown: it cannot be split, so it is
+                // reported as truncated, like a payload that did not fit.
+                let control_lost = self.gro && out.is_control_data_truncated();
+                if control_lost {
+                    tracing::trace!(local = %self.local, "recvmsg control data truncated (MSG_CTRUNC)");
+                }
                 *meta = RecvMeta {
                     len,
                     source: sockaddr::read(out.name_data()).unwrap_or(RecvMeta::default().source),
-                    truncated: out.is_payload_truncated() || payload.len() > buf.len(),
-                    gro_segment: None,
+                    truncated: out.is_payload_truncated()
+                        || control_lost
+                        || payload.len() > buf.len(),
+                    gro_segment: if self.gro && !control_lost {
+                        cmsg::parse_gro(out.control_data())
+                    } else {
+                        None
+                    },
                 };
                 true
             }
@@ -876,5 +937,20 @@ impl Drop for UringIo {
             let hdr = mem::replace(&mut self.recv_hdr, Box::new(unsafe { mem::zeroed() }));
             mem::forget(hdr);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gro_buffers_hold_the_largest_run() {
+        // The default 512 x 2 KiB becomes 64 enlarged buffers, not 32 MiB.
+        assert_eq!(gro_buffers(512, 2048), (64, GRO_BUFFER_SIZE));
+        assert_eq!(gro_buffers(8, 2048), (8, GRO_BUFFER_SIZE));
+        // Buffers already large enough are used as configured.
+        assert_eq!(gro_buffers(512, 1 << 17), (512, 1 << 17));
+        assert_eq!(gro_buffers(256, GRO_BUFFER_SIZE), (256, GRO_BUFFER_SIZE));
     }
 }
