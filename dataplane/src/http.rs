@@ -386,6 +386,9 @@ struct RtpRequest {
     payload_type: u8,
     ssrc: Option<u32>,
     track: Option<String>,
+    /// Publish, audio: the one-byte header-extension id of the RFC 6464
+    /// audio level the remote sends.
+    audio_level_ext: Option<u8>,
 }
 
 async fn rtp_create(
@@ -424,6 +427,7 @@ async fn rtp_create(
         None => None,
     };
     let spec = RtpEndpointSpec {
+        audio_level_ext: req.audio_level_ext,
         direction: req.direction,
         kind: req.kind,
         remote: req.remote,

@@ -49,6 +49,7 @@ pub fn datagrams(data: &[u8]) {
                 now,
                 p,
                 RtpEndpointSpec {
+                    audio_level_ext: None,
                     direction,
                     kind: TrackKind::Video,
                     remote,
@@ -139,6 +140,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
             now,
             p,
             RtpEndpointSpec {
+                audio_level_ext: None,
                 direction: RtpDirection::Publish,
                 kind: TrackKind::Video,
                 remote: addr("127.0.0.1:6000"),
@@ -153,6 +155,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
             now,
             p,
             RtpEndpointSpec {
+                audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
                 kind: TrackKind::Video,
                 remote: addr("127.0.0.1:6001"),

@@ -21,6 +21,9 @@ pub struct Sent {
     /// Sent with the packet before it as a redundant block (RED on a mesh
     /// link): a retransmission must carry the same bytes.
     pub redundant: bool,
+    /// Sent with this audio level (voice flag, attenuation) in a header
+    /// extension (mesh links): a retransmission carries it again.
+    pub audio_level: Option<(bool, u8)>,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +33,7 @@ struct Slot {
     seq: u16,
     marker: bool,
     redundant: bool,
+    audio_level: Option<(bool, u8)>,
     payload: Option<PacketBuf>,
 }
 
@@ -70,6 +74,7 @@ impl RetransmitBuffer {
         slot.timestamp = timestamp;
         slot.marker = marker;
         slot.redundant = false;
+        slot.audio_level = None;
         slot.stored_at = Some(now);
         // Assigning drops the previous view, releasing its pool slot.
         slot.payload = Some(payload.clone());
@@ -88,6 +93,7 @@ impl RetransmitBuffer {
                 marker: slot.marker,
                 payload: p.clone(),
                 redundant: slot.redundant,
+                audio_level: slot.audio_level,
             }),
             _ => None,
         }
@@ -100,6 +106,16 @@ impl RetransmitBuffer {
         let slot = &mut self.slots[i];
         if slot.seq == seq && slot.payload.is_some() {
             slot.redundant = true;
+        }
+    }
+
+    /// Records the audio level the packet stored with `seq` was sent with
+    /// (see [`Sent::audio_level`]).
+    pub fn set_audio_level(&mut self, seq: u16, level: Option<(bool, u8)>) {
+        let i = self.index(seq);
+        let slot = &mut self.slots[i];
+        if slot.seq == seq && slot.payload.is_some() {
+            slot.audio_level = level;
         }
     }
 

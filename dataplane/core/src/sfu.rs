@@ -127,6 +127,8 @@ struct RtpEndpoint {
     /// A plain publisher whose stream a kernel fast path forwards: the core
     /// sees only samples, so sequence gaps are not loss.
     kernel_forwarded: bool,
+    /// A plain audio publisher's RFC 6464 audio-level extension id.
+    audio_level_ext: Option<u8>,
 }
 
 struct Layer {
@@ -793,6 +795,16 @@ impl Sfu {
                 spec.payload_type
             )));
         }
+        if let Some(id) = spec.audio_level_ext
+            && (spec.direction != RtpDirection::Publish
+                || spec.kind != TrackKind::Audio
+                || !(1..=14).contains(&id))
+        {
+            return Err(SfuError::BadRequest(format!(
+                "audio_level_ext {id}: only an audio publisher has one, and it is a one-byte \
+                 header-extension id (1-14)"
+            )));
+        }
         if spec.remote.port() == 0 || spec.remote.ip().is_unspecified() {
             return Err(SfuError::BadRequest(format!(
                 "remote {} must be a concrete IP:PORT",
@@ -862,6 +874,7 @@ impl Sfu {
             highest_in: None,
             simple_pt: None,
             kernel_forwarded: false,
+            audio_level_ext: spec.audio_level_ext,
         };
         let mut info = None;
         if spec.direction == RtpDirection::Publish {
@@ -1551,10 +1564,32 @@ impl Sfu {
             }
         }
         let video = e.kind == TrackKind::Video;
-        let fwd = Forward::from_stored(&header, packet, |p| {
+        let audio_level = e
+            .audio_level_ext
+            .and_then(|id| packet::rtp::audio_level(data, &header, id));
+        let participant = peer.participant;
+        let mut fwd = Forward::from_stored(&header, packet, |p| {
             video && packet::codec::vp8_is_keyframe(p)
         });
+        fwd.audio_level = audio_level;
+        self.observe_level(tid, participant, audio_level);
         self.forward(now, tid, 0, &fwd);
+    }
+
+    /// Feeds a publisher's audio level (voice flag, attenuation) to its
+    /// room's active-speaker detection.
+    fn observe_level(
+        &mut self,
+        tid: TrackId,
+        participant: ParticipantId,
+        level: Option<(bool, u8)>,
+    ) {
+        if let Some((voice, level)) = level
+            && let Some(track) = self.tracks.get(&tid)
+            && let Some(room) = self.rooms.get_mut(&track.room)
+        {
+            room.speaker.observe(participant, level, voice);
+        }
     }
 
     fn on_plain_rtcp(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {

@@ -112,6 +112,11 @@ pub struct RtpEndpointSpec {
     /// Subscribe only: the track to receive (default: the room's first track
     /// of `kind`, and the next one published when there is none yet).
     pub track: Option<TrackId>,
+    /// Publish, audio only: the RFC 8285 one-byte header-extension id
+    /// (1-14) under which the remote sends its RFC 6464 audio level. The
+    /// level then feeds active-speaker detection and travels with the
+    /// packets to WebRTC subscribers and over mesh links.
+    pub audio_level_ext: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{parse_rtcp, parse_rtp, pli, remote, rtp, vp8_payload};
 use ridge_sfu::{
     DropReason, MeshConfig, MeshLinkSpec, MeshRecovery, MeshRouteSpec, Output, RtpDirection,
-    RtpEndpointSpec, Sfu, SfuConfig, TrackKind,
+    RtpEndpointSpec, Sfu, SfuConfig, SfuEvent, TrackKind,
 };
 
 fn node_addr(i: u8) -> SocketAddr {
@@ -45,6 +45,8 @@ struct Net {
     mesh_dropped: u64,
     /// Links configured from now on send FEC (and RED).
     fec: bool,
+    /// Every node's events, in order.
+    events: Vec<(String, SfuEvent)>,
 }
 
 impl Net {
@@ -77,6 +79,7 @@ impl Net {
             mesh_sent: 0,
             mesh_dropped: 0,
             fec: false,
+            events: Vec::new(),
         }
     }
 
@@ -141,7 +144,7 @@ impl Net {
                     outs.push((t.destination, t.to_vec()));
                     sfu.recycle(t.contents);
                 }
-                Output::Event(_) => {}
+                Output::Event(e) => self.events.push((name.to_owned(), e)),
                 Output::MeshControl(_) => panic!("one shard per node here"),
             }
         }
@@ -217,6 +220,18 @@ impl Net {
 }
 
 fn publisher(net: &mut Net, node: &str, client: SocketAddr, ssrc: u32, kind: TrackKind) {
+    publisher_with_level(net, node, client, ssrc, kind, None);
+}
+
+/// A plain publisher that sends its audio level under `audio_level_ext`.
+fn publisher_with_level(
+    net: &mut Net,
+    node: &str,
+    client: SocketAddr,
+    ssrc: u32,
+    kind: TrackKind,
+    audio_level_ext: Option<u8>,
+) {
     let now = net.now;
     let sfu = net.sfu(node);
     let p = sfu.join("demo", "alice", true).expect("join");
@@ -224,6 +239,7 @@ fn publisher(net: &mut Net, node: &str, client: SocketAddr, ssrc: u32, kind: Tra
         now,
         p,
         RtpEndpointSpec {
+            audio_level_ext,
             direction: RtpDirection::Publish,
             kind,
             remote: client,
@@ -245,6 +261,7 @@ fn subscriber(net: &mut Net, node: &str, client: SocketAddr, kind: TrackKind) ->
             now,
             p,
             RtpEndpointSpec {
+                audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
                 kind,
                 remote: client,
@@ -888,4 +905,73 @@ fn red_repairs_lost_audio_with_the_next_packet() {
     assert_eq!((red_off, sent_off), (0, 0));
     assert!(sent_on > 900 && red_on > 50, "{results:?}");
     assert!(nacks_on * 2 < nacks_off, "{results:?}");
+}
+
+/// The publisher's RFC 6464 audio level crosses the links (plain and RED,
+/// with loss, so with retransmissions): C, two hops away, elects the
+/// participant on A as the active speaker at the publisher's level.
+/// Without a level from the publisher nobody is elected.
+#[test]
+fn audio_levels_cross_links_and_elect_the_remote_speaker() {
+    for (fec, ext) in [(false, Some(3)), (true, Some(3)), (false, None)] {
+        let mut net = Net::new(&["a", "b", "c"]);
+        net.fec = fec;
+        let pub_client = remote(1, 4000);
+        let sub_client = remote(2, 4002);
+        publisher_with_level(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio, ext);
+        subscriber(&mut net, "c", sub_client, TrackKind::Audio);
+        // Untrusted (encrypted) with FEC: a retransmission must repeat the
+        // extension byte for byte.
+        chain(&mut net, !fec);
+        net.advance(Duration::from_millis(1500));
+        net.loss_permille = 50;
+        for i in 0..200u32 {
+            let mut pkt = Vec::new();
+            // Voice at -20 dBov under the publisher's extension id 3.
+            ridge_sfu::packet::rtp::write_header_with_level(
+                &mut pkt,
+                false,
+                96,
+                i as u16,
+                i * 960,
+                0xbbbb,
+                3,
+                Some((true, 20)),
+            );
+            pkt.extend_from_slice(&i.to_be_bytes());
+            pkt.extend_from_slice(&[0x55; 76]);
+            net.client_send(pub_client, "a", pkt);
+            net.advance(Duration::from_millis(20));
+        }
+        net.loss_permille = 0;
+        net.advance(Duration::from_secs(2));
+        assert!(
+            received_audio(&net, sub_client).len() >= 199,
+            "fec {fec}: audio reached C"
+        );
+        let alice_at_c = net.events.iter().find_map(|(n, e)| match e {
+            SfuEvent::ParticipantJoined {
+                participant,
+                identity,
+                ..
+            } if n == "c" && identity == "alice" => Some(*participant),
+            _ => None,
+        });
+        let speaker_at_c = net.events.iter().rev().find_map(|(n, e)| match e {
+            SfuEvent::ActiveSpeaker {
+                participant: Some(p),
+                level,
+                ..
+            } if n == "c" => Some((*p, *level)),
+            _ => None,
+        });
+        match ext {
+            Some(_) => {
+                let (p, level) = speaker_at_c.expect("C elected a speaker");
+                assert_eq!(Some(p), alice_at_c, "fec {fec}: the remote publisher");
+                assert!((-25..=-15).contains(&level), "fec {fec}: level {level}");
+            }
+            None => assert_eq!(speaker_at_c, None),
+        }
+    }
 }

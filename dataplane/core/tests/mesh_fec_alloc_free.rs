@@ -141,6 +141,7 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
             now,
             p,
             RtpEndpointSpec {
+                audio_level_ext: None,
                 direction: RtpDirection::Publish,
                 kind: TrackKind::Video,
                 remote: publisher,
@@ -156,6 +157,7 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
             now,
             s,
             RtpEndpointSpec {
+                audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
                 kind: TrackKind::Video,
                 remote: remote(2, 4002),

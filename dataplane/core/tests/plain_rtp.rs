@@ -672,3 +672,43 @@ fn a_new_publisher_continues_the_subscribers_stream() {
         f.node.sfu.room_state(ROOM).tracks.first().map(|t| t.track)
     );
 }
+
+/// `audio_level_ext` belongs to audio publishers and is a one-byte
+/// extension id; anything else is refused with a message.
+#[test]
+fn audio_level_ext_is_only_for_audio_publishers_with_a_valid_id() {
+    let mut node = Node::new(|_| {});
+    let p = node.sfu.join(ROOM, "alice", true).unwrap();
+    let spec = |direction, kind, ext| ridge_sfu::RtpEndpointSpec {
+        direction,
+        kind,
+        remote: A,
+        payload_type: PUB_PT,
+        ssrc: Some(PUB_SSRC),
+        track: None,
+        audio_level_ext: ext,
+    };
+    for (direction, kind, ext) in [
+        (RtpDirection::Publish, TrackKind::Video, Some(1)),
+        (RtpDirection::Subscribe, TrackKind::Audio, Some(1)),
+        (RtpDirection::Publish, TrackKind::Audio, Some(0)),
+        (RtpDirection::Publish, TrackKind::Audio, Some(15)),
+    ] {
+        let now = node.now;
+        match node
+            .sfu
+            .add_rtp_endpoint(now, p, spec(direction, kind, ext))
+        {
+            Err(SfuError::BadRequest(m)) => assert!(m.contains("audio_level_ext"), "{m}"),
+            other => panic!("{direction:?} {kind:?} {ext:?}: {other:?}"),
+        }
+    }
+    let now = node.now;
+    node.sfu
+        .add_rtp_endpoint(
+            now,
+            p,
+            spec(RtpDirection::Publish, TrackKind::Audio, Some(14)),
+        )
+        .expect("an audio publisher with id 14");
+}

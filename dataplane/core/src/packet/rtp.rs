@@ -267,10 +267,54 @@ pub fn write_header(
     out.extend_from_slice(&ssrc.to_be_bytes());
 }
 
+/// Writes a fixed header as [`write_header`], followed, when `level` is
+/// given, by an RFC 8285 one-byte extension block holding one RFC 6464
+/// audio level (voice flag, attenuation 0-127 dBov) under `ext_id` (1-14).
+#[allow(clippy::too_many_arguments)]
+pub fn write_header_with_level(
+    out: &mut Vec<u8>,
+    marker: bool,
+    payload_type: u8,
+    sequence: u16,
+    timestamp: u32,
+    ssrc: u32,
+    ext_id: u8,
+    level: Option<(bool, u8)>,
+) {
+    let start = out.len();
+    write_header(out, marker, payload_type, sequence, timestamp, ssrc);
+    if let Some((voice, attenuation)) = level {
+        out[start] |= 0x10;
+        out.extend_from_slice(&ONE_BYTE_PROFILE.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes()); // one 32-bit word
+        // Element header: id, length - 1 = 0; then V and the level; padding.
+        out.push((ext_id & 0x0f) << 4);
+        out.push((u8::from(voice) << 7) | attenuation.min(127));
+        out.extend_from_slice(&[0, 0]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fuzz::samples;
     use super::*;
+
+    #[test]
+    fn a_written_audio_level_parses_back() {
+        let mut buf = vec![0xee]; // writing appends
+        write_header_with_level(&mut buf, true, 63, 7, 960, 0xabcd, 1, Some((true, 33)));
+        let h = RtpHeader::parse(&buf[1..]).unwrap();
+        assert!(h.has_extension && h.marker);
+        assert_eq!((h.payload_type, h.sequence, h.ssrc), (63, 7, 0xabcd));
+        assert_eq!(h.header_len, 20);
+        assert_eq!(audio_level(&buf[1..], &h, 1), Some((true, 33)));
+        assert_eq!(audio_level(&buf[1..], &h, 2), None);
+        let mut plain = Vec::new();
+        write_header_with_level(&mut plain, false, 111, 1, 2, 3, 1, None);
+        let h = RtpHeader::parse(&plain).unwrap();
+        assert!(!h.has_extension);
+        assert_eq!(h.header_len, 12);
+    }
 
     #[test]
     fn parses_audio_packet_with_one_byte_extension() {

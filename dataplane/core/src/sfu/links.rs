@@ -27,6 +27,9 @@ const MESH_PT_VIDEO: u8 = 96;
 /// RED (RFC 2198) audio on links with FEC: the primary and, as a
 /// redundant block, the packet before (payload type 111 in the blocks).
 const MESH_PT_RED: u8 = 63;
+/// The RFC 8285 one-byte header-extension id of the RFC 6464 audio level
+/// on links' audio packets (when the publisher's level is known).
+const MESH_EXT_AUDIO_LEVEL: u8 = 1;
 /// FlexFEC (RFC 8627) repair packets, on an SSRC of their own; the
 /// protected link SSRC is their CSRC.
 const MESH_PT_FLEXFEC: u8 = 118;
@@ -141,11 +144,13 @@ impl MeshState {
                 ol.retransmit.set_redundant(pkt.seq);
                 l.stats.red_sent += 1;
             }
+            let level = pkt.audio_level.filter(|_| kind == TrackKind::Audio);
+            ol.retransmit.set_audio_level(pkt.seq, level);
             write_link_media(
                 &mut buf,
                 kind,
                 ol.ssrc,
-                (pkt.marker, pkt.seq, pkt.timestamp),
+                (pkt.marker, pkt.seq, pkt.timestamp, level),
                 payload.as_slice(),
                 prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
             );
@@ -1208,6 +1213,14 @@ impl Sfu {
             return;
         };
         let vp8 = track.kind == TrackKind::Video && track.codec == Some(Codec::Vp8);
+        // The publisher's audio level, carried by the upstream: it counts
+        // in this node's active-speaker detection for the remote
+        // participant, and goes on with the packet.
+        let audio_level = (track.kind == TrackKind::Audio)
+            .then(|| packet::rtp::audio_level(data, header, MESH_EXT_AUDIO_LEVEL))
+            .flatten();
+        let participant = track.participant;
+        self.observe_level(at.track, participant, audio_level);
         if let Some((seq, timestamp, view)) = rebuilt {
             let fwd = Forward {
                 ssrc: header.ssrc,
@@ -1233,7 +1246,7 @@ impl Sfu {
             payload,
             shared: None,
             stored: Some(stored.clone()),
-            audio_level: None,
+            audio_level,
         };
         self.forward(now, at.track, at.layer, &fwd);
     }
@@ -1545,7 +1558,7 @@ impl Sfu {
             &mut buf,
             kind,
             ssrc,
-            (sent.marker, sent.seq, sent.timestamp),
+            (sent.marker, sent.seq, sent.timestamp, sent.audio_level),
             sent.payload.as_slice(),
             prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
         );
@@ -1925,9 +1938,10 @@ impl Sfu {
     }
 }
 
-/// A link stream's media packet: the RTP header under the link SSRC, then
-/// the payload, or RED (audio on a link with FEC) with `prev` (the packet
-/// before: timestamp and payload) as its redundant block. A retransmission
+/// A link stream's media packet: the RTP header under the link SSRC (with
+/// the audio level, when known, as a header extension), then the payload,
+/// or RED (audio on a link with FEC) with `prev` (the packet before:
+/// timestamp and payload) as its redundant block. A retransmission
 /// calls this with what was sent, so it writes the same bytes again (under
 /// SRTP's AES-CM, other bytes with the same index would reuse its
 /// keystream).
@@ -1935,7 +1949,7 @@ fn write_link_media(
     buf: &mut Vec<u8>,
     kind: TrackKind,
     ssrc: u32,
-    (marker, seq, timestamp): (bool, u16, u32),
+    (marker, seq, timestamp, level): (bool, u16, u32, Option<(bool, u8)>),
     payload: &[u8],
     prev: Option<(u32, &[u8])>,
 ) {
@@ -1944,7 +1958,16 @@ fn write_link_media(
     } else {
         mesh_pt(kind)
     };
-    packet::rtp::write_header(buf, marker, pt, seq, timestamp, ssrc);
+    packet::rtp::write_header_with_level(
+        buf,
+        marker,
+        pt,
+        seq,
+        timestamp,
+        ssrc,
+        MESH_EXT_AUDIO_LEVEL,
+        level,
+    );
     match prev {
         Some((prev_ts, prev_payload)) => {
             red::write(

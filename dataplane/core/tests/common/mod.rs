@@ -71,6 +71,7 @@ impl Node {
                 self.now,
                 participant,
                 RtpEndpointSpec {
+                    audio_level_ext: None,
                     direction,
                     kind: TrackKind::Video,
                     remote,
