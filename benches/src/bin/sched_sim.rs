@@ -634,7 +634,7 @@ async fn agents_mode(
         (self1 - self0) as f64 / clk_tck() / wall * 100.0
     );
     println!(
-        "leader route computation (route plan + desired states over {} nodes, {} room trees): mean {:.1} ms over {} computations; {} ticks kept the plan (measurements only)",
+        "leader route computation (route plan + desired states over {} nodes, {} room trees): mean {:.1} ms over {} computations; {} ticks kept the plan (measurements only); {} desired states written",
         agents.len(),
         routes["routes"].as_array().map_or(0, Vec::len),
         if rc_count > 0.0 {
@@ -643,7 +643,8 @@ async fn agents_mode(
             0.0
         },
         rc_count,
-        metric("ridge_scheduler_route_computations_skipped_total")
+        metric("ridge_scheduler_route_computations_skipped_total"),
+        metric("ridge_scheduler_desired_updates_total")
     );
     drop(proc_guard);
     let _ = std::fs::remove_dir_all(&dir);
