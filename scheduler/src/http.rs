@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use crate::api;
 use crate::crypto::ct_eq;
 use crate::error::{ApiError, ErrorCode};
-use crate::metrics::{CodeLabels, HttpLabels};
+use crate::metrics::{CodeLabels, HttpLabels, RouteLabels};
 use crate::service::Scheduler;
 
 /// Largest accepted request body.
@@ -89,12 +89,18 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
     let resp = if st.sched.shutting_down() && route != "/healthz" {
         ApiError::ShuttingDown.into_response()
     } else {
         next.run(req).await
     };
     let m = &st.sched.metrics;
+    m.http_request_seconds
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
     m.http_requests
         .get_or_create(&HttpLabels {
             route,

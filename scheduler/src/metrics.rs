@@ -14,6 +14,14 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+/// A histogram family with a constructor.
+pub type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: &'static str,
 }
@@ -27,6 +35,7 @@ pub struct StateLabels {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
+    pub http_request_seconds: Histograms<RouteLabels>,
     pub errors: Family<CodeLabels, Counter>,
     pub enrollments: Family<CodeLabels, Counter>,
     pub heartbeats: Counter,
@@ -49,6 +58,11 @@ pub fn registry() -> (Registry, Metrics) {
     let mut registry = Registry::default();
     let m = Metrics {
         http_requests: Family::default(),
+        http_request_seconds: Family::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+        }),
         errors: Family::default(),
         enrollments: Family::default(),
         heartbeats: Counter::default(),
@@ -72,6 +86,11 @@ pub fn registry() -> (Registry, Metrics) {
         "http_requests",
         "HTTP requests by route and status",
         m.http_requests.clone(),
+    );
+    r.register(
+        "http_request_seconds",
+        "Time from routing a request to its response, by route (after TLS and HTTP parsing; long polls included)",
+        m.http_request_seconds.clone(),
     );
     r.register(
         "errors",
