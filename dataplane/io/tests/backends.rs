@@ -477,6 +477,18 @@ fn recv_datagrams(io: &mut Io, count: usize, buf_size: usize, timeout: Duration)
     out
 }
 
+/// One GSO transmit (500-byte segments) per run, to `destination`.
+fn gso_transmits(runs: &[Vec<u8>], destination: SocketAddr) -> Vec<Transmit<'_>> {
+    runs.iter()
+        .map(|r| Transmit {
+            prefix: &[],
+            destination,
+            contents: r,
+            segment_size: Some(500),
+        })
+        .collect()
+}
+
 /// `bursts` GSO runs of 8 × 500 bytes and a 120-byte tail, each datagram
 /// numbered: the contents of every transmit, and every datagram in order.
 fn gso_bursts(bursts: u32) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
@@ -505,16 +517,7 @@ fn gro_receive(choice: BackendChoice) {
         return;
     };
     let (runs, want) = gso_bursts(20);
-    let batch: Vec<Transmit<'_>> = runs
-        .iter()
-        .map(|r| Transmit {
-            prefix: &[],
-            destination: b.local_addr(),
-            contents: r,
-            segment_size: Some(500),
-        })
-        .collect();
-    send_all(&mut a, &batch);
+    send_all(&mut a, &gso_transmits(&runs, b.local_addr()));
     let got = recv_datagrams(&mut b, want.len(), 65536, Duration::from_secs(2));
     assert_eq!(got.truncated, 0);
     assert_eq!(got.datagrams.len(), want.len(), "{got:?}");
@@ -547,16 +550,7 @@ fn gro_off_splits_gso_runs(choice: BackendChoice) {
         return;
     };
     let (runs, want) = gso_bursts(5);
-    let batch: Vec<Transmit<'_>> = runs
-        .iter()
-        .map(|r| Transmit {
-            prefix: &[],
-            destination: b.local_addr(),
-            contents: r,
-            segment_size: Some(500),
-        })
-        .collect();
-    send_all(&mut a, &batch);
+    send_all(&mut a, &gso_transmits(&runs, b.local_addr()));
     let got = recv_n(&mut b, want.len(), 65536, Duration::from_secs(2));
     assert_eq!(got.len(), want.len());
     for (i, ((d, meta), w)) in got.iter().zip(&want).enumerate() {
