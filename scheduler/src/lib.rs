@@ -23,3 +23,14 @@ pub mod route;
 pub mod server;
 pub mod service;
 pub mod store;
+
+/// A deterministic xorshift64 generator for the unit tests' random meshes.
+#[cfg(test)]
+pub(crate) fn test_rng(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}

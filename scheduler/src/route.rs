@@ -1209,13 +1209,7 @@ mod tests {
     #[test]
     fn bellman_ford_matches_brute_force_on_random_graphs() {
         // Deterministic pseudo-random graphs; compare with exhaustive search.
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rnd = crate::test_rng(0x2545_f491_4f6c_dd1d);
         for _ in 0..200 {
             let n = 6;
             let ids: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
@@ -1225,7 +1219,7 @@ mod tests {
             };
             for a in 0..n {
                 for b in a + 1..n {
-                    if rnd() % 2 == 0 {
+                    if rnd().is_multiple_of(2) {
                         view.links
                             .push(link(&ids[a], &ids[b], (rnd() % 50) as f64 + 1.0));
                     }
@@ -1255,15 +1249,7 @@ mod tests {
         }
     }
 
-    /// xorshift64: deterministic pseudo-random numbers for the tests.
-    fn rng(mut seed: u64) -> impl FnMut() -> u64 {
-        move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        }
-    }
+    use crate::test_rng as rng;
 
     /// A random mesh with integer costs (so many exactly equal paths, where
     /// only tie-breaking decides), nodes down or draining, loads on both
