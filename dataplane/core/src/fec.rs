@@ -611,10 +611,7 @@ mod tests {
             let n = (x % 96) as usize;
             let mut buf = Vec::with_capacity(n);
             for _ in 0..n {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                buf.push(x as u8);
+                buf.push(crate::sfu::xorshift(&mut x) as u8);
             }
             if let Some(b) = buf.first_mut() {
                 *b = 0x81 | (*b & 0x30);

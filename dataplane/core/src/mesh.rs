@@ -880,10 +880,7 @@ mod tests {
             let mut buf = vec![0x81, 204, 0, 0, 0, 0, 0, 0, b'R', b'D', b'G', b'M'];
             let n = (x % 64) as usize;
             for _ in 0..n {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                buf.push(x as u8);
+                buf.push(crate::sfu::xorshift(&mut x) as u8);
             }
             buf[3] = (x % 20) as u8;
             buf[0] = 0x80 | ((x >> 8) as u8 % 4);

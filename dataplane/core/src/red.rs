@@ -222,10 +222,7 @@ mod tests {
             let n = (x % 48) as usize;
             let mut buf = Vec::with_capacity(n);
             for _ in 0..n {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                buf.push(x as u8);
+                buf.push(crate::sfu::xorshift(&mut x) as u8);
             }
             if let Ok(red) = RedPayload::parse(&buf) {
                 for b in red.redundant().iter().chain([&red.primary]) {

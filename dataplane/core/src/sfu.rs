@@ -2408,7 +2408,9 @@ fn sdp_error(raw: &str) -> String {
     text.join("; ")
 }
 
-fn xorshift(s: &mut u64) -> u64 {
+/// xorshift64: the core's deterministic pseudo-random numbers (seeded
+/// from the config; also the unit tests' random inputs).
+pub(crate) fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s << 13;
     *s ^= *s >> 7;
     *s ^= *s << 17;
