@@ -1387,11 +1387,7 @@ impl Sfu {
                 l.unsigned_abs(),
             )
         });
-        if let Some((voice, level)) = audio_level
-            && let Some(room) = self.rooms.get_mut(&track.room)
-        {
-            room.speaker.observe(participant, level, voice);
-        }
+        observe_level(&mut self.rooms, &track.room, participant, audio_level);
         let fwd = Forward {
             ssrc: *ssrc,
             seq: p.header.sequence_number,
@@ -1567,29 +1563,12 @@ impl Sfu {
         let audio_level = e
             .audio_level_ext
             .and_then(|id| packet::rtp::audio_level(data, &header, id));
-        let participant = peer.participant;
+        observe_level(&mut self.rooms, &peer.room, peer.participant, audio_level);
         let mut fwd = Forward::from_stored(&header, packet, |p| {
             video && packet::codec::vp8_is_keyframe(p)
         });
         fwd.audio_level = audio_level;
-        self.observe_level(tid, participant, audio_level);
         self.forward(now, tid, 0, &fwd);
-    }
-
-    /// Feeds a publisher's audio level (voice flag, attenuation) to its
-    /// room's active-speaker detection.
-    fn observe_level(
-        &mut self,
-        tid: TrackId,
-        participant: ParticipantId,
-        level: Option<(bool, u8)>,
-    ) {
-        if let Some((voice, level)) = level
-            && let Some(track) = self.tracks.get(&tid)
-            && let Some(room) = self.rooms.get_mut(&track.room)
-        {
-            room.speaker.observe(participant, level, voice);
-        }
     }
 
     fn on_plain_rtcp(&mut self, now: Instant, source: SocketAddr, data: &[u8]) {
@@ -2406,6 +2385,21 @@ fn sdp_error(raw: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect();
     text.join("; ")
+}
+
+/// Feeds a publisher's audio level (voice flag, attenuation) to its room's
+/// active-speaker detection.
+fn observe_level(
+    rooms: &mut HashMap<String, Room>,
+    room: &str,
+    participant: ParticipantId,
+    level: Option<(bool, u8)>,
+) {
+    if let Some((voice, level)) = level
+        && let Some(room) = rooms.get_mut(room)
+    {
+        room.speaker.observe(participant, level, voice);
+    }
 }
 
 /// xorshift64: the core's deterministic pseudo-random numbers (seeded

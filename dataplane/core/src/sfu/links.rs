@@ -1219,8 +1219,7 @@ impl Sfu {
         let audio_level = (track.kind == TrackKind::Audio)
             .then(|| packet::rtp::audio_level(data, header, MESH_EXT_AUDIO_LEVEL))
             .flatten();
-        let participant = track.participant;
-        self.observe_level(at.track, participant, audio_level);
+        super::observe_level(&mut self.rooms, &track.room, track.participant, audio_level);
         if let Some((seq, timestamp, view)) = rebuilt {
             let fwd = Forward {
                 ssrc: header.ssrc,
