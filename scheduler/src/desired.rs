@@ -2,7 +2,7 @@
 //! inputs give byte-identical JSON, so the leader detects changes by
 //! comparing serialized states.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 
 use crate::api::{DesiredLink, DesiredRoute, DesiredState};
@@ -203,14 +203,17 @@ pub fn mark_lossy_links(
         let w = worst.entry(pair(&l.from, &l.to)).or_insert(0.0);
         *w = w.max(l.loss);
     }
-    let was_on =
-        |a: &str, b: &str| previous.is_some_and(|p| p.contains(&(a.to_owned(), b.to_owned())));
+    let was_on: HashSet<(&str, &str)> = previous
+        .into_iter()
+        .flatten()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let mut on = BTreeSet::new();
     for st in states {
         for l in &mut st.links {
             let (a, b) = pair(&st.node_id, &l.peer);
             let loss = worst.get(&(a, b)).copied().unwrap_or(0.0);
-            let threshold = if was_on(a, b) {
+            let threshold = if was_on.contains(&(a, b)) {
                 FEC_OFF_THRESHOLD
             } else {
                 FEC_LOSS_THRESHOLD
