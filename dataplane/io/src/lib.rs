@@ -138,6 +138,11 @@ pub struct IoStats {
     pub rearms: u64,
     /// The kernel refused `UDP_SEGMENT` at send time and GSO was turned off.
     pub gso_disabled: bool,
+    /// Sends that carried several datagrams with `UDP_SEGMENT` (a caller's
+    /// GSO run or one gathered from consecutive transmits).
+    pub gso_sends: u64,
+    /// Datagrams those sends carried.
+    pub gso_datagrams: u64,
 }
 
 /// Which implementation is running.
@@ -168,8 +173,14 @@ pub struct SocketOptions {
     pub recv_buffer_size: Option<usize>,
     /// `SO_SNDBUF` in bytes; `None` keeps the system default.
     pub send_buffer_size: Option<usize>,
-    /// Use `UDP_SEGMENT` when a transmit has a `segment_size` and the kernel
-    /// accepts it.
+    /// Use `UDP_SEGMENT` when the kernel accepts it: for a transmit with a
+    /// `segment_size`, and to gather consecutive transmits of a batch that go
+    /// to one destination with one length (a shorter one may end the run)
+    /// into one GSO send, built from their prefixes and contents without a
+    /// copy (datagrams of at most 1,452 bytes, so that no segment exceeds a
+    /// 1,500-byte path MTU). The receiver gets the same datagrams either way; a 1:1 relay or
+    /// a fan-out whose batch is grouped by destination pays one send per run
+    /// instead of one per datagram.
     pub gso: bool,
     /// Enable `UDP_GRO` on receive: a run of equal-sized datagrams from one
     /// sender may arrive as one buffer, described by
@@ -224,7 +235,10 @@ pub trait DatagramIo {
     /// Sends as much of `batch` as the kernel takes and returns how many
     /// transmits, from the front, were consumed (sent, or dropped because the
     /// kernel rejected that datagram). A full socket gives a short count,
-    /// never an error.
+    /// never an error. With GSO on, runs of consecutive transmits to one
+    /// destination may leave as one `UDP_SEGMENT` send (see
+    /// [`SocketOptions::gso`]); keep a batch grouped by destination to make
+    /// the most of it.
     fn send(&mut self, batch: &[Transmit<'_>]) -> Result<usize, IoError>;
 
     fn backend(&self) -> Backend;

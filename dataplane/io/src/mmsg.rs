@@ -10,7 +10,7 @@ use socket2::Socket;
 
 use crate::cmsg::{self, CmsgBuf};
 use crate::error::{ErrnoClass, classify};
-use crate::socket::{NextDatagram, SendSlots, bind_udp, plan_sends};
+use crate::socket::{MAX_IOVECS, NextDatagram, SendSlots, bind_udp, plan_sends};
 use crate::{Backend, DatagramIo, IoError, IoStats, RecvMeta, SocketOptions, Transmit, sockaddr};
 
 /// Messages per syscall.
@@ -19,15 +19,16 @@ const BATCH: usize = 64;
 /// Preallocated `mmsghdr`s and everything they point to. The pointers are
 /// filled in on every call, just before the syscall, so moving the struct
 /// never leaves a stale one behind.
-struct Headers {
+struct Headers<const IOV: usize> {
     hdrs: Vec<libc::mmsghdr>,
-    /// Two per message: an optional prefix, then the contents.
-    iovs: Vec<[libc::iovec; 2]>,
+    /// `IOV` per message: one to receive into; to send, an optional prefix
+    /// and the contents of each datagram of a gathered GSO run.
+    iovs: Vec<[libc::iovec; IOV]>,
     addrs: Vec<libc::sockaddr_storage>,
     cmsgs: Vec<CmsgBuf>,
 }
 
-impl Headers {
+impl<const IOV: usize> Headers<IOV> {
     fn new() -> Self {
         // SAFETY: mmsghdr, iovec and sockaddr_storage are plain C structs for
         // which all-zero (null pointers, zero lengths) is a valid value.
@@ -40,14 +41,14 @@ impl Headers {
         };
         Self {
             hdrs: vec![hdr; BATCH],
-            iovs: vec![[iov; 2]; BATCH],
+            iovs: vec![[iov; IOV]; BATCH],
             addrs: vec![addr; BATCH],
             cmsgs: vec![CmsgBuf::new(); BATCH],
         }
     }
 
     /// Points header `i` at its own address, iovec and control buffer.
-    /// `iovlen` of its iovecs (1 or 2) are in use.
+    /// `iovlen` of its iovecs are in use.
     fn link(&mut self, i: usize, namelen: libc::socklen_t, controllen: usize, iovlen: usize) {
         let h = &mut self.hdrs[i];
         h.msg_len = 0;
@@ -74,6 +75,8 @@ struct Resume {
     tx: usize,
     offset: usize,
     gso: bool,
+    /// Datagrams the slot's message carries.
+    datagrams: u16,
 }
 
 /// `recvmmsg`/`sendmmsg` on a non-blocking socket.
@@ -83,8 +86,8 @@ pub struct MmsgIo {
     v6: bool,
     gso: bool,
     gro: bool,
-    recv: Headers,
-    send: Headers,
+    recv: Headers<1>,
+    send: Headers<MAX_IOVECS>,
     resume: Vec<Resume>,
     stats: IoStats,
 }
@@ -153,7 +156,7 @@ impl MmsgIo {
 
 /// The mmsg backend's send slots: header arrays plus where each resumes.
 struct MmsgSlots<'s> {
-    send: &'s mut Headers,
+    send: &'s mut Headers<MAX_IOVECS>,
     resume: &'s mut [Resume],
     v6: bool,
 }
@@ -181,6 +184,7 @@ impl SendSlots for MmsgSlots<'_> {
             tx: d.next_tx,
             offset: d.next_offset,
             gso: d.gso.is_some(),
+            datagrams: d.datagrams(),
         };
     }
 }
@@ -299,6 +303,10 @@ impl DatagramIo for MmsgIo {
                 )
             };
             if rc > 0 {
+                for r in self.resume[..rc as usize].iter().filter(|r| r.gso) {
+                    self.stats.gso_sends += 1;
+                    self.stats.gso_datagrams += u64::from(r.datagrams);
+                }
                 let r = self.resume[rc as usize - 1];
                 (tx, offset) = (r.tx, r.offset);
                 continue;

@@ -103,94 +103,170 @@ fn set_int(
     }
 }
 
-/// Whether a transmit needs a `UDP_SEGMENT` message at all, and fits in one.
-pub(crate) fn wants_gso(contents: &[u8], segment_size: Option<u16>) -> Option<u16> {
-    match segment_size {
-        Some(s) if s > 0 && contents.len() > usize::from(s) => {
-            let count = contents.len().div_ceil(usize::from(s));
-            (count <= crate::cmsg::UDP_MAX_SEGMENTS).then_some(s)
-        }
-        _ => None,
-    }
+/// The most UDP payload one datagram, and so one GSO send, can carry
+/// (IPv4: 65,535 less the IP and UDP headers; IPv6 allows slightly more).
+pub(crate) const MAX_GSO_BYTES: usize = 65_507;
+
+/// Iovecs one message may need: a prefix and contents for each of up to
+/// [`crate::cmsg::UDP_MAX_SEGMENTS`] gathered datagrams.
+pub(crate) const MAX_IOVECS: usize = 2 * crate::cmsg::UDP_MAX_SEGMENTS;
+
+/// How many bytes of a caller's GSO run (`remaining` bytes of `s`-byte
+/// segments) one `UDP_SEGMENT` send can carry: at most
+/// [`crate::cmsg::UDP_MAX_SEGMENTS`] segments and [`MAX_GSO_BYTES`] bytes.
+/// `None` when that is a single segment, which goes as a plain datagram.
+fn gso_chunk(remaining: usize, s: usize) -> Option<usize> {
+    let max_segments = (MAX_GSO_BYTES / s).min(crate::cmsg::UDP_MAX_SEGMENTS);
+    let chunk = remaining.min(max_segments * s);
+    (chunk > s).then_some(chunk)
 }
 
-/// The next datagram (or GSO run) to send from transmit `tx` at byte
-/// `offset`, and where the batch continues after it.
+/// The next message to send from transmit `tx` at byte `offset`, and where
+/// the batch continues after it.
+///
+/// A message is one datagram, a caller's GSO run (`gso`), or, with GSO on,
+/// a run *gathered* from consecutive transmits: whole datagrams to the same
+/// destination, all of one length except a shorter last one, sent as one
+/// `UDP_SEGMENT` message whose iovecs point at each transmit's prefix and
+/// contents (no copy). The receiver sees the same datagrams either way.
 #[derive(Debug)]
 pub(crate) struct NextDatagram<'a> {
     /// Sent first, from its own iovec (empty when the transmit has none).
     pub(crate) prefix: &'a [u8],
     pub(crate) chunk: &'a [u8],
+    /// Transmits gathered after the first (each its whole prefix and
+    /// contents), in order; empty unless this is a gathered run.
+    pub(crate) gathered: &'a [crate::Transmit<'a>],
     pub(crate) gso: Option<u16>,
     pub(crate) next_tx: usize,
     pub(crate) next_offset: usize,
 }
 
+/// The largest datagram gathered into a GSO run: what fits a 1,500-byte
+/// path MTU under IPv6 and UDP headers. The kernel refuses (`EINVAL`) a GSO
+/// send whose segments exceed the route's MTU, where it would have
+/// fragmented the same datagrams sent alone; larger ones go alone.
+pub(crate) const MAX_GATHERED_DATAGRAM: usize = 1_452;
+
+/// Transmits after `batch[tx]` that can join it in one gathered GSO message
+/// (see [`NextDatagram`]); 0 when none can.
+fn gather_len(batch: &[crate::Transmit<'_>], tx: usize) -> usize {
+    let first = &batch[tx];
+    let size = first.len();
+    if first.segment_size.is_some() || size == 0 || size > MAX_GATHERED_DATAGRAM {
+        return 0;
+    }
+    let max_segments = (MAX_GSO_BYTES / size).min(crate::cmsg::UDP_MAX_SEGMENTS);
+    let mut n = 0;
+    for t in &batch[tx + 1..] {
+        if n + 1 >= max_segments
+            || t.destination != first.destination
+            || t.segment_size.is_some()
+            || t.is_empty()
+            || t.len() > size
+        {
+            break;
+        }
+        n += 1;
+        if t.len() < size {
+            // A shorter datagram can only end a run.
+            break;
+        }
+    }
+    n
+}
+
+impl NextDatagram<'_> {
+    /// Datagrams on the wire: with GSO, the segments of the run.
+    pub(crate) fn datagrams(&self) -> u16 {
+        match self.gso {
+            Some(s) if s > 0 => {
+                let bytes = self.prefix.len()
+                    + self.chunk.len()
+                    + self.gathered.iter().map(|t| t.len()).sum::<usize>();
+                bytes.div_ceil(usize::from(s)) as u16
+            }
+            _ => 1,
+        }
+    }
+}
+
 pub(crate) fn next_datagram<'a>(
-    t: &crate::Transmit<'a>,
+    batch: &'a [crate::Transmit<'a>],
     tx: usize,
     offset: usize,
     gso_on: bool,
 ) -> NextDatagram<'a> {
-    if !t.prefix.is_empty() {
-        return NextDatagram {
-            prefix: t.prefix,
-            chunk: t.contents,
-            gso: None,
-            next_tx: tx + 1,
-            next_offset: 0,
-        };
-    }
-    let gso = if gso_on && offset == 0 {
-        wants_gso(t.contents, t.segment_size)
-    } else {
-        None
-    };
+    let t = &batch[tx];
     let whole = NextDatagram {
-        prefix: &[],
+        prefix: t.prefix,
         chunk: t.contents,
-        gso,
+        gathered: &[],
+        gso: None,
         next_tx: tx + 1,
         next_offset: 0,
     };
-    match (gso, t.segment_size) {
-        (None, Some(s)) if s > 0 && t.contents.len() > usize::from(s) => {
-            let end = (offset + usize::from(s)).min(t.contents.len());
-            let (next_tx, next_offset) = if end == t.contents.len() {
-                (tx + 1, 0)
-            } else {
-                (tx, end)
-            };
-            NextDatagram {
-                prefix: &[],
-                chunk: &t.contents[offset..end],
-                gso: None,
-                next_tx,
-                next_offset,
-            }
+    let segment = match t.segment_size {
+        Some(s) if s > 0 && t.prefix.is_empty() && t.contents.len() > usize::from(s) => {
+            usize::from(s)
         }
-        _ => whole,
+        _ => {
+            if !gso_on {
+                return whole;
+            }
+            let n = gather_len(batch, tx);
+            if n == 0 {
+                return whole;
+            }
+            return NextDatagram {
+                gathered: &batch[tx + 1..tx + 1 + n],
+                gso: u16::try_from(t.len()).ok(),
+                next_tx: tx + 1 + n,
+                ..whole
+            };
+        }
+    };
+    // A caller's GSO run: as much as one send carries (with GSO on), else
+    // one segment; the rest of the run continues at `next_offset`.
+    let remaining = t.contents.len() - offset;
+    let (len, gso) = match gso_chunk(remaining, segment) {
+        Some(chunk) if gso_on => (chunk, Some(segment as u16)),
+        _ => (remaining.min(segment), None),
+    };
+    let end = offset + len;
+    let (next_tx, next_offset) = if end == t.contents.len() {
+        (tx + 1, 0)
+    } else {
+        (tx, end)
+    };
+    NextDatagram {
+        prefix: &[],
+        chunk: &t.contents[offset..end],
+        gathered: &[],
+        gso,
+        next_tx,
+        next_offset,
     }
 }
 
-/// Points `iovs` at a planned datagram: the prefix (if any), then the
-/// chunk. Returns how many iovecs are in use.
-pub(crate) fn fill_iovecs(iovs: &mut [libc::iovec; 2], d: &NextDatagram<'_>) -> usize {
-    let chunk = libc::iovec {
-        iov_base: d.chunk.as_ptr() as *mut libc::c_void,
-        iov_len: d.chunk.len(),
-    };
-    if d.prefix.is_empty() {
-        iovs[0] = chunk;
-        1
-    } else {
-        iovs[0] = libc::iovec {
-            iov_base: d.prefix.as_ptr() as *mut libc::c_void,
-            iov_len: d.prefix.len(),
+/// Points `iovs` at a planned message: the prefix (if any), the chunk, then
+/// each gathered transmit's prefix and contents, skipping empty ones.
+/// Returns how many iovecs are in use.
+pub(crate) fn fill_iovecs(iovs: &mut [libc::iovec; MAX_IOVECS], d: &NextDatagram<'_>) -> usize {
+    let mut n = 0;
+    let parts = [d.prefix, d.chunk].into_iter().chain(
+        d.gathered
+            .iter()
+            .flat_map(|t| [t.prefix, t.contents].into_iter()),
+    );
+    for part in parts.filter(|p| !p.is_empty()) {
+        iovs[n] = libc::iovec {
+            iov_base: part.as_ptr() as *mut libc::c_void,
+            iov_len: part.len(),
         };
-        iovs[1] = chunk;
-        2
+        n += 1;
     }
+    n
 }
 
 /// Where a backend keeps the per-datagram state of its send slots.
@@ -239,7 +315,7 @@ pub(crate) fn plan_sends<'a>(
             (*start_tx, *start_offset) = (tx, offset);
             continue;
         };
-        let d = next_datagram(t, tx, offset, gso_on);
+        let d = next_datagram(batch, tx, offset, gso_on);
         slots.set_datagram(n, namelen, tx, &d);
         tx = d.next_tx;
         offset = d.next_offset;
@@ -262,22 +338,27 @@ mod tests {
         }
     }
 
+    fn one<'a>(b: &'a [Transmit<'a>], offset: usize, gso_on: bool) -> NextDatagram<'a> {
+        next_datagram(b, 0, offset, gso_on)
+    }
+
     #[test]
     fn plans_gso_split_and_plain() {
         let data = [0u8; 250];
-        let gso = next_datagram(&t(&data, Some(100)), 3, 0, true);
-        assert_eq!((gso.chunk.len(), gso.gso, gso.next_tx), (250, Some(100), 4));
+        let b = [t(&data, Some(100))];
+        let gso = one(&b, 0, true);
+        assert_eq!((gso.chunk.len(), gso.gso, gso.next_tx), (250, Some(100), 1));
 
-        let mut at = (3, 0);
+        let mut at = (0, 0);
         let mut sizes = Vec::new();
-        while at.0 == 3 {
-            let d = next_datagram(&t(&data, Some(100)), at.0, at.1, false);
+        while at.0 == 0 {
+            let d = one(&b, at.1, false);
             assert_eq!(d.gso, None);
             sizes.push(d.chunk.len());
             at = (d.next_tx, d.next_offset);
         }
         assert_eq!(sizes, [100, 100, 50]);
-        assert_eq!(at, (4, 0));
+        assert_eq!(at, (1, 0));
 
         // One segment's worth, no segment size, or empty: one plain datagram.
         for (contents, seg) in [
@@ -285,13 +366,99 @@ mod tests {
             (&data[..], None),
             (&data[..0], Some(100)),
         ] {
-            let d = next_datagram(&t(contents, seg), 0, 0, true);
+            let b = [t(contents, seg)];
+            let d = one(&b, 0, true);
             assert_eq!((d.chunk.len(), d.gso, d.next_tx), (contents.len(), None, 1));
         }
+    }
 
-        // More than UDP_MAX_SEGMENTS: split even with GSO on.
+    #[test]
+    fn long_gso_runs_go_in_sends_gso_can_carry() {
+        // 65 segments: 64 in one send, then the last alone.
         let big = [0u8; 65 * 10];
-        let d = next_datagram(&t(&big, Some(10)), 0, 0, true);
-        assert_eq!((d.chunk.len(), d.gso, d.next_offset), (10, None, 10));
+        let b = [t(&big, Some(10))];
+        let d = one(&b, 0, true);
+        assert_eq!((d.chunk.len(), d.gso, d.next_offset), (640, Some(10), 640));
+        assert_eq!(d.datagrams(), 64);
+        let d = one(&b, 640, true);
+        assert_eq!((d.chunk.len(), d.gso, d.next_tx), (10, None, 1));
+        // 1,200-byte segments: 54 fit in one UDP datagram's 65,507 bytes.
+        let big = vec![0u8; 60 * 1200];
+        let b = [t(&big, Some(1200))];
+        let d = one(&b, 0, true);
+        assert_eq!((d.chunk.len(), d.gso), (54 * 1200, Some(1200)));
+        let d = one(&b, 54 * 1200, true);
+        assert_eq!((d.chunk.len(), d.gso, d.next_tx), (6 * 1200, Some(1200), 1));
+    }
+
+    fn to(port: u16, prefix: &'static [u8], contents: &'static [u8]) -> Transmit<'static> {
+        Transmit {
+            destination: SocketAddr::from(([127, 0, 0, 1], port)),
+            prefix,
+            contents,
+            segment_size: None,
+        }
+    }
+
+    #[test]
+    fn gathers_equal_datagrams_to_one_destination() {
+        const H: &[u8] = &[1; 12];
+        const P: &[u8] = &[2; 188];
+        const SHORT: &[u8] = &[3; 50];
+        let batch = [
+            to(1, H, P),
+            to(1, H, P),
+            to(1, &[], &[4; 200]),
+            to(1, H, SHORT),
+            to(1, H, P), // after the shorter one: a new run
+            to(2, H, P), // another destination
+            to(2, H, P),
+            to(2, H, &[5; 189]), // longer: not in the run
+        ];
+        let d = next_datagram(&batch, 0, 0, true);
+        assert_eq!((d.gso, d.next_tx, d.gathered.len()), (Some(200), 4, 3));
+        assert_eq!(d.datagrams(), 4);
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOVECS];
+        let n = fill_iovecs(&mut iovs, &d);
+        let lens: Vec<usize> = iovs[..n].iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [12, 188, 12, 188, 200, 12, 50]);
+
+        let d = next_datagram(&batch, 4, 0, true);
+        assert_eq!((d.gso, d.next_tx), (None, 5), "a run of one is plain");
+        let d = next_datagram(&batch, 5, 0, true);
+        assert_eq!((d.gso, d.next_tx, d.datagrams()), (Some(200), 7, 2));
+        let d = next_datagram(&batch, 7, 0, true);
+        assert_eq!((d.gso, d.next_tx), (None, 8));
+
+        // GSO off: one datagram each.
+        for i in 0..batch.len() {
+            let d = next_datagram(&batch, i, 0, false);
+            assert_eq!((d.gso, d.next_tx, d.gathered.len()), (None, i + 1, 0));
+        }
+    }
+
+    #[test]
+    fn gathered_runs_stay_within_one_gso_send() {
+        static P: [u8; 1200] = [0; 1200];
+        let batch: Vec<Transmit<'static>> = (0..100).map(|_| to(1, &[], &P)).collect();
+        let d = next_datagram(&batch, 0, 0, true);
+        assert_eq!(d.next_tx, 54, "65,507 bytes hold 54 datagrams of 1,200");
+        static JUMBO: [u8; MAX_GATHERED_DATAGRAM + 1] = [0; MAX_GATHERED_DATAGRAM + 1];
+        let batch = [to(1, &[], &JUMBO), to(1, &[], &JUMBO)];
+        assert_eq!(next_datagram(&batch, 0, 0, true).next_tx, 1, "over the MTU");
+        static S: [u8; 20] = [0; 20];
+        let batch: Vec<Transmit<'static>> = (0..100).map(|_| to(1, &[], &S)).collect();
+        let d = next_datagram(&batch, 0, 0, true);
+        assert_eq!(d.next_tx, crate::cmsg::UDP_MAX_SEGMENTS);
+        // A caller's own GSO transmit is never gathered into another.
+        let own = Transmit {
+            segment_size: Some(20),
+            ..to(1, &[], &S)
+        };
+        let batch = [to(1, &[], &S), own];
+        assert_eq!(next_datagram(&batch, 0, 0, true).next_tx, 1);
     }
 }

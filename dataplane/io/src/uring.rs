@@ -26,7 +26,7 @@ use socket2::Socket;
 use crate::cmsg::{self, CmsgBuf};
 use crate::error::{ErrnoClass, classify};
 use crate::mmsg::MmsgIo;
-use crate::socket::{NextDatagram, SendSlots, bind_udp, plan_sends};
+use crate::socket::{MAX_IOVECS, NextDatagram, SendSlots, bind_udp, plan_sends};
 use crate::{Backend, DatagramIo, IoError, IoStats, RecvMeta, SocketOptions, Transmit, sockaddr};
 
 const RECV_TAG: u64 = u64::MAX;
@@ -258,8 +258,9 @@ impl BufRing {
 /// `cmsg` and the caller's payload, until this slot's completion arrives.
 struct SendSlot {
     hdr: libc::msghdr,
-    /// The prefix (if any) and the contents.
-    iov: [libc::iovec; 2],
+    /// The prefix (if any) and the contents, of each datagram of a gathered
+    /// GSO run.
+    iov: [libc::iovec; MAX_IOVECS],
     addr: libc::sockaddr_storage,
     cmsg: CmsgBuf,
     result: Option<i32>,
@@ -269,6 +270,8 @@ struct SendSlot {
     next_tx: usize,
     next_offset: usize,
     gso: bool,
+    /// Datagrams the slot's message carries.
+    datagrams: u16,
 }
 
 /// The uring backend's send slots, each a self-contained msghdr.
@@ -311,6 +314,7 @@ impl SendSlots for UringSlots<'_> {
         s.next_tx = d.next_tx;
         s.next_offset = d.next_offset;
         s.gso = d.gso.is_some();
+        s.datagrams = d.datagrams();
     }
 }
 
@@ -379,10 +383,10 @@ fn gro_buffers(count: u16, buf_size: usize) -> (u16, usize) {
 fn zeroed_slot() -> SendSlot {
     // SAFETY: msghdr, iovec and sockaddr_storage are plain C structs for
     // which all-zero (null pointers, zero lengths) is valid.
-    let (hdr, iov, addr) = unsafe { (mem::zeroed(), mem::zeroed(), mem::zeroed()) };
+    let (hdr, iov, addr) = unsafe { (mem::zeroed(), mem::zeroed::<libc::iovec>(), mem::zeroed()) };
     SendSlot {
         hdr,
-        iov,
+        iov: [iov; MAX_IOVECS],
         addr,
         cmsg: CmsgBuf::new(),
         result: None,
@@ -390,6 +394,7 @@ fn zeroed_slot() -> SendSlot {
         next_tx: 0,
         next_offset: 0,
         gso: false,
+        datagrams: 0,
     }
 }
 
@@ -809,6 +814,10 @@ impl DatagramIo for UringIo {
                 .iter()
                 .take_while(|s| s.result.is_some_and(|r| r >= 0))
                 .count();
+            for s in self.slots[..sent].iter().filter(|s| s.gso) {
+                self.stats.gso_sends += 1;
+                self.stats.gso_datagrams += u64::from(s.datagrams);
+            }
             if sent == n {
                 let last = &self.slots[n - 1];
                 (tx, offset) = (last.next_tx, last.next_offset);
@@ -859,6 +868,8 @@ impl DatagramIo for UringIo {
             let t = sender.stats();
             s.send_dropped += t.send_dropped;
             s.gso_disabled |= t.gso_disabled;
+            s.gso_sends += t.gso_sends;
+            s.gso_datagrams += t.gso_datagrams;
         }
         s
     }

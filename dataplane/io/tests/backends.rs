@@ -599,8 +599,13 @@ fn gro_largest_run(choice: BackendChoice) {
 /// uring backend's GRO buffer ring holds (64): all arrive, in order, intact,
 /// and every provided buffer comes back.
 fn gro_plain_burst(choice: BackendChoice) {
+    // The sender's GSO is off, or it would gather these into GSO runs.
+    let plain = SocketOptions {
+        gso: false,
+        ..gro_opts(false)
+    };
     let (Some(mut a), Some(mut b)) = (
-        open(choice),
+        open_with(choice, "127.0.0.1:0", &plain),
         open_with(choice, "127.0.0.1:0", &gro_opts(true)),
     ) else {
         return;
@@ -955,6 +960,83 @@ fn prefixed_fan_out(choice: BackendChoice) {
     }
 }
 
+/// Consecutive transmits to one destination, of one length but a shorter
+/// last, go as one gathered GSO message built from their prefixes and
+/// shared payloads: a GRO receiver gets them coalesced, a plain one
+/// datagram by datagram, and both get exactly what was sent, in order. With
+/// GSO off nothing is coalesced.
+fn gathered_gso_fan_out(choice: BackendChoice) {
+    for gso in [true, false] {
+        let sender = SocketOptions {
+            gso,
+            ..gro_opts(false)
+        };
+        let (Some(mut a), Some(mut b), Some(mut c)) = (
+            open_with(choice, "127.0.0.1:0", &sender),
+            open_with(choice, "127.0.0.1:0", &gro_opts(true)),
+            open(choice),
+        ) else {
+            return;
+        };
+        let payloads: Vec<Vec<u8>> = (0..100u32)
+            .map(|i| payload(i, if i % 25 == 24 { 61 } else { 188 }))
+            .collect();
+        let headers: Vec<[u8; 12]> = (0..100u8).map(|i| [i; 12]).collect();
+        // 0..40 to b, 40..70 to c, 70..100 to b: runs end at the short
+        // datagrams (24, 49, 74, 99) and where the destination changes.
+        let dest = |i: usize| {
+            if (40..70).contains(&i) {
+                c.local_addr()
+            } else {
+                b.local_addr()
+            }
+        };
+        let batch: Vec<Transmit<'_>> = (0..100)
+            .map(|i| Transmit {
+                destination: dest(i),
+                prefix: &headers[i],
+                contents: &payloads[i],
+                segment_size: None,
+            })
+            .collect();
+        send_all(&mut a, &batch);
+        let want = |to: SocketAddr| -> Vec<Vec<u8>> {
+            (0..100)
+                .filter(|&i| dest(i) == to)
+                .map(|i| [&headers[i][..], &payloads[i][..]].concat())
+                .collect()
+        };
+        let (want_b, want_c) = (want(b.local_addr()), want(c.local_addr()));
+        let got_b = recv_datagrams(&mut b, want_b.len(), 65536, Duration::from_secs(2));
+        assert_eq!(got_b.truncated, 0);
+        assert_eq!(got_b.datagrams, want_b, "gso {gso}");
+        let got_c: Vec<Vec<u8>> = recv_n(&mut c, want_c.len(), 2048, Duration::from_secs(2))
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(got_c, want_c, "gso {gso}");
+        println!(
+            "{:?} gso {gso}: {} datagrams to the GRO socket in {} buffers",
+            a.backend(),
+            got_b.datagrams.len(),
+            got_b.buffers
+        );
+        if gso && a.max_gso_segments() > 1 && !a.stats().gso_disabled {
+            assert!(got_b.coalesced >= 2, "no gathered run coalesced: {got_b:?}");
+            // Runs: 0..25, 25..40 to b; 40..50, 50..70 to c; 70..75, 75..100.
+            let stats = a.stats();
+            assert_eq!(
+                (stats.gso_sends, stats.gso_datagrams),
+                (6, 100),
+                "{stats:?}"
+            );
+        } else {
+            assert_eq!(got_b.coalesced, 0, "coalesced without GSO");
+        }
+        assert!(recv_n(&mut c, 1, 2048, Duration::from_millis(30)).is_empty());
+    }
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod mmsg {
@@ -995,6 +1077,7 @@ suite!(
     reuse_port,
     auto_picks_a_backend,
     prefixed_fan_out,
+    gathered_gso_fan_out,
 );
 
 /// uring GSO really leaves as one GSO packet: a GRO receiver on loopback
