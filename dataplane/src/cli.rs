@@ -94,6 +94,9 @@ pub struct RunArgs {
     /// Datagram I/O backend [default: auto]
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub io_backend: Option<crate::config::IoBackend>,
+    /// Send every datagram on its own, never as a UDP GSO run to one destination
+    #[arg(long)]
+    pub no_udp_gso: bool,
     /// Shard sockets: "per-shard" (port udp+i each) or "shared" (all on the udp port,
     /// steered to their shard by a BPF program; needs root) [default: per-shard]
     #[arg(long, value_enum, value_name = "MODE")]
@@ -144,6 +147,7 @@ impl RunArgs {
             shards: self.shards,
             pin_cores: self.no_pin_cores.then_some(false),
             io_backend: self.io_backend,
+            udp_gso: self.no_udp_gso.then_some(false),
             shard_ports: self.shard_ports,
             mesh_recovery: self.mesh_recovery,
             xdp: self.xdp,

@@ -129,6 +129,9 @@ pub struct FileConfig {
     pub pin_cores: Option<bool>,
     /// Datagram I/O: "auto", "uring" or "mmsg".
     pub io_backend: Option<IoBackend>,
+    /// Send runs of datagrams to one destination as one UDP GSO send
+    /// (default true).
+    pub udp_gso: Option<bool>,
     /// "per-shard" (shard `i` on udp port + `i`) or "shared" (one port,
     /// steered by BPF; needs root).
     pub shard_ports: Option<ShardPorts>,
@@ -249,6 +252,7 @@ pub struct Overrides {
     pub shards: Option<usize>,
     pub pin_cores: Option<bool>,
     pub io_backend: Option<IoBackend>,
+    pub udp_gso: Option<bool>,
     pub shard_ports: Option<ShardPorts>,
     pub mesh_recovery: Option<MeshRecoveryMode>,
     pub xdp: Option<XdpSetting>,
@@ -298,6 +302,8 @@ pub struct Config {
     /// Pin shard `i` to core `i` (modulo the cores this process may use).
     pub pin_cores: bool,
     pub io_backend: IoBackend,
+    /// UDP GSO for runs of datagrams to one destination.
+    pub udp_gso: bool,
     /// Per-shard ports, or one port steered by BPF.
     pub shard_ports: ShardPorts,
     pub mesh_recovery: MeshRecoveryMode,
@@ -608,6 +614,7 @@ pub fn build(
     };
     let pin_cores = overrides.pin_cores.or(file.pin_cores).unwrap_or(true);
     let io_backend = overrides.io_backend.or(file.io_backend).unwrap_or_default();
+    let udp_gso = overrides.udp_gso.or(file.udp_gso).unwrap_or(true);
     let shard_ports = overrides
         .shard_ports
         .or(file.shard_ports)
@@ -854,6 +861,7 @@ pub fn build(
         shards,
         pin_cores,
         io_backend,
+        udp_gso,
         shard_ports,
         mesh_recovery,
         kernel,
@@ -1012,6 +1020,18 @@ mod tests {
         assert_eq!(c.pli_interval, Duration::from_millis(500));
         assert_eq!(c.log, "info");
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn udp_gso_on_by_default_and_off_by_file_or_flag() {
+        assert!(ok("").udp_gso);
+        assert!(!ok("udp_gso = false").udp_gso);
+        let o = Overrides {
+            udp_gso: Some(false),
+            ..Overrides::default()
+        };
+        let c = from_toml_str("udp_gso = true", &o, env()).expect("config");
+        assert!(!c.udp_gso, "the flag wins over the file");
     }
 
     #[test]

@@ -399,6 +399,18 @@ const SHARD_FIELDS: &[ShardField] = &[
         |s| s.socket_errors.load(Ordering::Relaxed),
     ),
     (
+        "ridge_shard_gso_sends",
+        "Sends that carried several datagrams to one destination with UDP GSO",
+        true,
+        |s| s.gso_sends.load(Ordering::Relaxed),
+    ),
+    (
+        "ridge_shard_gso_datagrams",
+        "Datagrams carried by GSO sends (divide by ridge_shard_gso_sends for the run length)",
+        true,
+        |s| s.gso_datagrams.load(Ordering::Relaxed),
+    ),
+    (
         "ridge_shard_pool_grown",
         "Times the packet pool had to allocate a slot",
         true,

@@ -73,6 +73,7 @@ impl Node {
             shards: config.shards,
             pin_cores: config.pin_cores,
             backend: config.io_backend.choice(),
+            gso: config.udp_gso,
             shared_port: config.shard_ports == ShardPorts::Shared,
         };
         let (media, media_threads) = media::spawn(&shard_opts, sfu, metrics.clone())?;

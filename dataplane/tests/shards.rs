@@ -8,6 +8,9 @@
 //!   bookkeeping, sending and timers are all inside the window.
 //! - Datagrams larger than a packet buffer are dropped and counted, and the
 //!   stream around them keeps flowing.
+//! - Bursts leave as UDP GSO runs per subscriber (and never with
+//!   `udp_gso = false`), with every subscriber getting each packet once, in
+//!   order, intact.
 //!
 //! The allocation counter is per thread, so the tests do not disturb each
 //! other.
@@ -66,7 +69,12 @@ struct Relay {
 
 impl Relay {
     async fn start(backend: IoBackend) -> Relay {
+        Self::start_with(backend, true).await
+    }
+
+    async fn start_with(backend: IoBackend, udp_gso: bool) -> Relay {
         let overrides = Overrides {
+            udp_gso: Some(udp_gso),
             http: Some("127.0.0.1:0".parse().unwrap()),
             udp: Some("127.0.0.1:0".parse().unwrap()),
             shards: Some(1),
@@ -181,6 +189,35 @@ fn allocates_nothing(backend: IoBackend) {
             after - before,
             started.elapsed()
         );
+        // Bursts of 50 reach the shard in batches, and each subscriber's
+        // packets of a batch leave as one GSO send. (The shard publishes
+        // these counters every 500 ms.)
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (sends, datagrams) = (
+            stats.gso_sends.load(Ordering::Relaxed),
+            stats.gso_datagrams.load(Ordering::Relaxed),
+        );
+        assert!(
+            sends > 0 && datagrams >= 2 * sends,
+            "{backend:?}: no GSO runs ({sends} sends, {datagrams} datagrams)"
+        );
+        r.stop().await;
+    });
+}
+
+/// With `udp_gso = false` the same bursts arrive just as intact, each
+/// datagram in its own send.
+fn gso_off_sends_each_datagram_alone(backend: IoBackend) {
+    if skip_without_uring(backend) {
+        return;
+    }
+    block_on(async {
+        let mut r = Relay::start_with(backend, false).await;
+        tokio::task::block_in_place(|| r.relay(2000));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let stats = r.shard();
+        assert_eq!(stats.gso_sends.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.gso_datagrams.load(Ordering::Relaxed), 0);
         r.stop().await;
     });
 }
@@ -216,6 +253,16 @@ fn uring_packet_path_allocates_nothing() {
 #[test]
 fn mmsg_packet_path_allocates_nothing() {
     allocates_nothing(IoBackend::Mmsg);
+}
+
+#[test]
+fn uring_gso_off_sends_each_datagram_alone() {
+    gso_off_sends_each_datagram_alone(IoBackend::Uring);
+}
+
+#[test]
+fn mmsg_gso_off_sends_each_datagram_alone() {
+    gso_off_sends_each_datagram_alone(IoBackend::Mmsg);
 }
 
 #[test]
