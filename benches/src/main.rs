@@ -150,6 +150,10 @@ struct Cli {
     /// I/O backend of the started node: auto, uring or mmsg
     #[arg(long, value_name = "BACKEND", default_value = "auto")]
     io_backend: String,
+    /// Start the node with --no-udp-gso (every datagram its own send); `all`
+    /// runs relay and fanout both ways regardless
+    #[arg(long)]
+    no_udp_gso: bool,
     /// Publisher rate of webrtc-fanout within `all` (WebRTC sessions are
     /// paced by the node's bandwidth estimate, so a plain-RTP rate of
     /// hundreds of thousands of packets/s would only fill pacer queues)
@@ -251,13 +255,17 @@ fn run(cli: &Cli) -> Result<()> {
         bail!("--rooms must be at least 1");
     }
     let fanout_n = cli.subscribers.unwrap_or(50);
-    let topo = |subscribers: usize, rooms: usize, shards: usize| Topology {
+    let topo_gso = |subscribers: usize, rooms: usize, shards: usize, gso: bool| Topology {
         subscribers,
         rooms,
         node: NodeOptions {
             shards,
             io_backend: cli.io_backend.clone(),
+            gso,
         },
+    };
+    let topo = |subscribers: usize, rooms: usize, shards: usize| {
+        topo_gso(subscribers, rooms, shards, !cli.no_udp_gso)
     };
     let one = cli.subscribers.unwrap_or(1);
     let plan: Vec<(String, Kind, Topology)> = match cli.scenario {
@@ -283,7 +291,13 @@ fn run(cli: &Cli) -> Result<()> {
             ("naive".into(), Kind::Naive, topo(1, 1, 1)),
             ("naive-fanout".into(), Kind::Naive, topo(fanout_n, 1, 1)),
             ("relay".into(), Kind::Node, topo(1, 1, 1)),
+            ("relay-nogso".into(), Kind::Node, topo_gso(1, 1, 1, false)),
             ("fanout".into(), Kind::Node, topo(fanout_n, 1, 1)),
+            (
+                "fanout-nogso".into(),
+                Kind::Node,
+                topo_gso(fanout_n, 1, 1, false),
+            ),
             (
                 "rooms-1shard".into(),
                 Kind::Node,

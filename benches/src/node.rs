@@ -18,6 +18,8 @@ pub struct NodeOptions {
     pub shards: usize,
     /// `--io-backend` (auto, uring, mmsg).
     pub io_backend: String,
+    /// UDP GSO for runs to one destination (`false`: `--no-udp-gso`).
+    pub gso: bool,
 }
 
 /// The default node binary: `ridge-dataplane` next to this executable (both
@@ -28,6 +30,50 @@ pub fn default_node_bin() -> Result<PathBuf> {
         .parent()
         .context("the ridge-bench executable has no parent directory")?;
     Ok(dir.join("ridge-dataplane"))
+}
+
+/// Per-shard counters from the node's /metrics, summed over its shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    /// `ridge_shard_allocations_total`: heap allocations on the packet path.
+    pub allocations: u64,
+    /// `ridge_shard_gso_sends_total`.
+    pub gso_sends: u64,
+    /// `ridge_shard_gso_datagrams_total`.
+    pub gso_datagrams: u64,
+}
+
+impl ShardCounters {
+    /// Sums the counters over every `shard` label; `None` without any
+    /// allocation counter (not a Ridge node, or no shard yet).
+    pub fn parse(metrics: &str) -> Option<ShardCounters> {
+        let mut c = ShardCounters::default();
+        let mut seen = false;
+        for line in metrics.lines() {
+            let Some((name, rest)) = line.split_once('{') else {
+                continue;
+            };
+            let field = match name {
+                "ridge_shard_allocations_total" => &mut c.allocations,
+                "ridge_shard_gso_sends_total" => &mut c.gso_sends,
+                "ridge_shard_gso_datagrams_total" => &mut c.gso_datagrams,
+                _ => continue,
+            };
+            let (_, v) = rest.rsplit_once(' ')?;
+            *field += v.trim().parse::<f64>().ok()? as u64;
+            seen |= name == "ridge_shard_allocations_total";
+        }
+        seen.then_some(c)
+    }
+
+    /// What changed from `before` to `self`.
+    pub fn since(&self, before: &ShardCounters) -> ShardCounters {
+        ShardCounters {
+            allocations: self.allocations.saturating_sub(before.allocations),
+            gso_sends: self.gso_sends.saturating_sub(before.gso_sends),
+            gso_datagrams: self.gso_datagrams.saturating_sub(before.gso_datagrams),
+        }
+    }
 }
 
 /// A running node.
@@ -74,6 +120,7 @@ impl NodeProcess {
             .args(["--http", &http.to_string(), "--udp", &udp.to_string()])
             .args(["--shards", &opts.shards.to_string()])
             .args(["--io-backend", &opts.io_backend])
+            .args((!opts.gso).then_some("--no-udp-gso"))
             .args(["--log", "warn", "--drain-timeout", "1s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -172,25 +219,14 @@ impl NodeProcess {
         &self.token
     }
 
-    /// Heap allocations the node's media shards have made so far (the sum
-    /// of `ridge_shard_allocations_total`); `None` when /metrics is not
-    /// readable with this token.
-    pub fn shard_allocations(&self) -> Option<u64> {
+    /// The shards' counters so far, summed over shards; `None` when
+    /// /metrics is not readable with this token.
+    pub fn shard_counters(&self) -> Option<ShardCounters> {
         let r = http_request(self.http, "GET", "/metrics", Some(&self.token), "").ok()?;
         if r.status != 200 {
             return None;
         }
-        let mut total = 0u64;
-        let mut seen = false;
-        for line in r.body.lines() {
-            if let Some(rest) = line.strip_prefix("ridge_shard_allocations_total{")
-                && let Some((_, v)) = rest.rsplit_once(' ')
-            {
-                total += v.trim().parse::<f64>().ok()? as u64;
-                seen = true;
-            }
-        }
-        seen.then_some(total)
+        ShardCounters::parse(&r.body)
     }
 
     /// SIGTERM, then wait up to 5 s for the node to drain and exit (then
@@ -405,6 +441,33 @@ mod tests {
         .expect("chunked");
         assert_eq!((r.status, r.body.as_str()), (200, "abcde"));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+
+    #[test]
+    fn sums_shard_counters() {
+        let m = "# HELP ridge_shard_allocations Heap allocations\n\
+                 ridge_shard_allocations_total{shard=\"0\"} 5\n\
+                 ridge_shard_allocations_total{shard=\"1\"} 7\n\
+                 ridge_shard_gso_sends_total{shard=\"0\"} 10\n\
+                 ridge_shard_gso_datagrams_total{shard=\"0\"} 80\n\
+                 ridge_shard_gso_datagrams_total{shard=\"1\"} 4\n\
+                 ridge_shard_send_dropped_total{shard=\"0\"} 99\n";
+        let c = ShardCounters::parse(m).expect("counters");
+        assert_eq!(
+            c,
+            ShardCounters {
+                allocations: 12,
+                gso_sends: 10,
+                gso_datagrams: 84
+            }
+        );
+        let d = c.since(&ShardCounters {
+            allocations: 2,
+            gso_sends: 4,
+            gso_datagrams: 100,
+        });
+        assert_eq!((d.allocations, d.gso_sends, d.gso_datagrams), (10, 6, 0));
+        assert_eq!(ShardCounters::parse("up 1\n"), None);
     }
 
     #[test]

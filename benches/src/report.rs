@@ -120,6 +120,8 @@ impl Report {
             ("fanout", "ceiling-max"),
             ("fanout", "naive-fanout"),
             ("rooms-2shard", "rooms-1shard"),
+            ("relay", "relay-nogso"),
+            ("fanout", "fanout-nogso"),
         ];
         let mut ratios = Vec::new();
         for (node, base) in pairs {
@@ -168,11 +170,11 @@ impl Report {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "| scenario | rooms | shards | subs | target pps | sent pps | recv pps | recv pps/sub | loss % | p50 µs | p99 µs | p99.9 µs | relay CPU s | CPU µs/pkt in | CPU µs/pkt out | pkts out/core-s | allocs/pkt out | gen/recv CPU s |"
+            "| scenario | rooms | shards | subs | target pps | sent pps | recv pps | recv pps/sub | loss % | p50 µs | p99 µs | p99.9 µs | relay CPU s | CPU µs/pkt in | CPU µs/pkt out | pkts out/core-s | allocs/pkt out | GSO share / run | gen/recv CPU s |"
         );
         let _ = writeln!(
             o,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         for r in &self.runs {
@@ -181,7 +183,7 @@ impl Report {
             };
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {}/{} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {}/{} |",
                 r.scenario,
                 r.rooms,
                 r.shards.map_or("-".to_string(), |s| s.to_string()),
@@ -201,6 +203,11 @@ impl Report {
                 cpu(&|c| format!("{:.0}", c.pps_out_per_core_second)),
                 r.allocations_per_packet_out
                     .map_or("-".to_string(), |a| format!("{a:.4}")),
+                match (r.gso_share, r.gso_datagrams_per_send) {
+                    (Some(s), Some(d)) => format!("{:.0}% / {d:.1}", 100.0 * s.min(1.0)),
+                    (Some(_), None) => "0%".to_string(),
+                    _ => "-".to_string(),
+                },
                 opt(r.generator_cpu_seconds),
                 opt(r.receiver_cpu_seconds),
             );

@@ -15,6 +15,10 @@ use crate::webrtc::WebrtcFanout;
 
 /// Time the receiver keeps listening after the sender stops.
 const GRACE: Duration = Duration::from_millis(300);
+/// How stale the node's shard counters on /metrics may be (each shard
+/// publishes them every 500 ms), so a run waits this long after its
+/// packets before reading them.
+const COUNTERS_LAG: Duration = Duration::from_millis(550);
 /// Latency samples kept per run (packets are sampled by sequence number).
 const MAX_SAMPLES: f64 = 2_000_000.0;
 /// Loss below which a rate passes the search, in percent.
@@ -104,6 +108,11 @@ pub struct RunResult {
     pub node_allocations: Option<u64>,
     /// `node_allocations` per packet the node sent.
     pub allocations_per_packet_out: Option<f64>,
+    /// Of the packets the node sent, the share that left in UDP GSO runs
+    /// (several datagrams to one destination in one send).
+    pub gso_share: Option<f64>,
+    /// Datagrams per GSO send, on average.
+    pub gso_datagrams_per_send: Option<f64>,
 }
 
 /// What is wired up: subscribers in total, rooms, and the node's shards.
@@ -278,7 +287,7 @@ impl Target {
         };
         let expected = s.rate.unwrap_or(2_000_000.0) * s.duration.as_secs_f64() * subs as f64;
         let stride = (expected / MAX_SAMPLES).ceil().max(1.0) as u64;
-        let allocs_before = self.node.as_ref().and_then(NodeProcess::shard_allocations);
+        let counters_before = self.node.as_ref().and_then(NodeProcess::shard_counters);
         let cpu_before = self.cpu_seconds();
         let (sent, mut rep, cpu_after) = match self.webrtc.as_mut() {
             Some(w) => {
@@ -316,7 +325,15 @@ impl Target {
                 (sent?, rep, cpu_after)
             }
         };
-        let allocs_after = self.node.as_ref().and_then(NodeProcess::shard_allocations);
+        if counters_before.is_some() {
+            std::thread::sleep(COUNTERS_LAG.saturating_sub(GRACE));
+        }
+        let counters = self
+            .node
+            .as_ref()
+            .and_then(NodeProcess::shard_counters)
+            .zip(counters_before)
+            .map(|(after, before)| after.since(&before));
         let secs = sent.elapsed.as_secs_f64().max(1e-9);
         let received: u64 = rep.per_socket.iter().sum();
         // Each packet goes to one room, whose subscribers all get it.
@@ -378,12 +395,13 @@ impl Target {
             foreign_datagrams: rep.foreign,
             rooms: self.rooms,
             shards: self.shards,
-            node_allocations: allocs_before
-                .zip(allocs_after)
-                .map(|(a, b)| b.saturating_sub(a)),
-            allocations_per_packet_out: allocs_before
-                .zip(allocs_after)
-                .map(|(a, b)| b.saturating_sub(a) as f64 / received.max(1) as f64),
+            node_allocations: counters.map(|c| c.allocations),
+            allocations_per_packet_out: counters
+                .map(|c| c.allocations as f64 / received.max(1) as f64),
+            gso_share: counters.map(|c| c.gso_datagrams as f64 / received.max(1) as f64),
+            gso_datagrams_per_send: counters
+                .filter(|c| c.gso_sends > 0)
+                .map(|c| c.gso_datagrams as f64 / c.gso_sends as f64),
         })
     }
 
@@ -503,6 +521,7 @@ mod tests {
             node: NodeOptions {
                 shards: 1,
                 io_backend: "auto".into(),
+                gso: true,
             },
         };
         let mut t = Target::setup(
