@@ -1848,6 +1848,10 @@ impl Sfu {
             // while it is paused on the link: otherwise a viewer could
             // never move to a layer nobody here watched before.
             let layer = &mut track.layers[i];
+            // An unavailable layer is not chosen even while it still
+            // comes: the link's budget cannot carry it, and the viewers
+            // that watch it must move off for it to stop.
+            layer.withheld = !al.available;
             if al.available {
                 if layer.last_packet.is_none_or(|t| t < now) {
                     layer.last_packet = Some(now);
