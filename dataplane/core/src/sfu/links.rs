@@ -1602,7 +1602,6 @@ impl Sfu {
             return false;
         };
         l.stats.nacks_received += 1;
-        l.capacity.on_nacked(1);
         self.io.counters.nacks_received += 1;
         let Some(&(tid, layer)) = l.outbound.get(&ssrc) else {
             return false;
@@ -1633,6 +1632,10 @@ impl Sfu {
             l.stats.nack_misses += 1;
             return false;
         };
+        // Loss of this link: only what it carried counts (a gap in a
+        // stream that was paused or over the budget here is no loss, nor
+        // is what a relay misses itself).
+        l.capacity.on_nacked(1);
         let mut buf = self.io.buffer();
         write_link_media(
             &mut buf,
