@@ -601,8 +601,12 @@ const THRESHOLD_K_DOWN: f64 = 0.039;
 const OVERUSE_TIME_MS: f64 = 10.0;
 /// A gap in arrivals longer than this starts the detector afresh.
 const DELAY_GAP: Duration = Duration::from_secs(2);
-/// Window of the received rate the reports carry.
-const RATE_WINDOW: Duration = Duration::from_millis(500);
+/// Window of the received rate the reports carry: the last complete one,
+/// or the current one once it is [`RATE_WINDOW_MIN`] long if that is
+/// higher (a queue that builds up passes the bottleneck's rate at once,
+/// while the window before may hold less: a layer just resumed).
+const RATE_WINDOW: Duration = Duration::from_millis(250);
+const RATE_WINDOW_MIN: Duration = Duration::from_millis(100);
 /// A report goes at least this often while media arrives (and at once on a
 /// change of state).
 pub const DELAY_REPORT_INTERVAL: Duration = Duration::from_millis(250);
@@ -842,9 +846,16 @@ impl DelayDetector {
             return None;
         }
         self.reported = Some((now, self.state));
+        let current = self
+            .rate_start
+            .map(|t| now.saturating_duration_since(t))
+            .filter(|d| *d >= RATE_WINDOW_MIN)
+            .map_or(0, |d| {
+                (self.rate_bytes * 8 * 1_000_000) / d.as_micros() as u64
+            });
         Some(DelayReport {
             state: self.state,
-            received_bps: self.received_bps,
+            received_bps: self.received_bps.max(current),
             trend: self.modified,
         })
     }
@@ -1115,7 +1126,9 @@ const DELAY_DECREASE_INTERVAL: Duration = Duration::from_millis(500);
 ///   downstream received (at most once per 500 ms).
 ///
 /// In a window with less than 2% loss and neither over-use nor under-use
-/// reported, it grows 8% until it no longer binds. Layers that do not fit
+/// reported, it grows 8% until it no longer binds: twice what the link
+/// carries and, after a delay-based decrease, twice what the bottleneck
+/// passed then. Layers that do not fit
 /// the budget are not sent on the link (the lowest wanted layer always
 /// is), so each link carries the simulcast layers its capacity allows. A
 /// peer that sends no delay reports (no send times on its links) leaves
@@ -1134,6 +1147,9 @@ pub struct LinkCapacity {
     /// Over-use or under-use was reported this window: no growth.
     delay_hold: bool,
     last_decrease: Option<Instant>,
+    /// The received rate at the last delay-based decrease: what the
+    /// bottleneck passed. The budget binds until it is well above it.
+    delay_limit: Option<u64>,
 }
 
 impl LinkCapacity {
@@ -1187,6 +1203,7 @@ impl LinkCapacity {
                 let before = self.cap_bps;
                 self.cap_bps = Some(self.cap_bps.map_or(lowered, |c| c.min(lowered)));
                 self.last_decrease = Some(now);
+                self.delay_limit = Some(rate);
                 before != self.cap_bps
             }
         }
@@ -1215,8 +1232,16 @@ impl LinkCapacity {
                 && let Some(c) = self.cap_bps
             {
                 let raised = (c as f64 * 1.08) as u64 + 8_000;
-                // Unlimited again once the budget is well above the load.
-                self.cap_bps = (raised < (rate * 2.0) as u64).then_some(raised);
+                // Unlimited again once the budget is well above the load
+                // and, after a delay-based decrease, above what the
+                // bottleneck passed (the load is low because of the
+                // budget: layers that do not fit are not sent).
+                let floor = (rate * 2.0) as u64;
+                let floor = self.delay_limit.map_or(floor, |d| floor.max(d * 2));
+                self.cap_bps = (raised < floor).then_some(raised);
+                if self.cap_bps.is_none() {
+                    self.delay_limit = None;
+                }
             }
         }
         self.window_start = Some(now);
