@@ -1673,7 +1673,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = LinkCapacity::default();
         let mut t = t0;
-        let mut window = |c: &mut LinkCapacity, t: &mut Instant| {
+        let window = |c: &mut LinkCapacity, t: &mut Instant| {
             for _ in 0..200 {
                 c.on_sent(1250); // 2 Mbit/s
             }
