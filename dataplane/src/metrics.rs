@@ -780,6 +780,16 @@ const MESH_COUNTERS: &[MeshField] = &[
         l.unrecovered
     }),
     (
+        "delay_reports_sent",
+        "Delay reports (queueing-delay state) sent to the link's upstream",
+        |l| l.delay_reports_sent,
+    ),
+    (
+        "delay_reports_received",
+        "Delay reports received from the link's downstream",
+        |l| l.delay_reports_received,
+    ),
+    (
         "auth_failures",
         "Datagrams from the link's peer failing SRTP authentication",
         |l| l.auth_failures,
@@ -844,8 +854,25 @@ fn encode_mesh_links(
     gauge(
         enc,
         "ridge_mesh_budget_bps",
-        "Loss-based send budget of a link, when one binds (layers above it are not sent)",
+        "Send budget of a link (loss- and delay-based), when one binds (layers above it are not sent)",
         &budget,
+    )?;
+    let delay_state: Vec<(Labels, f64)> = links
+        .iter()
+        .map(|l| (label(l), f64::from(l.delay_state)))
+        .collect();
+    gauge(
+        enc,
+        "ridge_mesh_delay_state",
+        "What this node sends on a link, as the downstream's delay detector last reported it: 1 overuse (the link queues), 0 normal, -1 underuse",
+        &delay_state,
+    )?;
+    let trend: Vec<(Labels, f64)> = links.iter().map(|l| (label(l), l.delay_trend)).collect();
+    gauge(
+        enc,
+        "ridge_mesh_delay_trend",
+        "What this node receives on a link: the delay detector's modified queueing-delay trend (over-use above its adaptive threshold, 6 to 600)",
+        &trend,
     )?;
     let loss: Vec<(Labels, f64)> = links.iter().map(|l| (label(l), l.loss)).collect();
     gauge(

@@ -24,7 +24,13 @@ pub struct Sent {
     /// Sent with this audio level (voice flag, attenuation) in a header
     /// extension (mesh links): a retransmission carries it again.
     pub audio_level: Option<(bool, u8)>,
+    /// Sent with this 24-bit abs-send-time in a header extension (mesh
+    /// links): a retransmission carries the same value again.
+    pub send_time: Option<u32>,
 }
+
+/// Marks a slot's send time as present.
+const SEND_TIME_SET: u32 = 1 << 31;
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -34,6 +40,9 @@ struct Slot {
     marker: bool,
     redundant: bool,
     audio_level: Option<(bool, u8)>,
+    /// The 24-bit send time with [`SEND_TIME_SET`] (4 bytes, not an
+    /// `Option`'s 8: the slot stays as small as before).
+    send_time: u32,
     payload: Option<PacketBuf>,
 }
 
@@ -75,6 +84,7 @@ impl RetransmitBuffer {
         slot.marker = marker;
         slot.redundant = false;
         slot.audio_level = None;
+        slot.send_time = 0;
         slot.stored_at = Some(now);
         // Assigning drops the previous view, releasing its pool slot.
         slot.payload = Some(payload.clone());
@@ -94,6 +104,8 @@ impl RetransmitBuffer {
                 payload: p.clone(),
                 redundant: slot.redundant,
                 audio_level: slot.audio_level,
+                send_time: (slot.send_time & SEND_TIME_SET != 0)
+                    .then_some(slot.send_time & !SEND_TIME_SET),
             }),
             _ => None,
         }
@@ -116,6 +128,16 @@ impl RetransmitBuffer {
         let slot = &mut self.slots[i];
         if slot.seq == seq && slot.payload.is_some() {
             slot.audio_level = level;
+        }
+    }
+
+    /// Records the send time the packet stored with `seq` was sent with
+    /// (see [`Sent::send_time`]; 24 bits, the higher ones are not kept).
+    pub fn set_send_time(&mut self, seq: u16, send_time: Option<u32>) {
+        let i = self.index(seq);
+        let slot = &mut self.slots[i];
+        if slot.seq == seq && slot.payload.is_some() {
+            slot.send_time = send_time.map_or(0, |t| (t & 0x00ff_ffff) | SEND_TIME_SET);
         }
     }
 

@@ -143,6 +143,9 @@ struct Layer {
     watchers: u32,
     demanded_since: Option<Instant>,
     unavailable_until: Option<Instant>,
+    /// A remote track's layer its upstream announced as unavailable (over
+    /// the link's budget): not chosen, even while its packets still come.
+    withheld: bool,
 }
 
 impl Layer {
@@ -157,6 +160,7 @@ impl Layer {
             watchers: 0,
             demanded_since: None,
             unavailable_until: None,
+            withheld: false,
         }
     }
 
@@ -2340,7 +2344,9 @@ fn choose_layer(
     let mut available: Vec<usize> = (0..layers.len())
         .filter(|&i| {
             let l = &layers[i];
-            l.ssrc.is_some() && (l.active(now) || l.unavailable_until.is_none_or(|u| now >= u))
+            l.ssrc.is_some()
+                && !l.withheld
+                && (l.active(now) || l.unavailable_until.is_none_or(|u| now >= u))
         })
         .collect();
     if available.is_empty() {

@@ -313,10 +313,13 @@ pub enum DropReason {
     /// An authentic mesh datagram whose FEC (FlexFEC) or RED payload is
     /// malformed.
     MeshFec,
+    /// An authentic mesh delay report that is malformed or of an unknown
+    /// version.
+    MeshFeedback,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
@@ -327,6 +330,7 @@ impl DropReason {
         DropReason::MeshUnrouted,
         DropReason::MeshDuplicate,
         DropReason::MeshFec,
+        DropReason::MeshFeedback,
     ];
 
     pub fn label(self) -> &'static str {
@@ -341,6 +345,7 @@ impl DropReason {
             DropReason::MeshUnrouted => "mesh_unrouted",
             DropReason::MeshDuplicate => "mesh_duplicate",
             DropReason::MeshFec => "mesh_fec",
+            DropReason::MeshFeedback => "mesh_feedback",
         }
     }
 }
@@ -479,6 +484,15 @@ impl StatsSnapshot {
                         (a, b) => a.or(b),
                     };
                     x.loss = x.loss.max(l.loss);
+                    // The most alarming shard's word: over-use, then
+                    // under-use, then normal.
+                    let rank = |s: i8| [1, 0, 2].get((s + 1) as usize).copied();
+                    if rank(l.delay_state) > rank(x.delay_state) {
+                        x.delay_state = l.delay_state;
+                    }
+                    x.delay_trend = x.delay_trend.max(l.delay_trend);
+                    x.delay_reports_sent += l.delay_reports_sent;
+                    x.delay_reports_received += l.delay_reports_received;
                     x.rooms_out += l.rooms_out;
                     x.rooms_in += l.rooms_in;
                 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use common::client::{Client, Datagram};
 use common::{parse_rtcp, parse_rtp, pli, remote, rtp, vp8_payload};
 use ridge_sfu::{
     DropReason, MeshConfig, MeshLinkSpec, MeshRecovery, MeshRouteSpec, Output, RtpDirection,
@@ -47,6 +48,23 @@ struct Net {
     fec: bool,
     /// Every node's events, in order.
     events: Vec<(String, SfuEvent)>,
+    /// WebRTC clients (str0m) on the network: what nodes send them is
+    /// theirs, not `delivered`.
+    clients: Vec<Client>,
+    /// A bottleneck on the datagrams from one node to another.
+    bottleneck: Option<Bottleneck>,
+}
+
+/// A bottleneck with a deep buffer: datagrams from `from` to `to` leave it
+/// one after the other at `bps`, in order, and none is dropped.
+struct Bottleneck {
+    from: SocketAddr,
+    to: SocketAddr,
+    bps: u64,
+    /// When the queue is empty again.
+    free_at: Instant,
+    /// When each datagram entered it, and how long it queued.
+    waits: Vec<(Instant, Duration)>,
 }
 
 impl Net {
@@ -80,6 +98,8 @@ impl Net {
             mesh_dropped: 0,
             fec: false,
             events: Vec::new(),
+            clients: Vec::new(),
+            bottleneck: None,
         }
     }
 
@@ -157,9 +177,34 @@ impl Net {
                 }
             }
             self.seq += 1;
-            let at = self.now + self.delay;
+            let mut at = self.now + self.delay;
+            if let Some(b) = &mut self.bottleneck
+                && b.from == from
+                && b.to == to
+            {
+                let start = b.free_at.max(self.now);
+                b.free_at = start + Duration::from_nanos(data.len() as u64 * 8_000_000_000 / b.bps);
+                b.waits.push((self.now, start - self.now));
+                at = b.free_at + self.delay;
+            }
             self.in_flight
                 .insert((at, self.seq), Flight { from, to, data });
+        }
+    }
+
+    /// Puts what clients sent on the network.
+    fn client_datagrams(&mut self, out: std::collections::VecDeque<Datagram>) {
+        for d in out {
+            self.seq += 1;
+            let at = self.now + self.delay;
+            self.in_flight.insert(
+                (at, self.seq),
+                Flight {
+                    from: d.source,
+                    to: d.destination,
+                    data: d.contents,
+                },
+            );
         }
     }
 
@@ -181,12 +226,30 @@ impl Net {
                 .iter()
                 .map(|(n, s)| (s.poll_timeout(), n.clone()))
                 .min();
+            let next_client = self
+                .clients
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.next_timeout, i))
+                .min();
             let t = match (next_flight, &next_timer) {
                 (Some(f), Some((tm, _))) => f.min(*tm),
                 (Some(f), None) => f,
                 (None, Some((tm, _))) => *tm,
                 (None, None) => until,
             };
+            // A client's timer first when it is due first.
+            if let Some((ct, i)) = next_client
+                && ct < t
+                && ct <= until
+            {
+                self.now = self.now.max(ct);
+                let now = self.now;
+                let mut out = std::collections::VecDeque::new();
+                self.clients[i].timeout(now, &mut out);
+                self.client_datagrams(out);
+                continue;
+            }
             if t > until {
                 break;
             }
@@ -202,7 +265,19 @@ impl Net {
                         self.sfu(&name).handle_datagram(now, f.from, to, &f.data);
                         self.collect(&name);
                     }
-                    None => self.delivered.push((self.now, f.to, f.data)),
+                    None => match self.clients.iter_mut().find(|c| c.addr == f.to) {
+                        Some(c) => {
+                            let mut out = std::collections::VecDeque::new();
+                            let d = Datagram {
+                                source: f.from,
+                                destination: f.to,
+                                contents: f.data,
+                            };
+                            c.receive(self.now, &d, &mut out);
+                            self.client_datagrams(out);
+                        }
+                        None => self.delivered.push((self.now, f.to, f.data)),
+                    },
                 }
             } else if let Some((_, name)) = next_timer {
                 let now = self.now;
@@ -974,4 +1049,232 @@ fn audio_levels_cross_links_and_elect_the_remote_speaker() {
             None => assert_eq!(speaker_at_c, None),
         }
     }
+}
+
+/// The simulcast layers of [`webrtc_publisher`]: rid, packets a frame,
+/// bytes a packet. At 30 frames a second: about 96 kbit/s, 384 kbit/s and
+/// 1.2 Mbit/s of payload.
+const SIMULCAST: [(&str, u32, usize); 3] = [("q", 1, 400), ("h", 2, 800), ("f", 5, 1000)];
+
+/// A WebRTC publisher of one simulcast video track (q/h/f) on `node`,
+/// connected (ICE, DTLS). Returns the video mid.
+fn webrtc_publisher(net: &mut Net, node: &str, addr: SocketAddr) -> str0m::media::Mid {
+    use str0m::media::{Direction, MediaKind, Simulcast, SimulcastLayer};
+    let now = net.now;
+    let mut client = Client::new("publisher", addr, now);
+    let sfu = net.sfu(node);
+    let p = sfu.join("demo", "alice", false).expect("join");
+    let mut simulcast = Simulcast::new();
+    for (rid, _, _) in SIMULCAST {
+        simulcast.add_send_layer(SimulcastLayer::new(rid));
+    }
+    let (_, mids) = client.negotiate(
+        sfu,
+        now,
+        p,
+        ridge_sfu::OfferIntent::Publish,
+        &[(MediaKind::Video, Direction::SendOnly, Some(simulcast))],
+    );
+    net.collect(node);
+    let mut out = std::collections::VecDeque::new();
+    client.poll(now, &mut out);
+    net.clients.push(client);
+    net.client_datagrams(out);
+    net.advance(Duration::from_secs(2));
+    assert!(net.clients[0].rtc.is_connected(), "ICE + DTLS completed");
+    mids[0]
+}
+
+/// The publisher writes frame `frame` of every layer (each layer's
+/// keyframe every 10 frames, at its own phase); every payload is tagged
+/// with (layer << 24 | frame).
+fn write_simulcast_frame(net: &mut Net, mid: str0m::media::Mid, frame: u32) {
+    use str0m::rtp::{RtpWrite, SeqNo};
+    let now = net.now;
+    let c = &mut net.clients[0];
+    let pt = c.pt(str0m::format::Codec::Vp8);
+    for (i, (rid, packets, size)) in SIMULCAST.iter().enumerate() {
+        let key = frame % 10 == 3 * i as u32;
+        for p in 0..*packets {
+            let tag = ((i as u32) << 24 | frame).to_be_bytes();
+            let payload = vp8_payload(key, 640, 480, &tag, *size);
+            let mut api = c.rtc.direct_api();
+            let tx = api
+                .stream_tx_by_mid(mid, Some(str0m::media::Rid::from(*rid)))
+                .expect("a send stream per rid");
+            tx.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    SeqNo::from(u64::from(frame * packets + p) + 1),
+                    frame * 3000,
+                    now,
+                    payload,
+                )
+                .marker(p == packets - 1)
+                .nackable(true),
+            );
+        }
+    }
+    let mut out = std::collections::VecDeque::new();
+    c.poll(now, &mut out);
+    net.client_datagrams(out);
+}
+
+/// The layer of the last video packet `client` got.
+fn last_layer(net: &Net, client: SocketAddr) -> Option<u32> {
+    net.delivered
+        .iter()
+        .rev()
+        .filter(|(_, to, d)| {
+            *to == client && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
+        })
+        .find_map(|(_, _, d)| vp8_tag(&parse_rtp(d).payload))
+        .map(|t| t >> 24)
+}
+
+fn p95(mut waits: Vec<Duration>) -> Duration {
+    waits.sort_unstable();
+    waits
+        .get(waits.len() * 95 / 100)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A → B with a simulcast publisher on A and a subscriber of its highest
+/// layer on B. The link from A to B turns into a bottleneck of 900 kbit/s
+/// with a deep buffer and no loss, below the 1.2 Mbit/s of the highest
+/// layer alone: nothing is NACKed, so only the delay-based half of the
+/// budget can see it. The budget drops, the highest layer leaves the link
+/// and the queueing delay stays bounded; once the bottleneck goes, the
+/// budget grows back until it no longer binds and the highest layer
+/// returns.
+#[test]
+fn a_queueing_bottleneck_without_loss_lowers_the_budget_and_the_delay_stays_bounded() {
+    let mut net = Net::new(&["a", "b"]);
+    let pub_client = remote(1, 1111);
+    let sub_client = remote(2, 4002);
+    let mid = webrtc_publisher(&mut net, "a", pub_client);
+    subscriber(&mut net, "b", sub_client, TrackKind::Video);
+    net.configure("a", &[("b", true)], &[("demo", "a", None, &["b"])]);
+    net.configure("b", &[("a", true)], &[("demo", "a", Some("a"), &[])]);
+    let (a, b) = (net.addr("a"), net.addr("b"));
+    net.bottleneck = Some(Bottleneck {
+        from: a,
+        to: b,
+        bps: 1_000_000_000,
+        free_at: net.now,
+        waits: Vec::new(),
+    });
+    let frame_gap = Duration::from_micros(33_333);
+    let mut frame = 0;
+    let mut run = |net: &mut Net, secs: u32, budgets: &mut Vec<Option<u64>>| {
+        for i in 0..secs * 30 {
+            write_simulcast_frame(net, mid, frame);
+            frame += 1;
+            net.advance(frame_gap);
+            if i % 30 == 29 {
+                budgets.push(link_stats(net, "a", "b").budget_bps);
+            }
+        }
+    };
+    let mut budgets = Vec::new();
+    run(&mut net, 4, &mut budgets);
+    assert_eq!(
+        last_layer(&net, sub_client),
+        Some(2),
+        "f before the bottleneck"
+    );
+    assert!(budgets.iter().all(Option::is_none), "{budgets:?}");
+
+    // The bottleneck.
+    let start = net.now;
+    if let Some(b) = &mut net.bottleneck {
+        b.bps = 900_000;
+    }
+    let mut during = Vec::new();
+    run(&mut net, 30, &mut during);
+    let stats = link_stats(&mut net, "a", "b");
+    let waits: Vec<Duration> = net
+        .bottleneck
+        .as_ref()
+        .expect("bottleneck")
+        .waits
+        .iter()
+        .filter(|(at, _)| *at >= start + Duration::from_secs(5))
+        .map(|(_, w)| *w)
+        .collect();
+    let (p95_wait, max_wait) = (p95(waits.clone()), waits.iter().max().copied());
+    let lowest = during.iter().flatten().min().copied();
+    eprintln!(
+        "bottleneck 900 kbit/s: budget per second {during:?}; queueing delay after 5 s: p95 {p95_wait:?}, max {max_wait:?}; NACKs {} (for gaps of paused layers), delay reports {}",
+        stats.nacks_received, stats.delay_reports_received
+    );
+    assert_eq!(net.mesh_dropped, 0);
+    assert_eq!(stats.retransmits, 0, "no loss: the loss half never acts");
+    let lowest = lowest.expect("the budget dropped");
+    assert!(
+        (600_000..=900_000).contains(&lowest),
+        "85% of what the bottleneck passes: {lowest}"
+    );
+    assert!(
+        p95_wait < Duration::from_millis(500),
+        "queueing delay p95 {p95_wait:?}"
+    );
+
+    // The bottleneck goes.
+    if let Some(b) = &mut net.bottleneck {
+        b.bps = 1_000_000_000;
+    }
+    let mut after = Vec::new();
+    run(&mut net, 40, &mut after);
+    eprintln!("bottleneck gone: budget per second {after:?}");
+    assert_eq!(after.last(), Some(&None), "the budget no longer binds");
+    assert_eq!(last_layer(&net, sub_client), Some(2), "f again");
+}
+
+/// Delay reports that authenticate but do not parse (unknown state or
+/// version, too short) are counted drops; the link and its budget carry
+/// on, and a valid report after them is taken.
+#[test]
+fn malformed_delay_reports_are_counted_drops() {
+    use ridge_sfu::mesh::{DelayReport, DelayState, write_delay_report};
+    let (mut net, _, _) = setup_chain(true);
+    // Another socket of A (a second shard), with A's keys towards B.
+    let (key, salt) = ridge_sfu::mesh_master_key(&KEY, "a", "b");
+    let mut tx = ridge_sfu::SrtpContext::new(ridge_sfu::SrtpProfile::NullHmacSha1_80, &key, &salt);
+    let from = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 5001));
+    let to = net.addr("b");
+    let report = |state| {
+        let mut buf = Vec::new();
+        let r = DelayReport {
+            state,
+            received_bps: 500_000,
+            trend: 20.0,
+        };
+        write_delay_report(&mut buf, 0x5151, &r);
+        buf
+    };
+    let before = link_stats(&mut net, "b", "a");
+    let mut bad_state = report(DelayState::Normal);
+    bad_state[13] = 7;
+    let mut bad_version = report(DelayState::Normal);
+    bad_version[12] = 2;
+    let mut short = report(DelayState::Normal);
+    short[3] = 2;
+    for mut d in [bad_state, bad_version, short, report(DelayState::Overuse)] {
+        tx.protect_rtcp(&mut d).expect("protect");
+        let now = net.now;
+        net.sfu("b").handle_datagram(now, from, to, &d);
+        net.collect("b");
+    }
+    let stats = net.sfu("b").stats();
+    assert_eq!(stats.drops[DropReason::MeshFeedback as usize], 3);
+    assert_eq!(stats.drops[DropReason::MeshAuth as usize], 0);
+    let after = link_stats(&mut net, "b", "a");
+    assert_eq!(
+        after.delay_reports_received,
+        before.delay_reports_received + 1
+    );
+    assert_eq!(after.delay_state, 1, "the valid over-use report is taken");
+    assert!(after.budget_bps.is_some());
 }

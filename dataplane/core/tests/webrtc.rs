@@ -5,20 +5,19 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::client::{Client, Datagram};
 use common::*;
 use ridge_sfu::packet::codec::vp8_is_keyframe;
 use ridge_sfu::{DropReason, OfferIntent, ParticipantId, PeerId, SfuEvent, TrackId, TrackKind};
-use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{
     Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer,
 };
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Event, Input};
 
 const ROOM: &str = "webrtc";
 const STEP: Duration = Duration::from_millis(1);
@@ -70,93 +69,6 @@ const F: usize = 2;
 
 fn is_key(layer: usize, frame: u32) -> bool {
     frame % KEY_EVERY == LAYERS[layer].key_phase
-}
-
-struct Datagram {
-    source: SocketAddr,
-    destination: SocketAddr,
-    contents: Vec<u8>,
-}
-
-/// A str0m client on the simulated network.
-struct Client {
-    name: &'static str,
-    rtc: Rtc,
-    addr: SocketAddr,
-    next_timeout: Instant,
-    events: Vec<(Instant, Event)>,
-}
-
-impl Client {
-    fn new(name: &'static str, addr: SocketAddr, now: Instant) -> Self {
-        let mut rtc = RtcConfig::new()
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .enable_vp8(true)
-            .enable_opus(true, false)
-            .build(now);
-        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
-        Client {
-            name,
-            rtc,
-            addr,
-            next_timeout: now,
-            events: Vec::new(),
-        }
-    }
-
-    /// Drains the client until it asks for a timeout.
-    fn poll(&mut self, now: Instant, out: &mut VecDeque<Datagram>) {
-        loop {
-            match self.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => {
-                    self.next_timeout = t;
-                    return;
-                }
-                Ok(Output::Transmit(t)) => out.push_back(Datagram {
-                    source: t.source,
-                    destination: t.destination,
-                    contents: t.contents.to_vec(),
-                }),
-                Ok(Output::Event(e)) => self.events.push((now, e)),
-                Err(e) => panic!("{}: {e}", self.name),
-            }
-        }
-    }
-
-    fn pt(&self, codec: Codec) -> str0m::media::Pt {
-        self.rtc
-            .codec_config()
-            .params()
-            .iter()
-            .find(|p| p.spec().codec == codec)
-            .map(|p| p.pt())
-            .unwrap()
-    }
-
-    /// Offers `media`, lets the node answer with `intent`, applies the answer.
-    fn negotiate(
-        &mut self,
-        node: &mut Node,
-        participant: ParticipantId,
-        intent: OfferIntent,
-        media: &[(MediaKind, Direction, Option<Simulcast>)],
-    ) -> (PeerId, Vec<Mid>) {
-        let mut change = self.rtc.sdp_api();
-        let mids: Vec<Mid> = media
-            .iter()
-            .map(|(kind, dir, sim)| change.add_media(*kind, *dir, None, None, sim.clone()))
-            .collect();
-        let (offer, pending) = change.apply().unwrap();
-        let now = node.now;
-        let (peer, answer) = node
-            .sfu
-            .accept_offer(now, participant, &offer.to_sdp_string(), intent)
-            .unwrap();
-        let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
-        self.rtc.sdp_api().accept_answer(pending, answer).unwrap();
-        (peer, mids)
-    }
 }
 
 /// One video packet as the subscriber received it.
@@ -219,7 +131,8 @@ impl Call {
             simulcast.add_send_layer(SimulcastLayer::new(l.rid));
         }
         let (pub_peer, mids) = publisher_client.negotiate(
-            &mut node,
+            &mut node.sfu,
+            node.now,
             publisher,
             OfferIntent::Publish,
             &[
@@ -243,7 +156,8 @@ impl Call {
             wanted.push((MediaKind::Audio, Direction::RecvOnly, None));
         }
         let (sub_peer, sub_mids) = subscriber_client.negotiate(
-            &mut node,
+            &mut node.sfu,
+            node.now,
             subscriber,
             OfferIntent::Subscribe { from: None },
             &wanted,
@@ -305,10 +219,7 @@ impl Call {
             self.next_frame += FRAME;
         }
         for c in &mut self.clients {
-            if c.next_timeout <= now {
-                c.rtc.handle_input(Input::Timeout(now)).unwrap();
-                c.poll(now, &mut to_node);
-            }
+            c.timeout(now, &mut to_node);
         }
         if self.node.sfu.poll_timeout() <= now {
             self.node.sfu.handle_timeout(now);

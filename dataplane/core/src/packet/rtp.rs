@@ -281,16 +281,63 @@ pub fn write_header_with_level(
     ext_id: u8,
     level: Option<(bool, u8)>,
 ) {
+    let level = level.map(|(voice, attenuation)| [(u8::from(voice) << 7) | attenuation.min(127)]);
+    let elements = [(ext_id, level.as_ref().map(|l| &l[..]))];
+    write_header_with_extensions(
+        out,
+        marker,
+        payload_type,
+        sequence,
+        timestamp,
+        ssrc,
+        &elements,
+    );
+}
+
+/// Writes a fixed header as [`write_header`], followed by an RFC 8285
+/// one-byte extension block holding the present `elements` (id 1-14, value
+/// 1-16 bytes), in order, padded to a 32-bit boundary. No block when none is
+/// present.
+pub fn write_header_with_extensions(
+    out: &mut Vec<u8>,
+    marker: bool,
+    payload_type: u8,
+    sequence: u16,
+    timestamp: u32,
+    ssrc: u32,
+    elements: &[(u8, Option<&[u8]>)],
+) {
     let start = out.len();
     write_header(out, marker, payload_type, sequence, timestamp, ssrc);
-    if let Some((voice, attenuation)) = level {
-        out[start] |= 0x10;
-        out.extend_from_slice(&ONE_BYTE_PROFILE.to_be_bytes());
-        out.extend_from_slice(&1u16.to_be_bytes()); // one 32-bit word
-        // Element header: id, length - 1 = 0; then V and the level; padding.
-        out.push((ext_id & 0x0f) << 4);
-        out.push((u8::from(voice) << 7) | attenuation.min(127));
-        out.extend_from_slice(&[0, 0]);
+    let present = || {
+        elements
+            .iter()
+            .filter_map(|(id, v)| v.map(|v| (*id, &v[..v.len().min(16)])))
+            .filter(|(id, v)| (1..=14).contains(id) && !v.is_empty())
+    };
+    let bytes: usize = present().map(|(_, v)| 1 + v.len()).sum();
+    if bytes == 0 {
+        return;
+    }
+    let words = bytes.div_ceil(4);
+    out[start] |= 0x10;
+    out.extend_from_slice(&ONE_BYTE_PROFILE.to_be_bytes());
+    out.extend_from_slice(&(words as u16).to_be_bytes());
+    for (id, v) in present() {
+        // Element header: id, length - 1; then the value.
+        out.push((id << 4) | (v.len() - 1) as u8);
+        out.extend_from_slice(v);
+    }
+    out.resize(out.len() + words * 4 - bytes, 0);
+}
+
+/// Reads a 24-bit abs-send-time (6.18 fixed-point seconds, as WebRTC's
+/// `http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time`) from the
+/// one-byte or two-byte header extension `ext_id`.
+pub fn abs_send_time(buf: &[u8], header: &RtpHeader, ext_id: u8) -> Option<u32> {
+    match find_extension(buf, header, ext_id)? {
+        &[a, b, c] => Some(u32::from_be_bytes([0, a, b, c])),
+        _ => None,
     }
 }
 
@@ -314,6 +361,36 @@ mod tests {
         let h = RtpHeader::parse(&plain).unwrap();
         assert!(!h.has_extension);
         assert_eq!(h.header_len, 12);
+    }
+
+    #[test]
+    fn written_extensions_parse_back_in_any_combination() {
+        let send = [0x12, 0x34, 0x56];
+        for level in [None, Some([0x85u8])] {
+            for time in [None, Some(&send[..])] {
+                let mut buf = Vec::new();
+                write_header_with_extensions(
+                    &mut buf,
+                    false,
+                    96,
+                    9,
+                    90,
+                    0x77,
+                    &[(1, level.as_ref().map(|l| &l[..])), (2, time)],
+                );
+                buf.extend_from_slice(b"payload");
+                let h = RtpHeader::parse(&buf).unwrap();
+                assert_eq!(h.has_extension, level.is_some() || time.is_some());
+                assert_eq!(h.header_len % 4, 0);
+                assert_eq!(h.payload(&buf), b"payload");
+                assert_eq!(audio_level(&buf, &h, 1), level.map(|_| (true, 5)));
+                assert_eq!(
+                    abs_send_time(&buf, &h, 2),
+                    time.map(|_| 0x0012_3456),
+                    "{level:?} {time:?}"
+                );
+            }
+        }
     }
 
     #[test]

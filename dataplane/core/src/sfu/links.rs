@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::fec::{FecDecoder, FecEncoder, FecPacket, Recovery};
 use crate::mesh::{
-    AnnouncedLayer, AnnouncedTrack, InboundRef, LinkCapacity, LossTracker, MESH_STATE_TIMEOUT,
-    MeshConfig, MeshLinkSnapshot, MeshMessage, MeshRecovery, MeshRouteSpec, OriginKey,
-    PENDING_SUBSCRIBE_INTERVAL, ROUTE_HANDOVER, RemoteParticipantKey, SUBSCRIBE_INTERVAL,
-    codec_code, codec_from_code, is_mesh_app, layers_within, parse_message, write_message,
+    AnnouncedLayer, AnnouncedTrack, DelayDetector, InboundRef, LinkCapacity, LossTracker,
+    MESH_STATE_TIMEOUT, MeshConfig, MeshLinkSnapshot, MeshMessage, MeshRecovery, MeshRouteSpec,
+    OriginKey, PENDING_SUBSCRIBE_INTERVAL, ROUTE_HANDOVER, RemoteParticipantKey,
+    SUBSCRIBE_INTERVAL, abs_send_time, codec_code, codec_from_code, is_delay_report, is_mesh_app,
+    layers_within, parse_delay_report, parse_message, write_delay_report, write_message,
 };
 use crate::red::{self, RedPayload};
 use crate::srtp::{SrtpContext, SrtpError, SrtpProfile, Unprotected, mesh_master_key};
@@ -30,6 +31,14 @@ const MESH_PT_RED: u8 = 63;
 /// The RFC 8285 one-byte header-extension id of the RFC 6464 audio level
 /// on links' audio packets (when the publisher's level is known).
 const MESH_EXT_AUDIO_LEVEL: u8 = 1;
+/// The RFC 8285 one-byte header-extension id of the 24-bit abs-send-time
+/// (6.18 fixed-point seconds since the sending core started, wrapping
+/// every 64 s) on every link media packet; the downstream's delay detector
+/// measures the link's queueing-delay gradient with it. A retransmission
+/// carries the original send time (so the same bytes) and the detector
+/// leaves it out as older than its current group; FEC repair packets carry
+/// none, and packets rebuilt from them are left out too.
+const MESH_EXT_SEND_TIME: u8 = 2;
 /// FlexFEC (RFC 8627) repair packets, on an SSRC of their own; the
 /// protected link SSRC is their CSRC.
 const MESH_PT_FLEXFEC: u8 = 118;
@@ -59,6 +68,8 @@ pub(super) struct MeshState {
     fec_scratch: Vec<u8>,
     /// The configuration applied last.
     config: Option<MeshConfig>,
+    /// Send times on links count from here.
+    epoch: Instant,
 }
 
 impl MeshState {
@@ -77,6 +88,7 @@ impl MeshState {
             scratch: Vec::with_capacity(1500),
             fec_scratch: Vec::with_capacity(1500),
             config: None,
+            epoch: now,
         }
     }
 
@@ -146,11 +158,13 @@ impl MeshState {
             }
             let level = pkt.audio_level.filter(|_| kind == TrackKind::Audio);
             ol.retransmit.set_audio_level(pkt.seq, level);
+            let send_time = abs_send_time(now.saturating_duration_since(self.epoch));
+            ol.retransmit.set_send_time(pkt.seq, Some(send_time));
             write_link_media(
                 &mut buf,
                 kind,
                 ol.ssrc,
-                (pkt.marker, pkt.seq, pkt.timestamp, level),
+                (pkt.marker, pkt.seq, pkt.timestamp, level, Some(send_time)),
                 payload.as_slice(),
                 prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
             );
@@ -249,8 +263,12 @@ struct Link {
     inbound: HashMap<u32, InStream>,
     /// Streams sent on this link: link SSRC → track and layer.
     outbound: HashMap<u32, (TrackId, usize)>,
-    /// The loss-based budget that decides which layers the link carries.
+    /// The budget (loss- and delay-based) that decides which layers the
+    /// link carries.
     capacity: LinkCapacity,
+    /// Delay detectors of what the link receives, one per remote socket
+    /// (each sending core stamps send times from its own epoch).
+    delay: Vec<(SocketAddr, DelayDetector)>,
     stats: MeshLinkSnapshot,
 }
 
@@ -418,6 +436,7 @@ impl Sfu {
                         inbound: HashMap::new(),
                         outbound: HashMap::new(),
                         capacity: LinkCapacity::default(),
+                        delay: Vec::with_capacity(MAX_RX_CONTEXTS),
                         stats: MeshLinkSnapshot {
                             peer: spec.peer.clone(),
                             trusted: spec.trusted,
@@ -1127,6 +1146,9 @@ impl Sfu {
             self.io.drop_packet(DropReason::UnknownSsrc);
             return;
         };
+        if !repaired && let Some(t) = packet::rtp::abs_send_time(data, header, MESH_EXT_SEND_TIME) {
+            self.mesh_delay(now, link, source, t, data.len());
+        }
         let Some(track) = self.tracks.get(&at.track) else {
             return;
         };
@@ -1430,7 +1452,66 @@ impl Sfu {
         self.mesh_schedule_nacks();
     }
 
+    /// A timed media packet from `source` on a link: feeds that sender's
+    /// delay detector, and sends it a delay report when one is due.
+    fn mesh_delay(
+        &mut self,
+        now: Instant,
+        link: usize,
+        source: SocketAddr,
+        send_time: u32,
+        bytes: usize,
+    ) {
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return;
+        };
+        let i = match l.delay.iter().position(|(a, _)| *a == source) {
+            Some(i) => i,
+            // One per receive context, so bounded as those are.
+            None if l.delay.len() < MAX_RX_CONTEXTS => {
+                l.delay.push((source, DelayDetector::default()));
+                l.delay.len() - 1
+            }
+            None => return,
+        };
+        let d = &mut l.delay[i].1;
+        d.on_packet(now, send_time, bytes);
+        let Some(report) = d.report_due(now) else {
+            return;
+        };
+        l.stats.delay_reports_sent += 1;
+        let mut buf = self.io.buffer();
+        write_delay_report(&mut buf, self.rtcp_ssrc, &report);
+        self.mesh_send_rtcp(link, source, buf);
+    }
+
+    /// A delay report from the downstream of a link: the budget follows it
+    /// (a lower one takes effect and is announced at once).
+    fn mesh_delay_report(&mut self, now: Instant, link: usize, data: &[u8]) {
+        let report = match parse_delay_report(data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad mesh delay report");
+                self.io.drop_packet(DropReason::MeshFeedback);
+                return;
+            }
+        };
+        let Some(l) = self.mesh.links.get_mut(link) else {
+            return;
+        };
+        l.stats.delay_reports_received += 1;
+        if l.capacity.on_delay_report(now, &report) {
+            self.mesh.announce_due = Some(now);
+            self.mesh_reconcile(now);
+            self.select_layers(now);
+        }
+    }
+
     fn mesh_rtcp(&mut self, now: Instant, link: usize, source: SocketAddr, data: &[u8]) {
+        if is_delay_report(data) {
+            self.mesh_delay_report(now, link, data);
+            return;
+        }
         if is_mesh_app(data) {
             match parse_message(data) {
                 Ok(msg) => self.mesh_message(now, link, source, msg, data),
@@ -1521,7 +1602,6 @@ impl Sfu {
             return false;
         };
         l.stats.nacks_received += 1;
-        l.capacity.on_nacked(1);
         self.io.counters.nacks_received += 1;
         let Some(&(tid, layer)) = l.outbound.get(&ssrc) else {
             return false;
@@ -1552,12 +1632,22 @@ impl Sfu {
             l.stats.nack_misses += 1;
             return false;
         };
+        // Loss of this link: only what it carried counts (a gap in a
+        // stream that was paused or over the budget here is no loss, nor
+        // is what a relay misses itself).
+        l.capacity.on_nacked(1);
         let mut buf = self.io.buffer();
         write_link_media(
             &mut buf,
             kind,
             ssrc,
-            (sent.marker, sent.seq, sent.timestamp, sent.audio_level),
+            (
+                sent.marker,
+                sent.seq,
+                sent.timestamp,
+                sent.audio_level,
+                sent.send_time,
+            ),
             sent.payload.as_slice(),
             prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
         );
@@ -1761,6 +1851,10 @@ impl Sfu {
             // while it is paused on the link: otherwise a viewer could
             // never move to a layer nobody here watched before.
             let layer = &mut track.layers[i];
+            // An unavailable layer is not chosen even while it still
+            // comes: the link's budget cannot carry it, and the viewers
+            // that watch it must move off for it to stop.
+            layer.withheld = !al.available;
             if al.available {
                 if layer.last_packet.is_none_or(|t| t < now) {
                     layer.last_packet = Some(now);
@@ -1898,6 +1992,13 @@ impl Sfu {
                 s.unrecovered = l.inbound.values().map(|x| x.loss.unrecovered).sum();
                 s.budget_bps = l.capacity.cap_bps();
                 s.loss = l.capacity.last_loss;
+                s.delay_state = l.capacity.delay_state.as_i8();
+                // The sender whose trend is furthest from flat.
+                s.delay_trend = l
+                    .delay
+                    .iter()
+                    .map(|(_, d)| d.modified_trend())
+                    .fold(0.0, |a, b| if b.abs() > a.abs() { b } else { a });
                 s.rooms_out = self
                     .mesh
                     .routes
@@ -1938,7 +2039,8 @@ impl Sfu {
 }
 
 /// A link stream's media packet: the RTP header under the link SSRC (with
-/// the audio level, when known, as a header extension), then the payload,
+/// the audio level, when known, and the send time as header extensions),
+/// then the payload,
 /// or RED (audio on a link with FEC) with `prev` (the packet before:
 /// timestamp and payload) as its redundant block. A retransmission
 /// calls this with what was sent, so it writes the same bytes again (under
@@ -1948,7 +2050,7 @@ fn write_link_media(
     buf: &mut Vec<u8>,
     kind: TrackKind,
     ssrc: u32,
-    (marker, seq, timestamp, level): (bool, u16, u32, Option<(bool, u8)>),
+    (marker, seq, timestamp, level, send_time): (bool, u16, u32, Option<(bool, u8)>, Option<u32>),
     payload: &[u8],
     prev: Option<(u32, &[u8])>,
 ) {
@@ -1957,15 +2059,22 @@ fn write_link_media(
     } else {
         mesh_pt(kind)
     };
-    packet::rtp::write_header_with_level(
+    let level = level.map(|(voice, attenuation)| [(u8::from(voice) << 7) | attenuation.min(127)]);
+    let send_time = send_time.map(|t| {
+        let [_, a, b, c] = t.to_be_bytes();
+        [a, b, c]
+    });
+    packet::rtp::write_header_with_extensions(
         buf,
         marker,
         pt,
         seq,
         timestamp,
         ssrc,
-        MESH_EXT_AUDIO_LEVEL,
-        level,
+        &[
+            (MESH_EXT_AUDIO_LEVEL, level.as_ref().map(|l| &l[..])),
+            (MESH_EXT_SEND_TIME, send_time.as_ref().map(|t| &t[..])),
+        ],
     );
     match prev {
         Some((prev_ts, prev_payload)) => {

@@ -3,6 +3,8 @@
 //! sleeps; time only moves when a test says so.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod client;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 

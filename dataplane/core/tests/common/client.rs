@@ -1,0 +1,116 @@
+//! A str0m WebRTC client (RTP mode, full ICE) on a simulated network, for
+//! the tests that need a real WebRTC peer (simulcast publishers).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ridge_sfu::{OfferIntent, ParticipantId, PeerId, Sfu};
+use str0m::change::SdpAnswer;
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid, Simulcast};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+
+/// A datagram between a client and a node.
+pub struct Datagram {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// A str0m client on the simulated network.
+pub struct Client {
+    pub name: &'static str,
+    pub rtc: Rtc,
+    pub addr: SocketAddr,
+    pub next_timeout: Instant,
+    pub events: Vec<(Instant, Event)>,
+}
+
+impl Client {
+    pub fn new(name: &'static str, addr: SocketAddr, now: Instant) -> Self {
+        let mut rtc = RtcConfig::new()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_vp8(true)
+            .enable_opus(true, false)
+            .build(now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        Client {
+            name,
+            rtc,
+            addr,
+            next_timeout: now,
+            events: Vec::new(),
+        }
+    }
+
+    /// Drains the client until it asks for a timeout.
+    pub fn poll(&mut self, now: Instant, out: &mut VecDeque<Datagram>) {
+        loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => {
+                    self.next_timeout = t;
+                    return;
+                }
+                Ok(Output::Transmit(t)) => out.push_back(Datagram {
+                    source: t.source,
+                    destination: t.destination,
+                    contents: t.contents.to_vec(),
+                }),
+                Ok(Output::Event(e)) => self.events.push((now, e)),
+                Err(e) => panic!("{}: {e}", self.name),
+            }
+        }
+    }
+
+    pub fn pt(&self, codec: Codec) -> str0m::media::Pt {
+        self.rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == codec)
+            .map(|p| p.pt())
+            .unwrap()
+    }
+
+    /// Offers `media`, lets the node answer with `intent`, applies the answer.
+    pub fn negotiate(
+        &mut self,
+        sfu: &mut Sfu,
+        now: Instant,
+        participant: ParticipantId,
+        intent: OfferIntent,
+        media: &[(MediaKind, Direction, Option<Simulcast>)],
+    ) -> (PeerId, Vec<Mid>) {
+        let mut change = self.rtc.sdp_api();
+        let mids: Vec<Mid> = media
+            .iter()
+            .map(|(kind, dir, sim)| change.add_media(*kind, *dir, None, None, sim.clone()))
+            .collect();
+        let (offer, pending) = change.apply().unwrap();
+        let (peer, answer) = sfu
+            .accept_offer(now, participant, &offer.to_sdp_string(), intent)
+            .unwrap();
+        let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
+        self.rtc.sdp_api().accept_answer(pending, answer).unwrap();
+        (peer, mids)
+    }
+
+    /// A datagram from the node reaches the client.
+    pub fn receive(&mut self, now: Instant, d: &Datagram, out: &mut VecDeque<Datagram>) {
+        let recv = Receive::new(Protocol::Udp, d.source, d.destination, &d.contents)
+            .expect("a datagram str0m can parse");
+        self.rtc.handle_input(Input::Receive(now, recv)).unwrap();
+        self.poll(now, out);
+    }
+
+    /// Fires the client's timer if it is due.
+    pub fn timeout(&mut self, now: Instant, out: &mut VecDeque<Datagram>) {
+        if self.next_timeout <= now {
+            self.rtc.handle_input(Input::Timeout(now)).unwrap();
+            self.poll(now, out);
+        }
+    }
+}
