@@ -83,6 +83,14 @@ pub fn datagrams(data: &[u8]) {
 /// Decodes `data` as a mesh control message (RTCP APP `RDGM`).
 pub fn mesh_message(data: &[u8]) {
     let _ = crate::mesh::parse_message(data);
+    // The delay report shares the APP framing; what parses re-encodes to
+    // the same fields.
+    if let Ok(r) = crate::mesh::parse_delay_report(data) {
+        let mut out = Vec::new();
+        crate::mesh::write_delay_report(&mut out, 1, &r);
+        let again = crate::mesh::parse_delay_report(&out).expect("a written report parses");
+        assert_eq!((again.state, again.received_bps), (r.state, r.received_bps));
+    }
 }
 
 /// Decodes `data` as a mesh FEC repair packet (FlexFEC) and tries to
