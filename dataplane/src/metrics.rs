@@ -881,6 +881,24 @@ fn encode_mesh_links(
         "Fraction of what was sent on a link that the downstream NACKed (last second)",
         &loss,
     )?;
+    let fec_loss: Vec<(Labels, f64)> = links.iter().map(|l| (label(l), l.fec_loss)).collect();
+    gauge(
+        enc,
+        "ridge_mesh_fec_loss_ratio",
+        "Media loss on a link before FEC, as the sender infers it from the NACKs of what FEC left and the group size (the NACKed ratio where no FEC is sent)",
+        &fec_loss,
+    )?;
+    let fec_group: Vec<(Labels, f64)> = links
+        .iter()
+        .filter(|l| l.fec_group > 0)
+        .map(|l| (label(l), l.fec_group as f64))
+        .collect();
+    gauge(
+        enc,
+        "ridge_mesh_fec_group_size",
+        "Video packets per FlexFEC repair packet on a link with fec on (2, 4 or 8, from its loss before FEC)",
+        &fec_group,
+    )?;
     gauge(
         enc,
         "ridge_mesh_nack_rtt_seconds",

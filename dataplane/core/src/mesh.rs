@@ -142,6 +142,11 @@ pub struct MeshLinkSnapshot {
     pub budget_bps: Option<u64>,
     /// Fraction of what we sent that the downstream NACKed, last window.
     pub loss: f64,
+    /// The media loss before FEC that `loss` suggests (the same where no
+    /// FEC was sent; inferred from the group size where it was).
+    pub fec_loss: f64,
+    /// Media packets per FEC repair packet on the link now (0: FEC off).
+    pub fec_group: u64,
     /// What we send on the link, as the downstream's delay detector last
     /// reported it: 1 overuse (queueing grows), 0 normal, -1 underuse.
     pub delay_state: i8,
@@ -1142,6 +1147,13 @@ pub struct LinkCapacity {
     cap_bps: Option<u64>,
     /// Loss fraction of the last complete window.
     pub last_loss: f64,
+    /// FEC repair packets sent this window (counted in `sent_packets`).
+    repairs: u64,
+    /// The FEC group size in use; 0 before the first window with loss.
+    fec_group: usize,
+    /// The media loss before FEC the last window suggests: `last_loss`
+    /// where no FEC was sent, else inferred from what FEC left to NACK.
+    pub fec_loss: f64,
     /// The state the downstream last reported.
     pub delay_state: DelayState,
     /// Over-use or under-use was reported this window: no growth.
@@ -1160,6 +1172,21 @@ impl LinkCapacity {
 
     pub fn on_nacked(&mut self, packets: u64) {
         self.nacked += packets;
+    }
+
+    /// An FEC repair packet went out (after its [`on_sent`](Self::on_sent)).
+    pub fn on_repair_sent(&mut self) {
+        self.repairs += 1;
+    }
+
+    /// The FEC group size for the link's video: from the loss before FEC
+    /// of the last window ([`crate::fec::group_size_for_loss`]),
+    /// [`crate::fec::GROUP_SIZE`] until one is measured.
+    pub fn fec_group(&self) -> usize {
+        match self.fec_group {
+            0 => crate::fec::GROUP_SIZE,
+            n => n,
+        }
     }
 
     /// The current budget; `None`: unlimited.
@@ -1224,6 +1251,17 @@ impl LinkCapacity {
             // most what was sent.
             let loss = self.nacked.min(self.sent_packets) as f64 / self.sent_packets as f64;
             self.last_loss = loss;
+            // The downstream NACKs only what FEC could not rebuild: with
+            // repair packets sent, infer the loss before FEC from the
+            // share of media packets NACKed and the group size in use.
+            let media = self.sent_packets.saturating_sub(self.repairs);
+            self.fec_loss = if self.repairs > 0 && media > 0 {
+                let residual = (self.nacked.min(media) as f64 / media as f64).min(1.0);
+                crate::fec::loss_before_fec(residual, self.fec_group())
+            } else {
+                loss
+            };
+            self.fec_group = crate::fec::group_size_for_loss(self.fec_loss, self.fec_group());
             if loss > LOSS_HIGH {
                 let lowered = (rate * 0.85) as u64;
                 self.cap_bps = Some(self.cap_bps.map_or(lowered, |c| c.min(lowered)));
@@ -1248,6 +1286,7 @@ impl LinkCapacity {
         self.sent_bytes = 0;
         self.sent_packets = 0;
         self.nacked = 0;
+        self.repairs = 0;
         // Reports come every 250 ms while media flows: a state that holds
         // is reported again within the next window.
         self.delay_hold = false;

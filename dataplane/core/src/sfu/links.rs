@@ -47,6 +47,10 @@ const MESH_PT_FLEXFEC: u8 = 118;
 const FEC_NACK_HOLD: Duration = Duration::from_millis(30);
 /// A stream carries FEC while a repair packet for it came this recently.
 const FEC_ACTIVE: Duration = Duration::from_secs(1);
+/// The longest an FEC group stays open: its repair packet then reaches
+/// the receiver within [`FEC_NACK_HOLD`] of the group's first packet's
+/// loss, link jitter aside (so a slow stream gets smaller groups).
+const FEC_GROUP_SPAN: Duration = Duration::from_millis(20);
 
 pub(super) struct MeshState {
     node_id: String,
@@ -70,10 +74,13 @@ pub(super) struct MeshState {
     config: Option<MeshConfig>,
     /// Send times on links count from here.
     epoch: Instant,
+    /// A fixed FEC group size ([`SfuConfig::mesh_fec_group`]); `None`:
+    /// each link's follows its loss.
+    fec_group: Option<usize>,
 }
 
 impl MeshState {
-    pub(super) fn new(now: Instant) -> Self {
+    pub(super) fn new(now: Instant, fec_group: Option<usize>) -> Self {
         MeshState {
             node_id: String::new(),
             links: Vec::new(),
@@ -89,6 +96,7 @@ impl MeshState {
             fec_scratch: Vec::with_capacity(1500),
             config: None,
             epoch: now,
+            fec_group,
         }
     }
 
@@ -173,10 +181,11 @@ impl MeshState {
                 let enc = ol
                     .fec
                     .get_or_insert_with(|| FecEncoder::new(repair_ssrc(ol.ssrc)));
-                if enc.must_close_before(pkt.seq) {
+                enc.set_group_size(self.fec_group.unwrap_or_else(|| l.capacity.fec_group()));
+                if enc.must_close_before(pkt.seq) || enc.is_stale(now, FEC_GROUP_SPAN) {
                     send_repair(io, l, enc, ol.ssrc, m.dest);
                 }
-                enc.push(&buf);
+                enc.push_at(now, &buf);
                 Some(enc)
             } else {
                 None
@@ -220,6 +229,7 @@ fn send_repair(io: &mut Io, l: &mut Link, enc: &mut FecEncoder, protected: u32, 
     l.stats.packets_out += 1;
     l.stats.bytes_out += buf.len() as u64;
     l.capacity.on_sent(buf.len());
+    l.capacity.on_repair_sent();
     let mut scratch = Counters::default();
     io.send(&mut scratch, dest, buf);
 }
@@ -1992,6 +2002,14 @@ impl Sfu {
                 s.unrecovered = l.inbound.values().map(|x| x.loss.unrecovered).sum();
                 s.budget_bps = l.capacity.cap_bps();
                 s.loss = l.capacity.last_loss;
+                s.fec_loss = l.capacity.fec_loss;
+                s.fec_group = if l.fec {
+                    self.mesh
+                        .fec_group
+                        .unwrap_or_else(|| l.capacity.fec_group()) as u64
+                } else {
+                    0
+                };
                 s.delay_state = l.capacity.delay_state.as_i8();
                 // The sender whose trend is furthest from flat.
                 s.delay_trend = l
