@@ -136,6 +136,12 @@ pub struct MeshLinkSnapshot {
     pub red_sent: u64,
     /// Missing audio packets rebuilt from a received RED block.
     pub red_recovered: u64,
+    /// Audio packets sent with two previous ones as RED blocks.
+    pub red_deep_sent: u64,
+    /// Redundant blocks per RED packet on the link now (0: FEC off).
+    pub red_depth: u64,
+    /// The audio loss before RED the sender infers from the NACKs.
+    pub red_loss: f64,
     /// Smoothed NACK-to-retransmission round trip, when measured.
     pub rtt_us: Option<u64>,
     /// The link's loss-based send budget (`None`: unlimited).
@@ -1114,6 +1120,8 @@ const CAPACITY_WINDOW: Duration = Duration::from_secs(1);
 /// Loss above this lowers the link's budget; below [`LOSS_LOW`] raises it
 /// (the loss-based half of GCC, RFC draft-ietf-rmcat-gcc §6).
 const LOSS_HIGH: f64 = 0.10;
+/// Audio packets (first sends) a link's RED depth is decided on.
+const RED_WINDOW_PACKETS: u64 = 200;
 const LOSS_LOW: f64 = 0.02;
 
 /// Over-use lowers the budget to this fraction of the received rate.
@@ -1154,6 +1162,19 @@ pub struct LinkCapacity {
     /// The media loss before FEC the last window suggests: `last_loss`
     /// where no FEC was sent, else inferred from what FEC left to NACK.
     pub fec_loss: f64,
+    /// Audio packets sent this window (first sends), those sent as RED,
+    /// and audio packets NACKed.
+    audio_sent: u64,
+    red_sent: u64,
+    audio_nacked: u64,
+    /// Redundant blocks per RED packet; 0 before the first window with
+    /// audio.
+    red_depth: usize,
+    /// The audio loss before RED the last audio window suggests.
+    pub red_loss: f64,
+    /// The highest loss before FEC video suggested meanwhile (links with
+    /// both: the same path, with many more packets).
+    video_loss: f64,
     /// The state the downstream last reported.
     pub delay_state: DelayState,
     /// Over-use or under-use was reported this window: no growth.
@@ -1177,6 +1198,25 @@ impl LinkCapacity {
     /// An FEC repair packet went out (after its [`on_sent`](Self::on_sent)).
     pub fn on_repair_sent(&mut self) {
         self.repairs += 1;
+    }
+
+    /// An audio packet went out for the first time (after its
+    /// [`on_sent`](Self::on_sent)), `red` with redundant blocks.
+    pub fn on_audio_sent(&mut self, red: bool) {
+        self.audio_sent += 1;
+        self.red_sent += u64::from(red);
+    }
+
+    /// An audio packet was NACKed (after [`on_nacked`](Self::on_nacked)).
+    pub fn on_audio_nacked(&mut self) {
+        self.audio_nacked += 1;
+    }
+
+    /// Redundant blocks per RED packet for the link's audio: 2 while the
+    /// audio loss before RED is 10 % or more (back to 1 below 8 %), else
+    /// 1.
+    pub fn red_depth(&self) -> usize {
+        self.red_depth.max(1)
     }
 
     /// The FEC group size for the link's video: from the loss before FEC
@@ -1262,6 +1302,9 @@ impl LinkCapacity {
                 loss
             };
             self.fec_group = crate::fec::group_size_for_loss(self.fec_loss, self.fec_group());
+            if self.repairs > 0 {
+                self.video_loss = self.video_loss.max(self.fec_loss);
+            }
             if loss > LOSS_HIGH {
                 let lowered = (rate * 0.85) as u64;
                 self.cap_bps = Some(self.cap_bps.map_or(lowered, |c| c.min(lowered)));
@@ -1281,6 +1324,31 @@ impl LinkCapacity {
                     self.delay_limit = None;
                 }
             }
+        }
+        if self.audio_sent >= RED_WINDOW_PACKETS {
+            // With `d` blocks a packet is NACKed only when it and the `d`
+            // after it are all lost (the next packet to arrive carries
+            // it): about p^(d + 1) of the audio packets. Few audio packets
+            // are NACKed, so the window is longer than a second (4 s of
+            // one stream); video's estimate, when there is one, counts too.
+            let residual = self.audio_nacked.min(self.audio_sent) as f64 / self.audio_sent as f64;
+            let audio = if self.red_sent * 2 >= self.audio_sent {
+                residual.powf(1.0 / (self.red_depth() as f64 + 1.0))
+            } else {
+                residual
+            };
+            self.red_loss = audio.max(self.video_loss);
+            self.red_depth = if self.red_loss >= crate::red::DEPTH_LOSS {
+                crate::red::MAX_DEPTH
+            } else if self.red_loss < crate::red::DEPTH_LOSS_OFF {
+                1
+            } else {
+                self.red_depth()
+            };
+            self.audio_sent = 0;
+            self.red_sent = 0;
+            self.audio_nacked = 0;
+            self.video_loss = 0.0;
         }
         self.window_start = Some(now);
         self.sent_bytes = 0;

@@ -35,6 +35,9 @@ pub struct SfuConfig {
     /// A fixed FEC group size on mesh links with FEC (clamped to 2..=8);
     /// `None` (the default): each link's follows its measured loss.
     pub mesh_fec_group: Option<usize>,
+    /// A fixed number of RED blocks (1 or 2) on mesh links with FEC;
+    /// `None` (the default): 2 while a link's audio loss is 10 % or more.
+    pub mesh_red_depth: Option<usize>,
     /// Seed for identifiers and SSRCs (the core reads no entropy itself).
     pub seed: u64,
     /// Which core (shard) of a process this is, 0 to 255. It is written into
@@ -59,6 +62,7 @@ impl SfuConfig {
             shards: 1,
             mesh_recovery: crate::mesh::MeshRecovery::HopByHop,
             mesh_fec_group: None,
+            mesh_red_depth: None,
         }
     }
 }
@@ -482,6 +486,9 @@ impl StatsSnapshot {
                     x.fec_recovered += l.fec_recovered;
                     x.red_sent += l.red_sent;
                     x.red_recovered += l.red_recovered;
+                    x.red_deep_sent += l.red_deep_sent;
+                    x.red_loss = x.red_loss.max(l.red_loss);
+                    x.red_depth = x.red_depth.max(l.red_depth);
                     x.rtt_us = x.rtt_us.max(l.rtt_us);
                     x.budget_bps = match (x.budget_bps, l.budget_bps) {
                         (Some(a), Some(b)) => Some(a + b),

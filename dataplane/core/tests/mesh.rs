@@ -39,6 +39,11 @@ struct Net {
     delay: Duration,
     /// Loss on node-to-node datagrams, in 1/1000.
     loss_permille: u64,
+    /// When set, the loss applies only to datagrams this node sends.
+    loss_from: Option<SocketAddr>,
+    /// When set, every node-to-node datagram sent (lost or not) is logged:
+    /// (from, to, bytes).
+    mesh_log: Option<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>,
     rng: u64,
     /// Datagrams delivered to addresses that are not nodes (clients).
     delivered: Vec<(Instant, SocketAddr, Vec<u8>)>,
@@ -97,6 +102,8 @@ impl Net {
             seq: 0,
             delay: Duration::from_millis(5),
             loss_permille: 0,
+            loss_from: None,
+            mesh_log: None,
             rng: 0x1234_5678_9abc_def1,
             delivered: Vec::new(),
             mesh_sent: 0,
@@ -176,7 +183,12 @@ impl Net {
         for (to, data) in outs {
             if self.addrs.contains_key(&to) {
                 self.mesh_sent += 1;
-                if self.random() % 1000 < self.loss_permille {
+                if let Some(log) = &mut self.mesh_log {
+                    log.push((from, to, data.clone()));
+                }
+                if self.loss_from.is_none_or(|f| f == from)
+                    && self.random() % 1000 < self.loss_permille
+                {
                     self.mesh_dropped += 1;
                     continue;
                 }
@@ -1068,8 +1080,8 @@ fn red_repairs_lost_audio_with_the_next_packet() {
         let a_to_b = link_stats(&mut net, "a", "b");
         let nacks = nacks_sent(&mut net);
         eprintln!(
-            "RED {fec}: {nacks} NACKs, B rebuilt {}, A sent {} RED packets",
-            b_from_a.red_recovered, a_to_b.red_sent
+            "RED {fec}: {nacks} NACKs, B rebuilt {}, A sent {} RED packets ({} with 2 blocks)",
+            b_from_a.red_recovered, a_to_b.red_sent, a_to_b.red_deep_sent
         );
         results.push((nacks, b_from_a.red_recovered, a_to_b.red_sent));
     }
@@ -1078,6 +1090,183 @@ fn red_repairs_lost_audio_with_the_next_packet() {
     assert_eq!((red_off, sent_off), (0, 0));
     assert!(sent_on > 900 && red_on > 50, "{results:?}");
     assert!(nacks_on * 2 < nacks_off, "{results:?}");
+}
+
+/// Three audio packets lost in a row on A → B (untrusted: encrypted) with
+/// two RED blocks: the packet after them rebuilds the last two, the first
+/// is NACKed, and its retransmission is the original datagram byte for
+/// byte (the same two blocks: other bytes under the same SRTP index would
+/// reuse its keystream).
+#[test]
+fn a_resent_two_block_red_packet_repeats_the_original_bytes() {
+    let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = Some(2));
+    net.fec = true;
+    let pub_client = remote(1, 4000);
+    let sub_client = remote(2, 4002);
+    publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
+    subscriber(&mut net, "c", sub_client, TrackKind::Audio);
+    chain(&mut net, false);
+    net.advance(Duration::from_millis(1500));
+    net.loss_from = Some(net.addr("a"));
+    net.mesh_log = Some(Vec::new());
+    let n = 100u32;
+    for i in 0..n {
+        net.loss_permille = if (50..53).contains(&i) { 1000 } else { 0 };
+        let mut payload = i.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[0x55; 76]);
+        let pkt = rtp(96, i as u16, i * 960, 0xbbbb, false, &payload);
+        net.client_send(pub_client, "a", pkt);
+        net.advance(Duration::from_millis(20));
+    }
+    net.loss_permille = 0;
+    net.advance(Duration::from_secs(1));
+    let got = received_audio(&net, sub_client);
+    let missing: Vec<u32> = (1..n).filter(|t| !got.contains_key(t)).collect();
+    assert!(missing.is_empty(), "lost {missing:?}");
+    let b_from_a = link_stats(&mut net, "b", "a");
+    assert_eq!(b_from_a.red_recovered, 2, "{b_from_a:?}");
+    assert!(b_from_a.nacks_sent >= 1, "{b_from_a:?}");
+    let (a, b) = (net.addr("a"), net.addr("b"));
+    let sent_50: Vec<&Vec<u8>> = net
+        .mesh_log
+        .as_ref()
+        .expect("log")
+        .iter()
+        .filter(|(f, t, d)| {
+            *f == a && *t == b && d.len() > 12 && d[1] & 0x7f == 63 && d[2..4] == [0, 50]
+        })
+        .map(|(_, _, d)| d)
+        .collect();
+    assert!(
+        sent_50.len() >= 2,
+        "the original and a resend: {}",
+        sent_50.len()
+    );
+    assert!(
+        sent_50.iter().all(|d| *d == sent_50[0]),
+        "resends repeat the original"
+    );
+}
+
+/// Two audio packets lost in a row on A → B: with two RED blocks the
+/// packet after them rebuilds both and B NACKs nothing; with one, the
+/// first of them needs a NACK.
+#[test]
+fn two_red_blocks_rebuild_two_lost_audio_packets_in_a_row_without_a_nack() {
+    let mut figures = Vec::new();
+    for depth in [2, 1] {
+        let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = Some(depth));
+        net.fec = true;
+        let pub_client = remote(1, 4000);
+        let sub_client = remote(2, 4002);
+        publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
+        subscriber(&mut net, "c", sub_client, TrackKind::Audio);
+        chain(&mut net, false);
+        net.advance(Duration::from_millis(1500));
+        net.loss_from = Some(net.addr("a"));
+        let n = 100u32;
+        for i in 0..n {
+            // What A forwards of packets 50 and 51 (within the 20 ms that
+            // follow their sending) is lost.
+            net.loss_permille = if (50..52).contains(&i) { 1000 } else { 0 };
+            let mut payload = i.to_be_bytes().to_vec();
+            payload.extend_from_slice(&[0x55; 76]);
+            let pkt = rtp(96, i as u16, i * 960, 0xbbbb, false, &payload);
+            net.client_send(pub_client, "a", pkt);
+            net.advance(Duration::from_millis(20));
+        }
+        net.loss_permille = 0;
+        net.advance(Duration::from_secs(1));
+        let got = received_audio(&net, sub_client);
+        let missing: Vec<u32> = (1..n).filter(|t| !got.contains_key(t)).collect();
+        assert!(missing.is_empty(), "depth {depth}: lost {missing:?}");
+        for (tag, payload) in &got {
+            assert_eq!(payload.len(), 80, "tag {tag}");
+            assert!(payload[4..].iter().all(|b| *b == 0x55));
+        }
+        let b_from_a = link_stats(&mut net, "b", "a");
+        let a_to_b = link_stats(&mut net, "a", "b");
+        eprintln!(
+            "RED depth {depth}: B sent {} NACKs, rebuilt {} from RED; A sent {} RED packets ({} with 2 blocks), link depth {}",
+            b_from_a.nacks_sent,
+            b_from_a.red_recovered,
+            a_to_b.red_sent,
+            a_to_b.red_deep_sent,
+            a_to_b.red_depth,
+        );
+        figures.push((
+            b_from_a.nacks_sent,
+            b_from_a.red_recovered,
+            a_to_b.red_deep_sent,
+        ));
+    }
+    let (deep, single) = (figures[0], figures[1]);
+    assert_eq!(
+        (deep.0, deep.1),
+        (0, 2),
+        "depth 2: no NACK, both rebuilt: {figures:?}"
+    );
+    assert!(deep.2 > 90, "{figures:?}");
+    assert!(
+        single.0 >= 1 && single.1 == 1 && single.2 == 0,
+        "{figures:?}"
+    );
+}
+
+/// The RED depth follows the link's audio loss: two blocks at 20 % loss,
+/// one at 2 %; at 20 % fewer NACKs than with one block always.
+#[test]
+fn red_depth_follows_the_link_loss() {
+    let mut figures = Vec::new();
+    for (permille, fixed) in [(200, None), (20, None), (200, Some(1))] {
+        let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = fixed);
+        net.fec = true;
+        let pub_client = remote(1, 4000);
+        let sub_client = remote(2, 4002);
+        publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
+        subscriber(&mut net, "c", sub_client, TrackKind::Audio);
+        chain(&mut net, false);
+        net.advance(Duration::from_millis(1500));
+        net.loss_permille = permille;
+        let n = 1500;
+        stream_audio(&mut net, pub_client, n);
+        net.loss_permille = 0;
+        net.advance(Duration::from_secs(2));
+        let got = received_audio(&net, sub_client);
+        // The last packets may be lost with nothing after them to tell.
+        let missing: Vec<u32> = (1..n - 5).filter(|t| !got.contains_key(t)).collect();
+        assert!(missing.is_empty(), "{permille}‰: lost {missing:?}");
+        let nacks = nacks_sent(&mut net);
+        let a_to_b = link_stats(&mut net, "a", "b");
+        let b_from_a = link_stats(&mut net, "b", "a");
+        eprintln!(
+            "{permille}‰ audio loss, depth {fixed:?}: depth {} (loss before RED {:.3}), {} of {} RED packets with 2 blocks, \
+             B rebuilt {}, {nacks} NACKs",
+            a_to_b.red_depth,
+            a_to_b.red_loss,
+            a_to_b.red_deep_sent,
+            a_to_b.red_sent,
+            b_from_a.red_recovered,
+        );
+        figures.push((
+            a_to_b.red_depth,
+            a_to_b.red_deep_sent,
+            a_to_b.red_sent,
+            nacks,
+        ));
+    }
+    let (high, low, single) = (figures[0], figures[1], figures[2]);
+    assert!(
+        high.3 < single.3,
+        "NACKs adaptive vs one block: {figures:?}"
+    );
+    assert_eq!(high.0, 2, "{figures:?}");
+    assert!(
+        high.1 * 2 > high.2,
+        "most RED packets carry 2 blocks: {figures:?}"
+    );
+    assert_eq!(low.0, 1, "{figures:?}");
+    assert_eq!(low.1, 0, "{figures:?}");
 }
 
 /// The publisher's RFC 6464 audio level crosses the links (plain and RED,
