@@ -1554,6 +1554,66 @@ mod tests {
         assert_eq!((l.repaired, l.lost), (2, 4));
     }
 
+    /// The FEC group and RED depth follow the loss before FEC/RED that
+    /// the sender infers from what the downstream still NACKs.
+    #[test]
+    fn fec_group_and_red_depth_follow_the_inferred_loss() {
+        let t0 = Instant::now();
+        let mut c = LinkCapacity::default();
+        c.tick(t0);
+        assert_eq!((c.fec_group(), c.red_depth()), (crate::fec::GROUP_SIZE, 1));
+        // One window at loss `p`: 400 video packets, a repair per group,
+        // and the share FEC leaves NACKed; 50 audio packets as RED, p^(d+1)
+        // of them NACKed.
+        let mut t = t0;
+        let mut window = |c: &mut LinkCapacity, p: f64| {
+            let group = c.fec_group() as u64;
+            for i in 0..400 {
+                c.on_sent(1000);
+                if i % group == group - 1 {
+                    c.on_sent(1000);
+                    c.on_repair_sent();
+                }
+            }
+            for _ in 0..50 {
+                c.on_sent(100);
+                c.on_audio_sent(true);
+            }
+            let video = (400.0 * crate::fec::residual_loss(p, c.fec_group())).round() as u64;
+            let audio = (50.0 * p.powi(c.red_depth() as i32 + 1)).round() as u64;
+            c.on_nacked(video + audio);
+            for _ in 0..audio {
+                c.on_audio_nacked();
+            }
+            t += Duration::from_secs(1);
+            c.tick(t);
+        };
+        // 20 % loss: groups of 4 leave 11.8 %, which reads as 20 %: groups
+        // of 2; the audio (4 % NACKed with one block) goes to two blocks
+        // after its 4 s window.
+        window(&mut c, 0.2);
+        assert!((c.fec_loss - 0.2).abs() < 0.02, "{}", c.fec_loss);
+        assert_eq!(c.fec_group(), 2);
+        for _ in 0..3 {
+            window(&mut c, 0.2);
+            // Groups of 2 leave 7.2 %, read as 20 % again, not as a low
+            // loss: no flapping back to 8.
+            assert_eq!(c.fec_group(), 2, "{}", c.fec_loss);
+        }
+        assert_eq!(c.red_depth(), 2, "red loss {}", c.red_loss);
+        // With two blocks hardly any audio is NACKed; video still says
+        // 20 %: two blocks stay.
+        for _ in 0..4 {
+            window(&mut c, 0.2);
+        }
+        assert_eq!((c.fec_group(), c.red_depth()), (2, 2), "{}", c.red_loss);
+        // Loss gone: groups of 8, one block (after an audio window).
+        for _ in 0..4 {
+            window(&mut c, 0.0);
+        }
+        assert_eq!((c.fec_group(), c.red_depth()), (8, 1));
+    }
+
     #[test]
     fn link_capacity_backs_off_on_loss_and_recovers() {
         let t0 = Instant::now();
