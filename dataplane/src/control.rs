@@ -468,6 +468,8 @@ async fn status(State(state): State<ControlState>) -> Response {
             "peer": l.peer,
             "trusted": l.trusted,
             "fec": l.fec,
+            "fec_group": l.fec_group,
+            "red_depth": l.red_depth,
             "packets_in": l.packets_in,
             "packets_out": l.packets_out,
             "rooms_in": l.rooms_in,

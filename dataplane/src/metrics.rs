@@ -825,6 +825,11 @@ const MESH_COUNTERS: &[MeshField] = &[
         |l| l.red_sent,
     ),
     (
+        "red_deep_sent",
+        "Audio packets sent as RED with the two previous packets as redundant blocks (lossy links)",
+        |l| l.red_deep_sent,
+    ),
+    (
         "red_recovered",
         "Missing audio packets rebuilt from a received RED block (not NACKed)",
         |l| l.red_recovered,
@@ -880,6 +885,42 @@ fn encode_mesh_links(
         "ridge_mesh_loss_ratio",
         "Fraction of what was sent on a link that the downstream NACKed (last second)",
         &loss,
+    )?;
+    let fec_loss: Vec<(Labels, f64)> = links.iter().map(|l| (label(l), l.fec_loss)).collect();
+    gauge(
+        enc,
+        "ridge_mesh_fec_loss_ratio",
+        "Media loss on a link before FEC, as the sender infers it from the NACKs of what FEC left and the group size (the NACKed ratio where no FEC is sent)",
+        &fec_loss,
+    )?;
+    let fec_group: Vec<(Labels, f64)> = links
+        .iter()
+        .filter(|l| l.fec_group > 0)
+        .map(|l| (label(l), l.fec_group as f64))
+        .collect();
+    gauge(
+        enc,
+        "ridge_mesh_fec_group_size",
+        "Video packets per FlexFEC repair packet on a link with fec on (2, 4 or 8, from its loss before FEC)",
+        &fec_group,
+    )?;
+    let red_depth: Vec<(Labels, f64)> = links
+        .iter()
+        .filter(|l| l.red_depth > 0)
+        .map(|l| (label(l), l.red_depth as f64))
+        .collect();
+    gauge(
+        enc,
+        "ridge_mesh_red_depth",
+        "Previous audio packets each RED packet carries on a link with fec on (1, or 2 from 10 % audio loss before RED)",
+        &red_depth,
+    )?;
+    let red_loss: Vec<(Labels, f64)> = links.iter().map(|l| (label(l), l.red_loss)).collect();
+    gauge(
+        enc,
+        "ridge_mesh_red_loss_ratio",
+        "Audio loss on a link before RED, as the sender infers it from the NACKs of what RED left and its depth",
+        &red_loss,
     )?;
     gauge(
         enc,

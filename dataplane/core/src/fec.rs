@@ -5,10 +5,13 @@
 //!
 //! * the flexible-mask form (`R` = 0, `F` = 0) with one protected SSRC,
 //!   named by the single CSRC of the repair packet's RTP header;
-//! * a repair packet covers up to [`GROUP_SIZE`] packets of one stream
-//!   whose sequence numbers lie within 15 of the group's first (the short,
+//! * a repair packet covers up to a group size of packets of one stream
+//!   ([`MIN_GROUP_SIZE`] to [`MAX_GROUP_SIZE`], picked per link from its
+//!   loss by [`group_size_for_loss`], [`GROUP_SIZE`] until measured) whose
+//!   sequence numbers lie within 15 of the group's first (the short,
 //!   15-bit mask), so any one lost packet of the group can be rebuilt from
-//!   the others and the repair packet;
+//!   the others and the repair packet. The receiver reads the group from
+//!   the mask, so the sender may change the size at any group;
 //! * the receiver understands the 46- and 110-bit masks too, but recovers
 //!   only from packets it still holds ([`RECEIVE_RING`] per stream).
 //!
@@ -39,11 +42,25 @@
 //! (the most significant first) set: packet `SN base + i` is protected.
 //! A `k` bit of 1 ends the mask.
 
+use std::time::{Duration, Instant};
+
 use crate::buf::PacketBuf;
 use crate::packet::rtp::{FIXED_HEADER_LEN, RtpHeader};
 
-/// Media packets one repair packet protects (25 % overhead).
+/// Media packets one repair packet protects before the link's loss is
+/// measured (25 % overhead).
 pub const GROUP_SIZE: usize = 4;
+/// The smallest group a sender uses (50 % overhead), at high loss.
+pub const MIN_GROUP_SIZE: usize = 2;
+/// The largest group a sender uses (12.5 % overhead), at low loss; at most
+/// the short mask's span.
+pub const MAX_GROUP_SIZE: usize = 8;
+/// Loss (of the media packets, before FEC) at or above which a link's
+/// groups shrink: 8 → 4 at 5 %, 4 → 2 at 15 %.
+const SHRINK_AT: [f64; 2] = [0.05, 0.15];
+/// Loss below which they grow again: 2 → 4 under 12 %, 4 → 8 under 4 %
+/// (below the shrink thresholds, so a loss near one does not flap).
+const GROW_BELOW: [f64; 2] = [0.04, 0.12];
 /// Bytes of the FEC header with the short (15-bit) mask.
 pub const FEC_HEADER_LEN: usize = 12;
 /// Packets of a stream a receiver keeps to recover from (a power of two).
@@ -177,6 +194,57 @@ fn protected_fields(packet: &[u8]) -> Option<(u8, u8, u32, &[u8])> {
     Some((b0 & 0x3f, b1, ts, packet.get(FIXED_HEADER_LEN..)?))
 }
 
+/// The share of media packets that XOR parity over groups of `n` (plus
+/// the repair packet) leaves lost at independent loss `p`: a packet is
+/// rebuilt unless one of the `n` other packets of its group (the other
+/// media packets and the repair packet) is lost too.
+pub fn residual_loss(p: f64, n: usize) -> f64 {
+    let p = p.clamp(0.0, 1.0);
+    p * (1.0 - (1.0 - p).powi(n as i32))
+}
+
+/// The loss before FEC that leaves `residual` after it with groups of `n`
+/// (the inverse of [`residual_loss`], which grows with `p`): what a sender
+/// that only sees the NACKs of what FEC could not rebuild infers.
+pub fn loss_before_fec(residual: f64, n: usize) -> f64 {
+    if residual <= 0.0 || n == 0 {
+        return residual.max(0.0);
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..40 {
+        let mid = (lo + hi) / 2.0;
+        if residual_loss(mid, n) < residual {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+/// The group size for a link at `loss` (before FEC), from the `current`
+/// one: 8 under 5 %, 4 from 5 % to 15 %, 2 above; growing again only
+/// under 4 % and 12 %. With groups of `n` a packet is lost for good (left
+/// to NACK) when another of its group is lost too: about `n·p²`, e.g. 0.3 %
+/// of the packets at 2 % with 8, 0.9 % at 5 % with 4, 4 % at 15 % with 2.
+pub fn group_size_for_loss(loss: f64, current: usize) -> usize {
+    let current = current.clamp(MIN_GROUP_SIZE, MAX_GROUP_SIZE);
+    let size = |l: f64, t: [f64; 2]| {
+        if l >= t[1] {
+            MIN_GROUP_SIZE
+        } else if l >= t[0] {
+            GROUP_SIZE
+        } else {
+            MAX_GROUP_SIZE
+        }
+    };
+    let shrunk = size(loss, SHRINK_AT);
+    if shrunk < current {
+        return shrunk;
+    }
+    size(loss, GROW_BELOW).max(current)
+}
+
 /// Sender side of one link stream: XORs the packets of the open group and
 /// writes a repair packet when it is complete. Its buffer is allocated
 /// once; nothing allocates per packet.
@@ -189,6 +257,13 @@ pub struct FecEncoder {
     base: u16,
     mask: u16,
     count: usize,
+    /// Packets of the open group before its repair packet.
+    group_size: usize,
+    /// The group size from the next group on.
+    next_group_size: usize,
+    /// When the open group's first packet was pushed (with
+    /// [`push_at`](Self::push_at)).
+    opened: Option<Instant>,
     bits: u8,
     marker_pt: u8,
     length: u16,
@@ -205,6 +280,9 @@ impl FecEncoder {
             base: 0,
             mask: 0,
             count: 0,
+            group_size: GROUP_SIZE,
+            next_group_size: GROUP_SIZE,
+            opened: None,
             bits: 0,
             marker_pt: 0,
             length: 0,
@@ -226,7 +304,19 @@ impl FecEncoder {
 
     /// Whether the open group is complete (write its repair packet).
     pub fn is_full(&self) -> bool {
-        self.count >= GROUP_SIZE
+        self.count >= self.group_size
+    }
+
+    /// Sets the group size (clamped to [`MIN_GROUP_SIZE`]..=
+    /// [`MAX_GROUP_SIZE`]) from the next group on: the open one keeps its
+    /// own.
+    pub fn set_group_size(&mut self, n: usize) {
+        self.next_group_size = n.clamp(MIN_GROUP_SIZE, MAX_GROUP_SIZE);
+    }
+
+    /// The group size of the next group.
+    pub fn next_group_size(&self) -> usize {
+        self.next_group_size
     }
 
     /// Whether a packet with `seq` cannot join the open group because it
@@ -238,9 +328,32 @@ impl FecEncoder {
         }
     }
 
+    /// Whether the open group's first packet went out `max_age` or more
+    /// before `now`: its repair packet goes out before the next packet
+    /// joins, so a repair never comes later than the receiver's wait
+    /// before NACKing (a slow stream gets smaller groups).
+    pub fn is_stale(&self, now: Instant, max_age: Duration) -> bool {
+        self.count > 0
+            && self
+                .opened
+                .is_some_and(|t| now.saturating_duration_since(t) >= max_age)
+    }
+
+    /// [`push`](Self::push), remembering when a group opened (for
+    /// [`is_stale`](Self::is_stale)).
+    pub fn push_at(&mut self, now: Instant, packet: &[u8]) -> bool {
+        let opening = self.count == 0;
+        let pushed = self.push(packet);
+        if pushed && opening {
+            self.opened = Some(now);
+        }
+        pushed
+    }
+
     /// Forgets the open group (the stream's source changed).
     pub fn reset(&mut self) {
         self.count = 0;
+        self.opened = None;
         self.mask = 0;
         self.bits = 0;
         self.marker_pt = 0;
@@ -266,6 +379,7 @@ impl FecEncoder {
         }
         if self.count == 0 {
             self.base = seq;
+            self.group_size = self.next_group_size;
         }
         let offset = seq.wrapping_sub(self.base);
         if offset >= SHORT_MASK_SPAN || self.mask & (1 << offset) != 0 {
@@ -502,6 +616,111 @@ mod tests {
             let h = RtpHeader::parse(&out).expect("valid RTP");
             assert_eq!(h.marker, lost == 3);
         }
+    }
+
+    /// The receiver reads each group from its mask: groups of 2, 4 and 8,
+    /// and sizes changed while a group is open (taking effect at the next
+    /// group), all rebuild any one lost packet, with no receiver setting.
+    #[test]
+    fn any_group_size_decodes_and_sizes_change_mid_stream() {
+        let mut enc = FecEncoder::new(0xfec0_0002);
+        // (size set before packet i) for a stream of 60 packets.
+        let sizes = [(0u16, 2usize), (10, 8), (26, 4), (30, 8), (44, 2), (50, 3)];
+        let packets: Vec<Vec<u8>> = (0..60u16)
+            .map(|i| {
+                media(
+                    65500u16.wrapping_add(i),
+                    100 + usize::from(i) * 7,
+                    i % 5 == 0,
+                )
+            })
+            .collect();
+        let mut repairs = Vec::new();
+        let mut groups = Vec::new();
+        for (i, p) in packets.iter().enumerate() {
+            if let Some((_, n)) = sizes.iter().find(|(at, _)| usize::from(*at) == i) {
+                enc.set_group_size(*n);
+            }
+            assert!(enc.push(p));
+            if enc.is_full() {
+                let mut out = Vec::new();
+                assert!(enc.finish(PT, 0xabcd, &mut out));
+                repairs.push(out);
+            }
+        }
+        for r in &repairs {
+            let fec = FecPacket::parse(r).expect("parses");
+            let seqs: Vec<u16> = fec.protected().collect();
+            groups.push(seqs.len());
+            for lost in &seqs {
+                let mut dec = FecDecoder::default();
+                for (i, p) in packets.iter().enumerate() {
+                    let seq = 65500u16.wrapping_add(i as u16);
+                    if seq != *lost {
+                        dec.store(seq, &PacketBuf::copy_from(p));
+                    }
+                }
+                let mut out = Vec::new();
+                assert_eq!(dec.recover(&fec, &mut out), Ok(Recovery::Recovered(*lost)));
+                let i = usize::from(lost.wrapping_sub(65500));
+                assert_eq!(out, packets[i], "group {seqs:?}, lost {lost}");
+            }
+        }
+        // Sizes set between groups apply at once; 2 set at 44, inside the
+        // group of 8 opened at 38, applies from 46 on; 3 is legal too.
+        assert_eq!(
+            groups,
+            [2, 2, 2, 2, 2, 8, 8, 4, 8, 8, 2, 2, 3, 3, 3],
+            "group sizes"
+        );
+    }
+
+    #[test]
+    fn group_size_follows_loss_with_hysteresis() {
+        let mut n = GROUP_SIZE;
+        let mut seen = Vec::new();
+        for loss in [
+            0.0, 0.03, 0.045, 0.05, 0.10, 0.14, 0.15, 0.30, 0.13, 0.11, 0.05, 0.039,
+        ] {
+            n = group_size_for_loss(loss, n);
+            seen.push(n);
+        }
+        assert_eq!(seen, [8, 8, 8, 4, 4, 4, 2, 2, 2, 4, 4, 8]);
+        // Out-of-range sizes are clamped, and so is the encoder's.
+        assert_eq!(group_size_for_loss(0.0, 100), MAX_GROUP_SIZE);
+        let mut enc = FecEncoder::new(1);
+        enc.set_group_size(1);
+        assert_eq!(enc.next_group_size(), MIN_GROUP_SIZE);
+        enc.set_group_size(16);
+        assert_eq!(enc.next_group_size(), MAX_GROUP_SIZE);
+    }
+
+    #[test]
+    fn loss_before_fec_inverts_the_residual() {
+        for n in [2, 4, 8] {
+            for p in [0.0, 0.01, 0.05, 0.2, 0.5] {
+                let r = residual_loss(p, n);
+                assert!((loss_before_fec(r, n) - p).abs() < 1e-6, "n {n} p {p}");
+            }
+        }
+        // 20 % loss: groups of 4 leave 11.8 %, of 2 7.2 %, of 8 16.6 %.
+        assert!((residual_loss(0.2, 4) - 0.1181).abs() < 1e-3);
+        assert!((residual_loss(0.2, 2) - 0.072).abs() < 1e-3);
+        assert!((residual_loss(0.2, 8) - 0.1664).abs() < 1e-3);
+    }
+
+    #[test]
+    fn a_group_open_too_long_is_stale() {
+        let t0 = Instant::now();
+        let mut enc = FecEncoder::new(1);
+        assert!(!enc.is_stale(t0, Duration::from_millis(20)));
+        assert!(enc.push_at(t0, &media(1, 10, false)));
+        assert!(enc.push_at(t0 + Duration::from_millis(15), &media(2, 10, false)));
+        assert!(!enc.is_stale(t0 + Duration::from_millis(19), Duration::from_millis(20)));
+        assert!(enc.is_stale(t0 + Duration::from_millis(20), Duration::from_millis(20)));
+        let mut out = Vec::new();
+        assert!(enc.finish(PT, 9, &mut out));
+        assert!(!enc.is_stale(t0 + Duration::from_millis(40), Duration::from_millis(20)));
     }
 
     #[test]

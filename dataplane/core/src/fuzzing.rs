@@ -118,14 +118,24 @@ pub fn mesh_fec(data: &[u8]) {
     }
     if let Ok(r) = RedPayload::parse(data) {
         let primary = &data[r.primary.start..r.primary.end];
-        let block = r
-            .latest()
-            .map(|b| (u32::from(b.ts_offset), &data[b.start..b.end]));
+        let mut blocks = [(0u32, &data[..0]); red::MAX_BLOCKS];
+        for (slot, b) in blocks.iter_mut().zip(r.redundant()) {
+            *slot = (u32::from(b.ts_offset), &data[b.start..b.end]);
+        }
+        let blocks = &blocks[..r.redundant().len()];
         let mut out = Vec::new();
-        let with_block = red::write(&mut out, r.primary.pt, block, primary);
+        let written = red::write(&mut out, r.primary.pt, blocks, primary);
         let again = RedPayload::parse(&out).expect("what we write parses");
         assert_eq!(&out[again.primary.start..again.primary.end], primary);
-        assert_eq!(again.latest().is_some(), with_block);
+        assert_eq!(again.redundant().len(), written);
+        // The blocks written are the most recent of those given.
+        for (b, (_, d)) in again
+            .redundant()
+            .iter()
+            .zip(&blocks[blocks.len() - written..])
+        {
+            assert_eq!(&out[b.start..b.end], *d);
+        }
     }
 }
 

@@ -136,12 +136,23 @@ pub struct MeshLinkSnapshot {
     pub red_sent: u64,
     /// Missing audio packets rebuilt from a received RED block.
     pub red_recovered: u64,
+    /// Audio packets sent with two previous ones as RED blocks.
+    pub red_deep_sent: u64,
+    /// Redundant blocks per RED packet on the link now (0: FEC off).
+    pub red_depth: u64,
+    /// The audio loss before RED the sender infers from the NACKs.
+    pub red_loss: f64,
     /// Smoothed NACK-to-retransmission round trip, when measured.
     pub rtt_us: Option<u64>,
     /// The link's loss-based send budget (`None`: unlimited).
     pub budget_bps: Option<u64>,
     /// Fraction of what we sent that the downstream NACKed, last window.
     pub loss: f64,
+    /// The media loss before FEC that `loss` suggests (the same where no
+    /// FEC was sent; inferred from the group size where it was).
+    pub fec_loss: f64,
+    /// Media packets per FEC repair packet on the link now (0: FEC off).
+    pub fec_group: u64,
     /// What we send on the link, as the downstream's delay detector last
     /// reported it: 1 overuse (queueing grows), 0 normal, -1 underuse.
     pub delay_state: i8,
@@ -1109,6 +1120,8 @@ const CAPACITY_WINDOW: Duration = Duration::from_secs(1);
 /// Loss above this lowers the link's budget; below [`LOSS_LOW`] raises it
 /// (the loss-based half of GCC, RFC draft-ietf-rmcat-gcc §6).
 const LOSS_HIGH: f64 = 0.10;
+/// Audio packets (first sends) a link's RED depth is decided on.
+const RED_WINDOW_PACKETS: u64 = 200;
 const LOSS_LOW: f64 = 0.02;
 
 /// Over-use lowers the budget to this fraction of the received rate.
@@ -1142,6 +1155,26 @@ pub struct LinkCapacity {
     cap_bps: Option<u64>,
     /// Loss fraction of the last complete window.
     pub last_loss: f64,
+    /// FEC repair packets sent this window (counted in `sent_packets`).
+    repairs: u64,
+    /// The FEC group size in use; 0 before the first window with loss.
+    fec_group: usize,
+    /// The media loss before FEC the last window suggests: `last_loss`
+    /// where no FEC was sent, else inferred from what FEC left to NACK.
+    pub fec_loss: f64,
+    /// Audio packets sent this window (first sends), those sent as RED,
+    /// and audio packets NACKed.
+    audio_sent: u64,
+    red_sent: u64,
+    audio_nacked: u64,
+    /// Redundant blocks per RED packet; 0 before the first window with
+    /// audio.
+    red_depth: usize,
+    /// The audio loss before RED the last audio window suggests.
+    pub red_loss: f64,
+    /// The highest loss before FEC video suggested meanwhile (links with
+    /// both: the same path, with many more packets).
+    video_loss: f64,
     /// The state the downstream last reported.
     pub delay_state: DelayState,
     /// Over-use or under-use was reported this window: no growth.
@@ -1160,6 +1193,40 @@ impl LinkCapacity {
 
     pub fn on_nacked(&mut self, packets: u64) {
         self.nacked += packets;
+    }
+
+    /// An FEC repair packet went out (after its [`on_sent`](Self::on_sent)).
+    pub fn on_repair_sent(&mut self) {
+        self.repairs += 1;
+    }
+
+    /// An audio packet went out for the first time (after its
+    /// [`on_sent`](Self::on_sent)), `red` with redundant blocks.
+    pub fn on_audio_sent(&mut self, red: bool) {
+        self.audio_sent += 1;
+        self.red_sent += u64::from(red);
+    }
+
+    /// An audio packet was NACKed (after [`on_nacked`](Self::on_nacked)).
+    pub fn on_audio_nacked(&mut self) {
+        self.audio_nacked += 1;
+    }
+
+    /// Redundant blocks per RED packet for the link's audio: 2 while the
+    /// audio loss before RED is 10 % or more (back to 1 below 8 %), else
+    /// 1.
+    pub fn red_depth(&self) -> usize {
+        self.red_depth.max(1)
+    }
+
+    /// The FEC group size for the link's video: from the loss before FEC
+    /// of the last window ([`crate::fec::group_size_for_loss`]),
+    /// [`crate::fec::GROUP_SIZE`] until one is measured.
+    pub fn fec_group(&self) -> usize {
+        match self.fec_group {
+            0 => crate::fec::GROUP_SIZE,
+            n => n,
+        }
     }
 
     /// The current budget; `None`: unlimited.
@@ -1224,6 +1291,20 @@ impl LinkCapacity {
             // most what was sent.
             let loss = self.nacked.min(self.sent_packets) as f64 / self.sent_packets as f64;
             self.last_loss = loss;
+            // The downstream NACKs only what FEC could not rebuild: with
+            // repair packets sent, infer the loss before FEC from the
+            // share of media packets NACKed and the group size in use.
+            let media = self.sent_packets.saturating_sub(self.repairs);
+            self.fec_loss = if self.repairs > 0 && media > 0 {
+                let residual = (self.nacked.min(media) as f64 / media as f64).min(1.0);
+                crate::fec::loss_before_fec(residual, self.fec_group())
+            } else {
+                loss
+            };
+            self.fec_group = crate::fec::group_size_for_loss(self.fec_loss, self.fec_group());
+            if self.repairs > 0 {
+                self.video_loss = self.video_loss.max(self.fec_loss);
+            }
             if loss > LOSS_HIGH {
                 let lowered = (rate * 0.85) as u64;
                 self.cap_bps = Some(self.cap_bps.map_or(lowered, |c| c.min(lowered)));
@@ -1244,10 +1325,36 @@ impl LinkCapacity {
                 }
             }
         }
+        if self.audio_sent >= RED_WINDOW_PACKETS {
+            // With `d` blocks a packet is NACKed only when it and the `d`
+            // after it are all lost (the next packet to arrive carries
+            // it): about p^(d + 1) of the audio packets. Few audio packets
+            // are NACKed, so the window is longer than a second (4 s of
+            // one stream); video's estimate, when there is one, counts too.
+            let residual = self.audio_nacked.min(self.audio_sent) as f64 / self.audio_sent as f64;
+            let audio = if self.red_sent * 2 >= self.audio_sent {
+                residual.powf(1.0 / (self.red_depth() as f64 + 1.0))
+            } else {
+                residual
+            };
+            self.red_loss = audio.max(self.video_loss);
+            self.red_depth = if self.red_loss >= crate::red::DEPTH_LOSS {
+                crate::red::MAX_DEPTH
+            } else if self.red_loss < crate::red::DEPTH_LOSS_OFF {
+                1
+            } else {
+                self.red_depth()
+            };
+            self.audio_sent = 0;
+            self.red_sent = 0;
+            self.audio_nacked = 0;
+            self.video_loss = 0.0;
+        }
         self.window_start = Some(now);
         self.sent_bytes = 0;
         self.sent_packets = 0;
         self.nacked = 0;
+        self.repairs = 0;
         // Reports come every 250 ms while media flows: a state that holds
         // is reported again within the next window.
         self.delay_hold = false;
@@ -1445,6 +1552,66 @@ mod tests {
         // A packet rebuilt ahead of everything counts as lost and repaired.
         assert_eq!(l.on_repaired(t0, 15), Arrival::New);
         assert_eq!((l.repaired, l.lost), (2, 4));
+    }
+
+    /// The FEC group and RED depth follow the loss before FEC/RED that
+    /// the sender infers from what the downstream still NACKs.
+    #[test]
+    fn fec_group_and_red_depth_follow_the_inferred_loss() {
+        let t0 = Instant::now();
+        let mut c = LinkCapacity::default();
+        c.tick(t0);
+        assert_eq!((c.fec_group(), c.red_depth()), (crate::fec::GROUP_SIZE, 1));
+        // One window at loss `p`: 400 video packets, a repair per group,
+        // and the share FEC leaves NACKed; 50 audio packets as RED, p^(d+1)
+        // of them NACKed.
+        let mut t = t0;
+        let mut window = |c: &mut LinkCapacity, p: f64| {
+            let group = c.fec_group() as u64;
+            for i in 0..400 {
+                c.on_sent(1000);
+                if i % group == group - 1 {
+                    c.on_sent(1000);
+                    c.on_repair_sent();
+                }
+            }
+            for _ in 0..50 {
+                c.on_sent(100);
+                c.on_audio_sent(true);
+            }
+            let video = (400.0 * crate::fec::residual_loss(p, c.fec_group())).round() as u64;
+            let audio = (50.0 * p.powi(c.red_depth() as i32 + 1)).round() as u64;
+            c.on_nacked(video + audio);
+            for _ in 0..audio {
+                c.on_audio_nacked();
+            }
+            t += Duration::from_secs(1);
+            c.tick(t);
+        };
+        // 20 % loss: groups of 4 leave 11.8 %, which reads as 20 %: groups
+        // of 2; the audio (4 % NACKed with one block) goes to two blocks
+        // after its 4 s window.
+        window(&mut c, 0.2);
+        assert!((c.fec_loss - 0.2).abs() < 0.02, "{}", c.fec_loss);
+        assert_eq!(c.fec_group(), 2);
+        for _ in 0..3 {
+            window(&mut c, 0.2);
+            // Groups of 2 leave 7.2 %, read as 20 % again, not as a low
+            // loss: no flapping back to 8.
+            assert_eq!(c.fec_group(), 2, "{}", c.fec_loss);
+        }
+        assert_eq!(c.red_depth(), 2, "red loss {}", c.red_loss);
+        // With two blocks hardly any audio is NACKed; video still says
+        // 20 %: two blocks stay.
+        for _ in 0..4 {
+            window(&mut c, 0.2);
+        }
+        assert_eq!((c.fec_group(), c.red_depth()), (2, 2), "{}", c.red_loss);
+        // Loss gone: groups of 8, one block (after an audio window).
+        for _ in 0..4 {
+            window(&mut c, 0.0);
+        }
+        assert_eq!((c.fec_group(), c.red_depth()), (8, 1));
     }
 
     #[test]

@@ -17,12 +17,23 @@
 //! ```
 //!
 //! A redundant block's timestamp is the packet's minus its offset. RED
-//! carries no sequence numbers: Ridge sends at most one redundant block,
-//! always the packet before (sequence number − 1), and a receiver reads
-//! only the last redundant block as that packet.
+//! carries no sequence numbers: Ridge sends up to [`MAX_DEPTH`] redundant
+//! blocks, always the packets right before (oldest first, the last one
+//! sequence number − 1), so a receiver reads block `i` of `n` as sequence
+//! number − (`n` − `i`). A receiver that reads only the last block (as
+//! Ridge did before sending two) still reads it right.
 
 /// Redundant blocks a receiver accepts in one packet.
 pub const MAX_BLOCKS: usize = 4;
+/// Redundant blocks Ridge sends at most (on lossy links; one otherwise).
+pub const MAX_DEPTH: usize = 2;
+/// Audio loss (before RED) from which a link's RED packets carry
+/// [`MAX_DEPTH`] blocks: with one, a loss of two in a row (p², 1 % of the
+/// packets at 10 %) needs a NACK; with two, only three in a row (p³).
+pub const DEPTH_LOSS: f64 = 0.10;
+/// Audio loss below which they carry one again (below [`DEPTH_LOSS`], so
+/// a loss near it does not flip the depth every window).
+pub const DEPTH_LOSS_OFF: f64 = 0.08;
 /// Largest timestamp offset (14 bits).
 pub const MAX_TS_OFFSET: u32 = (1 << 14) - 1;
 /// Longest redundant block (10 bits).
@@ -123,21 +134,29 @@ pub fn fits(ts_offset: u32, len: usize) -> bool {
     (1..=MAX_TS_OFFSET).contains(&ts_offset) && len <= MAX_BLOCK_LEN
 }
 
-/// Appends a RED payload: the primary of payload type `pt`, after one
-/// redundant block (of the same payload type) when given and it
-/// [`fits`]; returns whether the block went in.
-pub fn write(out: &mut Vec<u8>, pt: u8, redundant: Option<(u32, &[u8])>, primary: &[u8]) -> bool {
-    let block = redundant.filter(|(off, data)| fits(*off, data.len()));
-    if let Some((off, data)) = block {
+/// Appends a RED payload: the primary of payload type `pt`, after the
+/// redundant blocks given (timestamp offset, data; of the same payload
+/// type, oldest first, the last being the packet right before), as many
+/// of the most recent ones as all [`fits`] (a block that does not fit
+/// leaves out the older ones too, so block `i` of `n` stays sequence
+/// number − (`n` − `i`)). Returns how many blocks went in.
+pub fn write(out: &mut Vec<u8>, pt: u8, redundant: &[(u32, &[u8])], primary: &[u8]) -> usize {
+    let fitting = redundant
+        .iter()
+        .rev()
+        .take_while(|(off, data)| fits(*off, data.len()))
+        .count();
+    let blocks = &redundant[redundant.len() - fitting..];
+    for (off, data) in blocks {
         let word = (1u32 << 31) | (u32::from(pt & 0x7f) << 24) | (off << 10) | data.len() as u32;
         out.extend_from_slice(&word.to_be_bytes());
     }
     out.push(pt & 0x7f);
-    if let Some((_, data)) = block {
+    for (_, data) in blocks {
         out.extend_from_slice(data);
     }
     out.extend_from_slice(primary);
-    block.is_some()
+    blocks.len()
 }
 
 #[cfg(test)]
@@ -149,7 +168,7 @@ mod tests {
         let prev = [7u8; 80];
         let cur = [9u8; 90];
         let mut out = Vec::new();
-        assert!(write(&mut out, 111, Some((960, &prev)), &cur));
+        assert_eq!(write(&mut out, 111, &[(960, &prev)], &cur), 1);
         assert_eq!(out.len(), 4 + 1 + 80 + 90);
         let red = RedPayload::parse(&out).expect("parses");
         assert_eq!(red.primary.pt, 111);
@@ -165,7 +184,7 @@ mod tests {
         for (off, len) in [(0, 10), (1 << 14, 10), (960, 1024)] {
             let prev = vec![5u8; len];
             let mut out = Vec::new();
-            assert!(!write(&mut out, 111, Some((off, &prev)), &cur));
+            assert_eq!(write(&mut out, 111, &[(off, &prev)], &cur), 0);
             let red = RedPayload::parse(&out).expect("parses");
             assert!(red.latest().is_none());
             assert_eq!(&out[red.primary.start..], &cur);
@@ -188,6 +207,33 @@ mod tests {
         let b = red.latest().expect("block");
         assert_eq!((b.ts_offset, &out[b.start..b.end]), (960, &[2u8, 2, 2][..]));
         assert_eq!(&out[red.primary.start..], &[3]);
+    }
+
+    #[test]
+    fn two_blocks_are_written_oldest_first_and_only_a_fitting_suffix() {
+        let (p2, p1, cur) = ([2u8; 40], [1u8; 50], [0u8; 60]);
+        let mut out = Vec::new();
+        assert_eq!(write(&mut out, 111, &[(1920, &p2), (960, &p1)], &cur), 2);
+        let red = RedPayload::parse(&out).expect("parses");
+        let got: Vec<(u16, &[u8])> = red
+            .redundant()
+            .iter()
+            .map(|b| (b.ts_offset, &out[b.start..b.end]))
+            .collect();
+        assert_eq!(got, [(1920, &p2[..]), (960, &p1[..])]);
+        assert_eq!(&out[red.primary.start..], &cur);
+        // The older block does not fit: only the packet before goes in.
+        let long = [3u8; 1024];
+        let mut out = Vec::new();
+        assert_eq!(write(&mut out, 111, &[(1920, &long), (960, &p1)], &cur), 1);
+        let red = RedPayload::parse(&out).expect("parses");
+        assert_eq!(red.redundant().len(), 1);
+        assert_eq!(red.latest().map(|b| b.ts_offset), Some(960));
+        // The packet before does not fit: none goes in (the older one
+        // would be read as the packet before).
+        let mut out = Vec::new();
+        assert_eq!(write(&mut out, 111, &[(1920, &p2), (960, &long)], &cur), 0);
+        assert!(RedPayload::parse(&out).expect("parses").latest().is_none());
     }
 
     #[test]

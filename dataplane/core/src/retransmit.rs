@@ -18,9 +18,9 @@ pub struct Sent {
     pub timestamp: u32,
     pub marker: bool,
     pub payload: PacketBuf,
-    /// Sent with the packet before it as a redundant block (RED on a mesh
-    /// link): a retransmission must carry the same bytes.
-    pub redundant: bool,
+    /// Sent with this many packets before it as redundant blocks (RED on
+    /// a mesh link; 0: none): a retransmission must carry the same bytes.
+    pub redundant: u8,
     /// Sent with this audio level (voice flag, attenuation) in a header
     /// extension (mesh links): a retransmission carries it again.
     pub audio_level: Option<(bool, u8)>,
@@ -38,7 +38,7 @@ struct Slot {
     timestamp: u32,
     seq: u16,
     marker: bool,
-    redundant: bool,
+    redundant: u8,
     audio_level: Option<(bool, u8)>,
     /// The 24-bit send time with [`SEND_TIME_SET`] (4 bytes, not an
     /// `Option`'s 8: the slot stays as small as before).
@@ -82,7 +82,7 @@ impl RetransmitBuffer {
         slot.seq = seq;
         slot.timestamp = timestamp;
         slot.marker = marker;
-        slot.redundant = false;
+        slot.redundant = 0;
         slot.audio_level = None;
         slot.send_time = 0;
         slot.stored_at = Some(now);
@@ -111,13 +111,14 @@ impl RetransmitBuffer {
         }
     }
 
-    /// Records that the packet stored with `seq` went out with the one
-    /// before it as a redundant block (see [`Sent::redundant`]).
-    pub fn set_redundant(&mut self, seq: u16) {
+    /// Records that the packet stored with `seq` went out with the
+    /// `blocks` packets before it as redundant blocks (see
+    /// [`Sent::redundant`]).
+    pub fn set_redundant(&mut self, seq: u16, blocks: u8) {
         let i = self.index(seq);
         let slot = &mut self.slots[i];
         if slot.seq == seq && slot.payload.is_some() {
-            slot.redundant = true;
+            slot.redundant = blocks;
         }
     }
 

@@ -419,6 +419,7 @@ impl Sfu {
     pub fn new(config: SfuConfig, now: Instant) -> Self {
         let mut rng = config.seed | 1;
         let rtcp_ssrc = xorshift(&mut rng) as u32;
+        let (fec_group, red_depth) = (config.mesh_fec_group, config.mesh_red_depth);
         Sfu {
             io: Io {
                 outputs: VecDeque::with_capacity(1024),
@@ -446,7 +447,7 @@ impl Sfu {
             sessions_created: 0,
             sessions_closed: 0,
             dtls_cert: None,
-            mesh: links::MeshState::new(now),
+            mesh: links::MeshState::new(now, fec_group, red_depth),
         }
     }
 

@@ -32,6 +32,12 @@ pub struct SfuConfig {
     pub shards: u8,
     /// How mesh links repair loss.
     pub mesh_recovery: crate::mesh::MeshRecovery,
+    /// A fixed FEC group size on mesh links with FEC (clamped to 2..=8);
+    /// `None` (the default): each link's follows its measured loss.
+    pub mesh_fec_group: Option<usize>,
+    /// A fixed number of RED blocks (1 or 2) on mesh links with FEC;
+    /// `None` (the default): 2 while a link's audio loss is 10 % or more.
+    pub mesh_red_depth: Option<usize>,
     /// Seed for identifiers and SSRCs (the core reads no entropy itself).
     pub seed: u64,
     /// Which core (shard) of a process this is, 0 to 255. It is written into
@@ -55,6 +61,8 @@ impl SfuConfig {
             shard: 0,
             shards: 1,
             mesh_recovery: crate::mesh::MeshRecovery::HopByHop,
+            mesh_fec_group: None,
+            mesh_red_depth: None,
         }
     }
 }
@@ -478,12 +486,23 @@ impl StatsSnapshot {
                     x.fec_recovered += l.fec_recovered;
                     x.red_sent += l.red_sent;
                     x.red_recovered += l.red_recovered;
+                    x.red_deep_sent += l.red_deep_sent;
+                    x.red_loss = x.red_loss.max(l.red_loss);
+                    x.red_depth = x.red_depth.max(l.red_depth);
                     x.rtt_us = x.rtt_us.max(l.rtt_us);
                     x.budget_bps = match (x.budget_bps, l.budget_bps) {
                         (Some(a), Some(b)) => Some(a + b),
                         (a, b) => a.or(b),
                     };
                     x.loss = x.loss.max(l.loss);
+                    x.fec_loss = x.fec_loss.max(l.fec_loss);
+                    // The smallest group a shard uses (the most lossy
+                    // shard's view); 0 only where no shard sends FEC.
+                    x.fec_group = match (x.fec_group, l.fec_group) {
+                        (0, b) => b,
+                        (a, 0) => a,
+                        (a, b) => a.min(b),
+                    };
                     // The most alarming shard's word: over-use, then
                     // under-use, then normal.
                     let rank = |s: i8| [1, 0, 2].get((s + 1) as usize).copied();

@@ -17,6 +17,7 @@ use crate::mesh::{
     layers_within, parse_delay_report, parse_message, write_delay_report, write_message,
 };
 use crate::red::{self, RedPayload};
+use crate::retransmit::Sent;
 use crate::srtp::{SrtpContext, SrtpError, SrtpProfile, Unprotected, mesh_master_key};
 
 /// Receive contexts one link keeps, one per remote socket (each shard of
@@ -47,6 +48,10 @@ const MESH_PT_FLEXFEC: u8 = 118;
 const FEC_NACK_HOLD: Duration = Duration::from_millis(30);
 /// A stream carries FEC while a repair packet for it came this recently.
 const FEC_ACTIVE: Duration = Duration::from_secs(1);
+/// The longest an FEC group stays open: its repair packet then reaches
+/// the receiver within [`FEC_NACK_HOLD`] of the group's first packet's
+/// loss, link jitter aside (so a slow stream gets smaller groups).
+const FEC_GROUP_SPAN: Duration = Duration::from_millis(20);
 
 pub(super) struct MeshState {
     node_id: String,
@@ -70,10 +75,16 @@ pub(super) struct MeshState {
     config: Option<MeshConfig>,
     /// Send times on links count from here.
     epoch: Instant,
+    /// A fixed FEC group size ([`SfuConfig::mesh_fec_group`]); `None`:
+    /// each link's follows its loss.
+    fec_group: Option<usize>,
+    /// A fixed RED depth ([`SfuConfig::mesh_red_depth`]); `None`: each
+    /// link's follows its audio loss.
+    red_depth: Option<usize>,
 }
 
 impl MeshState {
-    pub(super) fn new(now: Instant) -> Self {
+    pub(super) fn new(now: Instant, fec_group: Option<usize>, red_depth: Option<usize>) -> Self {
         MeshState {
             node_id: String::new(),
             links: Vec::new(),
@@ -89,6 +100,8 @@ impl MeshState {
             fec_scratch: Vec::with_capacity(1500),
             config: None,
             epoch: now,
+            fec_group,
+            red_depth,
         }
     }
 
@@ -143,18 +156,39 @@ impl MeshState {
                 ol.source_ssrc = Some(pkt.ssrc);
             }
             let payload = stored.get_or_insert_with(|| io.packets.copy_in(pkt.payload));
-            // Audio on a link with FEC: RED, the packet before as a
-            // redundant block (when this link sent it and it fits).
-            let prev = (l.fec && kind == TrackKind::Audio)
-                .then(|| ol.retransmit.get(now, pkt.seq.wrapping_sub(1)))
-                .flatten()
-                .filter(|p| red::fits(pkt.timestamp.wrapping_sub(p.timestamp), p.payload.len()));
+            // Audio on a link with FEC: RED, the packets right before as
+            // redundant blocks (1, or 2 on a lossy link), as many as this
+            // link sent and fit, the packet before first.
+            let depth = if l.fec && kind == TrackKind::Audio {
+                self.red_depth
+                    .unwrap_or_else(|| l.capacity.red_depth())
+                    .clamp(1, red::MAX_DEPTH)
+            } else {
+                0
+            };
+            let mut prevs: [Option<Sent>; red::MAX_DEPTH] = Default::default();
+            for (k, slot) in prevs.iter_mut().enumerate().take(depth) {
+                let Some(p) = ol
+                    .retransmit
+                    .get(now, pkt.seq.wrapping_sub(k as u16 + 1))
+                    .filter(|p| {
+                        red::fits(pkt.timestamp.wrapping_sub(p.timestamp), p.payload.len())
+                    })
+                else {
+                    break;
+                };
+                *slot = Some(p);
+            }
+            let (blocks, n_blocks) = red_blocks(&prevs);
             ol.retransmit
                 .insert(now, pkt.seq, pkt.timestamp, pkt.marker, payload);
             let mut buf = io.buffer();
-            if prev.is_some() {
-                ol.retransmit.set_redundant(pkt.seq);
+            if n_blocks > 0 {
+                ol.retransmit.set_redundant(pkt.seq, n_blocks as u8);
                 l.stats.red_sent += 1;
+                if n_blocks > 1 {
+                    l.stats.red_deep_sent += 1;
+                }
             }
             let level = pkt.audio_level.filter(|_| kind == TrackKind::Audio);
             ol.retransmit.set_audio_level(pkt.seq, level);
@@ -166,17 +200,18 @@ impl MeshState {
                 ol.ssrc,
                 (pkt.marker, pkt.seq, pkt.timestamp, level, Some(send_time)),
                 payload.as_slice(),
-                prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
+                &blocks[..n_blocks],
             );
             // Video on a link with FEC: the packet joins its FEC group.
             let fec = if l.fec && kind == TrackKind::Video {
                 let enc = ol
                     .fec
                     .get_or_insert_with(|| FecEncoder::new(repair_ssrc(ol.ssrc)));
-                if enc.must_close_before(pkt.seq) {
+                enc.set_group_size(self.fec_group.unwrap_or_else(|| l.capacity.fec_group()));
+                if enc.must_close_before(pkt.seq) || enc.is_stale(now, FEC_GROUP_SPAN) {
                     send_repair(io, l, enc, ol.ssrc, m.dest);
                 }
-                enc.push(&buf);
+                enc.push_at(now, &buf);
                 Some(enc)
             } else {
                 None
@@ -188,6 +223,9 @@ impl MeshState {
             l.stats.packets_out += 1;
             l.stats.bytes_out += buf.len() as u64;
             l.capacity.on_sent(buf.len());
+            if kind == TrackKind::Audio {
+                l.capacity.on_audio_sent(n_blocks > 0);
+            }
             let mut scratch = Counters::default();
             io.send(&mut scratch, m.dest, buf);
             if let Some(enc) = fec
@@ -197,6 +235,18 @@ impl MeshState {
             }
         }
     }
+}
+
+/// RED blocks from the packets before one (`prevs[k]`: sequence number
+/// − 1 − k, as many as present from the first): (timestamp, payload),
+/// oldest first, and how many.
+fn red_blocks(prevs: &[Option<Sent>; red::MAX_DEPTH]) -> ([(u32, &[u8]); red::MAX_DEPTH], usize) {
+    let mut out: [(u32, &[u8]); red::MAX_DEPTH] = [(0, &[]); red::MAX_DEPTH];
+    let n = prevs.iter().take_while(|p| p.is_some()).count();
+    for (slot, p) in out.iter_mut().zip(prevs[..n].iter().rev().flatten()) {
+        *slot = (p.timestamp, p.payload.as_slice());
+    }
+    (out, n)
 }
 
 /// The repair stream's SSRC for a link stream (any SSRC not otherwise used
@@ -220,6 +270,7 @@ fn send_repair(io: &mut Io, l: &mut Link, enc: &mut FecEncoder, protected: u32, 
     l.stats.packets_out += 1;
     l.stats.bytes_out += buf.len() as u64;
     l.capacity.on_sent(buf.len());
+    l.capacity.on_repair_sent();
     let mut scratch = Counters::default();
     io.send(&mut scratch, dest, buf);
 }
@@ -1125,7 +1176,7 @@ impl Sfu {
             match RedPayload::parse(header.payload(data)) {
                 Ok(r) => (
                     payload_at + r.primary.start..payload_at + r.primary.end,
-                    r.latest(),
+                    Some(r),
                 ),
                 Err(e) => {
                     tracing::debug!(error = %e, "bad RED payload on a mesh link");
@@ -1199,24 +1250,28 @@ impl Sfu {
             self.io.counters.packets_lost += s.loss.lost - lost;
             l.stats.recovered += s.loss.recovered - recovered;
         }
-        // RED: the block is the packet before; rebuild it if it never came
-        // (the replay window says so, and from then on refuses it).
-        let mut rebuilt: Option<(u16, u32, PacketBuf)> = None;
-        if let Some(b) = red_block {
-            let prev = header.sequence.wrapping_sub(1);
-            let fresh =
-                l.rx.get_mut(&source)
-                    .is_some_and(|ctx| ctx.mark_received(header.ssrc, prev).is_ok());
-            if fresh {
-                if !relay_only {
-                    s.loss.on_repaired(now, prev);
+        // RED: block `i` of `n` (oldest first) is the packet `n - i` before;
+        // rebuild those that never came (the replay window says so, and
+        // from then on refuses them).
+        let mut rebuilt: [Option<(u16, u32, PacketBuf)>; red::MAX_BLOCKS] = Default::default();
+        if let Some(r) = red_block {
+            let n = r.redundant().len();
+            for (i, (b, slot)) in r.redundant().iter().zip(&mut rebuilt).enumerate() {
+                let seq = header.sequence.wrapping_sub((n - i) as u16);
+                let fresh =
+                    l.rx.get_mut(&source)
+                        .is_some_and(|ctx| ctx.mark_received(header.ssrc, seq).is_ok());
+                if fresh {
+                    if !relay_only {
+                        s.loss.on_repaired(now, seq);
+                    }
+                    l.stats.red_recovered += 1;
+                    *slot = Some((
+                        seq,
+                        header.timestamp.wrapping_sub(u32::from(b.ts_offset)),
+                        packet.slice(payload_at + b.start..payload_at + b.end),
+                    ));
                 }
-                l.stats.red_recovered += 1;
-                rebuilt = Some((
-                    prev,
-                    header.timestamp.wrapping_sub(u32::from(b.ts_offset)),
-                    packet.slice(payload_at + b.start..payload_at + b.end),
-                ));
             }
         }
         if !relay_only {
@@ -1242,7 +1297,7 @@ impl Sfu {
             .then(|| packet::rtp::audio_level(data, header, MESH_EXT_AUDIO_LEVEL))
             .flatten();
         super::observe_level(&mut self.rooms, &track.room, track.participant, audio_level);
-        if let Some((seq, timestamp, view)) = rebuilt {
+        for (seq, timestamp, view) in rebuilt.into_iter().flatten() {
             let fwd = Forward {
                 ssrc: header.ssrc,
                 seq,
@@ -1619,14 +1674,17 @@ impl Sfu {
                 let sent = rtx.get(now, seq)?;
                 // Sent as RED: the same bytes again (under SRTP's AES-CM, other
                 // bytes with the same index would reuse its keystream).
-                let prev = if sent.redundant {
-                    Some(rtx.get(now, seq.wrapping_sub(1))?)
-                } else {
-                    None
-                };
-                Some((m.dest, sent, prev))
+                let mut prevs: [Option<Sent>; red::MAX_DEPTH] = Default::default();
+                for (k, slot) in prevs
+                    .iter_mut()
+                    .enumerate()
+                    .take(usize::from(sent.redundant))
+                {
+                    *slot = Some(rtx.get(now, seq.wrapping_sub(k as u16 + 1))?);
+                }
+                Some((m.dest, sent, prevs))
             });
-        let Some((dest, sent, prev)) = found else {
+        let Some((dest, sent, prevs)) = found else {
             // Not (yet) here: on a relay, usually a packet this hop is
             // itself still waiting for.
             l.stats.nack_misses += 1;
@@ -1636,6 +1694,10 @@ impl Sfu {
         // stream that was paused or over the budget here is no loss, nor
         // is what a relay misses itself).
         l.capacity.on_nacked(1);
+        if kind == TrackKind::Audio {
+            l.capacity.on_audio_nacked();
+        }
+        let (blocks, n_blocks) = red_blocks(&prevs);
         let mut buf = self.io.buffer();
         write_link_media(
             &mut buf,
@@ -1649,7 +1711,7 @@ impl Sfu {
                 sent.send_time,
             ),
             sent.payload.as_slice(),
-            prev.as_ref().map(|p| (p.timestamp, p.payload.as_slice())),
+            &blocks[..n_blocks],
         );
         if l.tx.protect_rtp(&mut buf).is_err() {
             return false;
@@ -1992,6 +2054,23 @@ impl Sfu {
                 s.unrecovered = l.inbound.values().map(|x| x.loss.unrecovered).sum();
                 s.budget_bps = l.capacity.cap_bps();
                 s.loss = l.capacity.last_loss;
+                s.fec_loss = l.capacity.fec_loss;
+                s.fec_group = if l.fec {
+                    self.mesh
+                        .fec_group
+                        .unwrap_or_else(|| l.capacity.fec_group()) as u64
+                } else {
+                    0
+                };
+                s.red_loss = l.capacity.red_loss;
+                s.red_depth = if l.fec {
+                    self.mesh
+                        .red_depth
+                        .unwrap_or_else(|| l.capacity.red_depth())
+                        .clamp(1, red::MAX_DEPTH) as u64
+                } else {
+                    0
+                };
                 s.delay_state = l.capacity.delay_state.as_i8();
                 // The sender whose trend is furthest from flat.
                 s.delay_trend = l
@@ -2052,9 +2131,9 @@ fn write_link_media(
     ssrc: u32,
     (marker, seq, timestamp, level, send_time): (bool, u16, u32, Option<(bool, u8)>, Option<u32>),
     payload: &[u8],
-    prev: Option<(u32, &[u8])>,
+    prev: &[(u32, &[u8])],
 ) {
-    let pt = if prev.is_some() {
+    let pt = if !prev.is_empty() {
         MESH_PT_RED
     } else {
         mesh_pt(kind)
@@ -2076,16 +2155,16 @@ fn write_link_media(
             (MESH_EXT_SEND_TIME, send_time.as_ref().map(|t| &t[..])),
         ],
     );
-    match prev {
-        Some((prev_ts, prev_payload)) => {
-            red::write(
-                buf,
-                MESH_PT_AUDIO,
-                Some((timestamp.wrapping_sub(prev_ts), prev_payload)),
-                payload,
-            );
+    if prev.is_empty() {
+        buf.extend_from_slice(payload);
+    } else {
+        // Timestamps to offsets, the most recent blocks if more are given.
+        let prev = &prev[prev.len().saturating_sub(red::MAX_DEPTH)..];
+        let mut blocks: [(u32, &[u8]); red::MAX_DEPTH] = [(0, &[]); red::MAX_DEPTH];
+        for (b, (ts, data)) in blocks.iter_mut().zip(prev) {
+            *b = (timestamp.wrapping_sub(*ts), data);
         }
-        None => buf.extend_from_slice(payload),
+        red::write(buf, MESH_PT_AUDIO, &blocks[..prev.len()], payload);
     }
 }
 
