@@ -387,14 +387,16 @@ pub fn is_mesh_app(rtcp: &[u8]) -> bool {
     rtcp.len() >= 12 && rtcp[1] == crate::packet::rtcp::PT_APP && rtcp[8..12] == APP_NAME
 }
 
-/// Decodes one mesh APP packet (the first RTCP packet of `rtcp`).
-pub fn parse_message(rtcp: &[u8]) -> Result<MeshMessage, MeshWireError> {
-    if !is_mesh_app(rtcp) || rtcp[0] >> 6 != 2 {
+/// The body of a mesh APP packet (`is_mesh_app` already checked) after its
+/// name and wire version: RTP version 2, a length of at least `min_len`
+/// bytes that the datagram holds, and our [`WIRE_VERSION`].
+fn app_body(rtcp: &[u8], min_len: usize) -> Result<Reader<'_>, MeshWireError> {
+    if rtcp[0] >> 6 != 2 {
         return Err(MeshWireError::NotMesh);
     }
     let words = usize::from(u16::from_be_bytes([rtcp[2], rtcp[3]]));
     let len = (words + 1) * 4;
-    if rtcp.len() < len || len < 16 {
+    if len < min_len || rtcp.len() < len {
         return Err(MeshWireError::Truncated);
     }
     let mut r = Reader {
@@ -404,6 +406,15 @@ pub fn parse_message(rtcp: &[u8]) -> Result<MeshMessage, MeshWireError> {
     if version != WIRE_VERSION {
         return Err(MeshWireError::Version(version));
     }
+    Ok(r)
+}
+
+/// Decodes one mesh APP packet (the first RTCP packet of `rtcp`).
+pub fn parse_message(rtcp: &[u8]) -> Result<MeshMessage, MeshWireError> {
+    if !is_mesh_app(rtcp) {
+        return Err(MeshWireError::NotMesh);
+    }
+    let mut r = app_body(rtcp, 16)?;
     let room = r.str("room")?;
     let source = r.str("source")?;
     if room.is_empty() || source.is_empty() {
@@ -548,21 +559,10 @@ pub fn is_delay_report(rtcp: &[u8]) -> bool {
 
 /// Decodes one delay report (the first RTCP packet of `rtcp`).
 pub fn parse_delay_report(rtcp: &[u8]) -> Result<DelayReport, MeshWireError> {
-    if !is_delay_report(rtcp) || rtcp[0] >> 6 != 2 {
+    if !is_delay_report(rtcp) {
         return Err(MeshWireError::NotMesh);
     }
-    let words = usize::from(u16::from_be_bytes([rtcp[2], rtcp[3]]));
-    let len = (words + 1) * 4;
-    if len < 24 || rtcp.len() < len {
-        return Err(MeshWireError::Truncated);
-    }
-    let mut r = Reader {
-        buf: &rtcp[12..len],
-    };
-    let version = r.u8()?;
-    if version != WIRE_VERSION {
-        return Err(MeshWireError::Version(version));
-    }
+    let mut r = app_body(rtcp, 24)?;
     let state = match r.u8()? {
         0 => DelayState::Normal,
         1 => DelayState::Overuse,

@@ -1092,14 +1092,17 @@ fn red_repairs_lost_audio_with_the_next_packet() {
     assert!(nacks_on * 2 < nacks_off, "{results:?}");
 }
 
-/// Three audio packets lost in a row on A → B (untrusted: encrypted) with
-/// two RED blocks: the packet after them rebuilds the last two, the first
-/// is NACKed, and its retransmission is the original datagram byte for
-/// byte (the same two blocks: other bytes under the same SRTP index would
-/// reuse its keystream).
-#[test]
-fn a_resent_two_block_red_packet_repeats_the_original_bytes() {
-    let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = Some(2));
+/// A → B → C (untrusted links, FEC on, RED depth `depth`), an audio
+/// publisher on A and a subscriber on C: 100 packets 20 ms apart, of which
+/// what A forwards of those in `lost` (within the 20 ms after each is sent)
+/// is lost on A's links. Every packet after the first must reach C; returns
+/// the net (with A's mesh datagrams logged when `log`) and what C got.
+fn red_chain_run(
+    depth: usize,
+    lost: std::ops::Range<u32>,
+    log: bool,
+) -> (Net, HashMap<u32, Vec<u8>>) {
+    let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = Some(depth));
     net.fec = true;
     let pub_client = remote(1, 4000);
     let sub_client = remote(2, 4002);
@@ -1108,10 +1111,12 @@ fn a_resent_two_block_red_packet_repeats_the_original_bytes() {
     chain(&mut net, false);
     net.advance(Duration::from_millis(1500));
     net.loss_from = Some(net.addr("a"));
-    net.mesh_log = Some(Vec::new());
+    if log {
+        net.mesh_log = Some(Vec::new());
+    }
     let n = 100u32;
     for i in 0..n {
-        net.loss_permille = if (50..53).contains(&i) { 1000 } else { 0 };
+        net.loss_permille = if lost.contains(&i) { 1000 } else { 0 };
         let mut payload = i.to_be_bytes().to_vec();
         payload.extend_from_slice(&[0x55; 76]);
         let pkt = rtp(96, i as u16, i * 960, 0xbbbb, false, &payload);
@@ -1122,7 +1127,18 @@ fn a_resent_two_block_red_packet_repeats_the_original_bytes() {
     net.advance(Duration::from_secs(1));
     let got = received_audio(&net, sub_client);
     let missing: Vec<u32> = (1..n).filter(|t| !got.contains_key(t)).collect();
-    assert!(missing.is_empty(), "lost {missing:?}");
+    assert!(missing.is_empty(), "depth {depth}: lost {missing:?}");
+    (net, got)
+}
+
+/// Three audio packets lost in a row on A → B (untrusted: encrypted) with
+/// two RED blocks: the packet after them rebuilds the last two, the first
+/// is NACKed, and its retransmission is the original datagram byte for
+/// byte (the same two blocks: other bytes under the same SRTP index would
+/// reuse its keystream).
+#[test]
+fn a_resent_two_block_red_packet_repeats_the_original_bytes() {
+    let (mut net, _) = red_chain_run(2, 50..53, true);
     let b_from_a = link_stats(&mut net, "b", "a");
     assert_eq!(b_from_a.red_recovered, 2, "{b_from_a:?}");
     assert!(b_from_a.nacks_sent >= 1, "{b_from_a:?}");
@@ -1155,31 +1171,7 @@ fn a_resent_two_block_red_packet_repeats_the_original_bytes() {
 fn two_red_blocks_rebuild_two_lost_audio_packets_in_a_row_without_a_nack() {
     let mut figures = Vec::new();
     for depth in [2, 1] {
-        let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = Some(depth));
-        net.fec = true;
-        let pub_client = remote(1, 4000);
-        let sub_client = remote(2, 4002);
-        publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
-        subscriber(&mut net, "c", sub_client, TrackKind::Audio);
-        chain(&mut net, false);
-        net.advance(Duration::from_millis(1500));
-        net.loss_from = Some(net.addr("a"));
-        let n = 100u32;
-        for i in 0..n {
-            // What A forwards of packets 50 and 51 (within the 20 ms that
-            // follow their sending) is lost.
-            net.loss_permille = if (50..52).contains(&i) { 1000 } else { 0 };
-            let mut payload = i.to_be_bytes().to_vec();
-            payload.extend_from_slice(&[0x55; 76]);
-            let pkt = rtp(96, i as u16, i * 960, 0xbbbb, false, &payload);
-            net.client_send(pub_client, "a", pkt);
-            net.advance(Duration::from_millis(20));
-        }
-        net.loss_permille = 0;
-        net.advance(Duration::from_secs(1));
-        let got = received_audio(&net, sub_client);
-        let missing: Vec<u32> = (1..n).filter(|t| !got.contains_key(t)).collect();
-        assert!(missing.is_empty(), "depth {depth}: lost {missing:?}");
+        let (mut net, got) = red_chain_run(depth, 50..52, false);
         for (tag, payload) in &got {
             assert_eq!(payload.len(), 80, "tag {tag}");
             assert!(payload[4..].iter().all(|b| *b == 0x55));
