@@ -4,8 +4,11 @@
 //! temporary directory, HTTPS) as a child process, enrolls N simulated
 //! agents and makes each heartbeat every `--interval` (spread evenly), with
 //! link measurements to a few peers and room membership, for `--duration`
-//! after a warm-up. It reports heartbeat latency percentiles, the achieved
-//! rate, errors, and the scheduler's CPU use from /proc/<pid>/stat.
+//! after a warm-up (3 intervals by default). It reports heartbeat latency
+//! percentiles, the achieved rate, errors, the seconds of the measured
+//! window that had heartbeats over 50 ms, each agent's first heartbeat
+//! (which opens its connection) on its own, and the scheduler's CPU use
+//! from /proc/<pid>/stat.
 //!
 //! `routes` mode times route-plan plus desired-state computation for a
 //! synthetic mesh (in process, no I/O).
@@ -51,9 +54,16 @@ enum Mode {
         /// Heartbeat interval per agent.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         interval: Duration,
-        /// Measured period (after one interval of warm-up).
+        /// Measured period (after the warm-up).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Time before measuring [default: 3 intervals]. Each agent's first
+        /// heartbeat opens its connection (a TLS handshake); with one client
+        /// per agent, 10,000 handshakes at once take seconds and are
+        /// reported on their own ("first heartbeats"), not in the measured
+        /// percentiles.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        warm_up: Option<Duration>,
         /// HTTP clients (each with its own TLS connection pool) the agents share.
         #[arg(long, default_value_t = 500)]
         clients: usize,
@@ -99,19 +109,21 @@ fn main() -> Result<()> {
             agents,
             interval,
             duration,
+            warm_up,
             clients,
             links,
             rooms,
             scheduler_bin,
-        } => rt.block_on(agents_mode(
-            agents,
+        } => rt.block_on(agents_mode(AgentsArgs {
+            n: agents,
             interval,
             duration,
+            warm_up: warm_up.unwrap_or(interval * 3),
             clients,
             links,
             rooms,
-            scheduler_bin,
-        )),
+            bin: scheduler_bin,
+        })),
         Mode::Routes {
             nodes,
             links,
@@ -133,6 +145,19 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Per second of the measured window that had heartbeats slower than
+/// `over_ms`: (second, how many, the slowest), in time order. Shows whether
+/// a tail is spread evenly or comes in bursts (a stall, a storm).
+fn slow_seconds(samples: &[(f64, f64)], over_ms: f64) -> Vec<(u64, usize, f64)> {
+    let mut by: std::collections::BTreeMap<u64, (usize, f64)> = Default::default();
+    for &(at, ms) in samples.iter().filter(|(_, ms)| *ms > over_ms) {
+        let e = by.entry(at.max(0.0) as u64).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(ms);
+    }
+    by.into_iter().map(|(s, (n, w))| (s, n, w)).collect()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -345,15 +370,28 @@ struct Agent {
 }
 
 #[allow(clippy::print_stdout, reason = "the report is the product")]
-async fn agents_mode(
+struct AgentsArgs {
     n: usize,
     interval: Duration,
     duration: Duration,
+    warm_up: Duration,
     clients: usize,
     links: usize,
     rooms: usize,
     bin: Option<PathBuf>,
-) -> Result<()> {
+}
+
+async fn agents_mode(args: AgentsArgs) -> Result<()> {
+    let AgentsArgs {
+        n,
+        interval,
+        duration,
+        warm_up,
+        clients,
+        links,
+        rooms,
+        bin,
+    } = args;
     let bin = match bin {
         Some(b) => b,
         None => std::env::current_exe()?
@@ -473,16 +511,22 @@ async fn agents_mode(
 
     // Heartbeat.
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
-    let measure_from = start + interval;
+    let measure_from = start + warm_up;
     let end = measure_from + duration;
-    let lat: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    // (seconds into the measured window the heartbeat was sent, its latency
+    // in ms).
+    let lat: Arc<Mutex<Vec<(f64, f64)>>> = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(Mutex::new(0u64));
+    // Each agent's first heartbeat (it opens the agent's connection when
+    // the agent has a client of its own): (latency ms, done at s after
+    // start).
+    let firsts: Arc<Mutex<Vec<(f64, f64)>>> = Arc::new(Mutex::new(Vec::new()));
     let mut handles = Vec::new();
     for (i, a) in agents.iter().enumerate() {
         let c = pool[i % pool.len()].clone();
         let a = a.clone();
         let all = agents.clone();
-        let (lat, errors) = (lat.clone(), errors.clone());
+        let (lat, errors, firsts) = (lat.clone(), errors.clone(), firsts.clone());
         let mut rng = rand::rng();
         let peers: Vec<String> = (0..links)
             .map(|_| all[rng.random_range(0..all.len())].id.clone())
@@ -500,6 +544,7 @@ async fn agents_mode(
         handles.push(tokio::spawn(async move {
             let mut next = start + offset;
             let mut mine = Vec::new();
+            let mut first = None;
             let mut errs = 0u64;
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
             while next < end {
@@ -557,9 +602,14 @@ async fn agents_mode(
                     )
                     .await;
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
+                if first.is_none() {
+                    first = Some((ms, (t0 - start).as_secs_f64() + ms / 1e3));
+                }
                 if t0 >= measure_from {
                     match r {
-                        Ok(r) if r.status.as_u16() == 200 => mine.push(ms),
+                        Ok(r) if r.status.as_u16() == 200 => {
+                            mine.push(((t0 - measure_from).as_secs_f64(), ms))
+                        }
                         _ => errs += 1,
                     }
                 }
@@ -570,6 +620,9 @@ async fn agents_mode(
             }
             if let Ok(mut e) = errors.lock() {
                 *e += errs;
+            }
+            if let (Some(f), Ok(mut fs)) = (first, firsts.lock()) {
+                fs.push(f);
             }
         }));
     }
@@ -584,8 +637,17 @@ async fn agents_mode(
     for h in handles {
         h.await?;
     }
-    let mut lat = lat.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let samples = lat.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let mut lat: Vec<f64> = samples.iter().map(|&(_, ms)| ms).collect();
     lat.sort_by(f64::total_cmp);
+    let slow = slow_seconds(&samples, 50.0);
+    let firsts = firsts
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    let mut first_ms: Vec<f64> = firsts.iter().map(|&(ms, _)| ms).collect();
+    first_ms.sort_by(f64::total_cmp);
+    let firsts_done = firsts.iter().map(|&(_, at)| at).fold(0.0, f64::max);
     let errors = *errors.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let cpu = (cpu1 - cpu0) as f64 / clk_tck() / wall;
     let metrics = admin.get("/metrics", Some(ADMIN)).await?.body;
@@ -642,6 +704,31 @@ async fn agents_mode(
         pct(&lat, 99.0),
         pct(&lat, 99.9),
         pct(&lat, 100.0)
+    );
+    println!(
+        "first heartbeats ({} agents{}): p50 {:.2}  p99 {:.2}  max {:.2} ms; all answered {:.1} s after the first was sent (warm-up {})",
+        first_ms.len(),
+        if pool.len() >= agents.len() {
+            ", each opening its own TLS connection"
+        } else {
+            ""
+        },
+        pct(&first_ms, 50.0),
+        pct(&first_ms, 99.0),
+        pct(&first_ms, 100.0),
+        firsts_done,
+        humantime::format_duration(warm_up)
+    );
+    println!(
+        "heartbeats over 50 ms by second of the measured window they were sent in (second: count, worst ms): {}",
+        if slow.is_empty() {
+            "none".to_string()
+        } else {
+            slow.iter()
+                .map(|(s, n, worst)| format!("{s}: {n}, {worst:.0}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
     );
     println!(
         "scheduler CPU: {:.1}% of one core (utime+stime from /proc/{pid}/stat); simulator CPU: {:.1}%",
