@@ -369,7 +369,6 @@ struct Agent {
     token: String,
 }
 
-#[allow(clippy::print_stdout, reason = "the report is the product")]
 struct AgentsArgs {
     n: usize,
     interval: Duration,
@@ -381,6 +380,7 @@ struct AgentsArgs {
     bin: Option<PathBuf>,
 }
 
+#[allow(clippy::print_stdout, reason = "the report is the product")]
 async fn agents_mode(args: AgentsArgs) -> Result<()> {
     let AgentsArgs {
         n,
