@@ -22,8 +22,14 @@ use crate::types::TrackKind;
 /// How often a downstream node renews its subscription to a room, and an
 /// upstream node announces what it sends.
 pub const SUBSCRIBE_INTERVAL: Duration = Duration::from_millis(500);
-/// A subscription or announced track not renewed for this long is dropped.
+/// An announced track not renewed for this long, and whose media stopped,
+/// is dropped.
 pub const MESH_STATE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// A subscription not renewed for this long is dropped: ten periods, so
+/// that a lossy link does not end one by chance (at 20 % loss, five lost in
+/// a row happen about every half hour on a link; ten, about once in two
+/// months). An UNSUBSCRIBE, or the route moving, ends it at once.
+pub const SUBSCRIPTION_TIMEOUT: Duration = Duration::from_millis(5000);
 /// How long a route change is make-before-break: a node keeps serving the
 /// subscriptions of a route (and keeps the link) the scheduler moved away
 /// from it, and a downstream keeps taking media from its previous upstream

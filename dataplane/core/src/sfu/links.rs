@@ -13,8 +13,9 @@ use crate::mesh::{
     AnnouncedLayer, AnnouncedTrack, DelayDetector, InboundRef, LinkCapacity, LossTracker,
     MESH_STATE_TIMEOUT, MeshConfig, MeshLinkSnapshot, MeshMessage, MeshRecovery, MeshRouteSpec,
     OriginKey, PENDING_SUBSCRIBE_INTERVAL, ROUTE_HANDOVER, RemoteParticipantKey,
-    SUBSCRIBE_INTERVAL, abs_send_time, codec_code, codec_from_code, is_delay_report, is_mesh_app,
-    layers_within, parse_delay_report, parse_message, write_delay_report, write_message,
+    SUBSCRIBE_INTERVAL, SUBSCRIPTION_TIMEOUT, abs_send_time, codec_code, codec_from_code,
+    is_delay_report, is_mesh_app, layers_within, parse_delay_report, parse_message,
+    write_delay_report, write_message,
 };
 use crate::red::{self, RedPayload};
 use crate::retransmit::Sent;
@@ -381,7 +382,7 @@ struct Serving {
 
 impl Serving {
     fn live(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.renewed) < MESH_STATE_TIMEOUT
+        now.saturating_duration_since(self.renewed) < SUBSCRIPTION_TIMEOUT
             && self.linger_until.is_none_or(|t| now < t)
     }
 }
@@ -804,7 +805,9 @@ impl Sfu {
             self.mesh.announce_due = None;
             return;
         }
-        // Expire remote tracks nobody announced lately.
+        // Expire remote tracks nobody announced lately and whose media
+        // stopped: media still arriving is the upstream sending it, whatever
+        // happened to its announcements on a lossy link.
         let stale: Vec<TrackId> = self
             .mesh
             .remote_tracks
@@ -814,6 +817,7 @@ impl Sfu {
                 self.tracks.get(t).is_none_or(|t| {
                     t.announced
                         .is_none_or(|a| now.saturating_duration_since(a) > MESH_STATE_TIMEOUT)
+                        && !t.layers.iter().any(|l| l.active(now))
                 })
             })
             .collect();
