@@ -1163,6 +1163,22 @@ fn red_repairs_lost_audio_with_the_next_packet() {
     assert!(nacks_on * 2 < nacks_off, "{results:?}");
 }
 
+/// A → B → C over untrusted links with FEC (and RED, of `red_depth`
+/// blocks; `None`: following the loss), an audio publisher client on A
+/// (SSRC 0xbbbb) and a subscriber client on C, settled: (net, publisher,
+/// subscriber).
+fn audio_chain(red_depth: Option<usize>) -> (Net, SocketAddr, SocketAddr) {
+    let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = red_depth);
+    net.fec = true;
+    let pub_client = remote(1, 4000);
+    let sub_client = remote(2, 4002);
+    publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
+    subscriber(&mut net, "c", sub_client, TrackKind::Audio);
+    chain(&mut net, false);
+    net.advance(Duration::from_millis(1500));
+    (net, pub_client, sub_client)
+}
+
 /// A → B → C (untrusted links, FEC on, RED depth `depth`), an audio
 /// publisher on A and a subscriber on C: 100 packets 20 ms apart, of which
 /// what A forwards of those in `lost` (within the 20 ms after each is sent)
@@ -1173,14 +1189,7 @@ fn red_chain_run(
     lost: std::ops::Range<u32>,
     log: bool,
 ) -> (Net, HashMap<u32, Vec<u8>>) {
-    let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = Some(depth));
-    net.fec = true;
-    let pub_client = remote(1, 4000);
-    let sub_client = remote(2, 4002);
-    publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
-    subscriber(&mut net, "c", sub_client, TrackKind::Audio);
-    chain(&mut net, false);
-    net.advance(Duration::from_millis(1500));
+    let (mut net, pub_client, sub_client) = audio_chain(Some(depth));
     net.loss_from = Some(net.addr("a"));
     if log {
         net.mesh_log = Some(Vec::new());
@@ -1282,14 +1291,7 @@ fn two_red_blocks_rebuild_two_lost_audio_packets_in_a_row_without_a_nack() {
 fn red_depth_follows_the_link_loss() {
     let mut figures = Vec::new();
     for (permille, fixed) in [(200, None), (20, None), (200, Some(1))] {
-        let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = fixed);
-        net.fec = true;
-        let pub_client = remote(1, 4000);
-        let sub_client = remote(2, 4002);
-        publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
-        subscriber(&mut net, "c", sub_client, TrackKind::Audio);
-        chain(&mut net, false);
-        net.advance(Duration::from_millis(1500));
+        let (mut net, pub_client, sub_client) = audio_chain(fixed);
         net.loss_permille = permille;
         let n = 1500;
         stream_audio(&mut net, pub_client, n);
