@@ -153,25 +153,19 @@ pub fn same_json(state: &DesiredState, stored: &str) -> bool {
 /// `f` over `items`, in order, split over the available cores when there
 /// are enough items to be worth a thread.
 fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(items.len() / 64)
-        .max(1);
+    let threads = crate::worker_threads(items.len(), 64);
     if threads == 1 {
         return items.iter().map(f).collect();
     }
     let chunk = items.len().div_ceil(threads);
     let f = &f;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|c| scope.spawn(move || c.iter().map(f).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
+        crate::join_all(
+            items
+                .chunks(chunk)
+                .map(|c| scope.spawn(move || c.iter().map(f).collect::<Vec<_>>()))
+                .collect(),
+        )
     })
 }
 

@@ -838,21 +838,11 @@ fn run_jobs(
             }
         }
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(jobs.len() / 32)
-        .max(1);
+    let threads = crate::worker_threads(jobs.len(), 32);
     if threads == 1 {
         return run();
     }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads).map(|_| scope.spawn(run)).collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    })
+    std::thread::scope(|scope| crate::join_all((0..threads).map(|_| scope.spawn(run)).collect()))
 }
 
 fn build_tree(
