@@ -816,9 +816,12 @@ impl Shard {
             }
             let sent = {
                 // Datagrams to one destination next to each other, so that
-                // the I/O layer sends each run with one GSO send.
+                // the I/O layer sends each run with one GSO send (pointless
+                // when GSO is off or the kernel refused it).
                 let window = self.pending.len().min(SEND_WINDOW);
-                group_by_destination(&mut self.pending.make_contiguous()[..window]);
+                if self.io.max_gso_segments() > 1 {
+                    group_by_destination(&mut self.pending.make_contiguous()[..window]);
+                }
                 let empty = ridge_io::Transmit::new(self.io.local_addr(), &[]);
                 let mut batch = [empty; SEND_WINDOW];
                 let mut k = 0;

@@ -180,12 +180,8 @@ impl NextDatagram<'_> {
     /// Datagrams on the wire: with GSO, the segments of the run.
     pub(crate) fn datagrams(&self) -> u16 {
         match self.gso {
-            Some(s) if s > 0 => {
-                let bytes = self.prefix.len()
-                    + self.chunk.len()
-                    + self.gathered.iter().map(|t| t.len()).sum::<usize>();
-                bytes.div_ceil(usize::from(s)) as u16
-            }
+            _ if !self.gathered.is_empty() => self.gathered.len() as u16 + 1,
+            Some(s) if s > 0 => self.chunk.len().div_ceil(usize::from(s)) as u16,
             _ => 1,
         }
     }
