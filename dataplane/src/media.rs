@@ -597,6 +597,7 @@ pub fn spawn(
                         io,
                         sfu: Sfu::new(config, Instant::now()),
                         pending: VecDeque::with_capacity(4096),
+                        group_keys: Box::new([(0, 0); SEND_WINDOW]),
                         events,
                         metrics,
                         stats,
@@ -624,12 +625,13 @@ pub fn spawn(
 /// subscriber's packets of that batch form one GSO run. Measured with
 /// `ridge-bench fanout` (1→50): 512 gave runs of 9.5 datagrams and 0.82 µs
 /// of node CPU per packet out, 2048 runs of 31 and 0.69 µs
-/// (docs/benchmarks.md). The send path keeps this many transmits and keys
-/// on the shard thread's stack (about 180 KiB; see [`SHARD_STACK`]).
+/// (docs/benchmarks.md). A window this large is batched on the shard
+/// thread's stack (about 150 KiB; see [`SHARD_STACK`]); its grouping keys
+/// live in a per-shard scratch ([`GroupKeys`]).
 const SEND_WINDOW: usize = 2048;
 
-/// Stack of each shard thread: the flush's [`SEND_WINDOW`] arrays take
-/// about 180 KiB of it, the rest is headroom for the core and the runtime.
+/// Stack of each shard thread: a large flush's [`SEND_WINDOW`] batch takes
+/// about 150 KiB of it, the rest is headroom for the core and the runtime.
 const SHARD_STACK: usize = 4 << 20;
 
 /// A cheap key equal for equal destinations (collisions only cost a GSO
@@ -644,15 +646,19 @@ fn destination_key(a: &SocketAddr) -> u64 {
     }
 }
 
+/// Scratch for [`group_by_destination`]: one `(key, index)` pair per
+/// transmit of a window, allocated once per shard so that a flush does not
+/// clear a [`SEND_WINDOW`]-sized array on its stack each time.
+type GroupKeys = Box<[(u64, u16); SEND_WINDOW]>;
+
 /// Reorders `window` so that transmits to one destination are adjacent,
 /// keeping each destination's own order (and so each stream's). Order
 /// across destinations carries no meaning. In place, without allocating:
-/// sorts `(key, index)` pairs on the stack and applies the permutation by
+/// sorts `(key, index)` pairs in `keys` and applies the permutation by
 /// following its cycles. Windows that are already grouped (a 1:1 relay)
 /// are left alone.
-fn group_by_destination(window: &mut [Transmit]) {
+fn group_by_destination(window: &mut [Transmit], keys: &mut [(u64, u16); SEND_WINDOW]) {
     let n = window.len().min(SEND_WINDOW);
-    let mut keys = [(0u64, 0u16); SEND_WINDOW];
     for (i, (k, t)) in keys.iter_mut().zip(window.iter()).enumerate() {
         *k = (destination_key(&t.destination), i as u16);
     }
@@ -676,6 +682,38 @@ fn group_by_destination(window: &mut [Transmit]) {
     }
 }
 
+/// Transmits of a flush up to which the send batch is a small stack array:
+/// a 1:1 relay's received batch, or a fan-out of it to a couple of
+/// subscribers. Larger windows use a [`SEND_WINDOW`] array. Each array is
+/// built whole on every flush (about 70 bytes per entry), so sizing it to
+/// the window keeps a relay's flush from writing ~140 KiB of stack for 32
+/// datagrams (measured in docs/benchmarks.md).
+const SMALL_WINDOW: usize = 64;
+
+/// Hands the first `window` pending transmits to the socket as one batch
+/// of at most `N`; returns how many it accepted.
+fn send_window<const N: usize>(
+    io: &mut (dyn DatagramIo + Send),
+    pending: &VecDeque<Transmit>,
+    window: usize,
+) -> Result<usize, ridge_io::IoError> {
+    let empty = ridge_io::Transmit::new(io.local_addr(), &[]);
+    let mut batch = [empty; N];
+    let k = window.min(N);
+    for (slot, t) in batch.iter_mut().zip(pending.iter()).take(k) {
+        *slot = match &t.payload {
+            Some(p) => ridge_io::Transmit {
+                destination: t.destination,
+                prefix: &t.contents,
+                contents: p.as_slice(),
+                segment_size: None,
+            },
+            None => ridge_io::Transmit::new(t.destination, &t.contents),
+        };
+    }
+    io.send(&batch[..k])
+}
+
 /// How long a flush waits, in total, for a full socket before it gives up on
 /// the rest of its datagrams.
 const SEND_PATIENCE: Duration = Duration::from_millis(20);
@@ -689,6 +727,7 @@ struct Shard {
     sfu: Sfu,
     /// Transmits taken from the core, not yet accepted by the socket.
     pending: VecDeque<Transmit>,
+    group_keys: GroupKeys,
     events: broadcast::Sender<SfuEvent>,
     metrics: Metrics,
     stats: Arc<ShardStats>,
@@ -820,29 +859,23 @@ impl Shard {
                 // when GSO is off or the kernel refused it).
                 let window = self.pending.len().min(SEND_WINDOW);
                 if self.io.max_gso_segments() > 1 {
-                    group_by_destination(&mut self.pending.make_contiguous()[..window]);
+                    group_by_destination(
+                        &mut self.pending.make_contiguous()[..window],
+                        &mut self.group_keys,
+                    );
                 }
-                let empty = ridge_io::Transmit::new(self.io.local_addr(), &[]);
-                let mut batch = [empty; SEND_WINDOW];
-                let mut k = 0;
-                for (slot, t) in batch.iter_mut().zip(self.pending.iter()) {
-                    *slot = match &t.payload {
-                        Some(p) => ridge_io::Transmit {
-                            destination: t.destination,
-                            prefix: &t.contents,
-                            contents: p.as_slice(),
-                            segment_size: None,
-                        },
-                        None => ridge_io::Transmit::new(t.destination, &t.contents),
-                    };
-                    k += 1;
-                }
-                match self.io.send(&batch[..k]) {
+                let io = self.io.as_mut();
+                let result = if window <= SMALL_WINDOW {
+                    send_window::<SMALL_WINDOW>(io, &self.pending, window)
+                } else {
+                    send_window::<SEND_WINDOW>(io, &self.pending, window)
+                };
+                match result {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::error!(error = %e, "media socket send failed");
-                        self.metrics.udp_send_errors.inc_by(k as u64);
-                        k
+                        self.metrics.udp_send_errors.inc_by(window as u64);
+                        window
                     }
                 }
             };
@@ -1003,7 +1036,7 @@ mod tests {
         let mut w: Vec<Transmit> = (0..10)
             .flat_map(|p| (0..50).map(move |d| to(1000 + d, p)))
             .collect();
-        group_by_destination(&mut w);
+        group_by_destination(&mut w, &mut Box::new([(0, 0); SEND_WINDOW]));
         let got = tags(&w);
         for (run, chunk) in got.chunks(10).enumerate() {
             let port = chunk[0].0;
@@ -1032,7 +1065,7 @@ mod tests {
                 })
                 .collect();
             let before = tags(&w);
-            group_by_destination(&mut w);
+            group_by_destination(&mut w, &mut Box::new([(0, 0); SEND_WINDOW]));
             let after = tags(&w);
             let mut a = after.clone();
             let mut b = before.clone();
