@@ -16,6 +16,7 @@ mod mmsg;
 mod naive;
 mod node;
 mod packet;
+mod placement;
 mod report;
 mod scenario;
 mod stats;
@@ -29,6 +30,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 use crate::node::NodeOptions;
+use crate::placement::{Cpus, Placement};
 use crate::report::Report;
 use crate::scenario::{Kind, RunResult, Settings, Target, Topology};
 
@@ -184,6 +186,16 @@ struct Cli {
     /// rate fails, then bisect 5 steps (each step --duration seconds)
     #[arg(long)]
     search: bool,
+    /// CPUs the measured relay runs on: the started node (it pins shard i to
+    /// the i-th of them) or the naive relay's thread; a list as taskset -c
+    /// takes it (0, 0-3, 0,2-3) [default: any]
+    #[arg(long, value_name = "LIST", value_parser = Cpus::parse)]
+    node_cpus: Option<Cpus>,
+    /// CPUs of ridge-bench's own threads (generator, receivers, WebRTC
+    /// clients); keep them off --node-cpus so that the load does not compete
+    /// with what it measures [default: any]
+    #[arg(long, value_name = "LIST", value_parser = Cpus::parse)]
+    bench_cpus: Option<Cpus>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -209,6 +221,16 @@ fn run(cli: &Cli) -> Result<()> {
     });
     if !(duration > 0.0 && duration.is_finite()) {
         bail!("--duration must be a positive number of seconds");
+    }
+    let placed = cli.node_cpus.is_some() || cli.bench_cpus.is_some();
+    if placed && matches!(cli.scenario, Scenario::KernelPath | Scenario::MeshLoss) {
+        bail!(
+            "--node-cpus and --bench-cpus do not apply to kernel-path (which pins its own \
+             threads) or mesh-loss"
+        );
+    }
+    if cli.node_cpus.is_some() && cli.node.is_some() {
+        bail!("--node-cpus places a node ridge-bench starts; it cannot move one given with --node");
     }
     if cli.scenario == Scenario::KernelPath {
         return kernel_path::run(duration, cli.json.as_deref());
@@ -254,6 +276,15 @@ fn run(cli: &Cli) -> Result<()> {
     if cli.rooms == 0 {
         bail!("--rooms must be at least 1");
     }
+    let placement = Placement::apply(cli.node_cpus.as_ref(), cli.bench_cpus.as_ref())?;
+    if placed {
+        let show = |c: &Option<Cpus>| c.as_ref().map_or("any".to_string(), Cpus::to_string);
+        eprintln!(
+            "ridge-bench: relay on CPUs {}, generator and receivers on CPUs {}",
+            show(&cli.node_cpus),
+            show(&cli.bench_cpus)
+        );
+    }
     let fanout_n = cli.subscribers.unwrap_or(50);
     let topo_gso = |subscribers: usize, rooms: usize, shards: usize, gso: bool| Topology {
         subscribers,
@@ -262,6 +293,7 @@ fn run(cli: &Cli) -> Result<()> {
             shards,
             io_backend: cli.io_backend.clone(),
             gso,
+            placement: placement.clone(),
         },
     };
     let topo = |subscribers: usize, rooms: usize, shards: usize| {

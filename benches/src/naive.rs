@@ -11,6 +11,8 @@ use std::thread::JoinHandle;
 use anyhow::{Context, Result, anyhow};
 use tokio::sync::oneshot;
 
+use crate::placement::Placement;
+
 /// A running naive relay.
 #[derive(Debug)]
 pub struct NaiveRelay {
@@ -24,12 +26,14 @@ pub struct NaiveRelay {
 
 impl NaiveRelay {
     /// Starts the relay thread, forwarding to `subscribers`.
-    pub fn start(subscribers: Vec<SocketAddr>) -> Result<NaiveRelay> {
+    /// The thread runs on `placement`'s node CPUs, as the node would.
+    pub fn start(subscribers: Vec<SocketAddr>, placement: Placement) -> Result<NaiveRelay> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(SocketAddr, PathBuf)>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("naive-relay".into())
             .spawn(move || -> Result<u64> {
+                placement.enter_node()?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;

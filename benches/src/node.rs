@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::mmsg;
+use crate::placement::Placement;
 
 /// How to start the node.
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct NodeOptions {
     pub io_backend: String,
     /// UDP GSO for runs to one destination (`false`: `--no-udp-gso`).
     pub gso: bool,
+    /// The CPUs it runs on (`--node-cpus`).
+    pub placement: Placement,
 }
 
 /// The default node binary: `ridge-dataplane` next to this executable (both
@@ -115,8 +118,8 @@ impl NodeProcess {
         // Port 0: each shard picks its own free port (shard i would
         // otherwise need port + i free too).
         let udp = SocketAddr::from(([127, 0, 0, 1], 0));
-        let child = Command::new(bin)
-            .env("RIDGE_JWT_SECRET", &secret)
+        let mut cmd = Command::new(bin);
+        cmd.env("RIDGE_JWT_SECRET", &secret)
             .args(["--http", &http.to_string(), "--udp", &udp.to_string()])
             .args(["--shards", &opts.shards.to_string()])
             .args(["--io-backend", &opts.io_backend])
@@ -124,8 +127,10 @@ impl NodeProcess {
             .args(["--log", "warn", "--drain-timeout", "1s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
+            .stderr(Stdio::inherit());
+        let child = opts
+            .placement
+            .spawn_node(&mut cmd)
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut node = NodeProcess {
             child: Some(child),

@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use crate::naive::NaiveRelay;
 use crate::node::{NodeOptions, NodeProcess};
+#[cfg(test)]
+use crate::placement::Placement;
 use crate::stats::{self, Latency};
 use crate::traffic::{self, Publisher, Receiver};
 use crate::webrtc::WebrtcFanout;
@@ -222,7 +224,7 @@ impl Target {
                 t.node = Some(node);
             }
             Kind::Naive => {
-                let relay = NaiveRelay::start(addrs)?;
+                let relay = NaiveRelay::start(addrs, topology.node.placement.clone())?;
                 t.publisher = Publisher::new(send_sock, relay.addr)?;
                 t.cpu_stat = Some(relay.stat_path.clone());
                 t.naive = Some(relay);
@@ -522,6 +524,7 @@ mod tests {
                 shards: 1,
                 io_backend: "auto".into(),
                 gso: true,
+                placement: Placement::default(),
             },
         };
         let mut t = Target::setup(
