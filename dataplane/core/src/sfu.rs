@@ -29,6 +29,13 @@ mod links;
 
 /// How often layer selection, speaker detection and demand updates run.
 const TICK: Duration = Duration::from_millis(250);
+/// A str0m timeout due this close to `now` is handled while draining (see
+/// `Io::drain`): str0m's pacer asks for its next turn 1 µs after its
+/// last.
+const IMMEDIATE_TIMEOUT: Duration = Duration::from_micros(10);
+/// At most this many such timeouts per drain, so that a session whose
+/// timer keeps falling due cannot hold the shard.
+const IMMEDIATE_ROUNDS: u32 = 64;
 /// A layer with no packet for this long is considered stopped.
 const LAYER_ACTIVE_WINDOW: Duration = Duration::from_millis(1500);
 /// A demanded layer that does not start within this time is skipped for a while.
@@ -304,10 +311,31 @@ impl Io {
 
     /// Drains one `Rtc` until it asks for a timeout (str0m's single-mutation
     /// invariant). Returns false if the peer failed and must be closed.
-    fn drain(&mut self, id: PeerId, w: &mut WebRtcPeer, counters: &mut Counters) -> bool {
+    ///
+    /// A timeout due within [`IMMEDIATE_TIMEOUT`] of `now` is handled here
+    /// and draining goes on, up to [`IMMEDIATE_ROUNDS`] times: str0m's pacer
+    /// releases one packet per timeout and asks for the next a microsecond
+    /// later, and the shard's timer (1 ms resolution) would otherwise send
+    /// at most one paced packet per millisecond per session.
+    fn drain(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        w: &mut WebRtcPeer,
+        counters: &mut Counters,
+    ) -> bool {
+        let mut rounds = 0;
         loop {
             match w.rtc.poll_output() {
                 Ok(str0m::Output::Timeout(t)) => {
+                    if rounds < IMMEDIATE_ROUNDS && t <= now + IMMEDIATE_TIMEOUT {
+                        rounds += 1;
+                        if let Err(e) = w.rtc.handle_input(Input::Timeout(t.max(now))) {
+                            tracing::warn!(peer = %id, error = %e, "WebRTC session failed");
+                            return false;
+                        }
+                        continue;
+                    }
                     w.next_timeout = t;
                     return true;
                 }
@@ -1193,7 +1221,7 @@ impl Sfu {
             tracing::debug!(peer = %id, error = %e, "datagram rejected");
             self.io.drop_packet(DropReason::Rejected);
         }
-        if !self.io.drain(id, w, &mut peer.counters) {
+        if !self.io.drain(now, id, w, &mut peer.counters) {
             w.closing = true;
         }
     }
@@ -1204,7 +1232,7 @@ impl Sfu {
             if let Transport::WebRtc(w) = &mut peer.transport
                 && w.next_timeout <= now
                 && (w.rtc.handle_input(Input::Timeout(now)).is_err()
-                    || !self.io.drain(*id, w, &mut peer.counters)
+                    || !self.io.drain(now, *id, w, &mut peer.counters)
                     || !w.rtc.is_alive())
             {
                 w.closing = true;
@@ -1466,7 +1494,7 @@ impl Sfu {
                 if let Some(rx) = rx {
                     rx.request_keyframe(KeyframeRequestKind::Pli);
                 }
-                if !self.io.drain(track.peer, w, &mut publisher.counters) {
+                if !self.io.drain(now, track.peer, w, &mut publisher.counters) {
                     w.closing = true;
                 }
             }
@@ -1758,7 +1786,7 @@ impl Sfu {
                             .nackable(kind == TrackKind::Video)
                             .ext_vals(ext),
                     );
-                    if !self.io.drain(sub_id, w, &mut sub.counters) {
+                    if !self.io.drain(now, sub_id, w, &mut sub.counters) {
                         w.closing = true;
                     }
                 }
@@ -2056,7 +2084,7 @@ impl Sfu {
                 w.rtc
                     .bwe()
                     .set_bitrate(Bitrate::kbps(100), Bitrate::from(desired + desired / 4));
-                if !self.io.drain(id, w, &mut peer.counters) {
+                if !self.io.drain(now, id, w, &mut peer.counters) {
                     w.closing = true;
                 }
             }
@@ -2087,7 +2115,7 @@ impl Sfu {
                 w.rtc.disconnect();
                 // Flush whatever the disconnect queued (e.g. DTLS close).
                 let mut scratch = Counters::default();
-                self.io.drain(id, w, &mut scratch);
+                self.io.drain(now, id, w, &mut scratch);
                 for slot in &w.slots {
                     if let Some(t) = slot.track.and_then(|t| self.tracks.get_mut(&t)) {
                         t.subscribers.retain(|s| *s != id);

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use common::client::{Client, Datagram};
 use common::*;
 use ridge_sfu::packet::codec::vp8_is_keyframe;
-use ridge_sfu::{DropReason, OfferIntent, ParticipantId, PeerId, SfuEvent, TrackId, TrackKind};
+use ridge_sfu::{
+    DropReason, OfferIntent, ParticipantId, PeerId, SfuConfig, SfuEvent, TrackId, TrackKind,
+};
 use str0m::format::Codec;
 use str0m::media::{
     Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer,
@@ -118,8 +120,13 @@ const SUB: usize = 1;
 
 impl Call {
     fn new(subscribe_audio: bool) -> Self {
+        Self::with_config(subscribe_audio, |_| {})
+    }
+
+    fn with_config(subscribe_audio: bool, configure: impl FnOnce(&mut SfuConfig)) -> Self {
         let mut node = Node::new(|c| {
             c.keyframe_request_interval = ms(500);
+            configure(c);
         });
         let now = node.now;
         let mut publisher_client = Client::new("publisher", remote(1, 1111), now);
@@ -688,4 +695,80 @@ fn audio_levels_elect_the_active_speaker() {
             level: -127,
         })
     );
+}
+
+/// str0m's pacer releases one packet per timeout and asks for the next a
+/// microsecond later. A subscriber must get more than one paced packet per
+/// millisecond (the shard's timer tick): here 2 000 packets/s of the full
+/// layer, 14.4 Mbit/s, well inside the estimate.
+#[test]
+fn paced_sends_are_not_one_per_timer_tick() {
+    let mut call = Call::with_config(false, |c| c.initial_bwe_bps = 50_000_000);
+    call.send_video = true;
+    let got_f = call.run_until(ms(3000), |c| {
+        c.received_video().iter().filter(|g| g.layer == F).count() >= 10
+    });
+    assert!(got_f, "subscriber received no video of the full layer");
+    call.send_video = false;
+    call.run_for(ms(100));
+    let before = call.received_video().len();
+
+    // Two packets of layer f every millisecond for 2 s.
+    const PER_MS: u32 = 2;
+    const MILLIS: u32 = 2000;
+    let first = call.frame;
+    let l = &LAYERS[F];
+    for m in 0..MILLIS {
+        let now = call.node.now;
+        let client = &mut call.clients[PUB];
+        let pt = client.pt(Codec::Vp8);
+        for i in 0..PER_MS {
+            let frame = first + m * PER_MS + i;
+            let mut tag = vec![F as u8];
+            tag.extend_from_slice(&frame.to_be_bytes());
+            let payload = vp8_payload(false, l.dims.0, l.dims.1, &tag, l.size);
+            let mut api = client.rtc.direct_api();
+            let tx = api
+                .stream_tx_by_mid(call.video_mid, Some(Rid::from(l.rid)))
+                .expect("a send stream per rid");
+            tx.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    SeqNo::from(l.seq0 + u64::from(frame)),
+                    l.ts0.wrapping_add(90 * (first + m)),
+                    now,
+                    payload,
+                )
+                .marker(i + 1 == PER_MS)
+                .nackable(true),
+            );
+        }
+        client.next_timeout = now;
+        call.step();
+    }
+    call.frame += MILLIS * PER_MS;
+    call.run_for(ms(200));
+    let got = call.received_video();
+    let burst: Vec<&Got> = got[before..].iter().filter(|g| g.frame >= first).collect();
+    let sent = (MILLIS * PER_MS) as usize;
+    // One packet per tick would deliver about half, ever later.
+    assert!(
+        burst.len() * 100 >= sent * 98,
+        "{} of {sent} packets reached the subscriber",
+        burst.len()
+    );
+    // The estimate starts from what the call carried before and ramps up
+    // over the first second or so; in the last half second the pacer keeps
+    // nothing back.
+    let written_at = |g: &Got| {
+        let m = (g.frame - first) / PER_MS;
+        call.node.now - ms(200) - ms(u64::from(MILLIS - m))
+    };
+    let late = burst
+        .iter()
+        .filter(|g| (g.frame - first) / PER_MS >= MILLIS * 3 / 4)
+        .map(|g| g.at - written_at(g))
+        .max()
+        .expect("packets of the last half second");
+    assert!(late <= ms(5), "last half second: a packet took {late:?}");
 }
