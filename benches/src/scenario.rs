@@ -23,6 +23,11 @@ const GRACE: Duration = Duration::from_millis(300);
 const COUNTERS_LAG: Duration = Duration::from_millis(550);
 /// Latency samples kept per run (packets are sampled by sequence number).
 const MAX_SAMPLES: f64 = 2_000_000.0;
+/// webrtc-fanout's ramp ([`Target::ramp`]): window, loss that ends it, and
+/// the longest it goes on.
+const RAMP_WINDOW: Duration = Duration::from_secs(1);
+const RAMP_LOSS_PCT: f64 = 0.1;
+const RAMP_MAX: Duration = Duration::from_secs(20);
 /// Loss below which a rate passes the search, in percent.
 pub const SEARCH_MAX_LOSS_PCT: f64 = 0.1;
 /// The search's first rate.
@@ -115,6 +120,9 @@ pub struct RunResult {
     pub gso_share: Option<f64>,
     /// Datagrams per GSO send, on average.
     pub gso_datagrams_per_send: Option<f64>,
+    /// webrtc-fanout: seconds sent at the run's rate before it, until the
+    /// subscribers' bandwidth estimates carried it (see [`Target::ramp`]).
+    pub ramp_s: Option<f64>,
 }
 
 /// What is wired up: subscribers in total, rooms, and the node's shards.
@@ -279,8 +287,64 @@ impl Target {
         Ok(())
     }
 
+    /// WebRTC only: sends at the run's rate in 1 s windows until one loses
+    /// less than [`RAMP_LOSS_PCT`], at most [`RAMP_MAX`]. Each subscriber
+    /// session starts its bandwidth estimate low (the node's
+    /// `initial_bwe_bps`) and its pacer holds back, then drops, what does
+    /// not fit yet; real sessions last long past that ramp, so it is not
+    /// measured. Returns the seconds it took, and whether it got there.
+    fn ramp(&mut self, s: &Settings) -> Result<(f64, bool)> {
+        let start = Instant::now();
+        let window = Settings {
+            duration: RAMP_WINDOW,
+            ..s.clone()
+        };
+        while start.elapsed() < RAMP_MAX {
+            let run = self.next_run;
+            self.next_run += 1;
+            let Some(w) = self.webrtc.as_mut() else {
+                break;
+            };
+            let r = w
+                .run(
+                    run,
+                    window.rate,
+                    window.size,
+                    window.duration,
+                    GRACE,
+                    u64::MAX,
+                )
+                .context("ramping the WebRTC clients up")?;
+            let expected = r.sent * r.per_subscriber.len() as u64;
+            let got: u64 = r.per_subscriber.iter().sum();
+            if expected > 0
+                && (expected.saturating_sub(got)) as f64 * 100.0 < RAMP_LOSS_PCT * expected as f64
+            {
+                return Ok((start.elapsed().as_secs_f64(), true));
+            }
+        }
+        Ok((start.elapsed().as_secs_f64(), false))
+    }
+
     /// One measured run.
     pub fn run(&mut self, s: &Settings) -> Result<RunResult> {
+        let ramp_s = if self.webrtc.is_some() {
+            let (secs, carried) = self.ramp(s)?;
+            if carried {
+                eprintln!(
+                    "ridge-bench: {}: the subscribers' estimates carried the rate after {secs:.1} s of ramp",
+                    self.name
+                );
+            } else {
+                eprintln!(
+                    "ridge-bench: {}: still losing ≥ {RAMP_LOSS_PCT}% after {secs:.1} s of ramp at this rate; measuring anyway",
+                    self.name
+                );
+            }
+            Some(secs)
+        } else {
+            None
+        };
         let run = self.next_run;
         self.next_run += 1;
         let subs = match &self.webrtc {
@@ -404,6 +468,7 @@ impl Target {
             gso_datagrams_per_send: counters
                 .filter(|c| c.gso_sends > 0)
                 .map(|c| c.gso_datagrams as f64 / c.gso_sends as f64),
+            ramp_s,
         })
     }
 
