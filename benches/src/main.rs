@@ -159,7 +159,7 @@ struct Cli {
     /// Publisher rate of webrtc-fanout within `all` (WebRTC sessions are
     /// paced by the node's bandwidth estimate, so a plain-RTP rate of
     /// hundreds of thousands of packets/s would only fill pacer queues)
-    #[arg(long, value_name = "PPS", default_value_t = 600.0)]
+    #[arg(long, value_name = "PPS", default_value_t = 2000.0)]
     webrtc_rate: f64,
     /// Draw the per-core throughput of each run as an SVG bar chart into FILE
     #[arg(long, value_name = "FILE")]

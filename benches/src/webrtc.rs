@@ -116,8 +116,18 @@ impl Client {
             .map(|p| p.pt())
     }
 
-    /// Feeds every datagram waiting on the socket to str0m.
-    fn receive(&mut self, now: Instant, buf: &mut [u8]) -> Result<bool> {
+    /// Feeds every datagram waiting on the socket to str0m, driving it after
+    /// each one: str0m wants its output polled (until it asks for a
+    /// timeout) between two inputs, and two datagrams fed back to back lost
+    /// the first one's packet event (every other packet of a burst).
+    fn receive(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        run: u32,
+        base: Instant,
+        stride: u64,
+    ) -> Result<bool> {
         let mut any = false;
         loop {
             match self.sock.recv_from(buf) {
@@ -131,6 +141,7 @@ impl Client {
                     self.rtc
                         .handle_input(Input::Receive(now, recv))
                         .context("str0m rejected a datagram")?;
+                    self.drive(now, run, base, stride)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(any),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
@@ -270,10 +281,12 @@ impl WebrtcFanout {
     fn pump(&mut self, run: u32, stride: u64) -> Result<bool> {
         let now = Instant::now();
         let base = self.base;
-        let mut any = self.publisher.receive(now, &mut self.buf)?;
+        let mut any = self
+            .publisher
+            .receive(now, &mut self.buf, run, base, stride)?;
         self.publisher.drive(now, run, base, stride)?;
         for c in &mut self.subscribers {
-            any |= c.receive(now, &mut self.buf)?;
+            any |= c.receive(now, &mut self.buf, run, base, stride)?;
             c.drive(now, run, base, stride)?;
         }
         Ok(any)
