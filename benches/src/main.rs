@@ -186,6 +186,12 @@ struct Cli {
     /// rate fails, then bisect 5 steps (each step --duration seconds)
     #[arg(long)]
     search: bool,
+    /// Turn UDP_GRO on for the subscriber sockets: a GSO run the node sends
+    /// then stays one buffer through loopback instead of being cut into
+    /// datagrams in the node's send, much as a NIC with UDP segmentation
+    /// offload would take it (individually sent datagrams are unaffected)
+    #[arg(long)]
+    gro_receivers: bool,
     /// CPUs the measured relay runs on: the started node (it pins shard i to
     /// the i-th of them) or the naive relay's thread; a list as taskset -c
     /// takes it (0, 0-3, 0,2-3) [default: any]
@@ -295,6 +301,7 @@ fn run(cli: &Cli) -> Result<()> {
             gso,
             placement: placement.clone(),
         },
+        gro_receivers: cli.gro_receivers,
     };
     let topo = |subscribers: usize, rooms: usize, shards: usize| {
         topo_gso(subscribers, rooms, shards, !cli.no_udp_gso)

@@ -1,6 +1,7 @@
 //! The only module with `unsafe` code: thin wrappers around the Linux system
 //! calls the standard library does not expose (`sendmmsg`, `recvmmsg`,
-//! `poll`, `kill`, `sysconf`). Everything else in the crate is safe code.
+//! `setsockopt(UDP_GRO)`, `poll`, `kill`, `sysconf`). Everything else in the
+//! crate is safe code.
 
 #![allow(unsafe_code, reason = "the crate's one FFI module")]
 
@@ -61,11 +62,50 @@ pub fn send_batch(sock: &UdpSocket, bufs: &[&[u8]]) -> io::Result<usize> {
     }
 }
 
-/// Receives up to `bufs.len()` (at most [`MAX_BATCH`]) datagrams from `sock`
-/// with a non-blocking `recvmmsg(2)`, writing each datagram's length to
-/// `lens`. Returns how many were received; `Ok(0)` when none was waiting.
-pub fn recv_batch(sock: &UdpSocket, bufs: &mut [Vec<u8>], lens: &mut [usize]) -> io::Result<usize> {
-    let n = bufs.len().min(lens.len()).min(MAX_BATCH);
+/// `SOL_UDP` and `UDP_GRO` (linux/udp.h): not every libc release names
+/// them.
+const SOL_UDP: libc::c_int = 17;
+const UDP_GRO: libc::c_int = 104;
+
+/// Control bytes per received message: room for one `UDP_GRO` message
+/// (`CMSG_SPACE(sizeof(int))`, 24 bytes on 64-bit), 8-byte aligned.
+type Control = [u64; 4];
+
+/// Turns on `UDP_GRO` on `sock`: datagrams that arrive as one GSO run (a
+/// sender's `UDP_SEGMENT` send, kept whole on loopback) are then received
+/// as one buffer, split by [`recv_batch`]'s segment sizes.
+pub fn enable_gro(sock: &UdpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int for the call and its size is passed; the
+    // fd is owned by `sock`.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            SOL_UDP,
+            UDP_GRO,
+            (&on as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Receives up to `bufs.len()` (at most [`MAX_BATCH`]) buffers from `sock`
+/// with a non-blocking `recvmmsg(2)`, writing each one's length to `lens`
+/// and its GRO segment size to `segs` (0: one datagram; otherwise the
+/// buffer holds datagrams of that size, the last possibly shorter). Returns
+/// how many were received; `Ok(0)` when none was waiting.
+pub fn recv_batch(
+    sock: &UdpSocket,
+    bufs: &mut [Vec<u8>],
+    lens: &mut [usize],
+    segs: &mut [usize],
+) -> io::Result<usize> {
+    let n = bufs.len().min(lens.len()).min(segs.len()).min(MAX_BATCH);
     if n == 0 {
         return Ok(0);
     }
@@ -73,6 +113,7 @@ pub fn recv_batch(sock: &UdpSocket, bufs: &mut [Vec<u8>], lens: &mut [usize]) ->
         [const { MaybeUninit::uninit() }; MAX_BATCH];
     let mut hdrs: [MaybeUninit<libc::mmsghdr>; MAX_BATCH] =
         [const { MaybeUninit::uninit() }; MAX_BATCH];
+    let mut controls: [Control; MAX_BATCH] = [[0; 4]; MAX_BATCH];
     for (i, buf) in bufs[..n].iter_mut().enumerate() {
         iovs[i].write(libc::iovec {
             iov_base: buf.as_mut_ptr().cast::<libc::c_void>(),
@@ -84,13 +125,16 @@ pub fn recv_batch(sock: &UdpSocket, bufs: &mut [Vec<u8>], lens: &mut [usize]) ->
         let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
         h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
         h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_control = controls[i].as_mut_ptr().cast::<libc::c_void>();
+        h.msg_hdr.msg_controllen = std::mem::size_of::<Control>() as _;
         hdrs[i].write(h);
     }
-    // SAFETY: `hdrs[..n]` and `iovs[..n]` are initialised and outlive the
-    // call; every iovec points at a distinct, exclusively borrowed buffer of
-    // `iov_len` writable bytes. `msg_name` is null (the source address is not
-    // wanted) and the timeout pointer is null (MSG_DONTWAIT makes the call
-    // non-blocking).
+    // SAFETY: `hdrs[..n]`, `iovs[..n]` and `controls[..n]` are initialised
+    // and outlive the call; every iovec points at a distinct, exclusively
+    // borrowed buffer of `iov_len` writable bytes, and every control pointer
+    // at its own `Control` of `msg_controllen` bytes. `msg_name` is null (the
+    // source address is not wanted) and the timeout pointer is null
+    // (MSG_DONTWAIT makes the call non-blocking).
     let got = unsafe {
         libc::recvmmsg(
             sock.as_raw_fd(),
@@ -109,12 +153,39 @@ pub fn recv_batch(sock: &UdpSocket, bufs: &mut [Vec<u8>], lens: &mut [usize]) ->
         };
     }
     let got = got as usize;
-    for (i, len) in lens[..got].iter_mut().enumerate() {
+    for i in 0..got {
         // SAFETY: the kernel filled in the first `got` headers, and all `n`
         // were initialised before the call anyway.
-        *len = unsafe { hdrs[i].assume_init_ref() }.msg_len as usize;
+        let h = unsafe { hdrs[i].assume_init_ref() };
+        lens[i] = h.msg_len as usize;
+        segs[i] = gro_segment(&h.msg_hdr);
     }
     Ok(got)
+}
+
+/// The `UDP_GRO` segment size in a received header's control data, or 0.
+fn gro_segment(hdr: &libc::msghdr) -> usize {
+    if hdr.msg_controllen == 0 {
+        return 0;
+    }
+    // SAFETY: `hdr` was filled by `recvmmsg` over a control buffer that is
+    // still alive (the caller's `controls`), with `msg_controllen` set to the
+    // bytes the kernel wrote; CMSG_FIRSTHDR/CMSG_NXTHDR stay within it.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(hdr) };
+    while !c.is_null() {
+        // SAFETY: `c` is a non-null header inside the control data (above).
+        let cm = unsafe { &*c };
+        if cm.cmsg_level == SOL_UDP && cm.cmsg_type == UDP_GRO {
+            // SAFETY: a UDP_GRO message carries one int (the segment size)
+            // as its data; read unaligned, as the kernel packs it.
+            let size =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) };
+            return usize::try_from(size).unwrap_or(0);
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(hdr, c) };
+    }
+    0
 }
 
 /// Waits until at least one socket in `socks` is readable or `timeout` has
@@ -170,4 +241,54 @@ pub fn clock_ticks_per_second() -> u64 {
     // preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as u64 } else { 100 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ridge_io::{DatagramIo, MmsgIo, SocketOptions, Transmit};
+
+    /// A GSO run sent to a socket with `UDP_GRO` on comes back as one buffer
+    /// with its segment size; a lone datagram with none; and without GRO the
+    /// run arrives datagram by datagram.
+    #[test]
+    fn gro_runs_come_back_whole_with_their_segment_size() {
+        let gro = UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable_gro(&gro).unwrap();
+        let plain = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut tx =
+            MmsgIo::bind("127.0.0.1:0".parse().unwrap(), &SocketOptions::default()).unwrap();
+        assert!(tx.max_gso_segments() > 1, "this kernel sends UDP GSO");
+        let run: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let lone = [7u8; 60];
+        for to in [&gro, &plain] {
+            let dest = to.local_addr().unwrap();
+            let batch = [
+                Transmit {
+                    destination: dest,
+                    prefix: &[],
+                    contents: &run,
+                    segment_size: Some(100),
+                },
+                Transmit::new(dest, &lone),
+            ];
+            assert_eq!(tx.send(&batch).unwrap(), 2);
+        }
+
+        let mut bufs = vec![vec![0u8; 65_535]; 16];
+        let (mut lens, mut segs) = (vec![0; 16], vec![0; 16]);
+        let n = recv_batch(&gro, &mut bufs, &mut lens, &mut segs).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!((lens[0], segs[0]), (1000, 100));
+        assert_eq!(&bufs[0][..1000], &run[..]);
+        assert_eq!((lens[1], segs[1]), (60, 0));
+
+        let n = recv_batch(&plain, &mut bufs, &mut lens, &mut segs).unwrap();
+        assert_eq!(n, 11);
+        for (i, (&len, &seg)) in lens.iter().zip(&segs).take(10).enumerate() {
+            assert_eq!((len, seg), (100, 0));
+            assert_eq!(&bufs[i][..100], &run[i * 100..(i + 1) * 100]);
+        }
+        assert_eq!((lens[10], segs[10]), (60, 0));
+    }
 }

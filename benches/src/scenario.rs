@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::mmsg;
 use crate::naive::NaiveRelay;
 use crate::node::{NodeOptions, NodeProcess};
 #[cfg(test)]
@@ -131,6 +132,8 @@ pub struct Topology {
     pub subscribers: usize,
     pub rooms: usize,
     pub node: NodeOptions,
+    /// `UDP_GRO` on the subscriber sockets (`--gro-receivers`).
+    pub gro_receivers: bool,
 }
 
 /// `count` room names spread evenly over `shards` (shard of room `i` is
@@ -169,11 +172,16 @@ pub struct Target {
     shards: Option<usize>,
 }
 
-fn bind_receivers(n: usize) -> Result<(Vec<UdpSocket>, Vec<SocketAddr>)> {
+fn bind_receivers(n: usize, gro: bool) -> Result<(Vec<UdpSocket>, Vec<SocketAddr>)> {
     let socks = (0..n)
         .map(|_| traffic::bind_loopback())
         .collect::<std::io::Result<Vec<_>>>()
         .context("binding subscriber sockets")?;
+    if gro {
+        for s in &socks {
+            mmsg::enable_gro(s).context("turning UDP_GRO on for a subscriber socket")?;
+        }
+    }
     let addrs = socks
         .iter()
         .map(|s| s.local_addr())
@@ -202,7 +210,7 @@ impl Target {
         } else {
             topology.subscribers.max(rooms).div_ceil(rooms) * rooms
         };
-        let (receivers, addrs) = bind_receivers(subscribers)?;
+        let (receivers, addrs) = bind_receivers(subscribers, topology.gro_receivers)?;
         let send_sock = traffic::bind_loopback().context("binding the sender socket")?;
         let mut t = Target {
             name: name.to_string(),
@@ -591,6 +599,7 @@ mod tests {
                 gso: true,
                 placement: Placement::default(),
             },
+            gro_receivers: false,
         };
         let mut t = Target::setup(
             "test",

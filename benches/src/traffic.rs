@@ -16,6 +16,8 @@ use crate::stats;
 pub const SEND_BATCH: usize = 32;
 /// Datagrams per `recvmmsg` call.
 const RECV_BATCH: usize = 64;
+/// Receive buffer size: the largest UDP payload, so that a GRO run fits.
+const GRO_BUFFER: usize = 65_535;
 /// Socket buffer size asked for (the kernel caps it at `net.core.[rw]mem_max`).
 const SOCKET_BUFFER: usize = 8 << 20;
 
@@ -265,10 +267,11 @@ fn receive(
         per_socket: vec![0; socks.len()],
         ..RecvReport::default()
     };
-    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH)
-        .map(|_| vec![0u8; packet::MAX_SIZE])
-        .collect();
+    // Room for a whole GRO run (receivers started with `--gro-receivers`
+    // get up to 64 KiB per buffer); without GRO one datagram fills the start.
+    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; GRO_BUFFER]).collect();
     let mut lens = vec![0usize; RECV_BATCH];
+    let mut segs = vec![0usize; RECV_BATCH];
     let mut ready = vec![false; socks.len()];
     let cpu_before = stats::thread_cpu_seconds();
     while !stop.load(Ordering::Relaxed) {
@@ -280,26 +283,29 @@ fn receive(
                 continue;
             }
             loop {
-                let n = match mmsg::recv_batch(sock, &mut bufs, &mut lens) {
+                let n = match mmsg::recv_batch(sock, &mut bufs, &mut lens, &mut segs) {
                     Ok(n) => n,
                     // An ICMP error queued on the socket: read on.
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                     Err(e) => return Err(e),
                 };
                 let now = now_ns(base);
-                for (buf, &len) in bufs.iter().zip(&lens).take(n) {
-                    match packet::parse(&buf[..len]) {
-                        Some(s) if s.run == run => {
-                            report.per_socket[i] += 1;
-                            let latency = now.saturating_sub(s.sent_ns);
-                            if s.seq.is_multiple_of(stride) {
-                                report.latencies_ns.push(latency);
+                for ((buf, &len), &seg) in bufs.iter().zip(&lens).zip(&segs).take(n) {
+                    let seg = if seg == 0 { len.max(1) } else { seg };
+                    for datagram in buf[..len].chunks(seg) {
+                        match packet::parse(datagram) {
+                            Some(s) if s.run == run => {
+                                report.per_socket[i] += 1;
+                                let latency = now.saturating_sub(s.sent_ns);
+                                if s.seq.is_multiple_of(stride) {
+                                    report.latencies_ns.push(latency);
+                                }
+                                if record {
+                                    report.arrivals.push((s.seq, latency));
+                                }
                             }
-                            if record {
-                                report.arrivals.push((s.seq, latency));
-                            }
+                            _ => report.foreign += 1,
                         }
-                        _ => report.foreign += 1,
                     }
                 }
                 if n < RECV_BATCH {
