@@ -283,26 +283,17 @@ impl Call {
         self.frame += 1;
         let client = &mut self.clients[PUB];
         if self.send_video {
-            let pt = client.pt(Codec::Vp8);
             for (i, l) in LAYERS.iter().enumerate() {
-                let key = is_key(i, frame);
-                let mut tag = vec![i as u8];
-                tag.extend_from_slice(&frame.to_be_bytes());
-                let payload = vp8_payload(key, l.dims.0, l.dims.1, &tag, l.size);
-                let mut api = client.rtc.direct_api();
-                let tx = api
-                    .stream_tx_by_mid(self.video_mid, Some(Rid::from(l.rid)))
-                    .expect("a send stream per rid");
-                tx.write_rtp(
-                    RtpWrite::new(
-                        pt,
-                        SeqNo::from(l.seq0 + u64::from(frame)),
-                        l.ts0.wrapping_add(3000 * frame),
-                        now,
-                        payload,
-                    )
-                    .marker(true)
-                    .nackable(true),
+                let ts = l.ts0.wrapping_add(3000 * frame);
+                write_video(
+                    client,
+                    self.video_mid,
+                    now,
+                    i,
+                    frame,
+                    ts,
+                    is_key(i, frame),
+                    true,
                 );
                 self.written.push(Written {
                     at: now,
@@ -409,6 +400,36 @@ impl Call {
             })
             .collect()
     }
+}
+
+/// The publisher writes one packet of simulcast layer `layer`: sequence
+/// number `seq0 + frame`, payload tagged with the layer and `frame` (what
+/// `Call::received_video` reads back).
+#[allow(clippy::too_many_arguments)]
+fn write_video(
+    client: &mut Client,
+    mid: Mid,
+    now: Instant,
+    layer: usize,
+    frame: u32,
+    ts: u32,
+    key: bool,
+    marker: bool,
+) {
+    let l = &LAYERS[layer];
+    let pt = client.pt(Codec::Vp8);
+    let mut tag = vec![layer as u8];
+    tag.extend_from_slice(&frame.to_be_bytes());
+    let payload = vp8_payload(key, l.dims.0, l.dims.1, &tag, l.size);
+    let mut api = client.rtc.direct_api();
+    let tx = api
+        .stream_tx_by_mid(mid, Some(Rid::from(l.rid)))
+        .expect("a send stream per rid");
+    tx.write_rtp(
+        RtpWrite::new(pt, SeqNo::from(l.seq0 + u64::from(frame)), ts, now, payload)
+            .marker(marker)
+            .nackable(true),
+    );
 }
 
 /// Sequence numbers continue one by one, timestamps only grow, one SSRC.
@@ -720,30 +741,22 @@ fn paced_sends_are_not_one_per_timer_tick() {
     let l = &LAYERS[F];
     for m in 0..MILLIS {
         let now = call.node.now;
-        let client = &mut call.clients[PUB];
-        let pt = client.pt(Codec::Vp8);
+        let ts = l.ts0.wrapping_add(90 * (first + m));
         for i in 0..PER_MS {
             let frame = first + m * PER_MS + i;
-            let mut tag = vec![F as u8];
-            tag.extend_from_slice(&frame.to_be_bytes());
-            let payload = vp8_payload(false, l.dims.0, l.dims.1, &tag, l.size);
-            let mut api = client.rtc.direct_api();
-            let tx = api
-                .stream_tx_by_mid(call.video_mid, Some(Rid::from(l.rid)))
-                .expect("a send stream per rid");
-            tx.write_rtp(
-                RtpWrite::new(
-                    pt,
-                    SeqNo::from(l.seq0 + u64::from(frame)),
-                    l.ts0.wrapping_add(90 * (first + m)),
-                    now,
-                    payload,
-                )
-                .marker(i + 1 == PER_MS)
-                .nackable(true),
+            let client = &mut call.clients[PUB];
+            write_video(
+                client,
+                call.video_mid,
+                now,
+                F,
+                frame,
+                ts,
+                false,
+                i + 1 == PER_MS,
             );
         }
-        client.next_timeout = now;
+        call.clients[PUB].next_timeout = now;
         call.step();
     }
     call.frame += MILLIS * PER_MS;
