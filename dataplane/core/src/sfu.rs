@@ -30,9 +30,12 @@ mod links;
 /// How often layer selection, speaker detection and demand updates run.
 const TICK: Duration = Duration::from_millis(250);
 /// A str0m timeout due this close to `now` is handled while draining (see
-/// `Io::drain`): str0m's pacer asks for its next turn 1 µs after its
-/// last.
-const IMMEDIATE_TIMEOUT: Duration = Duration::from_micros(10);
+/// `Io::drain`): str0m's pacer asks for its next turn 1 µs after its last,
+/// and each turn handled at its own instant moves str0m's clock on by that
+/// microsecond, so this must cover [`IMMEDIATE_ROUNDS`] of them. A timer due
+/// a little later fires early by at most this much, against up to a
+/// millisecond late on the shard's timer.
+const IMMEDIATE_TIMEOUT: Duration = Duration::from_micros(100);
 /// At most this many such timeouts per drain, so that a session whose
 /// timer keeps falling due cannot hold the shard.
 const IMMEDIATE_ROUNDS: u32 = 64;
