@@ -687,7 +687,8 @@ fn group_by_destination(window: &mut [Transmit], keys: &mut [(u64, u16); SEND_WI
 /// subscribers. Larger windows use a [`SEND_WINDOW`] array. Each array is
 /// built whole on every flush (about 70 bytes per entry), so sizing it to
 /// the window keeps a relay's flush from writing ~140 KiB of stack for 32
-/// datagrams (measured in docs/benchmarks.md).
+/// datagrams (it removes work; no gain was measurable above the 2-core
+/// VM's noise, see docs/benchmarks.md).
 const SMALL_WINDOW: usize = 64;
 
 /// Hands the first `window` pending transmits to the socket as one batch
