@@ -459,14 +459,27 @@ fn vp8_tag(payload: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes([t[0], t[1], t[2], t[3]]))
 }
 
-fn setup_chain(trusted: bool) -> (Net, SocketAddr, SocketAddr) {
-    let mut net = Net::new(&["a", "b", "c", "d"]);
+/// A publisher client on A (SSRC `ssrc`) and a subscriber client on C for
+/// `kind`, the A → B → C → … route of [`chain`], then 1.5 s to settle:
+/// (publisher, subscriber).
+fn settle_chain(
+    net: &mut Net,
+    ssrc: u32,
+    kind: TrackKind,
+    trusted: bool,
+) -> (SocketAddr, SocketAddr) {
     let pub_client = remote(1, 4000);
     let sub_client = remote(2, 4002);
-    publisher(&mut net, "a", pub_client, 0xaaaa, TrackKind::Video);
-    subscriber(&mut net, "c", sub_client, TrackKind::Video);
-    chain(&mut net, trusted);
+    publisher(net, "a", pub_client, ssrc, kind);
+    subscriber(net, "c", sub_client, kind);
+    chain(net, trusted);
     net.advance(Duration::from_millis(1500));
+    (pub_client, sub_client)
+}
+
+fn setup_chain(trusted: bool) -> (Net, SocketAddr, SocketAddr) {
+    let mut net = Net::new(&["a", "b", "c", "d"]);
+    let (pub_client, sub_client) = settle_chain(&mut net, 0xaaaa, TrackKind::Video, trusted);
     (net, pub_client, sub_client)
 }
 
@@ -914,12 +927,7 @@ fn lossy_chain_with(
 ) -> (Net, HashMap<u32, Instant>, Vec<Instant>) {
     let mut net = Net::with_config(&["a", "b", "c", "d"], |c| c.mesh_fec_group = fec_group);
     net.fec = fec;
-    let pub_client = remote(1, 4000);
-    let sub_client = remote(2, 4002);
-    publisher(&mut net, "a", pub_client, 0xaaaa, TrackKind::Video);
-    subscriber(&mut net, "c", sub_client, TrackKind::Video);
-    chain(&mut net, true);
-    net.advance(Duration::from_millis(1500));
+    let (pub_client, sub_client) = settle_chain(&mut net, 0xaaaa, TrackKind::Video, true);
     net.loss_permille = permille;
     let sent = stream(&mut net, pub_client, "a", 0xaaaa, n, pps);
     net.loss_permille = 0;
@@ -1128,12 +1136,7 @@ fn red_repairs_lost_audio_with_the_next_packet() {
     for fec in [false, true] {
         let mut net = Net::new(&["a", "b", "c"]);
         net.fec = fec;
-        let pub_client = remote(1, 4000);
-        let sub_client = remote(2, 4002);
-        publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
-        subscriber(&mut net, "c", sub_client, TrackKind::Audio);
-        chain(&mut net, false);
-        net.advance(Duration::from_millis(1500));
+        let (pub_client, sub_client) = settle_chain(&mut net, 0xbbbb, TrackKind::Audio, false);
         net.loss_permille = 100;
         let n = 1000;
         stream_audio(&mut net, pub_client, n);
@@ -1170,12 +1173,7 @@ fn red_repairs_lost_audio_with_the_next_packet() {
 fn audio_chain(red_depth: Option<usize>) -> (Net, SocketAddr, SocketAddr) {
     let mut net = Net::with_config(&["a", "b", "c"], |c| c.mesh_red_depth = red_depth);
     net.fec = true;
-    let pub_client = remote(1, 4000);
-    let sub_client = remote(2, 4002);
-    publisher(&mut net, "a", pub_client, 0xbbbb, TrackKind::Audio);
-    subscriber(&mut net, "c", sub_client, TrackKind::Audio);
-    chain(&mut net, false);
-    net.advance(Duration::from_millis(1500));
+    let (pub_client, sub_client) = settle_chain(&mut net, 0xbbbb, TrackKind::Audio, false);
     (net, pub_client, sub_client)
 }
 
