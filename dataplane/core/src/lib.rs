@@ -65,11 +65,12 @@ pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::Sfu;
 pub use srtp::{
-    SRTCP_TRAILER_LEN, SRTP_AUTH_TAG_LEN, SRTP_MAX_PACKET_LEN, SrtpContext, SrtpError, SrtpProfile,
-    Unprotected, mesh_master_key,
+    SIPHASH_KEY_LEN, SRTCP_TRAILER_LEN, SRTP_AUTH_TAG_LEN, SRTP_MAX_PACKET_LEN, SrtpContext,
+    SrtpError, SrtpProfile, Unprotected, mesh_master_key, siphash_tag,
 };
 pub use types::{
-    Counters, DropReason, LayerSnapshot, MeshControl, OfferIntent, Output, PeerSnapshot, PlainFlow,
-    PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection, RtpEndpointInfo, RtpEndpointSpec,
-    SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind, Transmit,
+    Counters, DropReason, LayerSnapshot, MeshControl, MeshFlow, MeshFlowProgress, OfferIntent,
+    Output, PeerSnapshot, PlainFlow, PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection,
+    RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind,
+    Transmit,
 };

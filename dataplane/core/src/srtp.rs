@@ -1,11 +1,19 @@
 //! SRTP and SRTCP (RFC 3711) for node-to-node mesh links.
 //!
-//! Two profiles:
+//! Three profiles:
 //!
 //! * [`SrtpProfile::NullHmacSha1_80`]: the RFC 3711 NULL cipher with an
 //!   HMAC-SHA1 80-bit tag. Payloads stay readable, packets are authenticated
-//!   and replay-protected. Used on trusted links, where encryption would only
-//!   cost CPU; unprotecting copies nothing.
+//!   and replay-protected; unprotecting copies nothing.
+//! * [`SrtpProfile::NullSipHash24_80`]: the NULL cipher with an 80-bit
+//!   SipHash-2-4 tag on SRTP (SRTCP keeps HMAC-SHA1-80). Used on trusted
+//!   links: the node's XDP program can check and re-sign it, so a transit
+//!   node can forward a link's media in the kernel (docs/mesh.md, "Kernel
+//!   forwarding of transit"). The tag is the first 10 bytes of
+//!   SipHash-2-4-128 (session auth key's first 16 bytes) over
+//!   `ROC (4 bytes, big-endian) || 0 0 0 0 || packet`: the rollover counter
+//!   comes first, in a word of its own, so the kernel hashes the packet in
+//!   aligned words.
 //! * [`SrtpProfile::Aes128CmHmacSha1_80`]: `AES_CM_128_HMAC_SHA1_80`, the
 //!   standard profile. Used on untrusted links.
 //!
@@ -49,6 +57,9 @@ use ctr::flavors::Ctr128BE;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
+use std::hash::Hasher;
+
+use siphasher::sip128::{Hasher128, SipHasher24};
 
 /// Length of the authentication tag appended to every SRTP and SRTCP packet.
 pub const SRTP_AUTH_TAG_LEN: usize = 10;
@@ -90,6 +101,9 @@ const RTCP_LABELS: [u8; 3] = [0x03, 0x04, 0x05];
 pub enum SrtpProfile {
     /// NULL cipher, HMAC-SHA1 80-bit tag: authenticated, not encrypted.
     NullHmacSha1_80,
+    /// NULL cipher; SRTP tagged with 80 bits of SipHash-2-4-128, SRTCP with
+    /// HMAC-SHA1-80. Authenticated, not encrypted; checkable in XDP.
+    NullSipHash24_80,
     /// `AES_CM_128_HMAC_SHA1_80`: AES-128 counter mode, HMAC-SHA1 80-bit tag.
     Aes128CmHmacSha1_80,
 }
@@ -98,6 +112,11 @@ impl SrtpProfile {
     /// Whether payloads are encrypted (and SRTCP's E flag is set).
     pub fn encrypts(self) -> bool {
         matches!(self, SrtpProfile::Aes128CmHmacSha1_80)
+    }
+
+    /// Whether SRTP packets carry a SipHash tag (the kernel can check them).
+    pub fn siphash(self) -> bool {
+        matches!(self, SrtpProfile::NullSipHash24_80)
     }
 }
 
@@ -235,13 +254,39 @@ fn packet_iv(salt: &[u8; SALT_LEN], ssrc: u32, index: u64) -> [u8; 16] {
     iv
 }
 
+/// Length of a SipHash-2-4 key.
+pub const SIPHASH_KEY_LEN: usize = 16;
+
+/// How a session's packets are authenticated.
+enum Auth {
+    /// HMAC-SHA1 keyed with the session authentication key; cloned per
+    /// packet. The tag covers `packet || ROC`.
+    HmacSha1(Hmac<Sha1>),
+    /// SipHash-2-4-128 keyed with the first 16 bytes of the session
+    /// authentication key. The tag covers `ROC || 0 0 0 0 || packet`.
+    SipHash([u8; SIPHASH_KEY_LEN]),
+}
+
 /// The session keys of one of SRTP or SRTCP.
 struct SessionKeys {
     /// Encryption key schedule; `None` for the NULL cipher.
     cipher: Option<Aes128>,
     salt: [u8; SALT_LEN],
-    /// HMAC-SHA1 keyed with the session authentication key; cloned per packet.
-    auth: Hmac<Sha1>,
+    auth: Auth,
+}
+
+/// The SipHash tag of an SRTP packet (see the module docs): the first 10
+/// bytes of SipHash-2-4-128 over `ROC || 0 0 0 0 || body`.
+pub fn siphash_tag(key: &[u8; SIPHASH_KEY_LEN], roc: u32, body: &[u8]) -> [u8; SRTP_AUTH_TAG_LEN] {
+    let mut h = SipHasher24::new_with_key(key);
+    let mut head = [0u8; 8];
+    copy_prefix(&mut head, &roc.to_be_bytes());
+    h.write(&head);
+    h.write(body);
+    let full = h.finish128().as_bytes();
+    let mut tag = [0u8; SRTP_AUTH_TAG_LEN];
+    copy_prefix(&mut tag, &full);
+    tag
 }
 
 impl SessionKeys {
@@ -250,6 +295,7 @@ impl SessionKeys {
         master_salt: &[u8; SALT_LEN],
         [enc_label, auth_label, salt_label]: [u8; 3],
         encrypt: bool,
+        siphash: bool,
     ) -> Self {
         // The 20-byte auth key, zero-padded to the HMAC block as RFC 2104 does.
         let mut auth_key = [0u8; HMAC_BLOCK_LEN];
@@ -266,34 +312,50 @@ impl SessionKeys {
             prf(master, master_salt, enc_label, &mut key);
             Aes128::new(&key.into())
         });
-        SessionKeys {
-            cipher,
-            salt,
-            auth: <Hmac<Sha1> as Mac>::new(&auth_key.into()),
+        let auth = if siphash {
+            let mut key = [0u8; SIPHASH_KEY_LEN];
+            copy_prefix(&mut key, &auth_key);
+            Auth::SipHash(key)
+        } else {
+            Auth::HmacSha1(<Hmac<Sha1> as Mac>::new(&auth_key.into()))
+        };
+        SessionKeys { cipher, salt, auth }
+    }
+
+    /// The 80-bit tag over `data` under rollover counter `roc` (SRTP), or
+    /// over `data` alone (SRTCP: `roc` is `None`; HMAC only).
+    fn tag(&self, data: &[u8], roc: Option<u32>) -> [u8; SRTP_AUTH_TAG_LEN] {
+        match &self.auth {
+            Auth::HmacSha1(key) => {
+                let mut mac = key.clone();
+                mac.update(data);
+                if let Some(roc) = roc {
+                    mac.update(&roc.to_be_bytes());
+                }
+                let full = mac.finalize().into_bytes();
+                let mut tag = [0u8; SRTP_AUTH_TAG_LEN];
+                copy_prefix(&mut tag, &full);
+                tag
+            }
+            Auth::SipHash(key) => siphash_tag(key, roc.unwrap_or(0), data),
         }
     }
 
-    /// The keyed HMAC over `data || suffix`.
-    fn mac(&self, data: &[u8], suffix: &[u8]) -> Hmac<Sha1> {
-        let mut mac = self.auth.clone();
-        mac.update(data);
-        mac.update(suffix);
-        mac
-    }
-
-    /// The 80-bit tag over `data || suffix`.
-    fn tag(&self, data: &[u8], suffix: &[u8]) -> [u8; SRTP_AUTH_TAG_LEN] {
-        let full = self.mac(data, suffix).finalize().into_bytes();
-        let mut tag = [0u8; SRTP_AUTH_TAG_LEN];
-        copy_prefix(&mut tag, &full);
-        tag
-    }
-
-    /// Checks `tag` against `data || suffix` in constant time.
-    fn verify(&self, data: &[u8], suffix: &[u8], tag: &[u8]) -> Result<(), SrtpError> {
-        self.mac(data, suffix)
-            .verify_truncated_left(tag)
-            .map_err(|_| SrtpError::BadTag)
+    /// Checks `tag` against [`SessionKeys::tag`] in constant time.
+    fn verify(&self, data: &[u8], roc: Option<u32>, tag: &[u8]) -> Result<(), SrtpError> {
+        let want = self.tag(data, roc);
+        // Constant time: fold every byte's difference.
+        let diff = want
+            .iter()
+            .zip(tag)
+            .fold(u8::from(tag.len() != want.len()), |acc, (a, b)| {
+                acc | (a ^ b)
+            });
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(SrtpError::BadTag)
+        }
     }
 }
 
@@ -448,8 +510,8 @@ impl SrtpContext {
         let encrypt = profile.encrypts();
         SrtpContext {
             profile,
-            rtp: SessionKeys::derive(&master, master_salt, RTP_LABELS, encrypt),
-            rtcp: SessionKeys::derive(&master, master_salt, RTCP_LABELS, encrypt),
+            rtp: SessionKeys::derive(&master, master_salt, RTP_LABELS, encrypt, profile.siphash()),
+            rtcp: SessionKeys::derive(&master, master_salt, RTCP_LABELS, encrypt, false),
             sent: HashMap::new(),
             received: HashMap::new(),
             rtcp_next: 0,
@@ -460,6 +522,64 @@ impl SrtpContext {
     /// The context's profile.
     pub fn profile(&self) -> SrtpProfile {
         self.profile
+    }
+
+    /// The SRTP SipHash key of a [`SrtpProfile::NullSipHash24_80`] context
+    /// (what the kernel needs to check or sign this direction's packets);
+    /// `None` for the other profiles.
+    pub fn rtp_siphash_key(&self) -> Option<[u8; SIPHASH_KEY_LEN]> {
+        match &self.rtp.auth {
+            Auth::SipHash(key) => Some(*key),
+            Auth::HmacSha1(_) => None,
+        }
+    }
+
+    /// The highest SRTP index received on `ssrc` (receiving context).
+    pub fn highest_received(&self, ssrc: u32) -> Option<u64> {
+        self.received.get(&ssrc).map(|w| w.highest)
+    }
+
+    /// The highest SRTP index protected on `ssrc` (sending context).
+    pub fn highest_sent(&self, ssrc: u32) -> Option<u64> {
+        self.sent.get(&ssrc).copied()
+    }
+
+    /// Moves the receive window of `ssrc` on to `index` when it is ahead:
+    /// someone else (the kernel) accepted the packets up to it, so later
+    /// sequence numbers are placed after it. The indices skipped are not
+    /// marked received. Nothing happens for an index at or behind the
+    /// window, or above the 48-bit index space.
+    pub fn advance_received(&mut self, ssrc: u32, index: u64) {
+        if index > MAX_INDEX {
+            return;
+        }
+        match self.received.get_mut(&ssrc) {
+            Some(window) if index > window.highest => {
+                let ahead = index - window.highest;
+                window.seen = if ahead >= REPLAY_WINDOW {
+                    0
+                } else {
+                    window.seen << ahead
+                };
+                window.highest = index;
+            }
+            Some(_) => {}
+            None => {
+                let mut window = ReplayWindow::new(index);
+                window.seen = 0;
+                self.received.insert(ssrc, window);
+            }
+        }
+    }
+
+    /// Moves the send index of `ssrc` on to `index` when it is ahead
+    /// (someone else, the kernel, sent under this key up to it).
+    pub fn advance_sent(&mut self, ssrc: u32, index: u64) {
+        if index > MAX_INDEX {
+            return;
+        }
+        let highest = self.sent.entry(ssrc).or_insert(index);
+        *highest = (*highest).max(index);
     }
 
     /// Drops the send and receive state of `ssrc` (its stream ended). A later
@@ -494,8 +614,7 @@ impl SrtpContext {
             let payload = packet.get_mut(header_len..).ok_or(SrtpError::TooShort)?;
             apply_keystream(cipher, packet_iv(&self.rtp.salt, ssrc, index), payload)?;
         }
-        let roc = ((index >> 16) as u32).to_be_bytes();
-        let tag = self.rtp.tag(packet, &roc);
+        let tag = self.rtp.tag(packet, Some((index >> 16) as u32));
         packet.extend_from_slice(&tag);
         match self.sent.get_mut(&ssrc) {
             Some(highest) => *highest = (*highest).max(index),
@@ -534,9 +653,8 @@ impl SrtpContext {
             Some(window) => estimate_index(window.highest, sequence)?,
             None => u64::from(sequence),
         };
-        let roc = ((index >> 16) as u32).to_be_bytes();
         // Authenticate first: a forged packet is BadTag whatever it claims.
-        self.rtp.verify(body, &roc, tag)?;
+        self.rtp.verify(body, Some((index >> 16) as u32), tag)?;
         let header_len = rtp_header_len(body)?;
         if let Some(window) = window {
             window.check(index)?;
@@ -605,7 +723,7 @@ impl SrtpContext {
             word |= SRTCP_E_FLAG;
         }
         packet.extend_from_slice(&word.to_be_bytes());
-        let tag = self.rtcp.tag(packet, &[]);
+        let tag = self.rtcp.tag(packet, None);
         packet.extend_from_slice(&tag);
         self.rtcp_next = index + 1;
         Ok(())
@@ -631,7 +749,7 @@ impl SrtpContext {
         let (authenticated, tag) = packet
             .split_at_checked(body_len + 4)
             .ok_or(SrtpError::TooShort)?;
-        self.rtcp.verify(authenticated, &[], tag)?;
+        self.rtcp.verify(authenticated, None, tag)?;
         let (body, word) = authenticated
             .split_last_chunk::<4>()
             .ok_or(SrtpError::TooShort)?;
@@ -677,8 +795,9 @@ mod tests {
 
     use super::*;
 
-    const PROFILES: [SrtpProfile; 2] = [
+    const PROFILES: [SrtpProfile; 3] = [
         SrtpProfile::NullHmacSha1_80,
+        SrtpProfile::NullSipHash24_80,
         SrtpProfile::Aes128CmHmacSha1_80,
     ];
 
@@ -814,12 +933,20 @@ mod tests {
         assert_eq!(ctx.rtp.salt, cipher_salt);
         let mut expected_mac = <Hmac<Sha1> as Mac>::new_from_slice(&auth_key[..20]).unwrap();
         expected_mac.update(b"x");
-        let mut mac = ctx.rtp.auth.clone();
+        let Auth::HmacSha1(auth) = &ctx.rtp.auth else {
+            panic!("an HMAC profile keys HMAC-SHA1");
+        };
+        let mut mac = auth.clone();
         mac.update(b"x");
         assert_eq!(
             mac.finalize().into_bytes(),
             expected_mac.finalize().into_bytes()
         );
+        // The SipHash profile keys SipHash with the first 16 bytes of the
+        // same session auth key.
+        let sip = SrtpContext::new(SrtpProfile::NullSipHash24_80, &key, &salt);
+        assert_eq!(sip.rtp_siphash_key().unwrap()[..], auth_key[..16]);
+        assert_eq!(ctx.rtp_siphash_key(), None);
     }
 
     /// libsrtp's srtp_driver known-answer packets for AES_CM_128_HMAC_SHA1_80
@@ -908,7 +1035,9 @@ mod tests {
                 assert_eq!(p[..header_len], plain[..header_len], "seq {seq}");
                 let payload = &p[header_len..plain.len()];
                 match profile {
-                    SrtpProfile::NullHmacSha1_80 => assert_eq!(payload, &plain[header_len..]),
+                    SrtpProfile::NullHmacSha1_80 | SrtpProfile::NullSipHash24_80 => {
+                        assert_eq!(payload, &plain[header_len..])
+                    }
                     SrtpProfile::Aes128CmHmacSha1_80 => {
                         if !payload.is_empty() {
                             assert_ne!(payload, &plain[header_len..]);
@@ -918,7 +1047,7 @@ mod tests {
                 let mut scratch = Vec::with_capacity(1500);
                 let r = rx.unprotect_rtp(&p, &mut scratch).unwrap();
                 match profile {
-                    SrtpProfile::NullHmacSha1_80 => {
+                    SrtpProfile::NullHmacSha1_80 | SrtpProfile::NullSipHash24_80 => {
                         assert_eq!(r, Unprotected::InPlace(plain.len()));
                         assert_eq!(p[..plain.len()], plain[..]);
                     }
@@ -944,7 +1073,7 @@ mod tests {
                 assert_eq!(p[..8], plain[..8]);
                 let word = u32::from_be_bytes(p[plain.len()..plain.len() + 4].try_into().unwrap());
                 match profile {
-                    SrtpProfile::NullHmacSha1_80 => {
+                    SrtpProfile::NullHmacSha1_80 | SrtpProfile::NullSipHash24_80 => {
                         assert_eq!(word, i, "E = 0, index counts from 0");
                         assert_eq!(p[8..plain.len()], plain[8..]);
                     }
@@ -956,7 +1085,9 @@ mod tests {
                 let mut scratch = Vec::new();
                 let r = rx.unprotect_rtcp(&p, &mut scratch).unwrap();
                 let expected = match profile {
-                    SrtpProfile::NullHmacSha1_80 => Unprotected::InPlace(plain.len()),
+                    SrtpProfile::NullHmacSha1_80 | SrtpProfile::NullSipHash24_80 => {
+                        Unprotected::InPlace(plain.len())
+                    }
                     SrtpProfile::Aes128CmHmacSha1_80 => Unprotected::Decrypted,
                 };
                 assert_eq!(r, expected);
@@ -1267,12 +1398,12 @@ mod tests {
                 (first_byte(rtp(1, 1, b"v1"), 0x40), SrtpError::BadVersion),
             ] {
                 let mut p = packet;
-                p.extend_from_slice(&tx.rtp.tag(&p, &[0; 4]));
+                p.extend_from_slice(&tx.rtp.tag(&p, Some(0)));
                 assert_eq!(rx.unprotect_rtp(&p, &mut scratch), Err(err));
                 let mut p = first_byte(rtcp(1, b"x"), 0x40);
                 let e_flag = if profile.encrypts() { SRTCP_E_FLAG } else { 0 };
                 p.extend_from_slice(&e_flag.to_be_bytes());
-                p.extend_from_slice(&tx.rtcp.tag(&p, &[]));
+                p.extend_from_slice(&tx.rtcp.tag(&p, None));
                 assert_eq!(
                     rx.unprotect_rtcp(&p, &mut scratch),
                     Err(SrtpError::BadVersion)
@@ -1396,5 +1527,70 @@ mod tests {
         tx.forget_ssrc(8);
         assert_eq!(open_rtp(&mut rx, &p).unwrap(), rtp(8, 5, b"a"));
         assert!(format!("{rx:?}").contains("NullHmacSha1_80"));
+    }
+
+    /// The SipHash profile's tag is exactly the documented construction
+    /// (what the XDP program computes): checked against SipHash-2-4-128's
+    /// reference vector first, then against the packet layout.
+    #[test]
+    fn siphash_tag_is_the_documented_construction() {
+        // Reference vector (SipHash-2-4-128, key 00..0f, empty message).
+        let key: [u8; 16] = std::array::from_fn(|i| i as u8);
+        let h = SipHasher24::new_with_key(&key).finish128().as_bytes();
+        assert_eq!(h, array::<16>("a3817f04ba25a8e66df67214c7550293"));
+
+        let (mk, ms) = mesh_master_key(&[9; 32], "a", "b");
+        let mut tx = SrtpContext::new(SrtpProfile::NullSipHash24_80, &mk, &ms);
+        let key = tx.rtp_siphash_key().unwrap();
+        // ROC 0, then ROC 1 after a wrap.
+        for (seq, roc) in [(65_535u16, 0u32), (2, 1)] {
+            let plain = rtp(3, seq, b"siphash payload");
+            let p = protected_rtp(&mut tx, &plain);
+            let mut msg = roc.to_be_bytes().to_vec();
+            msg.extend_from_slice(&[0; 4]);
+            msg.extend_from_slice(&plain);
+            let full = SipHasher24::new_with_key(&key).hash(&msg).as_bytes();
+            assert_eq!(&p[plain.len()..], &full[..10], "seq {seq}");
+            assert_eq!(siphash_tag(&key, roc, &plain)[..], full[..10]);
+        }
+        // SRTCP keeps HMAC-SHA1: an HMAC context with the same keys opens it.
+        let mut hmac_rx = SrtpContext::new(SrtpProfile::NullHmacSha1_80, &mk, &ms);
+        let mut c = rtcp(3, b"report");
+        tx.protect_rtcp(&mut c).unwrap();
+        assert_eq!(open_rtcp(&mut hmac_rx, &c).unwrap(), rtcp(3, b"report"));
+        // But its SRTP does not open an HMAC receiver.
+        let p = protected_rtp(&mut tx, &rtp(3, 3, b"x"));
+        assert_eq!(open_rtp(&mut hmac_rx, &p), Err(SrtpError::BadTag));
+    }
+
+    /// Indices the kernel accepted or sent move a context on, so it places
+    /// later sequence numbers (across wraps) where the kernel did.
+    #[test]
+    fn advancing_catches_a_context_up_with_the_kernel() {
+        let (mut tx, mut rx) = pair(SrtpProfile::NullSipHash24_80);
+        let p = protected_rtp(&mut tx, &rtp(5, 100, b"first"));
+        open_rtp(&mut rx, &p).unwrap();
+        // The kernel forwarded 3 wraps' worth meanwhile, signing as it went.
+        let far = (3u64 << 16) | 40_000;
+        let key = tx.rtp_siphash_key().unwrap();
+        let mut p = rtp(5, 40_001, b"after");
+        p.extend_from_slice(&siphash_tag(&key, 3, &p.clone()));
+        assert_eq!(open_rtp(&mut rx, &p), Err(SrtpError::BadTag));
+        rx.advance_received(5, far);
+        assert_eq!(rx.highest_received(5), Some(far));
+        assert_eq!(open_rtp(&mut rx, &p).unwrap(), rtp(5, 40_001, b"after"));
+        // Behind the window: no change.
+        rx.advance_received(5, 7);
+        assert_eq!(rx.highest_received(5), Some(far + 1));
+        // The sender places its next packet at ROC 3 too.
+        tx.advance_sent(5, far);
+        assert_eq!(tx.highest_sent(5), Some(far));
+        let p = protected_rtp(&mut tx, &rtp(5, 40_002, b"next"));
+        assert_eq!(open_rtp(&mut rx, &p).unwrap(), rtp(5, 40_002, b"next"));
+        tx.advance_sent(5, 1);
+        assert_eq!(tx.highest_sent(5), Some(far + 2));
+        // Never past the 48-bit index space.
+        tx.advance_sent(5, MAX_INDEX + 1);
+        assert_eq!(tx.highest_sent(5), Some(far + 2));
     }
 }
