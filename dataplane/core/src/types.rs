@@ -166,6 +166,70 @@ pub struct PlainFlowDestination {
     pub ts_offset: u32,
 }
 
+/// A mesh transit stream the core forwards from one link to exactly one
+/// other unchanged but for the link SSRC and the SRTP tag (both links
+/// trusted, with SipHash tags, and without FEC; no local subscriber), so a
+/// kernel fast path may verify, re-sign and forward it instead (see
+/// [`crate::Sfu::mesh_flows`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MeshFlow {
+    pub track: TrackId,
+    /// The upstream socket the stream comes from.
+    pub source: SocketAddr,
+    /// The shard address it is sent to.
+    pub local: SocketAddr,
+    /// The upstream link's SSRC of the stream.
+    pub ssrc: u32,
+    /// The SipHash key the upstream signs with.
+    pub in_key: [u8; crate::SIPHASH_KEY_LEN],
+    /// Highest SRTP index received on it so far.
+    pub in_highest: Option<u64>,
+    /// The downstream socket it goes to.
+    pub dest: SocketAddr,
+    /// The downstream link's SSRC of the stream.
+    pub out_ssrc: u32,
+    /// The SipHash key to sign with towards `dest`.
+    pub out_key: [u8; crate::SIPHASH_KEY_LEN],
+    /// Highest SRTP index sent on `out_ssrc` so far.
+    pub out_highest: Option<u64>,
+}
+
+impl std::fmt::Debug for MeshFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.debug_struct("MeshFlow")
+            .field("track", &self.track)
+            .field("source", &self.source)
+            .field("local", &self.local)
+            .field("ssrc", &self.ssrc)
+            .field("in_highest", &self.in_highest)
+            .field("dest", &self.dest)
+            .field("out_ssrc", &self.out_ssrc)
+            .field("out_highest", &self.out_highest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a kernel fast path stands with one [`MeshFlow`] (see
+/// [`crate::Sfu::set_kernel_mesh_forwarded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshFlowProgress {
+    /// The flow's upstream socket and link SSRC.
+    pub source: SocketAddr,
+    pub ssrc: u32,
+    /// The flow's downstream link SSRC.
+    pub out_ssrc: u32,
+    /// Highest SRTP index the kernel accepted from upstream / sent
+    /// downstream.
+    pub in_highest: Option<u64>,
+    pub out_highest: Option<u64>,
+    /// Packets the kernel forwarded of it so far.
+    pub packets: u64,
+    /// The kernel forwards it now (`false`: it did until now, the entry is
+    /// gone).
+    pub forwarded: bool,
+}
+
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Transmit {

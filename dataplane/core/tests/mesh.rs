@@ -63,6 +63,97 @@ struct Net {
     /// counts them in `control_dropped`.
     drop_control: Option<(SocketAddr, u8)>,
     control_dropped: u64,
+    /// A kernel fast path on one node (what its XDP program does with the
+    /// flows it holds).
+    kernel: Option<KernelSim>,
+}
+
+/// What ridge-ebpf's XDP program does with mesh transit flows, written
+/// out here from docs/mesh.md so the core's side of the contract is tested
+/// against the documented behaviour: check the SipHash tag at the
+/// upstream index, let duplicates through (drop only what is 1024 or more
+/// behind), swap the SSRC, re-sign at the downstream index, send.
+struct KernelSim {
+    node: SocketAddr,
+    /// (flow, highest in, highest out, packets forwarded)
+    flows: Vec<(ridge_sfu::MeshFlow, Option<u64>, Option<u64>, u64)>,
+}
+
+/// RFC 3711 §3.3.1.
+fn estimate_index(highest: Option<u64>, seq: u16) -> u64 {
+    let Some(h) = highest else {
+        return u64::from(seq);
+    };
+    let (roc, s_l, s) = (h >> 16, i64::from(h as u16), i64::from(seq));
+    let v = if s_l < 32768 {
+        if s - s_l > 32768 {
+            roc.saturating_sub(1)
+        } else {
+            roc
+        }
+    } else if s_l - 32768 > s {
+        roc + 1
+    } else {
+        roc
+    };
+    (v << 16) | u64::from(seq)
+}
+
+enum KernelVerdict {
+    Pass,
+    Drop,
+    Send(SocketAddr, Vec<u8>),
+}
+
+impl KernelSim {
+    fn handle(&mut self, from: SocketAddr, data: &[u8]) -> KernelVerdict {
+        if data.len() < 22 || data[0] >> 6 != 2 || (192..=223).contains(&data[1]) {
+            return KernelVerdict::Pass;
+        }
+        let ssrc = u32::from_be_bytes([data[8], data[9], data[10], data[11]]);
+        let Some((flow, in_hi, out_hi, packets)) = self
+            .flows
+            .iter_mut()
+            .find(|(f, ..)| f.source == from && f.ssrc == ssrc)
+        else {
+            return KernelVerdict::Pass;
+        };
+        let (body, tag) = data.split_at(data.len() - 10);
+        let seq = u16::from_be_bytes([body[2], body[3]]);
+        let index = estimate_index(*in_hi, seq);
+        if ridge_sfu::siphash_tag(&flow.in_key, (index >> 16) as u32, body)[..] != *tag {
+            return KernelVerdict::Pass;
+        }
+        if in_hi.is_some_and(|h| index + 1024 < h) {
+            return KernelVerdict::Drop;
+        }
+        *in_hi = Some(in_hi.map_or(index, |h| h.max(index)));
+        let out_index = estimate_index(*out_hi, seq);
+        *out_hi = Some(out_hi.map_or(out_index, |h| h.max(out_index)));
+        let mut out = body.to_vec();
+        out[8..12].copy_from_slice(&flow.out_ssrc.to_be_bytes());
+        let tag = ridge_sfu::siphash_tag(&flow.out_key, (out_index >> 16) as u32, &out);
+        out.extend_from_slice(&tag);
+        *packets += 1;
+        KernelVerdict::Send(flow.dest, out)
+    }
+
+    fn progress(&self, forwarded: bool) -> Vec<ridge_sfu::MeshFlowProgress> {
+        self.flows
+            .iter()
+            .map(
+                |(f, in_highest, out_highest, packets)| ridge_sfu::MeshFlowProgress {
+                    source: f.source,
+                    ssrc: f.ssrc,
+                    out_ssrc: f.out_ssrc,
+                    in_highest: *in_highest,
+                    out_highest: *out_highest,
+                    packets: *packets,
+                    forwarded,
+                },
+            )
+            .collect()
+    }
 }
 
 /// A bottleneck with a deep buffer: datagrams from `from` to `to` leave it
@@ -108,6 +199,7 @@ impl Net {
             delay: Duration::from_millis(5),
             drop_control: None,
             control_dropped: 0,
+            kernel: None,
             loss_permille: 0,
             loss_from: None,
             mesh_log: None,
@@ -290,6 +382,32 @@ impl Net {
             self.now = self.now.max(t);
             if next_flight == Some(t) {
                 let (_, f) = self.in_flight.pop_first().expect("flight");
+                let verdict = match &mut self.kernel {
+                    Some(k) if k.node == f.to => k.handle(f.from, &f.data),
+                    _ => KernelVerdict::Pass,
+                };
+                match verdict {
+                    KernelVerdict::Pass => {}
+                    KernelVerdict::Drop => continue,
+                    KernelVerdict::Send(dest, data) => {
+                        self.mesh_sent += 1;
+                        if self.random() % 1000 < self.loss_permille {
+                            self.mesh_dropped += 1;
+                        } else {
+                            self.seq += 1;
+                            let (at, from) = (self.now + self.delay, f.to);
+                            self.in_flight.insert(
+                                (at, self.seq),
+                                Flight {
+                                    from,
+                                    to: dest,
+                                    data,
+                                },
+                            );
+                        }
+                        continue;
+                    }
+                }
                 match self.addrs.get(&f.to).cloned() {
                     // A node that is gone (killed) drops what reaches it.
                     Some(name) if !self.nodes.contains_key(&name) => {}
@@ -1627,4 +1745,122 @@ fn malformed_delay_reports_are_counted_drops() {
     );
     assert_eq!(after.delay_state, 1, "the valid over-use report is taken");
     assert!(after.budget_bps.is_some());
+}
+
+/// A transit node hands a stream to a kernel fast path: the stream it
+/// offers carries what the kernel needs, the kernel (simulated as
+/// documented) forwards it across a sequence-number wrap, loss on either
+/// side of the offloaded hop is repaired from upstream through it (its
+/// NACKs are relayed), too much loss takes the stream back from the
+/// kernel, and the core then relays it again under the indices the kernel
+/// reached.
+#[test]
+fn a_transit_stream_the_kernel_forwards_is_repaired_through_it_and_handed_back() {
+    let (mut net, pub_client, sub_client) = setup_chain(true);
+    let mut sent = Vec::new();
+    // Sequence numbers from 65 000: the kernel's stretch wraps them.
+    let base = 65_000u32;
+    stream_on(
+        &mut net,
+        pub_client,
+        "a",
+        0xaaaa,
+        base..base + 200,
+        200,
+        &mut sent,
+    );
+    let now = net.now;
+    let flows = net.sfu("b").mesh_flows(now);
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    let f = flows[0].clone();
+    assert_eq!(
+        (f.source, f.dest, f.local),
+        (net.addr("a"), net.addr("c"), net.addr("b"))
+    );
+    // (The last packet or two are still on their way.)
+    assert!(
+        f.in_highest
+            .is_some_and(|h| (u64::from(base + 190)..=u64::from(base + 199)).contains(&h)),
+        "{f:?}"
+    );
+    assert!(f.out_highest.is_some_and(|h| h >> 16 == 0));
+    assert!(
+        !format!("{f:?}").contains(&format!("{:?}", f.in_key)),
+        "keys stay out of Debug"
+    );
+    // Neither the publisher's node (A has local tracks) nor the last node
+    // (local subscriber) offers anything.
+    assert!(net.sfu("a").mesh_flows(now).is_empty());
+    assert!(net.sfu("c").mesh_flows(now).is_empty());
+
+    let b = net.addr("b");
+    net.kernel = Some(KernelSim {
+        node: b,
+        flows: vec![(f.clone(), f.in_highest, f.out_highest, 0)],
+    });
+    let progress = net.kernel.as_ref().unwrap().progress(true);
+    net.sfu("b").set_kernel_mesh_forwarded(now, &progress);
+    let before = (
+        link_stats(&mut net, "b", "a").packets_in,
+        link_stats(&mut net, "a", "b").retransmits,
+    );
+    net.loss_permille = 30;
+    stream_on(
+        &mut net,
+        pub_client,
+        "a",
+        0xaaaa,
+        base + 200..base + 800,
+        200,
+        &mut sent,
+    );
+    net.loss_permille = 0;
+    net.advance(Duration::from_millis(500));
+    let k = net.kernel.take().expect("kernel");
+    let (_, in_hi, out_hi, packets) = k.flows[0].clone();
+    assert!(packets >= 550, "the kernel forwarded the stream: {packets}");
+    assert_eq!(in_hi.map(|h| h >> 16), Some(1), "across the wrap");
+    let got = received(&net, sub_client);
+    let missing: Vec<u32> = (base + 200..base + 800)
+        .filter(|t| !got.contains_key(t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "repaired through the kernel's hop: {missing:?}"
+    );
+    let (b_in, a_rtx) = (
+        link_stats(&mut net, "b", "a").packets_in - before.0,
+        link_stats(&mut net, "a", "b").retransmits - before.1,
+    );
+    assert!(a_rtx > 0, "A repaired the losses");
+    assert!(b_in < 100, "B's core saw only control traffic: {b_in}");
+    assert_eq!(
+        link_stats(&mut net, "b", "c").retransmits,
+        0,
+        "B holds none of it"
+    );
+
+    // 3 % NACKed: the core takes the stream back and does not offer it.
+    let now = net.now;
+    net.sfu("b")
+        .set_kernel_mesh_forwarded(now, &k.progress(true));
+    assert!(net.sfu("b").mesh_flows(now).is_empty(), "held after loss");
+    net.sfu("b")
+        .set_kernel_mesh_forwarded(now, &k.progress(false));
+    stream_on(
+        &mut net,
+        pub_client,
+        "a",
+        0xaaaa,
+        base + 800..base + 1000,
+        200,
+        &mut sent,
+    );
+    net.advance(Duration::from_millis(300));
+    let got = received(&net, sub_client);
+    let missing: Vec<u32> = (base + 800..base + 1000)
+        .filter(|t| !got.contains_key(t))
+        .collect();
+    assert!(missing.is_empty(), "the core relays it again: {missing:?}");
+    let _ = out_hi;
 }

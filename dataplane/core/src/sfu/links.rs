@@ -53,6 +53,16 @@ const FEC_ACTIVE: Duration = Duration::from_secs(1);
 /// the receiver within [`FEC_NACK_HOLD`] of the group's first packet's
 /// loss, link jitter aside (so a slow stream gets smaller groups).
 const FEC_GROUP_SPAN: Duration = Duration::from_millis(20);
+/// A transit stream is offered to a kernel fast path only when its link
+/// lost none of it for this long: the kernel keeps no retransmission
+/// buffer, so a loss on either side of an offloaded hop is repaired from
+/// further upstream, a longer round trip (docs/mesh.md).
+const KERNEL_CLEAN: Duration = Duration::from_secs(10);
+/// A kernel-forwarded stream goes back to the core for [`KERNEL_CLEAN`]
+/// when more than this share of what the kernel forwarded was NACKed
+/// (judged over at least [`KERNEL_LOSS_SAMPLE`] packets).
+const KERNEL_MAX_LOSS: f64 = 0.01;
+const KERNEL_LOSS_SAMPLE: u64 = 50;
 
 pub(super) struct MeshState {
     node_id: String,
@@ -339,6 +349,9 @@ struct InStream {
     fec: Option<Box<FecDecoder>>,
     /// When a repair packet for it last came.
     fec_seen: Option<Instant>,
+    /// When a loss of it was last seen (it then stays with this hop's
+    /// recovery rather than a kernel fast path for [`KERNEL_CLEAN`]).
+    lost_at: Option<Instant>,
 }
 
 impl InStream {
@@ -351,6 +364,7 @@ impl InStream {
             delivered: false,
             fec: None,
             fec_seen: None,
+            lost_at: None,
         }
     }
 }
@@ -410,6 +424,17 @@ struct OutLayer {
     /// The open FEC group (video on a link with FEC), from the first
     /// packet sent with FEC on.
     fec: Option<FecEncoder>,
+    /// A kernel fast path forwards this layer's upstream stream to the
+    /// link ([`Sfu::mesh_flows`]): its retransmission buffer is not fed,
+    /// so NACKs for it go on upstream.
+    kernel: bool,
+    /// The kernel's packet count for it at the last progress report, and
+    /// the sequence numbers NACKed (relayed upstream) since.
+    kernel_packets: u64,
+    kernel_nacked: u64,
+    /// Not offered to the kernel before then: too much of what it
+    /// forwarded was NACKed (a lossy path wants this hop's own recovery).
+    kernel_hold_until: Option<Instant>,
 }
 
 /// A remote participant's placeholder peer: where its tracks come from.
@@ -467,8 +492,10 @@ impl Sfu {
                     l
                 }
                 None => {
+                    // Trusted: SipHash tags, which the kernel fast path can
+                    // check and re-sign on a transit node.
                     let profile = if spec.trusted {
-                        SrtpProfile::NullHmacSha1_80
+                        SrtpProfile::NullSipHash24_80
                     } else {
                         SrtpProfile::Aes128CmHmacSha1_80
                     };
@@ -771,6 +798,10 @@ impl Sfu {
                         capped: false,
                         over_budget: false,
                         fec: None,
+                        kernel: false,
+                        kernel_packets: 0,
+                        kernel_nacked: 0,
+                        kernel_hold_until: None,
                     });
                 }
                 // A single layer always goes; of several, those the
@@ -1252,6 +1283,9 @@ impl Sfu {
                 s.loss.on_packet(now, header.sequence);
             }
             self.io.counters.packets_lost += s.loss.lost - lost;
+            if s.loss.lost > lost {
+                s.lost_at = Some(now);
+            }
             l.stats.recovered += s.loss.recovered - recovered;
         }
         // RED: block `i` of `n` (oldest first) is the packet `n - i` before;
@@ -1590,17 +1624,23 @@ impl Sfu {
                 rtcp::RtcpPacket::Nack {
                     media_ssrc, lost, ..
                 } => {
-                    // End-to-end recovery: what a relay does not hold goes
-                    // on upstream, towards the source.
-                    let relay = self.config.mesh_recovery == MeshRecovery::EndToEnd
-                        && self
-                            .mesh
-                            .links
-                            .get(link)
-                            .and_then(|l| l.outbound.get(&media_ssrc))
-                            .is_some_and(|(t, _)| {
-                                self.tracks.get(t).is_some_and(|t| t.origin.is_some())
-                            });
+                    // End-to-end recovery, or a stream the kernel forwards
+                    // (this hop holds none of it): what a relay does not
+                    // hold goes on upstream, towards the source.
+                    let relay = self
+                        .mesh
+                        .links
+                        .get(link)
+                        .and_then(|l| l.outbound.get(&media_ssrc))
+                        .and_then(|(t, layer)| Some((self.tracks.get(t)?, *layer)))
+                        .is_some_and(|(t, layer)| {
+                            (self.config.mesh_recovery == MeshRecovery::EndToEnd
+                                && t.origin.is_some())
+                                || t.mesh_out.iter().any(|m| {
+                                    m.link == link
+                                        && m.layers.get(layer).is_some_and(|ol| ol.kernel)
+                                })
+                        });
                     let mut misses = [0u16; 64];
                     let mut n = 0;
                     for seq in lost {
@@ -1610,6 +1650,7 @@ impl Sfu {
                         }
                     }
                     if n > 0 {
+                        self.mesh_kernel_nacked(link, media_ssrc, n as u64);
                         self.mesh_relay_nack(link, media_ssrc, &misses[..n]);
                     }
                 }
@@ -1629,8 +1670,30 @@ impl Sfu {
         }
     }
 
-    /// End-to-end recovery on a relay: passes a downstream NACK for one
-    /// of our link streams to the upstream stream that feeds it.
+    /// Counts `n` NACKed sequence numbers against a kernel-forwarded layer
+    /// (its loss decides whether it stays in the kernel).
+    fn mesh_kernel_nacked(&mut self, link: usize, ssrc: u32, n: u64) {
+        let Some(&(tid, layer)) = self
+            .mesh
+            .links
+            .get(link)
+            .and_then(|l| l.outbound.get(&ssrc))
+        else {
+            return;
+        };
+        let Some(track) = self.tracks.get_mut(&tid) else {
+            return;
+        };
+        for m in track.mesh_out.iter_mut().filter(|m| m.link == link) {
+            if let Some(ol) = m.layers.get_mut(layer).filter(|ol| ol.kernel) {
+                ol.kernel_nacked += n;
+            }
+        }
+    }
+
+    /// End-to-end recovery on a relay, or a stream the kernel forwards:
+    /// passes a downstream NACK for one of our link streams to the
+    /// upstream stream that feeds it.
     fn mesh_relay_nack(&mut self, link: usize, ssrc: u32, seqs: &[u16]) {
         let Some(l) = self.mesh.links.get(link) else {
             return;
@@ -2032,6 +2095,148 @@ impl Sfu {
         let mut buf = self.io.buffer();
         rtcp::write_pli(&mut buf, self.rtcp_ssrc, ssrc);
         self.mesh_send_rtcp(link, dest, buf);
+    }
+
+    /// When this core's send-time clock on links started: a link packet's
+    /// abs-send-time counts from here (a kernel fast path that forwards a
+    /// transit stream stamps its packets on the same clock).
+    pub fn mesh_epoch(&self) -> Instant {
+        self.mesh.epoch
+    }
+
+    /// Mesh transit streams a kernel fast path may forward instead of the
+    /// core: a remote track's layer received on a trusted link with SipHash
+    /// tags and no FEC, whose track has no local subscriber and exactly one
+    /// downstream link (trusted, SipHash, no FEC) that carries the layer
+    /// now from this very upstream stream. The kernel then does what the
+    /// core would: check the tag, swap the link SSRC, re-sign, send; the
+    /// bytes are otherwise the upstream's (sequence number, timestamp,
+    /// audio level; the send time is the kernel's to rewrite).
+    ///
+    /// The answer changes with subscriptions, layer demand and budget,
+    /// routes and links, so a caller re-queries and diffs.
+    pub fn mesh_flows(&self, now: Instant) -> Vec<MeshFlow> {
+        let mut out = Vec::new();
+        let siphash = |l: &Link| l.profile.siphash() && !l.fec && l.linger_until.is_none();
+        for l in self.mesh.links.iter().filter(|l| siphash(l)) {
+            for (&ssrc, s) in &l.inbound {
+                let lossy = s
+                    .lost_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < KERNEL_CLEAN);
+                if s.draining_until.is_some() || !s.delivered || s.fec_seen.is_some() || lossy {
+                    continue;
+                }
+                let Some(track) = self.tracks.get(&s.at.track) else {
+                    continue;
+                };
+                let [m] = track.mesh_out.as_slice() else {
+                    continue;
+                };
+                if !track.subscribers.is_empty() {
+                    continue;
+                }
+                let Some(ol) = m.layers.get(s.at.layer) else {
+                    continue;
+                };
+                if ol.paused
+                    || ol.capped
+                    || ol.source_ssrc != Some(ssrc)
+                    || ol.kernel_hold_until.is_some_and(|t| now < t)
+                {
+                    continue;
+                }
+                let Some(down) = self
+                    .mesh
+                    .links
+                    .get(m.link)
+                    .filter(|d| siphash(d) && d.capacity.last_loss <= KERNEL_MAX_LOSS)
+                else {
+                    continue;
+                };
+                let Some(rx) = l.rx.get(&s.remote) else {
+                    continue;
+                };
+                let (Some(in_key), Some(out_key)) =
+                    (rx.rtp_siphash_key(), down.tx.rtp_siphash_key())
+                else {
+                    continue;
+                };
+                out.push(MeshFlow {
+                    track: s.at.track,
+                    source: s.remote,
+                    local: self.config.local_addr,
+                    ssrc,
+                    in_key,
+                    in_highest: rx.highest_received(ssrc),
+                    dest: m.dest,
+                    out_ssrc: ol.ssrc,
+                    out_key,
+                    out_highest: down.tx.highest_sent(ol.ssrc),
+                });
+            }
+        }
+        out.sort_by_key(|f| (f.track, f.ssrc));
+        out
+    }
+
+    /// What a kernel fast path did with the [`Sfu::mesh_flows`] it took:
+    /// exactly the layers of `progress` marked `forwarded` are kernel
+    /// forwarded from now on (their downstream NACKs go upstream), and
+    /// every flow's SRTP contexts move on to the indices the kernel
+    /// accepted and sent, so the core places later packets (after a
+    /// sequence-number wrap, too) where the kernel did when it takes a
+    /// stream back. A stream of which more than 1 % of what the kernel
+    /// forwarded was NACKed is not offered again for 10 s.
+    pub fn set_kernel_mesh_forwarded(&mut self, now: Instant, progress: &[MeshFlowProgress]) {
+        for p in progress {
+            for l in &mut self.mesh.links {
+                if l.inbound.contains_key(&p.ssrc)
+                    && let Some(rx) = l.rx.get_mut(&p.source)
+                    && let Some(index) = p.in_highest
+                {
+                    rx.advance_received(p.ssrc, index);
+                }
+                if l.outbound.contains_key(&p.out_ssrc)
+                    && let Some(index) = p.out_highest
+                {
+                    l.tx.advance_sent(p.out_ssrc, index);
+                }
+            }
+        }
+        for (tid, track) in self.tracks.iter_mut() {
+            for m in &mut track.mesh_out {
+                for ol in &mut m.layers {
+                    let p = progress.iter().find(|p| {
+                        p.out_ssrc == ol.ssrc
+                            && self
+                                .mesh
+                                .links
+                                .get(m.link)
+                                .and_then(|l| l.outbound.get(&p.out_ssrc))
+                                .is_some_and(|(t, _)| t == tid)
+                    });
+                    let Some(p) = p.filter(|p| p.forwarded) else {
+                        ol.kernel = false;
+                        continue;
+                    };
+                    if !ol.kernel {
+                        ol.kernel = true;
+                        ol.kernel_packets = p.packets;
+                        ol.kernel_nacked = 0;
+                        continue;
+                    }
+                    let forwarded = p.packets.saturating_sub(ol.kernel_packets);
+                    if forwarded >= KERNEL_LOSS_SAMPLE {
+                        let loss = ol.kernel_nacked.min(forwarded) as f64 / forwarded as f64;
+                        if loss > KERNEL_MAX_LOSS {
+                            ol.kernel_hold_until = Some(now + KERNEL_CLEAN);
+                        }
+                        ol.kernel_packets = p.packets;
+                        ol.kernel_nacked = 0;
+                    }
+                }
+            }
+        }
     }
 
     /// Remote sockets that authenticated as one of this core's mesh links
