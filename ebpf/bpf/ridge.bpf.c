@@ -1,7 +1,8 @@
 /* Ridge kernel fast path.
  *
  *   ridge_guard   XDP: parse, drop malformed and over-rate packets on media ports
- *   ridge_xdp     XDP: the guard, then forwarding of installed single-destination
+ *   ridge_xdp     XDP: the guard, then forwarding of installed mesh transit
+ *                 flows (SRTP tag verified and re-signed) and single-destination
  *                 plain-RTP flows (XDP_TX / XDP_REDIRECT)
  *   ridge_fanout  TC (clsact ingress): 1->N forwarding with bpf_clone_redirect
  *   ridge_steer   SK_REUSEPORT: send each datagram to the shard owning its flow
@@ -100,6 +101,30 @@ struct {
 	__type(key, __u32);
 	__type(value, struct ridge_fwd_stats);
 } ridge_fwd_stats SEC(".maps");
+
+/* Mesh transit flows: 5-tuple + SSRC -> keys and rewrite. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RIDGE_MAX_MESH_FLOWS);
+	__type(key, struct ridge_fwd_key);
+	__type(value, struct ridge_mesh_entry);
+} ridge_mesh_fwd SEC(".maps");
+
+/* Per-flow SRTP index state at the entry's state_slot. Shared by all CPUs
+ * (an index is the flow's, not a CPU's); see struct ridge_mesh_state. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RIDGE_MAX_MESH_FLOWS);
+	__type(key, __u32);
+	__type(value, struct ridge_mesh_state);
+} ridge_mesh_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RIDGE_MAX_MESH_FLOWS);
+	__type(key, __u32);
+	__type(value, struct ridge_mesh_stats);
+} ridge_mesh_stats SEC(".maps");
 
 /* ---- helpers ------------------------------------------------------------- */
 
@@ -418,47 +443,14 @@ static __always_inline void set16(__u16 *field, __u16 v, __u16 *ipsum, __u16 *ud
 		csum_replace16(udpsum, old, v);
 }
 
-static __always_inline int xdp_forward(struct xdp_md *ctx, const struct ridge_pkt *p)
+/* The headers every XDP rewrite sets: MACs, a fresh TTL, addresses and
+ * ports, with the IP checksum (and the UDP checksum, if udpsum) updated
+ * incrementally. */
+static __always_inline void xdp_rewrite_l2_l4(struct ethhdr *eth, struct iphdr *ip, struct udphdr *udp,
+					      const struct ridge_fwd_dest *d, __u16 *udpsum)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	if (p->is_ipv6 || p->l3_off != OFF_IP)
-		return XDP_PASS; /* IPv6 and VLAN-tagged flows stay in userspace */
-	if (data + FWD_MIN_FRAME > end)
-		return XDP_PASS;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + OFF_IP;
-	struct udphdr *udp = data + OFF_UDP;
-	__u8 *rtp = data + OFF_RTP;
-	if (ip->ihl != 5 || bpf_ntohs(udp->len) < sizeof(*udp) + RTP_MIN_HEADER)
-		return XDP_PASS;
-	if (!is_forwardable_rtp(rtp))
-		return XDP_PASS;
-
-	struct ridge_fwd_key key = {
-		.src_addr = ip->saddr,
-		.dst_addr = ip->daddr,
-		.src_port = udp->source,
-		.dst_port = udp->dest,
-	};
-	__builtin_memcpy(&key.ssrc, rtp + 8, 4);
-	struct ridge_fwd_entry *e = bpf_map_lookup_elem(&ridge_fwd, &key);
-	if (!e || e->n_dests != 1)
-		return XDP_PASS; /* unknown flow, or a fan-out for the TC program */
-	__u32 slot = e->stats_slot;
-	struct ridge_fwd_stats *st = bpf_map_lookup_elem(&ridge_fwd_stats, &slot);
-	if (!st) {
-		stat_inc(RIDGE_FWD_ERRORS);
-		return XDP_PASS;
-	}
-	if (sample_due(e, st))
-		return XDP_PASS;
-
-	const struct ridge_fwd_dest *d = &e->dests[0];
 	__u16 *ipsum = &ip->check;
-	__u16 *udpsum = udp->check ? &udp->check : NULL; /* IPv4: 0 means none */
 	__u16 *ipw = (__u16 *)ip;
-	__u16 *rtpw = (__u16 *)rtp;
 	__u16 w[2];
 
 	__builtin_memcpy(eth->h_dest, d->dst_mac, ETH_ALEN);
@@ -478,6 +470,64 @@ static __always_inline int xdp_forward(struct xdp_md *ctx, const struct ridge_pk
 	set16(&ipw[9], w[1], ipsum, udpsum);
 	set16(&udp->source, d->src_port, NULL, udpsum);
 	set16(&udp->dest, d->dst_port, NULL, udpsum);
+}
+
+/* Fills *key and returns 0 if the frame may be forwarded in XDP (untagged
+ * IPv4 without options, UDP, RTP version 2 with a full header, not RTCP);
+ * -1 otherwise. */
+static __always_inline int xdp_fwd_key(struct xdp_md *ctx, const struct ridge_pkt *p,
+				       struct ridge_fwd_key *key)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (p->is_ipv6 || p->l3_off != OFF_IP)
+		return -1; /* IPv6 and VLAN-tagged flows stay in userspace */
+	if (data + FWD_MIN_FRAME > end)
+		return -1;
+	struct iphdr *ip = data + OFF_IP;
+	struct udphdr *udp = data + OFF_UDP;
+	__u8 *rtp = data + OFF_RTP;
+	if (ip->ihl != 5 || bpf_ntohs(udp->len) < sizeof(*udp) + RTP_MIN_HEADER)
+		return -1;
+	if (!is_forwardable_rtp(rtp))
+		return -1;
+	key->src_addr = ip->saddr;
+	key->dst_addr = ip->daddr;
+	key->src_port = udp->source;
+	key->dst_port = udp->dest;
+	__builtin_memcpy(&key->ssrc, rtp + 8, 4);
+	return 0;
+}
+
+static __always_inline int xdp_forward(struct xdp_md *ctx, const struct ridge_fwd_key *key)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + FWD_MIN_FRAME > end)
+		return XDP_PASS;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + OFF_IP;
+	struct udphdr *udp = data + OFF_UDP;
+	__u8 *rtp = data + OFF_RTP;
+
+	struct ridge_fwd_entry *e = bpf_map_lookup_elem(&ridge_fwd, key);
+	if (!e || e->n_dests != 1)
+		return XDP_PASS; /* unknown flow, or a fan-out for the TC program */
+	__u32 slot = e->stats_slot;
+	struct ridge_fwd_stats *st = bpf_map_lookup_elem(&ridge_fwd_stats, &slot);
+	if (!st) {
+		stat_inc(RIDGE_FWD_ERRORS);
+		return XDP_PASS;
+	}
+	if (sample_due(e, st))
+		return XDP_PASS;
+
+	const struct ridge_fwd_dest *d = &e->dests[0];
+	__u16 *udpsum = udp->check ? &udp->check : NULL; /* IPv4: 0 means none */
+	__u16 *rtpw = (__u16 *)rtp;
+	__u16 w[2];
+
+	xdp_rewrite_l2_l4(eth, ip, udp, d, udpsum);
 
 	set16(&rtpw[1], bpf_htons(bpf_ntohs(rtpw[1]) + d->seq_offset), NULL, udpsum);
 	__u32 ts;
@@ -503,6 +553,262 @@ static __always_inline int xdp_forward(struct xdp_md *ctx, const struct ridge_pk
 	return bpf_redirect(d->ifindex, 0);
 }
 
+/* ---- forwarding: XDP, mesh transit (SRTP NULL cipher, SipHash tag) ------- */
+
+/* SipHash-2-4 with 128-bit output (Aumasson & Bernstein's reference
+ * siphash() with outlen 16), over msg = ROC (4 bytes, big-endian) || 4 zero
+ * bytes || body, body being the RTP packet in the frame. The first message
+ * word is the ROC block alone, so body words start at the RTP header and are
+ * read straight from the frame as little-endian u64s (BPF is little-endian
+ * on every JIT this runs on; unaligned packet loads are allowed where the
+ * CPU has efficient unaligned access, i.e. x86-64 and arm64). */
+#define MESH_MAX_BODY (RIDGE_MESH_MAX_RTP - RIDGE_MESH_TAG_LEN)
+#define MESH_MAX_WORDS (MESH_MAX_BODY / 8)
+
+static __always_inline __u64 rotl64(__u64 x, int b)
+{
+	return (x << b) | (x >> (64 - b));
+}
+
+#define SIPROUND(v0, v1, v2, v3)                                                                   \
+	do {                                                                                       \
+		v0 += v1;                                                                          \
+		v1 = rotl64(v1, 13);                                                               \
+		v1 ^= v0;                                                                          \
+		v0 = rotl64(v0, 32);                                                               \
+		v2 += v3;                                                                          \
+		v3 = rotl64(v3, 16);                                                               \
+		v3 ^= v2;                                                                          \
+		v0 += v3;                                                                          \
+		v3 = rotl64(v3, 21);                                                               \
+		v3 ^= v0;                                                                          \
+		v2 += v1;                                                                          \
+		v1 = rotl64(v1, 17);                                                               \
+		v1 ^= v2;                                                                          \
+		v2 = rotl64(v2, 32);                                                               \
+	} while (0)
+
+/* mesh_siphash's arguments and result, in one struct on the caller's stack
+ * (a global function returns a single scalar). */
+struct mesh_sip {
+	__u64 key[2];   /* (k0, k1) */
+	__u32 body_len; /* RTP packet without its tag, at OFF_RTP */
+	__u32 roc;      /* rollover counter of the packet's index */
+	__u64 h1;       /* out: tag bytes 0..8, little-endian */
+	__u64 h2;       /* out: its low two bytes are tag bytes 8..10 */
+};
+
+/* The tag of the RTP packet at OFF_RTP. 0, or -1 if body_len is over
+ * MESH_MAX_BODY or a word lies outside the frame (the caller has checked
+ * that body and tag are in the frame, so that cannot happen, but the
+ * verifier wants every packet access checked).
+ *
+ * A global function (not static, never inlined): the verifier checks it
+ * once, on its own, with an unknown body_len, instead of walking its
+ * 182-iteration loop again for every path that reaches each call site
+ * (inlined twice into ridge_xdp, the program went over the verifier's
+ * million-instruction limit). It only reads the packet, so the caller's
+ * packet pointers stay valid across the call. */
+__attribute__((noinline)) int mesh_siphash(struct xdp_md *ctx, struct mesh_sip *a)
+{
+	if (!a)
+		return -1;
+	const __u8 *rtp = (void *)(long)ctx->data + OFF_RTP;
+	const void *end = (void *)(long)ctx->data_end;
+	__u32 body_len = a->body_len;
+	if (body_len > MESH_MAX_BODY)
+		return -1;
+	__u64 k0 = a->key[0], k1 = a->key[1];
+	__u64 v0 = k0 ^ 0x736f6d6570736575ULL;
+	__u64 v1 = k1 ^ 0x646f72616e646f6dULL ^ 0xee;
+	__u64 v2 = k0 ^ 0x6c7967656e657261ULL;
+	__u64 v3 = k1 ^ 0x7465646279746573ULL;
+
+	/* Word 0: the ROC in network order, then four zero bytes. */
+	__u64 m = __builtin_bswap32(a->roc);
+	v3 ^= m;
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	v0 ^= m;
+
+	__u32 words = body_len / 8;
+	const __u8 *w = rtp;
+	for (__u32 i = 0; i < MESH_MAX_WORDS; i++) {
+		if (i >= words)
+			break;
+		/* Keeps the bounds check in the loop, where the verifier sees it:
+		 * clang would otherwise hoist it as one trip-count computation. */
+		asm volatile("" : "+r"(w));
+		if ((const void *)(w + 8) > end)
+			return -1;
+		m = *(const __u64 *)w;
+		v3 ^= m;
+		SIPROUND(v0, v1, v2, v3);
+		SIPROUND(v0, v1, v2, v3);
+		v0 ^= m;
+		w += 8;
+	}
+
+	/* The last 0..7 bytes, little-endian, under the length byte. The tag
+	 * follows the body, so 8 bytes are always there to load; the bytes
+	 * past the body are masked off. */
+	const __u8 *t = rtp + (body_len & ~7u);
+	if ((const void *)(t + 8) > end)
+		return -1;
+	__u32 rest = body_len & 7;
+	__u64 tail = *(const __u64 *)t & ((1ULL << (rest * 8)) - 1);
+	__u64 b = ((__u64)((8 + body_len) & 0xff) << 56) | tail;
+	v3 ^= b;
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	v0 ^= b;
+
+	v2 ^= 0xee;
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	a->h1 = v0 ^ v1 ^ v2 ^ v3;
+	v1 ^= 0xdd;
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	SIPROUND(v0, v1, v2, v3);
+	a->h2 = v0 ^ v1 ^ v2 ^ v3;
+	return 0;
+}
+
+/* RFC 3711 section 3.3.1: the packet index of sequence number seq given the
+ * highest index so far, as userspace's estimate_index: a packet that would
+ * fall before ROC 0 is placed at ROC 0. (ROC 2^32 - 1 + 1 wraps to 0 here,
+ * where userspace refuses the index as exhausted; 2^48 packets never
+ * happen.) */
+static __always_inline __u64 mesh_index(__u64 highest, __u16 seq)
+{
+	__u32 roc = highest >> 16;
+	__s32 s_l = highest & 0xffff;
+	__s32 s = seq;
+	__u32 v = roc;
+	if (s_l < 32768) {
+		if (s - s_l > 32768)
+			v = roc ? roc - 1 : 0;
+	} else if (s_l - 32768 > s) {
+		v = roc + 1;
+	}
+	return ((__u64)v << 16) | seq;
+}
+
+/* A packet of an installed mesh transit flow: verify its tag with the
+ * upstream key, rewrite it like xdp_forward (sequence number and timestamp
+ * unchanged), sign it with the downstream key, send it. */
+static __always_inline int xdp_mesh(struct xdp_md *ctx, const struct ridge_mesh_entry *me)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + FWD_MIN_FRAME > end)
+		return XDP_PASS;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + OFF_IP;
+	struct udphdr *udp = data + OFF_UDP;
+	__u8 *rtp = data + OFF_RTP;
+
+	__u32 slot = me->state_slot;
+	struct ridge_mesh_state *ms = bpf_map_lookup_elem(&ridge_mesh_state, &slot);
+	struct ridge_mesh_stats *st = bpf_map_lookup_elem(&ridge_mesh_stats, &slot);
+	if (!ms || !st) {
+		stat_inc(RIDGE_FWD_ERRORS);
+		return XDP_PASS;
+	}
+
+	/* The UDP length, not the frame's: the guard checked it against the IP
+	 * length, and the frame may carry Ethernet padding after it. */
+	__u32 rtp_len = bpf_ntohs(udp->len);
+	if (rtp_len < sizeof(*udp) + RTP_MIN_HEADER + RIDGE_MESH_TAG_LEN ||
+	    rtp_len > sizeof(*udp) + RIDGE_MESH_MAX_RTP) {
+		st->passed += 1;
+		return XDP_PASS;
+	}
+	rtp_len -= sizeof(*udp);
+	__u32 body_len = rtp_len - RIDGE_MESH_TAG_LEN;
+	__u8 *tag = rtp + body_len;
+	if ((void *)(tag + RIDGE_MESH_TAG_LEN) > end || !(ms->flags & RIDGE_MESH_IN_VALID)) {
+		st->passed += 1;
+		return XDP_PASS;
+	}
+
+	__u16 seq = bpf_ntohs(*(__u16 *)(rtp + 2));
+	__u64 in_highest = ms->in_highest;
+	__u64 in_index = mesh_index(in_highest, seq);
+	struct mesh_sip h = {
+		.key = { me->in_key[0], me->in_key[1] },
+		.body_len = body_len,
+		.roc = in_index >> 16,
+	};
+	if (mesh_siphash(ctx, &h)) {
+		st->passed += 1;
+		return XDP_PASS;
+	}
+	__u64 got1 = *(__u64 *)tag;
+	__u16 got2 = *(__u16 *)(tag + 8);
+	if ((got1 ^ h.h1) | (__u16)(got2 ^ (__u16)h.h2)) {
+		/* Userspace checks it again with its own context (and drops it). */
+		st->bad_tag += 1;
+		stat_inc(RIDGE_MESH_BAD_TAG);
+		return XDP_PASS;
+	}
+	/* Too old: drop. A duplicate within the window is forwarded again on
+	 * purpose: the upstream's retransmission of a packet this hop already
+	 * sent may repair a loss on the next link; the next full node's replay
+	 * window drops true duplicates. */
+	if (in_index + RIDGE_MESH_MAX_AGE < in_highest) {
+		st->too_old += 1;
+		stat_inc(RIDGE_MESH_TOO_OLD);
+		return XDP_DROP;
+	}
+	/* Plain stores: one flow's packets come in on one RX queue (RSS), so
+	 * one CPU at a time updates its state. */
+	if (in_index > in_highest)
+		ms->in_highest = in_index;
+	__u64 out_index = seq;
+	if (ms->flags & RIDGE_MESH_OUT_VALID) {
+		__u64 out_highest = ms->out_highest;
+		out_index = mesh_index(out_highest, seq);
+		if (out_index > out_highest)
+			ms->out_highest = out_index;
+	} else {
+		ms->out_highest = out_index;
+		ms->flags |= RIDGE_MESH_OUT_VALID;
+	}
+
+	const struct ridge_fwd_dest *d = &me->dest;
+	/* UDP checksum 0 (none, legal over IPv4): the tag covers every byte of
+	 * the RTP packet, and a new checksum would take another pass over it. */
+	udp->check = 0;
+	xdp_rewrite_l2_l4(eth, ip, udp, d, NULL);
+	__builtin_memcpy(rtp + 8, &d->ssrc, 4);
+
+	h.key[0] = me->out_key[0];
+	h.key[1] = me->out_key[1];
+	h.roc = out_index >> 16;
+	if (mesh_siphash(ctx, &h)) {
+		/* Cannot happen (see mesh_siphash); the frame is half rewritten. */
+		stat_inc(RIDGE_FWD_ERRORS);
+		return XDP_DROP;
+	}
+	*(__u64 *)tag = h.h1;
+	*(__u16 *)(tag + 8) = (__u16)h.h2;
+
+	st->packets += 1;
+	st->bytes += end - data;
+	stat_inc(RIDGE_MESH_FORWARDED);
+	if (d->ifindex == ctx->ingress_ifindex) {
+		stat_inc(RIDGE_FWD_XDP_TX);
+		return XDP_TX;
+	}
+	stat_inc(RIDGE_FWD_XDP_REDIRECT);
+	return bpf_redirect(d->ifindex, 0);
+}
+
 SEC("xdp")
 int ridge_guard(struct xdp_md *ctx)
 {
@@ -519,7 +825,15 @@ int ridge_xdp(struct xdp_md *ctx)
 		return XDP_DROP;
 	if (verdict == GUARD_NOT_MEDIA)
 		return XDP_PASS;
-	return xdp_forward(ctx, &p);
+	struct ridge_fwd_key key = {};
+	if (xdp_fwd_key(ctx, &p, &key))
+		return XDP_PASS;
+	/* Mesh transit flows first: userspace does not put an SRTP flow in the
+	 * plain table, but if it did, the mesh entry (which re-signs) wins. */
+	struct ridge_mesh_entry *me = bpf_map_lookup_elem(&ridge_mesh_fwd, &key);
+	if (me)
+		return xdp_mesh(ctx, me);
+	return xdp_forward(ctx, &key);
 }
 
 /* ---- forwarding: TC, 1 -> N ---------------------------------------------- */

@@ -18,6 +18,7 @@
 #define RIDGE_MAX_SHARDS 64
 #define RIDGE_MAX_FWD_FLOWS 16384
 #define RIDGE_FWD_MAX_DESTS 8
+#define RIDGE_MAX_MESH_FLOWS 4096
 
 /* Indices of the per-CPU counter array `ridge_stats`. */
 enum ridge_stat {
@@ -48,7 +49,12 @@ enum ridge_stat {
 	RIDGE_GUARD_RATE_EXEMPT = 17, /* media packet from a rate-exempt source
 				       * while the rate limit is on (also counted
 				       * as RIDGE_GUARD_MEDIA_OK when it passes) */
-	RIDGE_STAT_COUNT = 18,
+	/* Mesh transit forwarding (appended: indices never move). */
+	RIDGE_MESH_FORWARDED = 18,   /* verified, re-signed and sent (XDP_TX or
+				      * XDP_REDIRECT; also counted there) */
+	RIDGE_MESH_BAD_TAG = 19,     /* tag did not verify: passed to userspace */
+	RIDGE_MESH_TOO_OLD = 20,     /* index over RIDGE_MESH_MAX_AGE behind: dropped */
+	RIDGE_STAT_COUNT = 21,
 };
 
 /* Guard configuration (array map `ridge_guard_cfg`, one element).
@@ -139,6 +145,48 @@ struct ridge_fwd_stats {
 	__u32 _pad0;
 };
 
+/* Mesh transit flows (hash `ridge_mesh_fwd`, key struct ridge_fwd_key as
+ * received). Every packet on a mesh link is SRTP with the NULL cipher and
+ * the NULL_SIPHASH24_80 auth profile: body (the whole RTP packet) || tag,
+ * tag = the first 10 bytes of SipHash-2-4-128(key, ROC as 4 bytes big-endian
+ * || 4 zero bytes || body) (h1 little-endian, then h2's two low bytes).
+ * Keys are (k0, k1) as SipHash reads them: little-endian u64s of key bytes
+ * 0..8 and 8..16. */
+#define RIDGE_MESH_TAG_LEN 10
+#define RIDGE_MESH_MAX_RTP 1472 /* RTP packet with tag: 1500 - 20 - 8 */
+#define RIDGE_MESH_MAX_AGE 1024 /* indices further behind the highest: dropped */
+#define RIDGE_MESH_IN_VALID 1u  /* ridge_mesh_state.flags: in_highest is set */
+#define RIDGE_MESH_OUT_VALID 2u /* ridge_mesh_state.flags: out_highest is set */
+
+struct ridge_mesh_entry {
+	__u64 in_key[2];  /* SipHash key of the upstream link direction: verifies */
+	__u64 out_key[2]; /* SipHash key of the downstream link direction: re-signs */
+	struct ridge_fwd_dest dest; /* rewrite and egress (seq_offset, ts_offset: 0) */
+	__u32 state_slot; /* index into ridge_mesh_state and ridge_mesh_stats,
+			   * owned by this entry */
+	__u32 _pad0;
+};
+
+/* Per-flow SRTP index state (array `ridge_mesh_state`, NOT per-CPU: the
+ * state belongs to the flow). Updated with plain stores: one flow's packets
+ * arrive on one RX queue (RSS hashes the 5-tuple), so one CPU at a time. */
+struct ridge_mesh_state {
+	__u64 in_highest;  /* highest index accepted from upstream */
+	__u64 out_highest; /* highest index sent downstream */
+	__u32 flags;       /* RIDGE_MESH_IN_VALID | RIDGE_MESH_OUT_VALID */
+	__u32 _pad0;
+};
+
+/* Per-flow counters (per-CPU array `ridge_mesh_stats`, at state_slot). */
+struct ridge_mesh_stats {
+	__u64 packets; /* verified, re-signed and sent */
+	__u64 bytes;   /* their size, L2 frame */
+	__u64 bad_tag; /* tag did not verify: passed to userspace */
+	__u64 too_old; /* index too far behind: dropped */
+	__u64 passed;  /* handed to userspace for any other reason (too short,
+			* too long, no index state yet) */
+};
+
 /* Test impairment (impair.bpf.c, its own object): configuration (array map
  * `ridge_impair_cfg`, one element). A drop is decided per packet with
  * bpf_get_prandom_u32(). */
@@ -197,6 +245,20 @@ RIDGE_AT(struct ridge_fwd_stats, copies, 16);
 RIDGE_AT(struct ridge_fwd_stats, sampled, 24);
 RIDGE_AT(struct ridge_fwd_stats, errors, 32);
 RIDGE_AT(struct ridge_fwd_stats, sample_countdown, 40);
+RIDGE_LAYOUT(struct ridge_mesh_entry, 32 + 40 + 8);
+RIDGE_AT(struct ridge_mesh_entry, out_key, 16);
+RIDGE_AT(struct ridge_mesh_entry, dest, 32);
+RIDGE_AT(struct ridge_mesh_entry, state_slot, 72);
+RIDGE_AT(struct ridge_mesh_entry, _pad0, 76);
+RIDGE_LAYOUT(struct ridge_mesh_state, 24);
+RIDGE_AT(struct ridge_mesh_state, out_highest, 8);
+RIDGE_AT(struct ridge_mesh_state, flags, 16);
+RIDGE_AT(struct ridge_mesh_state, _pad0, 20);
+RIDGE_LAYOUT(struct ridge_mesh_stats, 40);
+RIDGE_AT(struct ridge_mesh_stats, bytes, 8);
+RIDGE_AT(struct ridge_mesh_stats, bad_tag, 16);
+RIDGE_AT(struct ridge_mesh_stats, too_old, 24);
+RIDGE_AT(struct ridge_mesh_stats, passed, 32);
 RIDGE_LAYOUT(struct ridge_impair_cfg, 8);
 RIDGE_AT(struct ridge_impair_cfg, udp_only, 4);
 RIDGE_LAYOUT(struct ridge_impair_stats, 24);

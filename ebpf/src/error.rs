@@ -52,6 +52,17 @@ pub enum Error {
     /// The caller passed something the kernel path cannot represent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A table has no room for another entry.
+    #[error("the {table} table is full ({capacity} entries)")]
+    TableFull {
+        /// Which table ("mesh flow").
+        table: &'static str,
+        /// Its capacity.
+        capacity: usize,
+    },
+    /// A mesh flow entry the kernel path cannot carry out.
+    #[error("invalid mesh flow entry: {0}")]
+    InvalidMeshEntry(#[from] MeshEntryError),
     /// An I/O error (duplicating a socket descriptor, reading a CPU count).
     #[error("{context}: {source}")]
     Io {
@@ -77,6 +88,33 @@ impl Error {
             source: Box::new(source),
         }
     }
+}
+
+/// Why a [`MeshFlowEntry`](crate::MeshFlowEntry) was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshEntryError {
+    /// The destination has a sequence number or timestamp offset: mesh
+    /// transit keeps both (the tag would have to be recomputed over
+    /// different numbers, and the downstream index is the upstream's
+    /// sequence number).
+    #[error(
+        "a mesh transit destination must have seq_offset 0 and ts_offset 0, not {seq_offset} and {ts_offset}"
+    )]
+    NonZeroOffsets {
+        /// The destination's `seq_offset`.
+        seq_offset: u16,
+        /// The destination's `ts_offset`.
+        ts_offset: u32,
+    },
+    /// `in_highest` or `out_highest` is not a 48-bit SRTP packet index.
+    #[error("{field} {value:#x} is not a 48-bit SRTP packet index")]
+    IndexOutOfRange {
+        /// "in_highest" or "out_highest".
+        field: &'static str,
+        /// The value given.
+        value: u64,
+    },
 }
 
 /// Result with this crate's [`Error`].

@@ -78,7 +78,7 @@ pub struct Destination {
 }
 
 impl Destination {
-    fn raw(&self) -> FwdDest {
+    pub(crate) fn raw(&self) -> FwdDest {
         FwdDest {
             dst_addr: u32::from(*self.dst.ip()).to_be(),
             src_addr: u32::from(*self.src.ip()).to_be(),
@@ -94,7 +94,7 @@ impl Destination {
         }
     }
 
-    fn from_raw(raw: &FwdDest) -> Self {
+    pub(crate) fn from_raw(raw: &FwdDest) -> Self {
         Self {
             dst: SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(raw.dst_addr)),

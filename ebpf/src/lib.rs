@@ -5,13 +5,14 @@
 //! | program | hook | what it does |
 //! |---|---|---|
 //! | `ridge_guard` | XDP | drops malformed and over-rate packets on media ports, counts why |
-//! | `ridge_xdp` | XDP | the guard, then rewrites and sends installed single-destination plain-RTP flows (`XDP_TX`/`XDP_REDIRECT`) |
+//! | `ridge_xdp` | XDP | the guard, then verifies, rewrites, re-signs and sends installed mesh transit flows (SRTP `NULL_SIPHASH24_80`), and rewrites and sends installed single-destination plain-RTP flows (`XDP_TX`/`XDP_REDIRECT`) |
 //! | `ridge_fanout` | TC ingress | sends installed 1→N flows to each destination (`bpf_clone_redirect`) |
 //! | `ridge_steer` | `SK_REUSEPORT` | sends each datagram to the shard socket that owns its flow |
 //!
 //! [`RidgeBpf::load`] loads all four (so a verifier rejection shows at
 //! start-up, not at attach time); the maps are reached through
-//! [`RidgeBpf::guard`], [`RidgeBpf::steering`] and [`RidgeBpf::flows`], and
+//! [`RidgeBpf::guard`], [`RidgeBpf::steering`], [`RidgeBpf::flows`] and
+//! [`RidgeBpf::mesh_flows`], and
 //! [`RidgeBpf::counters`] sums the per-CPU counters. Dropping [`RidgeBpf`]
 //! detaches everything and empties the tables.
 //!
@@ -60,6 +61,29 @@
 //! if let Some(c) = bpf.flows().counters(key)? {
 //!     println!("{} packets forwarded in the kernel", c.packets);
 //! }
+//!
+//! // A mesh transit flow: SRTP (NULL_SIPHASH24_80) from an upstream node,
+//! // verified, given the downstream SSRC, re-signed and sent in XDP.
+//! let upstream = FlowKey { src: "192.0.2.50:5004".parse()?, dst: "198.51.100.1:5004".parse()?, ssrc: 0x4242 };
+//! bpf.mesh_flows().insert(upstream, &MeshFlowEntry {
+//!     in_key: [1; 16],
+//!     out_key: [2; 16],
+//!     dest: Destination {
+//!         dst: "203.0.113.60:5004".parse()?,
+//!         src: "198.51.100.1:5004".parse()?,
+//!         ssrc: 0x4343,
+//!         seq_offset: 0,
+//!         ts_offset: 0,
+//!         ifindex: 2,
+//!         dst_mac: [0x02, 0, 0, 0, 0, 3],
+//!         src_mac: [0x02, 0, 0, 0, 0, 2],
+//!     },
+//!     in_highest: Some(70_000),
+//!     out_highest: Some(12_000),
+//! })?;
+//! if let Some(last) = bpf.mesh_flows().remove(upstream)? {
+//!     println!("upstream index now {:?}, downstream {:?}", last.in_highest, last.out_highest);
+//! }
 //! for (reason, n) in bpf.counters()?.drops_by_reason() {
 //!     println!("dropped {reason}: {n}");
 //! }
@@ -72,6 +96,7 @@ mod error;
 mod forward;
 mod guard;
 mod impair;
+mod mesh;
 mod steer;
 mod sys;
 mod test_run;
@@ -84,10 +109,11 @@ use aya::programs::{SchedClassifier, SkReuseport, Xdp};
 use aya::{Ebpf, EbpfLoader};
 
 pub use attach::{AttachMode, TcAttachKind, XdpProgram};
-pub use error::{Error, Result};
+pub use error::{Error, MeshEntryError, Result};
 pub use forward::{Destination, FlowCounters, FlowEntry, FlowKey, FlowTable, MAX_DESTINATIONS};
 pub use guard::{Guard, MAX_RATE_EXEMPT_SOURCES, RateLimit};
 pub use impair::{ImpairCounters, Impairment, LOSS_ALL_PPM, TcDirection, parse_loss};
+pub use mesh::{MAX_MESH_FLOWS, MeshFlowCounters, MeshFlowEntry, MeshFlowState, MeshFlowTable};
 pub use steer::{SteerFlow, Steering};
 pub use test_run::{TestProgram, TestRunOutput, tc as tc_verdict, xdp as xdp_verdict};
 
@@ -148,6 +174,14 @@ pub struct Counters {
     /// their STUN binding request, and learned (flow → shard entry added
     /// by the program).
     pub steer_stun_learned: u64,
+    /// Mesh transit: packets verified, re-signed and sent (each also
+    /// counted in `forward_xdp_tx` or `forward_xdp_redirect`).
+    pub mesh_forwarded: u64,
+    /// Mesh transit: packets whose tag did not verify, handed to userspace.
+    pub mesh_bad_tag: u64,
+    /// Mesh transit: packets more than 1024 indices behind their flow's
+    /// highest, dropped.
+    pub mesh_too_old: u64,
 }
 
 impl Counters {
@@ -178,6 +212,7 @@ pub struct RidgeBpf {
     guard: Guard,
     steering: Steering,
     flows: FlowTable,
+    mesh: MeshFlowTable,
     stats: PerCpuArray<MapData, u64>,
     attachments: attach::Attachments,
 }
@@ -188,6 +223,7 @@ impl std::fmt::Debug for RidgeBpf {
             .field("guard", &self.guard)
             .field("steering", &self.steering)
             .field("flows", &self.flows)
+            .field("mesh", &self.mesh)
             .field("attachments", &self.attachments)
             .finish_non_exhaustive()
     }
@@ -241,6 +277,11 @@ impl RidgeBpf {
             typed_map!(&mut ebpf, forward::ENTRIES_MAP);
         let fwd_stats: PerCpuArray<MapData, types::FwdStats> =
             typed_map!(&mut ebpf, forward::STATS_MAP);
+        let mesh_fwd: HashMap<MapData, types::FwdKey, types::MeshEntry> =
+            typed_map!(&mut ebpf, mesh::ENTRIES_MAP);
+        let mesh_state: Array<MapData, types::MeshState> = typed_map!(&mut ebpf, mesh::STATE_MAP);
+        let mesh_stats: PerCpuArray<MapData, types::MeshStats> =
+            typed_map!(&mut ebpf, mesh::STATS_MAP);
         let stats: PerCpuArray<MapData, u64> = typed_map!(&mut ebpf, STATS_MAP);
 
         Ok(Self {
@@ -248,6 +289,7 @@ impl RidgeBpf {
             guard: Guard::new(ports, guard_cfg, rate, rate_exempt),
             steering: Steering::new(steer_flows, steer_socks, steer_cfg),
             flows: FlowTable::new(fwd, fwd_stats, cpus),
+            mesh: MeshFlowTable::new(mesh_fwd, mesh_state, mesh_stats, cpus),
             stats,
             attachments: attach::Attachments::default(),
         })
@@ -266,6 +308,11 @@ impl RidgeBpf {
     /// The forwarding table.
     pub fn flows(&mut self) -> &mut FlowTable {
         &mut self.flows
+    }
+
+    /// The mesh transit table (SRTP flows verified and re-signed in XDP).
+    pub fn mesh_flows(&mut self) -> &mut MeshFlowTable {
+        &mut self.mesh
     }
 
     /// The programs' counters, summed over CPUs.
@@ -298,6 +345,9 @@ impl RidgeBpf {
             steer_hash: at(stat::STEER_HASH),
             steer_errors: at(stat::STEER_ERRORS),
             steer_stun_learned: at(stat::STEER_STUN_LEARNED),
+            mesh_forwarded: at(stat::MESH_FORWARDED),
+            mesh_bad_tag: at(stat::MESH_BAD_TAG),
+            mesh_too_old: at(stat::MESH_TOO_OLD),
         })
     }
 
@@ -352,6 +402,9 @@ impl Drop for RidgeBpf {
         }
         if let Err(e) = self.flows.clear() {
             tracing::warn!("ridge-ebpf: clearing the flow table on drop: {e}");
+        }
+        if let Err(e) = self.mesh.clear() {
+            tracing::warn!("ridge-ebpf: clearing the mesh flow table on drop: {e}");
         }
         if let Err(e) = self.steering.clear() {
             tracing::warn!("ridge-ebpf: clearing the steering table on drop: {e}");

@@ -13,6 +13,10 @@ pub(crate) const MAX_RATE_EXEMPT: usize = 4096;
 pub(crate) const MAX_SHARDS: u32 = 64;
 pub(crate) const MAX_FWD_FLOWS: u32 = 16384;
 pub(crate) const FWD_MAX_DESTS: usize = 8;
+pub(crate) const MAX_MESH_FLOWS: u32 = 4096;
+/// `RIDGE_MESH_IN_VALID` / `RIDGE_MESH_OUT_VALID`: `MeshState::flags` bits.
+pub(crate) const MESH_IN_VALID: u32 = 1;
+pub(crate) const MESH_OUT_VALID: u32 = 2;
 
 /// `enum ridge_stat`: indices of the per-CPU counter array.
 pub(crate) mod stat {
@@ -34,7 +38,10 @@ pub(crate) mod stat {
     pub(crate) const STEER_ERRORS: u32 = 15;
     pub(crate) const STEER_STUN_LEARNED: u32 = 16;
     pub(crate) const GUARD_RATE_EXEMPT: u32 = 17;
-    pub(crate) const COUNT: u32 = 18;
+    pub(crate) const MESH_FORWARDED: u32 = 18;
+    pub(crate) const MESH_BAD_TAG: u32 = 19;
+    pub(crate) const MESH_TOO_OLD: u32 = 20;
+    pub(crate) const COUNT: u32 = 21;
 }
 
 /// `struct ridge_guard_cfg`.
@@ -134,6 +141,53 @@ pub(crate) struct FwdStats {
     pub(crate) _pad0: u32,
 }
 
+/// `struct ridge_mesh_entry`. Keys as SipHash's (k0, k1): little-endian
+/// u64s of key bytes 0..8 and 8..16, stored in host order (the BPF side
+/// reads them as u64s on the same machine).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MeshEntry {
+    pub(crate) in_key: [u64; 2],
+    pub(crate) out_key: [u64; 2],
+    pub(crate) dest: FwdDest,
+    pub(crate) state_slot: u32,
+    pub(crate) _pad0: u32,
+}
+
+// Not derived: the keys are secrets.
+impl core::fmt::Debug for MeshEntry {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MeshEntry")
+            .field("in_key", &"<redacted>")
+            .field("out_key", &"<redacted>")
+            .field("dest", &self.dest)
+            .field("state_slot", &self.state_slot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `struct ridge_mesh_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MeshState {
+    pub(crate) in_highest: u64,
+    pub(crate) out_highest: u64,
+    /// [`MESH_IN_VALID`] | [`MESH_OUT_VALID`].
+    pub(crate) flags: u32,
+    pub(crate) _pad0: u32,
+}
+
+/// `struct ridge_mesh_stats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MeshStats {
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+    pub(crate) bad_tag: u64,
+    pub(crate) too_old: u64,
+    pub(crate) passed: u64,
+}
+
 /// `RIDGE_IMPAIR_PPM`: the `loss_ppm` that drops every packet.
 pub(crate) const IMPAIR_PPM: u32 = 1_000_000;
 
@@ -210,6 +264,26 @@ const _: () = {
     assert!(offset_of!(FwdStats, errors) == 32);
     assert!(offset_of!(FwdStats, sample_countdown) == 40);
     assert!(offset_of!(FwdStats, _pad0) == 44);
+
+    assert!(size_of::<MeshEntry>() == 80 && align_of::<MeshEntry>() == 8);
+    assert!(offset_of!(MeshEntry, in_key) == 0);
+    assert!(offset_of!(MeshEntry, out_key) == 16);
+    assert!(offset_of!(MeshEntry, dest) == 32);
+    assert!(offset_of!(MeshEntry, state_slot) == 72);
+    assert!(offset_of!(MeshEntry, _pad0) == 76);
+
+    assert!(size_of::<MeshState>() == 24 && align_of::<MeshState>() == 8);
+    assert!(offset_of!(MeshState, in_highest) == 0);
+    assert!(offset_of!(MeshState, out_highest) == 8);
+    assert!(offset_of!(MeshState, flags) == 16);
+    assert!(offset_of!(MeshState, _pad0) == 20);
+
+    assert!(size_of::<MeshStats>() == 40 && align_of::<MeshStats>() == 8);
+    assert!(offset_of!(MeshStats, packets) == 0);
+    assert!(offset_of!(MeshStats, bytes) == 8);
+    assert!(offset_of!(MeshStats, bad_tag) == 16);
+    assert!(offset_of!(MeshStats, too_old) == 24);
+    assert!(offset_of!(MeshStats, passed) == 32);
 
     assert!(size_of::<ImpairCfg>() == 8 && align_of::<ImpairCfg>() == 4);
     assert!(offset_of!(ImpairCfg, loss_ppm) == 0);
