@@ -4,7 +4,11 @@
 //! cores say which plain-RTP streams they forward with a constant rewrite
 //! (`Sfu::plain_flows`), and a reconcile task installs exactly those in
 //! `ridge-ebpf`'s forwarding table, every [`RECONCILE_INTERVAL`] and on
-//! every session change. The same task keeps the guard's rate-limit
+//! every session change. Mesh transit streams (`Sfu::mesh_flows`: a
+//! trusted link's stream relayed to exactly one other link) go to the
+//! mesh table the same way: the kernel checks their SipHash tag, swaps the
+//! link SSRC, re-signs and sends; each pass hands every shard the indices
+//! the kernel reached (`Sfu::set_kernel_mesh_forwarded`). The same task keeps the guard's rate-limit
 //! exemptions equal to the addresses of the node's authenticated mesh peers
 //! (one peer carries many rooms, above any per-client rate).
 //!
@@ -21,9 +25,10 @@ use std::time::Duration;
 
 use ridge_ebpf::{
     AttachMode, Counters, Destination, FlowCounters, FlowEntry, FlowKey, MAX_DESTINATIONS,
-    MAX_RATE_EXEMPT_SOURCES, RateLimit, RidgeBpf, XdpProgram,
+    MAX_RATE_EXEMPT_SOURCES, MeshFlowCounters, MeshFlowEntry, MeshFlowState, RateLimit, RidgeBpf,
+    XdpProgram,
 };
-use ridge_sfu::{PeerId, PlainFlow, SfuEvent};
+use ridge_sfu::{MeshFlow, MeshFlowProgress, PeerId, PlainFlow, SfuEvent};
 use tokio::sync::broadcast;
 
 use crate::config::{KernelConfig, XdpSetting};
@@ -79,6 +84,15 @@ impl NotOffloaded {
     }
 }
 
+/// One installed mesh transit entry: what identifies it (the indices the
+/// offer carries move on and are not part of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MeshInstalled {
+    shard: usize,
+    dest: Destination,
+    keys: ([u8; 16], [u8; 16]),
+}
+
 /// One installed forwarding entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Installed {
@@ -98,6 +112,11 @@ struct Loaded {
     /// guard holds is `bpf.guard().rate_exempt()`), so that a failure is
     /// logged once per change, not once per pass.
     exempt_wanted: Option<BTreeSet<IpAddr>>,
+    mesh_installed: HashMap<FlowKey, MeshInstalled>,
+    /// Counters of mesh entries already removed.
+    mesh_retired: MeshFlowCounters,
+    /// Shards told about kernel-forwarded mesh streams last pass.
+    mesh_reported: BTreeSet<usize>,
 }
 
 /// A snapshot for `/metrics`.
@@ -114,6 +133,10 @@ pub struct KernelSnapshot {
     pub install_errors: u64,
     /// Sources the guard does not rate-limit (mesh peers).
     pub rate_exempt_sources: usize,
+    /// Mesh transit entries installed, and counters over installed and
+    /// removed ones.
+    pub mesh_flows: usize,
+    pub mesh_totals: MeshFlowCounters,
 }
 
 /// The node's kernel fast path. Dropping it (or [`KernelPath::close`])
@@ -295,6 +318,9 @@ impl KernelPath {
                 retired: FlowCounters::default(),
                 reported: vec![Vec::new(); media.shard_count()],
                 exempt_wanted: None,
+                mesh_installed: HashMap::new(),
+                mesh_retired: MeshFlowCounters::default(),
+                mesh_reported: BTreeSet::new(),
             })),
             status: Mutex::new(Status::default()),
         }
@@ -359,6 +385,15 @@ impl KernelPath {
         }
         snap.flows.sort_by_key(|(k, _, _)| (k.src, k.dst, k.ssrc));
         snap.totals = totals;
+        let mut mesh = l.mesh_retired;
+        let keys: Vec<FlowKey> = l.mesh_installed.keys().copied().collect();
+        for key in keys {
+            if let Ok(Some(st)) = l.bpf.mesh_flows().state(key) {
+                add_mesh(&mut mesh, &st.counters);
+            }
+        }
+        snap.mesh_flows = l.mesh_installed.len();
+        snap.mesh_totals = mesh;
         snap
     }
 
@@ -413,7 +448,114 @@ impl KernelPath {
             for (shard, publishers) in reports {
                 media.set_kernel_forwarded(shard, publishers).await;
             }
+            let Some(mesh) = media.mesh_flows().await else {
+                return;
+            };
+            let Some(progress) = self.reconcile_mesh(&mesh, &tables) else {
+                return;
+            };
+            for (shard, p) in progress {
+                media.set_kernel_mesh_forwarded(shard, p).await;
+            }
         }
+    }
+
+    /// One pass over the mesh transit table: installs what the shards
+    /// offer and the kernel can take, removes what they no longer offer,
+    /// and returns per shard what the kernel did (the shards that had or
+    /// have kernel-forwarded streams), or `None` once the path is closed.
+    fn reconcile_mesh(
+        &self,
+        flows: &[Vec<MeshFlow>],
+        tables: &Tables,
+    ) -> Option<Vec<(usize, Vec<MeshFlowProgress>)>> {
+        let mut not_offloaded: BTreeMap<NotOffloaded, u64> = BTreeMap::new();
+        let mut desired: HashMap<FlowKey, (MeshInstalled, MeshFlowEntry)> = HashMap::new();
+        for (shard, shard_flows) in flows.iter().enumerate() {
+            for flow in shard_flows {
+                match mesh_entry_for(flow, tables) {
+                    Ok((key, entry)) => {
+                        let id = MeshInstalled {
+                            shard,
+                            dest: entry.dest,
+                            keys: (entry.in_key, entry.out_key),
+                        };
+                        desired.insert(key, (id, entry));
+                    }
+                    Err(reason) => *not_offloaded.entry(reason).or_default() += 1,
+                }
+            }
+        }
+        let mut guard = lock(&self.loaded);
+        let l = guard.as_mut()?;
+        let mut progress: BTreeMap<usize, Vec<MeshFlowProgress>> = BTreeMap::new();
+        let stale: Vec<FlowKey> = l
+            .mesh_installed
+            .iter()
+            .filter(|(k, v)| desired.get(*k).map(|(id, _)| id) != Some(*v))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            let Some(was) = l.mesh_installed.remove(&key) else {
+                continue;
+            };
+            match l.bpf.mesh_flows().remove(key) {
+                Ok(Some(st)) => {
+                    add_mesh(&mut l.mesh_retired, &st.counters);
+                    progress
+                        .entry(was.shard)
+                        .or_default()
+                        .push(mesh_progress(key, &was, &st, false));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(?key, error = %e, "cannot remove a kernel mesh flow"),
+            }
+            tracing::debug!(?key, "kernel mesh flow removed");
+        }
+        let mut install_errors = 0u64;
+        for (key, (id, entry)) in desired {
+            if !l.mesh_installed.contains_key(&key) {
+                match l.bpf.mesh_flows().insert(key, &entry) {
+                    Ok(()) => {
+                        tracing::debug!(?key, dest = %entry.dest.dst, "kernel mesh flow installed");
+                        l.mesh_installed.insert(key, id);
+                    }
+                    Err(e) => {
+                        install_errors += 1;
+                        *not_offloaded
+                            .entry(NotOffloaded::InstallFailed)
+                            .or_default() += 1;
+                        tracing::warn!(?key, error = %e, "cannot install a kernel mesh flow; it stays in userspace");
+                    }
+                }
+            }
+        }
+        let installed: Vec<(FlowKey, MeshInstalled)> = l
+            .mesh_installed
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (key, id) in installed {
+            if let Ok(Some(st)) = l.bpf.mesh_flows().state(key) {
+                progress
+                    .entry(id.shard)
+                    .or_default()
+                    .push(mesh_progress(key, &id, &st, true));
+            }
+        }
+        // Shards that had kernel-forwarded streams hear that they have none.
+        let now: BTreeSet<usize> = progress.keys().copied().collect();
+        for shard in l.mesh_reported.difference(&now) {
+            progress.entry(*shard).or_default();
+        }
+        l.mesh_reported = now;
+        drop(guard);
+        let mut status = lock(&self.status);
+        for (reason, n) in not_offloaded {
+            *status.not_offloaded.entry(reason).or_default() += n;
+        }
+        status.install_errors += install_errors;
+        Some(progress.into_iter().collect())
     }
 
     /// Makes the guard's rate-exempt sources the IPs of `peers` (the mesh
@@ -550,14 +692,52 @@ impl KernelPath {
     }
 }
 
-/// The forwarding entry for one flow, or why there is none. `fanout`: the
-/// TC program is attached (needed for two or more destinations).
-fn entry_for(
-    flow: &PlainFlow,
+/// What the kernel did with one mesh flow, for its shard.
+fn mesh_progress(
+    key: FlowKey,
+    id: &MeshInstalled,
+    st: &MeshFlowState,
+    forwarded: bool,
+) -> MeshFlowProgress {
+    MeshFlowProgress {
+        source: SocketAddr::V4(key.src),
+        ssrc: key.ssrc,
+        out_ssrc: id.dest.ssrc,
+        in_highest: st.in_highest,
+        out_highest: st.out_highest,
+        packets: st.counters.packets,
+        forwarded,
+    }
+}
+
+/// Where a flow's packets go: the destination with its resolved path, or
+/// why the kernel cannot send there.
+fn resolve(
+    remote: SocketAddr,
     tables: &Tables,
-    fanout: bool,
-) -> Result<(FlowKey, FlowEntry), NotOffloaded> {
-    let (SocketAddr::V4(src), SocketAddr::V4(local)) = (flow.source, flow.local) else {
+) -> Result<(SocketAddrV4, netinfo::L2Path), NotOffloaded> {
+    let dst = match remote {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddrV4::new(ip, v6.port()),
+            None => return Err(NotOffloaded::Ipv6),
+        },
+    };
+    if dst.ip().is_loopback() || IpAddr::V4(*dst.ip()).is_unspecified() {
+        return Err(NotOffloaded::Loopback);
+    }
+    // No route, no complete neighbour entry, or an unreadable interface:
+    // wait; the next pass tries again.
+    let path = tables
+        .resolve(*dst.ip())
+        .map_err(|_| NotOffloaded::Unresolved)?;
+    Ok((dst, path))
+}
+
+/// The flow key of packets from `source` to `local`, or why the kernel
+/// cannot match them.
+fn flow_key(source: SocketAddr, local: SocketAddr, ssrc: u32) -> Result<FlowKey, NotOffloaded> {
+    let (SocketAddr::V4(src), SocketAddr::V4(local)) = (source, local) else {
         return Err(NotOffloaded::Ipv6);
     };
     if local.ip().is_unspecified() {
@@ -566,29 +746,58 @@ fn entry_for(
     if src.ip().is_loopback() || local.ip().is_loopback() {
         return Err(NotOffloaded::Loopback);
     }
+    Ok(FlowKey {
+        src,
+        dst: local,
+        ssrc,
+    })
+}
+
+/// The mesh table entry for one transit flow, or why there is none.
+fn mesh_entry_for(
+    flow: &MeshFlow,
+    tables: &Tables,
+) -> Result<(FlowKey, MeshFlowEntry), NotOffloaded> {
+    let key = flow_key(flow.source, flow.local, flow.ssrc)?;
+    let (dst, path) = resolve(flow.dest, tables)?;
+    Ok((
+        key,
+        MeshFlowEntry {
+            in_key: flow.in_key,
+            out_key: flow.out_key,
+            dest: Destination {
+                dst,
+                src: key.dst,
+                ssrc: flow.out_ssrc,
+                seq_offset: 0,
+                ts_offset: 0,
+                ifindex: path.ifindex,
+                dst_mac: path.dst_mac,
+                src_mac: path.src_mac,
+            },
+            in_highest: flow.in_highest,
+            out_highest: flow.out_highest,
+        },
+    ))
+}
+
+/// The forwarding entry for one flow, or why there is none. `fanout`: the
+/// TC program is attached (needed for two or more destinations).
+fn entry_for(
+    flow: &PlainFlow,
+    tables: &Tables,
+    fanout: bool,
+) -> Result<(FlowKey, FlowEntry), NotOffloaded> {
+    let key = flow_key(flow.source, flow.local, flow.ssrc)?;
     if flow.destinations.len() > 1 && !fanout {
         return Err(NotOffloaded::FanoutUnavailable);
     }
     let mut destinations = Vec::with_capacity(flow.destinations.len());
     for d in &flow.destinations {
-        let dst = match d.remote {
-            SocketAddr::V4(v4) => v4,
-            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-                Some(ip) => SocketAddrV4::new(ip, v6.port()),
-                None => return Err(NotOffloaded::Ipv6),
-            },
-        };
-        if dst.ip().is_loopback() || IpAddr::V4(*dst.ip()).is_unspecified() {
-            return Err(NotOffloaded::Loopback);
-        }
-        // No route, no complete neighbour entry, or an unreadable
-        // interface: wait; the next pass tries again.
-        let path = tables
-            .resolve(*dst.ip())
-            .map_err(|_| NotOffloaded::Unresolved)?;
+        let (dst, path) = resolve(d.remote, tables)?;
         destinations.push(Destination {
             dst,
-            src: local,
+            src: key.dst,
             ssrc: d.ssrc,
             seq_offset: d.seq_offset,
             ts_offset: d.ts_offset,
@@ -598,11 +807,7 @@ fn entry_for(
         });
     }
     Ok((
-        FlowKey {
-            src,
-            dst: local,
-            ssrc: flow.ssrc,
-        },
+        key,
         FlowEntry {
             destinations,
             sample_every: SAMPLE_EVERY,
@@ -620,6 +825,14 @@ fn exempt_sources(peers: &[SocketAddr]) -> (BTreeSet<IpAddr>, usize) {
         all.pop_last();
     }
     (all, dropped)
+}
+
+fn add_mesh(total: &mut MeshFlowCounters, c: &MeshFlowCounters) {
+    total.packets += c.packets;
+    total.bytes += c.bytes;
+    total.bad_tag += c.bad_tag;
+    total.too_old += c.too_old;
+    total.passed += c.passed;
 }
 
 fn add(total: &mut FlowCounters, c: &FlowCounters) {

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use ridge_io::{Backend, BackendChoice, DatagramIo, IoError, RecvMeta, SocketOptions};
 use ridge_sfu::{
-    MAX_BATCH, MeshConfig, MeshControl, OfferIntent, Output, PacketBuf, ParticipantId, PeerId,
-    PlainFlow, RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig, SfuError, SfuEvent,
-    StatsSnapshot, Transmit, shard_of,
+    MAX_BATCH, MeshConfig, MeshControl, MeshFlow, MeshFlowProgress, OfferIntent, Output, PacketBuf,
+    ParticipantId, PeerId, PlainFlow, RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig,
+    SfuError, SfuEvent, StatsSnapshot, Transmit, shard_of,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -98,6 +98,12 @@ enum Command {
     },
     SetKernelForwarded {
         publishers: Vec<PeerId>,
+    },
+    MeshFlows {
+        reply: oneshot::Sender<Vec<MeshFlow>>,
+    },
+    SetKernelMeshForwarded {
+        progress: Vec<MeshFlowProgress>,
     },
     Drain,
     CloseAll {
@@ -403,8 +409,6 @@ impl MediaHandle {
         Some(replies.into_iter().flatten().collect())
     }
 
-    /// Each shard's plain-RTP flows that a kernel fast path could forward
-    /// (`Sfu::plain_flows`), by shard index; `None` if a shard has stopped.
     /// Every remote socket that authenticated as a mesh link, on any shard.
     pub async fn mesh_peer_addrs(&self) -> Option<Vec<SocketAddr>> {
         self.ask_every_shard(|reply| Command::MeshPeerAddrs { reply })
@@ -412,6 +416,27 @@ impl MediaHandle {
             .map(|v| v.into_iter().flatten().collect())
     }
 
+    /// Each shard's mesh transit streams that a kernel fast path could
+    /// forward (`Sfu::mesh_flows`), by shard index; `None` if a shard has
+    /// stopped.
+    pub async fn mesh_flows(&self) -> Option<Vec<Vec<MeshFlow>>> {
+        self.ask_every_shard(|reply| Command::MeshFlows { reply })
+            .await
+    }
+
+    /// Tells shard `shard` what the kernel did with its mesh transit
+    /// streams (`Sfu::set_kernel_mesh_forwarded`).
+    pub async fn set_kernel_mesh_forwarded(&self, shard: usize, progress: Vec<MeshFlowProgress>) {
+        if let Some(link) = self.shards.get(shard) {
+            let _ = link
+                .tx
+                .send(Command::SetKernelMeshForwarded { progress })
+                .await;
+        }
+    }
+
+    /// Each shard's plain-RTP flows that a kernel fast path could forward
+    /// (`Sfu::plain_flows`), by shard index; `None` if a shard has stopped.
     pub async fn plain_flows(&self, max_destinations: usize) -> Option<Vec<Vec<PlainFlow>>> {
         self.ask_every_shard(|reply| Command::PlainFlows {
             max_destinations,
@@ -998,6 +1023,12 @@ fn execute(sfu: &mut Sfu, cmd: Command) {
             let _ = reply.send(sfu.plain_flows(max_destinations));
         }
         Command::SetKernelForwarded { publishers } => sfu.set_kernel_forwarded(&publishers),
+        Command::MeshFlows { reply } => {
+            let _ = reply.send(sfu.mesh_flows(now));
+        }
+        Command::SetKernelMeshForwarded { progress } => {
+            sfu.set_kernel_mesh_forwarded(now, &progress)
+        }
         Command::Drain => sfu.start_drain(),
         Command::SetMesh(config) => sfu.set_mesh(now, *config),
         Command::MeshControl(m) => sfu.handle_mesh_control(now, &m.link, m.source, &m.rtcp),

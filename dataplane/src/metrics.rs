@@ -292,6 +292,32 @@ impl Collector for KernelCollector {
             "Their size (Ethernet frames)",
             &[(vec![], s.totals.bytes)],
         )?;
+        gauge(
+            &mut enc,
+            "ridge_bpf_mesh_flows",
+            "Mesh transit streams installed in the kernel (tag checked, SSRC swapped, re-signed)",
+            &[(vec![], s.mesh_flows as f64)],
+        )?;
+        let m = &s.mesh_totals;
+        counter(
+            &mut enc,
+            "ridge_kernel_mesh_packets",
+            "Packets of mesh transit streams the kernel saw (installed and removed flows), by \
+             outcome: forwarded; bad_tag (handed to userspace, which drops and counts it); \
+             too_old (dropped); passed (handed to userspace: no state yet, too short or long)",
+            &[
+                (vec![("outcome", "forwarded".to_owned())], m.packets),
+                (vec![("outcome", "bad_tag".to_owned())], m.bad_tag),
+                (vec![("outcome", "too_old".to_owned())], m.too_old),
+                (vec![("outcome", "passed".to_owned())], m.passed),
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "ridge_kernel_mesh_bytes",
+            "Size of the mesh transit packets the kernel forwarded (Ethernet frames)",
+            &[(vec![], m.bytes)],
+        )?;
         if !s.flows.is_empty() {
             let label = |k: &ridge_ebpf::FlowKey| -> Labels {
                 vec![

@@ -98,6 +98,9 @@ pub struct LabConfig {
     /// Extra dataplane flags (default `--xdp off`: nothing attaches to the
     /// lab's veths, so an impairment can own their TC hooks).
     pub dataplane_args: Vec<String>,
+    /// Per node, flags used instead of `dataplane_args` (a `--udp` among
+    /// them replaces the lab's `0.0.0.0:5004`).
+    pub node_args: BTreeMap<String, Vec<String>>,
     /// `trust_domain` label on every node's bootstrap token (`None`: no
     /// label, so links are untrusted).
     pub trust_domain: Option<String>,
@@ -119,6 +122,7 @@ impl LabConfig {
             watch_wait: Duration::from_secs(5),
             shards: 1,
             dataplane_args: vec!["--xdp".into(), "off".into()],
+            node_args: BTreeMap::new(),
             trust_domain: Some("lab".into()),
             log: "info".into(),
         }
@@ -984,12 +988,20 @@ impl MeshLab {
         let bin = self.bins.dataplane.clone();
         let n = self.node_mut(name)?;
         let _ = std::fs::remove_file(n.socket());
+        let extra = cfg.node_args.get(name).unwrap_or(&cfg.dataplane_args);
+        // A node's own `--udp` replaces the wildcard.
+        let udp = if extra.iter().any(|a| a == "--udp") {
+            vec![]
+        } else {
+            vec!["--udp".into(), format!("0.0.0.0:{MEDIA_PORT}")]
+        };
         let mut args: Vec<String> = vec![
             "--http".into(),
             format!("{}:{HTTP_PORT}", n.ctl_ip),
             "--insecure-http".into(),
-            "--udp".into(),
-            format!("0.0.0.0:{MEDIA_PORT}"),
+        ];
+        args.extend(udp);
+        args.extend([
             "--public-ip".into(),
             n.ctl_ip.to_string(),
             "--shards".into(),
@@ -1001,7 +1013,7 @@ impl MeshLab {
             "1s".into(),
             "--log".into(),
             cfg.log.clone(),
-        ];
+        ]);
         // tests/run.sh runs the suite once per I/O backend.
         if let Ok(b) = std::env::var("RIDGE_TEST_IO_BACKEND")
             && !b.is_empty()
@@ -1010,7 +1022,7 @@ impl MeshLab {
             args.push("--io-backend".into());
             args.push(b);
         }
-        args.extend(cfg.dataplane_args.iter().cloned());
+        args.extend(extra.iter().cloned());
         // The dataplane starts with a throwaway secret; the desired state's
         // `dataplane_secret` replaces it.
         let secret = random_hex(24);
@@ -1690,6 +1702,25 @@ impl MeshLab {
     /// Dispatch itself picks the node by load, which on one machine is a
     /// coin toss; use [`MeshLab::dispatch`] to exercise it. Waits until the
     /// node's dataplane holds that secret.
+    /// The node's dataplane `/metrics` (an operator token minted with its
+    /// `dataplane_secret`).
+    pub fn node_metrics(&self, node: &str) -> Result<String> {
+        let secret = self.scheduler_desired(node)?.dataplane_secret;
+        let token = ridge_dataplane::auth::mint(
+            &Secret::new(secret),
+            "*",
+            "operator",
+            false,
+            false,
+            true,
+            Duration::from_secs(600),
+            unix_now(),
+        )?;
+        let (status, body) = self.node_request(node, "GET", "/metrics", Some(&token), None)?;
+        ensure!(status == 200, "GET /metrics on {node}: {status} {body}");
+        Ok(body)
+    }
+
     pub fn dispatch_token(
         &self,
         node: &str,

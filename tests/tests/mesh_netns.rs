@@ -16,6 +16,11 @@
 //!   routes; when the transit node is killed the route moves through the
 //!   other one. Media sent to A reaches C through the transit node, and
 //!   after the kill resumes within 3 s.
+//! - `a_transit_node_forwards_the_mesh_in_the_kernel`: a chain A–B–C whose
+//!   nodes attach XDP to their mesh veths (B's media socket bound to its
+//!   mesh IP): B's kernel checks, re-signs and forwards the stream A sends
+//!   C (`ridge_kernel_mesh_packets_total{outcome="forwarded"}`), and C gets
+//!   every packet.
 //! - `scheduler_restart_loses_no_nodes`.
 //! - `chromium_publishes_on_a_and_watches_on_c_through_the_mesh`: WHIP on A,
 //!   WHEP on C, the viewer decodes 640×480 video and audio relayed by B or D.
@@ -473,6 +478,105 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
         lab.mesh_report()
     );
     expect_held_routes(&lab, "demo", &moved, &[])?;
+    Ok(())
+}
+
+/// A counter's value in Prometheus text, 0 when absent.
+fn prom(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
+    let test = "a_transit_node_forwards_the_mesh_in_the_kernel";
+    if require(test, MeshLab::prerequisites()).is_err() {
+        return Ok(());
+    }
+    let mut cfg = ridge_tests::mesh::LabConfig::new(&["a", "b", "c"], &[("a", "b"), ("b", "c")]);
+    let xdp = |ifaces: &[&str]| -> Vec<String> {
+        let mut args = vec!["--xdp".to_owned(), "auto".to_owned()];
+        for i in ifaces {
+            args.extend(["--media-interface".to_owned(), (*i).to_owned()]);
+        }
+        args
+    };
+    // Every mesh veth gets XDP (a veth delivers an XDP_REDIRECT only to a
+    // peer with XDP); B binds its media socket to its mesh IP (node 1:
+    // 10.251.0.2), which the kernel's flow key needs.
+    cfg.node_args.insert("a".into(), xdp(&["m-b"]));
+    let mut b = xdp(&["m-a", "m-c"]);
+    b.extend(["--udp".to_owned(), "10.251.0.2:5004".to_owned()]);
+    cfg.node_args.insert("b".into(), b);
+    cfg.node_args.insert("c".into(), xdp(&["m-b"]));
+    let lab = MeshLab::start(cfg)?;
+    lab.wait_until_up(3, UP)?;
+    let mut pair = lab.plain_rtp_pair("demo", "a", "c")?;
+    lab.wait_route("demo", "a", "c", ROUTE, |p| p == ["a", "b", "c"])?;
+    let warm = Instant::now();
+    while pair.receiver.received().is_empty() {
+        ensure!(
+            warm.elapsed() < ROUTE,
+            "no media reached C within {ROUTE:?} of the route being held\n{}",
+            lab.mesh_report()
+        );
+        pair.send(30, Duration::from_millis(5))?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // B offers the stream once it relayed it cleanly; its reconcile pass
+    // (500 ms) installs it.
+    let forwarded = |lab: &MeshLab| -> Result<f64> {
+        Ok(prom(
+            &lab.node_metrics("b")?,
+            "ridge_kernel_mesh_packets_total{outcome=\"forwarded\"}",
+        ))
+    };
+    eventually("B's kernel to forward the transit stream", ROUTE, || {
+        pair.send(20, Duration::from_millis(5))?;
+        let m = lab.node_metrics("b")?;
+        Ok((prom(&m, "ridge_bpf_mesh_flows") >= 1.0 && forwarded(&lab)? > 0.0).then_some(()))
+    })
+    .with_context(|| {
+        format!(
+            "{}\n{}",
+            lab.node_metrics("b").unwrap_or_default(),
+            lab.mesh_report()
+        )
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    pair.receiver.clear();
+    let before = forwarded(&lab)?;
+    let start = pair.sender.sent();
+    pair.send(500, Duration::from_millis(2))?;
+    let got = pair.receiver.wait_for(500, Duration::from_secs(5));
+    let indices = pair.received_indices();
+    let arrived = (start..start + 500)
+        .filter(|i| indices.binary_search(i).is_ok())
+        .count();
+    let by_kernel = forwarded(&lab)? - before;
+    let m = lab.node_metrics("b")?;
+    eprintln!(
+        "C got {arrived}/500 ({} datagrams); B's kernel forwarded {by_kernel}, bad tags {}, too old {}",
+        got.len(),
+        prom(&m, "ridge_kernel_mesh_packets_total{outcome=\"bad_tag\"}"),
+        prom(&m, "ridge_kernel_mesh_packets_total{outcome=\"too_old\"}"),
+    );
+    ensure!(
+        arrived == 500,
+        "C received {arrived} of 500\n{}",
+        lab.mesh_report()
+    );
+    ensure!(
+        by_kernel >= 490.0,
+        "B's kernel forwarded {by_kernel} of 500 (the rest went through its core)\n{m}"
+    );
     Ok(())
 }
 

@@ -204,7 +204,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
         },
     );
     let profile = if data.first().is_some_and(|b| b & 1 == 0) {
-        SrtpProfile::NullHmacSha1_80
+        SrtpProfile::NullSipHash24_80
     } else {
         SrtpProfile::Aes128CmHmacSha1_80
     };
