@@ -489,12 +489,7 @@ fn live(path: Path, duration: Duration) -> LiveResult {
                         .iter()
                         .zip(&meta)
                         .take(n)
-                        .map(|(b, m)| Transmit {
-                            prefix: &[],
-                            destination: to,
-                            contents: &b[..m.len],
-                            segment_size: None,
-                        })
+                        .map(|(b, m)| Transmit::new(to, &b[..m.len]))
                         .collect();
                     let mut done = 0;
                     while done < tx.len() && !stop.load(Ordering::Relaxed) {

@@ -268,6 +268,7 @@ mod tests {
                     destination: dest,
                     prefix: &[],
                     contents: &run,
+                    suffix: &[],
                     segment_size: Some(100),
                 },
                 Transmit::new(dest, &lone),

@@ -26,6 +26,7 @@ fn run(tx: BackendChoice, rx: BackendChoice, size: usize, ring_sends: bool) {
     let batch = vec![
         Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &payload,
             segment_size: None,
@@ -77,6 +78,7 @@ fn run_gro(rx: BackendChoice, gro: bool) {
     let batch = vec![
         Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &payload,
             segment_size: Some(SEGMENT as u16),

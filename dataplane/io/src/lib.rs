@@ -94,6 +94,11 @@ pub struct Transmit<'a> {
     /// transmit with a prefix is one datagram: `segment_size` is ignored.
     pub prefix: &'a [u8],
     pub contents: &'a [u8],
+    /// Bytes sent after `contents` in the same datagram, from a separate
+    /// buffer: a trailer computed per destination behind a shared payload
+    /// (an SRTP tag). Usually empty. A transmit with a suffix is one
+    /// datagram: `segment_size` is ignored.
+    pub suffix: &'a [u8],
     /// GSO: `contents` is several datagrams of this size, the last of which
     /// may be shorter. Sent in one syscall when the kernel supports
     /// `UDP_SEGMENT`, split into separate datagrams otherwise. Keep the count
@@ -108,13 +113,14 @@ impl<'a> Transmit<'a> {
             destination,
             prefix: &[],
             contents,
+            suffix: &[],
             segment_size: None,
         }
     }
 
     /// Bytes this transmit puts on the wire (all segments, no headers).
     pub fn len(&self) -> usize {
-        self.prefix.len() + self.contents.len()
+        self.prefix.len() + self.contents.len() + self.suffix.len()
     }
 
     pub fn is_empty(&self) -> bool {

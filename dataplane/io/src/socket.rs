@@ -107,9 +107,9 @@ fn set_int(
 /// (IPv4: 65,535 less the IP and UDP headers; IPv6 allows slightly more).
 pub(crate) const MAX_GSO_BYTES: usize = 65_507;
 
-/// Iovecs one message may need: a prefix and contents for each of up to
-/// [`crate::cmsg::UDP_MAX_SEGMENTS`] gathered datagrams.
-pub(crate) const MAX_IOVECS: usize = 2 * crate::cmsg::UDP_MAX_SEGMENTS;
+/// Iovecs one message may need: a prefix, contents and suffix for each of
+/// up to [`crate::cmsg::UDP_MAX_SEGMENTS`] gathered datagrams.
+pub(crate) const MAX_IOVECS: usize = 3 * crate::cmsg::UDP_MAX_SEGMENTS;
 
 /// How many bytes of a caller's GSO run (`remaining` bytes of `s`-byte
 /// segments) one `UDP_SEGMENT` send can carry: at most
@@ -127,15 +127,18 @@ fn gso_chunk(remaining: usize, s: usize) -> Option<usize> {
 /// A message is one datagram, a caller's GSO run (`gso`), or, with GSO on,
 /// a run *gathered* from consecutive transmits: whole datagrams to the same
 /// destination, all of one length except a shorter last one, sent as one
-/// `UDP_SEGMENT` message whose iovecs point at each transmit's prefix and
-/// contents (no copy). The receiver sees the same datagrams either way.
+/// `UDP_SEGMENT` message whose iovecs point at each transmit's prefix,
+/// contents and suffix (no copy). The receiver sees the same datagrams
+/// either way.
 #[derive(Debug)]
 pub(crate) struct NextDatagram<'a> {
     /// Sent first, from its own iovec (empty when the transmit has none).
     pub(crate) prefix: &'a [u8],
     pub(crate) chunk: &'a [u8],
-    /// Transmits gathered after the first (each its whole prefix and
-    /// contents), in order; empty unless this is a gathered run.
+    /// Sent after the chunk, from its own iovec (empty when none).
+    pub(crate) suffix: &'a [u8],
+    /// Transmits gathered after the first (each its whole prefix, contents
+    /// and suffix), in order; empty unless this is a gathered run.
     pub(crate) gathered: &'a [crate::Transmit<'a>],
     pub(crate) gso: Option<u16>,
     pub(crate) next_tx: usize,
@@ -197,13 +200,19 @@ pub(crate) fn next_datagram<'a>(
     let whole = NextDatagram {
         prefix: t.prefix,
         chunk: t.contents,
+        suffix: t.suffix,
         gathered: &[],
         gso: None,
         next_tx: tx + 1,
         next_offset: 0,
     };
     let segment = match t.segment_size {
-        Some(s) if s > 0 && t.prefix.is_empty() && t.contents.len() > usize::from(s) => {
+        Some(s)
+            if s > 0
+                && t.prefix.is_empty()
+                && t.suffix.is_empty()
+                && t.contents.len() > usize::from(s) =>
+        {
             usize::from(s)
         }
         _ => {
@@ -238,6 +247,7 @@ pub(crate) fn next_datagram<'a>(
     NextDatagram {
         prefix: &[],
         chunk: &t.contents[offset..end],
+        suffix: &[],
         gathered: &[],
         gso,
         next_tx,
@@ -245,15 +255,15 @@ pub(crate) fn next_datagram<'a>(
     }
 }
 
-/// Points `iovs` at a planned message: the prefix (if any), the chunk, then
-/// each gathered transmit's prefix and contents, skipping empty ones.
-/// Returns how many iovecs are in use.
+/// Points `iovs` at a planned message: the prefix (if any), the chunk, the
+/// suffix (if any), then each gathered transmit's prefix, contents and
+/// suffix, skipping empty ones. Returns how many iovecs are in use.
 pub(crate) fn fill_iovecs(iovs: &mut [libc::iovec; MAX_IOVECS], d: &NextDatagram<'_>) -> usize {
     let mut n = 0;
-    let parts = [d.prefix, d.chunk].into_iter().chain(
+    let parts = [d.prefix, d.chunk, d.suffix].into_iter().chain(
         d.gathered
             .iter()
-            .flat_map(|t| [t.prefix, t.contents].into_iter()),
+            .flat_map(|t| [t.prefix, t.contents, t.suffix].into_iter()),
     );
     for part in parts.filter(|p| !p.is_empty()) {
         iovs[n] = libc::iovec {
@@ -329,6 +339,7 @@ mod tests {
         Transmit {
             destination: "127.0.0.1:1".parse().unwrap(),
             prefix: &[],
+            suffix: &[],
             contents,
             segment_size,
         }
@@ -392,8 +403,49 @@ mod tests {
             destination: SocketAddr::from(([127, 0, 0, 1], port)),
             prefix,
             contents,
+            suffix: &[],
             segment_size: None,
         }
+    }
+
+    /// Header, shared payload and trailer (a mesh link's SRTP tag): one
+    /// datagram of three iovecs, gathered like any other of its length.
+    #[test]
+    fn suffixes_follow_their_contents_in_gathered_runs() {
+        const H: &[u8] = &[1; 12];
+        const P: &[u8] = &[2; 178];
+        const T: &[u8] = &[9; 10];
+        let tagged = Transmit {
+            suffix: T,
+            ..to(1, H, P)
+        };
+        assert_eq!(tagged.len(), 200);
+        let batch = [tagged, tagged, to(1, &[], &[4; 200])];
+        let d = next_datagram(&batch, 0, 0, true);
+        assert_eq!((d.gso, d.next_tx, d.datagrams()), (Some(200), 3, 3));
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOVECS];
+        let n = fill_iovecs(&mut iovs, &d);
+        let lens: Vec<usize> = iovs[..n].iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [12, 178, 10, 12, 178, 10, 200]);
+        assert_eq!(iovs[2].iov_base as *const u8, T.as_ptr());
+        // A caller's GSO run with a suffix is one datagram.
+        let run = Transmit {
+            suffix: T,
+            segment_size: Some(50),
+            ..to(1, &[], &[0; 150])
+        };
+        let d = next_datagram(std::slice::from_ref(&run), 0, 0, true);
+        assert_eq!(
+            (d.gso, d.next_tx, d.chunk.len(), d.suffix.len()),
+            (None, 1, 150, 10)
+        );
+        // The most a message can need: 64 datagrams of three parts.
+        let full: Vec<Transmit<'static>> = (0..64).map(|_| tagged).collect();
+        let d = next_datagram(&full, 0, 0, true);
+        assert_eq!(fill_iovecs(&mut iovs, &d), MAX_IOVECS);
     }
 
     #[test]

@@ -123,6 +123,7 @@ fn round_trip_1000(choice: BackendChoice) {
             .iter()
             .map(|p| Transmit {
                 prefix: &[],
+                suffix: &[],
                 destination: dst,
                 contents: p,
                 segment_size: None,
@@ -157,6 +158,7 @@ fn ipv6_round_trip(choice: BackendChoice) {
         &mut a,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: dst,
             contents: &data,
             segment_size: None,
@@ -172,6 +174,7 @@ fn ipv6_round_trip(choice: BackendChoice) {
         &mut b,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: v4.local_addr(),
             contents: &data,
             segment_size: None,
@@ -196,6 +199,7 @@ fn truncation(choice: BackendChoice) {
         .iter()
         .map(|p| Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: p,
             segment_size: None,
@@ -248,6 +252,7 @@ fn readiness(choice: BackendChoice) {
         &mut a,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: None,
@@ -279,6 +284,7 @@ fn readiness_cross_thread(choice: BackendChoice) {
                 &mut a,
                 &[Transmit {
                     prefix: &[],
+                    suffix: &[],
                     destination: dst,
                     contents: &data,
                     segment_size: None,
@@ -325,6 +331,7 @@ fn exhaustion(choice: BackendChoice) {
         .iter()
         .map(|p| Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: p,
             segment_size: None,
@@ -365,6 +372,7 @@ fn gso_send(choice: BackendChoice) {
         &mut a,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(100),
@@ -406,6 +414,7 @@ fn gso_fallback(choice: BackendChoice) {
             &mut a,
             &[Transmit {
                 prefix: &[],
+                suffix: &[],
                 destination: b.local_addr(),
                 contents: &data,
                 segment_size: Some(200),
@@ -482,6 +491,7 @@ fn gso_transmits(runs: &[Vec<u8>], destination: SocketAddr) -> Vec<Transmit<'_>>
     runs.iter()
         .map(|r| Transmit {
             prefix: &[],
+            suffix: &[],
             destination,
             contents: r,
             segment_size: Some(500),
@@ -577,6 +587,7 @@ fn gro_largest_run(choice: BackendChoice) {
         &mut a,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &run,
             segment_size: Some(1023),
@@ -656,6 +667,7 @@ fn gro_truncation(choice: BackendChoice) {
         &mut a,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: dst,
             contents: &run,
             segment_size: Some(500),
@@ -706,6 +718,7 @@ fn unreachable_port(choice: BackendChoice) {
     for round in 0..20 {
         let to_closed = Transmit {
             prefix: &[],
+            suffix: &[],
             destination: closed,
             contents: &junk,
             segment_size: None,
@@ -721,6 +734,7 @@ fn unreachable_port(choice: BackendChoice) {
         );
         let to_b = Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &good,
             segment_size: None,
@@ -748,6 +762,7 @@ fn unreachable_port(choice: BackendChoice) {
         &mut b,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: a.local_addr(),
             contents: &good,
             segment_size: None,
@@ -767,6 +782,7 @@ fn refused_datagrams_are_skipped(choice: BackendChoice) {
     let v6: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
     let t = |destination, contents| Transmit {
         prefix: &[],
+        suffix: &[],
         destination,
         contents,
         segment_size: None,
@@ -799,6 +815,7 @@ fn long_gso_is_split(choice: BackendChoice) {
         &mut a,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(100),
@@ -825,6 +842,7 @@ fn drop_while_busy(choice: BackendChoice) {
     let batch = vec![
         Transmit {
             prefix: &[],
+            suffix: &[],
             destination: dst,
             contents: &data,
             segment_size: None,
@@ -857,6 +875,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
     let to_b = vec![
         Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: None,
@@ -865,6 +884,7 @@ fn completions_reaped_by_send(choice: BackendChoice) {
     ];
     let to_a = Transmit {
         prefix: &[],
+        suffix: &[],
         destination: a.local_addr(),
         contents: &data,
         segment_size: None,
@@ -943,6 +963,7 @@ fn prefixed_fan_out(choice: BackendChoice) {
                 c.local_addr()
             },
             prefix: h,
+            suffix: &[],
             contents: &shared,
             segment_size: Some(100),
         })
@@ -961,8 +982,8 @@ fn prefixed_fan_out(choice: BackendChoice) {
 }
 
 /// Consecutive transmits to one destination, of one length but a shorter
-/// last, go as one gathered GSO message built from their prefixes and
-/// shared payloads: a GRO receiver gets them coalesced, a plain one
+/// last, go as one gathered GSO message built from their prefixes, shared
+/// payloads and suffixes: a GRO receiver gets them coalesced, a plain one
 /// datagram by datagram, and both get exactly what was sent, in order. With
 /// GSO off nothing is coalesced.
 fn gathered_gso_fan_out(choice: BackendChoice) {
@@ -982,6 +1003,9 @@ fn gathered_gso_fan_out(choice: BackendChoice) {
             .map(|i| payload(i, if i % 25 == 24 { 61 } else { 188 }))
             .collect();
         let headers: Vec<[u8; 12]> = (0..100u8).map(|i| [i; 12]).collect();
+        // Each with a trailer of its own after the shared payload (a mesh
+        // link's SRTP tag): three iovecs per datagram.
+        let trailers: Vec<[u8; 10]> = (0..100u8).map(|i| [!i; 10]).collect();
         // 0..40 to b, 40..70 to c, 70..100 to b: runs end at the short
         // datagrams (24, 49, 74, 99) and where the destination changes.
         let dest = |i: usize| {
@@ -995,6 +1019,7 @@ fn gathered_gso_fan_out(choice: BackendChoice) {
             .map(|i| Transmit {
                 destination: dest(i),
                 prefix: &headers[i],
+                suffix: &trailers[i],
                 contents: &payloads[i],
                 segment_size: None,
             })
@@ -1003,7 +1028,7 @@ fn gathered_gso_fan_out(choice: BackendChoice) {
         let want = |to: SocketAddr| -> Vec<Vec<u8>> {
             (0..100)
                 .filter(|&i| dest(i) == to)
-                .map(|i| [&headers[i][..], &payloads[i][..]].concat())
+                .map(|i| [&headers[i][..], &payloads[i][..], &trailers[i][..]].concat())
                 .collect()
         };
         let (want_b, want_c) = (want(b.local_addr()), want(c.local_addr()));
@@ -1102,6 +1127,7 @@ fn uring_gso_reaches_gro_receiver() {
         &mut a,
         &[Transmit {
             prefix: &[],
+            suffix: &[],
             destination: b.local_addr(),
             contents: &data,
             segment_size: Some(500),
