@@ -149,6 +149,10 @@ pub enum SrtpError {
     /// encrypting link, or the reverse).
     #[error("SRTCP encryption flag does not match the profile")]
     EncryptionMismatch,
+    /// [`SrtpContext::protect_rtp_parts`] on an encrypting profile, whose
+    /// payload must be rewritten (and so be in the packet).
+    #[error("this profile encrypts: protect the whole packet")]
+    Encrypts,
     /// The packet index space (2^48 SRTP, 2^31 SRTCP) is used up; the link
     /// must be rekeyed.
     #[error("packet index exhausted; rekey the link")]
@@ -278,11 +282,22 @@ struct SessionKeys {
 /// The SipHash tag of an SRTP packet (see the module docs): the first 10
 /// bytes of SipHash-2-4-128 over `ROC || 0 0 0 0 || body`.
 pub fn siphash_tag(key: &[u8; SIPHASH_KEY_LEN], roc: u32, body: &[u8]) -> [u8; SRTP_AUTH_TAG_LEN] {
+    siphash_tag_parts(key, roc, &[body])
+}
+
+/// [`siphash_tag`] of the concatenation of `parts`.
+fn siphash_tag_parts(
+    key: &[u8; SIPHASH_KEY_LEN],
+    roc: u32,
+    parts: &[&[u8]],
+) -> [u8; SRTP_AUTH_TAG_LEN] {
     let mut h = SipHasher24::new_with_key(key);
     let mut head = [0u8; 8];
     copy_prefix(&mut head, &roc.to_be_bytes());
     h.write(&head);
-    h.write(body);
+    for p in parts {
+        h.write(p);
+    }
     let full = h.finish128().as_bytes();
     let mut tag = [0u8; SRTP_AUTH_TAG_LEN];
     copy_prefix(&mut tag, &full);
@@ -325,10 +340,17 @@ impl SessionKeys {
     /// The 80-bit tag over `data` under rollover counter `roc` (SRTP), or
     /// over `data` alone (SRTCP: `roc` is `None`; HMAC only).
     fn tag(&self, data: &[u8], roc: Option<u32>) -> [u8; SRTP_AUTH_TAG_LEN] {
+        self.tag_parts(&[data], roc)
+    }
+
+    /// [`SessionKeys::tag`] over the concatenation of `parts`.
+    fn tag_parts(&self, parts: &[&[u8]], roc: Option<u32>) -> [u8; SRTP_AUTH_TAG_LEN] {
         match &self.auth {
             Auth::HmacSha1(key) => {
                 let mut mac = key.clone();
-                mac.update(data);
+                for p in parts {
+                    mac.update(p);
+                }
                 if let Some(roc) = roc {
                     mac.update(&roc.to_be_bytes());
                 }
@@ -337,7 +359,7 @@ impl SessionKeys {
                 copy_prefix(&mut tag, &full);
                 tag
             }
-            Auth::SipHash(key) => siphash_tag(key, roc.unwrap_or(0), data),
+            Auth::SipHash(key) => siphash_tag_parts(key, roc.unwrap_or(0), parts),
         }
     }
 
@@ -623,6 +645,37 @@ impl SrtpContext {
             }
         }
         Ok(())
+    }
+
+    /// [`SrtpContext::protect_rtp`] for a packet held in two pieces, its
+    /// header here and its payload elsewhere (shared with other sends):
+    /// returns the tag to send after them, copying nothing. Only for the
+    /// profiles that do not encrypt ([`SrtpError::Encrypts`] otherwise).
+    /// The index rules are protect_rtp's, so a retransmission gets the
+    /// original's index and tag.
+    pub fn protect_rtp_parts(
+        &mut self,
+        header: &[u8],
+        payload: &[u8],
+    ) -> Result<[u8; SRTP_AUTH_TAG_LEN], SrtpError> {
+        if self.profile.encrypts() {
+            return Err(SrtpError::Encrypts);
+        }
+        if header.len() + payload.len() > SRTP_MAX_PACKET_LEN - SRTP_AUTH_TAG_LEN {
+            return Err(SrtpError::TooLong);
+        }
+        rtp_header_len(header)?;
+        let RtpFields { ssrc, sequence } = rtp_fields(header)?;
+        let index = match self.sent.get(&ssrc) {
+            Some(&highest) => estimate_index(highest, sequence)?,
+            None => u64::from(sequence),
+        };
+        let tag = self
+            .rtp
+            .tag_parts(&[header, payload], Some((index >> 16) as u32));
+        let highest = self.sent.entry(ssrc).or_insert(index);
+        *highest = (*highest).max(index);
+        Ok(tag)
     }
 
     /// Verifies (and, for the AES profile, decrypts) an SRTP packet.
@@ -1592,5 +1645,36 @@ mod tests {
         // Never past the 48-bit index space.
         tx.advance_sent(5, MAX_INDEX + 1);
         assert_eq!(tx.highest_sent(5), Some(far + 2));
+    }
+
+    /// A packet protected in two pieces gets the tag the whole packet
+    /// would, under every non-encrypting profile and across a wrap; the
+    /// AES profile refuses.
+    #[test]
+    fn protecting_in_parts_equals_protecting_the_whole() {
+        for profile in [SrtpProfile::NullHmacSha1_80, SrtpProfile::NullSipHash24_80] {
+            let (mut whole, mut rx) = pair(profile);
+            let (mut parts, _) = pair(profile);
+            // The last one is a retransmission from before the wrap.
+            for (i, seq) in [65_534u16, 65_535, 0, 1, 65_535].into_iter().enumerate() {
+                let plain = rtp_with_ext(9, seq, b"a shared payload");
+                let p = protected_rtp(&mut whole, &plain);
+                let split = rtp_header_len(&plain).unwrap();
+                let tag = parts
+                    .protect_rtp_parts(&plain[..split], &plain[split..])
+                    .unwrap();
+                assert_eq!(&p[plain.len()..], &tag[..], "{profile:?} seq {seq}");
+                if i < 4 {
+                    assert_eq!(open_rtp(&mut rx, &p).unwrap(), plain);
+                }
+            }
+            assert_eq!(parts.highest_sent(9), whole.highest_sent(9));
+        }
+        let (mut aes, _) = pair(SrtpProfile::Aes128CmHmacSha1_80);
+        let plain = rtp(9, 1, b"x");
+        assert_eq!(
+            aes.protect_rtp_parts(&plain[..12], &plain[12..]),
+            Err(SrtpError::Encrypts)
+        );
     }
 }
