@@ -732,6 +732,7 @@ fn send_window<const N: usize>(
                 destination: t.destination,
                 prefix: &t.contents,
                 contents: p.as_slice(),
+                suffix: t.trailer.as_slice(),
                 segment_size: None,
             },
             None => ridge_io::Transmit::new(t.destination, &t.contents),
@@ -1049,6 +1050,7 @@ mod tests {
             destination: SocketAddr::from(([127, 0, 0, 1], port)),
             contents: tag.to_be_bytes().to_vec(),
             payload: None,
+            trailer: ridge_sfu::Trailer::default(),
         }
     }
 

@@ -72,5 +72,5 @@ pub use types::{
     Counters, DropReason, LayerSnapshot, MeshControl, MeshFlow, MeshFlowProgress, OfferIntent,
     Output, PeerSnapshot, PlainFlow, PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection,
     RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind,
-    Transmit,
+    Trailer, Transmit,
 };

@@ -280,6 +280,7 @@ impl Io {
             destination,
             contents,
             payload: None,
+            trailer: Trailer::default(),
         }));
     }
 
@@ -291,7 +292,19 @@ impl Io {
         header: Vec<u8>,
         payload: PacketBuf,
     ) {
-        let len = (header.len() + payload.len()) as u64;
+        self.send_parts(counters, destination, header, payload, Trailer::default());
+    }
+
+    /// Sends `header`, a shared payload (not copied) and `trailer`.
+    fn send_parts(
+        &mut self,
+        counters: &mut Counters,
+        destination: SocketAddr,
+        header: Vec<u8>,
+        payload: PacketBuf,
+        trailer: Trailer,
+    ) {
+        let len = (header.len() + payload.len() + trailer.as_slice().len()) as u64;
         counters.packets_out += 1;
         counters.bytes_out += len;
         self.counters.packets_out += 1;
@@ -301,6 +314,7 @@ impl Io {
             destination,
             contents: header,
             payload: Some(payload),
+            trailer,
         }));
     }
 
@@ -359,6 +373,7 @@ impl Io {
                         destination: t.destination,
                         contents,
                         payload: None,
+                        trailer: Trailer::default(),
                     }));
                 }
                 Ok(str0m::Output::Event(e)) => self.rtc_events.push_back((id, e)),
@@ -786,6 +801,7 @@ impl Sfu {
                 destination: t.destination,
                 contents: t.contents.into(),
                 payload: None,
+                trailer: Trailer::default(),
             }));
         }
         self.peers.insert(

@@ -243,12 +243,42 @@ pub struct Transmit {
     /// destination of the same packet (zero-copy fan-out). Send both as one
     /// datagram (two iovecs), then drop it.
     pub payload: Option<PacketBuf>,
+    /// Bytes that follow the payload on the wire, written for this
+    /// destination (a mesh link's SRTP tag over a shared payload): a third
+    /// iovec. Usually empty.
+    pub trailer: Trailer,
+}
+
+/// A few bytes sent after a shared payload, held inline (no allocation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trailer {
+    bytes: [u8; Trailer::MAX],
+    len: u8,
+}
+
+impl Trailer {
+    /// The most a trailer holds.
+    pub const MAX: usize = 16;
+
+    /// A trailer of `bytes`; `None` when longer than [`Trailer::MAX`].
+    pub fn new(bytes: &[u8]) -> Option<Self> {
+        let mut t = Trailer::default();
+        t.bytes.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        t.len = bytes.len() as u8;
+        Some(t)
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
 }
 
 impl Transmit {
     /// Datagram length on the wire.
     pub fn len(&self) -> usize {
-        self.contents.len() + self.payload.as_ref().map_or(0, PacketBuf::len)
+        self.contents.len()
+            + self.payload.as_ref().map_or(0, PacketBuf::len)
+            + self.trailer.as_slice().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -261,6 +291,7 @@ impl Transmit {
         if let Some(p) = &self.payload {
             v.extend_from_slice(p.as_slice());
         }
+        v.extend_from_slice(self.trailer.as_slice());
         v
     }
 }

@@ -66,6 +66,9 @@ struct Net {
     /// A kernel fast path on one node (what its XDP program does with the
     /// flows it holds).
     kernel: Option<KernelSim>,
+    /// Node-to-node transmits sent as header + shared payload + trailer
+    /// (zero-copy), by sender.
+    shared_sends: HashMap<SocketAddr, u64>,
 }
 
 /// What ridge-ebpf's XDP program does with mesh transit flows, written
@@ -200,6 +203,7 @@ impl Net {
             drop_control: None,
             control_dropped: 0,
             kernel: None,
+            shared_sends: HashMap::new(),
             loss_permille: 0,
             loss_from: None,
             mesh_log: None,
@@ -272,6 +276,9 @@ impl Net {
         while let Some(o) = sfu.poll_output() {
             match o {
                 Output::Transmit(t) => {
+                    if t.payload.is_some() && !t.trailer.as_slice().is_empty() {
+                        *self.shared_sends.entry(from).or_default() += 1;
+                    }
                     outs.push((t.destination, t.to_vec()));
                     sfu.recycle(t.contents);
                 }
@@ -622,6 +629,31 @@ fn media_cascades_over_two_hops_in_order() {
         assert_eq!(links.len(), 2);
         assert!(links.iter().all(|l| l.packets_in > 0 && l.packets_out > 0));
         assert!(links.iter().all(|l| l.auth_failures == 0));
+    }
+}
+
+/// On a trusted link a relayed packet's payload is not copied: the relay
+/// sends the header it writes, the payload it received and the SRTP tag
+/// as three pieces (an untrusted link encrypts, which rewrites it).
+#[test]
+fn trusted_links_relay_payloads_without_copying_them() {
+    for trusted in [true, false] {
+        let (mut net, pub_client, sub_client) = setup_chain(trusted);
+        net.loss_permille = 50;
+        stream(&mut net, pub_client, "a", 0xaaaa, 300, 200);
+        net.loss_permille = 0;
+        net.advance(Duration::from_millis(500));
+        assert_eq!(received(&net, sub_client).len(), 300, "trusted={trusted}");
+        let b = net.addr("b");
+        let shared = net.shared_sends.get(&b).copied().unwrap_or(0);
+        let to_c = link_stats(&mut net, "b", "c");
+        if trusted {
+            // Every media packet and retransmission B sent C.
+            assert!(to_c.retransmits > 0);
+            assert!(shared >= 300 + to_c.retransmits, "{shared} {to_c:?}");
+        } else {
+            assert_eq!(shared, 0);
+        }
     }
 }
 

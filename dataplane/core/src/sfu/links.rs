@@ -205,16 +205,27 @@ impl MeshState {
             ol.retransmit.set_audio_level(pkt.seq, level);
             let send_time = abs_send_time(now.saturating_duration_since(self.epoch));
             ol.retransmit.set_send_time(pkt.seq, Some(send_time));
+            let fields = (pkt.marker, pkt.seq, pkt.timestamp, level, Some(send_time));
+            let fec_video = l.fec && kind == TrackKind::Video;
+            if n_blocks == 0 && !fec_video && !l.tx.profile().encrypts() {
+                // The payload stays where it was received: the header and
+                // the tag go around it (no copy).
+                write_link_media(&mut buf, kind, ol.ssrc, fields, &[], &[]);
+                if send_link_parts(io, l, m.dest, buf, payload) && kind == TrackKind::Audio {
+                    l.capacity.on_audio_sent(false);
+                }
+                continue;
+            }
             write_link_media(
                 &mut buf,
                 kind,
                 ol.ssrc,
-                (pkt.marker, pkt.seq, pkt.timestamp, level, Some(send_time)),
+                fields,
                 payload.as_slice(),
                 &blocks[..n_blocks],
             );
             // Video on a link with FEC: the packet joins its FEC group.
-            let fec = if l.fec && kind == TrackKind::Video {
+            let fec = if fec_video {
                 let enc = ol
                     .fec
                     .get_or_insert_with(|| FecEncoder::new(repair_ssrc(ol.ssrc)));
@@ -246,6 +257,36 @@ impl MeshState {
             }
         }
     }
+}
+
+/// Sends a link media packet whose `header` is written and whose payload
+/// is shared (not copied): the SRTP tag over both goes after them as the
+/// transmit's trailer. Only for a link whose profile does not encrypt.
+/// Returns whether it was sent.
+fn send_link_parts(
+    io: &mut Io,
+    l: &mut Link,
+    dest: SocketAddr,
+    header: Vec<u8>,
+    payload: &PacketBuf,
+) -> bool {
+    let Ok(tag) = l.tx.protect_rtp_parts(&header, payload.as_slice()) else {
+        io.pool.push(header);
+        return false;
+    };
+    let len = header.len() + payload.len() + tag.len();
+    l.stats.packets_out += 1;
+    l.stats.bytes_out += len as u64;
+    l.capacity.on_sent(len);
+    let mut scratch = Counters::default();
+    io.send_parts(
+        &mut scratch,
+        dest,
+        header,
+        payload.clone(),
+        Trailer::new(&tag).unwrap_or_default(),
+    );
+    true
 }
 
 /// RED blocks from the packets before one (`prevs[k]`: sequence number
@@ -1766,17 +1807,29 @@ impl Sfu {
         }
         let (blocks, n_blocks) = red_blocks(&prevs);
         let mut buf = self.io.buffer();
+        let fields = (
+            sent.marker,
+            sent.seq,
+            sent.timestamp,
+            sent.audio_level,
+            sent.send_time,
+        );
+        if n_blocks == 0 && !l.tx.profile().encrypts() {
+            // The same bytes as the original: header, the stored payload
+            // (not copied), the tag.
+            write_link_media(&mut buf, kind, ssrc, fields, &[], &[]);
+            if !send_link_parts(&mut self.io, l, dest, buf, &sent.payload) {
+                return false;
+            }
+            l.stats.retransmits += 1;
+            self.io.counters.retransmits += 1;
+            return true;
+        }
         write_link_media(
             &mut buf,
             kind,
             ssrc,
-            (
-                sent.marker,
-                sent.seq,
-                sent.timestamp,
-                sent.audio_level,
-                sent.send_time,
-            ),
+            fields,
             sent.payload.as_slice(),
             &blocks[..n_blocks],
         );
