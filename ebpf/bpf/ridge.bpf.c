@@ -126,6 +126,16 @@ struct {
 	__type(value, struct ridge_mesh_stats);
 } ridge_mesh_stats SEC(".maps");
 
+/* How many mesh flows are installed: while none is, media packets skip the
+ * ridge_mesh_fwd hash lookup (an array lookup is inlined; a hash lookup
+ * costs a call and a hash, ~6 ns). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ridge_mesh_cfg);
+} ridge_mesh_cfg SEC(".maps");
+
 /* ---- helpers ------------------------------------------------------------- */
 
 #define ETH_P_8021AD_ 0x88A8
@@ -698,9 +708,88 @@ static __always_inline __u64 mesh_index(__u64 highest, __u16 seq)
 	return ((__u64)v << 16) | seq;
 }
 
+#define RTP_X_CC_MASK 0x1F   /* first byte: extension bit and CSRC count */
+#define RTP_X_NO_CSRC 0x10   /* extension, no CSRC */
+#define RTP_EXT_HEADER 4     /* profile and length in 32-bit words */
+#define NSEC_PER_SEC 1000000000ULL
+#define ABS_SEND_TIME_SHIFT 18 /* 6.18 fixed point */
+#define ABS_SEND_TIME_MASK 0xFFFFFF
+
+/* 24-bit abs-send-time of d ns: floor(d * 2^18 / 1e9) mod 2^24, as
+ * userspace's abs_send_time (dataplane/core/src/mesh.rs) computes it in
+ * 128 bits. Split in whole seconds and the rest, it takes no 128-bit
+ * product: secs << 18 may overflow, but only its low 24 bits count, and
+ * (frac << 18) / 1e9 is below 2^18, so the OR is the sum. */
+static __always_inline __u32 abs_send_time(__u64 d)
+{
+	__u64 secs = d / NSEC_PER_SEC;
+	__u64 frac = d - secs * NSEC_PER_SEC;
+	return ((secs << ABS_SEND_TIME_SHIFT) | ((frac << ABS_SEND_TIME_SHIFT) / NSEC_PER_SEC)) &
+	       ABS_SEND_TIME_MASK;
+}
+
+/* Restamps the abs-send-time element (RFC 8285 one-byte form, id
+ * RIDGE_MESH_EXT_SEND_TIME, 3 bytes) of the RTP packet at rtp, whose body
+ * (RTP packet without the SRTP tag) is body_len bytes, with this node's
+ * send time: now - epoch_ns on CLOCK_MONOTONIC, 0 if epoch_ns is ahead.
+ * The downstream's delay detector reads the element per sending socket, and
+ * this node is the sender now. Leaves the packet alone unless the X bit is
+ * set, there is no CSRC, the block is 0xBEDE and lies in the body; walks at
+ * most RIDGE_MESH_EXT_MAX_ELEMS elements (padding bytes skipped, on top),
+ * and stops, as userspace's find_one_byte does, at id 15 and at a malformed
+ * id 0 with a length (a 0x00 byte is padding). */
+static __always_inline void mesh_stamp_send_time(__u8 *rtp, void *end, __u32 body_len, __u64 epoch_ns)
+{
+	if ((void *)(rtp + RTP_MIN_HEADER + RTP_EXT_HEADER) > end)
+		return;
+	if ((rtp[0] & RTP_X_CC_MASK) != RTP_X_NO_CSRC)
+		return;
+	__u8 *ext = rtp + RTP_MIN_HEADER;
+	if (ext[0] != 0xBE || ext[1] != 0xDE)
+		return;
+	__u32 block = (((__u32)ext[2] << 8) | ext[3]) * 4;
+	if (RTP_MIN_HEADER + RTP_EXT_HEADER + block > body_len)
+		return;
+	__u8 *elems = ext + RTP_EXT_HEADER;
+	__u32 pos = 0;
+	__u32 seen = 0;
+	/* Each step takes a padding byte or an element: as many padding bytes
+	 * as elements at most. */
+	for (int i = 0; i < 2 * RIDGE_MESH_EXT_MAX_ELEMS; i++) {
+		if (pos >= block)
+			return;
+		__u8 *e = elems + pos;
+		if ((void *)(e + 1) > end)
+			return;
+		__u8 b = e[0];
+		if (b == 0) {
+			pos += 1;
+			continue;
+		}
+		__u32 id = b >> 4;
+		__u32 len = (b & 0xF) + 1;
+		if (id == 0 || id == 15 || pos + 1 + len > block)
+			return;
+		if (id == RIDGE_MESH_EXT_SEND_TIME && len == 3) {
+			if ((void *)(e + 4) > end)
+				return;
+			__u64 now = bpf_ktime_get_ns();
+			__u32 t = abs_send_time(now > epoch_ns ? now - epoch_ns : 0);
+			e[1] = t >> 16;
+			e[2] = t >> 8;
+			e[3] = t;
+			return;
+		}
+		if (++seen >= RIDGE_MESH_EXT_MAX_ELEMS)
+			return;
+		pos += 1 + len;
+	}
+}
+
 /* A packet of an installed mesh transit flow: verify its tag with the
  * upstream key, rewrite it like xdp_forward (sequence number and timestamp
- * unchanged), sign it with the downstream key, send it. */
+ * unchanged, the abs-send-time extension restamped), sign it with the
+ * downstream key, send it. */
 static __always_inline int xdp_mesh(struct xdp_md *ctx, const struct ridge_mesh_entry *me)
 {
 	void *data = (void *)(long)ctx->data;
@@ -786,6 +875,9 @@ static __always_inline int xdp_mesh(struct xdp_md *ctx, const struct ridge_mesh_
 	udp->check = 0;
 	xdp_rewrite_l2_l4(eth, ip, udp, d, NULL);
 	__builtin_memcpy(rtp + 8, &d->ssrc, 4);
+	__u64 epoch_ns = me->send_epoch_ns;
+	if (epoch_ns)
+		mesh_stamp_send_time(rtp, end, body_len, epoch_ns);
 
 	h.key[0] = me->out_key[0];
 	h.key[1] = me->out_key[1];
@@ -829,10 +921,15 @@ int ridge_xdp(struct xdp_md *ctx)
 	if (xdp_fwd_key(ctx, &p, &key))
 		return XDP_PASS;
 	/* Mesh transit flows first: userspace does not put an SRTP flow in the
-	 * plain table, but if it did, the mesh entry (which re-signs) wins. */
-	struct ridge_mesh_entry *me = bpf_map_lookup_elem(&ridge_mesh_fwd, &key);
-	if (me)
-		return xdp_mesh(ctx, me);
+	 * plain table, but if it did, the mesh entry (which re-signs) wins.
+	 * While none is installed, the hash lookup is skipped. */
+	__u32 zero = 0;
+	struct ridge_mesh_cfg *mcfg = bpf_map_lookup_elem(&ridge_mesh_cfg, &zero);
+	if (mcfg && mcfg->flows) {
+		struct ridge_mesh_entry *me = bpf_map_lookup_elem(&ridge_mesh_fwd, &key);
+		if (me)
+			return xdp_mesh(ctx, me);
+	}
 	return xdp_forward(ctx, &key);
 }
 

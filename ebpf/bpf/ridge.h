@@ -165,6 +165,25 @@ struct ridge_mesh_entry {
 	__u32 state_slot; /* index into ridge_mesh_state and ridge_mesh_stats,
 			   * owned by this entry */
 	__u32 _pad0;
+	__u64 send_epoch_ns; /* CLOCK_MONOTONIC ns of this (transit) node's core
+			      * epoch: a forwarded packet's abs-send-time
+			      * extension (one-byte id RIDGE_MESH_EXT_SEND_TIME)
+			      * is restamped with bpf_ktime_get_ns() - this.
+			      * 0: the extension is left as it is. */
+};
+
+/* The RFC 8285 one-byte header extension element of mesh link RTP packets
+ * that carries the 24-bit abs-send-time (6.18 fixed-point seconds since the
+ * sending node's core epoch; dataplane/core/src/mesh.rs abs_send_time). */
+#define RIDGE_MESH_EXT_SEND_TIME 2
+#define RIDGE_MESH_EXT_MAX_ELEMS 4 /* elements walked before giving up */
+
+/* Mesh configuration (array `ridge_mesh_cfg`, one element). */
+struct ridge_mesh_cfg {
+	__u32 flows; /* entries in ridge_mesh_fwd (userspace keeps it equal, or
+		      * above while an insert is under way): with 0 the XDP
+		      * path skips that hash lookup */
+	__u32 _pad0;
 };
 
 /* Per-flow SRTP index state (array `ridge_mesh_state`, NOT per-CPU: the
@@ -245,11 +264,14 @@ RIDGE_AT(struct ridge_fwd_stats, copies, 16);
 RIDGE_AT(struct ridge_fwd_stats, sampled, 24);
 RIDGE_AT(struct ridge_fwd_stats, errors, 32);
 RIDGE_AT(struct ridge_fwd_stats, sample_countdown, 40);
-RIDGE_LAYOUT(struct ridge_mesh_entry, 32 + 40 + 8);
+RIDGE_LAYOUT(struct ridge_mesh_entry, 32 + 40 + 8 + 8);
 RIDGE_AT(struct ridge_mesh_entry, out_key, 16);
 RIDGE_AT(struct ridge_mesh_entry, dest, 32);
 RIDGE_AT(struct ridge_mesh_entry, state_slot, 72);
 RIDGE_AT(struct ridge_mesh_entry, _pad0, 76);
+RIDGE_AT(struct ridge_mesh_entry, send_epoch_ns, 80);
+RIDGE_LAYOUT(struct ridge_mesh_cfg, 8);
+RIDGE_AT(struct ridge_mesh_cfg, _pad0, 4);
 RIDGE_LAYOUT(struct ridge_mesh_state, 24);
 RIDGE_AT(struct ridge_mesh_state, out_highest, 8);
 RIDGE_AT(struct ridge_mesh_state, flags, 16);

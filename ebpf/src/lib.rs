@@ -80,6 +80,8 @@
 //!     },
 //!     in_highest: Some(70_000),
 //!     out_highest: Some(12_000),
+//!     // The core's epoch on CLOCK_MONOTONIC: restamps abs-send-time.
+//!     send_epoch_ns: Some(5_000_000_000),
 //! })?;
 //! if let Some(last) = bpf.mesh_flows().remove(upstream)? {
 //!     println!("upstream index now {:?}, downstream {:?}", last.in_highest, last.out_highest);
@@ -282,6 +284,7 @@ impl RidgeBpf {
         let mesh_state: Array<MapData, types::MeshState> = typed_map!(&mut ebpf, mesh::STATE_MAP);
         let mesh_stats: PerCpuArray<MapData, types::MeshStats> =
             typed_map!(&mut ebpf, mesh::STATS_MAP);
+        let mesh_cfg: Array<MapData, types::MeshCfg> = typed_map!(&mut ebpf, mesh::CFG_MAP);
         let stats: PerCpuArray<MapData, u64> = typed_map!(&mut ebpf, STATS_MAP);
 
         Ok(Self {
@@ -289,7 +292,7 @@ impl RidgeBpf {
             guard: Guard::new(ports, guard_cfg, rate, rate_exempt),
             steering: Steering::new(steer_flows, steer_socks, steer_cfg),
             flows: FlowTable::new(fwd, fwd_stats, cpus),
-            mesh: MeshFlowTable::new(mesh_fwd, mesh_state, mesh_stats, cpus),
+            mesh: MeshFlowTable::new(mesh_fwd, mesh_state, mesh_stats, mesh_cfg, cpus),
             stats,
             attachments: attach::Attachments::default(),
         })

@@ -10,13 +10,14 @@ use crate::error::{Error, MeshEntryError, Result};
 use crate::forward::{Destination, FlowKey};
 use crate::guard::is_not_found;
 use crate::types::{
-    FwdKey, MAX_MESH_FLOWS as MAX_MESH_FLOWS_U32, MESH_IN_VALID, MESH_OUT_VALID, MeshEntry,
-    MeshState, MeshStats,
+    FwdKey, MAX_MESH_FLOWS as MAX_MESH_FLOWS_U32, MESH_IN_VALID, MESH_OUT_VALID, MeshCfg,
+    MeshEntry, MeshState, MeshStats,
 };
 
 pub(crate) const ENTRIES_MAP: &str = "ridge_mesh_fwd";
 pub(crate) const STATE_MAP: &str = "ridge_mesh_state";
 pub(crate) const STATS_MAP: &str = "ridge_mesh_stats";
+pub(crate) const CFG_MAP: &str = "ridge_mesh_cfg";
 
 /// Most mesh transit flows installed at once (`RIDGE_MAX_MESH_FLOWS`).
 pub const MAX_MESH_FLOWS: usize = MAX_MESH_FLOWS_U32 as usize;
@@ -46,6 +47,15 @@ pub struct MeshFlowEntry {
     /// Highest SRTP index userspace sent downstream on `dest.ssrc`. `None`:
     /// the first forwarded packet's index is its sequence number (ROC 0).
     pub out_highest: Option<u64>,
+    /// The transit core's epoch on `CLOCK_MONOTONIC`, in ns (the clock of
+    /// `bpf_ktime_get_ns` and of `std::time::Instant` on Linux). With it,
+    /// each forwarded packet's abs-send-time header extension (RFC 8285
+    /// one-byte element id 2, 3 bytes) is restamped with this node's send
+    /// time, `now - send_epoch_ns` as 24-bit 6.18 fixed-point seconds (as
+    /// the core's `abs_send_time`; 0 if the epoch is ahead of the clock),
+    /// before the packet is re-signed. `None`: the extension crosses
+    /// unchanged. (`Some(0)` is stored as 1 ns: 0 is the kernel's "none".)
+    pub send_epoch_ns: Option<u64>,
 }
 
 impl std::fmt::Debug for MeshFlowEntry {
@@ -56,6 +66,7 @@ impl std::fmt::Debug for MeshFlowEntry {
             .field("dest", &self.dest)
             .field("in_highest", &self.in_highest)
             .field("out_highest", &self.out_highest)
+            .field("send_epoch_ns", &self.send_epoch_ns)
             .finish()
     }
 }
@@ -87,6 +98,7 @@ impl MeshFlowEntry {
             dest: self.dest.raw(),
             state_slot,
             _pad0: 0,
+            send_epoch_ns: self.send_epoch_ns.map_or(0, |ns| ns.max(1)),
         }
     }
 
@@ -149,10 +161,19 @@ pub struct MeshFlowState {
 /// Each entry owns a slot of the state array and of the per-CPU counter
 /// array (the same index in both). Freed slots are reused last-in-line, as
 /// in [`FlowTable`](crate::FlowTable).
+///
+/// The table also keeps the flow count the XDP program reads
+/// (`ridge_mesh_cfg`) equal to [`len`](Self::len): while it is 0, media
+/// packets skip the mesh flow lookup. It is raised before a new entry is
+/// written and lowered after one is removed, so it is never below the
+/// number of entries in the map.
 pub struct MeshFlowTable {
     entries: HashMap<MapData, FwdKey, MeshEntry>,
     state: Array<MapData, MeshState>,
     stats: PerCpuArray<MapData, MeshStats>,
+    cfg: Array<MapData, MeshCfg>,
+    /// What `cfg` holds.
+    cfg_flows: u32,
     slots: StdHashMap<FwdKey, u32>,
     free: VecDeque<u32>,
     cpus: usize,
@@ -172,12 +193,16 @@ impl MeshFlowTable {
         entries: HashMap<MapData, FwdKey, MeshEntry>,
         state: Array<MapData, MeshState>,
         stats: PerCpuArray<MapData, MeshStats>,
+        cfg: Array<MapData, MeshCfg>,
         cpus: usize,
     ) -> Self {
         Self {
             entries,
             state,
             stats,
+            cfg,
+            // A freshly created array map is zeroed.
+            cfg_flows: 0,
             slots: StdHashMap::new(),
             free: (0..MAX_MESH_FLOWS_U32).collect(),
             cpus,
@@ -202,12 +227,15 @@ impl MeshFlowTable {
                 (slot, true)
             }
         };
-        // State and counters first: the entry makes the flow visible.
+        // State, counters and the flow count first: the entry makes the
+        // flow visible.
+        let count = self.slots.len() + usize::from(fresh);
         let result = self
             .state
             .set(slot, entry.raw_state(), 0)
             .map_err(|e| Error::map(STATE_MAP, e))
             .and_then(|()| self.zero_slot(slot))
+            .and_then(|()| self.set_flow_count(count))
             .and_then(|()| {
                 self.entries
                     .insert(raw_key, entry.raw(slot), 0)
@@ -221,10 +249,43 @@ impl MeshFlowTable {
             Err(e) => {
                 if fresh {
                     self.free.push_front(slot);
+                    self.lower_flow_count();
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Writes `count` to the flow count the program reads, if it differs.
+    fn set_flow_count(&mut self, count: usize) -> Result<()> {
+        let flows = u32::try_from(count).unwrap_or(u32::MAX);
+        if flows != self.cfg_flows {
+            self.cfg
+                .set(0, MeshCfg { flows, _pad0: 0 }, 0)
+                .map_err(|e| Error::map(CFG_MAP, e))?;
+            self.cfg_flows = flows;
+        }
+        Ok(())
+    }
+
+    /// Brings the flow count down to [`len`](Self::len) after an entry is
+    /// gone. A failure is only logged: a count above the number of entries
+    /// costs packets a lookup, nothing else, and the next insert or remove
+    /// tries again.
+    fn lower_flow_count(&mut self) {
+        if let Err(e) = self.set_flow_count(self.slots.len()) {
+            tracing::warn!("ridge-ebpf: updating the mesh flow count: {e}");
+        }
+    }
+
+    /// The flow count the XDP program reads (`ridge_mesh_cfg`); equal to
+    /// [`len`](Self::len) unless an update of it failed (logged). While it
+    /// is 0 the program does not look mesh flows up.
+    pub fn kernel_flow_count(&self) -> Result<u32> {
+        self.cfg
+            .get(&0, 0)
+            .map(|cfg| cfg.flows)
+            .map_err(|e| Error::map(CFG_MAP, e))
     }
 
     fn zero_slot(&mut self, slot: u32) -> Result<()> {
@@ -256,6 +317,7 @@ impl MeshFlowTable {
         let state = self.slot_state(slot)?;
         self.slots.remove(&raw_key);
         self.free.push_back(slot);
+        self.lower_flow_count();
         Ok(Some(state))
     }
 
@@ -339,6 +401,7 @@ mod tests {
             },
             in_highest: Some((5 << 16) | 7),
             out_highest: None,
+            send_epoch_ns: Some(123_456_789),
         }
     }
 
@@ -350,6 +413,16 @@ mod tests {
         assert_eq!(raw.out_key, [0xa5a5_a5a5_a5a5_a5a5; 2]);
         assert_eq!(raw.state_slot, 9);
         assert_eq!(raw.dest.ssrc.to_ne_bytes(), [1, 2, 3, 4]);
+        assert_eq!(raw.send_epoch_ns, 123_456_789);
+    }
+
+    #[test]
+    fn no_send_epoch_is_0_and_epoch_0_is_not() {
+        let mut e = entry();
+        e.send_epoch_ns = None;
+        assert_eq!(e.raw(0).send_epoch_ns, 0);
+        e.send_epoch_ns = Some(0);
+        assert_eq!(e.raw(0).send_epoch_ns, 1);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use aya::Pod;
 
 use crate::types::{
-    FwdEntry, FwdKey, FwdStats, GuardCfg, ImpairCfg, ImpairStats, MeshEntry, MeshState, MeshStats,
-    RateState, SrcKey, SteerCfg, SteerKey,
+    FwdEntry, FwdKey, FwdStats, GuardCfg, ImpairCfg, ImpairStats, MeshCfg, MeshEntry, MeshState,
+    MeshStats, RateState, SrcKey, SteerCfg, SteerKey,
 };
 
 // SAFETY: `#[repr(C)]`, only integer and integer-array fields, padding made
@@ -32,8 +32,10 @@ unsafe impl Pod for ImpairCfg {}
 // SAFETY: as above: `#[repr(C)]`, three u64s.
 unsafe impl Pod for ImpairStats {}
 // SAFETY: as above: `#[repr(C)]`, u64 arrays, a `FwdDest` (integers with
-// explicit padding) and two u32s, no implicit padding.
+// explicit padding), two u32s and a u64, no implicit padding.
 unsafe impl Pod for MeshEntry {}
+// SAFETY: as above: `#[repr(C)]`, two u32s.
+unsafe impl Pod for MeshCfg {}
 // SAFETY: as above: `#[repr(C)]`, two u64s and two u32s.
 unsafe impl Pod for MeshState {}
 // SAFETY: as above: `#[repr(C)]`, five u64s.

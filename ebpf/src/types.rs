@@ -152,6 +152,9 @@ pub(crate) struct MeshEntry {
     pub(crate) dest: FwdDest,
     pub(crate) state_slot: u32,
     pub(crate) _pad0: u32,
+    /// CLOCK_MONOTONIC ns of the transit core's epoch; 0: forwarded
+    /// packets keep their abs-send-time extension as it is.
+    pub(crate) send_epoch_ns: u64,
 }
 
 // Not derived: the keys are secrets.
@@ -162,8 +165,18 @@ impl core::fmt::Debug for MeshEntry {
             .field("out_key", &"<redacted>")
             .field("dest", &self.dest)
             .field("state_slot", &self.state_slot)
+            .field("send_epoch_ns", &self.send_epoch_ns)
             .finish_non_exhaustive()
     }
+}
+
+/// `struct ridge_mesh_cfg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MeshCfg {
+    /// Entries in the mesh flow map; 0: the XDP path skips its lookup.
+    pub(crate) flows: u32,
+    pub(crate) _pad0: u32,
 }
 
 /// `struct ridge_mesh_state`.
@@ -265,12 +278,17 @@ const _: () = {
     assert!(offset_of!(FwdStats, sample_countdown) == 40);
     assert!(offset_of!(FwdStats, _pad0) == 44);
 
-    assert!(size_of::<MeshEntry>() == 80 && align_of::<MeshEntry>() == 8);
+    assert!(size_of::<MeshEntry>() == 88 && align_of::<MeshEntry>() == 8);
     assert!(offset_of!(MeshEntry, in_key) == 0);
     assert!(offset_of!(MeshEntry, out_key) == 16);
     assert!(offset_of!(MeshEntry, dest) == 32);
     assert!(offset_of!(MeshEntry, state_slot) == 72);
     assert!(offset_of!(MeshEntry, _pad0) == 76);
+    assert!(offset_of!(MeshEntry, send_epoch_ns) == 80);
+
+    assert!(size_of::<MeshCfg>() == 8 && align_of::<MeshCfg>() == 4);
+    assert!(offset_of!(MeshCfg, flows) == 0);
+    assert!(offset_of!(MeshCfg, _pad0) == 4);
 
     assert!(size_of::<MeshState>() == 24 && align_of::<MeshState>() == 8);
     assert!(offset_of!(MeshState, in_highest) == 0);
