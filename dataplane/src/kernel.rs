@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ridge_ebpf::{
     AttachMode, Counters, Destination, FlowCounters, FlowEntry, FlowKey, MAX_DESTINATIONS,
@@ -753,6 +753,15 @@ fn flow_key(source: SocketAddr, local: SocketAddr, ssrc: u32) -> Result<FlowKey,
     })
 }
 
+/// `at` on CLOCK_MONOTONIC, in ns (the clock of `Instant` and of the BPF
+/// programs' `bpf_ktime_get_ns`); `None` if the clock cannot be read.
+fn monotonic_ns(at: Instant) -> Option<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now_ns = u64::try_from(Duration::from(now).as_nanos()).ok()?;
+    let ago = u64::try_from(Instant::now().saturating_duration_since(at).as_nanos()).ok()?;
+    now_ns.checked_sub(ago)
+}
+
 /// The mesh table entry for one transit flow, or why there is none.
 fn mesh_entry_for(
     flow: &MeshFlow,
@@ -777,6 +786,7 @@ fn mesh_entry_for(
             },
             in_highest: flow.in_highest,
             out_highest: flow.out_highest,
+            send_epoch_ns: monotonic_ns(flow.send_epoch),
         },
     ))
 }
@@ -973,6 +983,25 @@ mod tests {
         let (set, dropped) = exempt_sources(&many);
         assert_eq!((set.len(), dropped), (MAX_RATE_EXEMPT_SOURCES, 3));
         assert_eq!(set.first(), Some(&IpAddr::V4(0x0a00_0000.into())));
+    }
+
+    #[test]
+    fn instants_map_onto_the_monotonic_clock() {
+        let read = || {
+            let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+            Duration::from(t).as_nanos() as u64
+        };
+        let before = read();
+        let now = monotonic_ns(Instant::now()).unwrap();
+        let after = read();
+        assert!((before..=after).contains(&now), "{before} {now} {after}");
+        let earlier = Instant::now() - Duration::from_secs(1);
+        let then = monotonic_ns(earlier).unwrap();
+        let second = read() - then;
+        assert!(
+            (1_000_000_000..1_100_000_000).contains(&second),
+            "{second} ns since an instant 1 s ago"
+        );
     }
 
     #[test]

@@ -192,6 +192,10 @@ pub struct MeshFlow {
     pub out_key: [u8; crate::SIPHASH_KEY_LEN],
     /// Highest SRTP index sent on `out_ssrc` so far.
     pub out_highest: Option<u64>,
+    /// The clock this core's link send times count from
+    /// ([`crate::Sfu::mesh_epoch`]): the kernel stamps forwarded packets
+    /// on it, as the core would.
+    pub send_epoch: std::time::Instant,
 }
 
 impl std::fmt::Debug for MeshFlow {
@@ -206,6 +210,7 @@ impl std::fmt::Debug for MeshFlow {
             .field("dest", &self.dest)
             .field("out_ssrc", &self.out_ssrc)
             .field("out_highest", &self.out_highest)
+            .field("send_epoch", &self.send_epoch)
             .finish_non_exhaustive()
     }
 }
