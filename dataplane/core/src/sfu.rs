@@ -2028,6 +2028,7 @@ impl Sfu {
         }
         // Demand changes, and layers that were asked for but never came.
         let mut events = Vec::new();
+        let mut remote_demand_changed = false;
         for (tid, track) in self.tracks.iter_mut() {
             if track.kind != TrackKind::Video || track.layers.len() < 2 {
                 continue;
@@ -2055,6 +2056,7 @@ impl Sfu {
                 .map(|r| &**r)
                 .eq(track.demanded.iter().map(String::as_str));
             if !unchanged {
+                remote_demand_changed |= track.origin.is_some();
                 let active: Vec<String> = watched().map(|r| r.to_string()).collect();
                 track.demanded = active.clone();
                 events.push(SfuEvent::LayerDemand {
@@ -2068,6 +2070,9 @@ impl Sfu {
         }
         for e in events {
             self.io.event(e);
+        }
+        if remote_demand_changed {
+            self.mesh_demand_changed(now);
         }
         for (t, l) in switches {
             self.request_keyframe(now, t, l);

@@ -1896,3 +1896,94 @@ fn a_transit_stream_the_kernel_forwards_is_repaired_through_it_and_handed_back()
     assert!(missing.is_empty(), "the core relays it again: {missing:?}");
     let _ = out_hi;
 }
+
+/// When the layers a node needs of a remote track change, its upstream
+/// hears at once: the subscriber of the highest layer on B leaves right
+/// after B's periodic SUBSCRIBE, and A stops sending B that layer within a
+/// frame or two instead of at the next period (500 ms later).
+#[test]
+fn a_layer_nobody_needs_stops_crossing_the_link_at_once() {
+    let mut net = Net::new(&["a", "b"]);
+    let pub_client = remote(1, 1111);
+    let sub_client = remote(2, 4002);
+    let mid = webrtc_publisher(&mut net, "a", pub_client);
+    let now = net.now;
+    let sub = {
+        let sfu = net.sfu("b");
+        let p = sfu.join("demo", "bob", true).expect("join");
+        sfu.add_rtp_endpoint(
+            now,
+            p,
+            RtpEndpointSpec {
+                audio_level_ext: None,
+                direction: RtpDirection::Subscribe,
+                kind: TrackKind::Video,
+                remote: sub_client,
+                payload_type: 100,
+                ssrc: None,
+                track: None,
+            },
+        )
+        .expect("subscriber");
+        p
+    };
+    net.collect("b");
+    net.configure("a", &[("b", true)], &[("demo", "a", None, &["b"])]);
+    net.configure("b", &[("a", true)], &[("demo", "a", Some("a"), &[])]);
+    let frame_gap = Duration::from_micros(33_333);
+    let mut frame = 0;
+    for _ in 0..90 {
+        write_simulcast_frame(&mut net, mid, frame);
+        frame += 1;
+        net.advance(frame_gap);
+    }
+    assert_eq!(last_layer(&net, sub_client), Some(2), "f reaches B");
+    // Step in 1 ms until B sends its periodic SUBSCRIBE.
+    let b = net.addr("b");
+    net.mesh_log = Some(Vec::new());
+    let is_subscribe = |from: SocketAddr, d: &[u8]| {
+        from == b && d.len() >= 12 && d[1] == 204 && &d[8..12] == b"RDGM" && d[0] & 0x1f == 1
+    };
+    for _ in 0..600 {
+        net.advance(Duration::from_millis(1));
+        let log = net.mesh_log.as_ref().expect("log");
+        if log.iter().any(|(from, _, d)| is_subscribe(*from, d)) {
+            break;
+        }
+    }
+    assert!(
+        net.mesh_log
+            .as_ref()
+            .expect("log")
+            .iter()
+            .any(|(from, _, d)| is_subscribe(*from, d)),
+        "B subscribes every 500 ms"
+    );
+    // The subscriber leaves: B needs no layer of the track any more.
+    let now = net.now;
+    net.sfu("b").leave(now, sub).expect("remove");
+    net.collect("b");
+    net.mesh_log = Some(Vec::new());
+    for _ in 0..12 {
+        write_simulcast_frame(&mut net, mid, frame);
+        frame += 1;
+        net.advance(frame_gap);
+    }
+    let a = net.addr("a");
+    let log = net.mesh_log.take().expect("log");
+    let subscribes = log.iter().filter(|(f, _, d)| is_subscribe(*f, d)).count();
+    let f_packets = log
+        .iter()
+        .filter(|(from, _, d)| {
+            *from == a
+                && ridge_sfu::packet::classify(d) == ridge_sfu::packet::PacketClass::Rtp
+                && vp8_tag(&parse_rtp(d).payload).is_some_and(|t| t >> 24 == 2)
+        })
+        .count();
+    eprintln!(
+        "after the subscriber left: {f_packets} packets of layer f from A to B in 400 ms, {subscribes} SUBSCRIBEs from B"
+    );
+    assert!(subscribes >= 1, "B told A at once");
+    // 5 packets a frame: at most two frames more.
+    assert!(f_packets <= 10, "{f_packets} packets of an unneeded layer");
+}

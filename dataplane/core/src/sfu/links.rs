@@ -73,6 +73,10 @@ pub(super) struct MeshState {
     remote_tracks: HashMap<OriginKey, TrackId>,
     remote_participants: HashMap<RemoteParticipantKey, (ParticipantId, PeerId)>,
     next_subscribe: Instant,
+    /// The layers this node needs of a remote track changed: subscriptions
+    /// (which carry the layers not needed) go out at once rather than at
+    /// the next period.
+    subscribe_due: Option<Instant>,
     /// Subscriptions of routes whose upstream has not announced yet are due.
     next_pending: Option<Instant>,
     /// Announcements are due early: a link stream was added or changed.
@@ -104,6 +108,7 @@ impl MeshState {
             remote_tracks: HashMap::new(),
             remote_participants: HashMap::new(),
             next_subscribe: now,
+            subscribe_due: None,
             next_pending: None,
             announce_due: None,
             next_nack: None,
@@ -117,10 +122,15 @@ impl MeshState {
     }
 
     pub(super) fn next_timeout(&self) -> Option<Instant> {
-        [self.next_nack, self.announce_due, self.next_pending]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.next_nack,
+            self.announce_due,
+            self.next_pending,
+            self.subscribe_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -911,10 +921,14 @@ impl Sfu {
         let periodic = now >= self.mesh.next_subscribe;
         let pending = self.mesh.next_pending.is_some_and(|t| t <= now);
         let announce = periodic || self.mesh.announce_due.is_some_and(|t| t <= now);
-        if !announce && !pending {
+        // Layer demand changed: every subscription now, announcements as
+        // usual.
+        let subscribe = periodic || self.mesh.subscribe_due.is_some_and(|t| t <= now);
+        if !announce && !pending && !subscribe {
             return;
         }
-        if periodic {
+        if subscribe {
+            self.mesh.subscribe_due = Some(now);
             self.mesh.next_subscribe = now + SUBSCRIBE_INTERVAL;
         }
         // Routes whose upstream has not announced yet subscribe often.
@@ -933,7 +947,7 @@ impl Sfu {
             .mesh
             .routes
             .iter()
-            .filter(|r| r.linger_until.is_none() && (periodic || (pending && waiting(r))))
+            .filter(|r| r.linger_until.is_none() && (subscribe || (pending && waiting(r))))
         {
             let Some(up) = r.upstream else { continue };
             if !self.owns_room(&r.spec.room) {
@@ -1554,6 +1568,7 @@ impl Sfu {
     pub(super) fn mesh_timeout(&mut self, now: Instant) {
         if self.mesh.announce_due.is_some_and(|t| t <= now)
             || self.mesh.next_pending.is_some_and(|t| t <= now)
+            || self.mesh.subscribe_due.is_some_and(|t| t <= now)
         {
             self.mesh_tick(now);
         }
@@ -2150,6 +2165,15 @@ impl Sfu {
         self.mesh_send_rtcp(link, dest, buf);
     }
 
+    /// The layers this node needs of a remote track changed: its upstream
+    /// hears at once (a layer nobody needs any more stops crossing the
+    /// link within a round trip, not at the next period).
+    pub(super) fn mesh_demand_changed(&mut self, now: Instant) {
+        if !self.mesh.is_empty() {
+            self.mesh.subscribe_due = Some(now);
+        }
+    }
+
     /// When this core's send-time clock on links started: a link packet's
     /// abs-send-time counts from here (a kernel fast path that forwards a
     /// transit stream stamps its packets on the same clock).
@@ -2164,7 +2188,8 @@ impl Sfu {
     /// now from this very upstream stream. The kernel then does what the
     /// core would: check the tag, swap the link SSRC, re-sign, send; the
     /// bytes are otherwise the upstream's (sequence number, timestamp,
-    /// audio level; the send time is the kernel's to rewrite).
+    /// audio level), but for the send time, which the kernel stamps on this
+    /// core's clock ([`MeshFlow::send_epoch`]).
     ///
     /// The answer changes with subscriptions, layer demand and budget,
     /// routes and links, so a caller re-queries and diffs.
@@ -2225,6 +2250,7 @@ impl Sfu {
                     out_ssrc: ol.ssrc,
                     out_key,
                     out_highest: down.tx.highest_sent(ol.ssrc),
+                    send_epoch: self.mesh.epoch,
                 });
             }
         }
