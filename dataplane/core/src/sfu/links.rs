@@ -928,7 +928,7 @@ impl Sfu {
             return;
         }
         if subscribe {
-            self.mesh.subscribe_due = Some(now);
+            self.mesh.subscribe_due = None;
             self.mesh.next_subscribe = now + SUBSCRIBE_INTERVAL;
         }
         // Routes whose upstream has not announced yet subscribe often.
