@@ -1146,6 +1146,15 @@ impl MeshLab {
 
     // ----- lookups
 
+    /// The pid of `node`'s running dataplane.
+    pub fn dataplane_pid(&self, node: &str) -> Result<u32> {
+        self.node(node)?
+            .dataplane
+            .as_ref()
+            .map(Child::id)
+            .with_context(|| format!("{node}'s dataplane is not running"))
+    }
+
     fn node(&self, name: &str) -> Result<&NodeProc> {
         self.nodes
             .iter()
@@ -2096,9 +2105,20 @@ impl RtpSender {
     /// Sends `count` packets to `to`, `interval` apart, indices continuing
     /// from the last call; every 30th (and the first) is a keyframe.
     pub fn send(&mut self, to: SocketAddr, count: u32, interval: Duration) -> Result<()> {
+        self.send_sized(to, count, interval, 200)
+    }
+
+    /// [`RtpSender::send`] with `len`-byte packets.
+    pub fn send_sized(
+        &mut self,
+        to: SocketAddr,
+        count: u32,
+        interval: Duration,
+        len: usize,
+    ) -> Result<()> {
         for _ in 0..count {
             let i = self.next_index;
-            let p = rtp_packet(self.ssrc, self.pt, self.seq, i, i.is_multiple_of(30), 200);
+            let p = rtp_packet(self.ssrc, self.pt, self.seq, i, i.is_multiple_of(30), len);
             self.sock
                 .send_to(&p, to)
                 .with_context(|| format!("sending RTP to {to}"))?;

@@ -494,12 +494,10 @@ fn prom(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[test]
-fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
-    let test = "a_transit_node_forwards_the_mesh_in_the_kernel";
-    if require(test, MeshLab::prerequisites()).is_err() {
-        return Ok(());
-    }
+/// A chain A–B–C whose nodes attach XDP to their mesh veths, B's media
+/// socket bound to its mesh IP (node 1: 10.251.0.2), which the kernel's
+/// flow key needs; `b_extra` adds flags to B.
+fn transit_chain(b_extra: &[&str]) -> Result<MeshLab> {
     let mut cfg = ridge_tests::mesh::LabConfig::new(&["a", "b", "c"], &[("a", "b"), ("b", "c")]);
     let xdp = |ifaces: &[&str]| -> Vec<String> {
         let mut args = vec!["--xdp".to_owned(), "auto".to_owned()];
@@ -508,16 +506,22 @@ fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
         }
         args
     };
-    // Every mesh veth gets XDP (a veth delivers an XDP_REDIRECT only to a
-    // peer with XDP); B binds its media socket to its mesh IP (node 1:
-    // 10.251.0.2), which the kernel's flow key needs.
+    // Every mesh veth gets XDP: a veth delivers an XDP_REDIRECT only to a
+    // peer with XDP.
     cfg.node_args.insert("a".into(), xdp(&["m-b"]));
     let mut b = xdp(&["m-a", "m-c"]);
-    b.extend(["--udp".to_owned(), "10.251.0.2:5004".to_owned()]);
+    b.extend(["--udp", "10.251.0.2:5004"].map(str::to_owned));
+    b.extend(b_extra.iter().map(|s| (*s).to_owned()));
     cfg.node_args.insert("b".into(), b);
     cfg.node_args.insert("c".into(), xdp(&["m-b"]));
     let lab = MeshLab::start(cfg)?;
     lab.wait_until_up(3, UP)?;
+    Ok(lab)
+}
+
+/// A publisher on A and a subscriber on C, the route A→B→C held and media
+/// reaching C.
+fn transit_pair(lab: &MeshLab) -> Result<ridge_tests::mesh::PlainRtpPair> {
     let mut pair = lab.plain_rtp_pair("demo", "a", "c")?;
     lab.wait_route("demo", "a", "c", ROUTE, |p| p == ["a", "b", "c"])?;
     let warm = Instant::now();
@@ -530,18 +534,24 @@ fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
         pair.send(30, Duration::from_millis(5))?;
         std::thread::sleep(Duration::from_millis(50));
     }
-    // B offers the stream once it relayed it cleanly; its reconcile pass
-    // (500 ms) installs it.
-    let forwarded = |lab: &MeshLab| -> Result<f64> {
-        Ok(prom(
-            &lab.node_metrics("b")?,
-            "ridge_kernel_mesh_packets_total{outcome=\"forwarded\"}",
-        ))
-    };
+    Ok(pair)
+}
+
+/// B's kernel forwarded packets of mesh transit streams, per its metrics.
+fn kernel_forwarded(lab: &MeshLab) -> Result<f64> {
+    Ok(prom(
+        &lab.node_metrics("b")?,
+        "ridge_kernel_mesh_packets_total{outcome=\"forwarded\"}",
+    ))
+}
+
+/// Waits until B's kernel forwards the transit stream (B offers it once it
+/// relayed it cleanly; a reconcile pass, 500 ms, installs it).
+fn wait_kernel_transit(lab: &MeshLab, pair: &mut ridge_tests::mesh::PlainRtpPair) -> Result<()> {
     eventually("B's kernel to forward the transit stream", ROUTE, || {
         pair.send(20, Duration::from_millis(5))?;
         let m = lab.node_metrics("b")?;
-        Ok((prom(&m, "ridge_bpf_mesh_flows") >= 1.0 && forwarded(&lab)? > 0.0).then_some(()))
+        Ok((prom(&m, "ridge_bpf_mesh_flows") >= 1.0 && kernel_forwarded(lab)? > 0.0).then_some(()))
     })
     .with_context(|| {
         format!(
@@ -549,10 +559,21 @@ fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
             lab.node_metrics("b").unwrap_or_default(),
             lab.mesh_report()
         )
-    })?;
+    })
+}
+
+#[test]
+fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
+    let test = "a_transit_node_forwards_the_mesh_in_the_kernel";
+    if require(test, MeshLab::prerequisites()).is_err() {
+        return Ok(());
+    }
+    let lab = transit_chain(&[])?;
+    let mut pair = transit_pair(&lab)?;
+    wait_kernel_transit(&lab, &mut pair)?;
     std::thread::sleep(Duration::from_millis(200));
     pair.receiver.clear();
-    let before = forwarded(&lab)?;
+    let before = kernel_forwarded(&lab)?;
     let start = pair.sender.sent();
     pair.send(500, Duration::from_millis(2))?;
     let got = pair.receiver.wait_for(500, Duration::from_secs(5));
@@ -560,7 +581,7 @@ fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
     let arrived = (start..start + 500)
         .filter(|i| indices.binary_search(i).is_ok())
         .count();
-    let by_kernel = forwarded(&lab)? - before;
+    let by_kernel = kernel_forwarded(&lab)? - before;
     let m = lab.node_metrics("b")?;
     eprintln!(
         "C got {arrived}/500 ({} datagrams); B's kernel forwarded {by_kernel}, bad tags {}, too old {}",
@@ -577,6 +598,122 @@ fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
         by_kernel >= 490.0,
         "B's kernel forwarded {by_kernel} of 500 (the rest went through its core)\n{m}"
     );
+    Ok(())
+}
+
+/// Busy CPU time of the whole machine so far (all CPUs, /proc/stat), in
+/// clock ticks.
+fn busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("/proc/stat is empty")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    ensure!(f.len() >= 8, "unexpected /proc/stat: {cpu}");
+    Ok(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+}
+
+/// CPU time of process `pid` so far (utime + stime), in clock ticks.
+fn process_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start at ") ".
+    let rest = stat
+        .rsplit_once(") ")
+        .context("unexpected /proc/pid/stat")?
+        .1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    ensure!(f.len() > 12, "unexpected /proc/{pid}/stat");
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+/// Opt-in benchmark (`cargo test -p ridge-tests --test mesh_netns --
+/// --ignored transit_cpu`): the machine's CPU per packet relayed A→B→C
+/// with B's transit in the kernel and in B's core, alternating, on the
+/// same traffic (1,200-byte packets in bursts of 20 every 1 ms, about
+/// 15,000 packets/s here). Everything else (A, C, the clients) is the
+/// same in both, so the difference is B's cost; B's own process CPU is
+/// printed too (the XDP work runs in softirq and is not in it). Run with
+/// release binaries (`RIDGE_MESH_BIN_DIR`). Prints the figures for
+/// docs/benchmarks.md; asserts only that every run delivered.
+#[test]
+#[ignore = "benchmark: run on demand"]
+fn transit_cpu_kernel_vs_core() -> Result<()> {
+    if require("transit_cpu_kernel_vs_core", MeshLab::prerequisites()).is_err() {
+        return Ok(());
+    }
+    const N: u32 = 60_000;
+    let hz = 100.0; // USER_HZ on Linux
+    for round in 0..3 {
+        for kernel in [true, false] {
+            let extra: &[&str] = if kernel {
+                &[]
+            } else {
+                &["--no-kernel-forwarding"]
+            };
+            let lab = transit_chain(extra)?;
+            let mut pair = transit_pair(&lab)?;
+            if kernel {
+                wait_kernel_transit(&lab, &mut pair)?;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            pair.receiver.clear();
+            let before_k = kernel_forwarded(&lab)?;
+            let start = pair.sender.sent();
+            let t0 = Instant::now();
+            let b0 = busy_ticks()?;
+            let b_pid = lab.dataplane_pid("b")?;
+            let p0 = process_ticks(b_pid)?;
+            let target = pair.target;
+            for _ in 0..N / 20 {
+                pair.sender.send_sized(target, 20, Duration::ZERO, 1200)?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = pair.receiver.wait_for(N as usize, Duration::from_secs(2));
+            let b1 = busy_ticks()?;
+            let p1 = process_ticks(b_pid)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let indices = pair.received_indices();
+            let arrived = (start..start + N)
+                .filter(|i| indices.binary_search(i).is_ok())
+                .count();
+            let by_kernel = kernel_forwarded(&lab)? - before_k;
+            let cpu_s = (b1 - b0) as f64 / hz;
+            eprintln!(
+                "BENCH transit round {round} kernel={kernel}: {arrived}/{N} delivered in {secs:.2} s \
+                 ({:.0} pps), B's kernel forwarded {by_kernel}; machine CPU {cpu_s:.2} s = {:.2} us \
+                 per packet; B's process {:.2} s = {:.2} us per packet",
+                f64::from(N) / secs,
+                cpu_s * 1e6 / f64::from(N),
+                (p1 - p0) as f64 / hz,
+                (p1 - p0) as f64 / hz * 1e6 / f64::from(N)
+            );
+            let drops = |node: &str| -> String {
+                lab.node_metrics(node)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| {
+                        (l.starts_with("ridge_bpf_dropped")
+                            || l.starts_with("ridge_packets_dropped")
+                            || l.starts_with("ridge_kernel_mesh_packets")
+                            || l.starts_with("ridge_bpf_mesh_flows")
+                            || l.starts_with("ridge_mesh_"))
+                            && !l.ends_with(" 0")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            ensure!(
+                arrived as f64 >= f64::from(N) * 0.99,
+                "kernel={kernel}: {arrived}/{N}; drops on a: {}; b: {}; c: {}",
+                drops("a"),
+                drops("b"),
+                drops("c")
+            );
+        }
+    }
     Ok(())
 }
 
