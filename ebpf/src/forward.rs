@@ -13,6 +13,22 @@ use crate::types::{FWD_MAX_DESTS, FwdDest, FwdEntry, FwdKey, FwdStats, MAX_FWD_F
 pub(crate) const ENTRIES_MAP: &str = "ridge_fwd";
 pub(crate) const STATS_MAP: &str = "ridge_fwd_stats";
 
+/// Sets slot `slot` of per-CPU counter array `map` (named `name`) to
+/// zero on every one of `cpus` CPUs: a slot handed to a new entry starts
+/// its counters afresh.
+pub(crate) fn zero_per_cpu_slot<T: aya::Pod + Default + Clone>(
+    map: &mut PerCpuArray<MapData, T>,
+    name: &'static str,
+    slot: u32,
+    cpus: usize,
+) -> Result<()> {
+    let zero = PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| Error::Io {
+        context: "sizing per-CPU counters",
+        source: e,
+    })?;
+    map.set(slot, zero, 0).map_err(|e| Error::map(name, e))
+}
+
 /// Most destinations one flow can have.
 pub const MAX_DESTINATIONS: usize = FWD_MAX_DESTS;
 
@@ -259,15 +275,7 @@ impl FlowTable {
         if !fresh {
             return Ok(());
         }
-        let zero = PerCpuValues::try_from(vec![FwdStats::default(); self.cpus]).map_err(|e| {
-            Error::Io {
-                context: "sizing per-CPU counters",
-                source: e,
-            }
-        })?;
-        self.stats
-            .set(slot, zero, 0)
-            .map_err(|e| Error::map(STATS_MAP, e))
+        zero_per_cpu_slot(&mut self.stats, STATS_MAP, slot, self.cpus)
     }
 
     /// Removes the entry; its packets go to userspace again. Returns the

@@ -7,7 +7,7 @@ use std::collections::{HashMap as StdHashMap, VecDeque};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 
 use crate::error::{Error, MeshEntryError, Result};
-use crate::forward::{Destination, FlowKey};
+use crate::forward::{Destination, FlowKey, zero_per_cpu_slot};
 use crate::guard::is_not_found;
 use crate::types::{
     FwdKey, MAX_MESH_FLOWS as MAX_MESH_FLOWS_U32, MESH_IN_VALID, MESH_OUT_VALID, MeshCfg,
@@ -289,15 +289,7 @@ impl MeshFlowTable {
     }
 
     fn zero_slot(&mut self, slot: u32) -> Result<()> {
-        let zero = PerCpuValues::try_from(vec![MeshStats::default(); self.cpus]).map_err(|e| {
-            Error::Io {
-                context: "sizing per-CPU counters",
-                source: e,
-            }
-        })?;
-        self.stats
-            .set(slot, zero, 0)
-            .map_err(|e| Error::map(STATS_MAP, e))
+        zero_per_cpu_slot(&mut self.stats, STATS_MAP, slot, self.cpus)
     }
 
     /// Removes the entry; its packets go to userspace again. Returns the

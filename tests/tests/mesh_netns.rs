@@ -403,15 +403,7 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
     // arrives (the links are clean).
     let mut pair = pair;
     let warm = Instant::now();
-    while pair.receiver.received().is_empty() {
-        ensure!(
-            warm.elapsed() < ROUTE,
-            "no media reached C within {ROUTE:?} of the route being held\n{}",
-            lab.mesh_report()
-        );
-        pair.send(30, Duration::from_millis(5))?;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    warm_up(&lab, &mut pair)?;
     std::thread::sleep(Duration::from_millis(200));
     pair.receiver.clear();
     let start = pair.sender.sent();
@@ -524,6 +516,14 @@ fn transit_chain(b_extra: &[&str]) -> Result<MeshLab> {
 fn transit_pair(lab: &MeshLab) -> Result<ridge_tests::mesh::PlainRtpPair> {
     let mut pair = lab.plain_rtp_pair("demo", "a", "c")?;
     lab.wait_route("demo", "a", "c", ROUTE, |p| p == ["a", "b", "c"])?;
+    warm_up(lab, &mut pair)?;
+    Ok(pair)
+}
+
+/// Sends bursts to the publisher until media reaches C: the nodes'
+/// subscriptions and announcements settle within a few 500 ms rounds of
+/// the route being held.
+fn warm_up(lab: &MeshLab, pair: &mut ridge_tests::mesh::PlainRtpPair) -> Result<()> {
     let warm = Instant::now();
     while pair.receiver.received().is_empty() {
         ensure!(
@@ -534,7 +534,7 @@ fn transit_pair(lab: &MeshLab) -> Result<ridge_tests::mesh::PlainRtpPair> {
         pair.send(30, Duration::from_millis(5))?;
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(pair)
+    Ok(())
 }
 
 /// B's kernel forwarded packets of mesh transit streams, per its metrics.

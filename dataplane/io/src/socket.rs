@@ -398,6 +398,18 @@ mod tests {
         assert_eq!((d.chunk.len(), d.gso, d.next_tx), (6 * 1200, Some(1200), 1));
     }
 
+    /// The iovecs `fill_iovecs` points at a planned message, and their
+    /// lengths.
+    fn iovecs_of(d: &NextDatagram<'_>) -> ([libc::iovec; MAX_IOVECS], Vec<usize>) {
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOVECS];
+        let n = fill_iovecs(&mut iovs, d);
+        let lens = iovs[..n].iter().map(|v| v.iov_len).collect();
+        (iovs, lens)
+    }
+
     fn to(port: u16, prefix: &'static [u8], contents: &'static [u8]) -> Transmit<'static> {
         Transmit {
             destination: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -423,12 +435,7 @@ mod tests {
         let batch = [tagged, tagged, to(1, &[], &[4; 200])];
         let d = next_datagram(&batch, 0, 0, true);
         assert_eq!((d.gso, d.next_tx, d.datagrams()), (Some(200), 3, 3));
-        let mut iovs = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_IOVECS];
-        let n = fill_iovecs(&mut iovs, &d);
-        let lens: Vec<usize> = iovs[..n].iter().map(|v| v.iov_len).collect();
+        let (iovs, lens) = iovecs_of(&d);
         assert_eq!(lens, [12, 178, 10, 12, 178, 10, 200]);
         assert_eq!(iovs[2].iov_base as *const u8, T.as_ptr());
         // A caller's GSO run with a suffix is one datagram.
@@ -445,7 +452,7 @@ mod tests {
         // The most a message can need: 64 datagrams of three parts.
         let full: Vec<Transmit<'static>> = (0..64).map(|_| tagged).collect();
         let d = next_datagram(&full, 0, 0, true);
-        assert_eq!(fill_iovecs(&mut iovs, &d), MAX_IOVECS);
+        assert_eq!(iovecs_of(&d).1.len(), MAX_IOVECS);
     }
 
     #[test]
@@ -466,12 +473,7 @@ mod tests {
         let d = next_datagram(&batch, 0, 0, true);
         assert_eq!((d.gso, d.next_tx, d.gathered.len()), (Some(200), 4, 3));
         assert_eq!(d.datagrams(), 4);
-        let mut iovs = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_IOVECS];
-        let n = fill_iovecs(&mut iovs, &d);
-        let lens: Vec<usize> = iovs[..n].iter().map(|v| v.iov_len).collect();
+        let (_, lens) = iovecs_of(&d);
         assert_eq!(lens, [12, 188, 12, 188, 200, 12, 50]);
 
         let d = next_datagram(&batch, 4, 0, true);
