@@ -8,9 +8,10 @@
 //! trusted link's stream relayed to exactly one other link) go to the
 //! mesh table the same way: the kernel checks their SipHash tag, swaps the
 //! link SSRC, re-signs and sends; each pass hands every shard the indices
-//! the kernel reached (`Sfu::set_kernel_mesh_forwarded`). The same task keeps the guard's rate-limit
-//! exemptions equal to the addresses of the node's authenticated mesh peers
-//! (one peer carries many rooms, above any per-client rate).
+//! the kernel reached (`Sfu::set_kernel_mesh_forwarded`). The same task
+//! keeps the guard's rate-limit exemptions equal to the addresses of the
+//! node's authenticated mesh peers (one peer carries many rooms, above any
+//! per-client rate).
 //!
 //! All of it is control plane: [`RidgeBpf`] sits behind a std mutex that
 //! only this module's task, `/metrics` and `/healthz` take; the packet path
@@ -86,11 +87,21 @@ impl NotOffloaded {
 
 /// One installed mesh transit entry: what identifies it (the indices the
 /// offer carries move on and are not part of it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 struct MeshInstalled {
     shard: usize,
     dest: Destination,
     keys: ([u8; 16], [u8; 16]),
+}
+
+impl std::fmt::Debug for MeshInstalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.debug_struct("MeshInstalled")
+            .field("shard", &self.shard)
+            .field("dest", &self.dest)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One installed forwarding entry.
