@@ -13,6 +13,72 @@ use crate::types::{FWD_MAX_DESTS, FwdDest, FwdEntry, FwdKey, FwdStats, MAX_FWD_F
 pub(crate) const ENTRIES_MAP: &str = "ridge_fwd";
 pub(crate) const STATS_MAP: &str = "ridge_fwd_stats";
 
+/// Which slot of a table's per-flow arrays each installed flow owns, and
+/// the free slots. Freed slots are reused last-in-line, so a packet in
+/// flight during a removal cannot plausibly count into a new flow's slot.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    by_key: StdHashMap<FwdKey, u32>,
+    free: VecDeque<u32>,
+}
+
+impl Slots {
+    /// Slots `0..capacity`, all free.
+    pub(crate) fn new(capacity: u32) -> Self {
+        Self {
+            by_key: StdHashMap::new(),
+            free: (0..capacity).collect(),
+        }
+    }
+
+    pub(crate) fn get(&self, key: &FwdKey) -> Option<u32> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The slot `key` owns (`false`), or a free one taken for it (`true`):
+    /// [`Slots::bind`] it once the entry is written, or give it back with
+    /// [`Slots::unclaim`]. `None` when none is free.
+    pub(crate) fn claim(&mut self, key: &FwdKey) -> Option<(u32, bool)> {
+        match self.get(key) {
+            Some(slot) => Some((slot, false)),
+            None => self.free.pop_front().map(|slot| (slot, true)),
+        }
+    }
+
+    pub(crate) fn bind(&mut self, key: FwdKey, slot: u32) {
+        self.by_key.insert(key, slot);
+    }
+
+    /// Returns a slot taken by [`Slots::claim`] and never bound: first in
+    /// line again.
+    pub(crate) fn unclaim(&mut self, slot: u32) {
+        self.free.push_front(slot);
+    }
+
+    /// Frees `key`'s slot (last in line); `None` if it owned none.
+    pub(crate) fn release(&mut self, key: &FwdKey) -> Option<u32> {
+        let slot = self.by_key.remove(key)?;
+        self.free.push_back(slot);
+        Some(slot)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&FwdKey, u32)> {
+        self.by_key.iter().map(|(k, s)| (k, *s))
+    }
+
+    pub(crate) fn keys(&self) -> Vec<FlowKey> {
+        self.by_key.keys().map(FlowKey::from_raw).collect()
+    }
+}
+
 /// Sets slot `slot` of per-CPU counter array `map` (named `name`) to
 /// zero on every one of `cpus` CPUs: a slot handed to a new entry starts
 /// its counters afresh.
@@ -193,14 +259,11 @@ pub struct FlowCounters {
 /// The forwarding table: installed flows and their counters.
 ///
 /// Each entry owns a slot of a per-CPU counter array (cheaper for the
-/// programs than a second hash lookup). Freed slots are reused last-in-line,
-/// so a packet in flight during a removal cannot plausibly count into a new
-/// flow's slot.
+/// programs than a second hash lookup; see [`Slots`]).
 pub struct FlowTable {
     entries: HashMap<MapData, FwdKey, FwdEntry>,
     stats: PerCpuArray<MapData, FwdStats>,
-    slots: StdHashMap<FwdKey, u32>,
-    free: VecDeque<u32>,
+    slots: Slots,
     cpus: usize,
 }
 
@@ -222,8 +285,7 @@ impl FlowTable {
         Self {
             entries,
             stats,
-            slots: StdHashMap::new(),
-            free: (0..MAX_FWD_FLOWS).collect(),
+            slots: Slots::new(MAX_FWD_FLOWS),
             cpus,
         }
     }
@@ -232,22 +294,16 @@ impl FlowTable {
     /// counters. At most 16384 flows.
     pub fn insert(&mut self, key: FlowKey, entry: &FlowEntry) -> Result<()> {
         let raw_key = key.raw();
-        let (slot, fresh) = match self.slots.get(&raw_key) {
-            Some(&slot) => (slot, false),
-            None => {
-                let slot = self.free.pop_front().ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "the forwarding table is full ({MAX_FWD_FLOWS} flows)"
-                    ))
-                })?;
-                (slot, true)
-            }
-        };
+        let (slot, fresh) = self.slots.claim(&raw_key).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the forwarding table is full ({MAX_FWD_FLOWS} flows)"
+            ))
+        })?;
         let raw_entry = match entry.raw(slot) {
             Ok(raw) => raw,
             Err(e) => {
                 if fresh {
-                    self.free.push_front(slot);
+                    self.slots.unclaim(slot);
                 }
                 return Err(e);
             }
@@ -259,12 +315,12 @@ impl FlowTable {
         });
         match result {
             Ok(()) => {
-                self.slots.insert(raw_key, slot);
+                self.slots.bind(raw_key, slot);
                 Ok(())
             }
             Err(e) => {
                 if fresh {
-                    self.free.push_front(slot);
+                    self.slots.unclaim(slot);
                 }
                 Err(e)
             }
@@ -282,7 +338,7 @@ impl FlowTable {
     /// final counters, or `None` if the flow was not installed.
     pub fn remove(&mut self, key: FlowKey) -> Result<Option<FlowCounters>> {
         let raw_key = key.raw();
-        let Some(&slot) = self.slots.get(&raw_key) else {
+        let Some(slot) = self.slots.get(&raw_key) else {
             return Ok(None);
         };
         match self.entries.remove(&raw_key) {
@@ -291,8 +347,7 @@ impl FlowTable {
             Err(e) => return Err(Error::map(ENTRIES_MAP, e)),
         }
         let counters = self.slot_counters(slot)?;
-        self.slots.remove(&raw_key);
-        self.free.push_back(slot);
+        self.slots.release(&raw_key);
         Ok(Some(counters))
     }
 
@@ -316,7 +371,7 @@ impl FlowTable {
     /// A flow's counters, or `None` if it is not installed.
     pub fn counters(&self, key: FlowKey) -> Result<Option<FlowCounters>> {
         match self.slots.get(&key.raw()) {
-            Some(&slot) => self.slot_counters(slot).map(Some),
+            Some(slot) => self.slot_counters(slot).map(Some),
             None => Ok(None),
         }
     }
@@ -325,7 +380,7 @@ impl FlowTable {
     pub fn list(&self) -> Result<Vec<(FlowKey, FlowCounters)>> {
         self.slots
             .iter()
-            .map(|(raw, &slot)| Ok((FlowKey::from_raw(raw), self.slot_counters(slot)?)))
+            .map(|(raw, slot)| Ok((FlowKey::from_raw(raw), self.slot_counters(slot)?)))
             .collect()
     }
 
@@ -341,9 +396,8 @@ impl FlowTable {
 
     /// Removes every flow.
     pub fn clear(&mut self) -> Result<()> {
-        let keys: Vec<FwdKey> = self.slots.keys().copied().collect();
-        for raw in keys {
-            self.remove(FlowKey::from_raw(&raw))?;
+        for key in self.slots.keys() {
+            self.remove(key)?;
         }
         Ok(())
     }

@@ -1,13 +1,10 @@
 //! The table of mesh transit flows: SRTP (NULL cipher, `NULL_SIPHASH24_80`)
 //! flows that arrive on one mesh link and leave on another, verified and
 //! re-signed by `ridge_xdp`.
-
-use std::collections::{HashMap as StdHashMap, VecDeque};
-
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 
 use crate::error::{Error, MeshEntryError, Result};
-use crate::forward::{Destination, FlowKey, zero_per_cpu_slot};
+use crate::forward::{Destination, FlowKey, Slots, zero_per_cpu_slot};
 use crate::guard::is_not_found;
 use crate::types::{
     FwdKey, MAX_MESH_FLOWS as MAX_MESH_FLOWS_U32, MESH_IN_VALID, MESH_OUT_VALID, MeshCfg,
@@ -174,8 +171,7 @@ pub struct MeshFlowTable {
     cfg: Array<MapData, MeshCfg>,
     /// What `cfg` holds.
     cfg_flows: u32,
-    slots: StdHashMap<FwdKey, u32>,
-    free: VecDeque<u32>,
+    slots: Slots,
     cpus: usize,
 }
 
@@ -203,8 +199,7 @@ impl MeshFlowTable {
             cfg,
             // A freshly created array map is zeroed.
             cfg_flows: 0,
-            slots: StdHashMap::new(),
-            free: (0..MAX_MESH_FLOWS_U32).collect(),
+            slots: Slots::new(MAX_MESH_FLOWS_U32),
             cpus,
         }
     }
@@ -217,16 +212,10 @@ impl MeshFlowTable {
     pub fn insert(&mut self, key: FlowKey, entry: &MeshFlowEntry) -> Result<()> {
         entry.validate()?;
         let raw_key = key.raw();
-        let (slot, fresh) = match self.slots.get(&raw_key) {
-            Some(&slot) => (slot, false),
-            None => {
-                let slot = self.free.pop_front().ok_or(Error::TableFull {
-                    table: "mesh flow",
-                    capacity: MAX_MESH_FLOWS,
-                })?;
-                (slot, true)
-            }
-        };
+        let (slot, fresh) = self.slots.claim(&raw_key).ok_or(Error::TableFull {
+            table: "mesh flow",
+            capacity: MAX_MESH_FLOWS,
+        })?;
         // State, counters and the flow count first: the entry makes the
         // flow visible.
         let count = self.slots.len() + usize::from(fresh);
@@ -243,12 +232,12 @@ impl MeshFlowTable {
             });
         match result {
             Ok(()) => {
-                self.slots.insert(raw_key, slot);
+                self.slots.bind(raw_key, slot);
                 Ok(())
             }
             Err(e) => {
                 if fresh {
-                    self.free.push_front(slot);
+                    self.slots.unclaim(slot);
                     self.lower_flow_count();
                 }
                 Err(e)
@@ -298,7 +287,7 @@ impl MeshFlowTable {
     /// installed.
     pub fn remove(&mut self, key: FlowKey) -> Result<Option<MeshFlowState>> {
         let raw_key = key.raw();
-        let Some(&slot) = self.slots.get(&raw_key) else {
+        let Some(slot) = self.slots.get(&raw_key) else {
             return Ok(None);
         };
         match self.entries.remove(&raw_key) {
@@ -307,8 +296,7 @@ impl MeshFlowTable {
             Err(e) => return Err(Error::map(ENTRIES_MAP, e)),
         }
         let state = self.slot_state(slot)?;
-        self.slots.remove(&raw_key);
-        self.free.push_back(slot);
+        self.slots.release(&raw_key);
         self.lower_flow_count();
         Ok(Some(state))
     }
@@ -316,7 +304,7 @@ impl MeshFlowTable {
     /// The flow's current state, or `None` if it is not installed.
     pub fn state(&self, key: FlowKey) -> Result<Option<MeshFlowState>> {
         match self.slots.get(&key.raw()) {
-            Some(&slot) => self.slot_state(slot).map(Some),
+            Some(slot) => self.slot_state(slot).map(Some),
             None => Ok(None),
         }
     }
@@ -349,7 +337,7 @@ impl MeshFlowTable {
 
     /// The installed flows' keys.
     pub fn keys(&self) -> Vec<FlowKey> {
-        self.slots.keys().map(FlowKey::from_raw).collect()
+        self.slots.keys()
     }
 
     /// Removes every flow.
