@@ -1,6 +1,7 @@
 //! The table of mesh transit flows: SRTP (NULL cipher, `NULL_SIPHASH24_80`)
 //! flows that arrive on one mesh link and leave on another, verified and
 //! re-signed by `ridge_xdp`.
+
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 
 use crate::error::{Error, MeshEntryError, Result};
