@@ -970,6 +970,17 @@ impl LossTracker {
         self.srtt
     }
 
+    /// Moves the highest sequence number on to `seq` without counting the
+    /// numbers in between as lost: someone else (a kernel fast path)
+    /// received and forwarded them. Nothing happens when `seq` is not
+    /// ahead.
+    pub fn skip_to(&mut self, seq: u16) {
+        match self.highest {
+            Some(h) if seq.wrapping_sub(h) == 0 || seq.wrapping_sub(h) >= 0x8000 => {}
+            _ => self.highest = Some(seq),
+        }
+    }
+
     fn retry_interval(&self) -> Duration {
         match self.srtt {
             Some(rtt) => {

@@ -1877,6 +1877,9 @@ fn a_transit_stream_the_kernel_forwards_is_repaired_through_it_and_handed_back()
     net.sfu("b")
         .set_kernel_mesh_forwarded(now, &k.progress(true));
     assert!(net.sfu("b").mesh_flows(now).is_empty(), "held after loss");
+    // (B relayed C's NACKs upstream while the kernel forwarded; from here
+    // on, with no loss, B has nothing to NACK.)
+    let before_nacks = link_stats(&mut net, "b", "a").nacks_sent;
     net.sfu("b")
         .set_kernel_mesh_forwarded(now, &k.progress(false));
     stream_on(
@@ -1894,6 +1897,14 @@ fn a_transit_stream_the_kernel_forwards_is_repaired_through_it_and_handed_back()
         .filter(|t| !got.contains_key(t))
         .collect();
     assert!(missing.is_empty(), "the core relays it again: {missing:?}");
+    // What the kernel forwarded is no gap of B's: nothing NACKed, nothing
+    // counted as unrecovered.
+    let from_a = link_stats(&mut net, "b", "a");
+    assert_eq!(from_a.unrecovered, 0, "{from_a:?}");
+    assert_eq!(
+        from_a.nacks_sent, before_nacks,
+        "B NACKed what its kernel forwarded"
+    );
     let _ = out_hi;
 }
 

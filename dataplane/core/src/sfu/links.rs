@@ -2269,11 +2269,13 @@ impl Sfu {
     pub fn set_kernel_mesh_forwarded(&mut self, now: Instant, progress: &[MeshFlowProgress]) {
         for p in progress {
             for l in &mut self.mesh.links {
-                if l.inbound.contains_key(&p.ssrc)
+                if let Some(s) = l.inbound.get_mut(&p.ssrc)
                     && let Some(rx) = l.rx.get_mut(&p.source)
                     && let Some(index) = p.in_highest
                 {
                     rx.advance_received(p.ssrc, index);
+                    // What the kernel forwarded is no gap of this hop's.
+                    s.loss.skip_to(index as u16);
                 }
                 if l.outbound.contains_key(&p.out_ssrc)
                     && let Some(index) = p.out_highest
