@@ -570,33 +570,48 @@ fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
     }
     let lab = transit_chain(&[])?;
     let mut pair = transit_pair(&lab)?;
-    wait_kernel_transit(&lab, &mut pair)?;
-    std::thread::sleep(Duration::from_millis(200));
-    pair.receiver.clear();
-    let before = kernel_forwarded(&lab)?;
-    let start = pair.sender.sent();
-    pair.send(500, Duration::from_millis(2))?;
-    let got = pair.receiver.wait_for(500, Duration::from_secs(5));
-    let indices = pair.received_indices();
-    let arrived = (start..start + 500)
-        .filter(|i| indices.binary_search(i).is_ok())
-        .count();
-    let by_kernel = kernel_forwarded(&lab)? - before;
-    let m = lab.node_metrics("b")?;
-    eprintln!(
-        "C got {arrived}/500 ({} datagrams); B's kernel forwarded {by_kernel}, bad tags {}, too old {}",
-        got.len(),
-        prom(&m, "ridge_kernel_mesh_packets_total{outcome=\"bad_tag\"}"),
-        prom(&m, "ridge_kernel_mesh_packets_total{outcome=\"too_old\"}"),
-    );
-    ensure!(
-        arrived == 500,
-        "C received {arrived} of 500\n{}",
-        lab.mesh_report()
-    );
+    // The stream goes back to B's core whenever its link stops qualifying:
+    // on a loaded machine the scheduler may turn FEC on for a while when
+    // the agents' probes see loss. Then it waits for the kernel again, up
+    // to three times.
+    let mut by_kernel = 0.0;
+    for attempt in 0..3 {
+        wait_kernel_transit(&lab, &mut pair)?;
+        std::thread::sleep(Duration::from_millis(200));
+        pair.receiver.clear();
+        let before = kernel_forwarded(&lab)?;
+        let start = pair.sender.sent();
+        pair.send(500, Duration::from_millis(2))?;
+        let got = pair.receiver.wait_for(500, Duration::from_secs(5));
+        let indices = pair.received_indices();
+        let arrived = (start..start + 500)
+            .filter(|i| indices.binary_search(i).is_ok())
+            .count();
+        by_kernel = kernel_forwarded(&lab)? - before;
+        let m = lab.node_metrics("b")?;
+        eprintln!(
+            "attempt {attempt}: C got {arrived}/500 ({} datagrams); B's kernel forwarded {by_kernel}, bad tags {}, too old {}, FEC packets from A {}",
+            got.len(),
+            prom(&m, "ridge_kernel_mesh_packets_total{outcome=\"bad_tag\"}"),
+            prom(&m, "ridge_kernel_mesh_packets_total{outcome=\"too_old\"}"),
+            m.lines()
+                .filter(|l| l.starts_with("ridge_mesh_fec_received_total"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        ensure!(
+            arrived == 500,
+            "C received {arrived} of 500\n{}",
+            lab.mesh_report()
+        );
+        if by_kernel >= 490.0 {
+            break;
+        }
+    }
     ensure!(
         by_kernel >= 490.0,
-        "B's kernel forwarded {by_kernel} of 500 (the rest went through its core)\n{m}"
+        "B's kernel forwarded {by_kernel} of 500 (the rest went through its core)\n{}",
+        lab.node_metrics("b")?
     );
     Ok(())
 }
