@@ -124,7 +124,9 @@ impl LabConfig {
             dataplane_args: vec!["--xdp".into(), "off".into()],
             node_args: BTreeMap::new(),
             trust_domain: Some("lab".into()),
-            log: "info".into(),
+            // The agents' debug lines say when a link change sent a
+            // heartbeat early (failover timelines); they are few.
+            log: "info,ridge_agent=debug".into(),
         }
     }
 
@@ -938,8 +940,10 @@ impl MeshLab {
             "2s".into(),
             "--replica-id".into(),
             "lab".into(),
+            // Debug: when a link went down and when desired states
+            // changed, for failover failures' log tails.
             "--log".into(),
-            "info".into(),
+            "info,ridge_scheduler=debug".into(),
         ];
         let dispatch = format!("dispatch-{}", random_hex(16));
         let child = spawn_in(

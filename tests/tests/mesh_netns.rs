@@ -452,6 +452,18 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
             prev = *t;
         }
         let resumed_after = resumed.map(|t| t.duration_since(killed));
+        // Every silence over 100 ms after the kill, as (start, length)
+        // from the kill: a failure says whether media stopped once or
+        // came back and stopped again.
+        let mut silences = Vec::new();
+        let mut prev = killed;
+        for t in &arrivals {
+            if t.duration_since(prev) > Duration::from_millis(100) {
+                silences.push((prev.duration_since(killed), t.duration_since(prev)));
+            }
+            prev = *t;
+        }
+        eprintln!("silences after the kill (from, length): {silences:?}");
         Ok((moved, killed, resumed_after))
     })?;
     eprintln!(
@@ -466,8 +478,9 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
     })?;
     ensure!(
         resumed_after <= Duration::from_secs(3),
-        "the subscriber recovered {resumed_after:?} after the kill (limit 3 s)\n{}",
-        lab.mesh_report()
+        "the subscriber recovered {resumed_after:?} after the kill (limit 3 s)\n{}\n{}",
+        lab.mesh_report(),
+        lab.log_tails(30)
     );
     expect_held_routes(&lab, "demo", &moved, &[])?;
     Ok(())
