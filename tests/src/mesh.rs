@@ -124,9 +124,10 @@ impl LabConfig {
             dataplane_args: vec!["--xdp".into(), "off".into()],
             node_args: BTreeMap::new(),
             trust_domain: Some("lab".into()),
-            // The agents' debug lines say when a link change sent a
-            // heartbeat early (failover timelines); they are few.
-            log: "info,ridge_agent=debug".into(),
+            // Debug lines of the agents (a link change sent a heartbeat
+            // early) and of the dataplanes' mesh (subscriptions refused or
+            // taken, hand-overs): the failover timeline. They are few.
+            log: "info,ridge_agent=debug,ridge_sfu=debug".into(),
         }
     }
 

@@ -698,6 +698,12 @@ impl Sfu {
         // The previous upstream's streams of a moved route feed their
         // layers until the new upstream's arrive.
         for (room, source, link) in moved {
+            tracing::debug!(
+                %room,
+                %source,
+                previous = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                "mesh route's upstream moved: the previous upstream feeds it until the new one delivers"
+            );
             let tracks = &self.tracks;
             if let Some(l) = self.mesh.links.get_mut(link) {
                 for s in l.inbound.values_mut() {
@@ -748,6 +754,9 @@ impl Sfu {
         if !due {
             return;
         }
+        tracing::debug!(
+            "mesh hand-over over (expired or nobody left to serve): desired state re-applied"
+        );
         if let Some(config) = self.mesh.config.clone() {
             self.mesh_apply(now, config);
             self.mesh_reconcile(now);
@@ -1506,6 +1515,12 @@ impl Sfu {
                 !old
             });
             let Some(remote) = remote else { continue };
+            tracing::debug!(
+                room = %origin.room,
+                source = %origin.source,
+                previous = %l.peer,
+                "mesh hand-over: the new upstream's stream delivered; the previous one's stops feeding"
+            );
             let tracks = &self.tracks;
             let more = l.inbound.values().any(|s| {
                 s.draining_until.is_some()
@@ -1904,6 +1919,12 @@ impl Sfu {
                         && (r.downstream.contains(&link)
                             || r.serving.iter().any(|s| s.link == link && s.live(now)))
                 }) else {
+                    tracing::debug!(
+                        peer = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                        %room,
+                        source = %origin,
+                        "mesh SUBSCRIBE refused: that peer is no downstream of this route"
+                    );
                     self.io.drop_packet(DropReason::MeshUnrouted);
                     return;
                 };
@@ -1913,13 +1934,21 @@ impl Sfu {
                         s.renewed = now;
                         s.paused = paused;
                     }
-                    None => r.serving.push(Serving {
-                        link,
-                        dest: source,
-                        renewed: now,
-                        paused,
-                        linger_until: None,
-                    }),
+                    None => {
+                        r.serving.push(Serving {
+                            link,
+                            dest: source,
+                            renewed: now,
+                            paused,
+                            linger_until: None,
+                        });
+                        tracing::debug!(
+                            peer = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                            %room,
+                            source = %origin,
+                            "mesh downstream subscribed"
+                        );
+                    }
                 }
                 self.mesh_reconcile(now);
                 self.select_layers(now);
@@ -1949,6 +1978,12 @@ impl Sfu {
                 let Some(ri) = self.mesh.routes.iter().position(|r| {
                     r.spec.room == room && r.spec.source == origin && r.upstream == Some(link)
                 }) else {
+                    tracing::debug!(
+                        peer = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                        %room,
+                        source = %origin,
+                        "mesh ANNOUNCE refused: that peer is not this route's upstream"
+                    );
                     self.io.drop_packet(DropReason::MeshUnrouted);
                     return;
                 };
