@@ -795,13 +795,9 @@ fn a_new_upstream_takes_over_and_the_subscriber_keeps_its_stream() {
     assert_eq!(received(&net, sub_client).len(), 100);
     // B dies; the scheduler routes A → D → C.
     net.nodes.remove("b");
-    net.configure("a", &[("d", true)], &[("demo", "a", None, &["d"])]);
-    net.configure(
-        "d",
-        &[("a", true), ("c", true)],
-        &[("demo", "a", Some("a"), &["c"])],
-    );
-    net.configure("c", &[("d", true)], &[("demo", "a", Some("d"), &[])]);
+    for n in ["a", "d", "c"] {
+        route_through_d(&mut net, n);
+    }
     net.delivered.clear();
     let switched_at = net.now;
     let mut sent = Vec::new();
@@ -828,6 +824,21 @@ fn a_new_upstream_takes_over_and_the_subscriber_keeps_its_stream() {
     assert_eq!(delivered_ssrcs(&net, sub_client).len(), 1);
 }
 
+/// Gives `node` its desired state of the route A → D → C (B: none).
+fn route_through_d(net: &mut Net, node: &str) {
+    match node {
+        "a" => net.configure("a", &[("d", true)], &[("demo", "a", None, &["d"])]),
+        "b" => net.configure("b", &[], &[]),
+        "c" => net.configure("c", &[("d", true)], &[("demo", "a", Some("d"), &[])]),
+        "d" => net.configure(
+            "d",
+            &[("a", true), ("c", true)],
+            &[("demo", "a", Some("a"), &["c"])],
+        ),
+        other => panic!("no node {other}"),
+    }
+}
+
 /// Moves the route A → B → C to A → D → C while B stays alive, the nodes
 /// getting their desired states in `order`, 150 ms apart, while the
 /// publisher streams. Returns the tags the subscriber got.
@@ -840,17 +851,7 @@ fn switch_routes_alive(order: &[&str]) -> (Net, HashMap<u32, Instant>, SocketAdd
     let mut pending: Vec<&str> = order.to_vec();
     for i in 100..400u32 {
         if i % 15 == 0 && !pending.is_empty() {
-            match pending.remove(0) {
-                "a" => net.configure("a", &[("d", true)], &[("demo", "a", None, &["d"])]),
-                "b" => net.configure("b", &[], &[]),
-                "c" => net.configure("c", &[("d", true)], &[("demo", "a", Some("d"), &[])]),
-                "d" => net.configure(
-                    "d",
-                    &[("a", true), ("c", true)],
-                    &[("demo", "a", Some("a"), &["c"])],
-                ),
-                other => panic!("no node {other}"),
-            }
+            route_through_d(&mut net, pending.remove(0));
         }
         send_tagged(&mut net, pub_client, i);
     }
@@ -2031,16 +2032,7 @@ fn a_dead_transit_is_replaced_whatever_order_the_survivors_learn_it_in() {
             let (mut next_at, mut last_applied) = (net.now, net.now);
             for i in 170..500u32 {
                 if !pending.is_empty() && net.now >= next_at {
-                    match pending.remove(0) {
-                        "a" => net.configure("a", &[("d", true)], &[("demo", "a", None, &["d"])]),
-                        "c" => net.configure("c", &[("d", true)], &[("demo", "a", Some("d"), &[])]),
-                        "d" => net.configure(
-                            "d",
-                            &[("a", true), ("c", true)],
-                            &[("demo", "a", Some("a"), &["c"])],
-                        ),
-                        other => panic!("no node {other}"),
-                    }
+                    route_through_d(&mut net, pending.remove(0));
                     last_applied = net.now;
                     next_at = net.now + gap;
                 }
