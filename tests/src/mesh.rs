@@ -126,8 +126,10 @@ impl LabConfig {
             trust_domain: Some("lab".into()),
             // Debug lines of the agents (a link change sent a heartbeat
             // early) and of the dataplanes' mesh (subscriptions refused or
-            // taken, hand-overs): the failover timeline. They are few.
-            log: "info,ridge_agent=debug,ridge_sfu=debug".into(),
+            // taken, hand-overs): the failover timeline. They are few; the
+            // probe module's are not (a failed send to every unreachable
+            // peer, every probe interval), so it stays at info.
+            log: "info,ridge_agent=debug,ridge_agent::probe=info,ridge_sfu=debug".into(),
         }
     }
 

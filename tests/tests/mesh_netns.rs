@@ -32,8 +32,8 @@ use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, ensure};
-use ridge_tests::mesh::{MeshLab, eventually};
+use anyhow::{Context, Result, bail, ensure};
+use ridge_tests::mesh::{MeshLab, PlainRtpPair, eventually};
 use ridge_tests::skip::require;
 use serde_json::Value;
 
@@ -425,12 +425,66 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
 
     // The transit node dies while the publisher keeps sending: the route
     // moves through the other one and the subscriber's stream resumes
-    // within 3 s.
-    pair.receiver.clear();
-    let (moved, killed, resumed_after) = std::thread::scope(|scope| -> Result<_> {
+    // within 3 s. Routes may also move while every node lives (a probe
+    // lost on a loaded machine makes a link costlier), so the node killed
+    // is the plan's transit of that moment, and a kill after which media
+    // never stopped (the route had left that node just before) is not a
+    // failover: that node is started again and the current transit is
+    // killed instead, up to 3 times.
+    for attempt in 1..=3 {
+        let path = lab.wait_route("demo", "a", "c", ROUTE, |p| {
+            p.len() == 3 && (p[1] == "b" || p[1] == "d")
+        })?;
+        let other = if path[1] == "b" { "d" } else { "b" };
+        expect_held_routes(&lab, "demo", &path, &[other])?;
+        pair.receiver.clear();
+        let outcome = kill_transit_while_streaming(&mut lab, &mut pair)?;
+        let Some(resumed_after) = outcome.resumed_after else {
+            lab.start_node(&outcome.killed)?;
+            lab.wait_until_up(4, UP)?;
+            ensure!(
+                attempt < 3,
+                "3 times, the route left the node about to be killed just before the kill"
+            );
+            continue;
+        };
+        ensure!(
+            resumed_after <= Duration::from_secs(3),
+            "the subscriber recovered {resumed_after:?} after the kill (limit 3 s)\n{}\n{}",
+            lab.mesh_report(),
+            lab.log_tails(30)
+        );
+        expect_held_routes(&lab, "demo", &outcome.moved, &[])?;
+        return Ok(());
+    }
+    unreachable!("every attempt returns or continues")
+}
+
+/// What [`kill_transit_while_streaming`] saw.
+struct KillOutcome {
+    /// The node killed.
+    killed: String,
+    /// The route after the kill.
+    moved: Vec<String>,
+    /// When media resumed after the kill: the end of the longest silence
+    /// after it. `None` when media never stopped for 300 ms or more: the
+    /// node killed carried none of it.
+    resumed_after: Option<Duration>,
+}
+
+/// Streams 1,000 packets to A, 8 ms apart; 2 s in, kills the plan's transit
+/// of that moment between A and C and waits for the route to move through
+/// the other node.
+fn kill_transit_while_streaming(lab: &mut MeshLab, pair: &mut PlainRtpPair) -> Result<KillOutcome> {
+    std::thread::scope(|scope| -> Result<_> {
         let (target, tx, receiver) = (pair.target, &mut pair.sender, &pair.receiver);
         let sender = scope.spawn(move || tx.send(target, 1000, Duration::from_millis(8)));
         std::thread::sleep(Duration::from_secs(2));
+        let transit = lab.wait_route("demo", "a", "c", ROUTE, |p| {
+            p.len() == 3 && (p[1] == "b" || p[1] == "d")
+        })?[1]
+            .clone();
+        let other = if transit == "b" { "d" } else { "b" };
         let killed = Instant::now();
         lab.kill(&transit)?;
         let moved = lab.wait_route("demo", "a", "c", ROUTE, |p| p == ["a", other, "c"])?;
@@ -440,50 +494,50 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
         let got = receiver.wait_for(usize::MAX, Duration::from_millis(500));
         let mut arrivals: Vec<Instant> = got.iter().map(|r| r.at).filter(|t| *t > killed).collect();
         arrivals.sort();
-        // The first arrival after the longest silence that followed the kill.
-        let mut resumed = arrivals.first().copied();
-        let mut prev = killed;
-        let mut gap = Duration::ZERO;
-        for t in &arrivals {
-            if t.duration_since(prev) > gap {
-                gap = t.duration_since(prev);
-                resumed = Some(*t);
-            }
-            prev = *t;
-        }
-        let resumed_after = resumed.map(|t| t.duration_since(killed));
-        // Every silence over 100 ms after the kill, as (start, length)
-        // from the kill: a failure says whether media stopped once or
-        // came back and stopped again.
-        let mut silences = Vec::new();
+        // Every gap between arrivals after the kill, as (start, length)
+        // from the kill. Media resumed at the end of the longest (the
+        // first, on a tie); those over 100 ms are printed, so that a
+        // failure says whether media stopped once or came back and
+        // stopped again.
+        let mut gaps = Vec::with_capacity(arrivals.len());
         let mut prev = killed;
         for t in &arrivals {
-            if t.duration_since(prev) > Duration::from_millis(100) {
-                silences.push((prev.duration_since(killed), t.duration_since(prev)));
-            }
+            gaps.push((prev.duration_since(killed), t.duration_since(prev)));
             prev = *t;
         }
-        eprintln!("silences after the kill (from, length): {silences:?}");
-        Ok((moved, killed, resumed_after))
-    })?;
-    eprintln!(
-        "route {path:?} moved to {moved:?} {:?} after {transit} was killed; media resumed {resumed_after:?} after the kill",
-        killed.elapsed()
-    );
-    let resumed_after = resumed_after.with_context(|| {
-        format!(
-            "no media reached C after {transit} was killed\n{}",
-            lab.mesh_report()
-        )
-    })?;
-    ensure!(
-        resumed_after <= Duration::from_secs(3),
-        "the subscriber recovered {resumed_after:?} after the kill (limit 3 s)\n{}\n{}",
-        lab.mesh_report(),
-        lab.log_tails(30)
-    );
-    expect_held_routes(&lab, "demo", &moved, &[])?;
-    Ok(())
+        let longest = gaps
+            .iter()
+            .fold(None::<(Duration, Duration)>, |best, &g| match best {
+                Some(b) if b.1 >= g.1 => Some(b),
+                _ => Some(g),
+            });
+        let silences: Vec<_> = gaps
+            .iter()
+            .filter(|(_, len)| *len > Duration::from_millis(100))
+            .collect();
+        eprintln!(
+            "killed {transit}; route moved to {moved:?}; silences after the kill (from, length): {silences:?}"
+        );
+        let resumed_after = match longest {
+            None => bail!(
+                "no media reached C after {transit} was killed\n{}",
+                lab.mesh_report()
+            ),
+            // Failure detection alone takes longer than this.
+            Some((_, len)) if len < Duration::from_millis(300) => {
+                eprintln!(
+                    "media never stopped: the route had left {transit} before it was killed; trying again"
+                );
+                None
+            }
+            Some((from, len)) => Some(from + len),
+        };
+        Ok(KillOutcome {
+            killed: transit,
+            moved,
+            resumed_after,
+        })
+    })
 }
 
 /// A counter's value in Prometheus text, 0 when absent.
