@@ -106,6 +106,15 @@ impl LinkStats {
             self.push(None);
             return None;
         }
+        if self.last_reply.is_none() {
+            // The peer's first answer ever. What went unanswered before was
+            // sent while it was not listening yet (it was starting), which
+            // says nothing of the link: the window starts here, so that a
+            // new node's links do not look lossy (and routes do not move
+            // off them) for the first `window` probes.
+            self.results.clear();
+            self.outstanding.retain(|(_, t)| *t >= sent);
+        }
         if let Some(prev) = self.last_rtt {
             let d = (rtt.as_secs_f64() - prev.as_secs_f64()).abs() * 1000.0;
             self.jitter_ms += (d - self.jitter_ms) / 16.0;
@@ -239,6 +248,36 @@ mod tests {
         }
         let m = s.measure(t0 + MS).unwrap();
         assert_eq!((m.samples, m.loss), (4, 0.0));
+    }
+
+    #[test]
+    fn probes_lost_before_the_first_answer_do_not_count() {
+        let t0 = Instant::now();
+        let mut s = LinkStats::new(20, 500 * MS, 300 * MS);
+        // The peer starts listening after 5 probes (every 100 ms); the
+        // sixth is answered, and so are all after it.
+        for i in 0..5u64 {
+            s.on_sent(i, t0 + 100 * MS * i as u32);
+        }
+        s.expire(t0 + 1000 * MS);
+        assert_eq!(s.measure(t0 + 1000 * MS).unwrap().loss, 1.0);
+        for i in 5..10u64 {
+            let t = t0 + 100 * MS * i as u32 + 600 * MS;
+            s.on_sent(i, t);
+            s.on_reply(i, t + 5 * MS);
+        }
+        let m = s.measure(t0 + 2000 * MS).unwrap();
+        assert_eq!((m.samples, m.loss), (5, 0.0));
+        // Losses once the peer has answered count, outage or not.
+        for i in 10..15u64 {
+            s.on_sent(i, t0 + 100 * MS * i as u32 + 600 * MS);
+        }
+        s.on_sent(15, t0 + 2200 * MS);
+        s.on_reply(15, t0 + 2205 * MS);
+        s.expire(t0 + 2800 * MS);
+        let m = s.measure(t0 + 2800 * MS).unwrap();
+        assert_eq!(m.samples, 11);
+        assert!((m.loss - 5.0 / 11.0).abs() < 1e-9, "{m:?}");
     }
 
     /// Probes every 100 ms with 5 ms RTT; `down_after` 300 ms; the timeout
