@@ -701,7 +701,7 @@ impl Sfu {
             tracing::debug!(
                 %room,
                 %source,
-                previous = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                previous = %self.mesh_peer_name(link),
                 "mesh route's upstream moved: the previous upstream feeds it until the new one delivers"
             );
             let tracks = &self.tracks;
@@ -783,6 +783,11 @@ impl Sfu {
                 })
             });
         }
+    }
+
+    /// Link `link`'s peer node id, for logs.
+    fn mesh_peer_name(&self, link: usize) -> &str {
+        self.mesh.links.get(link).map_or("?", |l| l.peer.as_str())
     }
 
     /// Whether this shard owns `room`.
@@ -1920,7 +1925,7 @@ impl Sfu {
                             || r.serving.iter().any(|s| s.link == link && s.live(now)))
                 }) else {
                     tracing::debug!(
-                        peer = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                        peer = %self.mesh_peer_name(link),
                         %room,
                         source = %origin,
                         "mesh SUBSCRIBE refused: that peer is no downstream of this route"
@@ -1943,7 +1948,7 @@ impl Sfu {
                             linger_until: None,
                         });
                         tracing::debug!(
-                            peer = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                            peer = %self.mesh_peer_name(link),
                             %room,
                             source = %origin,
                             "mesh downstream subscribed"
@@ -1979,7 +1984,7 @@ impl Sfu {
                     r.spec.room == room && r.spec.source == origin && r.upstream == Some(link)
                 }) else {
                     tracing::debug!(
-                        peer = %self.mesh.links.get(link).map_or("?", |l| l.peer.as_str()),
+                        peer = %self.mesh_peer_name(link),
                         %room,
                         source = %origin,
                         "mesh ANNOUNCE refused: that peer is not this route's upstream"
