@@ -59,7 +59,7 @@ impl Way {
     }
 }
 
-struct Result {
+struct Outcome {
     sent: u64,
     received: u64,
     secs: f64,
@@ -105,7 +105,7 @@ fn sockaddr(a: SocketAddr) -> libc::sockaddr_in {
     }
 }
 
-fn run(way: Way, size: usize, seconds: f64) -> Result {
+fn run(way: Way, size: usize, seconds: f64) -> Outcome {
     let opts = SocketOptions {
         recv_buffer_size: Some(8 << 20),
         send_buffer_size: Some(8 << 20),
@@ -301,7 +301,7 @@ fn run(way: Way, size: usize, seconds: f64) -> Result {
         received += drain(&mut *rx, &mut storage, &mut meta);
     }
     received += drain(&mut *rx, &mut storage, &mut meta);
-    let result = Result {
+    let result = Outcome {
         sent,
         received,
         secs: start.elapsed().as_secs_f64(),
