@@ -13,21 +13,30 @@ pub enum IoError {
     /// Creating or binding the socket failed (address in use, permissions).
     #[error("cannot bind {addr}: {source}")]
     Bind {
+        /// The address the caller asked to bind.
         addr: SocketAddr,
+        /// What the kernel said (`EADDRINUSE`, `EADDRNOTAVAIL`, `EACCES`...).
         #[source]
         source: io::Error,
     },
     /// io_uring is missing, disabled, or lacks an opcode or feature we need.
     #[error("io_uring unavailable: {reason}")]
     UringUnavailable {
+        /// Which step failed and why, for the operator: the syscall or
+        /// registration that was refused, or the opcode the kernel lacks.
         reason: String,
+        /// The system error behind it; `None` when a capability is simply
+        /// missing (an opcode not in the kernel's probe table).
         #[source]
         source: Option<io::Error>,
     },
     /// A system call failed in a way that leaves the socket unusable.
     #[error("{op} failed: {source}")]
     Os {
+        /// The call that failed (`recvmmsg`, `sendmmsg`, `io_uring_enter`,
+        /// `multishot recvmsg`, `mmap`, `dup`).
         op: &'static str,
+        /// The error the kernel returned for it.
         #[source]
         source: io::Error,
     },

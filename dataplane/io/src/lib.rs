@@ -37,6 +37,8 @@
 //! buffers themselves out as refcounted packets, for zero-copy fan-out, is
 //! later work.
 
+#![deny(missing_docs)]
+
 pub mod alloc;
 mod cmsg;
 mod error;
@@ -87,12 +89,19 @@ impl Default for RecvMeta {
 /// send.
 #[derive(Debug, Clone, Copy)]
 pub struct Transmit<'a> {
+    /// Where the datagram goes. On an IPv6 socket an IPv4 destination is
+    /// sent to its v4-mapped address; on an IPv4 socket a v4-mapped IPv6
+    /// destination is sent to its IPv4 address, and any other IPv6 one is
+    /// dropped and counted in [`IoStats::send_dropped`] (never an error).
     pub destination: SocketAddr,
     /// Bytes sent ahead of `contents` in the same datagram, from a separate
     /// buffer: a header rewritten per destination in front of a payload
     /// shared by every destination (zero-copy fan-out). Usually empty. A
     /// transmit with a prefix is one datagram: `segment_size` is ignored.
     pub prefix: &'a [u8],
+    /// The payload: one datagram, or with `segment_size` a run of
+    /// datagrams laid end to end. Read in place by the kernel (no copy);
+    /// the borrow only has to last for the [`DatagramIo::send`] call.
     pub contents: &'a [u8],
     /// Bytes sent after `contents` in the same datagram, from a separate
     /// buffer: a trailer computed per destination behind a shared payload
@@ -123,6 +132,9 @@ impl<'a> Transmit<'a> {
         self.prefix.len() + self.contents.len() + self.suffix.len()
     }
 
+    /// Whether this transmit carries no bytes at all (prefix, contents and
+    /// suffix all empty). An empty transmit is never gathered into a GSO
+    /// run: it goes alone, as a zero-length datagram.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -154,7 +166,10 @@ pub struct IoStats {
 /// Which implementation is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// [`UringIo`]: io_uring with a multishot receive over a provided
+    /// buffer ring.
     Uring,
+    /// [`MmsgIo`]: `recvmmsg`/`sendmmsg` on a non-blocking socket.
     Mmsg,
 }
 
@@ -225,7 +240,20 @@ impl Default for SocketOptions {
 }
 
 /// A bound, non-blocking UDP socket with batched receive and send.
+///
+/// Both backends ([`MmsgIo`], [`UringIo`]) keep the same contract, tested by
+/// the same suite (`tests/backends.rs`):
+///
+/// - no call blocks, and none allocates in steady state;
+/// - peer behaviour (ICMP errors, truncated or oversized datagrams, floods)
+///   never surfaces as an [`IoError`]: it is counted in [`IoStats`] or
+///   reported in [`RecvMeta`];
+/// - an `Err` from [`recv`](Self::recv) or [`send`](Self::send) is an
+///   [`IoError::Os`] and means the socket or ring is no longer usable: drop
+///   it (and rebind) rather than retry.
 pub trait DatagramIo {
+    /// The address the socket is bound to, with the port the kernel chose
+    /// when [`bind`] was given port 0.
     fn local_addr(&self) -> SocketAddr;
 
     /// The descriptor to wait on for readability (tokio `AsyncFd`, epoll).
@@ -235,7 +263,20 @@ pub trait DatagramIo {
 
     /// Receives up to `min(bufs.len(), meta.len())` datagrams (mmsg: at most
     /// 64 per call) without blocking; `Ok(0)` when nothing is pending.
-    /// Datagram `i` lands in `bufs[i]`, described by `meta[i]`.
+    /// Datagram `i` lands in `bufs[i]`, described by `meta[i]`; entries
+    /// past the returned count are left as they were.
+    ///
+    /// A datagram larger than its buffer (or, uring, than a provided
+    /// buffer) is cut and reported with [`RecvMeta::truncated`]; later
+    /// datagrams still arrive. A pending socket error (an ICMP unreachable
+    /// for an earlier send) is cleared and counted in
+    /// [`IoStats::socket_errors`].
+    ///
+    /// # Errors
+    ///
+    /// [`IoError::Os`] when the descriptor or ring is broken (`EBADF`,
+    /// `EFAULT`, a multishot receive the kernel rejects): the socket is no
+    /// longer usable.
     fn recv(&mut self, bufs: &mut [&mut [u8]], meta: &mut [RecvMeta]) -> Result<usize, IoError>;
 
     /// Sends as much of `batch` as the kernel takes and returns how many
@@ -245,14 +286,28 @@ pub trait DatagramIo {
     /// destination may leave as one `UDP_SEGMENT` send (see
     /// [`SocketOptions::gso`]); keep a batch grouped by destination to make
     /// the most of it.
+    ///
+    /// The kernel reads the transmits' buffers in place; they need only
+    /// stay borrowed for the call. A GSO transmit that stops half-way
+    /// through is not counted as consumed, so a retry may resend its first
+    /// segments (SRTP replay protection drops such duplicates).
+    ///
+    /// # Errors
+    ///
+    /// [`IoError::Os`] when the descriptor or ring is broken; nothing a
+    /// destination does produces an error.
     fn send(&mut self, batch: &[Transmit<'_>]) -> Result<usize, IoError>;
 
+    /// Which implementation this is; fixed at [`bind`].
     fn backend(&self) -> Backend;
 
     /// The UDP socket itself, for socket options and for attaching a
     /// `SO_ATTACH_REUSEPORT_EBPF` program. Do not read from or write to it.
     fn socket_fd(&self) -> RawFd;
 
+    /// A snapshot of the counters since [`bind`]. They only grow (and
+    /// [`IoStats::gso_disabled`] only turns on), so a caller exporting them
+    /// as metrics can diff consecutive snapshots.
     fn stats(&self) -> IoStats;
 
     /// Provided buffers currently held by completions not yet consumed
@@ -267,6 +322,22 @@ pub trait DatagramIo {
 }
 
 /// Binds a UDP socket on `addr` with the chosen backend.
+///
+/// The socket is non-blocking, with the options in `opts` applied before
+/// the bind; GSO and GRO are probed and quietly left off (one `info` line)
+/// where the kernel lacks them. With [`BackendChoice::Auto`], a failed
+/// [`probe_uring`] or io_uring setup falls back to [`MmsgIo`] with one
+/// `warn` line that says why.
+///
+/// # Errors
+///
+/// - [`IoError::Config`]: `opts` is invalid (uring buffer count or size out
+///   of range); the caller's fault.
+/// - [`IoError::Bind`]: the socket cannot be created, configured or bound
+///   (address in use, not local, permissions).
+/// - [`IoError::UringUnavailable`]: only with [`BackendChoice::Uring`], the
+///   kernel cannot run the io_uring backend here.
+/// - [`IoError::Os`]: a setup call failed (`mmap`, `dup`).
 pub fn bind(
     addr: SocketAddr,
     prefer: BackendChoice,

@@ -109,6 +109,16 @@ impl std::fmt::Debug for MmsgIo {
 }
 
 impl MmsgIo {
+    /// Binds a non-blocking UDP socket on `addr` with `opts` (the `uring_*`
+    /// options are ignored). Prefer [`crate::bind`], which returns the
+    /// backend behind [`DatagramIo`]; this is for callers that need this
+    /// backend by type.
+    ///
+    /// # Errors
+    ///
+    /// [`IoError::Bind`] when the socket cannot be created, configured or
+    /// bound. Missing GSO or GRO support is not an error: it is logged and
+    /// left off.
     pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<Self, IoError> {
         Ok(Self::from_bound(bind_udp(addr, opts, opts.gro)?))
     }

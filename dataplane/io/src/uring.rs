@@ -399,6 +399,24 @@ fn zeroed_slot() -> SendSlot {
 }
 
 impl UringIo {
+    /// Binds a non-blocking UDP socket on `addr`, sets up its ring (with
+    /// `COOP_TASKRUN` where the kernel has it) and registers a provided
+    /// buffer ring of `opts.uring_buffers` × `opts.uring_buffer_size` bytes
+    /// (enlarged with GRO, see [`SocketOptions::gro`]). The multishot
+    /// receive is armed by the first [`DatagramIo::recv`], on the calling
+    /// thread. Does not run [`probe_uring`]; [`crate::bind`] with
+    /// [`crate::BackendChoice::Auto`] does, and falls back to [`MmsgIo`].
+    ///
+    /// # Errors
+    ///
+    /// - [`IoError::Config`]: `uring_buffers` is not a power of two at most
+    ///   32768, or `uring_buffer_size` is outside 128 bytes..=1 MiB.
+    /// - [`IoError::Bind`]: the socket cannot be created, configured or bound.
+    /// - [`IoError::UringUnavailable`]: `io_uring_setup` or the buffer ring
+    ///   registration was refused (old kernel, seccomp,
+    ///   `kernel.io_uring_disabled`).
+    /// - [`IoError::Os`]: mapping the buffers or duplicating the socket for
+    ///   `sendmmsg` failed.
     pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<Self, IoError> {
         let count = opts.uring_buffers;
         if !count.is_power_of_two() || count > 32768 {
