@@ -767,9 +767,12 @@ fn flow_key(source: SocketAddr, local: SocketAddr, ssrc: u32) -> Result<FlowKey,
 /// `at` on CLOCK_MONOTONIC, in ns (the clock of `Instant` and of the BPF
 /// programs' `bpf_ktime_get_ns`); `None` if the clock cannot be read.
 fn monotonic_ns(at: Instant) -> Option<u64> {
+    // The `Instant` is read before the clock, so the result lands at or just
+    // after `at` (by the time between the two reads), never before it.
+    let reference = Instant::now();
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
     let now_ns = u64::try_from(Duration::from(now).as_nanos()).ok()?;
-    let ago = u64::try_from(Instant::now().saturating_duration_since(at).as_nanos()).ok()?;
+    let ago = u64::try_from(reference.saturating_duration_since(at).as_nanos()).ok()?;
     now_ns.checked_sub(ago)
 }
 
