@@ -169,7 +169,10 @@ mod tests {
     fn durations_by_precedence() {
         let d = |flag, file| duration_setting("drain_timeout", flag, file, Duration::from_secs(5));
         assert_eq!(d(None, None).unwrap(), Duration::from_secs(5));
-        assert_eq!(d(None, Some(" 250ms ")).unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            d(None, Some(" 250ms ")).unwrap(),
+            Duration::from_millis(250)
+        );
         assert_eq!(
             d(Some(Duration::from_secs(1)), Some("nonsense")).unwrap(),
             Duration::from_secs(1)

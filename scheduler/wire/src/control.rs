@@ -124,10 +124,7 @@ mod tests {
     fn json_is_pinned() {
         let d: DesiredState = serde_json::from_str(DESIRED).unwrap();
         assert_eq!(serde_json::to_string(&d).unwrap(), DESIRED);
-        assert_eq!(
-            d.links[1].address,
-            Some("[fd00::9]:5006".parse().unwrap())
-        );
+        assert_eq!(d.links[1].address, Some("[fd00::9]:5006".parse().unwrap()));
         assert!(d.links[0].fec && !d.links[1].fec);
     }
 
@@ -148,7 +145,10 @@ mod tests {
             r#"{"version":1,"routes":[{"room":"r","source":"n-1","bogus":1}]}"#,
             r#"{"version":1,"links":[{"peer":"n-1","key":"k","address":"host:1"}]}"#,
         ] {
-            assert!(serde_json::from_str::<DesiredState>(text).is_err(), "{text}");
+            assert!(
+                serde_json::from_str::<DesiredState>(text).is_err(),
+                "{text}"
+            );
         }
     }
 

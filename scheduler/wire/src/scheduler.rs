@@ -409,9 +409,10 @@ mod tests {
                 "probes": [],
             })
         );
-        let d: DesiredState =
-            serde_json::from_str(r#"{"node_id":"n-1","version":1,"drain":false,"dataplane_secret":null}"#)
-                .unwrap();
+        let d: DesiredState = serde_json::from_str(
+            r#"{"node_id":"n-1","version":1,"drain":false,"dataplane_secret":null}"#,
+        )
+        .unwrap();
         assert_eq!(d.dataplane_secret, None);
     }
 
