@@ -288,7 +288,7 @@ async fn enroll(
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();
     let req = EnrollRequest {
-        bootstrap_token: &token.0,
+        bootstrap_token: token.0.clone(),
         public_key: scheduler::PublicKey {
             alg: "ed25519".into(),
             key: key.public_b64(),
@@ -567,7 +567,7 @@ async fn build_heartbeat(
                     addresses: n.addresses.clone(),
                 })
                 .collect(),
-            xdp_mode: c.xdp.mode().to_owned(),
+            xdp_mode: Some(c.xdp.mode().to_owned()),
             io_uring: c.io_uring,
             gpus: c
                 .gpus

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ridge_wire::config::{duration_setting, invalid, read_file};
 use serde::Deserialize;
+
+pub use ridge_wire::config::ConfigError;
 
 /// Exit status for an invalid configuration (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -95,68 +98,12 @@ pub struct Config {
     pub log: String,
 }
 
-/// A configuration problem.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot parse config file {}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid configuration: {field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
-
-impl ConfigError {
-    pub fn field(&self) -> Option<&'static str> {
-        match self {
-            Self::Invalid { field, .. } => Some(field),
-            _ => None,
-        }
-    }
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
-}
-
-fn duration(
-    field: &'static str,
-    flag: Option<Duration>,
-    file: Option<&str>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match (flag, file) {
-        (Some(d), _) => Ok(d),
-        (None, Some(s)) => humantime::parse_duration(s.trim()).map_err(|e| {
-            invalid(
-                field,
-                format!("`{s}` is not a duration ({e}); write e.g. \"1s\" or \"500ms\""),
-            )
-        }),
-        (None, None) => Ok(default),
-    }
-}
-
 /// Reads `file` (when given), merges it with `overrides` and validates.
 pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
     let fc = match file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: path.to_owned(),
+            toml::from_str(&read_file(path)?).map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: Some(path.to_owned()),
                 message: e.message().to_owned(),
             })?
         }
@@ -293,7 +240,7 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
             SocketAddr::from(([0, 0, 0, 0], port))
         }
     };
-    let probe_interval = duration(
+    let probe_interval = duration_setting(
         "probe_interval",
         o.probe_interval,
         fc.probe_interval.as_deref(),
@@ -302,7 +249,7 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&probe_interval) {
         return Err(invalid("probe_interval", "must be 10ms ..= 60s"));
     }
-    let watch_wait = duration(
+    let watch_wait = duration_setting(
         "watch_wait",
         o.watch_wait,
         fc.watch_wait.as_deref(),
@@ -328,7 +275,7 @@ pub fn build(fc: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
             )
         })?),
     };
-    let drain_timeout = duration(
+    let drain_timeout = duration_setting(
         "drain_timeout",
         o.drain_timeout,
         fc.drain_timeout.as_deref(),

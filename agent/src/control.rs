@@ -1,5 +1,7 @@
 //! Client of the dataplane's local control API (docs/control-api.md):
-//! HTTP/1.1 over its Unix socket, one connection per request.
+//! HTTP/1.1 over its Unix socket, one connection per request. What it
+//! sends is the scheduler's desired state less what only the agent uses
+//! ([`for_dataplane`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +12,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
-use crate::scheduler::DesiredState;
+use ridge_wire::control::{DesiredState as DataplaneState, MeshLink, TrackRoute};
+use ridge_wire::scheduler::DesiredState;
 
 /// A control API failure.
 #[non_exhaustive]
@@ -29,6 +32,56 @@ pub enum ControlError {
     Status { status: u16, body: String },
     #[error("unexpected control API answer: {0}")]
     BadAnswer(String),
+    /// The scheduler's desired state has what the dataplane would refuse.
+    #[error("the scheduler's desired state cannot go to the dataplane: {0}")]
+    BadDesired(String),
+}
+
+/// The dataplane's part of the scheduler's desired state: all of it but
+/// the probes, which are the agent's business (the control API refuses
+/// fields it does not know). A link address that is not `IP:PORT` is
+/// refused here, as the dataplane would refuse the document.
+pub fn for_dataplane(d: &DesiredState) -> Result<DataplaneState, ControlError> {
+    let links = d
+        .links
+        .iter()
+        .map(|l| {
+            let address = match l.address.as_deref() {
+                None => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    ControlError::BadDesired(format!(
+                        "links[{}].address `{a}` is not IP:PORT",
+                        l.peer
+                    ))
+                })?),
+            };
+            Ok(MeshLink {
+                peer: l.peer.clone(),
+                address,
+                key: l.key.clone(),
+                trusted: l.trusted,
+                fec: l.fec,
+            })
+        })
+        .collect::<Result<_, ControlError>>()?;
+    let routes = d
+        .routes
+        .iter()
+        .map(|r| TrackRoute {
+            room: r.room.clone(),
+            source: r.source.clone(),
+            upstream: r.upstream.clone(),
+            downstream: r.downstream.clone(),
+        })
+        .collect();
+    Ok(DataplaneState {
+        node_id: d.node_id.clone(),
+        version: d.version,
+        drain: d.drain,
+        dataplane_secret: d.dataplane_secret.clone(),
+        links,
+        routes,
+    })
 }
 
 /// `GET /v1/status`.
@@ -154,10 +207,58 @@ impl ControlClient {
         Self::ok(s, &b).map(Some)
     }
 
-    /// Applies a desired state; returns the dataplane's answer.
+    /// Applies (the dataplane's part of) a desired state; returns the
+    /// dataplane's answer.
     pub async fn apply(&self, d: &DesiredState) -> Result<serde_json::Value, ControlError> {
-        let body = serde_json::to_vec(d).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+        let body = serde_json::to_vec(&for_dataplane(d)?)
+            .map_err(|e| ControlError::BadAnswer(e.to_string()))?;
         let (s, b) = self.request(Method::PUT, "/v1/desired", Some(body)).await?;
         Self::ok(s, &b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataplane_gets_the_same_bytes_as_before() {
+        let from_scheduler = concat!(
+            r#"{"node_id":"n-3f9a0c1b2d4e5f60","version":18,"drain":false,"dataplane_secret":"9b1f","#,
+            r#""links":[{"peer":"n-77aa00bb11cc22dd","address":"10.0.0.9:5006","key":"4c0e","trusted":true,"fec":true},"#,
+            r#"{"peer":"n-88aa00bb11cc22dd","address":null,"key":"5d1f","trusted":false}],"#,
+            r#""routes":[{"room":"demo","source":"n-3f9a0c1b2d4e5f60","upstream":null,"downstream":["n-77aa00bb11cc22dd"]}],"#,
+            r#""probes":[{"peer":"n-99aa00bb11cc22dd","address":"10.0.0.10:5006","key":"6e20","trusted":false}]}"#
+        );
+        // What the agent sent when it forwarded its own copy of the type
+        // with `probes` skipped: the same, less the probes.
+        let to_dataplane = concat!(
+            r#"{"node_id":"n-3f9a0c1b2d4e5f60","version":18,"drain":false,"dataplane_secret":"9b1f","#,
+            r#""links":[{"peer":"n-77aa00bb11cc22dd","address":"10.0.0.9:5006","key":"4c0e","trusted":true,"fec":true},"#,
+            r#"{"peer":"n-88aa00bb11cc22dd","address":null,"key":"5d1f","trusted":false}],"#,
+            r#""routes":[{"room":"demo","source":"n-3f9a0c1b2d4e5f60","upstream":null,"downstream":["n-77aa00bb11cc22dd"]}]}"#
+        );
+        let d: DesiredState = serde_json::from_str(from_scheduler).unwrap();
+        let out = serde_json::to_string(&for_dataplane(&d).unwrap()).unwrap();
+        assert_eq!(out, to_dataplane);
+        // Without a secret there is none in the document either.
+        let d = DesiredState {
+            dataplane_secret: None,
+            ..d
+        };
+        let out = serde_json::to_string(&for_dataplane(&d).unwrap()).unwrap();
+        assert!(!out.contains("dataplane_secret"), "{out}");
+    }
+
+    #[test]
+    fn a_link_address_the_dataplane_would_refuse_is_refused() {
+        let d: DesiredState = serde_json::from_str(
+            r#"{"node_id":"n-1","version":1,"drain":false,
+                "links":[{"peer":"n-2","address":"peer.example:5006","key":"k"}]}"#,
+        )
+        .unwrap();
+        let e = for_dataplane(&d).unwrap_err();
+        assert!(matches!(e, ControlError::BadDesired(_)), "{e}");
+        assert!(e.to_string().contains("links[n-2].address"), "{e}");
     }
 }

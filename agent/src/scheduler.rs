@@ -1,13 +1,12 @@
-//! The scheduler's agent API (docs/scheduler-api.md §3): wire types and an
-//! HTTPS client. Types are the agent's own, written from the document.
+//! The scheduler's agent API (docs/scheduler-api.md §3): an HTTPS client.
+//! The wire types are `ridge-wire`'s, the ones the scheduler serves.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Failure talking to the scheduler.
 #[non_exhaustive]
@@ -39,169 +38,11 @@ impl SchedulerError {
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct PublicKey {
-    pub alg: String,
-    pub key: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EnrollRequest<'a> {
-    pub bootstrap_token: &'a str,
-    pub public_key: PublicKey,
-    pub proof: String,
-    pub hostname: String,
-    pub version: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct EnrollResponse {
-    pub node_id: String,
-    pub node_token: String,
-    pub node_token_expires_at: u64,
-    pub region: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    pub heartbeat_interval_ms: u64,
-    pub lease_misses: u32,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Addresses {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub media: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mesh: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub http: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Nic {
-    pub name: String,
-    pub speed_mbps: u64,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub mac: String,
-    pub mtu: u32,
-    pub addresses: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Gpu {
-    pub model: String,
-    pub nvenc: bool,
-    pub nvdec: bool,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Capabilities {
-    pub cores: u32,
-    pub memory_bytes: u64,
-    pub nics: Vec<Nic>,
-    pub xdp_mode: String,
-    pub io_uring: bool,
-    pub gpus: Vec<Gpu>,
-    pub vaapi: bool,
-    pub max_sessions: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Load {
-    pub cpu: f64,
-    pub memory: f64,
-    pub pps: u64,
-    pub sessions: u64,
-    pub bandwidth_bps: u64,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct LinkReport {
-    pub peer: String,
-    pub rtt_ms: f64,
-    pub loss: f64,
-    pub jitter_ms: f64,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct RoomReport {
-    pub room: String,
-    pub publishers: u32,
-    pub subscribers: u32,
-}
-
-/// `POST /v1/nodes/{id}/heartbeat` body.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Heartbeat {
-    pub version: String,
-    pub addresses: Addresses,
-    pub capabilities: Capabilities,
-    pub load: Load,
-    pub links: Vec<LinkReport>,
-    pub rooms: Vec<RoomReport>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct HeartbeatResponse {
-    pub lease_expires_at_ms: u64,
-    pub heartbeat_interval_ms: u64,
-    pub desired_version: u64,
-    pub drain: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredLink {
-    pub peer: String,
-    #[serde(default)]
-    pub address: Option<String>,
-    pub key: String,
-    #[serde(default)]
-    pub trusted: bool,
-    /// Send FEC on the link; forwarded to the dataplane only when true, so
-    /// a dataplane that predates it (its control API refuses unknown
-    /// fields) keeps taking states without FEC.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub fec: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredRoute {
-    pub room: String,
-    pub source: String,
-    #[serde(default)]
-    pub upstream: Option<String>,
-    #[serde(default)]
-    pub downstream: Vec<String>,
-}
-
-/// The desired state (§3.3). Forwarded to the dataplane as is.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredState {
-    pub node_id: String,
-    pub version: u64,
-    pub drain: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dataplane_secret: Option<String>,
-    #[serde(default)]
-    pub links: Vec<DesiredLink>,
-    #[serde(default)]
-    pub routes: Vec<DesiredRoute>,
-    /// Peers to measure besides `links`; the agent's business only (the
-    /// dataplane's control API does not take them).
-    #[serde(default, skip_serializing)]
-    pub probes: Vec<DesiredLink>,
-}
-
-impl std::fmt::Debug for DesiredState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DesiredState")
-            .field("node_id", &self.node_id)
-            .field("version", &self.version)
-            .field("drain", &self.drain)
-            .field("links", &self.links.len())
-            .field("routes", &self.routes.len())
-            .finish_non_exhaustive()
-    }
-}
+pub use ridge_wire::scheduler::{
+    Addresses, Capabilities, DesiredLink, DesiredRoute, DesiredState, EnrollRequest,
+    EnrollResponse, Gpu, Heartbeat, HeartbeatResponse, LinkReport, Load, Nic, PublicKey,
+    RoomReport,
+};
 
 /// The outcome of one watch poll.
 #[derive(Debug)]
@@ -296,7 +137,7 @@ impl SchedulerClient {
         }
     }
 
-    pub async fn enroll(&self, req: &EnrollRequest<'_>) -> Result<EnrollResponse, SchedulerError> {
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, SchedulerError> {
         let r = self
             .send(
                 self.http.post(format!("{}/v1/enroll", self.base)).json(req),

@@ -13,14 +13,18 @@
 //! The JWT secret is wrapped in [`Secret`] and never appears in `Debug`/`Display`
 //! output or in error messages.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ridge_wire::config::{duration_setting, invalid, read_file};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+
+/// The configuration error and the secret string, shared with the
+/// scheduler and the agent.
+pub use ridge_wire::config::{ConfigError, Secret};
 
 /// Process exit status for an invalid configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -58,41 +62,6 @@ pub const DEFAULT_LOG: &str = "info";
 pub const MIN_SECRET_LEN: usize = 16;
 
 const SECRET_HINT: &str = "generate one with e.g. `openssl rand -base64 32`";
-
-/// A secret string (the HS256 token key). `Debug` and `Display` print `<redacted>`.
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret value. Never log or return it to a client.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Self(value)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// The TOML config file, as written. All fields are optional.
 ///
@@ -389,55 +358,6 @@ impl Config {
     }
 }
 
-/// A configuration problem. Messages never contain the secret.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML or has unknown/mistyped fields.
-    /// `message` includes the line and column.
-    #[error("cannot parse config{}: {message}", display_origin(path.as_deref()))]
-    Parse {
-        /// `None` when parsed from a string.
-        path: Option<PathBuf>,
-        message: String,
-    },
-    /// A value is out of range or inconsistent with another one.
-    #[error("invalid configuration: {field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
-
-impl ConfigError {
-    /// The field an [`ConfigError::Invalid`] error is about.
-    pub fn field(&self) -> Option<&'static str> {
-        match self {
-            Self::Invalid { field, .. } => Some(field),
-            _ => None,
-        }
-    }
-}
-
-fn display_origin(path: Option<&Path>) -> String {
-    path.map(|p| format!(" file {}", p.display()))
-        .unwrap_or_default()
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
-}
-
 /// Reads `file` (when given), merges it with `overrides` and `env_secret`
 /// (the value of `RIDGE_JWT_SECRET`, if set) and validates the result.
 ///
@@ -465,11 +385,7 @@ pub fn from_toml_str(
 
 /// Reads and parses a config file without validating it.
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse_file_config(&text, Some(path))
+    parse_file_config(&read_file(path)?, Some(path))
 }
 
 /// Parses TOML into a [`FileConfig`] without validating it. `origin` only
@@ -523,13 +439,13 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 /// count as unset.
 fn pick_secret(flag: Option<&Secret>, env: Option<String>, file: Option<Secret>) -> Option<Secret> {
     flag.cloned()
-        .filter(|s| !s.0.is_empty())
-        .or_else(|| env.filter(|s| !s.is_empty()).map(Secret))
-        .or_else(|| file.filter(|s| !s.0.is_empty()))
+        .filter(|s| !s.expose().is_empty())
+        .or_else(|| env.filter(|s| !s.is_empty()).map(Secret::new))
+        .or_else(|| file.filter(|s| !s.expose().is_empty()))
 }
 
 fn check_secret_len(secret: &Secret) -> Result<(), ConfigError> {
-    if secret.0.len() < MIN_SECRET_LEN {
+    if secret.expose().len() < MIN_SECRET_LEN {
         return Err(invalid(
             "jwt_secret",
             format!(
@@ -562,15 +478,6 @@ pub fn load_secret(file: Option<&Path>, env_secret: Option<String>) -> Result<Se
     Ok(secret)
 }
 
-fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value.trim()).map_err(|e| {
-        invalid(
-            field,
-            format!("`{value}` is not a duration ({e}); write e.g. \"10s\", \"500ms\" or \"1m\""),
-        )
-    })
-}
-
 fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(d)
 }
@@ -589,16 +496,18 @@ pub fn build(
         .unwrap_or(false);
     let dev_no_auth = overrides.dev_no_auth.or(file.dev_no_auth).unwrap_or(false);
 
-    let drain_timeout = match (overrides.drain_timeout, file.drain_timeout.as_deref()) {
-        (Some(d), _) => d,
-        (None, Some(s)) => parse_duration("drain_timeout", s)?,
-        (None, None) => DEFAULT_DRAIN_TIMEOUT,
-    };
-    let pli_interval = match (overrides.pli_interval, file.pli_interval.as_deref()) {
-        (Some(d), _) => d,
-        (None, Some(s)) => parse_duration("pli_interval", s)?,
-        (None, None) => DEFAULT_PLI_INTERVAL,
-    };
+    let drain_timeout = duration_setting(
+        "drain_timeout",
+        overrides.drain_timeout,
+        file.drain_timeout.as_deref(),
+        DEFAULT_DRAIN_TIMEOUT,
+    )?;
+    let pli_interval = duration_setting(
+        "pli_interval",
+        overrides.pli_interval,
+        file.pli_interval.as_deref(),
+        DEFAULT_PLI_INTERVAL,
+    )?;
     let max_sessions = overrides
         .max_sessions
         .or(file.max_sessions)

@@ -15,7 +15,6 @@
 //! (without secrets) so a restarted agent can resume.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +30,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -68,62 +66,18 @@ pub enum ControlError {
     },
 }
 
-/// A mesh link the node must keep to a peer node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MeshLink {
-    pub peer: String,
-    /// The peer's mesh address, `IP:port` (absent while the peer has not
-    /// reported one).
-    #[serde(default)]
-    pub address: Option<SocketAddr>,
-    /// Per-link authentication key: 32 bytes as 64 hex digits.
-    pub key: String,
-    /// Plain RTP with per-link authentication is allowed (else SRTP).
-    #[serde(default)]
-    pub trusted: bool,
-    /// Send FEC on the link (FlexFEC for video, RED for audio). Received
-    /// FEC is used on every link whatever this says.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub fec: bool,
+/// The desired-state document (`PUT /v1/desired`), shared with the agent.
+pub use ridge_wire::control::{DesiredState, MeshLink, TrackRoute};
+
+/// What the node checks and shows of a desired-state document.
+trait DesiredStateExt {
+    fn validate(&self) -> Result<(), String>;
+    fn redacted(&self) -> serde_json::Value;
 }
 
-/// Where a room's media comes from and goes to on this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrackRoute {
-    pub room: String,
-    /// The node with the room's publisher.
-    pub source: String,
-    /// `None` on the source node itself.
-    #[serde(default)]
-    pub upstream: Option<String>,
-    #[serde(default)]
-    pub downstream: Vec<String>,
-}
-
-/// `PUT /v1/desired` body: the scheduler's desired state for this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DesiredState {
-    #[serde(default)]
-    pub node_id: String,
-    /// Increases monotonically; at least 1.
-    pub version: u64,
-    #[serde(default)]
-    pub drain: bool,
-    /// New HS256 key for access tokens, when the scheduler sends one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dataplane_secret: Option<String>,
-    #[serde(default)]
-    pub links: Vec<MeshLink>,
-    #[serde(default)]
-    pub routes: Vec<TrackRoute>,
-}
-
-impl DesiredState {
+impl DesiredStateExt for DesiredState {
     /// Checks a document before it is stored; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), String> {
         if self.version == 0 {
             return Err("version must be at least 1".into());
         }

@@ -1,177 +1,28 @@
 //! Wire types of the v1 protocol (docs/scheduler-api.md). Requests are
-//! parsed strictly (`deny_unknown_fields`); responses may gain fields.
+//! parsed strictly (`deny_unknown_fields`); responses may gain fields. The
+//! agent protocol's types (enrollment, heartbeat, desired state) are
+//! `ridge-wire`'s, shared with the agent.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// `POST /v1/enroll` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollRequest {
-    pub bootstrap_token: String,
-    pub public_key: PublicKey,
-    pub proof: String,
-    #[serde(default)]
-    pub hostname: String,
-    #[serde(default)]
-    pub version: String,
-}
+pub use ridge_wire::scheduler::{
+    Addresses, Capabilities, DesiredLink, DesiredRoute, DesiredState, EnrollRequest,
+    EnrollResponse, Gpu, Heartbeat, HeartbeatResponse, LinkReport, Load, Nic, PublicKey,
+    RoomReport,
+};
 
-/// An agent's public key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PublicKey {
-    /// `ed25519` or `p256`.
-    pub alg: String,
-    /// Standard base64 of the raw key.
-    pub key: String,
-}
-
-/// `POST /v1/enroll` answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EnrollResponse {
-    pub node_id: String,
-    pub node_token: String,
-    pub node_token_expires_at: u64,
-    pub region: String,
-    pub labels: BTreeMap<String, String>,
-    pub heartbeat_interval_ms: u64,
-    pub lease_misses: u32,
-}
-
-/// Node addresses.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Addresses {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mesh: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<String>,
-}
-
-/// A NIC.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Nic {
-    pub name: String,
-    #[serde(default)]
-    pub speed_mbps: u64,
-    /// `aa:bb:cc:dd:ee:ff`; empty when the interface has none (e.g. `lo`).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub mac: String,
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
-    pub mtu: u32,
-    /// `ADDR/PREFIX`, IPv4 and IPv6.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
-}
-
-fn is_zero_u32(v: &u32) -> bool {
-    *v == 0
-}
-
-fn is_zero_u64(v: &u64) -> bool {
-    *v == 0
-}
-
-/// A GPU.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Gpu {
-    pub model: String,
-    #[serde(default)]
-    pub nvenc: bool,
-    #[serde(default)]
-    pub nvdec: bool,
-}
-
-/// What a node can do.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Capabilities {
-    #[serde(default)]
-    pub cores: u32,
-    /// Total memory (MemTotal of /proc/meminfo).
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
-    pub memory_bytes: u64,
-    #[serde(default)]
-    pub nics: Vec<Nic>,
-    #[serde(default)]
-    pub xdp_mode: Option<String>,
-    #[serde(default)]
-    pub io_uring: bool,
-    #[serde(default)]
-    pub gpus: Vec<Gpu>,
-    #[serde(default)]
-    pub vaapi: bool,
-    #[serde(default)]
-    pub max_sessions: u64,
-}
-
-/// Current load.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Load {
-    #[serde(default)]
-    pub cpu: f64,
-    /// 0.0 – 1.0: used memory (1 − MemAvailable/MemTotal).
-    #[serde(default)]
-    pub memory: f64,
-    #[serde(default)]
-    pub pps: u64,
-    #[serde(default)]
-    pub sessions: u64,
-    #[serde(default)]
-    pub bandwidth_bps: u64,
-}
-
-/// A link measurement to a peer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LinkReport {
-    pub peer: String,
-    pub rtt_ms: f64,
-    #[serde(default)]
-    pub loss: f64,
-    #[serde(default)]
-    pub jitter_ms: f64,
-}
-
-/// A room's presence on a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoomReport {
-    pub room: String,
-    #[serde(default)]
-    pub publishers: u32,
-    #[serde(default)]
-    pub subscribers: u32,
-}
-
-/// `POST /v1/nodes/{id}/heartbeat` body: the node's full report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Heartbeat {
-    #[serde(default)]
-    pub version: String,
-    #[serde(default)]
-    pub addresses: Addresses,
-    #[serde(default)]
-    pub capabilities: Capabilities,
-    #[serde(default)]
-    pub load: Load,
-    #[serde(default)]
-    pub links: Vec<LinkReport>,
-    #[serde(default)]
-    pub rooms: Vec<RoomReport>,
-}
-
-impl Heartbeat {
+/// The scheduler's checks and score of a node's report.
+pub trait HeartbeatExt {
     /// Checks value ranges; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), String>;
+    /// 0.0 – 1.0: the larger of CPU and session load.
+    fn load_score(&self) -> f64;
+}
+
+impl HeartbeatExt for Heartbeat {
+    fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.load.cpu) {
             return Err("load.cpu must be between 0 and 1".into());
         }
@@ -210,8 +61,7 @@ impl Heartbeat {
         Ok(())
     }
 
-    /// 0.0 – 1.0: the larger of CPU and session load.
-    pub fn load_score(&self) -> f64 {
+    fn load_score(&self) -> f64 {
         let sessions = if self.capabilities.max_sessions > 0 {
             self.load.sessions as f64 / self.capabilities.max_sessions as f64
         } else {
@@ -219,56 +69,6 @@ impl Heartbeat {
         };
         self.load.cpu.max(sessions).clamp(0.0, 1.0)
     }
-}
-
-/// Heartbeat answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HeartbeatResponse {
-    pub lease_expires_at_ms: u64,
-    pub heartbeat_interval_ms: u64,
-    pub desired_version: u64,
-    pub drain: bool,
-}
-
-/// A mesh link in the desired state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredLink {
-    pub peer: String,
-    pub address: Option<String>,
-    pub key: String,
-    pub trusted: bool,
-    /// Send FEC on the link (FlexFEC for video, RED for audio): its
-    /// measured loss is at least [`crate::desired::FEC_LOSS_THRESHOLD`].
-    /// Left out when false, so states without FEC keep their bytes.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub fec: bool,
-}
-
-fn is_false(v: &bool) -> bool {
-    !*v
-}
-
-/// A route entry in the desired state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredRoute {
-    pub room: String,
-    pub source: String,
-    pub upstream: Option<String>,
-    pub downstream: Vec<String>,
-}
-
-/// The desired state of one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredState {
-    pub node_id: String,
-    pub version: u64,
-    pub drain: bool,
-    pub dataplane_secret: String,
-    pub links: Vec<DesiredLink>,
-    pub routes: Vec<DesiredRoute>,
-    /// Peers to measure (link probes) besides `links`: how the scheduler
-    /// learns the link qualities routes are computed from. Not a mesh link.
-    pub probes: Vec<DesiredLink>,
 }
 
 /// `POST /v1/tokens` body.

@@ -7,12 +7,14 @@
 //! the field; binaries exit with [`EXIT_CONFIG`]. Secrets are [`Secret`]s and
 //! never appear in `Debug`/`Display` output or error messages.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ridge_wire::config::{duration_setting, invalid, read_file};
 use serde::Deserialize;
+
+pub use ridge_wire::config::{ConfigError, Secret};
 
 /// Exit status for an invalid configuration (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -28,34 +30,6 @@ pub const DEFAULT_DATABASE: &str = "sqlite:ridge-scheduler.db";
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Minimum length of the admin and dispatch tokens.
 pub const MIN_SECRET_LEN: usize = 16;
-
-/// A secret string. `Debug` and `Display` print `<redacted>`.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The value. Never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// A client-address → region rule.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -225,32 +199,6 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{user}:***@{host}")
 }
 
-/// A configuration problem. Messages never contain a secret.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot parse config file: {0}")]
-    Parse(String),
-    #[error("invalid configuration: {field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
-}
-
 /// Reads `file` (if any), merges and validates.
 pub fn load(
     file: Option<&Path>,
@@ -258,13 +206,7 @@ pub fn load(
     env: EnvSecrets,
 ) -> Result<Config, ConfigError> {
     let fc = match file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            parse_file(&text)?
-        }
+        Some(path) => parse_text(&read_file(path)?, Some(path))?,
         None => FileConfig::default(),
     };
     build(fc, overrides, env)
@@ -273,6 +215,11 @@ pub fn load(
 /// Parses TOML without validating. Errors show line and column but not the
 /// source line (which could hold a secret).
 pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
+    parse_text(text, None)
+}
+
+/// [`parse_file`]; `origin` only labels errors.
+fn parse_text(text: &str, origin: Option<&Path>) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let mut msg = e.message().trim().to_owned();
         if let Some(span) = e.span() {
@@ -291,13 +238,11 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
             let line = text[..start].matches('\n').count() + 1;
             msg = format!("line {line}: {msg}");
         }
-        ConfigError::Parse(msg)
+        ConfigError::Parse {
+            path: origin.map(Path::to_owned),
+            message: msg,
+        }
     })
-}
-
-fn duration(field: &'static str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim())
-        .map_err(|e| invalid(field, format!("`{v}` is not a duration ({e}); e.g. \"2s\"")))
 }
 
 fn secret(
@@ -306,7 +251,10 @@ fn secret(
     env: Option<String>,
     file: Option<Secret>,
 ) -> Result<Option<Secret>, ConfigError> {
-    let s = env.map(Secret).or(file).filter(|s| !s.expose().is_empty());
+    let s = env
+        .map(Secret::new)
+        .or(file)
+        .filter(|s| !s.expose().is_empty());
     if let Some(s) = &s
         && s.expose().len() < MIN_SECRET_LEN
     {
@@ -387,11 +335,12 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
             "must differ from the admin token",
         ));
     }
-    let heartbeat_interval = match (o.heartbeat_interval, fc.heartbeat_interval.as_deref()) {
-        (Some(d), _) => d,
-        (None, Some(s)) => duration("heartbeat_interval", s)?,
-        _ => DEFAULT_HEARTBEAT,
-    };
+    let heartbeat_interval = duration_setting(
+        "heartbeat_interval",
+        o.heartbeat_interval,
+        fc.heartbeat_interval.as_deref(),
+        DEFAULT_HEARTBEAT,
+    )?;
     if heartbeat_interval < Duration::from_millis(50)
         || heartbeat_interval > Duration::from_secs(300)
     {
@@ -405,27 +354,32 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
     if !(1..=16).contains(&max_hops) {
         return Err(invalid("max_hops", "must be between 1 and 16"));
     }
-    let node_token_ttl = match fc.node_token_ttl.as_deref() {
-        Some(s) => duration("node_token_ttl", s)?,
-        None => Duration::from_secs(30 * 24 * 3600),
-    };
+    let node_token_ttl = duration_setting(
+        "node_token_ttl",
+        None,
+        fc.node_token_ttl.as_deref(),
+        Duration::from_secs(30 * 24 * 3600),
+    )?;
     if node_token_ttl < Duration::from_secs(60) {
         return Err(invalid("node_token_ttl", "must be at least 1m"));
     }
-    let access_token_ttl = match fc.access_token_ttl.as_deref() {
-        Some(s) => duration("access_token_ttl", s)?,
-        None => Duration::from_secs(3600),
-    };
+    let access_token_ttl = duration_setting(
+        "access_token_ttl",
+        None,
+        fc.access_token_ttl.as_deref(),
+        Duration::from_secs(3600),
+    )?;
     if access_token_ttl < Duration::from_secs(1)
         || access_token_ttl > Duration::from_secs(86400 * 7)
     {
         return Err(invalid("access_token_ttl", "must be between 1s and 7 days"));
     }
-    let drain_timeout = match (o.drain_timeout, fc.drain_timeout.as_deref()) {
-        (Some(d), _) => d,
-        (None, Some(s)) => duration("drain_timeout", s)?,
-        _ => Duration::from_secs(10),
-    };
+    let drain_timeout = duration_setting(
+        "drain_timeout",
+        o.drain_timeout,
+        fc.drain_timeout.as_deref(),
+        Duration::from_secs(10),
+    )?;
     if drain_timeout > Duration::from_secs(600) {
         return Err(invalid("drain_timeout", "must be at most 10m"));
     }

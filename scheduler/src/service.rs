@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
-use crate::api::{self, DesiredState, Heartbeat, NodeSummary, TokenInfo};
+use crate::api::{self, DesiredState, Heartbeat, HeartbeatExt, NodeSummary, TokenInfo};
 use crate::config::{Config, valid_region};
 use crate::crypto::{self, NodeTokenError, NodeTokenKey};
 use crate::desired::{self, NodeFacts};

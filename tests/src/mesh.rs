@@ -1721,7 +1721,10 @@ impl MeshLab {
     /// The node's dataplane `/metrics` (an operator token minted with its
     /// `dataplane_secret`).
     pub fn node_metrics(&self, node: &str) -> Result<String> {
-        let secret = self.scheduler_desired(node)?.dataplane_secret;
+        let secret = self
+            .scheduler_desired(node)?
+            .dataplane_secret
+            .context("the scheduler's desired state has no dataplane_secret")?;
         let token = ridge_dataplane::auth::mint(
             &Secret::new(secret),
             "*",
@@ -1752,7 +1755,7 @@ impl MeshLab {
                 Ok(self
                     .scheduler_desired(node)
                     .ok()
-                    .map(|d| d.dataplane_secret))
+                    .and_then(|d| d.dataplane_secret))
             },
         )?;
         eventually(
