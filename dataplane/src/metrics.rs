@@ -39,14 +39,14 @@ pub struct Metrics {
     pub draining: Gauge,
     snapshot: Arc<Mutex<Option<StatsSnapshot>>>,
     shards: Arc<Mutex<ShardInfo>>,
-    kernel: Arc<Mutex<Option<Arc<crate::kernel::KernelPath>>>>,
+    kernel: Arc<Mutex<Option<Arc<crate::offload::kernel::KernelPath>>>>,
 }
 
 /// The shards' own counters and the I/O backend they run on.
 #[derive(Debug, Default)]
 struct ShardInfo {
     backend: String,
-    stats: Vec<Arc<crate::media::ShardStats>>,
+    stats: Vec<Arc<crate::shard::handle::ShardStats>>,
 }
 
 /// Builds the registry and the handles the rest of the node updates.
@@ -135,7 +135,7 @@ impl Metrics {
 
 impl Metrics {
     /// Registers the running shards, whose counters every scrape reads.
-    pub fn set_shards(&self, media: &crate::media::MediaHandle) {
+    pub fn set_shards(&self, media: &crate::shard::handle::MediaHandle) {
         if let Ok(mut g) = self.shards.lock() {
             g.backend = match media.backend() {
                 ridge_io::Backend::Uring => "io_uring".into(),
@@ -149,7 +149,7 @@ impl Metrics {
 impl Metrics {
     /// Registers the kernel fast path, whose mode and counters every scrape
     /// reads.
-    pub fn set_kernel(&self, kernel: Arc<crate::kernel::KernelPath>) {
+    pub fn set_kernel(&self, kernel: Arc<crate::offload::kernel::KernelPath>) {
         if let Ok(mut g) = self.kernel.lock() {
             *g = Some(kernel);
         }
@@ -160,7 +160,7 @@ impl Metrics {
 /// counters, installed flows and their per-flow counters.
 #[derive(Debug)]
 struct KernelCollector {
-    kernel: Arc<Mutex<Option<Arc<crate::kernel::KernelPath>>>>,
+    kernel: Arc<Mutex<Option<Arc<crate::offload::kernel::KernelPath>>>>,
 }
 
 impl Collector for KernelCollector {
@@ -384,7 +384,7 @@ type ShardField = (
     &'static str,
     &'static str,
     bool,
-    fn(&crate::media::ShardStats) -> u64,
+    fn(&crate::shard::handle::ShardStats) -> u64,
 );
 
 const SHARD_FIELDS: &[ShardField] = &[

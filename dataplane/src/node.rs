@@ -12,13 +12,13 @@ use axum_server::Handle;
 use ridge_sfu::SfuConfig;
 use tokio::sync::watch;
 
-use crate::auth::Authenticator;
+use crate::api::auth::Authenticator;
+use crate::api::http::{AppState, router};
+use crate::api::ws::{RoomHub, run_hub};
 use crate::config::{Config, ShardPorts};
 use crate::control::{ControlError, ControlMetrics, ControlSocket, ControlState};
-use crate::http::{AppState, router};
-use crate::kernel::KernelPath;
-use crate::media::{self, MediaHandle};
-use crate::ws::{RoomHub, run_hub};
+use crate::offload::kernel::KernelPath;
+use crate::shard::{self, MediaHandle};
 
 /// Errors starting or running a node.
 #[non_exhaustive]
@@ -32,7 +32,7 @@ pub enum NodeError {
     #[error("cannot load the TLS certificate/key: {0}")]
     Tls(std::io::Error),
     #[error(transparent)]
-    Media(#[from] crate::media::MediaError),
+    Media(#[from] crate::shard::handle::MediaError),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
     #[error(transparent)]
@@ -68,7 +68,7 @@ impl Node {
         sfu.keyframe_request_interval = config.pli_interval;
         sfu.max_peers = config.max_sessions;
         sfu.seed = rand::random::<u64>() | 1;
-        let shard_opts = media::ShardOptions {
+        let shard_opts = shard::ShardOptions {
             udp: config.udp,
             shards: config.shards,
             pin_cores: config.pin_cores,
@@ -76,9 +76,11 @@ impl Node {
             gso: config.udp_gso,
             shared_port: config.shard_ports == ShardPorts::Shared,
         };
-        let (media, media_threads) = media::spawn(&shard_opts, sfu, metrics.clone())?;
+        let (media, media_threads) = shard::spawn(&shard_opts, sfu, metrics.clone())?;
         if let Some(shared) = media.shared_port() {
-            registry.register_collector(Box::new(crate::steering::SteerCollector(shared.clone())));
+            registry.register_collector(Box::new(crate::shard::steering::SteerCollector(
+                shared.clone(),
+            )));
         }
         // Holds a media handle: aborted with the other tasks at shutdown so
         // the shards can stop.
@@ -311,8 +313,11 @@ impl Node {
 const STEERING_SWEEP: Duration = Duration::from_secs(5);
 
 /// Expires steering entries whose session is gone (see
-/// [`crate::steering::SharedPort::sweep`]); ends when the shards stop.
-async fn sweep_steering(media: MediaHandle, shared: std::sync::Arc<crate::steering::SharedPort>) {
+/// [`crate::shard::steering::SharedPort::sweep`]); ends when the shards stop.
+async fn sweep_steering(
+    media: MediaHandle,
+    shared: std::sync::Arc<crate::shard::steering::SharedPort>,
+) {
     loop {
         tokio::time::sleep(STEERING_SWEEP).await;
         let Some(live) = media.remote_addrs().await else {

@@ -19,10 +19,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{AuthError, Authenticator, Claims, Grant};
-use crate::media::MediaHandle;
+use crate::api::auth::{AuthError, Authenticator, Claims, Grant};
+use crate::api::ws::RoomHub;
 use crate::metrics::{HttpLabels, Metrics, ReasonLabels};
-use crate::ws::RoomHub;
+use crate::shard::handle::MediaHandle;
 
 /// Largest request body accepted (an SDP offer with simulcast is ~10 KiB).
 const MAX_BODY: usize = 128 * 1024;
@@ -36,7 +36,7 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub draining: Arc<AtomicBool>,
     pub hub: Arc<RoomHub>,
-    pub kernel: Arc<crate::kernel::KernelPath>,
+    pub kernel: Arc<crate::offload::kernel::KernelPath>,
 }
 
 /// An error response: `{"error": "..."}` with a status code.
@@ -167,7 +167,7 @@ pub fn router(state: AppState) -> Router {
         .route("/whep/{room}/{session}/layer", post(whep_layer))
         .route("/v1/rooms/{room}/rtp", post(rtp_create))
         .route("/v1/rooms/{room}/rtp/{session}", delete(end_session))
-        .route("/v1/rooms/{room}/ws", get(crate::ws::upgrade))
+        .route("/v1/rooms/{room}/ws", get(crate::api::ws::upgrade))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
@@ -515,8 +515,8 @@ async fn healthz(
         .into_response())
 }
 
-const INDEX_HTML: &str = include_str!("../static/index.html");
-const RIDGE_JS: &str = include_str!("../static/ridge.js");
+const INDEX_HTML: &str = include_str!("../../static/index.html");
+const RIDGE_JS: &str = include_str!("../../static/ridge.js");
 
 async fn demo_page(
     State(state): State<AppState>,

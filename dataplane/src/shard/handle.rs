@@ -8,7 +8,7 @@
 //! port in its ICE candidates and plain-RTP endpoint answers, so every
 //! packet of a session arrives on the socket of the shard that owns it.
 //! With `shard_ports = "shared"` every shard binds the one port and a BPF
-//! program steers each datagram to its shard (see [`crate::steering`]). Rooms are placed on shards by a stable hash of
+//! program steers each datagram to its shard (see [`crate::shard::steering`]). Rooms are placed on shards by a stable hash of
 //! their name, so the peers of a room share a shard and a packet never
 //! crosses threads. (docs/decisions.md: "Shards".)
 //!
@@ -32,7 +32,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::steering::{SharedPort, SteeringError};
+use crate::shard::steering::{SharedPort, SteeringError};
 
 type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
 

@@ -17,9 +17,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::auth::{Claims, Grant};
-use crate::http::{ApiError, AppState, validate_room};
-use crate::media::MediaHandle;
+use crate::api::auth::{Claims, Grant};
+use crate::api::http::{ApiError, AppState, validate_room};
+use crate::shard::handle::MediaHandle;
 
 /// Events kept per session for replay after a reconnect.
 const HISTORY: usize = 256;
