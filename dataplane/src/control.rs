@@ -36,7 +36,7 @@ use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::auth::Authenticator;
-use crate::api::ws::RoomHub;
+use crate::api::hub::RoomHub;
 use crate::config::{MIN_SECRET_LEN, Secret};
 use crate::metrics::Metrics;
 use crate::shard::handle::MediaHandle;

@@ -26,6 +26,9 @@ pub mod node;
 pub mod offload;
 pub mod shard;
 
+#[cfg(test)]
+mod module_graph;
+
 /// Access tokens; other crates mint and check them by this path.
 pub use api::auth;
 pub use node::{Node, NodeError};

@@ -32,8 +32,8 @@ use ridge_ebpf::{
 use ridge_sfu::{MeshFlow, MeshFlowProgress, PeerId, PlainFlow, SfuEvent};
 use tokio::sync::broadcast;
 
+use super::netinfo::{self, Tables};
 use crate::config::{KernelConfig, XdpSetting};
-use crate::offload::netinfo::{self, Tables};
 use crate::shard::handle::MediaHandle;
 
 /// How often the forwarding table is reconciled with the shards' flows
