@@ -1,6 +1,7 @@
-//! The WebSocket room API (docs/api.md): sessions with sequence-numbered
-//! events, heartbeats, detach on silence and resume with replay, so a
-//! client that reconnects loses nothing.
+//! The WebSocket room API (docs/api.md), one socket at a time: attach to a
+//! session of the [`hub`](super::hub) (or resume one, with replay of its
+//! sequence-numbered events, so a client that reconnects loses nothing),
+//! heartbeats and detach on silence, and the client's requests.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

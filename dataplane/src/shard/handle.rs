@@ -3,6 +3,14 @@
 //! its core ([`MediaHandle::on_shard`]) and hands its result back through
 //! a oneshot; the methods below are those calls, routed by room name or by
 //! the shard byte in a participant or peer id.
+//!
+//! A new control call is one closure: call [`MediaHandle::on_shard`] (or
+//! [`MediaHandle::on_every_shard`]) with it where it is needed, or wrap it
+//! in a method here when several callers share it, e.g.
+//!
+//! ```ignore
+//! media.on_shard(shard, move |sfu, now| sfu.set_layer(now, peer, rid.as_deref())).await
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::Arc;
