@@ -146,7 +146,7 @@ fn room_names(count: usize, shards: usize) -> Vec<String> {
         loop {
             let name = format!("bench-{n}");
             n += 1;
-            if ridge_dataplane::media::shard_for_room(&name, shards.max(1)) == want {
+            if ridge_dataplane::shard::shard_for_room(&name, shards.max(1)) == want {
                 names.push(name);
                 break;
             }
@@ -628,7 +628,7 @@ mod tests {
             assert_eq!(names.len(), 8);
             for (i, n) in names.iter().enumerate() {
                 assert_eq!(
-                    ridge_dataplane::media::shard_for_room(n, shards),
+                    ridge_dataplane::shard::shard_for_room(n, shards),
                     i % shards
                 );
             }

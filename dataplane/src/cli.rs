@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::{self, AuthError};
+use crate::api::auth::{self, AuthError};
 use crate::config::{self, Config, ConfigError, EXIT_CONFIG, Overrides};
 
 const LONG_ABOUT: &str = "\

@@ -33,11 +33,11 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::auth::Authenticator;
+use crate::api::auth::Authenticator;
+use crate::api::hub::RoomHub;
 use crate::config::{MIN_SECRET_LEN, Secret};
-use crate::media::MediaHandle;
 use crate::metrics::Metrics;
-use crate::ws::RoomHub;
+use crate::shard::handle::MediaHandle;
 
 /// Largest desired-state document accepted.
 const MAX_BODY: usize = 1024 * 1024;

@@ -14,6 +14,10 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use ridge_sfu::{Counters, DropReason, StatsSnapshot};
 
+use crate::offload::kernel::KernelPath;
+use crate::shard::handle::MediaHandle;
+use crate::shard::stats::{ShardCounters, ShardStats};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: String,
@@ -38,15 +42,6 @@ pub struct Metrics {
     pub udp_recv_errors: Counter,
     pub draining: Gauge,
     snapshot: Arc<Mutex<Option<StatsSnapshot>>>,
-    shards: Arc<Mutex<ShardInfo>>,
-    kernel: Arc<Mutex<Option<Arc<crate::kernel::KernelPath>>>>,
-}
-
-/// The shards' own counters and the I/O backend they run on.
-#[derive(Debug, Default)]
-struct ShardInfo {
-    backend: String,
-    stats: Vec<Arc<crate::media::ShardStats>>,
 }
 
 /// Builds the registry and the handles the rest of the node updates.
@@ -63,8 +58,6 @@ pub fn registry() -> (Registry, Metrics) {
         udp_recv_errors: Counter::default(),
         draining: Gauge::default(),
         snapshot: Arc::new(Mutex::new(None)),
-        shards: Arc::new(Mutex::new(ShardInfo::default())),
-        kernel: Arc::new(Mutex::new(None)),
     };
     let r = registry.sub_registry_with_prefix("ridge");
     r.register(
@@ -115,13 +108,24 @@ pub fn registry() -> (Registry, Metrics) {
     registry.register_collector(Box::new(MediaCollector {
         snapshot: metrics.snapshot.clone(),
     }));
-    registry.register_collector(Box::new(ShardCollector {
-        shards: metrics.shards.clone(),
-    }));
-    registry.register_collector(Box::new(KernelCollector {
-        kernel: metrics.kernel.clone(),
-    }));
     (registry, metrics)
+}
+
+/// Registers the running shards, whose own counters every scrape reads.
+pub fn register_shards(registry: &mut Registry, media: &MediaHandle) {
+    registry.register_collector(Box::new(ShardCollector {
+        backend: match media.backend() {
+            ridge_io::Backend::Uring => "io_uring".into(),
+            ridge_io::Backend::Mmsg => "mmsg".into(),
+        },
+        stats: media.shard_stats(),
+    }));
+}
+
+/// Registers the kernel fast path, whose mode and counters every scrape
+/// reads.
+pub fn register_kernel(registry: &mut Registry, kernel: Arc<KernelPath>) {
+    registry.register_collector(Box::new(KernelCollector { kernel }));
 }
 
 impl Metrics {
@@ -131,27 +135,12 @@ impl Metrics {
             *g = Some(s);
         }
     }
-}
 
-impl Metrics {
-    /// Registers the running shards, whose counters every scrape reads.
-    pub fn set_shards(&self, media: &crate::media::MediaHandle) {
-        if let Ok(mut g) = self.shards.lock() {
-            g.backend = match media.backend() {
-                ridge_io::Backend::Uring => "io_uring".into(),
-                ridge_io::Backend::Mmsg => "mmsg".into(),
-            };
-            g.stats = media.shard_stats();
-        }
-    }
-}
-
-impl Metrics {
-    /// Registers the kernel fast path, whose mode and counters every scrape
-    /// reads.
-    pub fn set_kernel(&self, kernel: Arc<crate::kernel::KernelPath>) {
-        if let Ok(mut g) = self.kernel.lock() {
-            *g = Some(kernel);
+    /// The counters the shards bump themselves, handed to them at start.
+    pub fn shard_counters(&self) -> ShardCounters {
+        ShardCounters {
+            udp_send_errors: self.udp_send_errors.clone(),
+            udp_recv_errors: self.udp_recv_errors.clone(),
         }
     }
 }
@@ -160,19 +149,12 @@ impl Metrics {
 /// counters, installed flows and their per-flow counters.
 #[derive(Debug)]
 struct KernelCollector {
-    kernel: Arc<Mutex<Option<Arc<crate::kernel::KernelPath>>>>,
+    kernel: Arc<KernelPath>,
 }
 
 impl Collector for KernelCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let kernel = match self.kernel.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
-        let Some(kernel) = kernel else {
-            return Ok(());
-        };
-        let s = kernel.snapshot();
+        let s = self.kernel.snapshot();
         gauge(
             &mut enc,
             "ridge_xdp_mode",
@@ -376,16 +358,14 @@ impl Collector for KernelCollector {
 
 #[derive(Debug)]
 struct ShardCollector {
-    shards: Arc<Mutex<ShardInfo>>,
+    /// The I/O backend the shards run on.
+    backend: String,
+    /// Each shard's own counters, by shard index.
+    stats: Vec<Arc<ShardStats>>,
 }
 
 /// (metric, help, counter?, accessor) of one per-shard value.
-type ShardField = (
-    &'static str,
-    &'static str,
-    bool,
-    fn(&crate::media::ShardStats) -> u64,
-);
+type ShardField = (&'static str, &'static str, bool, fn(&ShardStats) -> u64);
 
 const SHARD_FIELDS: &[ShardField] = &[
     (
@@ -448,32 +428,34 @@ const SHARD_FIELDS: &[ShardField] = &[
         false,
         |s| s.pool_slots.load(Ordering::Relaxed),
     ),
+    (
+        "ridge_shard_stopped_calls",
+        "Control calls refused because the shard had stopped (its thread gone); its rooms answer 503",
+        true,
+        |s| s.stopped_calls.load(Ordering::Relaxed),
+    ),
 ];
 
 impl Collector for ShardCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let guard = match self.shards.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if guard.stats.is_empty() {
+        if self.stats.is_empty() {
             return Ok(());
         }
         gauge(
             &mut enc,
             "ridge_io_backend",
             "The datagram I/O backend the shards use (value 1)",
-            &[(vec![("backend", guard.backend.clone())], 1.0)],
+            &[(vec![("backend", self.backend.clone())], 1.0)],
         )?;
         gauge(
             &mut enc,
             "ridge_shards",
             "Media shards (pinned threads with their own socket)",
-            &[(vec![], guard.stats.len() as f64)],
+            &[(vec![], self.stats.len() as f64)],
         )?;
         for (name, help, is_counter, get) in SHARD_FIELDS {
             if *is_counter {
-                let rows: Vec<(Labels, u64)> = guard
+                let rows: Vec<(Labels, u64)> = self
                     .stats
                     .iter()
                     .enumerate()
@@ -481,7 +463,7 @@ impl Collector for ShardCollector {
                     .collect();
                 counter(&mut enc, name, help, &rows)?;
             } else {
-                let rows: Vec<(Labels, f64)> = guard
+                let rows: Vec<(Labels, f64)> = self
                     .stats
                     .iter()
                     .enumerate()

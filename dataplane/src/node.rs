@@ -12,13 +12,13 @@ use axum_server::Handle;
 use ridge_sfu::SfuConfig;
 use tokio::sync::watch;
 
-use crate::auth::Authenticator;
+use crate::api::auth::Authenticator;
+use crate::api::{AppState, RoomHub, router, run_hub};
 use crate::config::{Config, ShardPorts};
 use crate::control::{ControlError, ControlMetrics, ControlSocket, ControlState};
-use crate::http::{AppState, router};
-use crate::kernel::KernelPath;
-use crate::media::{self, MediaHandle};
-use crate::ws::{RoomHub, run_hub};
+use crate::offload::KernelPath;
+use crate::shard::steering::{SharedPort, SteerCollector};
+use crate::shard::{self, MediaError, MediaHandle};
 
 /// Errors starting or running a node.
 #[non_exhaustive]
@@ -32,11 +32,11 @@ pub enum NodeError {
     #[error("cannot load the TLS certificate/key: {0}")]
     Tls(std::io::Error),
     #[error(transparent)]
-    Media(#[from] crate::media::MediaError),
+    Media(#[from] MediaError),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] ControlError),
 }
 
 /// A running node.
@@ -68,7 +68,7 @@ impl Node {
         sfu.keyframe_request_interval = config.pli_interval;
         sfu.max_peers = config.max_sessions;
         sfu.seed = rand::random::<u64>() | 1;
-        let shard_opts = media::ShardOptions {
+        let shard_opts = shard::ShardOptions {
             udp: config.udp,
             shards: config.shards,
             pin_cores: config.pin_cores,
@@ -76,9 +76,9 @@ impl Node {
             gso: config.udp_gso,
             shared_port: config.shard_ports == ShardPorts::Shared,
         };
-        let (media, media_threads) = media::spawn(&shard_opts, sfu, metrics.clone())?;
+        let (media, media_threads) = shard::spawn(&shard_opts, sfu, metrics.shard_counters())?;
         if let Some(shared) = media.shared_port() {
-            registry.register_collector(Box::new(crate::steering::SteerCollector(shared.clone())));
+            registry.register_collector(Box::new(SteerCollector(shared.clone())));
         }
         // Holds a media handle: aborted with the other tasks at shutdown so
         // the shards can stop.
@@ -86,7 +86,7 @@ impl Node {
             .shared_port()
             .map(|shared| tokio::spawn(sweep_steering(media.clone(), shared.clone())));
         let udp_addr = media.local_addr();
-        metrics.set_shards(&media);
+        crate::metrics::register_shards(&mut registry, &media);
         // The kernel path needs the shards' ports; it never fails the start.
         let kernel = {
             let kc = config.kernel.clone();
@@ -96,7 +96,7 @@ impl Node {
                 Err(_) => Arc::new(KernelPath::none()),
             }
         };
-        metrics.set_kernel(kernel.clone());
+        crate::metrics::register_kernel(&mut registry, kernel.clone());
         let kernel_task = tokio::spawn(kernel.clone().run(media.clone()));
 
         let tcp =
@@ -311,8 +311,8 @@ impl Node {
 const STEERING_SWEEP: Duration = Duration::from_secs(5);
 
 /// Expires steering entries whose session is gone (see
-/// [`crate::steering::SharedPort::sweep`]); ends when the shards stop.
-async fn sweep_steering(media: MediaHandle, shared: std::sync::Arc<crate::steering::SharedPort>) {
+/// [`SharedPort::sweep`]); ends when the shards stop.
+async fn sweep_steering(media: MediaHandle, shared: Arc<SharedPort>) {
     loop {
         tokio::time::sleep(STEERING_SWEEP).await;
         let Some(live) = media.remote_addrs().await else {

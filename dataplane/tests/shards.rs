@@ -146,7 +146,7 @@ impl Relay {
         }
     }
 
-    fn shard(&self) -> std::sync::Arc<ridge_dataplane::media::ShardStats> {
+    fn shard(&self) -> std::sync::Arc<ridge_dataplane::shard::ShardStats> {
         self.node.media().shard_stats()[0].clone()
     }
 

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::video_spec as spec;
 use ridge_dataplane::config::{self, FileConfig, Overrides, ShardPorts};
-use ridge_dataplane::media::shard_for_room;
 use ridge_dataplane::node::Node;
+use ridge_dataplane::shard::shard_for_room;
 use ridge_sfu::{OfferIntent, RtpDirection};
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind};

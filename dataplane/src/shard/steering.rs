@@ -4,7 +4,7 @@
 //! that owns its flow:
 //!
 //! - plain-RTP endpoints: their remote address is known when they are
-//!   created, so [`crate::media::MediaHandle`] inserts (remote, local) →
+//!   created, so [`crate::shard::handle::MediaHandle`] inserts (remote, local) →
 //!   shard before asking the shard to create the endpoint, and removes it
 //!   when the endpoint is removed;
 //! - WebRTC sessions: the core writes its shard index into each local ICE

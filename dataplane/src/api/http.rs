@@ -1,149 +1,31 @@
-//! HTTP control surface: WHIP, WHEP, plain RTP endpoints, the WebSocket
-//! room API, `/metrics`, `/healthz` and the demo page. Every route
+//! The router and the HTTP handlers: WHIP, WHEP, plain RTP endpoints,
+//! `/metrics`, `/healthz` and the demo page; the WebSocket room API's
+//! upgrade is routed here and served by [`super::ws`]. Every route
 //! authenticates (see docs/api.md).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use prometheus_client::registry::Registry;
-use ridge_sfu::{OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, SfuError, TrackId, TrackKind};
+use ridge_sfu::{OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, TrackId, TrackKind};
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{AuthError, Authenticator, Claims, Grant};
-use crate::media::MediaHandle;
-use crate::metrics::{HttpLabels, Metrics, ReasonLabels};
-use crate::ws::RoomHub;
+use super::auth::Grant;
+use super::error::{ApiError, validate_room};
+use super::state::AppState;
+use super::ws;
+use crate::metrics::{HttpLabels, ReasonLabels};
 
 /// Largest request body accepted (an SDP offer with simulcast is ~10 KiB).
 const MAX_BODY: usize = 128 * 1024;
-
-/// Shared state of all handlers.
-#[derive(Clone, Debug)]
-pub struct AppState {
-    pub media: MediaHandle,
-    pub auth: Authenticator,
-    pub metrics: Metrics,
-    pub registry: Arc<Registry>,
-    pub draining: Arc<AtomicBool>,
-    pub hub: Arc<RoomHub>,
-    pub kernel: Arc<crate::kernel::KernelPath>,
-}
-
-/// An error response: `{"error": "..."}` with a status code.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut r = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"ridge\""),
-            );
-        }
-        r
-    }
-}
-
-impl From<SfuError> for ApiError {
-    fn from(e: SfuError) -> Self {
-        let status = match &e {
-            SfuError::BadSdp(_) | SfuError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            SfuError::NoSuchParticipant(_) | SfuError::NoSuchPeer(_) | SfuError::NoSuchTrack(_) => {
-                StatusCode::NOT_FOUND
-            }
-            SfuError::Full(_) | SfuError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
-
-impl AppState {
-    /// Authenticates a request and checks its grant for `room`, counting
-    /// failures by reason.
-    pub fn authorize(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-        room: Option<&str>,
-        grant: Grant,
-    ) -> Result<Claims, ApiError> {
-        let check = || -> Result<Claims, AuthError> {
-            let claims = self.auth.authenticate(headers, query)?;
-            Authenticator::authorize(&claims, room, grant)?;
-            Ok(claims)
-        };
-        check().map_err(|e| {
-            self.metrics
-                .auth_failures
-                .get_or_create(&ReasonLabels { reason: e.reason() })
-                .inc();
-            ApiError::new(e.status(), e.to_string())
-        })
-    }
-
-    pub fn bad(&self, reason: &'static str, message: impl Into<String>) -> ApiError {
-        self.metrics
-            .bad_requests
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
-        ApiError::bad_request(message)
-    }
-
-    fn refuse_if_draining(&self) -> Result<(), ApiError> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the node is draining; connect to another node",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Room names appear in URLs, metrics labels and logs: keep them tame.
-pub fn validate_room(room: &str) -> Result<(), ApiError> {
-    let ok = !room.is_empty()
-        && room.len() <= 64
-        && room
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(
-            "room names are 1-64 characters of A-Z a-z 0-9 - _ .",
-        ))
-    }
-}
 
 pub fn router(state: AppState) -> Router {
     let cors = CorsLayer::new()
@@ -167,7 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/whep/{room}/{session}/layer", post(whep_layer))
         .route("/v1/rooms/{room}/rtp", post(rtp_create))
         .route("/v1/rooms/{room}/rtp/{session}", delete(end_session))
-        .route("/v1/rooms/{room}/ws", get(crate::ws::upgrade))
+        .route("/v1/rooms/{room}/ws", get(ws::upgrade))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
@@ -515,8 +397,8 @@ async fn healthz(
         .into_response())
 }
 
-const INDEX_HTML: &str = include_str!("../static/index.html");
-const RIDGE_JS: &str = include_str!("../static/ridge.js");
+const INDEX_HTML: &str = include_str!("../../static/index.html");
+const RIDGE_JS: &str = include_str!("../../static/ridge.js");
 
 async fn demo_page(
     State(state): State<AppState>,

@@ -1,4 +1,4 @@
-//! The kernel fast path in a running node (ARCHITECTURE.md §4): the XDP
+//! The kernel fast path in a running node (docs/architecture.md): the XDP
 //! guard on the media interfaces, and forwarding of learned plain-RTP flows
 //! in the kernel. "Learn in userspace, offload to the kernel": the shards'
 //! cores say which plain-RTP streams they forward with a constant rewrite
@@ -32,9 +32,9 @@ use ridge_ebpf::{
 use ridge_sfu::{MeshFlow, MeshFlowProgress, PeerId, PlainFlow, SfuEvent};
 use tokio::sync::broadcast;
 
+use super::netinfo::{self, Tables};
 use crate::config::{KernelConfig, XdpSetting};
-use crate::media::MediaHandle;
-use crate::netinfo::{self, Tables};
+use crate::shard::handle::MediaHandle;
 
 /// How often the forwarding table is reconciled with the shards' flows
 /// even without a session event (layer/source switches raise none).

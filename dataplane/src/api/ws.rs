@@ -1,9 +1,9 @@
-//! The WebSocket room API (docs/api.md): sessions with sequence-numbered
-//! events, heartbeats, detach on silence and resume with replay, so a
-//! client that reconnects loses nothing.
+//! The WebSocket room API (docs/api.md), one socket at a time: attach to a
+//! session of the [`hub`](super::hub) (or resume one, with replay of its
+//! sequence-numbered events, so a client that reconnects loses nothing),
+//! heartbeats and detach on silence, and the client's requests.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -12,228 +12,23 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use ridge_sfu::{OfferIntent, ParticipantId, PeerId, SfuEvent, TrackInfo};
+use ridge_sfu::{OfferIntent, ParticipantId, PeerId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::auth::{Claims, Grant};
-use crate::http::{ApiError, AppState, validate_room};
-use crate::media::MediaHandle;
+use super::auth::{Claims, Grant};
+use super::error::{ApiError, validate_room};
+use super::hub::{Session, track_json};
+use super::state::AppState;
+use crate::metrics::ReasonLabels;
 
-/// Events kept per session for replay after a reconnect.
-const HISTORY: usize = 256;
 /// A session that sent nothing for this long is detached.
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
-/// A detached session is kept this long for a resume.
-const RESUME_WINDOW: Duration = Duration::from_secs(60);
 /// Outgoing messages queued per socket before it is considered stuck.
 const SOCKET_QUEUE: usize = 512;
 const MAX_CHAT: usize = 4096;
 const MAX_DATA: usize = 16 * 1024;
-
-struct Session {
-    room: String,
-    identity: String,
-    participant: ParticipantId,
-    resume: String,
-    seq: u64,
-    history: VecDeque<(u64, String)>,
-    socket: Option<(u64, mpsc::Sender<String>)>,
-    detached_at: Option<Instant>,
-    peers: Vec<PeerId>,
-}
-
-impl Session {
-    /// Numbers, records and (if attached) sends one event.
-    fn push(&mut self, mut event: Value) {
-        self.seq += 1;
-        event["seq"] = json!(self.seq);
-        let text = event.to_string();
-        if self.history.len() == HISTORY {
-            self.history.pop_front();
-        }
-        self.history.push_back((self.seq, text.clone()));
-        if let Some((_, tx)) = &self.socket
-            && tx.try_send(text).is_err()
-        {
-            // A stuck socket: detach it; the client resumes and the
-            // history replays what it missed.
-            self.socket = None;
-            self.detached_at = Some(Instant::now());
-        }
-    }
-}
-
-/// All WebSocket sessions of the node.
-#[derive(Default)]
-pub struct RoomHub {
-    inner: Mutex<HubInner>,
-}
-
-impl std::fmt::Debug for RoomHub {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoomHub").finish_non_exhaustive()
-    }
-}
-
-#[derive(Default)]
-struct HubInner {
-    sessions: HashMap<ParticipantId, Session>,
-    by_resume: HashMap<String, ParticipantId>,
-    next_socket: u64,
-}
-
-impl HubInner {
-    fn room_sessions(&mut self, room: &str) -> impl Iterator<Item = &mut Session> {
-        self.sessions.values_mut().filter(move |s| s.room == room)
-    }
-}
-
-fn track_json(t: &TrackInfo) -> Value {
-    json!({
-        "track": t.track.to_string(),
-        "participant": t.participant.to_string(),
-        "kind": t.kind,
-        "rids": t.rids,
-    })
-}
-
-impl RoomHub {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HubInner> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    /// Routes one core event to the sessions of its room.
-    pub fn dispatch(&self, e: &SfuEvent) {
-        let mut hub = self.lock();
-        let room = e.room().to_string();
-        // The joiner learns of its own join from `welcome`; whether the core
-        // event reaches its session before or after the session exists is a
-        // race, so it never gets one (`skip`).
-        let mut skip = None;
-        let (event, only) = match e {
-            SfuEvent::ParticipantJoined {
-                participant,
-                identity,
-                ..
-            } => {
-                skip = Some(*participant);
-                (
-                    json!({"type":"participant_joined","participant":participant.to_string(),"identity":identity}),
-                    None,
-                )
-            }
-            SfuEvent::ParticipantLeft {
-                participant,
-                identity,
-                ..
-            } => (
-                json!({"type":"participant_left","participant":participant.to_string(),"identity":identity}),
-                None,
-            ),
-            SfuEvent::TrackPublished { track, .. } => {
-                let mut v = track_json(track);
-                v["type"] = json!("track_published");
-                (v, None)
-            }
-            SfuEvent::TrackUnpublished {
-                participant, track, ..
-            } => (
-                json!({"type":"track_unpublished","track":track.to_string(),"participant":participant.to_string()}),
-                None,
-            ),
-            SfuEvent::ActiveSpeaker {
-                participant, level, ..
-            } => (
-                json!({"type":"active_speaker","participant":participant.map(|p| p.to_string()),"level":level}),
-                None,
-            ),
-            SfuEvent::LayerDemand {
-                participant,
-                peer,
-                track,
-                active,
-                ..
-            } => (
-                json!({"type":"layers","peer":peer.to_string(),"track":track.to_string(),"active":active}),
-                Some(*participant),
-            ),
-            SfuEvent::PeerConnected { .. } | SfuEvent::PeerClosed { .. } => return,
-        };
-        for s in hub.room_sessions(&room) {
-            if only.is_none_or(|p| p == s.participant) && skip != Some(s.participant) {
-                s.push(event.clone());
-            }
-        }
-    }
-
-    fn broadcast(&self, room: &str, event: Value) {
-        let mut hub = self.lock();
-        for s in hub.room_sessions(room) {
-            s.push(event.clone());
-        }
-    }
-
-    /// Tells every client the node is going away.
-    pub fn shutdown_notice(&self) {
-        let mut hub = self.lock();
-        for s in hub.sessions.values_mut() {
-            s.push(json!({"type":"shutdown"}));
-        }
-    }
-
-    pub fn session_count(&self) -> usize {
-        self.lock().sessions.len()
-    }
-
-    /// Removes sessions detached for longer than the resume window and
-    /// returns their participants, which the caller makes leave the core.
-    fn reap(&self, now: Instant) -> Vec<ParticipantId> {
-        let mut hub = self.lock();
-        let expired: Vec<ParticipantId> = hub
-            .sessions
-            .values()
-            .filter(|s| {
-                s.detached_at
-                    .is_some_and(|t| now.saturating_duration_since(t) > RESUME_WINDOW)
-            })
-            .map(|s| s.participant)
-            .collect();
-        for p in &expired {
-            if let Some(s) = hub.sessions.remove(p) {
-                hub.by_resume.remove(&s.resume);
-            }
-        }
-        expired
-    }
-}
-
-/// Feeds core events to the hub and reaps abandoned sessions.
-pub async fn run_hub(hub: Arc<RoomHub>, media: MediaHandle) {
-    let mut events = media.subscribe_events();
-    let mut reap = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            e = events.recv() => match e {
-                Ok(e) => hub.dispatch(&e),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "room hub lagged behind core events");
-                }
-                Err(_) => return,
-            },
-            _ = reap.tick() => {
-                for p in hub.reap(Instant::now()) {
-                    tracing::info!(participant = %p, "resume window expired; leaving room");
-                    let _ = media.leave(p).await;
-                }
-            }
-        }
-    }
-}
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?
@@ -254,12 +49,7 @@ pub async fn upgrade(
 ) -> Result<Response, ApiError> {
     let claims = state.authorize(&headers, query.as_deref(), Some(&room), Grant::Either)?;
     validate_room(&room)?;
-    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the node is draining; connect to another node",
-        ));
-    }
+    state.refuse_if_draining()?;
     let ws = ws.map_err(|e| {
         ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
@@ -433,7 +223,7 @@ async fn run_socket(
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => continue,
                     Message::Binary(_) => {
-                        state.metrics.bad_requests.get_or_create(&crate::metrics::ReasonLabels { reason: "ws_message" }).inc();
+                        state.metrics.bad_requests.get_or_create(&ReasonLabels { reason: "ws_message" }).inc();
                         let e = json!({"type":"error","message":"binary frames are not part of the room API; send JSON text","request":"binary"});
                         let _ = tx.try_send(e.to_string());
                         continue;
@@ -608,7 +398,7 @@ fn ws_error(state: &AppState, request: &str, message: &str) -> Value {
     state
         .metrics
         .bad_requests
-        .get_or_create(&crate::metrics::ReasonLabels {
+        .get_or_create(&ReasonLabels {
             reason: "ws_message",
         })
         .inc();

@@ -1,0 +1,31 @@
+//! What travels down a shard's command queue: control calls from the
+//! [`MediaHandle`](super::handle::MediaHandle), and mesh control messages
+//! from the other shards.
+
+use std::time::Instant;
+
+use ridge_sfu::{MeshControl, Sfu};
+
+/// A control call: runs once on the shard's thread, with its core and the
+/// time the shard took the call. It sends its own result back (see
+/// `MediaHandle::on_shard`).
+pub(super) type Call = Box<dyn FnOnce(&mut Sfu, Instant) + Send>;
+
+pub(super) enum Command {
+    Call(Call),
+    /// A mesh control message another shard received for a room of this
+    /// one. Not a [`Call`]: it is sent from a shard thread, in the middle of
+    /// its flush, where boxing a closure would be a heap allocation on the
+    /// packet path (which `ridge_shard_allocations` shows to be 0), and
+    /// with `try_send`, since a shard never waits on another's queue.
+    MeshControl(MeshControl),
+}
+
+impl Command {
+    pub(super) fn run(self, sfu: &mut Sfu, now: Instant) {
+        match self {
+            Command::Call(call) => call(sfu, now),
+            Command::MeshControl(m) => sfu.handle_mesh_control(now, &m.link, m.source, &m.rtcp),
+        }
+    }
+}
