@@ -20,7 +20,7 @@
 //!
 //! - [`startup`]: binds the sockets and starts the threads;
 //! - `thread`: one shard's loop (receive, timers, control calls, flush);
-//! - `outbox`: the send side, batched and grouped for UDP GSO;
+//! - `send`: the send side, batched and grouped for UDP GSO;
 //! - `command`: what travels down a shard's command queue;
 //! - [`handle`]: [`MediaHandle`] and its control calls;
 //! - [`stats`]: the shards' counters;
@@ -28,7 +28,7 @@
 
 mod command;
 pub mod handle;
-mod outbox;
+mod send;
 pub mod startup;
 pub mod stats;
 pub mod steering;

@@ -15,10 +15,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc};
 
 use super::command::Command;
-use super::outbox::Outbox;
+use super::send::SendQueue;
 use super::stats::{ShardCounters, ShardStats};
 
-/// Stack of each shard thread: a large flush's send batch (the outbox's
+/// Stack of each shard thread: a large flush's send batch (the send queue's
 /// `SEND_WINDOW`) takes about 150 KiB of it, the rest is headroom for the
 /// core and the runtime.
 const SHARD_STACK: usize = 4 << 20;
@@ -87,7 +87,7 @@ pub(super) fn start(s: ShardStart) -> std::io::Result<std::thread::JoinHandle<()
                     recv_dest: s.recv_dest,
                     io: s.io,
                     sfu: Sfu::new(s.config, Instant::now()),
-                    outbox: Outbox::new(),
+                    sends: SendQueue::new(),
                     events: s.events,
                     counters: s.counters,
                     stats: s.stats,
@@ -106,7 +106,7 @@ struct Shard {
     recv_dest: SocketAddr,
     io: Box<dyn DatagramIo + Send>,
     sfu: Sfu,
-    outbox: Outbox,
+    sends: SendQueue,
     events: broadcast::Sender<SfuEvent>,
     counters: ShardCounters,
     stats: Arc<ShardStats>,
@@ -200,13 +200,13 @@ impl Shard {
         false
     }
 
-    /// Takes what the core has queued: transmits into the outbox, events to
+    /// Takes what the core has queued: transmits into the send queue, events to
     /// the node's subscribers, mesh control messages to the shard that owns
     /// their room.
     fn take_outputs(&mut self) {
         while let Some(out) = self.sfu.poll_output() {
             match out {
-                Output::Transmit(t) => self.outbox.push(t),
+                Output::Transmit(t) => self.sends.push(t),
                 Output::Event(e) => {
                     tracing::debug!(event = ?e, "core event");
                     let _ = self.events.send(e);
@@ -233,17 +233,17 @@ impl Shard {
         let mut waited = Duration::ZERO;
         loop {
             self.take_outputs();
-            if self.outbox.is_empty() {
+            if self.sends.is_empty() {
                 return;
             }
             let sent = self
-                .outbox
+                .sends
                 .send_window(self.io.as_mut(), &mut self.sfu, &self.counters);
             if sent == 0 {
                 // The socket is full: give the kernel a moment, bounded.
                 self.stats.send_blocked.fetch_add(1, Ordering::Relaxed);
                 if waited >= SEND_PATIENCE {
-                    let n = self.outbox.discard(&mut self.sfu);
+                    let n = self.sends.discard(&mut self.sfu);
                     self.stats.send_dropped.fetch_add(n, Ordering::Relaxed);
                     self.counters.udp_send_errors.inc_by(n);
                     return;

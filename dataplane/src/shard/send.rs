@@ -103,14 +103,14 @@ fn send_window<const N: usize>(
 }
 
 /// Transmits taken from the core, not yet accepted by the socket.
-pub(super) struct Outbox {
+pub(super) struct SendQueue {
     pending: VecDeque<Transmit>,
     group_keys: GroupKeys,
 }
 
-impl Outbox {
+impl SendQueue {
     pub(super) fn new() -> Self {
-        Outbox {
+        SendQueue {
             pending: VecDeque::with_capacity(4096),
             group_keys: Box::new([(0, 0); SEND_WINDOW]),
         }
