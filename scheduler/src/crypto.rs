@@ -1,7 +1,7 @@
 //! Secrets, hashes, signatures and the two kinds of JWT the scheduler signs:
 //! node tokens (its own credential for agents) and dataplane access tokens
 //! (signed with a node's dataplane secret, in the claim format of
-//! `dataplane/src/auth.rs`).
+//! `dataplane/src/api/auth.rs`).
 
 use aws_lc_rs::{digest, hmac, signature};
 use base64::Engine as _;
@@ -245,7 +245,7 @@ impl NodeTokenKey {
     }
 }
 
-/// The dataplane's access-token claims (`dataplane/src/auth.rs`).
+/// The dataplane's access-token claims (`dataplane/src/api/auth.rs`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AccessClaims {
     pub room: String,
