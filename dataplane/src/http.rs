@@ -75,7 +75,7 @@ impl IntoResponse for ApiError {
 impl From<SfuError> for ApiError {
     fn from(e: SfuError) -> Self {
         let status = match &e {
-            SfuError::BadSdp(_) | SfuError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            SfuError::InvalidSdp(_) | SfuError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
             SfuError::NoSuchParticipant(_) | SfuError::NoSuchPeer(_) | SfuError::NoSuchTrack(_) => {
                 StatusCode::NOT_FOUND
             }

@@ -38,8 +38,12 @@ pub struct SfuConfig {
     /// A fixed number of RED blocks (1 or 2) on mesh links with FEC;
     /// `None` (the default): 2 while a link's audio loss is 10 % or more.
     pub mesh_red_depth: Option<usize>,
-    /// Seed for identifiers and SSRCs (the core reads no entropy itself).
-    pub seed: u64,
+    /// Seed of the core's ChaCha generator, which draws session ids,
+    /// SSRCs and initial sequence numbers (the core reads no entropy
+    /// itself). Fill it from the operating system's randomness in a
+    /// server: session ids are bearer secrets in session URLs. Tests use
+    /// fixed seeds for repeatable runs.
+    pub seed: [u8; 32],
     /// Which core (shard) of a process this is, 0 to 255. It is written into
     /// the top byte of every identifier this core hands out, so that ids
     /// from several cores never collide and name the core that owns them
@@ -57,7 +61,7 @@ impl SfuConfig {
             retransmit_packets: 256,
             retransmit_max_age: Duration::from_secs(2),
             initial_bwe_bps: 1_000_000,
-            seed: 0x5eed,
+            seed: [0x5e; 32],
             shard: 0,
             shards: 1,
             mesh_recovery: crate::mesh::MeshRecovery::HopByHop,
