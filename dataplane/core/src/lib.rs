@@ -39,6 +39,7 @@
 //! * Simulcast switches happen on keyframes only, with sequence numbers and
 //!   timestamps rewritten so each subscriber sees one continuous stream.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod buf;
 mod error;

@@ -175,6 +175,7 @@ impl Sfu {
         });
     }
 
+    /// The identity a participant joined with.
     pub fn participant_identity(&self, participant: ParticipantId) -> Option<&str> {
         self.reg
             .participants
@@ -200,6 +201,7 @@ impl Sfu {
         Some(table_entries + p.room.capacity() + transport)
     }
 
+    /// The peer's owning participant and room.
     pub fn peer_owner(&self, peer: PeerId) -> Option<(ParticipantId, &str)> {
         self.peers
             .get(&peer)
@@ -264,6 +266,7 @@ impl Sfu {
         self.draining = true;
     }
 
+    /// Whether [`Sfu::start_drain`] was called.
     pub fn is_draining(&self) -> bool {
         self.draining
     }
@@ -277,6 +280,7 @@ impl Sfu {
         self.process_events(now);
     }
 
+    /// How many sessions are live (mesh placeholders included).
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }
@@ -393,6 +397,7 @@ impl Sfu {
         t
     }
 
+    /// The next output (transmit, event, mesh control message), if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.outputs.pop_front()
     }

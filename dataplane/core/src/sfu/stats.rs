@@ -9,6 +9,7 @@ use super::Sfu;
 use super::peer::Transport;
 
 impl Sfu {
+    /// A snapshot of every counter, room, session, layer and mesh link.
     pub fn stats(&self) -> StatsSnapshot {
         let mut rooms: HashMap<&str, RoomSnapshot> = self
             .reg
