@@ -172,33 +172,7 @@ impl Sfu {
                 Transport::Rtp(_) | Transport::Mesh(_) => {}
             }
         }
-        // Watchers per layer.
-        for track in self.reg.tracks.values_mut() {
-            for l in &mut track.layers {
-                l.watchers = 0;
-            }
-        }
-        for peer in self.peers.values() {
-            match &peer.transport {
-                Transport::WebRtc(w) => {
-                    for s in &w.slots {
-                        watch(&mut self.reg.tracks, s.track, s.current, s.target);
-                    }
-                }
-                Transport::Rtp(e) => watch(&mut self.reg.tracks, e.track, e.current, e.target),
-                Transport::Mesh(_) => {}
-            }
-        }
-        // Downstream mesh links watch the layers they have not paused.
-        for track in self.reg.tracks.values_mut() {
-            for m in &track.mesh_out {
-                for i in m.watched_layers() {
-                    if let Some(l) = track.layers.get_mut(i) {
-                        l.watchers += 1;
-                    }
-                }
-            }
-        }
+        self.count_layer_watchers();
         // Demand changes, and layers that were asked for but never came.
         let mut events = Vec::new();
         let mut remote_demand_changed = false;
@@ -249,6 +223,38 @@ impl Sfu {
         }
         for (t, l) in switches {
             self.request_keyframe(now, t, l);
+        }
+    }
+
+    /// Counts, per layer, the subscriptions (current and target layers)
+    /// and downstream mesh links that watch it.
+    fn count_layer_watchers(&mut self) {
+        // Watchers per layer.
+        for track in self.reg.tracks.values_mut() {
+            for l in &mut track.layers {
+                l.watchers = 0;
+            }
+        }
+        for peer in self.peers.values() {
+            match &peer.transport {
+                Transport::WebRtc(w) => {
+                    for s in &w.slots {
+                        watch(&mut self.reg.tracks, s.track, s.current, s.target);
+                    }
+                }
+                Transport::Rtp(e) => watch(&mut self.reg.tracks, e.track, e.current, e.target),
+                Transport::Mesh(_) => {}
+            }
+        }
+        // Downstream mesh links watch the layers they have not paused.
+        for track in self.reg.tracks.values_mut() {
+            for m in &track.mesh_out {
+                for i in m.watched_layers() {
+                    if let Some(l) = track.layers.get_mut(i) {
+                        l.watchers += 1;
+                    }
+                }
+            }
         }
     }
 

@@ -25,7 +25,10 @@ use super::super::Sfu;
 use super::super::layers::Layer;
 use super::super::peer::{Peer, Transport};
 use super::super::registry::Track;
-use super::{InStream, Link, MAX_RX_CONTEXTS, MeshOut, MeshPeer, OutLayer, Route, Serving};
+use super::{
+    InStream, Link, MAX_RX_CONTEXTS, MeshOut, MeshPeer, MeshState, OutLayer, Route, Serving,
+};
+use crate::mesh::MeshLinkSpec;
 
 impl Sfu {
     /// Applies the mesh part of a desired state: links, and the routes
@@ -46,90 +49,9 @@ impl Sfu {
     /// Rebuilds links and routes from `config` and what of the previous
     /// state is still handing over.
     pub(in crate::sfu) fn mesh_apply(&mut self, now: Instant, config: MeshConfig) {
-        let node = config.node_id.clone();
         // Keys derive from both node ids: nothing survives a new identity.
-        let same_node = self.mesh.node_id == node;
-        let live = |until: Option<Instant>| until.is_none_or(|t| now < t);
-        // Links: keep the state (contexts, streams) of unchanged ones.
-        let mut old: Vec<Option<Link>> = std::mem::take(&mut self.mesh.links)
-            .into_iter()
-            .map(Some)
-            .collect();
-        let mut remap: HashMap<usize, usize> = HashMap::new();
-        for (i, spec) in config.links.iter().enumerate() {
-            let kept = old.iter_mut().enumerate().find_map(|(j, l)| {
-                let same = same_node
-                    && l.as_ref().is_some_and(|l| {
-                        l.peer == spec.peer
-                            && l.address == spec.address
-                            && l.trusted == spec.trusted
-                            && l.key == spec.key
-                            && live(l.linger_until)
-                    });
-                if same { l.take().map(|l| (j, l)) } else { None }
-            });
-            let link = match kept {
-                Some((j, mut l)) => {
-                    remap.insert(j, i);
-                    l.linger_until = None;
-                    l.fec = spec.fec;
-                    l.stats.fec = spec.fec;
-                    l
-                }
-                None => {
-                    // Trusted: SipHash tags, which the kernel fast path can
-                    // check and re-sign on a transit node.
-                    let profile = if spec.trusted {
-                        SrtpProfile::NullSipHash24_80
-                    } else {
-                        SrtpProfile::Aes128CmHmacSha1_80
-                    };
-                    let (tk, ts) = mesh_master_key(&spec.key, &node, &spec.peer);
-                    let rx_key = mesh_master_key(&spec.key, &spec.peer, &node);
-                    Link {
-                        peer: spec.peer.clone(),
-                        address: spec.address,
-                        key: spec.key,
-                        trusted: spec.trusted,
-                        fec: spec.fec,
-                        linger_until: None,
-                        profile,
-                        tx: SrtpContext::new(profile, &tk, &ts),
-                        rx_key,
-                        rx: HashMap::new(),
-                        inbound: HashMap::new(),
-                        outbound: HashMap::new(),
-                        capacity: LinkCapacity::default(),
-                        delay: Vec::with_capacity(MAX_RX_CONTEXTS),
-                        stats: MeshLinkSnapshot {
-                            peer: spec.peer.clone(),
-                            trusted: spec.trusted,
-                            fec: spec.fec,
-                            ..Default::default()
-                        },
-                    }
-                }
-            };
-            self.mesh.links.push(link);
-        }
-        // Links that went linger for the hand-over.
-        for (j, l) in old.into_iter().enumerate() {
-            let Some(mut l) = l else { continue };
-            let until = l.linger_until.unwrap_or(now + ROUTE_HANDOVER);
-            if !same_node || now >= until {
-                continue;
-            }
-            l.linger_until = Some(until);
-            remap.insert(j, self.mesh.links.len());
-            self.mesh.links.push(l);
-        }
-        self.mesh.by_addr.retain(|_, l| match remap.get(l) {
-            Some(n) => {
-                *l = *n;
-                true
-            }
-            None => false,
-        });
+        let same_node = self.mesh.node_id == config.node_id;
+        let remap = self.mesh.apply_links(now, &config, same_node);
         // Outgoing streams on links that went.
         for track in self.reg.tracks.values_mut() {
             track.mesh_out.retain_mut(|m| match remap.get(&m.link) {
@@ -140,94 +62,8 @@ impl Sfu {
                 None => false,
             });
         }
-        let links = &self.mesh.links;
-        let link_index = |peer: &str| {
-            links
-                .iter()
-                .position(|l| l.peer == peer && l.linger_until.is_none())
-        };
-        // Routes: keep the subscriptions and upstream address of routes
-        // that stay (with the same upstream).
-        let mut old_routes = std::mem::take(&mut self.mesh.routes);
-        let mut routes = Vec::with_capacity(config.routes.len());
-        // (room, source, previous upstream link) of routes whose upstream moved.
-        let mut moved: Vec<(String, String, usize)> = Vec::new();
-        for spec in &config.routes {
-            let upstream = spec.upstream.as_deref().and_then(link_index);
-            let downstream: Vec<usize> = spec
-                .downstream
-                .iter()
-                .filter_map(|d| link_index(d))
-                .collect();
-            let prev = old_routes
-                .iter()
-                .position(|r| r.spec.room == spec.room && r.spec.source == spec.source)
-                .map(|i| old_routes.swap_remove(i));
-            let (serving, upstream_addr, announced) = match prev {
-                Some(p) => {
-                    let serving = p
-                        .serving
-                        .into_iter()
-                        .filter_map(|mut s| {
-                            s.link = *remap.get(&s.link)?;
-                            s.linger_until = if downstream.contains(&s.link) {
-                                None
-                            } else {
-                                Some(s.linger_until.unwrap_or(now + ROUTE_HANDOVER))
-                            };
-                            s.live(now).then_some(s)
-                        })
-                        .collect();
-                    let old_up = p.upstream.and_then(|u| remap.get(&u).copied());
-                    let same_upstream = old_up == upstream && p.spec.upstream == spec.upstream;
-                    if !same_upstream && let Some(u) = old_up {
-                        moved.push((spec.room.clone(), spec.source.clone(), u));
-                    }
-                    if same_upstream {
-                        (serving, p.upstream_addr, p.announced)
-                    } else {
-                        (serving, None, false)
-                    }
-                }
-                None => (Vec::new(), None, false),
-            };
-            routes.push(Route {
-                spec: spec.clone(),
-                upstream,
-                downstream,
-                serving,
-                upstream_addr,
-                announced,
-                linger_until: None,
-            });
-        }
-        // Routes that went keep serving their live subscriptions.
-        for p in old_routes.into_iter().filter(|_| same_node) {
-            let until = p.linger_until.unwrap_or(now + ROUTE_HANDOVER);
-            let serving: Vec<Serving> = p
-                .serving
-                .into_iter()
-                .filter_map(|mut s| {
-                    s.link = *remap.get(&s.link)?;
-                    s.linger_until = Some(s.linger_until.map_or(until, |t| t.min(until)));
-                    s.live(now).then_some(s)
-                })
-                .collect();
-            if serving.is_empty() {
-                continue;
-            }
-            routes.push(Route {
-                upstream: p.upstream.and_then(|u| remap.get(&u).copied()),
-                spec: p.spec,
-                downstream: Vec::new(),
-                serving,
-                upstream_addr: p.upstream_addr,
-                announced: p.announced,
-                linger_until: Some(until),
-            });
-        }
-        self.mesh.routes = routes;
-        self.mesh.node_id = node;
+        let moved = self.mesh.apply_routes(now, &config, same_node, &remap);
+        self.mesh.node_id = config.node_id.clone();
         self.mesh.config = Some(config);
         // The previous upstream's streams of a moved route feed their
         // layers until the new upstream's arrive.
@@ -518,7 +354,20 @@ impl Sfu {
         if announce {
             self.mesh.announce_due = None;
         }
-        for r in self.mesh.routes.iter().filter(|_| announce) {
+        if announce {
+            self.mesh_announcements(now, &mut msgs);
+        }
+        for (link, dest, msg) in msgs {
+            let mut buf = self.out.buffer();
+            write_message(&mut buf, self.rtcp_ssrc, &msg);
+            self.mesh_send_rtcp(link, dest, buf);
+        }
+    }
+
+    /// Announcements to every live subscription of what this node sends
+    /// it (an empty one still tells the downstream the route is alive).
+    fn mesh_announcements(&self, now: Instant, msgs: &mut Vec<(usize, SocketAddr, MeshMessage)>) {
+        for r in &self.mesh.routes {
             for s in &r.serving {
                 let mut tracks = Vec::new();
                 for t in self
@@ -592,11 +441,6 @@ impl Sfu {
                     ));
                 }
             }
-        }
-        for (link, dest, msg) in msgs {
-            let mut buf = self.out.buffer();
-            write_message(&mut buf, self.rtcp_ssrc, &msg);
-            self.mesh_send_rtcp(link, dest, buf);
         }
     }
 
@@ -939,5 +783,209 @@ impl Sfu {
             _ => self.out.drop_packet(DropReason::Malformed),
         }
         self.process_events(now);
+    }
+}
+
+impl MeshState {
+    /// Rebuilds the links from `config`, keeping the state (contexts,
+    /// streams) of unchanged ones and letting those that went linger for a
+    /// hand-over. Returns where each kept link's index moved.
+    fn apply_links(
+        &mut self,
+        now: Instant,
+        config: &MeshConfig,
+        same_node: bool,
+    ) -> HashMap<usize, usize> {
+        let node = &config.node_id;
+        let live = |until: Option<Instant>| until.is_none_or(|t| now < t);
+        // Links: keep the state (contexts, streams) of unchanged ones.
+        let mut old: Vec<Option<Link>> = std::mem::take(&mut self.links)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut remap: HashMap<usize, usize> = HashMap::new();
+        for (i, spec) in config.links.iter().enumerate() {
+            let kept = old.iter_mut().enumerate().find_map(|(j, l)| {
+                let same = same_node
+                    && l.as_ref().is_some_and(|l| {
+                        l.peer == spec.peer
+                            && l.address == spec.address
+                            && l.trusted == spec.trusted
+                            && l.key == spec.key
+                            && live(l.linger_until)
+                    });
+                if same { l.take().map(|l| (j, l)) } else { None }
+            });
+            let link = match kept {
+                Some((j, mut l)) => {
+                    remap.insert(j, i);
+                    l.linger_until = None;
+                    l.fec = spec.fec;
+                    l.stats.fec = spec.fec;
+                    l
+                }
+                None => Link::new(spec, node),
+            };
+            self.links.push(link);
+        }
+        // Links that went linger for the hand-over.
+        for (j, l) in old.into_iter().enumerate() {
+            let Some(mut l) = l else { continue };
+            let until = l.linger_until.unwrap_or(now + ROUTE_HANDOVER);
+            if !same_node || now >= until {
+                continue;
+            }
+            l.linger_until = Some(until);
+            remap.insert(j, self.links.len());
+            self.links.push(l);
+        }
+        self.by_addr.retain(|_, l| match remap.get(l) {
+            Some(n) => {
+                *l = *n;
+                true
+            }
+            None => false,
+        });
+        remap
+    }
+
+    /// Rebuilds the routes from `config`, keeping the subscriptions and
+    /// upstream address of routes that stay (with the same upstream) and
+    /// letting those that went serve their live subscriptions. Returns
+    /// (room, source, previous upstream link) of routes whose upstream
+    /// moved.
+    fn apply_routes(
+        &mut self,
+        now: Instant,
+        config: &MeshConfig,
+        same_node: bool,
+        remap: &HashMap<usize, usize>,
+    ) -> Vec<(String, String, usize)> {
+        let links = &self.links;
+        let link_index = |peer: &str| {
+            links
+                .iter()
+                .position(|l| l.peer == peer && l.linger_until.is_none())
+        };
+        // Routes: keep the subscriptions and upstream address of routes
+        // that stay (with the same upstream).
+        let mut old_routes = std::mem::take(&mut self.routes);
+        let mut routes = Vec::with_capacity(config.routes.len());
+        // (room, source, previous upstream link) of routes whose upstream moved.
+        let mut moved: Vec<(String, String, usize)> = Vec::new();
+        for spec in &config.routes {
+            let upstream = spec.upstream.as_deref().and_then(link_index);
+            let downstream: Vec<usize> = spec
+                .downstream
+                .iter()
+                .filter_map(|d| link_index(d))
+                .collect();
+            let prev = old_routes
+                .iter()
+                .position(|r| r.spec.room == spec.room && r.spec.source == spec.source)
+                .map(|i| old_routes.swap_remove(i));
+            let (serving, upstream_addr, announced) = match prev {
+                Some(p) => {
+                    let serving = p
+                        .serving
+                        .into_iter()
+                        .filter_map(|mut s| {
+                            s.link = *remap.get(&s.link)?;
+                            s.linger_until = if downstream.contains(&s.link) {
+                                None
+                            } else {
+                                Some(s.linger_until.unwrap_or(now + ROUTE_HANDOVER))
+                            };
+                            s.live(now).then_some(s)
+                        })
+                        .collect();
+                    let old_up = p.upstream.and_then(|u| remap.get(&u).copied());
+                    let same_upstream = old_up == upstream && p.spec.upstream == spec.upstream;
+                    if !same_upstream && let Some(u) = old_up {
+                        moved.push((spec.room.clone(), spec.source.clone(), u));
+                    }
+                    if same_upstream {
+                        (serving, p.upstream_addr, p.announced)
+                    } else {
+                        (serving, None, false)
+                    }
+                }
+                None => (Vec::new(), None, false),
+            };
+            routes.push(Route {
+                spec: spec.clone(),
+                upstream,
+                downstream,
+                serving,
+                upstream_addr,
+                announced,
+                linger_until: None,
+            });
+        }
+        // Routes that went keep serving their live subscriptions.
+        for p in old_routes.into_iter().filter(|_| same_node) {
+            let until = p.linger_until.unwrap_or(now + ROUTE_HANDOVER);
+            let serving: Vec<Serving> = p
+                .serving
+                .into_iter()
+                .filter_map(|mut s| {
+                    s.link = *remap.get(&s.link)?;
+                    s.linger_until = Some(s.linger_until.map_or(until, |t| t.min(until)));
+                    s.live(now).then_some(s)
+                })
+                .collect();
+            if serving.is_empty() {
+                continue;
+            }
+            routes.push(Route {
+                upstream: p.upstream.and_then(|u| remap.get(&u).copied()),
+                spec: p.spec,
+                downstream: Vec::new(),
+                serving,
+                upstream_addr: p.upstream_addr,
+                announced: p.announced,
+                linger_until: Some(until),
+            });
+        }
+        self.routes = routes;
+        moved
+    }
+}
+
+impl Link {
+    /// A link to `spec.peer` with fresh SRTP contexts, keyed for this node
+    /// (`node`) and its peer.
+    fn new(spec: &MeshLinkSpec, node: &str) -> Self {
+        // Trusted: SipHash tags, which the kernel fast path can
+        // check and re-sign on a transit node.
+        let profile = if spec.trusted {
+            SrtpProfile::NullSipHash24_80
+        } else {
+            SrtpProfile::Aes128CmHmacSha1_80
+        };
+        let (tk, ts) = mesh_master_key(&spec.key, node, &spec.peer);
+        let rx_key = mesh_master_key(&spec.key, &spec.peer, node);
+        Link {
+            peer: spec.peer.clone(),
+            address: spec.address,
+            key: spec.key,
+            trusted: spec.trusted,
+            fec: spec.fec,
+            linger_until: None,
+            profile,
+            tx: SrtpContext::new(profile, &tk, &ts),
+            rx_key,
+            rx: HashMap::new(),
+            inbound: HashMap::new(),
+            outbound: HashMap::new(),
+            capacity: LinkCapacity::default(),
+            delay: Vec::with_capacity(MAX_RX_CONTEXTS),
+            stats: MeshLinkSnapshot {
+                peer: spec.peer.clone(),
+                trusted: spec.trusted,
+                fec: spec.fec,
+                ..Default::default()
+            },
+        }
     }
 }
