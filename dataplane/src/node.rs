@@ -67,7 +67,7 @@ impl Node {
             .collect();
         sfu.keyframe_request_interval = config.pli_interval;
         sfu.max_peers = config.max_sessions;
-        sfu.seed = rand::random::<u64>() | 1;
+        sfu.seed = rand::random::<[u8; 32]>();
         let shard_opts = shard::ShardOptions {
             udp: config.udp,
             shards: config.shards,

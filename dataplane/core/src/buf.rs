@@ -38,14 +38,17 @@ impl PacketBuf {
         }
     }
 
+    /// The bytes this view covers.
     pub fn as_slice(&self) -> &[u8] {
         &self.slot[usize::from(self.start)..usize::from(self.end)]
     }
 
+    /// How many bytes this view covers.
     pub fn len(&self) -> usize {
         usize::from(self.end - self.start)
     }
 
+    /// Whether this view covers no bytes.
     pub fn is_empty(&self) -> bool {
         self.start == self.end
     }
@@ -116,6 +119,7 @@ impl fmt::Debug for BufPool {
 pub const MAX_BATCH: usize = 64;
 
 impl BufPool {
+    /// A pool with `initial_slots` slots allocated up front (it grows on demand).
     pub fn new(initial_slots: usize) -> Self {
         BufPool {
             slots: (0..initial_slots.max(MAX_BATCH))
@@ -214,6 +218,7 @@ impl BufPool {
         self.freeze(0, len)
     }
 
+    /// How many slots exist and how many are in use.
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             slots: self.slots.len(),

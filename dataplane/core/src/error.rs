@@ -1,20 +1,30 @@
+//! The core's error type: what went wrong with a control call, and whose
+//! fault it was.
+
+use std::net::SocketAddr;
+
 use crate::ids::{ParticipantId, PeerId, TrackId};
+use crate::types::{RtpDirection, TrackKind};
 
 /// Errors of the core's control operations. Each variant says whose fault
-/// it was, so the HTTP layer can map it to a status code.
+/// it was, so the HTTP layer can map it to a status code
+/// ([`SfuError::is_client_error`]).
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum SfuError {
-    /// The client sent an SDP we could not parse or negotiate.
+    /// The client sent an SDP offer we could not parse or negotiate.
     #[error("bad SDP: {0}")]
-    BadSdp(String),
-    /// The client asked for something that contradicts its own request.
+    InvalidSdp(SdpError),
+    /// The client's request contradicts itself or the room's state.
     #[error("bad request: {0}")]
-    BadRequest(String),
+    InvalidSpec(SpecError),
+    /// The request names a participant this core does not have.
     #[error("no such participant {0}")]
     NoSuchParticipant(ParticipantId),
+    /// The request names a session this core does not have.
     #[error("no such session {0}")]
     NoSuchPeer(PeerId),
+    /// The request names a track this core does not have.
     #[error("no such track {0}")]
     NoSuchTrack(TrackId),
     /// The node is at its configured session limit.
@@ -28,13 +38,92 @@ pub enum SfuError {
     Internal(String),
 }
 
+/// What is wrong with an SDP offer.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SdpError {
+    /// The text is not SDP (the parser's words).
+    #[error("{0}")]
+    Unparsable(String),
+    /// Valid SDP that cannot be answered (str0m's words).
+    #[error("{0}")]
+    NotNegotiable(String),
+    /// A subscribe offer with an m-line that sends media.
+    #[error("subscribe offers must be recvonly; m-line {mid} sends media")]
+    SubscribeSendsMedia {
+        /// The offending m-line.
+        mid: String,
+    },
+    /// A publish offer with an m-line that only receives.
+    #[error("publish offers must send media; m-line {mid} is recvonly")]
+    PublishReceivesOnly {
+        /// The offending m-line.
+        mid: String,
+    },
+    /// Nothing in the offer is audio or video in a codec the core routes.
+    #[error("the offer has no usable audio or video m-line (supported: Opus, VP8)")]
+    NoUsableMedia,
+}
+
+/// What is wrong with an endpoint or layer request.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Not a static (0-63) or dynamic (96-127) RTP payload type.
+    #[error("payload_type {0} is not a valid dynamic or static RTP payload type (0-63, 96-127)")]
+    PayloadType(u8),
+    /// An audio-level extension id where none may be, or out of range.
+    #[error(
+        "audio_level_ext {0}: only an audio publisher has one, and it is a one-byte \
+         header-extension id (1-14)"
+    )]
+    AudioLevelExt(u8),
+    /// A remote address with a wildcard IP or port 0.
+    #[error("remote {0} must be a concrete IP:PORT")]
+    RemoteNotConcrete(SocketAddr),
+    /// The remote address is a WebRTC session's.
+    #[error("remote {0} already belongs to a WebRTC session")]
+    RemoteIsWebRtc(SocketAddr),
+    /// The remote already has an endpoint in this direction.
+    #[error("remote {remote} already has a {direction:?} endpoint")]
+    RemoteTaken {
+        /// The remote address.
+        remote: SocketAddr,
+        /// The direction it already has.
+        direction: RtpDirection,
+    },
+    /// The requested track is of another kind or another room.
+    #[error("track {track} is not a {} track of this room", kind.as_str())]
+    WrongTrack {
+        /// The requested track.
+        track: TrackId,
+        /// The kind the request asked for.
+        kind: TrackKind,
+    },
+    /// A layer choice for a session that is not a WebRTC subscriber.
+    #[error("layers can only be chosen for WebRTC subscribers")]
+    NotLayered,
+}
+
+impl From<SpecError> for SfuError {
+    fn from(e: SpecError) -> Self {
+        SfuError::InvalidSpec(e)
+    }
+}
+
+impl From<SdpError> for SfuError {
+    fn from(e: SdpError) -> Self {
+        SfuError::InvalidSdp(e)
+    }
+}
+
 impl SfuError {
     /// Whether the peer (client) caused the error, as opposed to the node.
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            SfuError::BadSdp(_)
-                | SfuError::BadRequest(_)
+            SfuError::InvalidSdp(_)
+                | SfuError::InvalidSpec(_)
                 | SfuError::NoSuchParticipant(_)
                 | SfuError::NoSuchPeer(_)
                 | SfuError::NoSuchTrack(_)

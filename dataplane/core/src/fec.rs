@@ -74,19 +74,29 @@ const SHORT_MASK_SPAN: u16 = 15;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FecError {
+    /// The repair packet is not a valid RTP packet.
     #[error("not a valid RTP packet")]
     Rtp,
+    /// The FlexFEC header is shorter than its fields say.
     #[error("FEC header truncated")]
     Truncated,
     /// `R` or `F` set: retransmission or fixed L×D form, not used on links.
     #[error("unsupported FlexFEC form (R or F bit set)")]
     Unsupported,
+    /// Not exactly one protected SSRC.
     #[error("repair packet names {0} protected SSRCs (mesh links use one)")]
     SsrcCount(u8),
+    /// The mask protects no packet.
     #[error("FEC mask protects no packet")]
     EmptyMask,
+    /// The recovered length is longer than the repair payload.
     #[error("recovered length {len} exceeds the repair payload ({have} bytes)")]
-    Length { len: usize, have: usize },
+    Length {
+        /// The recovered length.
+        len: usize,
+        /// The repair payload's length.
+        have: usize,
+    },
 }
 
 /// A parsed repair packet (borrowing its bytes).
@@ -98,11 +108,15 @@ pub struct FecPacket<'a> {
     pub bits: u8,
     /// `M` and `PT` recovery (the second RTP header byte).
     pub marker_pt: u8,
+    /// Length recovery: the XOR of the protected packets' lengths.
     pub length: u16,
+    /// Timestamp recovery: the XOR of the protected packets' timestamps.
     pub timestamp: u32,
+    /// The first protected sequence number.
     pub base: u16,
     /// Bit `i` set: `base + i` is protected (at most 110 bits).
     pub mask: u128,
+    /// The XOR of the protected packets' payloads.
     pub repair: &'a [u8],
 }
 
@@ -273,6 +287,7 @@ pub struct FecEncoder {
 }
 
 impl FecEncoder {
+    /// An encoder whose repair packets go out with `repair_ssrc`.
     pub fn new(repair_ssrc: u32) -> Self {
         FecEncoder {
             ssrc: repair_ssrc,

@@ -39,6 +39,7 @@
 //! * Simulcast switches happen on keyframes only, with sequence numbers and
 //!   timestamps rewritten so each subscriber sees one continuous stream.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod buf;
 mod error;
@@ -58,7 +59,7 @@ mod srtp;
 mod types;
 
 pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
-pub use error::SfuError;
+pub use error::{SdpError, SfuError, SpecError};
 pub use ids::{ParticipantId, PeerId, TrackId, shard_for_room, shard_of, shard_ufrag, ufrag_shard};
 pub use mesh::{MeshConfig, MeshLinkSnapshot, MeshLinkSpec, MeshRecovery, MeshRouteSpec};
 pub use retransmit::{RetransmitBuffer, Sent};

@@ -91,9 +91,13 @@ pub struct MeshLinkSpec {
 /// from (`None` on the source itself) and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshRouteSpec {
+    /// The room.
     pub room: String,
+    /// The node the media originates on.
     pub source: String,
+    /// The link (peer node id) the media comes from; `None` on the source.
     pub upstream: Option<String>,
+    /// The links (peer node ids) the media goes on to.
     pub downstream: Vec<String>,
 }
 
@@ -102,23 +106,32 @@ pub struct MeshRouteSpec {
 pub struct MeshConfig {
     /// This node's id (the scheduler's).
     pub node_id: String,
+    /// The links to other nodes.
     pub links: Vec<MeshLinkSpec>,
+    /// The routes through this node.
     pub routes: Vec<MeshRouteSpec>,
 }
 
 /// Counters of one mesh link, for `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MeshLinkSnapshot {
+    /// The peer node id.
     pub peer: String,
+    /// Whether the link is trusted (SipHash tags, kernel offload possible).
     pub trusted: bool,
+    /// Datagrams received on the link.
     pub packets_in: u64,
+    /// Datagrams sent on the link.
     pub packets_out: u64,
+    /// Bytes received on the link.
     pub bytes_in: u64,
+    /// Bytes sent on the link.
     pub bytes_out: u64,
     /// Sequence numbers we asked the upstream to resend.
     pub nacks_sent: u64,
     /// Sequence numbers the downstream asked us to resend.
     pub nacks_received: u64,
+    /// Packets resent on the downstream's NACKs.
     pub retransmits: u64,
     /// NACKed packets that arrived.
     pub recovered: u64,
@@ -135,6 +148,7 @@ pub struct MeshLinkSnapshot {
     pub fec: bool,
     /// FlexFEC repair packets sent / received.
     pub fec_sent: u64,
+    /// FlexFEC repair packets received.
     pub fec_received: u64,
     /// Missing packets rebuilt from a received repair packet.
     pub fec_recovered: u64,
@@ -168,9 +182,11 @@ pub struct MeshLinkSnapshot {
     pub delay_trend: f64,
     /// Delay reports sent to / received from the peer.
     pub delay_reports_sent: u64,
+    /// Delay reports received from the peer.
     pub delay_reports_received: u64,
     /// Rooms this node sends on the link / receives from it.
     pub rooms_out: u64,
+    /// Rooms this node receives from the link.
     pub rooms_in: u64,
 }
 
@@ -180,12 +196,16 @@ pub struct MeshLinkSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum MeshWireError {
+    /// The message is shorter than its fields say.
     #[error("mesh control message truncated")]
     Truncated,
+    /// Not a Ridge mesh APP packet.
     #[error("not a Ridge mesh APP packet")]
     NotMesh,
+    /// A wire version this node does not speak.
     #[error("unsupported mesh wire version {0}")]
     Version(u8),
+    /// A field that does not decode (its name).
     #[error("bad mesh control field: {0}")]
     Field(&'static str),
 }
@@ -197,16 +217,20 @@ pub struct AnnouncedTrack {
     pub origin_track: u64,
     /// The publishing participant's id on the source node.
     pub origin_participant: u64,
+    /// The publishing participant's identity.
     pub identity: String,
+    /// Audio or video.
     pub kind: TrackKind,
     /// [`codec_code`] of the codec, 0 when unknown.
     pub codec: u8,
+    /// Its layers, in the source's order.
     pub layers: Vec<AnnouncedLayer>,
 }
 
 /// One simulcast layer (or the only one) of an announced track.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnnouncedLayer {
+    /// The layer's rid (`None`: no simulcast).
     pub rid: Option<String>,
     /// The SSRC it is sent with on this link.
     pub ssrc: u32,
@@ -223,19 +247,30 @@ pub enum MeshMessage {
     /// Send me `room`'s media from `source`; streams listed in `paused`
     /// are not needed now.
     Subscribe {
+        /// The room.
         room: String,
+        /// The node the media originates on.
         source: String,
+        /// Link SSRCs of streams the downstream does not need now.
         paused: Vec<u32>,
     },
     /// These are (some of) the streams I send you for `room` from `source`.
     Announce {
+        /// The room.
         room: String,
+        /// The node the media originates on.
         source: String,
+        /// The streams, one entry per track.
         tracks: Vec<AnnouncedTrack>,
     },
     /// Stop sending me `room`'s media from `source`: another upstream
     /// delivers it now.
-    Unsubscribe { room: String, source: String },
+    Unsubscribe {
+        /// The room.
+        room: String,
+        /// The node the media originates on.
+        source: String,
+    },
 }
 
 impl MeshMessage {
@@ -536,6 +571,7 @@ impl DelayState {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DelayReport {
+    /// What the downstream's delay detector concluded.
     pub state: DelayState,
     /// What the downstream received of the upstream's timed media, bit/s,
     /// over its last complete rate window (0: not measured yet).
@@ -702,6 +738,7 @@ impl Default for DelayDetector {
 }
 
 impl DelayDetector {
+    /// The detector's current conclusion.
     pub fn state(&self) -> DelayState {
         self.state
     }
@@ -936,8 +973,11 @@ pub struct LossTracker {
     /// How long a newly missing packet waits before its first NACK: a
     /// repair packet (FEC) may rebuild it first.
     hold: Duration,
+    /// NACKed packets that arrived.
     pub recovered: u64,
+    /// Packets given up on after the last NACK attempt.
     pub unrecovered: u64,
+    /// Packets found missing.
     pub lost: u64,
     /// Missing packets rebuilt from FEC or RED.
     pub repaired: u64,
@@ -966,6 +1006,7 @@ impl LossTracker {
         self.missing.clear();
     }
 
+    /// The smoothed NACK round trip, once measured.
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
     }
@@ -1125,6 +1166,7 @@ impl LossTracker {
         n
     }
 
+    /// How many packets are missing now.
     pub fn missing(&self) -> usize {
         self.missing.len()
     }
@@ -1203,11 +1245,13 @@ pub struct LinkCapacity {
 }
 
 impl LinkCapacity {
+    /// Counts a packet of `bytes` sent on the link.
     pub fn on_sent(&mut self, bytes: usize) {
         self.sent_bytes += bytes as u64;
         self.sent_packets += 1;
     }
 
+    /// Counts `packets` NACKed by the downstream.
     pub fn on_nacked(&mut self, packets: u64) {
         self.nacked += packets;
     }

@@ -43,8 +43,10 @@ pub const MAX_BLOCK_LEN: usize = (1 << 10) - 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RedError {
+    /// The RED header or a block is shorter than it says.
     #[error("RED payload truncated")]
     Truncated,
+    /// More redundant blocks than a packet may carry.
     #[error("more than {MAX_BLOCKS} redundant blocks")]
     TooManyBlocks,
 }
@@ -53,9 +55,13 @@ pub enum RedError {
 /// where its data lies (byte offsets into the RED payload).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RedBlock {
+    /// The block's payload type.
     pub pt: u8,
+    /// How much earlier than the packet's timestamp the block's is.
     pub ts_offset: u16,
+    /// Where the block's data starts in the RED payload.
     pub start: usize,
+    /// Where the block's data ends in the RED payload.
     pub end: usize,
 }
 

@@ -14,9 +14,13 @@ use crate::buf::PacketBuf;
 /// What was sent with one sequence number.
 #[derive(Debug, Clone)]
 pub struct Sent {
+    /// The sequence number it was sent with.
     pub seq: u16,
+    /// The timestamp it was sent with.
     pub timestamp: u32,
+    /// The RTP marker bit it was sent with.
     pub marker: bool,
+    /// Its payload (shared, not copied).
     pub payload: PacketBuf,
     /// Sent with this many packets before it as redundant blocks (RED on
     /// a mesh link; 0: none): a retransmission must carry the same bytes.
@@ -149,6 +153,7 @@ impl RetransmitBuffer {
         }
     }
 
+    /// How many packets the buffer holds at most.
     pub fn capacity(&self) -> usize {
         self.slots.len()
     }

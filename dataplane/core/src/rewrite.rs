@@ -29,6 +29,7 @@ pub struct StreamRewriter {
 pub struct Rewritten {
     /// Extended output sequence number (its low 16 bits go on the wire).
     pub seq: u64,
+    /// Output timestamp.
     pub timestamp: u32,
 }
 

@@ -38,8 +38,12 @@ pub struct SfuConfig {
     /// A fixed number of RED blocks (1 or 2) on mesh links with FEC;
     /// `None` (the default): 2 while a link's audio loss is 10 % or more.
     pub mesh_red_depth: Option<usize>,
-    /// Seed for identifiers and SSRCs (the core reads no entropy itself).
-    pub seed: u64,
+    /// Seed of the core's ChaCha generator, which draws session ids,
+    /// SSRCs and initial sequence numbers (the core reads no entropy
+    /// itself). Fill it from the operating system's randomness in a
+    /// server: session ids are bearer secrets in session URLs. Tests use
+    /// fixed seeds for repeatable runs.
+    pub seed: [u8; 32],
     /// Which core (shard) of a process this is, 0 to 255. It is written into
     /// the top byte of every identifier this core hands out, so that ids
     /// from several cores never collide and name the core that owns them
@@ -48,6 +52,7 @@ pub struct SfuConfig {
 }
 
 impl SfuConfig {
+    /// A configuration with defaults for everything but the media socket's address.
     pub fn new(local_addr: SocketAddr) -> Self {
         SfuConfig {
             local_addr,
@@ -57,7 +62,7 @@ impl SfuConfig {
             retransmit_packets: 256,
             retransmit_max_age: Duration::from_secs(2),
             initial_bwe_bps: 1_000_000,
-            seed: 0x5eed,
+            seed: [0x5e; 32],
             shard: 0,
             shards: 1,
             mesh_recovery: crate::mesh::MeshRecovery::HopByHop,
@@ -67,14 +72,18 @@ impl SfuConfig {
     }
 }
 
+/// Audio or video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TrackKind {
+    /// An audio track.
     Audio,
+    /// A video track.
     Video,
 }
 
 impl TrackKind {
+    /// The lowercase name (`"audio"`, `"video"`).
     pub fn as_str(self) -> &'static str {
         match self {
             TrackKind::Audio => "audio",
@@ -97,22 +106,32 @@ pub enum OfferIntent {
     Publish,
     /// WHEP / WS `subscribe`: the offer only receives; its m-lines are bound
     /// to tracks of the room, optionally of one participant only.
-    Subscribe { from: Option<ParticipantId> },
+    Subscribe {
+        /// Only this participant's tracks (`None`: anyone's).
+        from: Option<ParticipantId>,
+    },
 }
 
+/// Which way a plain RTP endpoint's media flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RtpDirection {
+    /// The remote sends media to the node.
     Publish,
+    /// The node sends media to the remote.
     Subscribe,
 }
 
 /// A plain (non-WebRTC) RTP endpoint request.
 #[derive(Debug, Clone)]
 pub struct RtpEndpointSpec {
+    /// Whether the remote publishes or subscribes.
     pub direction: RtpDirection,
+    /// Audio or video.
     pub kind: TrackKind,
+    /// The remote's address (IP and port, concrete).
     pub remote: SocketAddr,
+    /// The RTP payload type on the wire (0-63, 96-127).
     pub payload_type: u8,
     /// Publish: the SSRC the remote sends. Subscribe: the SSRC the node sends
     /// with (chosen by the node when `None`).
@@ -127,11 +146,16 @@ pub struct RtpEndpointSpec {
     pub audio_level_ext: Option<u8>,
 }
 
+/// What a new plain RTP endpoint needs to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RtpEndpointInfo {
+    /// The new session.
     pub peer: PeerId,
+    /// The node's address to send to (or receive from).
     pub local: SocketAddr,
+    /// The endpoint's SSRC (the remote's for a publisher, the node's for a subscriber).
     pub ssrc: u32,
+    /// The track published or received (a subscriber may have none yet).
     pub track: Option<TrackId>,
 }
 
@@ -142,6 +166,7 @@ pub struct RtpEndpointInfo {
 pub struct PlainFlow {
     /// The publishing endpoint.
     pub publisher: PeerId,
+    /// The publisher's track.
     pub track: TrackId,
     /// Where the publisher sends from.
     pub source: SocketAddr,
@@ -156,7 +181,9 @@ pub struct PlainFlow {
 /// One subscriber of a [`PlainFlow`] and its rewrite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlainFlowDestination {
+    /// The subscribing endpoint.
     pub peer: PeerId,
+    /// Where the subscriber receives.
     pub remote: SocketAddr,
     /// The subscriber's SSRC.
     pub ssrc: u32,
@@ -173,6 +200,7 @@ pub struct PlainFlowDestination {
 /// [`crate::Sfu::mesh_flows`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct MeshFlow {
+    /// The transit stream's track.
     pub track: TrackId,
     /// The upstream socket the stream comes from.
     pub source: SocketAddr,
@@ -221,12 +249,14 @@ impl std::fmt::Debug for MeshFlow {
 pub struct MeshFlowProgress {
     /// The flow's upstream socket and link SSRC.
     pub source: SocketAddr,
+    /// The upstream link SSRC.
     pub ssrc: u32,
     /// The flow's downstream link SSRC.
     pub out_ssrc: u32,
     /// Highest SRTP index the kernel accepted from upstream / sent
     /// downstream.
     pub in_highest: Option<u64>,
+    /// Highest SRTP index the kernel sent downstream.
     pub out_highest: Option<u64>,
     /// Packets the kernel forwarded of it so far.
     pub packets: u64,
@@ -238,7 +268,9 @@ pub struct MeshFlowProgress {
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Transmit {
+    /// The local address to send from.
     pub source: SocketAddr,
+    /// The remote address to send to.
     pub destination: SocketAddr,
     /// The datagram, or with `payload` its first bytes (a header written
     /// for this destination). Give it back with [`crate::Sfu::recycle`] once
@@ -273,6 +305,7 @@ impl Trailer {
         Some(t)
     }
 
+    /// The trailer's bytes.
     pub fn as_slice(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
@@ -286,6 +319,7 @@ impl Transmit {
             + self.trailer.as_slice().len()
     }
 
+    /// Whether the datagram has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -301,49 +335,81 @@ impl Transmit {
     }
 }
 
+/// What the control plane hears of a published track.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrackInfo {
+    /// The track.
     pub track: TrackId,
+    /// Its publishing participant.
     pub participant: ParticipantId,
+    /// Its publishing session.
     pub peer: PeerId,
+    /// Audio or video.
     pub kind: TrackKind,
+    /// Its simulcast rids (empty without simulcast).
     pub rids: Vec<String>,
 }
 
 /// Something the control plane (WebSocket sessions, logs) should know.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SfuEvent {
+    /// A participant joined a room (locally, or a remote one via the mesh).
     ParticipantJoined {
+        /// The room.
         room: String,
+        /// The participant.
         participant: ParticipantId,
+        /// Its identity.
         identity: String,
     },
+    /// A participant left its room.
     ParticipantLeft {
+        /// The room.
         room: String,
+        /// The participant.
         participant: ParticipantId,
+        /// Its identity.
         identity: String,
     },
+    /// A session is connected (WebRTC: ICE and DTLS done; plain RTP: at once).
     PeerConnected {
+        /// The room.
         room: String,
+        /// The owning participant.
         participant: ParticipantId,
+        /// The session.
         peer: PeerId,
     },
+    /// A session closed.
     PeerClosed {
+        /// The room.
         room: String,
+        /// The owning participant.
         participant: ParticipantId,
+        /// The session.
         peer: PeerId,
     },
+    /// A track was published in a room.
     TrackPublished {
+        /// The room.
         room: String,
+        /// The track.
         track: TrackInfo,
     },
+    /// A track was unpublished.
     TrackUnpublished {
+        /// The room.
         room: String,
+        /// Its publishing participant.
         participant: ParticipantId,
+        /// The track.
         track: TrackId,
     },
+    /// The room's loudest speaker changed.
     ActiveSpeaker {
+        /// The room.
         room: String,
+        /// The speaker (`None`: silence).
         participant: Option<ParticipantId>,
         /// Level in dBov (0 loudest, -127 silence).
         level: i8,
@@ -351,15 +417,21 @@ pub enum SfuEvent {
     /// The simulcast layers of a track somebody watches changed; the
     /// publisher may stop encoding the others.
     LayerDemand {
+        /// The room.
         room: String,
+        /// The track's publishing participant.
         participant: ParticipantId,
+        /// The track's publishing session.
         peer: PeerId,
+        /// The track.
         track: TrackId,
+        /// The rids now watched.
         active: Vec<String>,
     },
 }
 
 impl SfuEvent {
+    /// The room the event is about.
     pub fn room(&self) -> &str {
         match self {
             SfuEvent::ParticipantJoined { room, .. }
@@ -377,7 +449,9 @@ impl SfuEvent {
 /// Output of [`crate::Sfu::poll_output`].
 #[derive(Debug)]
 pub enum Output {
+    /// A datagram to send.
     Transmit(Transmit),
+    /// An event for the control plane.
     Event(SfuEvent),
     /// A mesh control message for a room of another shard: deliver it to
     /// that shard's [`Sfu::handle_mesh_control`](crate::Sfu::handle_mesh_control).
@@ -387,6 +461,7 @@ pub enum Output {
 /// See [`Output::MeshControl`].
 #[derive(Debug, Clone)]
 pub struct MeshControl {
+    /// The shard that owns the message's room.
     pub shard: u8,
     /// The link's peer node id.
     pub link: String,
@@ -427,6 +502,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, in metric order.
     pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
@@ -441,6 +517,7 @@ impl DropReason {
         DropReason::MeshFeedback,
     ];
 
+    /// The reason's metric label.
     pub fn label(self) -> &'static str {
         match self {
             DropReason::Malformed => "malformed",
@@ -461,25 +538,36 @@ impl DropReason {
 /// Monotonic counters of one peer, room or the whole node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Datagrams received.
     pub packets_in: u64,
+    /// Bytes received.
     pub bytes_in: u64,
+    /// Datagrams sent.
     pub packets_out: u64,
+    /// Bytes sent.
     pub bytes_out: u64,
     /// NACKed packets requested by receivers.
     pub nacks_received: u64,
     /// NACKed packets we requested from senders.
     pub nacks_sent: u64,
+    /// Packets resent on NACKs.
     pub retransmits: u64,
+    /// NACKed packets no longer held.
     pub retransmit_misses: u64,
+    /// Keyframe requests (PLI, FIR) received from subscribers.
     pub keyframe_requests_received: u64,
+    /// Keyframe requests passed on to publishers.
     pub keyframe_requests_forwarded: u64,
+    /// Keyframe requests held back by the per-layer interval.
     pub keyframe_requests_throttled: u64,
+    /// Simulcast layer switches of subscribers.
     pub layer_switches: u64,
     /// Packets that a sender's sequence numbers say were lost on the way in.
     pub packets_lost: u64,
 }
 
 impl Counters {
+    /// Adds `o` to these counters.
     pub fn add(&mut self, o: &Counters) {
         self.packets_in += o.packets_in;
         self.bytes_in += o.bytes_in;
@@ -497,27 +585,39 @@ impl Counters {
     }
 }
 
+/// One live session, for `/stats`.
 #[derive(Debug, Clone)]
 pub struct PeerSnapshot {
+    /// The session.
     pub peer: PeerId,
+    /// Its room.
     pub room: String,
+    /// Its participant.
     pub participant: ParticipantId,
+    /// The participant's identity.
     pub identity: String,
     /// "webrtc" or "rtp".
     pub transport: &'static str,
+    /// Its counters.
     pub counters: Counters,
     /// Fraction of packets lost, as reported by the remote or measured.
     pub loss: Option<f32>,
+    /// Round-trip time, when known.
     pub rtt: Option<Duration>,
+    /// The bandwidth estimate towards a WebRTC subscriber.
     pub bwe_bps: Option<u64>,
+    /// Whether the session is connected.
     pub connected: bool,
+    /// When the session was created.
     pub created: Instant,
 }
 
 /// One simulcast layer (or the single layer) of a published video track.
 #[derive(Debug, Clone)]
 pub struct LayerSnapshot {
+    /// The track's room.
     pub room: String,
+    /// The track.
     pub track: TrackId,
     /// The rid, or "" for a track without simulcast.
     pub rid: String,
@@ -527,29 +627,42 @@ pub struct LayerSnapshot {
     pub watchers: u32,
 }
 
+/// One room, for `/stats`.
 #[derive(Debug, Clone)]
 pub struct RoomSnapshot {
+    /// The room.
     pub room: String,
     /// Local participants (remote ones, placeholders for publishers on
     /// other nodes, are in `remote_participants`).
     pub participants: usize,
     /// Tracks published on this node.
     pub tracks: usize,
+    /// Placeholders for participants on other nodes.
     pub remote_participants: usize,
+    /// Tracks received from other nodes.
     pub remote_tracks: usize,
     /// Includes peers that have left.
     pub counters: Counters,
 }
 
+/// Everything the core counts, for `/stats` and `/metrics`.
 #[derive(Debug, Clone, Default)]
 pub struct StatsSnapshot {
+    /// The node's totals.
     pub counters: Counters,
+    /// Dropped datagrams by [`DropReason`] (index: `reason as usize`).
     pub drops: [u64; DropReason::ALL.len()],
+    /// Sessions created since start.
     pub sessions_created: u64,
+    /// Sessions closed since start.
     pub sessions_closed: u64,
+    /// Every room.
     pub rooms: Vec<RoomSnapshot>,
+    /// Every live session (mesh placeholders aside).
     pub peers: Vec<PeerSnapshot>,
+    /// Every video layer.
     pub layers: Vec<LayerSnapshot>,
+    /// Every mesh link.
     pub mesh_links: Vec<crate::mesh::MeshLinkSnapshot>,
 }
 
@@ -624,6 +737,8 @@ impl StatsSnapshot {
 /// Rooms and tracks as a newly joined client needs to see them.
 #[derive(Debug, Clone, Default)]
 pub struct RoomState {
+    /// The participants and their identities.
     pub participants: Vec<(ParticipantId, String)>,
+    /// The published tracks.
     pub tracks: Vec<TrackInfo>,
 }

@@ -188,7 +188,7 @@ impl Net {
         for (i, n) in names.iter().enumerate() {
             let addr = node_addr(i as u8 + 1);
             let mut c = SfuConfig::new(addr);
-            c.seed = 1000 + i as u64;
+            c.seed = [i as u8 + 1; 32];
             f(&mut c);
             nodes.insert(n.to_string(), Sfu::new(c, now));
             addrs.insert(addr, n.to_string());

@@ -11,8 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ridge_sfu::packet::{self, PacketClass};
 use ridge_sfu::{
-    DropReason, ParticipantId, PeerId, RtpDirection, SfuConfig, SfuError, SfuEvent, TrackId,
-    TrackKind,
+    DropReason, ParticipantId, PeerId, RtpDirection, SfuConfig, SfuError, SfuEvent, SpecError,
+    TrackId, TrackKind,
 };
 
 const ROOM: &str = "plain";
@@ -699,7 +699,9 @@ fn audio_level_ext_is_only_for_audio_publishers_with_a_valid_id() {
             .sfu
             .add_rtp_endpoint(now, p, spec(direction, kind, ext))
         {
-            Err(SfuError::BadRequest(m)) => assert!(m.contains("audio_level_ext"), "{m}"),
+            Err(e @ SfuError::InvalidSpec(SpecError::AudioLevelExt(_))) => {
+                assert!(e.to_string().contains("audio_level_ext"), "{e}")
+            }
             other => panic!("{direction:?} {kind:?} {ext:?}: {other:?}"),
         }
     }

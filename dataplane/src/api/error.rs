@@ -43,7 +43,7 @@ impl IntoResponse for ApiError {
 impl From<SfuError> for ApiError {
     fn from(e: SfuError) -> Self {
         let status = match &e {
-            SfuError::BadSdp(_) | SfuError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            SfuError::InvalidSdp(_) | SfuError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
             SfuError::NoSuchParticipant(_) | SfuError::NoSuchPeer(_) | SfuError::NoSuchTrack(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -97,7 +97,9 @@ mod tests {
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         let e = ApiError::from(ShardError::Sfu(SfuError::Draining));
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
-        let e = ApiError::from(ShardError::Sfu(SfuError::BadSdp("x".into())));
+        let e = ApiError::from(ShardError::Sfu(SfuError::InvalidSdp(
+            ridge_sfu::SdpError::Unparsable("x".into()),
+        )));
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
     }
 }

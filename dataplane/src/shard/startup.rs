@@ -101,9 +101,9 @@ pub fn spawn(
         config.local_addr = local_addr;
         config.shard = i as u8;
         config.shards = opts.shards.min(255) as u8;
-        config.seed = config
-            .seed
-            .wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1));
+        // Each shard its own stream: its index mixed into the seed.
+        config.seed[0] ^= i as u8;
+        config.seed[1] ^= (i >> 8) as u8;
         for c in &mut config.candidates {
             c.set_port(local_addr.port());
         }
