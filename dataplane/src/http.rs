@@ -14,7 +14,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use prometheus_client::registry::Registry;
-use ridge_sfu::{OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, SfuError, TrackId, TrackKind};
+use ridge_sfu::{
+    CodecSpec, OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, SfuError, TrackId, TrackKind,
+};
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -427,6 +429,8 @@ async fn rtp_create(
         None => None,
     };
     let spec = RtpEndpointSpec {
+        // The JSON API names no codec: the kind's (Opus, VP8).
+        codec: Some(CodecSpec::for_kind(req.kind)),
         audio_level_ext: req.audio_level_ext,
         direction: req.direction,
         kind: req.kind,

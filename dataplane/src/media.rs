@@ -141,6 +141,9 @@ pub struct ShardStats {
     pub allocations: AtomicU64,
     /// Received datagrams that did not fit a packet buffer.
     pub truncated: AtomicU64,
+    /// Outputs for local (in-process) endpoints that nothing here
+    /// consumes yet, dropped.
+    pub local_dropped: AtomicU64,
     /// Datagrams given up on because the socket stayed full.
     pub send_dropped: AtomicU64,
     /// Times the socket was full and sends had to wait.
@@ -860,6 +863,10 @@ impl Shard {
                     Output::Event(e) => {
                         tracing::debug!(event = ?e, "core event");
                         let _ = self.events.send(e);
+                    }
+                    Output::Local(_) => {
+                        // No local endpoint is wired to this loop yet.
+                        self.stats.local_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     Output::MeshControl(m) => {
                         // Control traffic (a few per second per room), not

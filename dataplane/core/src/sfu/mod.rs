@@ -33,6 +33,7 @@ use crate::types::{
 
 mod forward;
 mod layers;
+mod local;
 mod mesh;
 mod outbox;
 mod peer;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use ridge_sfu::packet::{self, PacketClass, RtcpPacket, RtpHeader, rtcp};
 use ridge_sfu::{
-    DropReason, Output, ParticipantId, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, Sfu,
-    SfuConfig, SfuEvent, StatsSnapshot, TrackKind,
+    DropReason, LocalOutput, Output, ParticipantId, RtpDirection, RtpEndpointInfo, RtpEndpointSpec,
+    Sfu, SfuConfig, SfuEvent, StatsSnapshot, TrackKind,
 };
 
 /// The node's media socket.
@@ -42,6 +42,8 @@ pub struct Node {
     pub now: Instant,
     /// Every event the node emitted, in order.
     pub events: Vec<SfuEvent>,
+    /// What the core handed to local endpoints, in order.
+    pub local: Vec<LocalOutput>,
 }
 
 impl Node {
@@ -54,6 +56,7 @@ impl Node {
             start,
             now: start,
             events: Vec::new(),
+            local: Vec::new(),
         }
     }
 
@@ -73,6 +76,7 @@ impl Node {
                 self.now,
                 participant,
                 RtpEndpointSpec {
+                    codec: None,
                     audio_level_ext: None,
                     direction,
                     kind: TrackKind::Video,
@@ -110,6 +114,7 @@ impl Node {
                     events.push(e);
                 }
                 Output::MeshControl(m) => panic!("a single core has no other shard: {m:?}"),
+                Output::Local(l) => self.local.push(l),
             }
         }
         (sent, events)
