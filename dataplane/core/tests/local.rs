@@ -12,12 +12,12 @@ mod common;
 
 use std::collections::VecDeque;
 
-use common::client::{Client, Datagram};
+use common::client::{self, Client, Datagram};
 use common::*;
 use ridge_sfu::packet::rtcp;
 use ridge_sfu::{
-    CodecSpec, LocalEndpointSpec, LocalMedia, LocalOutput, OfferIntent, PacketBuf, PeerId,
-    RtpDirection, SfuError, SfuEvent, SpecError, TrackKind,
+    CodecSpec, LocalMedia, LocalOutput, OfferIntent, PacketBuf, PeerId, RtpDirection, SfuError,
+    SfuEvent, SpecError, TrackKind,
 };
 use str0m::Event;
 use str0m::media::{Direction, MediaKind};
@@ -52,32 +52,12 @@ impl Room {
         self.deliver(to_node);
     }
 
-    fn deliver(&mut self, mut to_node: VecDeque<Datagram>) {
-        let now = self.node.now;
-        loop {
-            while let Some(d) = to_node.pop_front() {
-                self.node
-                    .sfu
-                    .handle_datagram(now, d.source, d.destination, &d.contents);
-            }
-            let (sent, _) = self.node.drain();
-            if sent.is_empty() {
-                return;
-            }
-            for s in sent {
-                if s.destination == self.client.addr {
-                    let d = Datagram {
-                        source: s.source,
-                        destination: s.destination,
-                        contents: s.contents,
-                    };
-                    self.client.receive(now, &d, &mut to_node);
-                } else {
-                    assert_eq!(s.destination, remote(PLAIN, 3000), "sent to a stranger");
-                    self.plain.push(parse_rtp(&s.contents));
-                }
-            }
-        }
+    fn deliver(&mut self, to_node: VecDeque<Datagram>) {
+        let clients = std::slice::from_mut(&mut self.client);
+        client::deliver(&mut self.node, clients, to_node, |s| {
+            assert_eq!(s.destination, remote(PLAIN, 3000), "sent to a stranger");
+            self.plain.push(parse_rtp(&s.contents));
+        });
     }
 
     /// Feeds one packet of the local publisher, and delivers what follows.
@@ -160,20 +140,7 @@ fn local_endpoints_exchange_media_with_webrtc_and_plain_peers() {
     let mut node = Node::new(|c| c.keyframe_request_interval = ms(100));
     let now = node.now;
     let alice = node.sfu.join(ROOM, "local-publisher", false).unwrap();
-    let publisher = node
-        .sfu
-        .add_local_endpoint(
-            now,
-            alice,
-            LocalEndpointSpec {
-                direction: RtpDirection::Publish,
-                codec: CodecSpec::Vp8,
-                payload_type: 96,
-                ssrc: None,
-                track: None,
-            },
-        )
-        .unwrap();
+    let publisher = node.local_endpoint(alice, RtpDirection::Publish, CodecSpec::Vp8, 96, None);
     let track = publisher
         .track
         .expect("a local publisher publishes a track");
@@ -185,20 +152,13 @@ fn local_endpoints_exchange_media_with_webrtc_and_plain_peers() {
     );
 
     let bob = node.sfu.join(ROOM, "local-subscriber", false).unwrap();
-    let local_sub = node
-        .sfu
-        .add_local_endpoint(
-            now,
-            bob,
-            LocalEndpointSpec {
-                direction: RtpDirection::Subscribe,
-                codec: CodecSpec::Vp8,
-                payload_type: 100,
-                ssrc: Some(LOCAL_SSRC),
-                track: None,
-            },
-        )
-        .unwrap();
+    let local_sub = node.local_endpoint(
+        bob,
+        RtpDirection::Subscribe,
+        CodecSpec::Vp8,
+        100,
+        Some(LOCAL_SSRC),
+    );
     assert_eq!(local_sub.track, Some(track));
     assert_eq!(local_sub.ssrc, LOCAL_SSRC);
 

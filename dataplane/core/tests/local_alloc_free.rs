@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use common::*;
 use ridge_sfu::packet;
-use ridge_sfu::{CodecSpec, LocalEndpointSpec, LocalOutput, Output, PeerId, RtpDirection, Sfu};
+use ridge_sfu::{CodecSpec, LocalOutput, Output, PeerId, RtpDirection, Sfu};
 
 #[global_allocator]
 static GLOBAL: ridge_io::CountingAlloc = ridge_io::CountingAlloc;
@@ -54,15 +54,12 @@ fn pump(sfu: &mut Sfu, tally: &mut Tally) {
 /// Feeds packet `i` (a keyframe every 100) into the local publisher, from
 /// the core's own pool; every 100 packets the subscriber NACKs and asks
 /// for a keyframe.
-#[allow(clippy::too_many_arguments)]
 fn step(
     sfu: &mut Sfu,
     now: &mut Instant,
-    publisher: PeerId,
-    subscriber: PeerId,
+    (publisher, subscriber): (PeerId, PeerId),
     i: u32,
-    key: &[u8],
-    delta: &[u8],
+    (key, delta): (&[u8], &[u8]),
     scratch: &mut Vec<u8>,
     tally: &mut Tally,
 ) {
@@ -91,35 +88,11 @@ fn local_path_allocates_nothing_per_packet_in_steady_state() {
     let room = "r";
     let alice = node.sfu.join(room, "publisher", false).unwrap();
     let publisher = node
-        .sfu
-        .add_local_endpoint(
-            now,
-            alice,
-            LocalEndpointSpec {
-                direction: RtpDirection::Publish,
-                codec: CodecSpec::Vp8,
-                payload_type: 96,
-                ssrc: None,
-                track: None,
-            },
-        )
-        .unwrap()
+        .local_endpoint(alice, RtpDirection::Publish, CodecSpec::Vp8, 96, None)
         .peer;
     let bob = node.sfu.join(room, "local", false).unwrap();
     let subscriber = node
-        .sfu
-        .add_local_endpoint(
-            now,
-            bob,
-            LocalEndpointSpec {
-                direction: RtpDirection::Subscribe,
-                codec: CodecSpec::Vp8,
-                payload_type: 100,
-                ssrc: None,
-                track: None,
-            },
-        )
-        .unwrap()
+        .local_endpoint(bob, RtpDirection::Subscribe, CodecSpec::Vp8, 100, None)
         .peer;
     let carol = node.sfu.join(room, "plain", false).unwrap();
     node.plain_video_endpoint(carol, RtpDirection::Subscribe, remote(3, 3000), 96, None);
@@ -128,34 +101,24 @@ fn local_path_allocates_nothing_per_packet_in_steady_state() {
     let mut scratch = Vec::with_capacity(1500);
     let mut tally = Tally::default();
     let sfu = &mut node.sfu;
-    for i in 0..WARMUP {
-        step(
-            sfu,
-            &mut now,
-            publisher,
-            subscriber,
-            i,
-            &key,
-            &delta,
-            &mut scratch,
-            &mut tally,
-        );
-    }
+    let mut run = |packets: std::ops::Range<u32>, tally: &mut Tally| {
+        for i in packets {
+            let payloads = (&key[..], &delta[..]);
+            step(
+                sfu,
+                &mut now,
+                (publisher, subscriber),
+                i,
+                payloads,
+                &mut scratch,
+                tally,
+            );
+        }
+    };
+    run(0..WARMUP, &mut tally);
     let before = Tally { ..tally };
     let a0 = ridge_io::alloc::thread_allocations();
-    for i in WARMUP..WARMUP + MEASURED {
-        step(
-            sfu,
-            &mut now,
-            publisher,
-            subscriber,
-            i,
-            &key,
-            &delta,
-            &mut scratch,
-            &mut tally,
-        );
-    }
+    run(WARMUP..WARMUP + MEASURED, &mut tally);
     let allocs = ridge_io::alloc::thread_allocations() - a0;
     let media = tally.media - before.media;
     let transmits = tally.transmits - before.transmits;

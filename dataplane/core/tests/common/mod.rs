@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use ridge_sfu::packet::{self, PacketClass, RtcpPacket, RtpHeader, rtcp};
 use ridge_sfu::{
-    DropReason, LocalOutput, Output, ParticipantId, RtpDirection, RtpEndpointInfo, RtpEndpointSpec,
-    Sfu, SfuConfig, SfuEvent, StatsSnapshot, TrackKind,
+    CodecSpec, DropReason, LocalEndpointInfo, LocalEndpointSpec, LocalOutput, Output,
+    ParticipantId, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig, SfuEvent,
+    StatsSnapshot, TrackKind,
 };
 
 /// The node's media socket.
@@ -87,6 +88,30 @@ impl Node {
                 },
             )
             .expect("plain RTP endpoint")
+    }
+
+    /// A local (in-process) endpoint of `codec` in `participant`'s room.
+    pub fn local_endpoint(
+        &mut self,
+        participant: ParticipantId,
+        direction: RtpDirection,
+        codec: CodecSpec,
+        payload_type: u8,
+        ssrc: Option<u32>,
+    ) -> LocalEndpointInfo {
+        self.sfu
+            .add_local_endpoint(
+                self.now,
+                participant,
+                LocalEndpointSpec {
+                    direction,
+                    codec,
+                    payload_type,
+                    ssrc,
+                    track: None,
+                },
+            )
+            .expect("local endpoint")
     }
 
     pub fn elapsed_ms(&self) -> u128 {
