@@ -16,13 +16,13 @@ use crate::red::{self, RedPayload};
 use crate::srtp::{SrtpContext, SrtpError, Unprotected};
 use crate::types::{CodecSpec, DropReason, TrackKind};
 
-use super::super::Sfu;
-use super::super::forward::Forward;
-use super::super::outbox::{Feedback, RtcpFeedback};
 use super::{
     FEC_ACTIVE, FEC_NACK_HOLD, MAX_RX_CONTEXTS, MESH_EXT_AUDIO_LEVEL, MESH_EXT_SEND_TIME,
     MESH_PT_FLEXFEC, MESH_PT_RED,
 };
+use crate::sfu::Sfu;
+use crate::sfu::forward::Forward;
+use crate::sfu::outbox::{Feedback, RtcpFeedback};
 
 impl Sfu {
     /// Handles a datagram that may come from a mesh link. Returns false if
@@ -312,7 +312,7 @@ impl Sfu {
         let audio_level = (track.kind == TrackKind::Audio)
             .then(|| packet::rtp::audio_level(data, header, MESH_EXT_AUDIO_LEVEL))
             .flatten();
-        super::super::registry::observe_level(
+        crate::sfu::registry::observe_level(
             &mut self.reg.rooms,
             &track.room,
             track.participant,
