@@ -381,6 +381,12 @@ const SHARD_FIELDS: &[ShardField] = &[
         |s| s.truncated.load(Ordering::Relaxed),
     ),
     (
+        "ridge_shard_local_dropped",
+        "Outputs for local (in-process) endpoints dropped: their queue was full or gone",
+        true,
+        |s| s.local_dropped.load(Ordering::Relaxed),
+    ),
+    (
         "ridge_shard_send_dropped",
         "Datagrams dropped because the socket stayed full",
         true,

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use crate::ids::{ParticipantId, PeerId, TrackId};
-use crate::types::{RtpDirection, TrackKind};
+use crate::types::{CodecSpec, RtpDirection, TrackKind};
 
 /// Errors of the core's control operations. Each variant says whose fault
 /// it was, so the HTTP layer can map it to a status code
@@ -99,6 +99,23 @@ pub enum SpecError {
         track: TrackId,
         /// The kind the request asked for.
         kind: TrackKind,
+    },
+    /// A codec of another kind than the endpoint's.
+    #[error("codec {} is not a {} codec", codec.as_str(), kind.as_str())]
+    CodecKind {
+        /// The requested codec.
+        codec: CodecSpec,
+        /// The endpoint's kind.
+        kind: TrackKind,
+    },
+    /// A local-endpoint call for a session that is not a local endpoint
+    /// of that direction.
+    #[error("session {peer} is not a local {direction:?} endpoint")]
+    NotLocal {
+        /// The session.
+        peer: PeerId,
+        /// The direction the call needs.
+        direction: RtpDirection,
     },
     /// A layer choice for a session that is not a WebRTC subscriber.
     #[error("layers can only be chosen for WebRTC subscribers")]

@@ -49,6 +49,7 @@ pub fn datagrams(data: &[u8]) {
                 now,
                 p,
                 RtpEndpointSpec {
+                    codec: None,
                     audio_level_ext: None,
                     direction,
                     kind: TrackKind::Video,
@@ -158,6 +159,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
             now,
             p,
             RtpEndpointSpec {
+                codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Publish,
                 kind: TrackKind::Video,
@@ -173,6 +175,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
             now,
             p,
             RtpEndpointSpec {
+                codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
                 kind: TrackKind::Video,

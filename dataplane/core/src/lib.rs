@@ -15,6 +15,10 @@
 //!             // (send both as two iovecs of one sendmsg; nothing is copied).
 //!             Output::Transmit(t) => { sendmsg(t.destination, [&t.contents, t.payload]); sfu.recycle(t.contents) }
 //!             Output::Event(e) => control_plane.publish(e),
+//!             Output::MeshControl(m) => shards[m.shard].handle_mesh_control(..),
+//!             // Media for an in-process subscriber, or a keyframe request
+//!             // for an in-process publisher (see "Local endpoints").
+//!             Output::Local(l) => local_consumer.take(l),
 //!         }
 //!     }
 //!     wait for: datagrams (received into sfu.packet_pool() -> handle_packet),
@@ -23,8 +27,60 @@
 //! ```
 //!
 //! Control calls ([`Sfu::join`], [`Sfu::accept_offer`], [`Sfu::add_rtp_endpoint`],
-//! [`Sfu::remove_peer`], [`Sfu::set_layer`], ...) are plain methods on the same
-//! thread, so no lock is ever held across packets.
+//! [`Sfu::add_local_endpoint`], [`Sfu::remove_peer`], [`Sfu::set_layer`], ...)
+//! are plain methods on the same thread, so no lock is ever held across
+//! packets. They fail with [`SfuError`], whose variants say whose fault it
+//! was ([`SfuError::is_client_error`]); a request's own faults are typed
+//! ([`SpecError`], [`SdpError`]).
+//!
+//! ## Local endpoints
+//!
+//! Besides WebRTC sessions and plain RTP endpoints, which the core reaches
+//! through socket addresses, a room can have **local** endpoints: RTP
+//! endpoints in the same process (a recorder, a mixer, a transcoder, a
+//! synthetic source), with no socket and no address.
+//!
+//! ```text
+//! let p = sfu.join("room", "recorder", true)?;
+//! // A publisher of VP8 (the codec names the kind: video).
+//! let cam = sfu.add_local_endpoint(now, p, LocalEndpointSpec {
+//!     direction: RtpDirection::Publish, codec: CodecSpec::Vp8,
+//!     payload_type: 96, ssrc: None, track: None })?;
+//! let packet = sfu.packet_pool().copy_in(&rtp_bytes);   // or a pool slot filled in place
+//! sfu.handle_local_rtp(now, cam.peer, packet)?;          // routed like a received datagram
+//!
+//! // A subscriber: its media comes out of poll_output.
+//! let rec = sfu.add_local_endpoint(now, p, LocalEndpointSpec {
+//!     direction: RtpDirection::Subscribe, codec: CodecSpec::Vp8,
+//!     payload_type: 96, ssrc: None, track: None })?;
+//! match sfu.poll_output() {
+//!     Some(Output::Local(LocalOutput::Media(m))) => {
+//!         // m.peer == rec.peer; m.header: its own continuous numbering;
+//!         // m.payload: a view of the packet received, shared, not copied.
+//!     }
+//!     Some(Output::Local(LocalOutput::KeyframeRequest { peer })) => {
+//!         // a subscriber of local publisher `peer` needs a keyframe
+//!     }
+//!     ...
+//! }
+//! sfu.request_local_keyframe(now, rec.peer)?;   // as a PLI would
+//! sfu.handle_local_nack(now, rec.peer, &[seq])?; // resent from the retransmission buffer
+//! ```
+//!
+//! A local endpoint is otherwise what a plain RTP endpoint is: its
+//! publisher's track is offered to every subscriber of the room (WebRTC,
+//! plain, local, mesh links), keyframe requests are throttled per layer,
+//! and a local subscriber's layer is chosen as a plain subscriber's. A
+//! local publisher's stream may change SSRC (a restarted source):
+//! subscribers still see one continuous stream. In-process delivery has no
+//! loss, so nothing is NACKed towards a local publisher.
+//!
+//! ## Codecs
+//!
+//! A track's codec is a [`CodecSpec`] (Opus and VP8 today), a field of the
+//! endpoint specs ([`RtpEndpointSpec::codec`], [`LocalEndpointSpec::codec`])
+//! and of [`TrackInfo`]: it gives the kind, the RTP clock and how a
+//! keyframe is recognised (simulcast and source switches wait for one).
 //!
 //! ## Invariants
 //!
@@ -70,7 +126,8 @@ pub use srtp::{
     SrtpError, SrtpProfile, Unprotected, mesh_master_key, siphash_tag,
 };
 pub use types::{
-    Counters, DropReason, LayerSnapshot, MeshControl, MeshFlow, MeshFlowProgress, OfferIntent,
+    CodecSpec, Counters, DropReason, LayerSnapshot, LocalEndpointInfo, LocalEndpointSpec,
+    LocalHeader, LocalMedia, LocalOutput, MeshControl, MeshFlow, MeshFlowProgress, OfferIntent,
     Output, PeerSnapshot, PlainFlow, PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection,
     RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind,
     Trailer, Transmit,

@@ -99,6 +99,77 @@ impl TrackKind {
     }
 }
 
+/// A media codec the core routes: what a track carries, whatever the
+/// transport. The kind ([`CodecSpec::kind`]) follows from it; so do its RTP
+/// clock rate and how a keyframe is recognised (simulcast switches happen
+/// on keyframes only).
+///
+/// Opus and VP8 today; the enum is non-exhaustive so that H.264, VP9 and
+/// AV1 can join it (each with its keyframe test and its str0m codec).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecSpec {
+    /// Opus audio (48 kHz RTP clock).
+    Opus,
+    /// VP8 video (90 kHz RTP clock).
+    Vp8,
+}
+
+impl CodecSpec {
+    /// The codec a track of `kind` has when nothing says otherwise: Opus
+    /// for audio, VP8 for video (what plain RTP endpoints assumed before
+    /// codecs were named).
+    pub fn for_kind(kind: TrackKind) -> Self {
+        match kind {
+            TrackKind::Audio => CodecSpec::Opus,
+            TrackKind::Video => CodecSpec::Vp8,
+        }
+    }
+
+    /// Audio or video.
+    pub fn kind(self) -> TrackKind {
+        match self {
+            CodecSpec::Opus => TrackKind::Audio,
+            CodecSpec::Vp8 => TrackKind::Video,
+        }
+    }
+
+    /// The lowercase name (`"opus"`, `"vp8"`), as in SDP and the JSON API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodecSpec::Opus => "opus",
+            CodecSpec::Vp8 => "vp8",
+        }
+    }
+
+    /// Whether an RTP payload of this codec starts a keyframe (never for
+    /// audio).
+    pub fn is_keyframe(self, payload: &[u8]) -> bool {
+        match self {
+            CodecSpec::Opus => false,
+            CodecSpec::Vp8 => crate::packet::codec::vp8_is_keyframe(payload),
+        }
+    }
+
+    /// The str0m codec (WebRTC negotiation, mesh announcements).
+    pub(crate) fn to_str0m(self) -> str0m::format::Codec {
+        match self {
+            CodecSpec::Opus => str0m::format::Codec::Opus,
+            CodecSpec::Vp8 => str0m::format::Codec::Vp8,
+        }
+    }
+
+    /// The codec for a str0m codec, if the core routes it.
+    pub(crate) fn from_str0m(codec: str0m::format::Codec) -> Option<Self> {
+        match codec {
+            str0m::format::Codec::Opus => Some(CodecSpec::Opus),
+            str0m::format::Codec::Vp8 => Some(CodecSpec::Vp8),
+            _ => None,
+        }
+    }
+}
+
 /// What an SDP offer is allowed to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OfferIntent {
@@ -133,6 +204,9 @@ pub struct RtpEndpointSpec {
     pub remote: SocketAddr,
     /// The RTP payload type on the wire (0-63, 96-127).
     pub payload_type: u8,
+    /// The codec of the stream (of `kind`); `None`: the kind's default
+    /// ([`CodecSpec::for_kind`]).
+    pub codec: Option<CodecSpec>,
     /// Publish: the SSRC the remote sends. Subscribe: the SSRC the node sends
     /// with (chosen by the node when `None`).
     pub ssrc: Option<u32>,
@@ -348,6 +422,10 @@ pub struct TrackInfo {
     pub kind: TrackKind,
     /// Its simulcast rids (empty without simulcast).
     pub rids: Vec<String>,
+    /// Its codec, once known (a WebRTC publisher's shows with its first
+    /// packet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec: Option<CodecSpec>,
 }
 
 /// Something the control plane (WebSocket sessions, logs) should know.
@@ -456,6 +534,100 @@ pub enum Output {
     /// A mesh control message for a room of another shard: deliver it to
     /// that shard's [`Sfu::handle_mesh_control`](crate::Sfu::handle_mesh_control).
     MeshControl(MeshControl),
+    /// For a local (in-process) endpoint: media for a local subscriber, or
+    /// a keyframe request for a local publisher (see
+    /// [`Sfu::add_local_endpoint`](crate::Sfu::add_local_endpoint)).
+    Local(LocalOutput),
+}
+
+/// A local (in-process) endpoint: a publisher whose RTP is fed with
+/// [`Sfu::handle_local_rtp`](crate::Sfu::handle_local_rtp), or a subscriber
+/// whose media comes out as [`Output::Local`]. No socket, no address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEndpointSpec {
+    /// Whether the endpoint publishes or subscribes.
+    pub direction: RtpDirection,
+    /// The codec it publishes, or the codec of the track it takes.
+    pub codec: CodecSpec,
+    /// Subscribe: the payload type written into the headers it receives.
+    /// Publish: unused (the fed packets carry their own).
+    pub payload_type: u8,
+    /// Subscribe: the SSRC of the stream it receives (chosen by the node
+    /// when `None`). Publish: unused; the fed packets may carry any SSRC,
+    /// and a new one is a new source (subscribers still see one stream).
+    pub ssrc: Option<u32>,
+    /// Subscribe only: the track to receive (default: the room's first
+    /// track of the codec's kind, and the next one published when there is
+    /// none yet).
+    pub track: Option<TrackId>,
+}
+
+/// What a new local endpoint needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalEndpointInfo {
+    /// The new session.
+    pub peer: PeerId,
+    /// The SSRC a subscriber receives with (0 for a publisher).
+    pub ssrc: u32,
+    /// The track published or received (a subscriber may have none yet).
+    pub track: Option<TrackId>,
+}
+
+/// See [`Output::Local`].
+#[derive(Debug, Clone)]
+pub enum LocalOutput {
+    /// One RTP packet for a local subscriber.
+    Media(LocalMedia),
+    /// A subscriber of the local publisher `peer`'s track needs a keyframe
+    /// (throttled as for any publisher).
+    KeyframeRequest {
+        /// The local publisher.
+        peer: PeerId,
+    },
+}
+
+/// One RTP packet for a local subscriber: the header fields rewritten for
+/// it (one continuous stream across source and layer switches), and the
+/// payload as a view of the packet the node received, shared with every
+/// other subscriber (never copied).
+#[derive(Debug, Clone)]
+pub struct LocalMedia {
+    /// The local subscriber.
+    pub peer: PeerId,
+    /// Its rewritten header.
+    pub header: LocalHeader,
+    /// The payload (shared).
+    pub payload: PacketBuf,
+}
+
+/// The RTP header of a [`LocalMedia`] packet, as fields (no CSRC, no
+/// extension, no padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalHeader {
+    /// The marker bit.
+    pub marker: bool,
+    /// The subscriber's payload type.
+    pub payload_type: u8,
+    /// Sequence number.
+    pub sequence: u16,
+    /// RTP timestamp.
+    pub timestamp: u32,
+    /// The subscriber's SSRC.
+    pub ssrc: u32,
+}
+
+impl LocalHeader {
+    /// Writes the header as RTP (12 bytes) into `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        crate::packet::rtp::write_header(
+            out,
+            self.marker,
+            self.payload_type,
+            self.sequence,
+            self.timestamp,
+            self.ssrc,
+        );
+    }
 }
 
 /// See [`Output::MeshControl`].
@@ -596,7 +768,7 @@ pub struct PeerSnapshot {
     pub participant: ParticipantId,
     /// The participant's identity.
     pub identity: String,
-    /// "webrtc" or "rtp".
+    /// "webrtc", "rtp" or "local".
     pub transport: &'static str,
     /// Its counters.
     pub counters: Counters,

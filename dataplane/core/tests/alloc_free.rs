@@ -323,7 +323,7 @@ fn pump(sfu: &mut Sfu, tally: &mut Tally) {
                 }
                 sfu.recycle(t.contents);
             }
-            Output::Event(_) | Output::MeshControl(_) => tally.events += 1,
+            Output::Event(_) | Output::MeshControl(_) | Output::Local(_) => tally.events += 1,
         }
     }
 }

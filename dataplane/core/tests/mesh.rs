@@ -284,6 +284,7 @@ impl Net {
                 }
                 Output::Event(e) => self.events.push((name.to_owned(), e)),
                 Output::MeshControl(_) => panic!("one shard per node here"),
+                Output::Local(l) => panic!("no local endpoints here: {l:?}"),
             }
         }
         for (to, data) in outs {
@@ -473,6 +474,7 @@ fn publisher_with_level(
         now,
         p,
         RtpEndpointSpec {
+            codec: None,
             audio_level_ext,
             direction: RtpDirection::Publish,
             kind,
@@ -495,6 +497,7 @@ fn subscriber(net: &mut Net, node: &str, client: SocketAddr, kind: TrackKind) ->
             now,
             p,
             RtpEndpointSpec {
+                codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
                 kind,
@@ -1927,6 +1930,7 @@ fn a_layer_nobody_needs_stops_crossing_the_link_at_once() {
             now,
             p,
             RtpEndpointSpec {
+                codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
                 kind: TrackKind::Video,

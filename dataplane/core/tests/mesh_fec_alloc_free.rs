@@ -141,6 +141,7 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
             now,
             p,
             RtpEndpointSpec {
+                codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Publish,
                 kind: TrackKind::Video,
@@ -157,6 +158,7 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
             now,
             s,
             RtpEndpointSpec {
+                codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
                 kind: TrackKind::Video,

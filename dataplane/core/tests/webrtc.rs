@@ -13,13 +13,12 @@ use ridge_sfu::packet::codec::vp8_is_keyframe;
 use ridge_sfu::{
     DropReason, OfferIntent, ParticipantId, PeerId, SfuConfig, SfuEvent, TrackId, TrackKind,
 };
+use str0m::Event;
 use str0m::format::Codec;
 use str0m::media::{
     Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer,
 };
-use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
-use str0m::{Event, Input};
 
 const ROOM: &str = "webrtc";
 const STEP: Duration = Duration::from_millis(1);
@@ -236,35 +235,10 @@ impl Call {
 
     /// Hands datagrams to the node and the node's to the clients, at the
     /// current instant, until nobody has anything left to send.
-    fn deliver(&mut self, mut to_node: VecDeque<Datagram>) {
-        let now = self.node.now;
-        loop {
-            while let Some(d) = to_node.pop_front() {
-                assert_eq!(
-                    d.destination, LOCAL,
-                    "clients only know the node's candidate"
-                );
-                self.node
-                    .sfu
-                    .handle_datagram(now, d.source, d.destination, &d.contents);
-            }
-            let (sent, _) = self.node.drain();
-            if sent.is_empty() {
-                break;
-            }
-            for s in sent {
-                assert_eq!(s.source, LOCAL);
-                let c = self
-                    .clients
-                    .iter_mut()
-                    .find(|c| c.addr == s.destination)
-                    .unwrap_or_else(|| panic!("sent to a stranger: {}", s.destination));
-                let recv = Receive::new(Protocol::Udp, s.source, s.destination, &s.contents)
-                    .expect("a datagram str0m can parse");
-                c.rtc.handle_input(Input::Receive(now, recv)).unwrap();
-                c.poll(now, &mut to_node);
-            }
-        }
+    fn deliver(&mut self, to_node: VecDeque<Datagram>) {
+        client::deliver(&mut self.node, &mut self.clients, to_node, |s| {
+            panic!("sent to a stranger: {}", s.destination)
+        });
     }
 
     /// Pins the subscriber's layer, delivering what that sends at once.

@@ -13,7 +13,9 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use ridge_sfu::{OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, TrackId, TrackKind};
+use ridge_sfu::{
+    CodecSpec, OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, TrackId, TrackKind,
+};
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -309,6 +311,8 @@ async fn rtp_create(
         None => None,
     };
     let spec = RtpEndpointSpec {
+        // The JSON API names no codec: the kind's (Opus, VP8).
+        codec: Some(CodecSpec::for_kind(req.kind)),
         audio_level_ext: req.audio_level_ext,
         direction: req.direction,
         kind: req.kind,

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use ridge_sfu::{MeshControl, Sfu};
 
+use super::local::LocalCommand;
+
 /// A control call: runs once on the shard's thread, with its core and the
 /// time the shard took the call. It sends its own result back (see
 /// `MediaHandle::on_shard`).
@@ -19,13 +21,8 @@ pub(super) enum Command {
     /// packet path (which `ridge_shard_allocations` shows to be 0), and
     /// with `try_send`, since a shard never waits on another's queue.
     MeshControl(MeshControl),
-}
-
-impl Command {
-    pub(super) fn run(self, sfu: &mut Sfu, now: Instant) {
-        match self {
-            Command::Call(call) => call(sfu, now),
-            Command::MeshControl(m) => sfu.handle_mesh_control(now, &m.link, m.source, &m.rtcp),
-        }
-    }
+    /// For the shard's local-endpoint table (adding an endpoint registers
+    /// its queue with the shard; a publisher's packets), which a closure on
+    /// the core alone cannot reach. Run by the shard itself.
+    Local(LocalCommand),
 }

@@ -387,7 +387,7 @@ fn shard_of_id(id: u64) -> usize {
 }
 
 /// Counts a call that found `link`'s shard stopped.
-fn stopped(shard: usize, link: &ShardLink) -> ShardError {
+pub(super) fn stopped(shard: usize, link: &ShardLink) -> ShardError {
     link.stats.stopped_calls.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(shard, "a control call found its media shard stopped");
     ShardError::Stopped { shard }

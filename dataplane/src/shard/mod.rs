@@ -23,11 +23,13 @@
 //! - `send`: the send side, batched and grouped for UDP GSO;
 //! - `command`: what travels down a shard's command queue;
 //! - [`handle`]: [`MediaHandle`] and its control calls;
+//! - [`local`]: local (in-process) endpoints and their bounded queues;
 //! - [`stats`]: the shards' counters;
 //! - [`steering`]: shared-port steering.
 
 mod command;
 pub mod handle;
+pub mod local;
 mod send;
 pub mod startup;
 pub mod stats;
@@ -38,5 +40,6 @@ mod thread;
 mod tests;
 
 pub use handle::{MediaHandle, ShardError, shard_for_room};
+pub use local::{LOCAL_QUEUE, LocalEndpoint, LocalSendError, MAX_LOCAL_ENDPOINTS};
 pub use startup::{MediaError, ShardOptions, spawn};
 pub use stats::{ShardCounters, ShardStats};

@@ -15,6 +15,10 @@ pub struct ShardStats {
     pub allocations: AtomicU64,
     /// Received datagrams that did not fit a packet buffer.
     pub truncated: AtomicU64,
+    /// Outputs for local (in-process) endpoints that did not fit their
+    /// endpoint's queue, or whose endpoint was gone, dropped; and fed
+    /// packets whose endpoint was gone.
+    pub local_dropped: AtomicU64,
     /// Datagrams given up on because the socket stayed full.
     pub send_dropped: AtomicU64,
     /// Times the socket was full and sends had to wait.

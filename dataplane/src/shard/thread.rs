@@ -15,6 +15,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc};
 
 use super::command::Command;
+use super::local::LocalSinks;
 use super::send::SendQueue;
 use super::stats::{ShardCounters, ShardStats};
 
@@ -88,6 +89,7 @@ pub(super) fn start(s: ShardStart) -> std::io::Result<std::thread::JoinHandle<()
                     io: s.io,
                     sfu: Sfu::new(s.config, Instant::now()),
                     sends: SendQueue::new(),
+                    local: LocalSinks::default(),
                     events: s.events,
                     counters: s.counters,
                     stats: s.stats,
@@ -107,6 +109,8 @@ struct Shard {
     io: Box<dyn DatagramIo + Send>,
     sfu: Sfu,
     sends: SendQueue,
+    /// The output queues of the shard's local endpoints.
+    local: LocalSinks,
     events: broadcast::Sender<SfuEvent>,
     counters: ShardCounters,
     stats: Arc<ShardStats>,
@@ -145,7 +149,7 @@ impl Shard {
                         return;
                     };
                     let before = ridge_io::alloc::thread_allocations();
-                    cmd.run(&mut self.sfu, Instant::now());
+                    self.command(cmd, Instant::now());
                     control_allocations += ridge_io::alloc::thread_allocations() - before;
                 }
                 // Timers before more input, or a busy socket starves them.
@@ -160,6 +164,19 @@ impl Shard {
                     }
                 }
             }
+        }
+    }
+
+    /// Runs one command: a control call on the core, a mesh control
+    /// message from another shard, or a local-endpoint request.
+    fn command(&mut self, cmd: Command, now: Instant) {
+        match cmd {
+            Command::Call(call) => call(&mut self.sfu, now),
+            Command::MeshControl(m) => {
+                self.sfu
+                    .handle_mesh_control(now, &m.link, m.source, &m.rtcp);
+            }
+            Command::Local(l) => self.local.run(l, &mut self.sfu, now, &self.stats),
         }
     }
 
@@ -211,6 +228,7 @@ impl Shard {
                     tracing::debug!(event = ?e, "core event");
                     let _ = self.events.send(e);
                 }
+                Output::Local(o) => self.local.deliver(o, &self.stats),
                 Output::MeshControl(m) => {
                     // Control traffic (a few per second per room), not
                     // media: a full queue drops it and the sender retries.
@@ -257,6 +275,7 @@ impl Shard {
 
     /// Publishes the shard's counters for `/metrics`.
     fn report(&mut self) {
+        self.local.prune(&self.sfu);
         let s = &self.stats;
         let pool = self.sfu.packet_pool().stats();
         s.pool_slots.store(pool.slots as u64, Ordering::Relaxed);

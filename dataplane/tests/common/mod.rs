@@ -32,6 +32,7 @@ pub fn video_spec(
     ssrc: Option<u32>,
 ) -> RtpEndpointSpec {
     RtpEndpointSpec {
+        codec: None,
         audio_level_ext: None,
         direction,
         kind: TrackKind::Video,

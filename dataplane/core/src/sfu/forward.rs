@@ -9,7 +9,7 @@ use str0m::media::{KeyframeRequestKind, Mid};
 
 use crate::buf::PacketBuf;
 use crate::ids::{PeerId, TrackId};
-use crate::packet::{rtcp, rtp::RtpHeader};
+use crate::packet::rtp::RtpHeader;
 use crate::types::{DropReason, TrackKind};
 
 use super::Sfu;
@@ -211,9 +211,7 @@ impl Sfu {
                 }
             }
             Transport::Rtp(e) => {
-                let mut buf = self.out.buffer();
-                rtcp::write_pli(&mut buf, self.rtcp_ssrc, e.ssrc);
-                self.out.send(&mut publisher.counters, e.remote, buf);
+                e.request_keyframe(&mut publisher.counters, &mut self.out, self.rtcp_ssrc);
             }
             Transport::Mesh(m) => {
                 let (room, source) = (track.room.clone(), m.source_node().to_owned());

@@ -6,7 +6,8 @@
 //!
 //! * [`registry`]: rooms, participants and published tracks;
 //! * [`peer`]: the session table and the indexes that route datagrams to
-//!   sessions ([`webrtc`] and [`plain`] hold the two transports);
+//!   sessions ([`webrtc`] holds WebRTC sessions, [`plain`] RTP endpoints
+//!   with a socket, [`local`] those in the same process);
 //! * [`layers`]: simulcast layer state and the pure selection rules;
 //! * [`outbox`]: everything a packet being routed may emit;
 //! * [`forward`]: fan-out of one publisher packet to its subscribers;
@@ -33,6 +34,7 @@ use crate::types::{
 
 mod forward;
 mod layers;
+mod local;
 mod mesh;
 mod outbox;
 mod peer;

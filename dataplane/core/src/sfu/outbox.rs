@@ -10,7 +10,9 @@ use str0m::Event;
 use crate::buf::{BufPool, PacketBuf};
 use crate::ids::PeerId;
 use crate::packet::rtcp;
-use crate::types::{Counters, DropReason, Output, SfuEvent, Trailer, Transmit};
+use crate::types::{
+    Counters, DropReason, LocalMedia, LocalOutput, Output, SfuEvent, Trailer, Transmit,
+};
 
 /// Recycled transmit buffers kept for reuse.
 pub(super) const POOL_MAX: usize = 8192;
@@ -127,6 +129,18 @@ impl Outbox {
             payload: None,
             trailer: Trailer::default(),
         }));
+    }
+
+    /// Hands one packet to a local subscriber, counted as a transmit of
+    /// its header (12 bytes) and payload.
+    pub(super) fn deliver_local(&mut self, counters: &mut Counters, media: LocalMedia) {
+        let len = 12 + media.payload.len() as u64;
+        counters.packets_out += 1;
+        counters.bytes_out += len;
+        self.counters.packets_out += 1;
+        self.counters.bytes_out += len;
+        self.outputs
+            .push_back(Output::Local(LocalOutput::Media(media)));
     }
 
     /// Sends `header` followed by a shared payload, without copying it.

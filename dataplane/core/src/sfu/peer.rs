@@ -76,10 +76,12 @@ impl PeerIndex {
                 }
             }
             Transport::Rtp(e) => {
-                if let Some(v) = self.rtp_by_addr.get_mut(&e.remote) {
+                if let Some(remote) = e.remote()
+                    && let Some(v) = self.rtp_by_addr.get_mut(&remote)
+                {
                     v.retain(|x| *x != id);
                     if v.is_empty() {
-                        self.rtp_by_addr.remove(&e.remote);
+                        self.rtp_by_addr.remove(&remote);
                     }
                 }
             }

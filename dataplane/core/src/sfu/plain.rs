@@ -4,8 +4,6 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use str0m::format::Codec;
-
 use crate::buf::PacketBuf;
 use crate::error::{SfuError, SpecError};
 use crate::ids::{ParticipantId, PeerId, TrackId};
@@ -13,8 +11,8 @@ use crate::packet::{self, PacketClass, rtcp, rtp::RtpHeader};
 use crate::retransmit::RetransmitBuffer;
 use crate::rewrite::StreamRewriter;
 use crate::types::{
-    Counters, DropReason, PlainFlow, PlainFlowDestination, RtpDirection, RtpEndpointInfo,
-    RtpEndpointSpec, SfuEvent, TrackKind,
+    CodecSpec, Counters, DropReason, LocalHeader, LocalMedia, LocalOutput, Output, PlainFlow,
+    PlainFlowDestination, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, SfuEvent, TrackKind,
 };
 
 use super::Sfu;
@@ -27,11 +25,23 @@ use super::registry::Track;
 /// Largest gap in a plain publisher's sequence numbers that we NACK.
 const MAX_NACK_GAP: u16 = 64;
 
-/// A plain RTP endpoint: one stream in one direction with one remote.
+/// Where an RTP endpoint's packets go (and, for a publisher, come from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sink {
+    /// A remote socket (plain RTP).
+    Remote(SocketAddr),
+    /// In-process: [`Output::Local`] for the endpoint `PeerId`, and
+    /// [`Sfu::handle_local_rtp`] in.
+    Local(PeerId),
+}
+
+/// An RTP endpoint: one stream in one direction, with a remote socket
+/// (plain RTP) or in-process (a local endpoint).
 pub(super) struct RtpEndpoint {
     pub(super) direction: RtpDirection,
     pub(super) kind: TrackKind,
-    pub(super) remote: SocketAddr,
+    pub(super) codec: CodecSpec,
+    pub(super) sink: Sink,
     pub(super) payload_type: u8,
     pub(super) ssrc: u32,
     pub(super) track: Option<TrackId>,
@@ -52,17 +62,32 @@ pub(super) struct RtpEndpoint {
     audio_level_ext: Option<u8>,
 }
 
+/// Checks that `pt` is a static (0-63) or dynamic (96-127) RTP payload
+/// type.
+pub(super) fn check_payload_type(pt: u8) -> Result<(), SpecError> {
+    if pt > 127 || (64..96).contains(&pt) {
+        return Err(SpecError::PayloadType(pt));
+    }
+    Ok(())
+}
+
 /// Checks what a plain endpoint request says on its own.
 fn check_spec(spec: &RtpEndpointSpec) -> Result<(), SpecError> {
-    if spec.payload_type > 127 || (64..96).contains(&spec.payload_type) {
-        return Err(SpecError::PayloadType(spec.payload_type));
-    }
+    check_payload_type(spec.payload_type)?;
     if let Some(id) = spec.audio_level_ext
         && (spec.direction != RtpDirection::Publish
             || spec.kind != TrackKind::Audio
             || !(1..=14).contains(&id))
     {
         return Err(SpecError::AudioLevelExt(id));
+    }
+    if let Some(codec) = spec.codec
+        && codec.kind() != spec.kind
+    {
+        return Err(SpecError::CodecKind {
+            codec,
+            kind: spec.kind,
+        });
     }
     if spec.remote.port() == 0 || spec.remote.ip().is_unspecified() {
         return Err(SpecError::RemoteNotConcrete(spec.remote));
@@ -71,6 +96,98 @@ fn check_spec(spec: &RtpEndpointSpec) -> Result<(), SpecError> {
 }
 
 impl RtpEndpoint {
+    /// An endpoint with nothing received or sent yet. `initial` is its
+    /// first output sequence number (a subscriber's).
+    pub(super) fn new(
+        direction: RtpDirection,
+        codec: CodecSpec,
+        sink: Sink,
+        (payload_type, ssrc, initial): (u8, u32, u16),
+        retransmit: RetransmitBuffer,
+        audio_level_ext: Option<u8>,
+    ) -> Self {
+        let kind = codec.kind();
+        RtpEndpoint {
+            direction,
+            kind,
+            codec,
+            sink,
+            payload_type,
+            ssrc,
+            track: None,
+            rewriter: StreamRewriter::new(kind.clock_rate(), initial),
+            current: None,
+            target: None,
+            retransmit,
+            highest_in: None,
+            simple_pt: None,
+            kernel_forwarded: false,
+            audio_level_ext,
+        }
+    }
+
+    /// The remote socket, for a plain endpoint.
+    pub(super) fn remote(&self) -> Option<SocketAddr> {
+        match self.sink {
+            Sink::Remote(r) => Some(r),
+            Sink::Local(_) => None,
+        }
+    }
+
+    /// Sends one packet to this subscriber: a header of its own in front
+    /// of the shared payload (to a socket), or the header's fields with the
+    /// payload (to a local subscriber).
+    fn deliver(
+        &self,
+        (marker, sequence, timestamp): (bool, u16, u32),
+        payload: PacketBuf,
+        counters: &mut Counters,
+        out: &mut Outbox,
+    ) {
+        let header = LocalHeader {
+            marker,
+            payload_type: self.payload_type,
+            sequence,
+            timestamp,
+            ssrc: self.ssrc,
+        };
+        match self.sink {
+            Sink::Remote(remote) => {
+                let mut buf = out.header();
+                header.write(&mut buf);
+                out.send_shared(counters, remote, buf, payload);
+            }
+            Sink::Local(peer) => out.deliver_local(
+                counters,
+                LocalMedia {
+                    peer,
+                    header,
+                    payload,
+                },
+            ),
+        }
+    }
+
+    /// Asks this publisher for a keyframe: a PLI to a remote, an output
+    /// for a local one.
+    pub(super) fn request_keyframe(
+        &self,
+        counters: &mut Counters,
+        out: &mut Outbox,
+        rtcp_ssrc: u32,
+    ) {
+        match self.sink {
+            Sink::Remote(remote) => {
+                let mut buf = out.buffer();
+                rtcp::write_pli(&mut buf, rtcp_ssrc, self.ssrc);
+                out.send(counters, remote, buf);
+            }
+            Sink::Local(peer) => out
+                .outputs
+                .push_back(Output::Local(LocalOutput::KeyframeRequest { peer })),
+        }
+    }
+
     /// Notes a plain publisher's packet: its payload type for the kernel
     /// fast path, and loss, NACKed back to the publisher (video, gaps up to
     /// [`MAX_NACK_GAP`]) unless a kernel fast path forwards the stream.
@@ -101,6 +218,10 @@ impl RtpEndpoint {
         let missing = gap - 1;
         counters.packets_lost += u64::from(missing);
         out.counters.packets_lost += u64::from(missing);
+        // An in-process publisher has nobody to resend.
+        let Sink::Remote(remote) = self.sink else {
+            return;
+        };
         if missing <= MAX_NACK_GAP && self.kind == TrackKind::Video {
             let mut lost = [0u16; MAX_NACK_GAP as usize];
             for (i, slot) in lost.iter_mut().enumerate().take(usize::from(missing)) {
@@ -115,7 +236,7 @@ impl RtpEndpoint {
             );
             counters.nacks_sent += u64::from(missing);
             out.counters.nacks_sent += u64::from(missing);
-            out.send(counters, self.remote, buf);
+            out.send(counters, remote, buf);
         }
     }
 
@@ -132,18 +253,10 @@ impl RtpEndpoint {
             out.counters.nacks_received += 1;
             match self.retransmit.get(now, seq) {
                 Some(sent) => {
-                    let mut header = out.header();
-                    packet::rtp::write_header(
-                        &mut header,
-                        sent.marker,
-                        self.payload_type,
-                        sent.seq,
-                        sent.timestamp,
-                        self.ssrc,
-                    );
                     counters.retransmits += 1;
                     out.counters.retransmits += 1;
-                    out.send_shared(counters, self.remote, header, sent.payload);
+                    let fields = (sent.marker, sent.seq, sent.timestamp);
+                    self.deliver(fields, sent.payload, counters, out);
                 }
                 None => {
                     counters.retransmit_misses += 1;
@@ -175,15 +288,6 @@ impl RtpEndpoint {
         let payload = stored
             .get_or_insert_with(|| out.packets.copy_in(pkt.payload))
             .clone();
-        let mut header = out.header();
-        packet::rtp::write_header(
-            &mut header,
-            pkt.marker,
-            self.payload_type,
-            rewritten.seq as u16,
-            rewritten.timestamp,
-            self.ssrc,
-        );
         self.retransmit.insert(
             now,
             rewritten.seq as u16,
@@ -191,7 +295,8 @@ impl RtpEndpoint {
             pkt.marker,
             &payload,
         );
-        out.send_shared(counters, self.remote, header, payload);
+        let fields = (pkt.marker, rewritten.seq as u16, rewritten.timestamp);
+        self.deliver(fields, payload, counters, out);
         true
     }
 }
@@ -236,79 +341,103 @@ impl Sfu {
             Some(s) => s,
             None => self.random() as u32 | 1,
         };
+        let codec = spec.codec.unwrap_or(CodecSpec::for_kind(spec.kind));
         let id = self.new_peer_id();
-        let initial = (self.random() & 0x3fff) as u16;
-        if spec.direction == RtpDirection::Subscribe {
-            // A receive batch fanned out to this subscriber needs a header
-            // buffer and an output slot per packet: provision them now, on
-            // the control path, so the packet path never grows a pool.
-            self.out.reserve_fanout(crate::buf::MAX_BATCH);
-        }
-        let mut endpoint = RtpEndpoint {
-            direction: spec.direction,
-            kind: spec.kind,
-            remote: spec.remote,
-            payload_type: spec.payload_type,
-            ssrc,
-            track: None,
-            rewriter: StreamRewriter::new(spec.kind.clock_rate(), initial),
-            current: None,
-            target: None,
-            retransmit: RetransmitBuffer::new(
-                if spec.direction == RtpDirection::Subscribe {
-                    self.config.retransmit_packets
-                } else {
-                    16
-                },
-                self.config.retransmit_max_age,
-            ),
-            highest_in: None,
-            simple_pt: None,
-            kernel_forwarded: false,
-            audio_level_ext: spec.audio_level_ext,
-        };
-        let mut info = None;
-        if spec.direction == RtpDirection::Publish {
-            let mut layer = Layer::new(None);
-            layer.ssrc = Some(ssrc);
-            let codec = match spec.kind {
-                TrackKind::Audio => Codec::Opus,
-                TrackKind::Video => Codec::Vp8,
-            };
-            let track = Track::new(&room, participant, id, spec.kind, Some(codec), vec![layer]);
-            let (tid, track_info) = self.reg.add_track(track);
-            info = Some(track_info);
-            endpoint.track = Some(tid);
-        }
-        let peer = Peer::new(participant, &room, Transport::Rtp(Box::new(endpoint)), now);
-        self.insert_peer(id, peer);
+        let endpoint = self.new_endpoint(
+            spec.direction,
+            codec,
+            Sink::Remote(spec.remote),
+            (spec.payload_type, ssrc),
+            spec.audio_level_ext,
+        );
         self.index
             .rtp_by_addr
             .entry(spec.remote)
             .or_default()
             .push(id);
-        let track = if let Some(info) = info {
-            let t = info.track;
-            self.publish_track(now, &room, info);
-            Some(t)
-        } else {
-            self.bind_rtp_subscriber(now, id, spec.track);
-            match self.peers.get(&id).map(|p| &p.transport) {
-                Some(Transport::Rtp(e)) => e.track,
-                _ => None,
-            }
-        };
-        self.out.event(SfuEvent::PeerConnected {
-            room,
-            participant,
-            peer: id,
-        });
+        let track = self.attach_endpoint(now, participant, &room, id, endpoint, spec.track);
         Ok(RtpEndpointInfo {
             peer: id,
             local: self.config.local_addr,
             ssrc,
             track,
         })
+    }
+
+    /// An endpoint (plain or local) with a fresh rewriter and a
+    /// retransmission buffer sized for its direction. For a subscriber, it
+    /// provisions the fan-out pools first: a receive batch fanned out to it
+    /// needs a header buffer and an output slot per packet, and the packet
+    /// path must never grow a pool.
+    pub(super) fn new_endpoint(
+        &mut self,
+        direction: RtpDirection,
+        codec: CodecSpec,
+        sink: Sink,
+        (payload_type, ssrc): (u8, u32),
+        audio_level_ext: Option<u8>,
+    ) -> RtpEndpoint {
+        let initial = (self.random() & 0x3fff) as u16;
+        let held = if direction == RtpDirection::Subscribe {
+            self.out.reserve_fanout(crate::buf::MAX_BATCH);
+            self.config.retransmit_packets
+        } else {
+            16
+        };
+        let retransmit = RetransmitBuffer::new(held, self.config.retransmit_max_age);
+        RtpEndpoint::new(
+            direction,
+            codec,
+            sink,
+            (payload_type, ssrc, initial),
+            retransmit,
+            audio_level_ext,
+        )
+    }
+
+    /// Makes `endpoint` session `id` of `participant`: a publisher's track
+    /// is published, a subscriber is bound to `wanted` (or the room's first
+    /// track of its kind). Returns that track.
+    pub(super) fn attach_endpoint(
+        &mut self,
+        now: Instant,
+        participant: ParticipantId,
+        room: &str,
+        id: PeerId,
+        mut endpoint: RtpEndpoint,
+        wanted: Option<TrackId>,
+    ) -> Option<TrackId> {
+        let mut info = None;
+        if endpoint.direction == RtpDirection::Publish {
+            let mut layer = Layer::new(None);
+            // A plain publisher is known by its SSRC; a local one's comes
+            // with its first packet.
+            layer.ssrc = endpoint.remote().map(|_| endpoint.ssrc);
+            let codec = Some(endpoint.codec.to_str0m());
+            let track = Track::new(room, participant, id, endpoint.kind, codec, vec![layer]);
+            let (tid, track_info) = self.reg.add_track(track);
+            info = Some(track_info);
+            endpoint.track = Some(tid);
+        }
+        let peer = Peer::new(participant, room, Transport::Rtp(Box::new(endpoint)), now);
+        self.insert_peer(id, peer);
+        let track = if let Some(info) = info {
+            let t = info.track;
+            self.publish_track(now, room, info);
+            Some(t)
+        } else {
+            self.bind_rtp_subscriber(now, id, wanted);
+            match self.peers.get(&id).map(|p| &p.transport) {
+                Some(Transport::Rtp(e)) => e.track,
+                _ => None,
+            }
+        };
+        self.out.event(SfuEvent::PeerConnected {
+            room: room.to_owned(),
+            participant,
+            peer: id,
+        });
+        track
     }
 
     /// The plain-RTP streams a kernel fast path could forward exactly as the
@@ -329,6 +458,9 @@ impl Sfu {
             let Some(Transport::Rtp(p)) = self.peers.get(&track.peer).map(|p| &p.transport) else {
                 continue;
             };
+            let Some(source) = p.remote() else {
+                continue;
+            };
             if p.direction != RtpDirection::Publish || track.layers.len() != 1 {
                 continue;
             }
@@ -340,6 +472,9 @@ impl Sfu {
             let mut destinations = Vec::with_capacity(n);
             for sub in &track.subscribers {
                 let Some(Transport::Rtp(e)) = self.peers.get(sub).map(|p| &p.transport) else {
+                    break;
+                };
+                let Some(remote) = e.remote() else {
                     break;
                 };
                 if e.direction != RtpDirection::Subscribe
@@ -354,7 +489,7 @@ impl Sfu {
                 };
                 destinations.push(PlainFlowDestination {
                     peer: *sub,
-                    remote: e.remote,
+                    remote,
                     ssrc: e.ssrc,
                     seq_offset,
                     ts_offset,
@@ -366,7 +501,7 @@ impl Sfu {
             out.push(PlainFlow {
                 publisher: track.peer,
                 track: tid,
-                source: p.remote,
+                source,
                 local: self.config.local_addr,
                 ssrc: p.ssrc,
                 destinations,
@@ -428,6 +563,19 @@ impl Sfu {
             self.out.drop_packet(DropReason::UnknownSsrc);
             return;
         };
+        self.endpoint_rtp(now, id, &header, packet);
+    }
+
+    /// A packet of the RTP endpoint (plain or local) publisher `id`: its
+    /// loss is noted, its audio level heard, and it is forwarded.
+    pub(super) fn endpoint_rtp(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        header: &RtpHeader,
+        packet: &PacketBuf,
+    ) {
+        let data = packet.as_slice();
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -437,20 +585,18 @@ impl Sfu {
             return;
         };
         let Some(tid) = e.track else { return };
-        e.on_publisher_packet(&header, &mut peer.counters, &mut self.out, self.rtcp_ssrc);
-        let video = e.kind == TrackKind::Video;
+        e.on_publisher_packet(header, &mut peer.counters, &mut self.out, self.rtcp_ssrc);
         let audio_level = e
             .audio_level_ext
-            .and_then(|id| packet::rtp::audio_level(data, &header, id));
+            .and_then(|id| packet::rtp::audio_level(data, header, id));
         super::registry::observe_level(
             &mut self.reg.rooms,
             &peer.room,
             peer.participant,
             audio_level,
         );
-        let mut fwd = Forward::from_stored(&header, packet, |p| {
-            video && packet::codec::vp8_is_keyframe(p)
-        });
+        let codec = e.codec;
+        let mut fwd = Forward::from_stored(header, packet, |p| codec.is_keyframe(p));
         fwd.audio_level = audio_level;
         self.forward(now, tid, 0, &fwd);
     }

@@ -9,7 +9,7 @@ use str0m::media::Mid;
 
 use crate::ids::{ParticipantId, PeerId, TrackId};
 use crate::speaker::SpeakerDetector;
-use crate::types::{Counters, RoomState, TrackInfo, TrackKind};
+use crate::types::{CodecSpec, Counters, RoomState, TrackInfo, TrackKind};
 
 use super::layers::Layer;
 use super::mesh::MeshOut;
@@ -102,6 +102,7 @@ impl Track {
                 .iter()
                 .filter_map(|l| l.rid.as_ref().map(|r| r.to_string()))
                 .collect(),
+            codec: self.codec.and_then(CodecSpec::from_str0m),
         }
     }
 }

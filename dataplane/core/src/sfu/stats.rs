@@ -44,6 +44,7 @@ impl Sfu {
             }
             let (transport, bwe, connected) = match &p.transport {
                 Transport::WebRtc(w) => ("webrtc", w.bwe_bps, w.connected),
+                Transport::Rtp(e) if e.remote().is_none() => ("local", None, true),
                 Transport::Rtp(_) => ("rtp", None, true),
                 Transport::Mesh(_) => {
                     if let Some(r) = rooms.get_mut(p.room.as_str()) {

@@ -15,9 +15,11 @@ use str0m::{Candidate, IceCreds, Input, Rtc, RtcConfig};
 
 use crate::error::{SdpError, SfuError};
 use crate::ids::{ParticipantId, PeerId, TrackId};
-use crate::packet::{self, stun::StunMessage};
+use crate::packet::stun::StunMessage;
 use crate::rewrite::StreamRewriter;
-use crate::types::{Counters, DropReason, OfferIntent, Output, TrackKind, Trailer, Transmit};
+use crate::types::{
+    CodecSpec, Counters, DropReason, OfferIntent, Output, TrackKind, Trailer, Transmit,
+};
 
 use super::Sfu;
 use super::forward::Forward;
@@ -393,9 +395,10 @@ impl Sfu {
                 .find(|x| x.pt() == pt)
                 .map(|x| x.spec().codec);
         }
-        let keyframe = track.kind == TrackKind::Video
-            && track.codec == Some(Codec::Vp8)
-            && packet::codec::vp8_is_keyframe(&p.payload);
+        let keyframe = track
+            .codec
+            .and_then(CodecSpec::from_str0m)
+            .is_some_and(|c| c.is_keyframe(&p.payload));
         let audio_level = p.header.ext_vals.audio_level.map(|l| {
             (
                 p.header.ext_vals.voice_activity.unwrap_or(true),

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use ridge_sfu::{OfferIntent, ParticipantId, PeerId, Sfu};
+
+use super::{LOCAL, Node, Sent};
 use str0m::change::SdpAnswer;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Simulcast};
@@ -111,6 +113,43 @@ impl Client {
         if self.next_timeout <= now {
             self.rtc.handle_input(Input::Timeout(now)).unwrap();
             self.poll(now, out);
+        }
+    }
+}
+
+/// Hands datagrams to the node and the node's to `clients`, at the node's
+/// current instant, until nobody has anything left to send. What the node
+/// sends elsewhere goes to `other`.
+pub fn deliver(
+    node: &mut Node,
+    clients: &mut [Client],
+    mut to_node: VecDeque<Datagram>,
+    mut other: impl FnMut(Sent),
+) {
+    let now = node.now;
+    loop {
+        while let Some(d) = to_node.pop_front() {
+            assert_eq!(
+                d.destination, LOCAL,
+                "clients only know the node's candidate"
+            );
+            node.sfu
+                .handle_datagram(now, d.source, d.destination, &d.contents);
+        }
+        let (sent, _) = node.drain();
+        if sent.is_empty() {
+            break;
+        }
+        for s in sent {
+            assert_eq!(s.source, LOCAL);
+            let Some(c) = clients.iter_mut().find(|c| c.addr == s.destination) else {
+                other(s);
+                continue;
+            };
+            let recv = Receive::new(Protocol::Udp, s.source, s.destination, &s.contents)
+                .expect("a datagram str0m can parse");
+            c.rtc.handle_input(Input::Receive(now, recv)).unwrap();
+            c.poll(now, &mut to_node);
         }
     }
 }

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use ridge_sfu::packet::{self, PacketClass, RtcpPacket, RtpHeader, rtcp};
 use ridge_sfu::{
-    DropReason, Output, ParticipantId, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, Sfu,
-    SfuConfig, SfuEvent, StatsSnapshot, TrackKind,
+    CodecSpec, DropReason, LocalEndpointInfo, LocalEndpointSpec, LocalOutput, Output,
+    ParticipantId, RtpDirection, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuConfig, SfuEvent,
+    StatsSnapshot, TrackKind,
 };
 
 /// The node's media socket.
@@ -42,6 +43,8 @@ pub struct Node {
     pub now: Instant,
     /// Every event the node emitted, in order.
     pub events: Vec<SfuEvent>,
+    /// What the core handed to local endpoints, in order.
+    pub local: Vec<LocalOutput>,
 }
 
 impl Node {
@@ -54,6 +57,7 @@ impl Node {
             start,
             now: start,
             events: Vec::new(),
+            local: Vec::new(),
         }
     }
 
@@ -73,6 +77,7 @@ impl Node {
                 self.now,
                 participant,
                 RtpEndpointSpec {
+                    codec: None,
                     audio_level_ext: None,
                     direction,
                     kind: TrackKind::Video,
@@ -83,6 +88,30 @@ impl Node {
                 },
             )
             .expect("plain RTP endpoint")
+    }
+
+    /// A local (in-process) endpoint of `codec` in `participant`'s room.
+    pub fn local_endpoint(
+        &mut self,
+        participant: ParticipantId,
+        direction: RtpDirection,
+        codec: CodecSpec,
+        payload_type: u8,
+        ssrc: Option<u32>,
+    ) -> LocalEndpointInfo {
+        self.sfu
+            .add_local_endpoint(
+                self.now,
+                participant,
+                LocalEndpointSpec {
+                    direction,
+                    codec,
+                    payload_type,
+                    ssrc,
+                    track: None,
+                },
+            )
+            .expect("local endpoint")
     }
 
     pub fn elapsed_ms(&self) -> u128 {
@@ -110,6 +139,7 @@ impl Node {
                     events.push(e);
                 }
                 Output::MeshControl(m) => panic!("a single core has no other shard: {m:?}"),
+                Output::Local(l) => self.local.push(l),
             }
         }
         (sent, events)

@@ -21,14 +21,14 @@ use crate::retransmit::RetransmitBuffer;
 use crate::srtp::{SrtpContext, SrtpProfile, mesh_master_key};
 use crate::types::{DropReason, Output, SfuEvent};
 
-use super::super::Sfu;
-use super::super::layers::Layer;
-use super::super::peer::{Peer, Transport};
-use super::super::registry::Track;
 use super::{
     InStream, Link, MAX_RX_CONTEXTS, MeshOut, MeshPeer, MeshState, OutLayer, Route, Serving,
 };
 use crate::mesh::MeshLinkSpec;
+use crate::sfu::Sfu;
+use crate::sfu::layers::Layer;
+use crate::sfu::peer::{Peer, Transport};
+use crate::sfu::registry::Track;
 
 impl Sfu {
     /// Applies the mesh part of a desired state: links, and the routes

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use crate::types::{MeshFlow, MeshFlowProgress};
 
-use super::super::Sfu;
 use super::{KERNEL_CLEAN, KERNEL_LOSS_SAMPLE, KERNEL_MAX_LOSS, Link};
+use crate::sfu::Sfu;
 
 impl Sfu {
     /// Mesh transit streams a kernel fast path may forward instead of the

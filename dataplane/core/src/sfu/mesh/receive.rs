@@ -5,8 +5,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use str0m::format::Codec;
-
 use crate::buf::PacketBuf;
 use crate::fec::{FecPacket, Recovery};
 use crate::mesh::{
@@ -16,15 +14,15 @@ use crate::mesh::{
 use crate::packet::{self, PacketClass, rtcp, rtp::RtpHeader};
 use crate::red::{self, RedPayload};
 use crate::srtp::{SrtpContext, SrtpError, Unprotected};
-use crate::types::{DropReason, TrackKind};
+use crate::types::{CodecSpec, DropReason, TrackKind};
 
-use super::super::Sfu;
-use super::super::forward::Forward;
-use super::super::outbox::{Feedback, RtcpFeedback};
 use super::{
     FEC_ACTIVE, FEC_NACK_HOLD, MAX_RX_CONTEXTS, MESH_EXT_AUDIO_LEVEL, MESH_EXT_SEND_TIME,
     MESH_PT_FLEXFEC, MESH_PT_RED,
 };
+use crate::sfu::Sfu;
+use crate::sfu::forward::Forward;
+use crate::sfu::outbox::{Feedback, RtcpFeedback};
 
 impl Sfu {
     /// Handles a datagram that may come from a mesh link. Returns false if
@@ -307,14 +305,14 @@ impl Sfu {
         let Some(track) = self.reg.tracks.get(&at.track) else {
             return;
         };
-        let vp8 = track.kind == TrackKind::Video && track.codec == Some(Codec::Vp8);
+        let codec = track.codec.and_then(CodecSpec::from_str0m);
         // The publisher's audio level, carried by the upstream: it counts
         // in this node's active-speaker detection for the remote
         // participant, and goes on with the packet.
         let audio_level = (track.kind == TrackKind::Audio)
             .then(|| packet::rtp::audio_level(data, header, MESH_EXT_AUDIO_LEVEL))
             .flatten();
-        super::super::registry::observe_level(
+        crate::sfu::registry::observe_level(
             &mut self.reg.rooms,
             &track.room,
             track.participant,
@@ -341,7 +339,7 @@ impl Sfu {
             seq: header.sequence,
             timestamp: header.timestamp,
             marker: header.marker,
-            keyframe: vp8 && packet::codec::vp8_is_keyframe(payload),
+            keyframe: codec.is_some_and(|c| c.is_keyframe(payload)),
             payload,
             shared: None,
             stored: Some(stored.clone()),

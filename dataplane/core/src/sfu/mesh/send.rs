@@ -14,14 +14,14 @@ use crate::red::{self};
 use crate::retransmit::Sent;
 use crate::types::{Counters, TrackKind, Trailer};
 
-use super::super::Sfu;
-use super::super::forward::Forward;
-use super::super::outbox::Outbox;
-use super::super::registry::Track;
 use super::{
     FEC_GROUP_SPAN, Link, MESH_EXT_AUDIO_LEVEL, MESH_EXT_SEND_TIME, MESH_PT_AUDIO, MESH_PT_FLEXFEC,
     MESH_PT_RED, MESH_PT_VIDEO, MeshState,
 };
+use crate::sfu::Sfu;
+use crate::sfu::forward::Forward;
+use crate::sfu::outbox::Outbox;
+use crate::sfu::registry::Track;
 
 /// Sends a link media packet whose `header` is written and whose payload
 /// is shared (not copied): the SRTP tag over both goes after them as the
