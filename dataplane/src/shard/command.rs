@@ -4,9 +4,11 @@
 
 use std::time::Instant;
 
-use ridge_sfu::{MeshControl, Sfu};
-
-use super::local::LocalCommand;
+use ridge_sfu::{
+    LocalEndpointInfo, LocalEndpointSpec, LocalOutput, MeshControl, PacketBuf, PeerId, Sfu,
+    SfuError,
+};
+use tokio::sync::{mpsc, oneshot};
 
 /// A control call: runs once on the shard's thread, with its core and the
 /// time the shard took the call. It sends its own result back (see
@@ -25,4 +27,21 @@ pub(super) enum Command {
     /// its queue with the shard; a publisher's packets), which a closure on
     /// the core alone cannot reach. Run by the shard itself.
     Local(LocalCommand),
+}
+
+/// A request for the shard's local-endpoint table (`super::local`) (it needs the shard, not
+/// only its core, so it is not an `on_shard` closure).
+pub(super) enum LocalCommand {
+    /// Join `room` as `identity`, add the endpoint, register its queue.
+    Add {
+        room: String,
+        identity: String,
+        spec: LocalEndpointSpec,
+        outputs: mpsc::Sender<LocalOutput>,
+        reply: oneshot::Sender<Result<LocalEndpointInfo, SfuError>>,
+    },
+    /// One RTP packet of a local publisher.
+    Rtp { peer: PeerId, packet: PacketBuf },
+    /// The endpoint is gone: leave the room.
+    Remove { peer: PeerId },
 }

@@ -33,7 +33,7 @@ use ridge_sfu::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::command::Command;
+use super::command::{Command, LocalCommand};
 use super::handle::{MediaHandle, ShardError, stopped};
 use super::stats::ShardStats;
 
@@ -42,23 +42,6 @@ pub const LOCAL_QUEUE: usize = 1024;
 
 /// Local endpoints one shard holds at most.
 pub const MAX_LOCAL_ENDPOINTS: usize = 256;
-
-/// A request for the shard's local-endpoint table (it needs the shard, not
-/// only its core, so it is not an `on_shard` closure).
-pub(super) enum LocalCommand {
-    /// Join `room` as `identity`, add the endpoint, register its queue.
-    Add {
-        room: String,
-        identity: String,
-        spec: LocalEndpointSpec,
-        outputs: mpsc::Sender<LocalOutput>,
-        reply: oneshot::Sender<Result<LocalEndpointInfo, SfuError>>,
-    },
-    /// One RTP packet of a local publisher.
-    Rtp { peer: PeerId, packet: PacketBuf },
-    /// The endpoint is gone: leave the room.
-    Remove { peer: PeerId },
-}
 
 /// The shard's side: each local endpoint's output queue.
 #[derive(Debug, Default)]
