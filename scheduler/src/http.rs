@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use crate::api;
 use crate::crypto::ct_eq;
 use crate::error::{ApiError, ErrorCode};
-use crate::metrics::{CodeLabels, HttpLabels, RouteLabels};
+use crate::metrics::{CodeLabels, HttpLabels, PhaseLabels, RouteLabels};
 use crate::service::Scheduler;
 
 /// Largest accepted request body.
@@ -184,7 +184,11 @@ async fn require_node(st: &AppState, headers: &HeaderMap, id: &str) -> Result<()
 }
 
 /// Reads and strictly parses a JSON body.
-async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+async fn json_body<T: DeserializeOwned>(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
     let ct = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -198,9 +202,19 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
             "Content-Type must be application/json".into(),
         ));
     }
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| ApiError::BodyTooLarge)?;
+    let limit = st.sched.config.limits.request_body_timeout;
+    let bytes: Bytes = match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY)).await
+    {
+        Ok(r) => r.map_err(|_| ApiError::BodyTooLarge)?,
+        Err(_) => {
+            st.sched
+                .metrics
+                .connection_timeouts
+                .get_or_create(&PhaseLabels { phase: "body" })
+                .inc();
+            return Err(ApiError::BodyTimeout(limit));
+        }
+    };
     serde_json::from_slice(&bytes).map_err(|e| {
         // serde's message names the field and position, never a value we
         // would mind (secrets are strings and serde does not echo them).
@@ -210,7 +224,7 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
 
 async fn enroll(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
-        let req: api::EnrollRequest = json_body(&headers, body).await?;
+        let req: api::EnrollRequest = json_body(&st, &headers, body).await?;
         st.sched.enroll(req).await
     }
     .await;
@@ -236,7 +250,7 @@ async fn heartbeat(
     body: Body,
 ) -> Result<Json<api::HeartbeatResponse>, ApiError> {
     require_node(&st, &headers, &id).await?;
-    let hb: api::Heartbeat = json_body(&headers, body).await?;
+    let hb: api::Heartbeat = json_body(&st, &headers, body).await?;
     Ok(Json(st.sched.heartbeat(&id, hb)?))
 }
 
@@ -351,7 +365,7 @@ async fn create_token(
     body: Body,
 ) -> Result<Response, ApiError> {
     require_admin(&st, &headers).await?;
-    let req: api::CreateToken = json_body(&headers, body).await?;
+    let req: api::CreateToken = json_body(&st, &headers, body).await?;
     let t = st.sched.create_token(req).await?;
     Ok((StatusCode::CREATED, Json(t)).into_response())
 }
@@ -401,7 +415,7 @@ async fn drain(
     body: Body,
 ) -> Result<Json<api::NodeSummary>, ApiError> {
     require_admin(&st, &headers).await?;
-    let req: api::DrainRequest = json_body(&headers, body).await?;
+    let req: api::DrainRequest = json_body(&st, &headers, body).await?;
     Ok(Json(st.sched.drain(&id, req.drain).await?))
 }
 
