@@ -1,4 +1,5 @@
-//! The HTTPS API (docs/scheduler-api.md). Every route authenticates; bodies
+//! The HTTPS API (docs/scheduler-api.md). Every route but the probes
+//! (`/livez`, `/readyz`: a status code, no body) authenticates; bodies
 //! are read with a size limit and parsed strictly, so a malformed request
 //! gets a JSON error with a precise code.
 
@@ -48,6 +49,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/rooms"),
     ("get", "/v1/routes"),
     ("get", "/healthz"),
+    ("get", "/livez"),
+    ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
 ];
@@ -74,6 +77,8 @@ pub fn router(sched: Arc<Scheduler>, registry: Arc<Registry>) -> Router {
         .route("/v1/rooms", get(rooms))
         .route("/v1/routes", get(routes))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
@@ -90,7 +95,7 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = std::time::Instant::now();
-    let resp = if st.sched.shutting_down() && route != "/healthz" {
+    let resp = if st.sched.shutting_down() && !matches!(route.as_str(), "/healthz" | "/livez") {
         ApiError::ShuttingDown.into_response()
     } else {
         next.run(req).await
@@ -274,6 +279,11 @@ async fn desired(
             "wait must be 0 to {MAX_WAIT_SECS} seconds"
         )));
     }
+    let _place = if wait > 0 {
+        Some(st.sched.begin_long_poll(&id)?)
+    } else {
+        None
+    };
     match st
         .sched
         .watch_desired(&id, since, Duration::from_secs(wait))
@@ -455,6 +465,27 @@ async fn healthz(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
     Ok((code, Json(body)).into_response())
 }
 
+/// How long `/readyz` waits for the database.
+const READY_PING: Duration = Duration::from_secs(2);
+
+/// Liveness, unauthenticated, no body: 200 while the process serves HTTP
+/// (draining included: restarting a draining replica helps nobody).
+async fn livez() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Readiness, unauthenticated, no body: 200 when the database answers a
+/// query within 2 s and the scheduler is not draining, else 503.
+async fn readyz(State(st): State<AppState>) -> StatusCode {
+    if st.sched.shutting_down() {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    match tokio::time::timeout(READY_PING, st.sched.store.ping()).await {
+        Ok(Ok(())) => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&st, &headers).await?;
     let mut out = String::new();
@@ -473,8 +504,16 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
 
 async fn openapi(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let token = bearer(&headers)?;
-    if static_secret(&st, token) != Static::Admin {
-        st.sched.authenticate_node(token).await?;
+    match static_secret(&st, token) {
+        Static::Admin => {}
+        Static::Dispatch => {
+            return Err(ApiError::Forbidden(
+                "the dispatch token only grants /v1/dispatch".into(),
+            ));
+        }
+        Static::None => {
+            st.sched.authenticate_node(token).await?;
+        }
     }
     Ok((
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
