@@ -669,6 +669,26 @@ mod tests {
         assert_eq!(c.region_for("::ffff:10.2.2.3".parse().unwrap()), Some("a"));
         assert_eq!(c.region_for("11.0.0.1".parse().unwrap()), None);
         assert!(!format!("{c:?}").contains("env-token"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits.max_connections(Some(1024)), 1024 - FD_RESERVE);
+        assert_eq!(
+            c.limits.max_connections(Some(1 << 20)),
+            DEFAULT_MAX_CONNECTIONS
+        );
+        assert_eq!(c.limits.max_connections(None), DEFAULT_MAX_CONNECTIONS);
+        let fc = parse_file(
+            "idle_timeout = \"5s\"\nmax_connections = 100\nmax_long_polls_per_node = 2\n",
+        )
+        .unwrap();
+        let o2 = Overrides {
+            idle_timeout: Some(Duration::from_secs(7)),
+            ..o.clone()
+        };
+        let c = build(fc, &o2, env("env-token-env-token")).unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.limits.max_connections(Some(64)), 100);
+        assert_eq!(c.limits.max_long_polls_per_node, 2);
+        assert!(nofile_limit().is_some());
     }
 
     #[test]
