@@ -275,3 +275,105 @@ async fn accept_loop_survives_descriptor_exhaustion() {
     // Rate-limited: far fewer lines than failed accepts.
     assert!(log.matches("accept failed").count() <= 5, "{log}");
 }
+
+/// Reads from `s` until a full response head has arrived; returns it.
+async fn read_head<R: AsyncReadExt + Unpin>(s: &mut R) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_get_408_and_idle_keep_alive_connections_close() {
+    let dir = TempDir::new("slow");
+    let ca = write_cert(dir.path());
+    let db = format!("sqlite:{}", dir.path().join("s.db").display());
+    let sched = Sched::start(
+        dir.path(),
+        &db,
+        &[
+            "--request-body-timeout",
+            "1s",
+            "--idle-timeout",
+            "2s",
+            "--header-read-timeout",
+            "20s",
+        ],
+    );
+    let addr: SocketAddr = sched.url.strip_prefix("https://").unwrap().parse().unwrap();
+    let tls = tls_connector(&ca);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // A body that never finishes: 408, and the connection closes.
+    let tcp = connect_from(Ipv4Addr::LOCALHOST, addr).await.unwrap();
+    let mut s = tls.connect(name.clone(), tcp).await.unwrap();
+    s.write_all(
+        b"POST /v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"bootstrap",
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .expect("no answer to a stalled body");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        closed_within(s, Duration::from_secs(5)).await.is_some(),
+        "still open after a 408"
+    );
+
+    // A keep-alive connection after its request: closed by the idle
+    // timeout, long before the header timeout.
+    let tcp = connect_from(Ipv4Addr::LOCALHOST, addr).await.unwrap();
+    let mut s = tls.connect(name, tcp).await.unwrap();
+    s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let t = Instant::now();
+    assert!(
+        closed_within(s, Duration::from_secs(10)).await.is_some(),
+        "an idle keep-alive connection stayed open"
+    );
+    let held = t.elapsed();
+    assert!(
+        held >= Duration::from_millis(1500) && held < Duration::from_secs(6),
+        "{held:?}"
+    );
+    let c = client(&sched.url, &ca);
+    let m = c.get("/metrics", Some(ADMIN)).await.unwrap().body;
+    assert!(
+        sample(
+            &m,
+            "ridge_scheduler_connection_timeouts_total{phase=\"body\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "ridge_scheduler_connection_timeouts_total{phase=\"idle\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "ridge_scheduler_errors_total{code=\"request_timeout\"}") >= 1.0,
+        "{m}"
+    );
+}
