@@ -80,6 +80,10 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_connections_per_source: Option<usize>,
     pub max_long_polls_per_node: Option<usize>,
+    /// DNS names a node may report in `addresses.http` besides the hosts
+    /// of its own addresses (`name`, or `*.suffix` for any name under it).
+    #[serde(default)]
+    pub node_url_domains: Vec<String>,
     #[serde(default)]
     pub region_prefixes: Vec<RegionPrefix>,
 }
@@ -187,6 +191,8 @@ pub struct Config {
     pub log: String,
     /// Connection and request limits.
     pub limits: Limits,
+    /// See [`FileConfig::node_url_domains`]; lowercase.
+    pub node_url_domains: Vec<String>,
     /// Longest prefix wins.
     pub region_prefixes: Vec<(Cidr, String)>,
 }
@@ -577,6 +583,29 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
             "must be between 1 and 64",
         ));
     }
+    if fc.node_url_domains.len() > 256 {
+        return Err(invalid("node_url_domains", "at most 256 entries"));
+    }
+    let mut node_url_domains = Vec::new();
+    for d in fc.node_url_domains {
+        let name = d.strip_prefix("*.").unwrap_or(&d);
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(invalid(
+                "node_url_domains",
+                format!("`{d}` is not a DNS name or `*.` followed by one"),
+            ));
+        }
+        node_url_domains.push(d.to_ascii_lowercase());
+    }
     Ok(Config {
         listen,
         tls_cert,
@@ -593,6 +622,7 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
         replica_id,
         log,
         limits,
+        node_url_domains,
         region_prefixes,
     })
 }
@@ -722,6 +752,9 @@ mod tests {
             "max_connections_per_source = 0",
             "max_long_polls_per_node = 0",
             "max_long_polls_per_node = 65",
+            "node_url_domains = [\"*.\"]",
+            "node_url_domains = [\"a..b\"]",
+            "node_url_domains = [\"javascript:x\"]",
         ] {
             let fc = parse_file(toml).unwrap();
             assert!(build(fc, &o, env("0123456789abcdef")).is_err(), "{toml}");

@@ -402,7 +402,7 @@ impl Scheduler {
         mut hb: Heartbeat,
     ) -> Result<api::HeartbeatResponse, ApiError> {
         hb.validate().map_err(ApiError::InvalidRequest)?;
-        if let Err(reason) = check_http_url(&hb.addresses) {
+        if let Err(reason) = check_http_url(&hb.addresses, &self.config.node_url_domains) {
             // Leave the URL out rather than refuse the heartbeat: the node
             // stays in the mesh, dispatch answers name no URL for it.
             hb.addresses.http = None;
@@ -536,7 +536,7 @@ impl Scheduler {
                     .get_node(id)
                     .await?
                     .ok_or_else(|| ApiError::NotFound(format!("no node {id}")))?;
-                Arc::new(node_view(row))
+                Arc::new(node_view(row, &self.config.node_url_domains))
             }
         };
         let desired = self.desired_json(id).and_then(|(_, body)| {
@@ -866,10 +866,11 @@ impl Scheduler {
         .map_err(|e| StoreError::Corrupt(format!("snapshot task: {e}")))?;
         if !fetch.is_empty() {
             let rows = self.store.load_nodes_by_id(&fetch).await?;
+            let domains = self.config.node_url_domains.clone();
             let fetched = tokio::task::spawn_blocking(move || {
                 rows.into_iter()
                     .map(|row| {
-                        let mut n = node_view(row);
+                        let mut n = node_view(row, &domains);
                         if let Some((at, hb)) = latest.get(&n.row.id)
                             && n.row.last_heartbeat_ms.is_none_or(|t| t <= *at)
                         {
@@ -1065,9 +1066,10 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
 
 /// Whether a node's reported `addresses.http` may be handed to clients:
 /// absent, or an `http`/`https` URL without credentials whose host is the
-/// host of its media or mesh address. `Err` names the reason (a metric
-/// label).
-pub fn check_http_url(a: &api::Addresses) -> Result<(), &'static str> {
+/// host of its media or mesh address, or a DNS name `domains` allows
+/// (`name` exactly, `*.suffix` any name under it). `Err` names the reason
+/// (a metric label).
+pub fn check_http_url(a: &api::Addresses, domains: &[String]) -> Result<(), &'static str> {
     let Some(raw) = a.http.as_deref() else {
         return Ok(());
     };
@@ -1092,10 +1094,21 @@ pub fn check_http_url(a: &api::Addresses) -> Result<(), &'static str> {
             }
         }
     };
-    if [a.media.as_deref(), a.mesh.as_deref()]
-        .into_iter()
-        .flatten()
-        .any(matches)
+    let allowed = |d: &str| {
+        domains.iter().any(|p| match p.strip_prefix("*.") {
+            Some(suffix) => d.len().checked_sub(suffix.len() + 1).is_some_and(|i| {
+                d.as_bytes()[i] == b'.'
+                    && d.get(i + 1..)
+                        .is_some_and(|s| s.eq_ignore_ascii_case(suffix))
+            }),
+            None => d.eq_ignore_ascii_case(p),
+        })
+    };
+    if matches!(&host, url::Host::Domain(d) if allowed(d))
+        || [a.media.as_deref(), a.mesh.as_deref()]
+            .into_iter()
+            .flatten()
+            .any(matches)
     {
         Ok(())
     } else {
@@ -1111,14 +1124,14 @@ fn matches_ip(host: &url::Host<&str>, ip: std::net::IpAddr) -> bool {
     }
 }
 
-fn node_view(mut row: NodeRow) -> NodeView {
+fn node_view(mut row: NodeRow, url_domains: &[String]) -> NodeView {
     let mut report: Heartbeat = row
         .report
         .take()
         .and_then(|r| serde_json::from_str(&r).ok())
         .unwrap_or_default();
     // Reports stored before URLs were checked.
-    if check_http_url(&report.addresses).is_err() {
+    if check_http_url(&report.addresses, url_domains).is_err() {
         report.addresses.http = None;
     }
     NodeView {
@@ -1279,7 +1292,7 @@ mod tests {
             "http://192.0.2.7:8080/x?y",
             "https://[2001:db8::1]:8443/",
         ] {
-            assert_eq!(check_http_url(&addrs(ok)), Ok(()), "{ok}");
+            assert_eq!(check_http_url(&addrs(ok), &[]), Ok(()), "{ok}");
         }
         for (bad, why) in [
             ("javascript:alert(1)//", "scheme"),
@@ -1290,11 +1303,27 @@ mod tests {
             ("https://u:p@192.0.2.7/", "credentials"),
             ("not a url", "unparsable"),
         ] {
-            assert_eq!(check_http_url(&addrs(bad)), Err(why), "{bad}");
+            assert_eq!(check_http_url(&addrs(bad), &[]), Err(why), "{bad}");
         }
         let mut named = addrs("https://Node1.example:8443");
         named.media = Some("node1.example:443".into());
-        assert_eq!(check_http_url(&named), Ok(()));
-        assert_eq!(check_http_url(&api::Addresses::default()), Ok(()));
+        assert_eq!(check_http_url(&named, &[]), Ok(()));
+        assert_eq!(check_http_url(&api::Addresses::default(), &[]), Ok(()));
+        let domains = ["edge.example.net".to_owned(), "*.cdn.example".to_owned()];
+        for ok in [
+            "https://EDGE.example.net/",
+            "https://fra-1.cdn.example:8443",
+            "https://a.b.cdn.example",
+        ] {
+            assert_eq!(check_http_url(&addrs(ok), &domains), Ok(()), "{ok}");
+        }
+        for bad in [
+            "https://cdn.example/",
+            "https://xcdn.example/",
+            "https://edge.example.net.evil/",
+            "https://other.example.net/",
+        ] {
+            assert_eq!(check_http_url(&addrs(bad), &domains), Err("host"), "{bad}");
+        }
     }
 }
