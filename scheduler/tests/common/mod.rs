@@ -74,12 +74,23 @@ impl Sched {
     /// [`Sched::start`] with the descriptor limit (RLIMIT_NOFILE, soft and
     /// hard) lowered to `nofile` by the shell before it execs the binary.
     pub fn start_limited(dir: &Path, database: &str, extra: &[&str], nofile: Option<u32>) -> Self {
+        Self::start_after(
+            dir,
+            database,
+            extra,
+            nofile.map(|n| format!("ulimit -n {n}")).as_deref(),
+        )
+    }
+
+    /// [`Sched::start`] after the shell command `prelude` (e.g. `umask
+    /// 000`), in the shell that then execs the binary.
+    pub fn start_after(dir: &Path, database: &str, extra: &[&str], prelude: Option<&str>) -> Self {
         let bin = env!("CARGO_BIN_EXE_ridge-scheduler");
-        let mut cmd = match nofile {
-            Some(n) => {
+        let mut cmd = match prelude {
+            Some(p) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
-                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(format!("{p} && exec \"$0\" \"$@\""))
                     .arg(bin);
                 c
             }
