@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -103,6 +104,66 @@ struct Shared {
     /// Wakes the applier.
     apply_now: Notify,
     fatal: watch::Sender<Option<String>>,
+    ready: Arc<Readiness>,
+}
+
+/// What `/readyz` on the metrics listener answers from: ready once the node
+/// is enrolled and, when a control socket is configured, the dataplane
+/// accepted the last desired state the agent tried to apply (at least
+/// one); not ready after a fatal error.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    enrolled: AtomicBool,
+    needs_dataplane: AtomicBool,
+    applied: AtomicBool,
+    failed: AtomicBool,
+}
+
+impl Readiness {
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.enrolled.load(Ordering::Acquire)
+            && !self.failed.load(Ordering::Acquire)
+            && (!self.needs_dataplane.load(Ordering::Acquire)
+                || self.applied.load(Ordering::Acquire))
+    }
+}
+
+/// The metrics listener's routes: `/metrics`, and the probes `/livez`
+/// (200 while the process serves) and `/readyz` (200 or 503, see
+/// [`Readiness`]), status codes only.
+fn metrics_app(registry: Arc<Registry>, ready: Arc<Readiness>) -> axum::Router {
+    use axum::http::StatusCode;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let reg = registry.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics::encode(&reg),
+                    )
+                }
+            }),
+        )
+        .route("/livez", axum::routing::get(|| async { StatusCode::OK }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.is_ready() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                }
+            }),
+        )
 }
 
 /// A running agent.
@@ -153,6 +214,37 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
         }
         None => None,
     };
+    // Serve the metrics listener (and its probes) from now on, enrollment
+    // included: /readyz says 503 until the node is enrolled.
+    let registry = Arc::new(registry);
+    let ready = Arc::new(Readiness::default());
+    ready
+        .needs_dataplane
+        .store(config.control_socket.is_some(), Ordering::Release);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let metrics_addr = match metrics_listener {
+        Some(l) => {
+            let addr = l.local_addr().ok();
+            let l = tokio::net::TcpListener::from_std(l).map_err(|source| AgentError::Bind {
+                what: "the metrics listener",
+                addr: config.metrics_listen.unwrap_or(probe_addr),
+                source,
+            })?;
+            let app = metrics_app(registry.clone(), ready.clone());
+            let mut rx = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                // Ends when `stop` turns true or is dropped (a failed start).
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|v| *v).await;
+                    })
+                    .await;
+            }));
+            addr
+        }
+        None => None,
+    };
     let ca = std::fs::read(&config.scheduler_ca).map_err(|source| AgentError::Ca {
         path: config.scheduler_ca.clone(),
         source,
@@ -174,6 +266,7 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
         None => (enroll(&config, &client, &metrics, env_token).await?, true),
     };
     metrics.enrolled.set(1);
+    ready.enrolled.store(true, Ordering::Release);
 
     let probe = ProbeEngine::from_socket(
         probe_socket,
@@ -187,7 +280,6 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
         addr: probe_addr,
         source,
     })?;
-    let (stop, stop_rx) = watch::channel(false);
     let (fatal_tx, fatal) = watch::channel(None);
     let shared = Arc::new(Shared {
         control: config.control_socket.as_deref().map(ControlClient::new),
@@ -199,45 +291,8 @@ pub async fn start(config: Config, env_token: Option<String>) -> Result<RunningA
         desired: Mutex::new(None),
         apply_now: Notify::new(),
         fatal: fatal_tx,
+        ready,
     });
-    let registry = Arc::new(registry);
-    let mut tasks = Vec::new();
-    let metrics_addr = match metrics_listener {
-        Some(l) => {
-            let addr = l.local_addr().ok();
-            let l = tokio::net::TcpListener::from_std(l).map_err(|source| AgentError::Bind {
-                what: "the metrics listener",
-                addr: shared.config.metrics_listen.unwrap_or(probe_addr),
-                source,
-            })?;
-            let reg = registry.clone();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let reg = reg.clone();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            metrics::encode(&reg),
-                        )
-                    }
-                }),
-            );
-            let mut rx = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.wait_for(|v| *v).await;
-                    })
-                    .await;
-            }));
-            addr
-        }
-        None => None,
-    };
     // The probe loops hold nothing in flight: they simply stop.
     for task in [
         Box::pin(probe.clone().run_receiver())
@@ -343,6 +398,7 @@ async fn enroll(
 impl Shared {
     fn fail(&self, e: AgentError) {
         tracing::error!(error = %e, "fatal");
+        self.ready.failed.store(true, Ordering::Release);
         let _ = self.fatal.send(Some(e.to_string()));
     }
 
@@ -689,11 +745,13 @@ async fn apply_loop(s: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 Ok(answer) => {
                     backoff.reset();
                     s.metrics.applied_version.set(d.version as i64);
+                    s.ready.applied.store(true, Ordering::Release);
                     tracing::info!(version = d.version, not_applied = %answer["not_applied"], "desired state applied to the dataplane");
                     break;
                 }
                 Err(e) => {
                     s.metrics.control_error("put_desired");
+                    s.ready.applied.store(false, Ordering::Release);
                     let delay = backoff.next_random();
                     tracing::warn!(error = %e, retry_in = ?delay, "cannot apply the desired state to the dataplane");
                     tokio::select! {

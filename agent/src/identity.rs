@@ -86,6 +86,19 @@ pub fn find_token(
             path: path.to_owned(),
             source,
         })?;
+        // Warned, not refused: provisioning tools often write such files
+        // 0644, and a bootstrap token is short-lived and limited-use (the
+        // long-lived identity file is refused when open to others).
+        if let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", m.permissions().mode() & 0o777),
+                "the bootstrap token file is readable by others: give it mode 0600 \
+                 (and remove it after enrollment)"
+            );
+        }
         let t = t.trim();
         if !t.is_empty() {
             return Ok((BootstrapToken(t.to_owned()), TokenSource::File));
@@ -243,8 +256,37 @@ pub fn identity_path(state_dir: &Path) -> PathBuf {
     state_dir.join(IDENTITY_FILE)
 }
 
+/// Sets the state directory's mode to exactly 0700 (whatever the umask, or
+/// a looser mode it was found with, which is logged): it holds the node's
+/// private key. A missing directory is fine.
+pub fn tighten_state_dir(state_dir: &Path) -> Result<(), IdentityError> {
+    let err = |source| IdentityError::Write {
+        path: state_dir.to_owned(),
+        source,
+    };
+    let meta = match std::fs::metadata(state_dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(e)),
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %state_dir.display(),
+                mode = format!("{mode:o}"),
+                "the state directory (it holds the node's private key) was open to others; \
+                 setting it to 0700"
+            );
+        }
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
 /// Loads the stored identity; `Ok(None)` when there is none yet.
 pub fn load(state_dir: &Path) -> Result<Option<Identity>, IdentityError> {
+    tighten_state_dir(state_dir)?;
     let path = identity_path(state_dir);
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
@@ -282,6 +324,7 @@ pub fn store(state_dir: &Path, id: &Identity) -> Result<PathBuf, IdentityError> 
         .mode(0o700)
         .create(state_dir)
         .map_err(err)?;
+    tighten_state_dir(state_dir)?;
     let tmp = state_dir.join(format!(".{IDENTITY_FILE}.tmp"));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()

@@ -696,3 +696,43 @@ async fn tampered_identity_fails_clearly() {
     assert_eq!(err.exit_code(), 77);
     assert!(err.to_string().contains("tampered"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_on_the_metrics_listener_and_the_state_dir_is_private() {
+    let e = env("probes").await;
+    // A state directory someone left open is closed before the key lands.
+    let state = e.dir.0.join("s-probes");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let a = ridge_agent::start(cfg(&e.overrides("s-probes")), Some(e.mint(3600, 1).await))
+        .await
+        .unwrap();
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("identity.json")), 0o600);
+    let http = reqwest::Client::new();
+    let get = |base: String, path: &'static str| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("{base}{path}")).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let base = format!("http://{}", a.metrics_addr.unwrap());
+    // No control socket: enrolled is ready.
+    assert_eq!(get(base.clone(), "/livez").await, (200, String::new()));
+    assert_eq!(get(base.clone(), "/readyz").await, (200, String::new()));
+    a.shutdown().await;
+    // A control socket with no dataplane behind it: alive, not ready.
+    let o = Overrides {
+        control_socket: Some(e.dir.0.join("no-dataplane.sock")),
+        ..e.overrides("s-probes2")
+    };
+    let b = ridge_agent::start(cfg(&o), Some(e.mint(3600, 1).await))
+        .await
+        .unwrap();
+    let base = format!("http://{}", b.metrics_addr.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(base.clone(), "/livez").await, (200, String::new()));
+    assert_eq!(get(base.clone(), "/readyz").await, (503, String::new()));
+    b.shutdown().await;
+}

@@ -28,6 +28,21 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCA
 pub const DEFAULT_DATABASE: &str = "sqlite:ridge-scheduler.db";
 /// Default heartbeat interval.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Default TLS handshake timeout.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client has to send a request's headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client has to send a request's body.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a connection may stay open with no request in flight.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on open connections (lowered to fit the descriptor limit
+/// when left unset, see [`Config::max_connections`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
+/// Default cap on open connections from one source address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+/// Default cap on concurrent desired-state long polls per node.
+pub const DEFAULT_MAX_LONG_POLLS_PER_NODE: usize = 4;
 /// Minimum length of the admin and dispatch tokens.
 pub const MIN_SECRET_LEN: usize = 16;
 
@@ -58,6 +73,17 @@ pub struct FileConfig {
     pub drain_timeout: Option<String>,
     pub replica_id: Option<String>,
     pub log: Option<String>,
+    pub tls_handshake_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub request_body_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub max_long_polls_per_node: Option<usize>,
+    /// DNS names a node may report in `addresses.http` besides the hosts
+    /// of its own addresses (`name`, or `*.suffix` for any name under it).
+    #[serde(default)]
+    pub node_url_domains: Vec<String>,
     #[serde(default)]
     pub region_prefixes: Vec<RegionPrefix>,
 }
@@ -75,6 +101,13 @@ pub struct Overrides {
     pub drain_timeout: Option<Duration>,
     pub replica_id: Option<String>,
     pub log: Option<String>,
+    pub tls_handshake_timeout: Option<Duration>,
+    pub header_read_timeout: Option<Duration>,
+    pub request_body_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub max_long_polls_per_node: Option<usize>,
 }
 
 /// Secrets from the environment.
@@ -156,8 +189,73 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub replica_id: String,
     pub log: String,
+    /// Connection and request limits.
+    pub limits: Limits,
+    /// See [`FileConfig::node_url_domains`]; lowercase.
+    pub node_url_domains: Vec<String>,
     /// Longest prefix wins.
     pub region_prefixes: Vec<(Cidr, String)>,
+}
+
+/// Connection and request limits (docs/operations.md, "Limits and abuse").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// From accept to the end of the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// To receive a request's headers (HTTP/1.1; it also bounds the wait
+    /// for the next request on a keep-alive connection).
+    pub header_read_timeout: Duration,
+    /// To receive a request's whole body.
+    pub request_body_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections in total; `None` when left unset (then
+    /// [`DEFAULT_MAX_CONNECTIONS`], lowered to fit the descriptor limit).
+    pub max_connections: Option<usize>,
+    /// Open connections from one source address.
+    pub max_connections_per_source: usize,
+    /// Concurrent desired-state long polls per node.
+    pub max_long_polls_per_node: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: None,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_long_polls_per_node: DEFAULT_MAX_LONG_POLLS_PER_NODE,
+        }
+    }
+}
+
+/// Descriptors kept free for the database, the runtime and the accept
+/// loop itself when the connection cap is derived from the limit.
+pub const FD_RESERVE: usize = 64;
+
+/// The soft `RLIMIT_NOFILE` of this process (from /proc/self/limits).
+pub fn nofile_limit() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl Limits {
+    /// The connection cap in force: the configured one, or the default
+    /// lowered to the descriptor limit less [`FD_RESERVE`].
+    pub fn max_connections(&self, nofile: Option<usize>) -> usize {
+        self.max_connections.unwrap_or_else(|| match nofile {
+            Some(n) => DEFAULT_MAX_CONNECTIONS.min(n.saturating_sub(FD_RESERVE).max(1)),
+            None => DEFAULT_MAX_CONNECTIONS,
+        })
+    }
 }
 
 impl Config {
@@ -411,6 +509,103 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
         .clone()
         .or(fc.log)
         .unwrap_or_else(|| "info".to_owned());
+    let timeout = |field: &'static str,
+                   flag: Option<Duration>,
+                   file: Option<&str>,
+                   default: Duration,
+                   max: Duration|
+     -> Result<Duration, ConfigError> {
+        let d = duration_setting(field, flag, file, default)?;
+        if d < Duration::from_millis(100) || d > max {
+            return Err(invalid(
+                field,
+                format!(
+                    "must be between 100ms and {}",
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+        Ok(d)
+    };
+    let limits = Limits {
+        tls_handshake_timeout: timeout(
+            "tls_handshake_timeout",
+            o.tls_handshake_timeout,
+            fc.tls_handshake_timeout.as_deref(),
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            Duration::from_secs(300),
+        )?,
+        header_read_timeout: timeout(
+            "header_read_timeout",
+            o.header_read_timeout,
+            fc.header_read_timeout.as_deref(),
+            DEFAULT_HEADER_READ_TIMEOUT,
+            Duration::from_secs(300),
+        )?,
+        request_body_timeout: timeout(
+            "request_body_timeout",
+            o.request_body_timeout,
+            fc.request_body_timeout.as_deref(),
+            DEFAULT_REQUEST_BODY_TIMEOUT,
+            Duration::from_secs(600),
+        )?,
+        idle_timeout: timeout(
+            "idle_timeout",
+            o.idle_timeout,
+            fc.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+            Duration::from_secs(3600),
+        )?,
+        max_connections: o.max_connections.or(fc.max_connections),
+        max_connections_per_source: o
+            .max_connections_per_source
+            .or(fc.max_connections_per_source)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SOURCE),
+        max_long_polls_per_node: o
+            .max_long_polls_per_node
+            .or(fc.max_long_polls_per_node)
+            .unwrap_or(DEFAULT_MAX_LONG_POLLS_PER_NODE),
+    };
+    if let Some(m) = limits.max_connections
+        && !(1..=1_000_000).contains(&m)
+    {
+        return Err(invalid("max_connections", "must be between 1 and 1000000"));
+    }
+    if !(1..=1_000_000).contains(&limits.max_connections_per_source) {
+        return Err(invalid(
+            "max_connections_per_source",
+            "must be between 1 and 1000000",
+        ));
+    }
+    if !(1..=64).contains(&limits.max_long_polls_per_node) {
+        return Err(invalid(
+            "max_long_polls_per_node",
+            "must be between 1 and 64",
+        ));
+    }
+    if fc.node_url_domains.len() > 256 {
+        return Err(invalid("node_url_domains", "at most 256 entries"));
+    }
+    let mut node_url_domains = Vec::new();
+    for d in fc.node_url_domains {
+        let name = d.strip_prefix("*.").unwrap_or(&d);
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(invalid(
+                "node_url_domains",
+                format!("`{d}` is not a DNS name or `*.` followed by one"),
+            ));
+        }
+        node_url_domains.push(d.to_ascii_lowercase());
+    }
     Ok(Config {
         listen,
         tls_cert,
@@ -426,6 +621,8 @@ pub fn build(fc: FileConfig, o: &Overrides, env: EnvSecrets) -> Result<Config, C
         drain_timeout,
         replica_id,
         log,
+        limits,
+        node_url_domains,
         region_prefixes,
     })
 }
@@ -502,6 +699,26 @@ mod tests {
         assert_eq!(c.region_for("::ffff:10.2.2.3".parse().unwrap()), Some("a"));
         assert_eq!(c.region_for("11.0.0.1".parse().unwrap()), None);
         assert!(!format!("{c:?}").contains("env-token"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits.max_connections(Some(1024)), 1024 - FD_RESERVE);
+        assert_eq!(
+            c.limits.max_connections(Some(1 << 20)),
+            DEFAULT_MAX_CONNECTIONS
+        );
+        assert_eq!(c.limits.max_connections(None), DEFAULT_MAX_CONNECTIONS);
+        let fc = parse_file(
+            "idle_timeout = \"5s\"\nmax_connections = 100\nmax_long_polls_per_node = 2\n",
+        )
+        .unwrap();
+        let o2 = Overrides {
+            idle_timeout: Some(Duration::from_secs(7)),
+            ..o.clone()
+        };
+        let c = build(fc, &o2, env("env-token-env-token")).unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.limits.max_connections(Some(64)), 100);
+        assert_eq!(c.limits.max_long_polls_per_node, 2);
+        assert!(nofile_limit().is_some());
     }
 
     #[test]
@@ -527,6 +744,17 @@ mod tests {
             "max_hops = 0",
             "database = \"mysql://x\"",
             "[[region_prefixes]]\ncidr = \"10.0.0.0/33\"\nregion = \"a\"",
+            "header_read_timeout = \"1ms\"",
+            "idle_timeout = \"2h\"",
+            "tls_handshake_timeout = \"soon\"",
+            "request_body_timeout = \"11m\"",
+            "max_connections = 0",
+            "max_connections_per_source = 0",
+            "max_long_polls_per_node = 0",
+            "max_long_polls_per_node = 65",
+            "node_url_domains = [\"*.\"]",
+            "node_url_domains = [\"a..b\"]",
+            "node_url_domains = [\"javascript:x\"]",
         ] {
             let fc = parse_file(toml).unwrap();
             assert!(build(fc, &o, env("0123456789abcdef")).is_err(), "{toml}");

@@ -46,6 +46,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body too large")]
     BodyTooLarge,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    #[error("{0}")]
+    TooManyLongPolls(String),
     // --- nobody's fault ---
     #[error("{0}")]
     NoNodeAvailable(String),
@@ -77,6 +81,8 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BodyTooLarge => "body_too_large",
+            Self::BodyTimeout(_) => "request_timeout",
+            Self::TooManyLongPolls(_) => "too_many_long_polls",
             Self::NoNodeAvailable(_) => "no_node_available",
             Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal",
@@ -102,6 +108,8 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyLongPolls(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoNodeAvailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -125,6 +133,13 @@ impl IntoResponse for ApiError {
             error: self.to_string(),
         };
         let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still be on its way: do not read it.
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 WWW_AUTHENTICATE,

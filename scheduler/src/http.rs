@@ -1,4 +1,5 @@
-//! The HTTPS API (docs/scheduler-api.md). Every route authenticates; bodies
+//! The HTTPS API (docs/scheduler-api.md). Every route but the probes
+//! (`/livez`, `/readyz`: a status code, no body) authenticates; bodies
 //! are read with a size limit and parsed strictly, so a malformed request
 //! gets a JSON error with a precise code.
 
@@ -21,7 +22,7 @@ use serde::de::DeserializeOwned;
 use crate::api;
 use crate::crypto::ct_eq;
 use crate::error::{ApiError, ErrorCode};
-use crate::metrics::{CodeLabels, HttpLabels, RouteLabels};
+use crate::metrics::{CodeLabels, HttpLabels, PhaseLabels, RouteLabels};
 use crate::service::Scheduler;
 
 /// Largest accepted request body.
@@ -48,6 +49,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/rooms"),
     ("get", "/v1/routes"),
     ("get", "/healthz"),
+    ("get", "/livez"),
+    ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
 ];
@@ -74,6 +77,8 @@ pub fn router(sched: Arc<Scheduler>, registry: Arc<Registry>) -> Router {
         .route("/v1/rooms", get(rooms))
         .route("/v1/routes", get(routes))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
@@ -90,7 +95,7 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = std::time::Instant::now();
-    let resp = if st.sched.shutting_down() && route != "/healthz" {
+    let resp = if st.sched.shutting_down() && !matches!(route.as_str(), "/healthz" | "/livez") {
         ApiError::ShuttingDown.into_response()
     } else {
         next.run(req).await
@@ -184,7 +189,11 @@ async fn require_node(st: &AppState, headers: &HeaderMap, id: &str) -> Result<()
 }
 
 /// Reads and strictly parses a JSON body.
-async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+async fn json_body<T: DeserializeOwned>(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
     let ct = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -198,9 +207,19 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
             "Content-Type must be application/json".into(),
         ));
     }
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| ApiError::BodyTooLarge)?;
+    let limit = st.sched.config.limits.request_body_timeout;
+    let bytes: Bytes = match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY)).await
+    {
+        Ok(r) => r.map_err(|_| ApiError::BodyTooLarge)?,
+        Err(_) => {
+            st.sched
+                .metrics
+                .connection_timeouts
+                .get_or_create(&PhaseLabels { phase: "body" })
+                .inc();
+            return Err(ApiError::BodyTimeout(limit));
+        }
+    };
     serde_json::from_slice(&bytes).map_err(|e| {
         // serde's message names the field and position, never a value we
         // would mind (secrets are strings and serde does not echo them).
@@ -210,7 +229,7 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
 
 async fn enroll(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
-        let req: api::EnrollRequest = json_body(&headers, body).await?;
+        let req: api::EnrollRequest = json_body(&st, &headers, body).await?;
         st.sched.enroll(req).await
     }
     .await;
@@ -236,7 +255,7 @@ async fn heartbeat(
     body: Body,
 ) -> Result<Json<api::HeartbeatResponse>, ApiError> {
     require_node(&st, &headers, &id).await?;
-    let hb: api::Heartbeat = json_body(&headers, body).await?;
+    let hb: api::Heartbeat = json_body(&st, &headers, body).await?;
     Ok(Json(st.sched.heartbeat(&id, hb)?))
 }
 
@@ -260,6 +279,11 @@ async fn desired(
             "wait must be 0 to {MAX_WAIT_SECS} seconds"
         )));
     }
+    let _place = if wait > 0 {
+        Some(st.sched.begin_long_poll(&id)?)
+    } else {
+        None
+    };
     match st
         .sched
         .watch_desired(&id, since, Duration::from_secs(wait))
@@ -351,7 +375,7 @@ async fn create_token(
     body: Body,
 ) -> Result<Response, ApiError> {
     require_admin(&st, &headers).await?;
-    let req: api::CreateToken = json_body(&headers, body).await?;
+    let req: api::CreateToken = json_body(&st, &headers, body).await?;
     let t = st.sched.create_token(req).await?;
     Ok((StatusCode::CREATED, Json(t)).into_response())
 }
@@ -401,7 +425,7 @@ async fn drain(
     body: Body,
 ) -> Result<Json<api::NodeSummary>, ApiError> {
     require_admin(&st, &headers).await?;
-    let req: api::DrainRequest = json_body(&headers, body).await?;
+    let req: api::DrainRequest = json_body(&st, &headers, body).await?;
     Ok(Json(st.sched.drain(&id, req.drain).await?))
 }
 
@@ -441,6 +465,27 @@ async fn healthz(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
     Ok((code, Json(body)).into_response())
 }
 
+/// How long `/readyz` waits for the database.
+const READY_PING: Duration = Duration::from_secs(2);
+
+/// Liveness, unauthenticated, no body: 200 while the process serves HTTP
+/// (draining included: restarting a draining replica helps nobody).
+async fn livez() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Readiness, unauthenticated, no body: 200 when the database answers a
+/// query within 2 s and the scheduler is not draining, else 503.
+async fn readyz(State(st): State<AppState>) -> StatusCode {
+    if st.sched.shutting_down() {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    match tokio::time::timeout(READY_PING, st.sched.store.ping()).await {
+        Ok(Ok(())) => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&st, &headers).await?;
     let mut out = String::new();
@@ -459,8 +504,16 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
 
 async fn openapi(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let token = bearer(&headers)?;
-    if static_secret(&st, token) != Static::Admin {
-        st.sched.authenticate_node(token).await?;
+    match static_secret(&st, token) {
+        Static::Admin => {}
+        Static::Dispatch => {
+            return Err(ApiError::Forbidden(
+                "the dispatch token only grants /v1/dispatch".into(),
+            ));
+        }
+        Static::None => {
+            st.sched.authenticate_node(token).await?;
+        }
     }
     Ok((
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],

@@ -49,6 +49,29 @@ struct Cli {
     /// This replica's name (logs, /healthz, /v1/routes).
     #[arg(long)]
     replica_id: Option<String>,
+    /// Longest TLS handshake after accept [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Option<Duration>,
+    /// Longest wait for a request's headers, also for the next request on
+    /// an HTTP/1.1 keep-alive connection [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    header_read_timeout: Option<Duration>,
+    /// Longest wait for a request's whole body [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    request_body_timeout: Option<Duration>,
+    /// Close a connection with no request in flight after this [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Most open connections [default: 16384, lowered to the descriptor
+    /// limit less 64].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most open connections from one source address [default: 256].
+    #[arg(long)]
+    max_connections_per_source: Option<usize>,
+    /// Most concurrent desired-state long polls per node [default: 4].
+    #[arg(long)]
+    max_long_polls_per_node: Option<usize>,
     /// tracing filter (e.g. info, ridge_scheduler=debug).
     #[arg(long)]
     log: Option<String>,
@@ -74,6 +97,13 @@ fn main() -> ExitCode {
         drain_timeout: cli.drain_timeout,
         replica_id: cli.replica_id,
         log: cli.log,
+        tls_handshake_timeout: cli.tls_handshake_timeout,
+        header_read_timeout: cli.header_read_timeout,
+        request_body_timeout: cli.request_body_timeout,
+        idle_timeout: cli.idle_timeout,
+        max_connections: cli.max_connections,
+        max_connections_per_source: cli.max_connections_per_source,
+        max_long_polls_per_node: cli.max_long_polls_per_node,
     };
     let config = match config::load(cli.config.as_deref(), &overrides, EnvSecrets::from_env()) {
         Ok(c) => c,

@@ -31,6 +31,21 @@ pub struct StateLabels {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
 /// Live metric handles.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -51,6 +66,13 @@ pub struct Metrics {
     pub draining: Gauge,
     pub link_state_changes: Counter,
     pub early_ticks: Counter,
+    pub connections: Gauge,
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    pub connection_timeouts: Family<PhaseLabels, Counter>,
+    pub accept_errors: Family<KindLabels, Counter>,
+    pub tls_handshake_failures: Counter,
+    pub long_polls_refused: Counter,
+    pub node_urls_rejected: Family<ReasonLabels, Counter>,
 }
 
 /// Builds the registry and the handles.
@@ -80,6 +102,13 @@ pub fn registry() -> (Registry, Metrics) {
         draining: Gauge::default(),
         link_state_changes: Counter::default(),
         early_ticks: Counter::default(),
+        connections: Gauge::default(),
+        connections_refused: Family::default(),
+        connection_timeouts: Family::default(),
+        accept_errors: Family::default(),
+        tls_handshake_failures: Counter::default(),
+        long_polls_refused: Counter::default(),
+        node_urls_rejected: Family::default(),
     };
     let r = registry.sub_registry_with_prefix("ridge_scheduler");
     r.register(
@@ -158,6 +187,41 @@ pub fn registry() -> (Registry, Metrics) {
         "early_ticks",
         "Ticks run before they were due because a link went down or came back up",
         m.early_ticks.clone(),
+    );
+    r.register(
+        "connections",
+        "Open client connections (TLS handshakes included)",
+        m.connections.clone(),
+    );
+    r.register(
+        "connections_refused",
+        "Connections closed at accept because a cap was reached, by reason (total, per_source)",
+        m.connections_refused.clone(),
+    );
+    r.register(
+        "connection_timeouts",
+        "Connections closed by a timeout, by phase (tls_handshake, header, idle)",
+        m.connection_timeouts.clone(),
+    );
+    r.register(
+        "accept_errors",
+        "Failed accept calls by kind (emfile, enfile, nomem, aborted, other)",
+        m.accept_errors.clone(),
+    );
+    r.register(
+        "tls_handshake_failures",
+        "TLS handshakes that failed (not timed out)",
+        m.tls_handshake_failures.clone(),
+    );
+    r.register(
+        "long_polls_refused",
+        "Desired-state long polls refused with 429: the node already had max_long_polls_per_node open",
+        m.long_polls_refused.clone(),
+    );
+    r.register(
+        "node_urls_rejected",
+        "Node-reported HTTP URLs left out of the registry, by reason (unparsable, scheme, credentials, host)",
+        m.node_urls_rejected.clone(),
     );
     (registry, m)
 }

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum_server::Handle;
 use axum_server::tls_rustls::RustlsConfig;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -13,6 +12,8 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::service::Scheduler;
 use crate::store::LeaderLock;
+
+mod conn;
 
 /// The least time from the start of one tick to an early one (see
 /// [`Scheduler::tick_requested`]): a storm of link changes costs at most 20
@@ -41,9 +42,9 @@ pub enum StartError {
 pub struct Running {
     pub addr: SocketAddr,
     pub scheduler: Arc<Scheduler>,
-    handle: Handle<SocketAddr>,
+    stop_accept: watch::Sender<bool>,
     stop_tick: watch::Sender<bool>,
-    server: JoinHandle<Result<(), std::io::Error>>,
+    server: JoinHandle<()>,
     ticker: JoinHandle<LeaderLock>,
 }
 
@@ -52,7 +53,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let tls = RustlsConfig::from_pem_file(&config.tls_cert, &config.tls_key)
         .await
-        .map_err(StartError::Tls)?;
+        .map_err(StartError::Tls)?
+        .get_inner();
     let (registry, metrics) = crate::metrics::registry();
     let sched = Scheduler::open(config, metrics).await?;
     let listener = bind_listener(sched.config.listen).map_err(|source| StartError::Bind {
@@ -63,17 +65,32 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .local_addr()
         .map_err(|e| StartError::Serve(e.to_string()))?;
     let app = crate::http::router(sched.clone(), Arc::new(registry));
-    let handle = Handle::new();
+    let nofile = crate::config::nofile_limit();
+    let limits = &sched.config.limits;
+    let max_connections = limits.max_connections(nofile);
+    if let (Some(n), Some(_)) = (nofile, limits.max_connections)
+        && max_connections + crate::config::FD_RESERVE > n
+    {
+        tracing::warn!(
+            max_connections,
+            descriptor_limit = n,
+            "max_connections does not leave {} descriptors free under the descriptor limit \
+             (RLIMIT_NOFILE): accept may fail with EMFILE; raise the limit (e.g. LimitNOFILE=) \
+             or lower max_connections",
+            crate::config::FD_RESERVE
+        );
+    }
+    let (stop_accept, stop_rx) = watch::channel(false);
     let server = {
-        let handle = handle.clone();
-        let server = axum_server::from_tcp_rustls(listener, tls)
-            .map_err(|e| StartError::Serve(e.to_string()))?
-            .handle(handle);
-        tokio::spawn(async move {
-            server
-                .serve(app.into_make_service_with_connect_info::<SocketAddr>())
-                .await
-        })
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| StartError::Serve(e.to_string()))?;
+        let conns = conn::Serve::new(
+            sched.clone(),
+            app,
+            tokio_rustls::TlsAcceptor::from(tls),
+            max_connections,
+        );
+        tokio::spawn(conns.run(listener, stop_rx))
     };
     let (stop_tick, mut stop_rx) = watch::channel(false);
     let ticker = {
@@ -117,7 +134,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     Ok(Running {
         addr,
         scheduler: sched,
-        handle,
+        stop_accept,
         stop_tick,
         server,
         ticker,
@@ -131,14 +148,13 @@ impl Running {
     pub async fn shutdown(self) -> Result<(), StartError> {
         let timeout = self.scheduler.config.drain_timeout;
         self.scheduler.begin_shutdown();
-        self.handle.graceful_shutdown(Some(timeout));
+        let _ = self.stop_accept.send(true);
         let served = tokio::time::timeout(timeout + Duration::from_secs(1), self.server).await;
         let _ = self.stop_tick.send(true);
         let mut lock = self.ticker.await.unwrap_or_default();
         self.scheduler.close(&mut lock).await;
         match served {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(StartError::Serve(e.to_string())),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StartError::Serve(e.to_string())),
             Err(_) => {
                 tracing::warn!("drain timed out");

@@ -106,6 +106,29 @@ pub struct Scheduler {
     /// The leader's last full computation: the mesh structure it saw
     /// ([`structure_fingerprint`]) and when.
     last_computed: Mutex<Option<(u64, u64)>>,
+    /// Open desired-state long polls per node (entries removed at 0, so
+    /// at most one per authenticated node).
+    long_polls: Mutex<HashMap<String, usize>>,
+}
+
+/// One open long poll; gives its place back on drop.
+#[derive(Debug)]
+pub struct LongPoll<'a> {
+    sched: &'a Scheduler,
+    node: String,
+}
+
+impl Drop for LongPoll<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.sched.long_polls.lock()
+            && let Some(n) = m.get_mut(&self.node)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// How often the leader recomputes routes when only measurements (RTT,
@@ -151,6 +174,7 @@ impl Scheduler {
             dead_links: Mutex::new(HashMap::new()),
             tick_now: Notify::new(),
             last_computed: Mutex::new(None),
+            long_polls: Mutex::new(HashMap::new()),
         });
         s.reload().await?;
         s.refresh_desired().await?;
@@ -372,8 +396,27 @@ impl Scheduler {
 
     /// Records a heartbeat (persisted at the next tick, which comes at once
     /// when the set of links the node reports dead changed).
-    pub fn heartbeat(&self, id: &str, hb: Heartbeat) -> Result<api::HeartbeatResponse, ApiError> {
+    pub fn heartbeat(
+        &self,
+        id: &str,
+        mut hb: Heartbeat,
+    ) -> Result<api::HeartbeatResponse, ApiError> {
         hb.validate().map_err(ApiError::InvalidRequest)?;
+        if let Err(reason) = check_http_url(&hb.addresses, &self.config.node_url_domains) {
+            // Leave the URL out rather than refuse the heartbeat: the node
+            // stays in the mesh, dispatch answers name no URL for it.
+            hb.addresses.http = None;
+            self.metrics
+                .node_urls_rejected
+                .get_or_create(&crate::metrics::ReasonLabels { reason })
+                .inc();
+            tracing::warn!(
+                node_id = %id,
+                reason,
+                "left out the node's reported HTTP URL: it must be http(s)://, without \
+                 credentials, on the host of its media or mesh address"
+            );
+        }
         let now = now_ms();
         let dead_changed = self.dead_links_changed(id, &hb);
         let hb = Arc::new(hb);
@@ -493,7 +536,7 @@ impl Scheduler {
                     .get_node(id)
                     .await?
                     .ok_or_else(|| ApiError::NotFound(format!("no node {id}")))?;
-                Arc::new(node_view(row))
+                Arc::new(node_view(row, &self.config.node_url_domains))
             }
         };
         let desired = self.desired_json(id).and_then(|(_, body)| {
@@ -676,6 +719,30 @@ impl Scheduler {
         self.desired.read().ok()?.get(id).cloned()
     }
 
+    /// Takes one of the node's `max_long_polls_per_node` long-poll places,
+    /// or refuses with [`ApiError::TooManyLongPolls`].
+    pub fn begin_long_poll(&self, node: &str) -> Result<LongPoll<'_>, ApiError> {
+        let max = self.config.limits.max_long_polls_per_node;
+        let mut m = self
+            .long_polls
+            .lock()
+            .map_err(|_| ApiError::Internal(StoreError::Corrupt("long-poll table".into())))?;
+        let n = m.entry(node.to_owned()).or_insert(0);
+        if *n >= max {
+            drop(m);
+            self.metrics.long_polls_refused.inc();
+            return Err(ApiError::TooManyLongPolls(format!(
+                "node {node} already has {max} desired-state long polls open \
+                 (max_long_polls_per_node); wait for one to return"
+            )));
+        }
+        *n += 1;
+        Ok(LongPoll {
+            sched: self,
+            node: node.to_owned(),
+        })
+    }
+
     /// Long poll: a desired state whose version differs from `since`, or
     /// `None` after `wait` (or at shutdown).
     pub async fn watch_desired(
@@ -799,10 +866,11 @@ impl Scheduler {
         .map_err(|e| StoreError::Corrupt(format!("snapshot task: {e}")))?;
         if !fetch.is_empty() {
             let rows = self.store.load_nodes_by_id(&fetch).await?;
+            let domains = self.config.node_url_domains.clone();
             let fetched = tokio::task::spawn_blocking(move || {
                 rows.into_iter()
                     .map(|row| {
-                        let mut n = node_view(row);
+                        let mut n = node_view(row, &domains);
                         if let Some((at, hb)) = latest.get(&n.row.id)
                             && n.row.last_heartbeat_ms.is_none_or(|t| t <= *at)
                         {
@@ -996,12 +1064,76 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
     serde_json::from_str(s).unwrap_or_default()
 }
 
-fn node_view(mut row: NodeRow) -> NodeView {
-    let report = row
+/// Whether a node's reported `addresses.http` may be handed to clients:
+/// absent, or an `http`/`https` URL without credentials whose host is the
+/// host of its media or mesh address, or a DNS name `domains` allows
+/// (`name` exactly, `*.suffix` any name under it). `Err` names the reason
+/// (a metric label).
+pub fn check_http_url(a: &api::Addresses, domains: &[String]) -> Result<(), &'static str> {
+    let Some(raw) = a.http.as_deref() else {
+        return Ok(());
+    };
+    let u = url::Url::parse(raw).map_err(|_| "unparsable")?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err("scheme");
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("credentials");
+    }
+    let host = u.host().ok_or("host")?;
+    let matches = |addr: &str| {
+        let addr_host = match addr.parse::<std::net::SocketAddr>() {
+            Ok(sa) => return matches_ip(&host, sa.ip()),
+            Err(_) => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
+        };
+        let addr_host = addr_host.trim_start_matches('[').trim_end_matches(']');
+        match addr_host.parse::<std::net::IpAddr>() {
+            Ok(ip) => matches_ip(&host, ip),
+            Err(_) => {
+                matches!(&host, url::Host::Domain(d) if d.eq_ignore_ascii_case(addr_host))
+            }
+        }
+    };
+    let allowed = |d: &str| {
+        domains.iter().any(|p| match p.strip_prefix("*.") {
+            Some(suffix) => d.len().checked_sub(suffix.len() + 1).is_some_and(|i| {
+                d.as_bytes()[i] == b'.'
+                    && d.get(i + 1..)
+                        .is_some_and(|s| s.eq_ignore_ascii_case(suffix))
+            }),
+            None => d.eq_ignore_ascii_case(p),
+        })
+    };
+    if matches!(&host, url::Host::Domain(d) if allowed(d))
+        || [a.media.as_deref(), a.mesh.as_deref()]
+            .into_iter()
+            .flatten()
+            .any(matches)
+    {
+        Ok(())
+    } else {
+        Err("host")
+    }
+}
+
+fn matches_ip(host: &url::Host<&str>, ip: std::net::IpAddr) -> bool {
+    match (host, ip.to_canonical()) {
+        (url::Host::Ipv4(h), std::net::IpAddr::V4(i)) => *h == i,
+        (url::Host::Ipv6(h), std::net::IpAddr::V6(i)) => *h == i,
+        _ => false,
+    }
+}
+
+fn node_view(mut row: NodeRow, url_domains: &[String]) -> NodeView {
+    let mut report: Heartbeat = row
         .report
         .take()
         .and_then(|r| serde_json::from_str(&r).ok())
         .unwrap_or_default();
+    // Reports stored before URLs were checked.
+    if check_http_url(&report.addresses, url_domains).is_err() {
+        report.addresses.http = None;
+    }
     NodeView {
         labels: parse_labels(&row.labels),
         row,
@@ -1138,5 +1270,60 @@ fn token_info(t: &TokenRow, now: u64) -> TokenInfo {
         uses: t.uses,
         revoked: t.revoked_at.is_some(),
         state: state.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(http: &str) -> api::Addresses {
+        api::Addresses {
+            media: Some("192.0.2.7:443".into()),
+            mesh: Some("[2001:db8::1]:5000".into()),
+            http: Some(http.into()),
+        }
+    }
+
+    #[test]
+    fn node_urls() {
+        for ok in [
+            "https://192.0.2.7",
+            "http://192.0.2.7:8080/x?y",
+            "https://[2001:db8::1]:8443/",
+        ] {
+            assert_eq!(check_http_url(&addrs(ok), &[]), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("javascript:alert(1)//", "scheme"),
+            ("data:text/html,x", "scheme"),
+            ("ftp://192.0.2.7/", "scheme"),
+            ("https://evil.example/", "host"),
+            ("https://192.0.2.8/", "host"),
+            ("https://u:p@192.0.2.7/", "credentials"),
+            ("not a url", "unparsable"),
+        ] {
+            assert_eq!(check_http_url(&addrs(bad), &[]), Err(why), "{bad}");
+        }
+        let mut named = addrs("https://Node1.example:8443");
+        named.media = Some("node1.example:443".into());
+        assert_eq!(check_http_url(&named, &[]), Ok(()));
+        assert_eq!(check_http_url(&api::Addresses::default(), &[]), Ok(()));
+        let domains = ["edge.example.net".to_owned(), "*.cdn.example".to_owned()];
+        for ok in [
+            "https://EDGE.example.net/",
+            "https://fra-1.cdn.example:8443",
+            "https://a.b.cdn.example",
+        ] {
+            assert_eq!(check_http_url(&addrs(ok), &domains), Ok(()), "{ok}");
+        }
+        for bad in [
+            "https://cdn.example/",
+            "https://xcdn.example/",
+            "https://edge.example.net.evil/",
+            "https://other.example.net/",
+        ] {
+            assert_eq!(check_http_url(&addrs(bad), &domains), Err("host"), "{bad}");
+        }
     }
 }

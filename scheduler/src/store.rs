@@ -8,6 +8,8 @@
 //! connection ([`LeaderLock`]); the lock dies with the connection, so a
 //! killed replica hands leadership over as soon as PostgreSQL notices.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -197,6 +199,7 @@ impl Store {
                     "give SQLite a file path (an in-memory database would lose everything)".into(),
                 ));
             }
+            prepare_sqlite_files(Path::new(path))?;
             let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
                 .map_err(|e| StoreError::Open(e.to_string()))?
                 .create_if_missing(true)
@@ -207,6 +210,11 @@ impl Store {
                 .max_connections(4)
                 .connect_with(opts)
                 .await?;
+            // WAL mode has created -wal and -shm by now (SQLite gives them
+            // the database file's mode); check them too.
+            for f in sqlite_files(Path::new(path)) {
+                tighten(&f, 0o600)?;
+            }
             Self::Sqlite(pool)
         } else {
             let opts = PgConnectOptions::from_str(url)
@@ -600,10 +608,102 @@ impl Store {
         })
     }
 
+    /// Whether the database answers (a `SELECT 1`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_pool!(self, pool => {
+            sqlx::query("SELECT 1").execute(pool).await?;
+            Ok(())
+        })
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         with_pool!(self, pool => pool.close().await)
     }
+}
+
+/// The SQLite database and its `-wal` and `-shm` files.
+fn sqlite_files(db: &Path) -> [PathBuf; 3] {
+    let with = |suffix: &str| {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    [db.to_owned(), with("-wal"), with("-shm")]
+}
+
+/// Sets `path`'s mode to `mode` if it grants more, with a warning; a
+/// missing file is fine.
+fn tighten(path: &Path, mode: u32) -> Result<(), StoreError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::Open(format!("{}: {e}", path.display()))),
+    };
+    let found = meta.permissions().mode() & 0o777;
+    if found & !mode != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            found = format!("{found:o}"),
+            now = format!("{mode:o}"),
+            "the database holds the signing and mesh keys and every node's dataplane secret: \
+             it was readable or writable by others; tightening its mode"
+        );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| StoreError::Open(format!("chmod {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Before SQLite opens `db`: creates its directory 0700 if missing, warns
+/// if an existing one lets others in (it may be shared, e.g. the working
+/// directory, so it is left as it is), creates the file 0600 whatever the
+/// umask, and tightens existing files to 0600.
+fn prepare_sqlite_files(db: &Path) -> Result<(), StoreError> {
+    let open_err = |p: &Path, e: std::io::Error| StoreError::Open(format!("{}: {e}", p.display()));
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    match std::fs::metadata(&dir) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o022 != 0 {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    mode = format!("{mode:o}"),
+                    "the database directory is writable by others: they could replace or \
+                     remove the database; give it mode 0700"
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| open_err(&dir, e))?;
+            // The umask may have narrowed 0700 further, never widened it;
+            // set it exactly.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| open_err(&dir, e))?;
+        }
+        Err(e) => return Err(open_err(&dir, e)),
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(db)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(open_err(db, e)),
+    }
+    for f in sqlite_files(db) {
+        tighten(&f, 0o600)?;
+    }
+    Ok(())
 }
 
 /// Leadership on PostgreSQL: a dedicated connection holding

@@ -229,13 +229,16 @@ async fn enrollment_and_credentials() {
         .unwrap();
     assert_eq!(r.code(), "malformed_body");
 
-    // Every route exists and authenticates.
+    // Every route exists and authenticates, but the probes.
     for (method, route) in ROUTES {
         let p = route.replace("{id}", &node.id);
         let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let r = c.call::<()>(m, &p, None, None).await.unwrap();
         if *route == "/v1/enroll" {
             assert_eq!(r.code(), "malformed_body", "{method} {route}");
+        } else if matches!(*route, "/livez" | "/readyz") {
+            // The probes: no credential, a status code and no body.
+            assert_eq!((r.status.as_u16(), r.body.as_str()), (200, ""), "{route}");
         } else {
             assert_eq!(
                 (r.status.as_u16(), r.code().as_str()),

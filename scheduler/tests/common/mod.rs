@@ -68,7 +68,34 @@ impl Sched {
     /// Starts `ridge-scheduler` with the dir's cert and `extra` flags; waits
     /// for its listening line.
     pub fn start(dir: &Path, database: &str, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ridge-scheduler"));
+        Self::start_limited(dir, database, extra, None)
+    }
+
+    /// [`Sched::start`] with the descriptor limit (RLIMIT_NOFILE, soft and
+    /// hard) lowered to `nofile` by the shell before it execs the binary.
+    pub fn start_limited(dir: &Path, database: &str, extra: &[&str], nofile: Option<u32>) -> Self {
+        Self::start_after(
+            dir,
+            database,
+            extra,
+            nofile.map(|n| format!("ulimit -n {n}")).as_deref(),
+        )
+    }
+
+    /// [`Sched::start`] after the shell command `prelude` (e.g. `umask
+    /// 000`), in the shell that then execs the binary.
+    pub fn start_after(dir: &Path, database: &str, extra: &[&str], prelude: Option<&str>) -> Self {
+        let bin = env!("CARGO_BIN_EXE_ridge-scheduler");
+        let mut cmd = match prelude {
+            Some(p) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{p} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--tls-cert")
