@@ -22,6 +22,7 @@ use super::forward::Forward;
 use super::layers::{Layer, admit};
 use super::outbox::{Feedback, Outbox, RtcpFeedback};
 use super::peer::{Peer, Transport};
+use super::quota::Charge;
 use super::registry::Track;
 
 /// Largest gap in a plain publisher's sequence numbers that we NACK.
@@ -206,6 +207,12 @@ impl Sfu {
     ) -> Result<RtpEndpointInfo, SfuError> {
         let room = self.room_for_new_session(participant)?;
         check_spec(&spec)?;
+        super::consent::check_remote(
+            spec.remote,
+            self.config.local_addr,
+            &self.config.rtp_allow_networks,
+            &self.config.rtp_trusted_networks,
+        )?;
         if self.index.by_addr.contains_key(&spec.remote) {
             return Err(SpecError::RemoteIsWebRtc(spec.remote).into());
         }
@@ -232,11 +239,20 @@ impl Sfu {
                 .into());
             }
         }
+        let charged = self.charge_session(
+            participant,
+            Charge {
+                sessions: 1,
+                rtp_endpoints: 1,
+                tracks: usize::from(spec.direction == RtpDirection::Publish),
+            },
+        )?;
         let ssrc = match spec.ssrc {
             Some(s) => s,
             None => self.random() as u32 | 1,
         };
         let id = self.new_peer_id();
+        self.keep_charge(id, charged);
         let initial = (self.random() & 0x3fff) as u16;
         if spec.direction == RtpDirection::Subscribe {
             // A receive batch fanned out to this subscriber needs a header
@@ -291,6 +307,17 @@ impl Sfu {
             let t = info.track;
             self.publish_track(now, &room, info);
             Some(t)
+        } else if self.needs_consent(spec.remote) {
+            // Nothing is sent until the remote proves it wants the stream
+            // (consent.rs); the requested track is only checked for now.
+            let deadline = now + self.config.rtp_consent_timeout;
+            self.consent.pending.insert(id, (deadline, spec.track));
+            return Ok(RtpEndpointInfo {
+                peer: id,
+                local: self.config.local_addr,
+                ssrc,
+                track: spec.track,
+            });
         } else {
             self.bind_rtp_subscriber(now, id, spec.track);
             match self.peers.get(&id).map(|p| &p.transport) {
