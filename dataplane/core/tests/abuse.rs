@@ -32,7 +32,13 @@ fn publish_offer() -> String {
     change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
     change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
     let (offer, _) = change.apply().unwrap();
-    offer.to_sdp_string()
+    // No candidates: str0m's ICE-lite agent then never gives up on its own
+    // (it has no pair to time out), as with the offers of the attack.
+    offer
+        .to_sdp_string()
+        .split_inclusive("\r\n")
+        .filter(|l| !l.starts_with("a=candidate") && !l.starts_with("a=end-of-candidates"))
+        .collect()
 }
 
 /// One WHIP session as the node's API opens it: an ephemeral participant
