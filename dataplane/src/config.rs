@@ -420,7 +420,9 @@ fn build_limits(
         .unwrap_or(max_sessions.max(1).div_ceil(4));
     let per_identity = QuotaLimits {
         sessions,
-        rooms: file.identity_max_rooms.unwrap_or(DEFAULT_IDENTITY_MAX_ROOMS),
+        rooms: file
+            .identity_max_rooms
+            .unwrap_or(DEFAULT_IDENTITY_MAX_ROOMS),
         tracks: file
             .identity_max_tracks
             .unwrap_or(sessions.saturating_mul(2)),

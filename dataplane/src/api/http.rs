@@ -13,9 +13,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use ridge_sfu::{
-    OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, SfuError, TrackId, TrackKind,
-};
+use ridge_sfu::{OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, SfuError, TrackId, TrackKind};
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};

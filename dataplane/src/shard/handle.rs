@@ -20,8 +20,8 @@ use std::time::Instant;
 use ridge_io::Backend;
 use ridge_sfu::{
     MeshConfig, MeshFlow, MeshFlowProgress, OfferIntent, Owner, ParticipantId, PeerId, PlainFlow,
-    QuotaConfig, QuotaLedger,
-    RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuError, SfuEvent, StatsSnapshot, shard_of,
+    QuotaConfig, QuotaLedger, RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuError, SfuEvent,
+    StatsSnapshot, shard_of,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
