@@ -166,11 +166,8 @@ pub(super) fn check_remote(
         });
     }
     let local_loopback = local.ip().to_canonical().is_loopback();
-    if restricted
-        && !(ip.is_loopback() && local_loopback)
-        && !listed(allow, ip)
-        && !listed(trusted, ip)
-    {
+    let allowed = (ip.is_loopback() && local_loopback) || listed(allow, ip) || listed(trusted, ip);
+    if restricted && !allowed {
         return Err(SpecError::RemoteRestricted(remote));
     }
     Ok(())
