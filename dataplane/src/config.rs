@@ -1074,6 +1074,55 @@ mod tests {
         }
     }
 
+    #[test]
+    fn limits_default_below_max_sessions_and_parse() {
+        let c = from_toml_str("max_sessions = 100\n", &Overrides::default(), env()).unwrap();
+        let l = &c.limits;
+        assert_eq!(l.per_identity.sessions, 25);
+        assert_eq!(l.per_identity.tracks, 50);
+        assert_eq!(l.per_identity.rtp_endpoints, 25);
+        assert_eq!(l.per_identity.rooms, DEFAULT_IDENTITY_MAX_ROOMS);
+        assert_eq!(l.per_token, l.per_identity);
+        assert_eq!(l.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(l.rtp_consent_timeout, DEFAULT_RTP_CONSENT_TIMEOUT);
+        assert!(l.rtp_allow_networks.is_empty() && l.rtp_trusted_networks.is_empty());
+        assert!(
+            c.warnings()
+                .iter()
+                .all(|w| !w.contains("identity_max_sessions"))
+        );
+
+        let c = from_toml_str(
+            "max_sessions = 10\nidentity_max_sessions = 10\ntoken_max_sessions = 2\n\
+             handshake_timeout = \"5s\"\nrtp_allow_networks = [\"127.0.0.0/8\"]\n\
+             rtp_trusted_networks = [\"10.0.0.0/8\", \"fd00::/8\"]\n",
+            &Overrides::default(),
+            env(),
+        )
+        .unwrap();
+        assert_eq!(c.limits.per_identity.sessions, 10);
+        assert_eq!(c.limits.per_token.sessions, 2);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.rtp_allow_networks[0].to_string(), "127.0.0.0/8");
+        assert_eq!(c.limits.rtp_trusted_networks.len(), 2);
+        assert!(
+            c.warnings()
+                .iter()
+                .any(|w| w.contains("identity_max_sessions"))
+        );
+
+        let (field, msg) = err(
+            "rtp_trusted_networks = [\"10.0.0.0/33\"]\n",
+            &Overrides::default(),
+        );
+        assert_eq!(field, "rtp_trusted_networks");
+        assert!(msg.contains("CIDR"), "{msg}");
+        let (field, _) = err("token_max_rooms = 0\n", &Overrides::default());
+        assert_eq!(field, "token_max_rooms");
+        let (field, _) = err("handshake_timeout = \"10m\"\n", &Overrides::default());
+        assert_eq!(field, "handshake_timeout");
+    }
+
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
     /// A fresh, process-unique scratch directory.
