@@ -566,6 +566,8 @@ impl MeshNode {
             .args(["--udp", &media_addr(index).to_string()])
             .args(["--shards", "1", "--no-pin-cores", "--xdp", "off"])
             .args(["--io-backend", &opts.io_backend])
+            // The lab's plain subscribers receive without a consent packet.
+            .args(["--rtp-trusted-network", "10.81.0.0/16"])
             .arg("--dev-no-auth")
             .arg("--control-socket")
             .arg(&control)

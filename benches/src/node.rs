@@ -122,6 +122,9 @@ impl NodeProcess {
         cmd.env("RIDGE_JWT_SECRET", &secret)
             .args(["--http", &http.to_string(), "--udp", &udp.to_string()])
             .args(["--shards", &opts.shards.to_string()])
+            // The bench's receivers are loopback sockets that never send:
+            // they receive without first proving consent.
+            .args(["--rtp-trusted-network", "127.0.0.0/8"])
             .args(["--io-backend", &opts.io_backend])
             .args((!opts.gso).then_some("--no-udp-gso"))
             .args(["--log", "warn", "--drain-timeout", "1s"])

@@ -88,6 +88,12 @@ pub struct RunArgs {
     /// Media shards: pinned threads, each with its own UDP socket on port udp+i; 0 = one per core [default: 0]
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// A loopback or link-local network plain-RTP endpoints may name, e.g. 127.0.0.0/8 (repeatable; replaces rtp_allow_networks)
+    #[arg(long, value_name = "CIDR")]
+    pub rtp_allow_network: Vec<ridge_sfu::Cidr>,
+    /// A network whose plain-RTP subscribers receive without first sending a packet (repeatable; replaces rtp_trusted_networks)
+    #[arg(long, value_name = "CIDR")]
+    pub rtp_trusted_network: Vec<ridge_sfu::Cidr>,
     /// Do not pin shard threads to cores
     #[arg(long)]
     pub no_pin_cores: bool,
@@ -157,6 +163,12 @@ impl RunArgs {
             kernel_forwarding: self.no_kernel_forwarding.then_some(false),
             log: self.log.clone(),
             control_socket: self.control_socket.clone(),
+            rtp_allow_networks: self.rtp_allow_network.clone(),
+            rtp_trusted_networks: self.rtp_trusted_network.clone(),
+            handshake_timeout: None,
+            rtp_consent_timeout: None,
+            identity_max_sessions: None,
+            token_max_sessions: None,
         }
     }
 

@@ -17,6 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ridge_sfu::{Cidr, QuotaLimits};
 use ridge_wire::config::{duration_setting, invalid, read_file};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -121,6 +122,34 @@ pub struct FileConfig {
     pub log: Option<String>,
     /// Unix socket of the local control API (`""`: none).
     pub control_socket: Option<PathBuf>,
+    /// A WebRTC session that has not finished ICE and DTLS this long after
+    /// its offer is closed (humantime, default 15s).
+    pub handshake_timeout: Option<String>,
+    /// A connected WebRTC session silent this long is closed (default 30s).
+    pub ice_consent_timeout: Option<String>,
+    /// A plain-RTP subscriber whose remote sent nothing this long is closed
+    /// (default 15s).
+    pub rtp_consent_timeout: Option<String>,
+    /// Loopback/link-local networks plain endpoints may name (CIDRs).
+    pub rtp_allow_networks: Option<Vec<String>>,
+    /// Networks whose plain subscribers need not prove consent (CIDRs).
+    pub rtp_trusted_networks: Option<Vec<String>>,
+    /// Sessions one identity may hold (default: a quarter of max_sessions).
+    pub identity_max_sessions: Option<usize>,
+    /// Rooms one identity may be in (default 16).
+    pub identity_max_rooms: Option<usize>,
+    /// Tracks one identity may publish (default: twice its sessions).
+    pub identity_max_tracks: Option<usize>,
+    /// Plain-RTP endpoints one identity may hold (default: its sessions).
+    pub identity_max_rtp_endpoints: Option<usize>,
+    /// Sessions one token may hold (default: the identity's limit).
+    pub token_max_sessions: Option<usize>,
+    /// Rooms one token may be in (default: the identity's limit).
+    pub token_max_rooms: Option<usize>,
+    /// Tracks one token may publish (default: the identity's limit).
+    pub token_max_tracks: Option<usize>,
+    /// Plain-RTP endpoints one token may hold (default: the identity's limit).
+    pub token_max_rtp_endpoints: Option<usize>,
 }
 
 /// Whether the node tries to attach its XDP programs.
@@ -233,6 +262,14 @@ pub struct Overrides {
     pub log: Option<String>,
     /// An empty path disables the control socket.
     pub control_socket: Option<PathBuf>,
+    /// Replaces the file's `rtp_allow_networks` when non-empty.
+    pub rtp_allow_networks: Vec<Cidr>,
+    /// Replaces the file's `rtp_trusted_networks` when non-empty.
+    pub rtp_trusted_networks: Vec<Cidr>,
+    pub handshake_timeout: Option<Duration>,
+    pub rtp_consent_timeout: Option<Duration>,
+    pub identity_max_sessions: Option<usize>,
+    pub token_max_sessions: Option<usize>,
 }
 
 /// TLS certificate chain and private key files (both PEM).
@@ -286,6 +323,145 @@ pub struct Config {
     /// another live node holds it, this node runs without a control API
     /// (and says so) instead of failing.
     pub control_socket_is_default: bool,
+    /// Quotas, handshake and consent timeouts, plain-RTP remotes
+    /// (docs/operations.md, "Limits and abuse").
+    pub limits: Limits,
+}
+
+/// Sessions and media: what one identity and one token may hold, how long
+/// a session may take to connect or stay silent, and where plain-RTP
+/// endpoints may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub ice_consent_timeout: Duration,
+    pub rtp_consent_timeout: Duration,
+    pub rtp_allow_networks: Vec<Cidr>,
+    pub rtp_trusted_networks: Vec<Cidr>,
+    pub per_identity: QuotaLimits,
+    pub per_token: QuotaLimits,
+}
+
+/// Defaults of [`Limits`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_ICE_CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RTP_CONSENT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_IDENTITY_MAX_ROOMS: usize = 16;
+
+/// Parses a list of CIDRs of setting `field`.
+fn networks(field: &'static str, list: Option<Vec<String>>) -> Result<Vec<Cidr>, ConfigError> {
+    list.unwrap_or_default()
+        .iter()
+        .map(|s| s.parse::<Cidr>().map_err(|e| invalid(field, e.to_string())))
+        .collect()
+}
+
+/// The limits of `file` and `overrides`, defaults derived from
+/// `max_sessions`.
+fn build_limits(
+    file: &mut FileConfig,
+    overrides: &Overrides,
+    max_sessions: usize,
+) -> Result<Limits, ConfigError> {
+    let timeout = |field: &'static str,
+                   flag: Option<Duration>,
+                   file: Option<&str>,
+                   default: Duration,
+                   max: Duration|
+     -> Result<Duration, ConfigError> {
+        let d = duration_setting(field, flag, file, default)?;
+        if d < Duration::from_secs(1) || d > max {
+            return Err(invalid(
+                field,
+                format!(
+                    "{} is out of range: use 1s ..= {}",
+                    fmt_duration(d),
+                    fmt_duration(max)
+                ),
+            ));
+        }
+        Ok(d)
+    };
+    let ten_minutes = Duration::from_secs(600);
+    let handshake_timeout = timeout(
+        "handshake_timeout",
+        overrides.handshake_timeout,
+        file.handshake_timeout.as_deref(),
+        DEFAULT_HANDSHAKE_TIMEOUT,
+        Duration::from_secs(120),
+    )?;
+    let ice_consent_timeout = timeout(
+        "ice_consent_timeout",
+        None,
+        file.ice_consent_timeout.as_deref(),
+        DEFAULT_ICE_CONSENT_TIMEOUT,
+        ten_minutes,
+    )?;
+    let rtp_consent_timeout = timeout(
+        "rtp_consent_timeout",
+        overrides.rtp_consent_timeout,
+        file.rtp_consent_timeout.as_deref(),
+        DEFAULT_RTP_CONSENT_TIMEOUT,
+        ten_minutes,
+    )?;
+    let rtp_allow_networks = if overrides.rtp_allow_networks.is_empty() {
+        networks("rtp_allow_networks", file.rtp_allow_networks.take())?
+    } else {
+        overrides.rtp_allow_networks.clone()
+    };
+    let rtp_trusted_networks = if overrides.rtp_trusted_networks.is_empty() {
+        networks("rtp_trusted_networks", file.rtp_trusted_networks.take())?
+    } else {
+        overrides.rtp_trusted_networks.clone()
+    };
+    let sessions = overrides
+        .identity_max_sessions
+        .or(file.identity_max_sessions)
+        .unwrap_or(max_sessions.max(1).div_ceil(4));
+    let per_identity = QuotaLimits {
+        sessions,
+        rooms: file
+            .identity_max_rooms
+            .unwrap_or(DEFAULT_IDENTITY_MAX_ROOMS),
+        tracks: file
+            .identity_max_tracks
+            .unwrap_or(sessions.saturating_mul(2)),
+        rtp_endpoints: file.identity_max_rtp_endpoints.unwrap_or(sessions),
+    };
+    let per_token = QuotaLimits {
+        sessions: overrides
+            .token_max_sessions
+            .or(file.token_max_sessions)
+            .unwrap_or(per_identity.sessions),
+        rooms: file.token_max_rooms.unwrap_or(per_identity.rooms),
+        tracks: file.token_max_tracks.unwrap_or(per_identity.tracks),
+        rtp_endpoints: file
+            .token_max_rtp_endpoints
+            .unwrap_or(per_identity.rtp_endpoints),
+    };
+    for (field, v) in [
+        ("identity_max_sessions", per_identity.sessions),
+        ("identity_max_rooms", per_identity.rooms),
+        ("identity_max_tracks", per_identity.tracks),
+        ("identity_max_rtp_endpoints", per_identity.rtp_endpoints),
+        ("token_max_sessions", per_token.sessions),
+        ("token_max_rooms", per_token.rooms),
+        ("token_max_tracks", per_token.tracks),
+        ("token_max_rtp_endpoints", per_token.rtp_endpoints),
+    ] {
+        if v == 0 {
+            return Err(invalid(field, "must be at least 1"));
+        }
+    }
+    Ok(Limits {
+        handshake_timeout,
+        ice_consent_timeout,
+        rtp_consent_timeout,
+        rtp_allow_networks,
+        rtp_trusted_networks,
+        per_identity,
+        per_token,
+    })
 }
 
 /// The control socket used when none is configured:
@@ -345,6 +521,13 @@ impl Config {
                  guard and kernel forwarding stay off; name the interfaces in \
                  media_interfaces (--media-interface) to enable them",
                 self.udp
+            ));
+        }
+        if self.limits.per_identity.sessions >= self.max_sessions {
+            out.push(format!(
+                "identity_max_sessions ({}) is not below max_sessions ({}): one identity \
+                 can take every session of this node",
+                self.limits.per_identity.sessions, self.max_sessions
             ));
         }
         if self.tls.is_none() && self.insecure_http && !self.http.ip().is_loopback() {
@@ -484,7 +667,7 @@ fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
 
 /// Merges `file` with `overrides` and `env_secret` and validates the result.
 pub fn build(
-    file: FileConfig,
+    mut file: FileConfig,
     overrides: &Overrides,
     env_secret: Option<String>,
 ) -> Result<Config, ConfigError> {
@@ -512,6 +695,7 @@ pub fn build(
         .max_sessions
         .or(file.max_sessions)
         .unwrap_or(DEFAULT_MAX_SESSIONS);
+    let limits = build_limits(&mut file, overrides, max_sessions)?;
     let log = overrides
         .log
         .clone()
@@ -777,6 +961,7 @@ pub fn build(
         log,
         control_socket,
         control_socket_is_default,
+        limits,
     })
 }
 
@@ -887,6 +1072,55 @@ mod tests {
             Err(ConfigError::Invalid { field, message }) => (field, message),
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn limits_default_below_max_sessions_and_parse() {
+        let c = from_toml_str("max_sessions = 100\n", &Overrides::default(), env()).unwrap();
+        let l = &c.limits;
+        assert_eq!(l.per_identity.sessions, 25);
+        assert_eq!(l.per_identity.tracks, 50);
+        assert_eq!(l.per_identity.rtp_endpoints, 25);
+        assert_eq!(l.per_identity.rooms, DEFAULT_IDENTITY_MAX_ROOMS);
+        assert_eq!(l.per_token, l.per_identity);
+        assert_eq!(l.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(l.rtp_consent_timeout, DEFAULT_RTP_CONSENT_TIMEOUT);
+        assert!(l.rtp_allow_networks.is_empty() && l.rtp_trusted_networks.is_empty());
+        assert!(
+            c.warnings()
+                .iter()
+                .all(|w| !w.contains("identity_max_sessions"))
+        );
+
+        let c = from_toml_str(
+            "max_sessions = 10\nidentity_max_sessions = 10\ntoken_max_sessions = 2\n\
+             handshake_timeout = \"5s\"\nrtp_allow_networks = [\"127.0.0.0/8\"]\n\
+             rtp_trusted_networks = [\"10.0.0.0/8\", \"fd00::/8\"]\n",
+            &Overrides::default(),
+            env(),
+        )
+        .unwrap();
+        assert_eq!(c.limits.per_identity.sessions, 10);
+        assert_eq!(c.limits.per_token.sessions, 2);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.rtp_allow_networks[0].to_string(), "127.0.0.0/8");
+        assert_eq!(c.limits.rtp_trusted_networks.len(), 2);
+        assert!(
+            c.warnings()
+                .iter()
+                .any(|w| w.contains("identity_max_sessions"))
+        );
+
+        let (field, msg) = err(
+            "rtp_trusted_networks = [\"10.0.0.0/33\"]\n",
+            &Overrides::default(),
+        );
+        assert_eq!(field, "rtp_trusted_networks");
+        assert!(msg.contains("CIDR"), "{msg}");
+        let (field, _) = err("token_max_rooms = 0\n", &Overrides::default());
+        assert_eq!(field, "token_max_rooms");
+        let (field, _) = err("handshake_timeout = \"10m\"\n", &Overrides::default());
+        assert_eq!(field, "handshake_timeout");
     }
 
     static COUNTER: AtomicUsize = AtomicUsize::new(0);

@@ -644,6 +644,38 @@ impl Collector for MediaCollector {
             "WebRTC and RTP sessions closed",
             &[(vec![], s.sessions_closed)],
         )?;
+        let reaped: Vec<(Labels, u64)> = ridge_sfu::ReapReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    vec![("reason", r.label().to_string())],
+                    s.sessions_reaped[*r as usize],
+                )
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "ridge_sessions_reaped",
+            "Sessions the node closed on its own, by reason (handshake: no ICE and DTLS in \
+             time; ice_consent: a connected WebRTC remote went silent; rtp_consent: a plain \
+             subscriber's remote never sent a packet)",
+            &reaped,
+        )?;
+        let refusals: Vec<(Labels, u64)> = ridge_sfu::QuotaLimit::ALL
+            .iter()
+            .map(|l| {
+                (
+                    vec![("limit", l.label().to_string())],
+                    s.quota_refusals[*l as usize],
+                )
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "ridge_quota_refusals",
+            "Sessions, joins and endpoints refused, by the limit they hit",
+            &refusals,
+        )?;
         let mut by_transport = [("webrtc", 0f64), ("rtp", 0f64)];
         for p in &s.peers {
             for (t, n) in &mut by_transport {

@@ -67,6 +67,18 @@ impl Node {
             .collect();
         sfu.keyframe_request_interval = config.pli_interval;
         sfu.max_peers = config.max_sessions;
+        // Quotas count node-wide: every shard's core clones this config,
+        // and with it one ledger.
+        sfu.quotas = ridge_sfu::QuotaConfig {
+            node_sessions: config.max_sessions,
+            per_identity: config.limits.per_identity,
+            per_token: config.limits.per_token,
+        };
+        sfu.handshake_timeout = config.limits.handshake_timeout;
+        sfu.ice_consent_timeout = config.limits.ice_consent_timeout;
+        sfu.rtp_consent_timeout = config.limits.rtp_consent_timeout;
+        sfu.rtp_allow_networks = config.limits.rtp_allow_networks.clone();
+        sfu.rtp_trusted_networks = config.limits.rtp_trusted_networks.clone();
         sfu.seed = rand::random::<[u8; 32]>();
         let shard_opts = shard::ShardOptions {
             udp: config.udp,

@@ -139,6 +139,9 @@ impl Net {
             "--udp",
             MEDIA,
             "--insecure-http",
+            // The lab's remotes receive at once (no consent packet first).
+            "--rtp-trusted-network",
+            "0.0.0.0/0",
             "--shards",
             "2",
             "--no-pin-cores",

@@ -1,6 +1,7 @@
 //! Local (in-process) endpoints on a real node: a local publisher feeds a
 //! room through `MediaHandle::local_endpoint`, and a local subscriber and a
-//! plain-RTP subscriber on a real UDP socket both receive its stream; the
+//! plain-RTP subscriber on a real UDP socket (once it has sent a packet of
+//! its own, its consent) both receive its stream; the
 //! local subscriber's keyframe request reaches the local publisher; a
 //! dropped endpoint leaves its room and a slow consumer's queue stays
 //! bounded (the overflow is counted, not queued).
@@ -75,7 +76,7 @@ fn a_local_publisher_reaches_local_and_plain_subscribers() {
         assert_eq!(sub.info().track, publisher.info().track);
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        media
+        let plain = media
             .rtp_endpoint(
                 ROOM,
                 "plain",
@@ -83,6 +84,11 @@ fn a_local_publisher_reaches_local_and_plain_subscribers() {
             )
             .await
             .expect("plain subscriber");
+        // The plain subscriber consents to the stream by sending first (an
+        // empty RTCP receiver report), as a real one does.
+        let rr = [0x80, 201, 0, 1, 0x12, 0x34, 0x56, 0x78];
+        udp.send_to(&rr, plain.local).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
 
         let mut first_seq = None;
         for i in 0..50u16 {

@@ -81,6 +81,8 @@ impl Relay {
             pin_cores: Some(false),
             io_backend: Some(backend),
             dev_no_auth: Some(true),
+            // Loopback subscribers receive without a consent packet first.
+            rtp_trusted_networks: vec!["127.0.0.0/8".parse().unwrap()],
             ..Overrides::default()
         };
         let cfg = config::build(FileConfig::default(), &overrides, None).expect("config");

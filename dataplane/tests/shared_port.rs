@@ -57,6 +57,8 @@ async fn shared_node() -> Node {
         pin_cores: Some(false),
         shard_ports: Some(ShardPorts::Shared),
         dev_no_auth: Some(true),
+        // Loopback subscribers receive without a consent packet first.
+        rtp_trusted_networks: vec!["127.0.0.0/8".parse().unwrap()],
         ..Overrides::default()
     };
     let cfg = config::build(FileConfig::default(), &overrides, None).expect("config");

@@ -1014,6 +1014,9 @@ impl MeshLab {
             "--shards".into(),
             cfg.shards.to_string(),
             "--no-pin-cores".into(),
+            // The lab's plain subscribers receive without a consent packet.
+            "--rtp-trusted-network".into(),
+            "0.0.0.0/0".into(),
             "--control-socket".into(),
             n.socket().display().to_string(),
             "--drain-timeout".into(),

@@ -58,6 +58,11 @@ impl TestNode {
             .drain_timeout
             .get_or_insert(Duration::from_secs(2));
         overrides.jwt_secret = Some(secret.clone());
+        // The tests' loopback sockets receive plain RTP without first
+        // sending a consent packet (tests that check consent set their own).
+        if overrides.rtp_trusted_networks.is_empty() {
+            overrides.rtp_trusted_networks = vec!["127.0.0.0/8".parse()?];
+        }
         // tests/run.sh runs the suite once per I/O backend.
         if overrides.io_backend.is_none()
             && let Ok(b) = std::env::var("RIDGE_TEST_IO_BACKEND")

@@ -183,6 +183,8 @@ fn claims(room: &str, publish: bool, subscribe: bool, admin: bool, exp: u64) -> 
         admin,
         exp,
         iat: now_unix().saturating_sub(7200),
+        jti: None,
+        limits: None,
     }
 }
 

@@ -30,6 +30,16 @@ pub enum SfuError {
     /// The node is at its configured session limit.
     #[error("node is full ({0} sessions)")]
     Full(usize),
+    /// The owner of the request is at one of its quotas (docs/api.md,
+    /// "Limits"): too many sessions, rooms, tracks or plain endpoints for
+    /// one identity or one token.
+    #[error("quota exceeded: {limit} (at most {max})")]
+    Quota {
+        /// The limit that was hit.
+        limit: crate::sfu::QuotaLimit,
+        /// Its value.
+        max: usize,
+    },
     /// The node is draining and accepts no new sessions.
     #[error("node is draining")]
     Draining,
@@ -81,6 +91,23 @@ pub enum SpecError {
     /// A remote address with a wildcard IP or port 0.
     #[error("remote {0} must be a concrete IP:PORT")]
     RemoteNotConcrete(SocketAddr),
+    /// A broadcast, multicast or reserved remote address.
+    #[error("remote {0} is not a unicast address")]
+    RemoteNotUnicast(SocketAddr),
+    /// A loopback or link-local remote the operator has not allowed.
+    #[error(
+        "remote {0} is a loopback or link-local address, which this node only sends to \
+         when its operator allows it (rtp_allow_networks)"
+    )]
+    RemoteRestricted(SocketAddr),
+    /// A remote of an address family the media socket cannot reach.
+    #[error("remote {remote} is not reachable from the media socket on {local}")]
+    RemoteFamily {
+        /// The remote address.
+        remote: SocketAddr,
+        /// The media socket's address.
+        local: std::net::IpAddr,
+    },
     /// The remote address is a WebRTC session's.
     #[error("remote {0} already belongs to a WebRTC session")]
     RemoteIsWebRtc(SocketAddr),
@@ -144,6 +171,7 @@ impl SfuError {
                 | SfuError::NoSuchParticipant(_)
                 | SfuError::NoSuchPeer(_)
                 | SfuError::NoSuchTrack(_)
+                | SfuError::Quota { .. }
         )
     }
 }

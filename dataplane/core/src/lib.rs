@@ -120,7 +120,10 @@ pub use ids::{ParticipantId, PeerId, TrackId, shard_for_room, shard_of, shard_uf
 pub use mesh::{MeshConfig, MeshLinkSnapshot, MeshLinkSpec, MeshRecovery, MeshRouteSpec};
 pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
-pub use sfu::Sfu;
+pub use sfu::{
+    Cidr, CidrError, Owner, QuotaConfig, QuotaLedger, QuotaLimit, QuotaLimits, ReapReason,
+    SessionSlot, Sfu,
+};
 pub use srtp::{
     SIPHASH_KEY_LEN, SRTCP_TRAILER_LEN, SRTP_AUTH_TAG_LEN, SRTP_MAX_PACKET_LEN, SrtpContext,
     SrtpError, SrtpProfile, Unprotected, mesh_master_key, siphash_tag,

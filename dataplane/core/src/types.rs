@@ -49,6 +49,31 @@ pub struct SfuConfig {
     /// from several cores never collide and name the core that owns them
     /// ([`shard_of`](crate::shard_of)).
     pub shard: u8,
+    /// A WebRTC session that has not completed ICE and DTLS this long
+    /// after its offer was answered is closed
+    /// ([`ReapReason::Handshake`](crate::ReapReason::Handshake)).
+    pub handshake_timeout: Duration,
+    /// A connected WebRTC session from which no datagram at all (media,
+    /// RTCP, STUN consent checks) arrived for this long is closed
+    /// ([`ReapReason::IceConsent`](crate::ReapReason::IceConsent)); str0m
+    /// itself gives up after 15 s without a binding request.
+    pub ice_consent_timeout: Duration,
+    /// A plain-RTP subscriber whose remote sent no RTP or RTCP from its
+    /// address this long after the endpoint was created is closed
+    /// ([`ReapReason::RtpConsent`](crate::ReapReason::RtpConsent)); until
+    /// then it receives nothing.
+    pub rtp_consent_timeout: Duration,
+    /// Loopback and link-local networks a plain endpoint's remote may be in
+    /// (refused otherwise, but for loopback on a loopback media socket).
+    pub rtp_allow_networks: Vec<crate::Cidr>,
+    /// Networks whose plain subscribers receive at once, without first
+    /// proving consent (allowed even where loopback or link-local).
+    pub rtp_trusted_networks: Vec<crate::Cidr>,
+    /// Per-identity, per-token and node-wide limits.
+    pub quotas: crate::QuotaConfig,
+    /// Where quotas are counted; clones of this configuration share it, so
+    /// the cores of one node count together.
+    pub ledger: crate::QuotaLedger,
 }
 
 impl SfuConfig {
@@ -68,6 +93,13 @@ impl SfuConfig {
             mesh_recovery: crate::mesh::MeshRecovery::HopByHop,
             mesh_fec_group: None,
             mesh_red_depth: None,
+            handshake_timeout: Duration::from_secs(15),
+            ice_consent_timeout: Duration::from_secs(30),
+            rtp_consent_timeout: Duration::from_secs(15),
+            rtp_allow_networks: Vec::new(),
+            rtp_trusted_networks: Vec::new(),
+            quotas: crate::QuotaConfig::default(),
+            ledger: crate::QuotaLedger::new(),
         }
     }
 }
@@ -467,6 +499,18 @@ pub enum SfuEvent {
         /// The session.
         peer: PeerId,
     },
+    /// The core closed a session on its own (a [`SfuEvent::PeerClosed`]
+    /// follows).
+    SessionReaped {
+        /// The room.
+        room: String,
+        /// The owning participant.
+        participant: ParticipantId,
+        /// The session.
+        peer: PeerId,
+        /// Why.
+        reason: crate::ReapReason,
+    },
     /// A track was published in a room.
     TrackPublished {
         /// The room.
@@ -516,6 +560,7 @@ impl SfuEvent {
             | SfuEvent::ParticipantLeft { room, .. }
             | SfuEvent::PeerConnected { room, .. }
             | SfuEvent::PeerClosed { room, .. }
+            | SfuEvent::SessionReaped { room, .. }
             | SfuEvent::TrackPublished { room, .. }
             | SfuEvent::TrackUnpublished { room, .. }
             | SfuEvent::ActiveSpeaker { room, .. }
@@ -828,6 +873,12 @@ pub struct StatsSnapshot {
     pub sessions_created: u64,
     /// Sessions closed since start.
     pub sessions_closed: u64,
+    /// Sessions the core closed on its own, by
+    /// [`ReapReason`](crate::ReapReason) (index: `reason as usize`).
+    pub sessions_reaped: [u64; crate::ReapReason::ALL.len()],
+    /// Requests refused by [`QuotaLimit`](crate::QuotaLimit) (index:
+    /// `limit as usize`).
+    pub quota_refusals: [u64; crate::QuotaLimit::ALL.len()],
     /// Every room.
     pub rooms: Vec<RoomSnapshot>,
     /// Every live session (mesh placeholders aside).
@@ -847,6 +898,12 @@ impl StatsSnapshot {
         }
         self.sessions_created += other.sessions_created;
         self.sessions_closed += other.sessions_closed;
+        for (d, o) in self.sessions_reaped.iter_mut().zip(other.sessions_reaped) {
+            *d += o;
+        }
+        for (d, o) in self.quota_refusals.iter_mut().zip(other.quota_refusals) {
+            *d += o;
+        }
         self.rooms.extend(other.rooms);
         self.peers.extend(other.peers);
         self.layers.extend(other.layers);

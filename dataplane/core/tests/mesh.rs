@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use common::client::{Client, Datagram};
-use common::{parse_rtcp, parse_rtp, pli, remote, rtp, vp8_payload};
+use common::{TRUSTED, parse_rtcp, parse_rtp, pli, remote, rtp, vp8_payload};
 use ridge_sfu::{
     DropReason, MeshConfig, MeshLinkSpec, MeshRecovery, MeshRouteSpec, Output, RtpDirection,
     RtpEndpointSpec, Sfu, SfuConfig, SfuEvent, TrackKind,
@@ -189,6 +189,7 @@ impl Net {
             let addr = node_addr(i as u8 + 1);
             let mut c = SfuConfig::new(addr);
             c.seed = [i as u8 + 1; 32];
+            c.rtp_trusted_networks = vec![TRUSTED.parse().unwrap()];
             f(&mut c);
             nodes.insert(n.to_string(), Sfu::new(c, now));
             addrs.insert(addr, n.to_string());

@@ -127,8 +127,8 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
     let now = Instant::now();
     let mut pair = Pair {
         now,
-        a: Sfu::new(SfuConfig::new(node(1)), now),
-        b: Sfu::new(SfuConfig::new(node(2)), now),
+        a: Sfu::new(trusting(SfuConfig::new(node(1))), now),
+        b: Sfu::new(trusting(SfuConfig::new(node(2))), now),
         buf: Vec::with_capacity(2048),
         a_to_b: 0,
         dropped: 0,
@@ -242,4 +242,11 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
         "{got} of {MEASURED} reached the subscriber"
     );
     assert_eq!(allocs, 0, "allocations in the steady-state mesh FEC path");
+}
+
+/// A configuration whose plain subscribers on the simulated network
+/// receive without proving consent first.
+fn trusting(mut c: SfuConfig) -> SfuConfig {
+    c.rtp_trusted_networks = vec![common::TRUSTED.parse().unwrap()];
+    c
 }

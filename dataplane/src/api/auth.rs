@@ -52,6 +52,62 @@ pub struct Claims {
     /// Issued at, seconds since the epoch.
     #[serde(default)]
     pub iat: u64,
+    /// The token's id: the key its sessions are counted under. Without
+    /// one, a digest of the claims names the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// The token's own limits; each only tightens the node's per-token
+    /// limit (docs/api.md, "Limits").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ClaimLimits>,
+}
+
+/// The `limits` claim: at most this many, for this token (absent: the
+/// node's limit).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracks: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtp_endpoints: Option<usize>,
+}
+
+impl Claims {
+    /// The key this token's sessions are counted under: `jti:` and its
+    /// `jti`, or `sha256:` and a digest of the claims (two tokens with the
+    /// same claims, down to the second they were issued, count as one).
+    pub fn token_key(&self) -> String {
+        if let Some(jti) = &self.jti {
+            return format!("jti:{jti}");
+        }
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let digest = sha2::Sha256::digest(&bytes);
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+
+    /// Whom this token's sessions are charged to: its identity and token,
+    /// with the token's own limits. Admin tokens are exempt from the
+    /// per-identity and per-token limits (never from the node's).
+    pub fn owner(&self) -> ridge_sfu::Owner {
+        let l = self.limits.unwrap_or_default();
+        let cap = |v: Option<usize>| v.unwrap_or(usize::MAX);
+        ridge_sfu::Owner::identity(&self.sub)
+            .with_token(self.token_key())
+            .with_token_limits(ridge_sfu::QuotaLimits {
+                sessions: cap(l.sessions),
+                rooms: cap(l.rooms),
+                tracks: cap(l.tracks),
+                rtp_endpoints: cap(l.rtp_endpoints),
+            })
+            .exempt(self.admin)
+    }
 }
 
 impl Claims {
@@ -69,6 +125,8 @@ impl Claims {
             admin: true,
             exp: DEV_EXP,
             iat: 0,
+            jti: None,
+            limits: None,
         }
     }
 }
@@ -404,6 +462,8 @@ pub fn mint(
         admin,
         exp: now_unix.saturating_add(ttl.as_secs()),
         iat: now_unix,
+        jti: None,
+        limits: None,
     };
     sign(secret, &claims)
 }
@@ -633,6 +693,8 @@ mod tests {
                 admin: false,
                 exp: now() - 2,
                 iat: 0,
+                jti: None,
+                limits: None,
             },
         )
         .unwrap();
@@ -648,6 +710,8 @@ mod tests {
                 admin: false,
                 exp: now() - 30,
                 iat: 0,
+                jti: None,
+                limits: None,
             },
         )
         .unwrap();
@@ -708,6 +772,8 @@ mod tests {
             admin: false,
             exp: now() + 60,
             iat: 0,
+            jti: None,
+            limits: None,
         };
         let t = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),

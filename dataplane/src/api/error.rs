@@ -12,6 +12,8 @@ use crate::shard::handle::ShardError;
 pub struct ApiError {
     pub(super) status: StatusCode,
     pub(super) message: String,
+    /// A quota refusal's limit, sent as `"limit"` next to `"error"`.
+    pub(super) limit: Option<&'static str>,
 }
 
 impl ApiError {
@@ -19,6 +21,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            limit: None,
         }
     }
 
@@ -29,7 +32,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        let body = match self.limit {
+            Some(limit) => json!({ "error": self.message, "limit": limit }),
+            None => json!({ "error": self.message }),
+        };
+        let mut r = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -48,9 +55,14 @@ impl From<SfuError> for ApiError {
                 StatusCode::NOT_FOUND
             }
             SfuError::Full(_) | SfuError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            SfuError::Quota { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.to_string())
+        let mut api = ApiError::new(status, e.to_string());
+        if let SfuError::Quota { limit, .. } = &e {
+            api.limit = Some(limit.label());
+        }
+        api
     }
 }
 
@@ -101,5 +113,19 @@ mod tests {
             ridge_sfu::SdpError::Unparsable("x".into()),
         )));
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_quota_refusal_is_429_naming_its_limit() {
+        let e = ApiError::from(ShardError::Sfu(SfuError::Quota {
+            limit: ridge_sfu::QuotaLimit::TokenSessions,
+            max: 10,
+        }));
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.limit, Some("token_sessions"));
+        assert_eq!(e.message, "quota exceeded: token_sessions (at most 10)");
+        // The node's own limit stays a 503.
+        let e = ApiError::from(ShardError::Sfu(SfuError::Full(1000)));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

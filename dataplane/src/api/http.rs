@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use ridge_sfu::{
-    CodecSpec, OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, TrackId, TrackKind,
+    CodecSpec, OfferIntent, PeerId, RtpDirection, RtpEndpointSpec, SfuError, TrackId, TrackKind,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -25,6 +25,7 @@ use super::error::{ApiError, validate_room};
 use super::state::AppState;
 use super::ws;
 use crate::metrics::{HttpLabels, ReasonLabels};
+use crate::shard::handle::ShardError;
 
 /// Largest request body accepted (an SDP offer with simulcast is ~10 KiB).
 const MAX_BODY: usize = 128 * 1024;
@@ -117,6 +118,16 @@ fn require_sdp(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<St
     Ok(sdp.to_string())
 }
 
+/// A session the core refused: a quota is `429` naming the limit, another
+/// client error a `400` counted under `reason`, anything else the node's.
+fn refusal(state: &AppState, reason: &'static str, e: ShardError) -> ApiError {
+    match e {
+        ShardError::Sfu(e @ SfuError::Quota { .. }) => e.into(),
+        e if e.is_client_error() => state.bad(reason, e.to_string()),
+        e => e.into(),
+    }
+}
+
 fn sdp_created(location: String, answer: String) -> Response {
     (
         StatusCode::CREATED,
@@ -153,15 +164,9 @@ async fn negotiate(
     };
     let (peer, answer) = state
         .media
-        .session(&room, &claims.sub, sdp, intent)
+        .session_as(&room, claims.owner(), sdp, intent)
         .await
-        .map_err(|e| {
-            if e.is_client_error() {
-                state.bad("sdp", e.to_string())
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| refusal(state, "sdp", e))?;
     tracing::info!(%room, identity = %claims.sub, %peer, kind, "session created");
     Ok(sdp_created(format!("/{kind}/{room}/{peer}"), answer))
 }
@@ -323,15 +328,9 @@ async fn rtp_create(
     };
     let info = state
         .media
-        .rtp_endpoint(&room, &claims.sub, spec)
+        .rtp_endpoint_as(&room, claims.owner(), spec)
         .await
-        .map_err(|e| {
-            if e.is_client_error() {
-                state.bad("rtp", e.to_string())
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| refusal(&state, "rtp", e))?;
     let location = format!("/v1/rooms/{room}/rtp/{}", info.peer);
     let body = json!({
         "id": info.peer.to_string(),

@@ -149,7 +149,9 @@ impl RoomHub {
                 json!({"type":"layers","peer":peer.to_string(),"track":track.to_string(),"active":active}),
                 Some(*participant),
             ),
-            SfuEvent::PeerConnected { .. } | SfuEvent::PeerClosed { .. } => return,
+            SfuEvent::PeerConnected { .. }
+            | SfuEvent::PeerClosed { .. }
+            | SfuEvent::SessionReaped { .. } => return,
         };
         for s in hub.room_sessions(&room) {
             if only.is_none_or(|p| p == s.participant) && skip != Some(s.participant) {

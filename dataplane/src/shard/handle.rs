@@ -19,8 +19,9 @@ use std::time::Instant;
 
 use ridge_io::Backend;
 use ridge_sfu::{
-    MeshConfig, MeshFlow, MeshFlowProgress, OfferIntent, ParticipantId, PeerId, PlainFlow,
-    RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuError, SfuEvent, StatsSnapshot, shard_of,
+    MeshConfig, MeshFlow, MeshFlowProgress, OfferIntent, Owner, ParticipantId, PeerId, PlainFlow,
+    QuotaConfig, QuotaLedger, RoomState, RtpEndpointInfo, RtpEndpointSpec, Sfu, SfuError, SfuEvent,
+    StatsSnapshot, shard_of,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -39,6 +40,9 @@ pub struct MediaHandle {
     pub(super) events: broadcast::Sender<SfuEvent>,
     /// Shared-port mode: the steering program over the shards' sockets.
     pub(super) shared: Option<Arc<SharedPort>>,
+    /// The quota ledger the shards' cores share, and its limits.
+    pub(super) ledger: QuotaLedger,
+    pub(super) quotas: QuotaConfig,
 }
 
 #[derive(Debug)]
@@ -178,11 +182,25 @@ impl MediaHandle {
     }
 
     pub async fn join(&self, room: &str, identity: &str) -> Result<ParticipantId, ShardError> {
-        let (room, identity) = (room.to_owned(), identity.to_owned());
+        self.join_as(room, Owner::identity(identity)).await
+    }
+
+    /// Joins a room for a WebSocket room session: the participant's
+    /// sessions (its offers) count against `owner`'s quotas (identity and
+    /// token), and the join against its room quota.
+    pub async fn join_as(&self, room: &str, owner: Owner) -> Result<ParticipantId, ShardError> {
+        let room = room.to_owned();
         self.try_on_shard(self.shard_of_room(&room), move |sfu, _| {
-            sfu.join(&room, &identity, false)
+            sfu.join_as(&room, &owner, false)
         })
         .await
+    }
+
+    /// The quota ledger every shard counts in, and its limits: e.g. for a
+    /// WebSocket connection to hold a session slot of its own
+    /// ([`QuotaLedger::reserve_session`]).
+    pub fn quotas(&self) -> (&QuotaLedger, &QuotaConfig) {
+        (&self.ledger, &self.quotas)
     }
 
     pub async fn leave(&self, participant: ParticipantId) -> Result<(), ShardError> {
@@ -212,9 +230,21 @@ impl MediaHandle {
         sdp: String,
         intent: OfferIntent,
     ) -> Result<(PeerId, String), ShardError> {
-        let (room, identity) = (room.to_owned(), identity.to_owned());
+        self.session_as(room, Owner::identity(identity), sdp, intent)
+            .await
+    }
+
+    /// [`Self::session`], charged to `owner` (identity and token).
+    pub async fn session_as(
+        &self,
+        room: &str,
+        owner: Owner,
+        sdp: String,
+        intent: OfferIntent,
+    ) -> Result<(PeerId, String), ShardError> {
+        let room = room.to_owned();
         self.try_on_shard(self.shard_of_room(&room), move |sfu, now| {
-            sfu.join(&room, &identity, true).and_then(|p| {
+            sfu.join_as(&room, &owner, true).and_then(|p| {
                 sfu.accept_offer(now, p, &sdp, intent).inspect_err(|_| {
                     let _ = sfu.leave(now, p);
                 })
@@ -229,6 +259,17 @@ impl MediaHandle {
         identity: &str,
         spec: RtpEndpointSpec,
     ) -> Result<RtpEndpointInfo, ShardError> {
+        self.rtp_endpoint_as(room, Owner::identity(identity), spec)
+            .await
+    }
+
+    /// [`Self::rtp_endpoint`], charged to `owner` (identity and token).
+    pub async fn rtp_endpoint_as(
+        &self,
+        room: &str,
+        owner: Owner,
+        spec: RtpEndpointSpec,
+    ) -> Result<RtpEndpointInfo, ShardError> {
         let shard = self.shard_of_room(room);
         let remote = spec.remote;
         // Shared port: steer the remote to its shard before the endpoint
@@ -238,10 +279,10 @@ impl MediaHandle {
                 .insert(remote, shard)
                 .map_err(|e| SfuError::Internal(format!("steering {remote}: {e}")))?;
         }
-        let (room, identity) = (room.to_owned(), identity.to_owned());
+        let room = room.to_owned();
         let r = self
             .try_on_shard(shard, move |sfu, now| {
-                sfu.join(&room, &identity, true).and_then(|p| {
+                sfu.join_as(&room, &owner, true).and_then(|p| {
                     sfu.add_rtp_endpoint(now, p, spec).inspect_err(|_| {
                         let _ = sfu.leave(now, p);
                     })

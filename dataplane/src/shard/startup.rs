@@ -148,6 +148,8 @@ pub fn spawn(
             shards: links.into(),
             events,
             shared,
+            ledger: config.ledger.clone(),
+            quotas: config.quotas,
         },
         joins,
     ))

@@ -12,7 +12,10 @@
 //! * [`outbox`]: everything a packet being routed may emit;
 //! * [`forward`]: fan-out of one publisher packet to its subscribers;
 //! * [`subscribe`]: binding subscribers to tracks and choosing their layers;
-//! * [`mesh`]: links to other nodes.
+//! * [`mesh`]: links to other nodes;
+//! * [`quota`]: what each identity and token may hold;
+//! * [`consent`]: where plain endpoints may send, and the sessions the
+//!   core closes on its own.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +35,7 @@ use crate::types::{
     Counters, DropReason, OfferIntent, Output, RoomState, RtpDirection, SfuConfig, SfuEvent,
 };
 
+mod consent;
 mod forward;
 mod layers;
 mod local;
@@ -39,14 +43,17 @@ mod mesh;
 mod outbox;
 mod peer;
 mod plain;
+mod quota;
 mod registry;
 mod stats;
 mod subscribe;
 mod webrtc;
 
+pub use consent::{Cidr, CidrError, ReapReason};
 use outbox::Outbox;
 use peer::{Peer, PeerIndex, Transport};
 use plain::RtpEndpoint;
+pub use quota::{Owner, QuotaConfig, QuotaLedger, QuotaLimit, QuotaLimits, SessionSlot};
 use registry::Registry;
 use webrtc::WebRtcPeer;
 
@@ -76,6 +83,10 @@ pub struct Sfu {
     /// fingerprint from the SDP of each session.
     dtls_cert: Option<str0m::config::DtlsCert>,
     mesh: mesh::MeshState,
+    /// Whom participants and sessions are charged to.
+    quota: quota::QuotaState,
+    /// Plain subscribers waiting for consent; sessions reaped.
+    consent: consent::ConsentState,
 }
 
 impl std::fmt::Debug for Sfu {
@@ -109,6 +120,8 @@ impl Sfu {
             sessions_closed: 0,
             dtls_cert: None,
             mesh: mesh::MeshState::new(now, fec_group, red_depth),
+            quota: quota::QuotaState::default(),
+            consent: consent::ConsentState::default(),
         }
     }
 
@@ -131,17 +144,40 @@ impl Sfu {
         self.sessions_created += 1;
     }
 
-    /// Adds a participant to a room (creating the room).
+    /// Adds a participant to a room (creating the room), charged to its
+    /// identity alone (see [`Sfu::join_as`]).
     pub fn join(
         &mut self,
         room: &str,
         identity: &str,
         ephemeral: bool,
     ) -> Result<ParticipantId, SfuError> {
+        self.join_as(room, &Owner::identity(identity), ephemeral)
+    }
+
+    /// Adds a participant to a room (creating the room); its sessions,
+    /// rooms and tracks count against `owner`'s quotas (identity and token),
+    /// and this join against its room quota. An ephemeral participant
+    /// leaves when its last session closes (WHIP, WHEP, plain endpoints).
+    pub fn join_as(
+        &mut self,
+        room: &str,
+        owner: &Owner,
+        ephemeral: bool,
+    ) -> Result<ParticipantId, SfuError> {
         if self.draining {
             return Err(SfuError::Draining);
         }
+        if let Err(r) = self
+            .config
+            .ledger
+            .try_enter_room(&self.config.quotas, owner, room)
+        {
+            return Err(self.refuse(r));
+        }
+        let identity = owner.identity.as_str();
         let id = self.reg.add_participant(room, identity, ephemeral);
+        self.quota.owners.insert(id, owner.clone());
         self.out.event(SfuEvent::ParticipantJoined {
             room: room.to_string(),
             participant: id,
@@ -170,6 +206,7 @@ impl Sfu {
         let Some(p) = self.reg.remove_participant(participant) else {
             return;
         };
+        self.release_participant(participant, &p.room);
         self.out.event(SfuEvent::ParticipantLeft {
             room: p.room,
             participant,
@@ -217,12 +254,12 @@ impl Sfu {
 
     /// The room a new session of `participant` joins, if the node takes
     /// one more session.
-    fn room_for_new_session(&self, participant: ParticipantId) -> Result<String, SfuError> {
+    fn room_for_new_session(&mut self, participant: ParticipantId) -> Result<String, SfuError> {
         if self.draining {
             return Err(SfuError::Draining);
         }
         if self.peers.len() >= self.config.max_peers {
-            return Err(SfuError::Full(self.config.max_peers));
+            return Err(self.refuse((QuotaLimit::NodeSessions, self.config.max_peers)));
         }
         self.reg
             .room_of(participant)
@@ -333,6 +370,9 @@ impl Sfu {
         if let Some(&peer) = self.index.by_addr.get(&source) {
             self.feed_rtc(now, peer, source, destination, data);
         } else if self.index.rtp_by_addr.contains_key(&source) {
+            if !self.consent.pending.is_empty() {
+                self.latch_plain(now, source, &packet);
+            }
             self.handle_plain(now, source, &packet);
         } else if !self.mesh.is_empty() && self.mesh_receive(now, source, &packet) {
             // A mesh link's datagram (or one failing its authentication).
@@ -363,6 +403,7 @@ impl Sfu {
         if now >= self.next_tick {
             self.next_tick = now + TICK;
             self.tick(now);
+            self.reap_expired(now);
         }
         let any_closing = self
             .peers
@@ -420,12 +461,26 @@ impl Sfu {
             Event::RtpPacket(p) => self.on_webrtc_rtp(now, id, p),
             Event::KeyframeRequest(r) => self.on_subscriber_keyframe_request(now, id, r.mid),
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                self.close_peer(now, id);
+                // str0m's ICE-lite agent gives up on a pair after 15 s
+                // without a binding request: consent is lost (or, before
+                // the handshake completed, it never came).
+                let connected = matches!(
+                    self.peers.get(&id).map(|p| &p.transport),
+                    Some(Transport::WebRtc(w)) if w.connected
+                );
+                let reason = if connected {
+                    ReapReason::IceConsent
+                } else {
+                    ReapReason::Handshake
+                };
+                self.reap(now, id, reason);
             }
             Event::Connected => {
                 if let Some(peer) = self.peers.get_mut(&id) {
                     if let Transport::WebRtc(w) = &mut peer.transport {
                         w.connected = true;
+                        w.heard_packets = peer.counters.packets_in;
+                        w.heard_at = now;
                     }
                     let (room, participant) = (peer.room.clone(), peer.participant);
                     self.out.event(SfuEvent::PeerConnected {
@@ -468,6 +523,8 @@ impl Sfu {
         };
         self.sessions_closed += 1;
         self.index.forget(id, &peer.transport);
+        self.release_session(id);
+        self.consent.pending.remove(&id);
         match &mut peer.transport {
             Transport::WebRtc(w) => {
                 w.rtc.disconnect();

@@ -20,6 +20,7 @@ use super::forward::Forward;
 use super::layers::{Layer, admit};
 use super::outbox::{Feedback, Outbox, RtcpFeedback};
 use super::peer::{Peer, Transport};
+use super::quota::Charge;
 use super::registry::Track;
 
 /// Largest gap in a plain publisher's sequence numbers that we NACK.
@@ -311,6 +312,12 @@ impl Sfu {
     ) -> Result<RtpEndpointInfo, SfuError> {
         let room = self.room_for_new_session(participant)?;
         check_spec(&spec)?;
+        super::consent::check_remote(
+            spec.remote,
+            self.config.local_addr,
+            &self.config.rtp_allow_networks,
+            &self.config.rtp_trusted_networks,
+        )?;
         if self.index.by_addr.contains_key(&spec.remote) {
             return Err(SpecError::RemoteIsWebRtc(spec.remote).into());
         }
@@ -337,12 +344,21 @@ impl Sfu {
                 .into());
             }
         }
+        let charged = self.charge_session(
+            participant,
+            Charge {
+                sessions: 1,
+                rtp_endpoints: 1,
+                tracks: usize::from(spec.direction == RtpDirection::Publish),
+            },
+        )?;
         let ssrc = match spec.ssrc {
             Some(s) => s,
             None => self.random() as u32 | 1,
         };
         let codec = spec.codec.unwrap_or(CodecSpec::for_kind(spec.kind));
         let id = self.new_peer_id();
+        self.keep_charge(id, charged);
         let endpoint = self.new_endpoint(
             spec.direction,
             codec,
@@ -355,6 +371,20 @@ impl Sfu {
             .entry(spec.remote)
             .or_default()
             .push(id);
+        if spec.direction == RtpDirection::Subscribe && self.needs_consent(spec.remote) {
+            // Nothing is sent until the remote proves it wants the stream
+            // (consent.rs); the requested track is only checked for now.
+            let peer = Peer::new(participant, &room, Transport::Rtp(Box::new(endpoint)), now);
+            self.insert_peer(id, peer);
+            let deadline = now + self.config.rtp_consent_timeout;
+            self.consent.pending.insert(id, (deadline, spec.track));
+            return Ok(RtpEndpointInfo {
+                peer: id,
+                local: self.config.local_addr,
+                ssrc,
+                track: spec.track,
+            });
+        }
         let track = self.attach_endpoint(now, participant, &room, id, endpoint, spec.track);
         Ok(RtpEndpointInfo {
             peer: id,

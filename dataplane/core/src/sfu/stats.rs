@@ -78,6 +78,8 @@ impl Sfu {
             drops: self.out.drops,
             sessions_created: self.sessions_created,
             sessions_closed: self.sessions_closed,
+            sessions_reaped: self.consent.reaped,
+            quota_refusals: self.quota.refusals,
             rooms: rooms.into_values().collect(),
             peers,
             layers: self

@@ -98,6 +98,10 @@ impl Sfu {
         id: PeerId,
         wanted: Option<TrackId>,
     ) {
+        // Not before its remote has given consent (see consent.rs).
+        if self.consent.pending.contains_key(&id) {
+            return;
+        }
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };

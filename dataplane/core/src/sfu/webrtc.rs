@@ -26,6 +26,7 @@ use super::forward::Forward;
 use super::layers::{Layer, admit};
 use super::outbox::Outbox;
 use super::peer::{Peer, PeerIndex, Transport};
+use super::quota::Charge;
 use super::registry::Track;
 
 /// A str0m timeout due this close to `now` is handled while draining (see
@@ -55,6 +56,10 @@ pub(super) struct WebRtcPeer {
     pub(super) bwe_bps: Option<u64>,
     pub(super) pinned_rid: Option<Rid>,
     pub(super) closing: bool,
+    /// The session's `packets_in` when the tick last saw it change, and
+    /// when: how long a connected remote has been silent (consent.rs).
+    pub(super) heard_packets: u64,
+    pub(super) heard_at: Instant,
 }
 
 /// One outgoing m-line of a subscriber and the track bound to it.
@@ -202,6 +207,8 @@ fn negotiate(
             bwe_bps: None,
             pinned_rid: None,
             closing: false,
+            heard_packets: 0,
+            heard_at: now,
         },
         answer: answer.to_sdp_string(),
         published,
@@ -211,16 +218,13 @@ fn negotiate(
 }
 
 impl Sfu {
-    /// Negotiates a WebRTC peer from a client's SDP offer (WHIP, WHEP, WS).
-    /// Returns the new peer and the SDP answer.
-    pub fn accept_offer(
+    /// Builds the str0m session for an offer (nothing registered yet).
+    fn negotiate_offer(
         &mut self,
         now: Instant,
-        participant: ParticipantId,
         offer: &str,
         intent: OfferIntent,
-    ) -> Result<(PeerId, String), SfuError> {
-        let room = self.room_for_new_session(participant)?;
+    ) -> Result<Negotiated, SfuError> {
         if self.dtls_cert.is_none() {
             self.dtls_cert = str0m::crypto::from_feature_flags()
                 .dtls_provider
@@ -233,16 +237,67 @@ impl Sfu {
             dtls_cert: self.dtls_cert.as_ref(),
         };
         let rng = &mut self.rng;
+        negotiate(now, offer, intent, with, || {
+            (rng.next_u64() & 0x3fff) as u16
+        })
+    }
+
+    /// Negotiates a WebRTC peer from a client's SDP offer (WHIP, WHEP, WS).
+    /// Returns the new peer and the SDP answer.
+    pub fn accept_offer(
+        &mut self,
+        now: Instant,
+        participant: ParticipantId,
+        offer: &str,
+        intent: OfferIntent,
+    ) -> Result<(PeerId, String), SfuError> {
+        let room = self.room_for_new_session(participant)?;
+        // The session first (cheap, before any negotiation work), then its
+        // tracks once the answer says how many it publishes.
+        let session = self.charge_session(
+            participant,
+            Charge {
+                sessions: 1,
+                ..Charge::default()
+            },
+        )?;
+        let negotiated = self.negotiate_offer(now, offer, intent);
+        let tracks = match &negotiated {
+            Ok(n) if !n.published.is_empty() => self.charge_session(
+                participant,
+                Charge {
+                    tracks: n.published.len(),
+                    ..Charge::default()
+                },
+            ),
+            _ => Ok(None),
+        };
+        let (negotiated, tracks) = match (negotiated, tracks) {
+            (Ok(n), Ok(t)) => (n, t),
+            (Err(e), _) | (_, Err(e)) => {
+                self.uncharge(session);
+                return Err(e);
+            }
+        };
+        let charged = match (session, tracks) {
+            (Some((owner, a)), Some((_, b))) => Some((
+                owner,
+                Charge {
+                    tracks: b.tracks,
+                    ..a
+                },
+            )),
+            (s, _) => s,
+        };
         let Negotiated {
             peer: mut w,
             answer,
             published,
             early_events,
             transmits,
-        } = negotiate(now, offer, intent, with, || {
-            (rng.next_u64() & 0x3fff) as u16
-        })?;
+        } = negotiated;
         let id = self.new_peer_id();
+        self.keep_charge(id, charged);
         let mut infos = Vec::new();
         for (mid, kind, rids) in published {
             let layers = if rids.is_empty() {

@@ -18,6 +18,9 @@ use ridge_sfu::{
 /// The node's media socket.
 pub const LOCAL: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 5000));
 
+/// The simulated network whose plain subscribers need not prove consent.
+pub const TRUSTED: &str = "192.0.2.0/24";
+
 /// A remote address on the simulated network.
 pub fn remote(host: u8, port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, host), port))
@@ -50,6 +53,9 @@ pub struct Node {
 impl Node {
     pub fn new(configure: impl FnOnce(&mut SfuConfig)) -> Self {
         let mut config = SfuConfig::new(LOCAL);
+        // The simulated remotes (192.0.2.0/24) receive without proving
+        // consent first; the tests of consent use other networks.
+        config.rtp_trusted_networks = vec![TRUSTED.parse().unwrap()];
         configure(&mut config);
         let start = Instant::now();
         Node {
