@@ -716,7 +716,7 @@ static __always_inline __u64 mesh_index(__u64 highest, __u16 seq)
 #define ABS_SEND_TIME_MASK 0xFFFFFF
 
 /* 24-bit abs-send-time of d ns: floor(d * 2^18 / 1e9) mod 2^24, as
- * userspace's abs_send_time (dataplane/core/src/mesh.rs) computes it in
+ * userspace's abs_send_time (dataplane/core/src/mesh/delay.rs) computes it in
  * 128 bits. Split in whole seconds and the rest, it takes no 128-bit
  * product: secs << 18 may overflow, but only its low 24 bits count, and
  * (frac << 18) / 1e9 is below 2^18, so the OR is the sum. */

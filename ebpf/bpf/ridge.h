@@ -174,7 +174,8 @@ struct ridge_mesh_entry {
 
 /* The RFC 8285 one-byte header extension element of mesh link RTP packets
  * that carries the 24-bit abs-send-time (6.18 fixed-point seconds since the
- * sending node's core epoch; dataplane/core/src/mesh.rs abs_send_time). */
+ * sending node's core epoch; abs_send_time in
+ * dataplane/core/src/mesh/delay.rs). */
 #define RIDGE_MESH_EXT_SEND_TIME 2
 #define RIDGE_MESH_EXT_MAX_ELEMS 4 /* elements walked before giving up */
 

@@ -750,7 +750,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// The 24-bit abs-send-time of `ns`, as the core computes it
-/// (dataplane/core/src/mesh.rs `abs_send_time`, in 128 bits).
+/// (dataplane/core/src/mesh/delay.rs `abs_send_time`, in 128 bits).
 fn abs_send_time(ns: u64) -> u32 {
     ((u128::from(ns) * (1 << 18) / u128::from(NS_PER_SEC)) & 0xff_ffff) as u32
 }
