@@ -538,8 +538,17 @@ pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
 /// that makes it on every start. Mode 0600 or 0400 passes.
 pub fn check_private(field: &'static str, path: &Path) -> Result<(), ConfigError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        // Reported by whoever reads it, with what it should have held.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(invalid(
+                field,
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+    };
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(invalid(
@@ -1258,7 +1267,10 @@ mod tests {
         std::fs::write(&c, cert).unwrap();
         std::fs::write(&k, key).unwrap();
         use std::os::unix::fs::PermissionsExt;
+        // Secret files must be private; the tests also pass the
+        // certificate where a key is expected.
         std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
         (c, k)
     }
 
@@ -1767,6 +1779,12 @@ mod tests {
             "jwt_secret = \"file-secret-file-secret\"\nhttp = \"0.0.0.0:80\"\n",
         )
         .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // Readable by others: refused, without the secret in the message.
+        let e = load_secret(Some(&path), None).unwrap_err().to_string();
+        assert!(e.contains("readable by group or others"), "{e}");
+        assert!(!e.contains("file-secret-file-secret"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(
             load_secret(Some(&path), None).unwrap().expose(),
             "file-secret-file-secret"

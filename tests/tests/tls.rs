@@ -90,6 +90,9 @@ async fn tls_inner() -> Result<()> {
     let key_path = dir.path().join("key.pem");
     std::fs::write(&cert_path, cert.cert.pem())?;
     std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
+    // The node refuses a key that group or others may read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
 
     let node = TestNode::start_with(Overrides {
         http: Some("127.0.0.1:0".parse()?),
