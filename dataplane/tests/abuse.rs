@@ -458,6 +458,7 @@ async fn ws_sessions_past_the_node_cap_are_refused() {
 /// messages: the node's RSS stays under a stated bound, slow readers are
 /// disconnected and counted, and the idle cost per session is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::print_stdout, reason = "the RSS figures are the report")]
 async fn slow_readers_under_a_data_flood_keep_rss_bounded() {
     const READERS: usize = 100;
     const SENDERS: usize = 10;

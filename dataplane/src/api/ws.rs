@@ -331,7 +331,10 @@ async fn run_socket(
     let mut silence = tokio::time::interval(Duration::from_secs(5));
     let (mut warn_at, mut expire_at) = expiry_deadlines(claims.exp, state.ws.config.token_warning);
     let mut warned = false;
-    while healthy {
+    loop {
+        if !healthy {
+            break;
+        }
         tokio::select! {
             out = rx.recv() => {
                 let Some(text) = out else { break };
