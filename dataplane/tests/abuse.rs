@@ -714,6 +714,37 @@ async fn idle_and_half_sent_connections_are_closed_and_the_node_answers() {
     assert!(node.log().contains("connection limit"), "{}", node.log());
 }
 
+/// A request whose body stops half-way is ended by the body timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_cut_off() {
+    let node = Node::start(&["--http-body-timeout", "1s"], None);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", node.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /whip/{ROOM} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/sdp\r\nContent-Length: 5000\r\n\r\nv=0\r\n",
+        token("slow-poster")
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut raw = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await;
+    assert!(
+        r.is_ok(),
+        "the half-sent body is still waited for after 5 s"
+    );
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut off before the timeout: {text}"
+    );
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 4"),
+        "answered with {text}"
+    );
+}
+
 /// The accept loop survives running out of descriptors: it logs (once per
 /// second at most), counts, backs off and serves again once the idle
 /// connections are closed.
