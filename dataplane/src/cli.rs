@@ -133,6 +133,46 @@ pub struct RunArgs {
     /// [default: /run/ridge/dataplane.sock as root, else $XDG_RUNTIME_DIR/ridge/dataplane.sock, else none]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// WebSocket room sessions on the node; past it upgrades get 429 [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub ws_max_sessions: Option<usize>,
+    /// WebSocket room sessions of one identity [default: 16]
+    #[arg(long, value_name = "N")]
+    pub ws_max_sessions_per_identity: Option<usize>,
+    /// Bytes queued to one WebSocket before it is disconnected as a slow reader [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub ws_send_queue_bytes: Option<usize>,
+    /// Bytes of events kept per room session for a resume [default: 262144]
+    #[arg(long, value_name = "BYTES")]
+    pub ws_resume_buffer_bytes: Option<usize>,
+    /// Chat and data messages per second per participant [default: 20]
+    #[arg(long, value_name = "N")]
+    pub ws_message_rate: Option<u32>,
+    /// Burst of the chat/data token bucket [default: 40]
+    #[arg(long, value_name = "N")]
+    pub ws_message_burst: Option<u32>,
+    /// How long before its token expires a session gets `token_expiring` [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ws_token_warning: Option<Duration>,
+    /// Time a client has to send a request's headers, and the next request on a kept-alive connection [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Option<Duration>,
+    /// Time a client has to send a request's body [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: Option<Duration>,
+    /// Time a connection may pass with no byte read or written [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Option<Duration>,
+    /// Time a TLS handshake may take [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Option<Duration>,
+    /// Concurrent HTTP(S) connections, 0 = half the descriptor limit, at most 16384 [default: 0]
+    #[arg(long, value_name = "N")]
+    pub http_max_connections: Option<usize>,
+    /// Concurrent HTTP(S) connections from one source address, 0 = half of
+    /// --http-max-connections, at most 256 [default: 0]
+    #[arg(long, value_name = "N")]
+    pub http_max_connections_per_source: Option<usize>,
 }
 
 impl RunArgs {
@@ -169,6 +209,19 @@ impl RunArgs {
             rtp_consent_timeout: None,
             identity_max_sessions: None,
             token_max_sessions: None,
+            ws_max_sessions: self.ws_max_sessions,
+            ws_max_sessions_per_identity: self.ws_max_sessions_per_identity,
+            ws_send_queue_bytes: self.ws_send_queue_bytes,
+            ws_resume_buffer_bytes: self.ws_resume_buffer_bytes,
+            ws_message_rate: self.ws_message_rate,
+            ws_message_burst: self.ws_message_burst,
+            ws_token_warning: self.ws_token_warning,
+            http_header_timeout: self.http_header_timeout,
+            http_body_timeout: self.http_body_timeout,
+            http_idle_timeout: self.http_idle_timeout,
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            http_max_connections: self.http_max_connections,
+            http_max_connections_per_source: self.http_max_connections_per_source,
         }
     }
 

@@ -62,6 +62,39 @@ pub const DEFAULT_LOG: &str = "info";
 /// Minimum length of the JWT secret in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
 
+/// Default cap on WebSocket room sessions on the node.
+pub const DEFAULT_WS_MAX_SESSIONS: usize = 10_000;
+/// Default cap on WebSocket room sessions of one identity.
+pub const DEFAULT_WS_MAX_SESSIONS_PER_IDENTITY: usize = 16;
+/// Default bound of one socket's send queue, in bytes.
+pub const DEFAULT_WS_SEND_QUEUE_BYTES: usize = 1024 * 1024;
+/// Default bound of one session's resume (replay) buffer, in bytes.
+pub const DEFAULT_WS_RESUME_BUFFER_BYTES: usize = 256 * 1024;
+/// Default chat and data messages per second per participant.
+pub const DEFAULT_WS_MESSAGE_RATE: u32 = 20;
+/// Default burst of the chat/data token bucket.
+pub const DEFAULT_WS_MESSAGE_BURST: u32 = 40;
+/// Default warning before a session's token expires.
+pub const DEFAULT_WS_TOKEN_WARNING: Duration = Duration::from_secs(60);
+/// Default time a client has to send a request's headers (and, on a
+/// kept-alive connection, the next request).
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client has to send a request's body.
+pub const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a connection may pass with no byte read or written.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a TLS handshake may take.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound of the automatic `http_max_connections`.
+pub const AUTO_MAX_CONNECTIONS: usize = 16_384;
+/// Upper bound of the automatic `http_max_connections_per_source`.
+pub const AUTO_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+const MIN_LIMIT_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_LIMIT_TIMEOUT: Duration = Duration::from_secs(600);
+const MIN_WS_QUEUE_BYTES: usize = 32 * 1024;
+const MIN_WS_RESUME_BYTES: usize = 16 * 1024;
+const MAX_WS_BYTES: usize = 1 << 30;
+
 const SECRET_HINT: &str = "generate one with e.g. `openssl rand -base64 32`";
 
 /// The TOML config file, as written. All fields are optional.
@@ -150,6 +183,32 @@ pub struct FileConfig {
     pub token_max_tracks: Option<usize>,
     /// Plain-RTP endpoints one token may hold (default: the identity's limit).
     pub token_max_rtp_endpoints: Option<usize>,
+    /// WebSocket room sessions on the node.
+    pub ws_max_sessions: Option<usize>,
+    /// WebSocket room sessions of one identity.
+    pub ws_max_sessions_per_identity: Option<usize>,
+    /// Bytes queued to one socket before it is disconnected as too slow.
+    pub ws_send_queue_bytes: Option<usize>,
+    /// Bytes of events kept per session for a resume.
+    pub ws_resume_buffer_bytes: Option<usize>,
+    /// Chat and data messages per second per participant.
+    pub ws_message_rate: Option<u32>,
+    /// Burst of the chat/data token bucket.
+    pub ws_message_burst: Option<u32>,
+    /// How long before its token's `exp` a session gets `token_expiring`.
+    pub ws_token_warning: Option<String>,
+    /// Time to receive a request's headers (humantime).
+    pub http_header_timeout: Option<String>,
+    /// Time to receive a request's body (humantime).
+    pub http_body_timeout: Option<String>,
+    /// Time a connection may pass without traffic (humantime).
+    pub http_idle_timeout: Option<String>,
+    /// Time a TLS handshake may take (humantime).
+    pub tls_handshake_timeout: Option<String>,
+    /// Concurrent HTTP(S) connections (0: automatic).
+    pub http_max_connections: Option<usize>,
+    /// Concurrent HTTP(S) connections from one source address (0: automatic).
+    pub http_max_connections_per_source: Option<usize>,
 }
 
 /// Whether the node tries to attach its XDP programs.
@@ -270,6 +329,56 @@ pub struct Overrides {
     pub rtp_consent_timeout: Option<Duration>,
     pub identity_max_sessions: Option<usize>,
     pub token_max_sessions: Option<usize>,
+    pub ws_max_sessions: Option<usize>,
+    pub ws_max_sessions_per_identity: Option<usize>,
+    pub ws_send_queue_bytes: Option<usize>,
+    pub ws_resume_buffer_bytes: Option<usize>,
+    pub ws_message_rate: Option<u32>,
+    pub ws_message_burst: Option<u32>,
+    pub ws_token_warning: Option<Duration>,
+    pub http_header_timeout: Option<Duration>,
+    pub http_body_timeout: Option<Duration>,
+    pub http_idle_timeout: Option<Duration>,
+    pub tls_handshake_timeout: Option<Duration>,
+    pub http_max_connections: Option<usize>,
+    pub http_max_connections_per_source: Option<usize>,
+}
+
+/// Limits of the WebSocket room API (docs/operations.md, "Limits and abuse").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsConfig {
+    pub max_sessions: usize,
+    pub max_sessions_per_identity: usize,
+    pub send_queue_bytes: usize,
+    pub resume_buffer_bytes: usize,
+    pub message_rate: u32,
+    pub message_burst: u32,
+    pub token_warning: Duration,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: DEFAULT_WS_MAX_SESSIONS,
+            max_sessions_per_identity: DEFAULT_WS_MAX_SESSIONS_PER_IDENTITY,
+            send_queue_bytes: DEFAULT_WS_SEND_QUEUE_BYTES,
+            resume_buffer_bytes: DEFAULT_WS_RESUME_BUFFER_BYTES,
+            message_rate: DEFAULT_WS_MESSAGE_RATE,
+            message_burst: DEFAULT_WS_MESSAGE_BURST,
+            token_warning: DEFAULT_WS_TOKEN_WARNING,
+        }
+    }
+}
+
+/// Timeouts and connection caps of the HTTP(S) listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
 }
 
 /// TLS certificate chain and private key files (both PEM).
@@ -326,6 +435,10 @@ pub struct Config {
     /// Quotas, handshake and consent timeouts, plain-RTP remotes
     /// (docs/operations.md, "Limits and abuse").
     pub limits: Limits,
+    /// WebSocket room API limits.
+    pub ws: WsConfig,
+    /// HTTP(S) listener timeouts and connection caps.
+    pub http_limits: HttpLimits,
 }
 
 /// Sessions and media: what one identity and one token may hold, how long
@@ -464,6 +577,25 @@ fn build_limits(
     })
 }
 
+/// The soft `RLIMIT_NOFILE` of this process, if it can be read.
+pub fn descriptor_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
+/// `http_max_connections` when none is configured: half the descriptor
+/// limit (the rest is for media sockets, the kernel path and headroom), at
+/// most [`AUTO_MAX_CONNECTIONS`].
+pub fn auto_max_connections(nofile: Option<u64>) -> usize {
+    match nofile {
+        Some(n) => usize::try_from(n / 2)
+            .unwrap_or(usize::MAX)
+            .clamp(1, AUTO_MAX_CONNECTIONS),
+        None => 1024,
+    }
+}
+
 /// The control socket used when none is configured:
 /// `/run/ridge/dataplane.sock` for root, `$XDG_RUNTIME_DIR/ridge/dataplane.sock`
 /// for other users, none when neither applies.
@@ -567,8 +699,53 @@ pub fn from_toml_str(
 }
 
 /// Reads and parses a config file without validating it.
+/// A file that holds `jwt_secret` must not be readable by group or others
+/// ([`check_private`]).
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    parse_file_config(&read_file(path)?, Some(path))
+    let file = parse_file_config(&read_file(path)?, Some(path))?;
+    if file
+        .jwt_secret
+        .as_ref()
+        .is_some_and(|s| !s.expose().is_empty())
+    {
+        check_private("jwt_secret", path)?;
+    }
+    Ok(file)
+}
+
+/// Refuses a file holding a secret (`jwt_secret`'s config file, the TLS
+/// key) that group or others may read. It is refused rather than fixed:
+/// the node cannot know who read it already (a secret that was exposed
+/// must be rotated, which only the operator can do), a chmod by the node
+/// would fail on read-only mounts and hide the mistake from the deployment
+/// that makes it on every start. Mode 0600 or 0400 passes.
+pub fn check_private(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        // Reported by whoever reads it, with what it should have held.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(invalid(
+                field,
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            field,
+            format!(
+                "{} holds a secret and is readable by group or others (mode {mode:04o}): \
+                 `chmod 600 {}` (and rotate the secret if others may have read it); \
+                 on Kubernetes set the secret volume's defaultMode to 0400",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses TOML into a [`FileConfig`] without validating it. `origin` only
@@ -678,6 +855,8 @@ pub fn build(
         .or(file.insecure_http)
         .unwrap_or(false);
     let dev_no_auth = overrides.dev_no_auth.or(file.dev_no_auth).unwrap_or(false);
+    let ws = build_ws(&file, overrides)?;
+    let http_limits = build_http_limits(&file, overrides)?;
 
     let drain_timeout = duration_setting(
         "drain_timeout",
@@ -796,6 +975,7 @@ pub fn build(
     let tls_key = overrides.tls_key.clone().or(file.tls_key);
     let tls = match (tls_cert, tls_key) {
         (Some(cert), Some(key)) => {
+            check_private("tls_key", &key)?;
             check_cert_file(&cert)?;
             check_key_file(&key)?;
             Some(TlsConfig { cert, key })
@@ -962,6 +1142,182 @@ pub fn build(
         control_socket,
         control_socket_is_default,
         limits,
+        ws,
+        http_limits,
+    })
+}
+
+fn limit_duration(
+    field: &'static str,
+    flag: &str,
+    over: Option<Duration>,
+    file: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration_setting(field, over, file, default)?;
+    if !(MIN_LIMIT_TIMEOUT..=MAX_LIMIT_TIMEOUT).contains(&d) {
+        return Err(invalid(
+            field,
+            format!(
+                "{} is out of range: use {} ..= {} ({flag})",
+                fmt_duration(d),
+                fmt_duration(MIN_LIMIT_TIMEOUT),
+                fmt_duration(MAX_LIMIT_TIMEOUT)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn at_least(
+    field: &'static str,
+    flag: &str,
+    v: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    if v < min || v > max {
+        return Err(invalid(
+            field,
+            format!("{v} is out of range: use {min} ..= {max} ({flag})"),
+        ));
+    }
+    Ok(v)
+}
+
+fn build_ws(file: &FileConfig, o: &Overrides) -> Result<WsConfig, ConfigError> {
+    let d = WsConfig::default();
+    let ws = WsConfig {
+        max_sessions: at_least(
+            "ws_max_sessions",
+            "--ws-max-sessions",
+            o.ws_max_sessions
+                .or(file.ws_max_sessions)
+                .unwrap_or(d.max_sessions),
+            1,
+            10_000_000,
+        )?,
+        max_sessions_per_identity: at_least(
+            "ws_max_sessions_per_identity",
+            "--ws-max-sessions-per-identity",
+            o.ws_max_sessions_per_identity
+                .or(file.ws_max_sessions_per_identity)
+                .unwrap_or(d.max_sessions_per_identity),
+            1,
+            10_000_000,
+        )?,
+        send_queue_bytes: at_least(
+            "ws_send_queue_bytes",
+            "--ws-send-queue-bytes",
+            o.ws_send_queue_bytes
+                .or(file.ws_send_queue_bytes)
+                .unwrap_or(d.send_queue_bytes),
+            MIN_WS_QUEUE_BYTES,
+            MAX_WS_BYTES,
+        )?,
+        resume_buffer_bytes: at_least(
+            "ws_resume_buffer_bytes",
+            "--ws-resume-buffer-bytes",
+            o.ws_resume_buffer_bytes
+                .or(file.ws_resume_buffer_bytes)
+                .unwrap_or(d.resume_buffer_bytes),
+            MIN_WS_RESUME_BYTES,
+            MAX_WS_BYTES,
+        )?,
+        message_rate: o
+            .ws_message_rate
+            .or(file.ws_message_rate)
+            .unwrap_or(d.message_rate),
+        message_burst: o
+            .ws_message_burst
+            .or(file.ws_message_burst)
+            .unwrap_or(d.message_burst),
+        token_warning: duration_setting(
+            "ws_token_warning",
+            o.ws_token_warning,
+            file.ws_token_warning.as_deref(),
+            d.token_warning,
+        )?,
+    };
+    if ws.message_rate == 0 {
+        return Err(invalid(
+            "ws_message_rate",
+            "must be at least 1 chat/data message per second (--ws-message-rate)",
+        ));
+    }
+    if ws.message_burst == 0 {
+        return Err(invalid(
+            "ws_message_burst",
+            "must be at least 1 (--ws-message-burst)",
+        ));
+    }
+    if ws.token_warning > Duration::from_secs(3600) {
+        return Err(invalid(
+            "ws_token_warning",
+            format!(
+                "{} is too long: at most 1h (--ws-token-warning)",
+                fmt_duration(ws.token_warning)
+            ),
+        ));
+    }
+    Ok(ws)
+}
+
+fn build_http_limits(file: &FileConfig, o: &Overrides) -> Result<HttpLimits, ConfigError> {
+    let max_connections = match o.http_max_connections.or(file.http_max_connections) {
+        None | Some(0) => auto_max_connections(descriptor_limit()),
+        Some(n) => at_least(
+            "http_max_connections",
+            "--http-max-connections",
+            n,
+            1,
+            10_000_000,
+        )?,
+    };
+    let max_connections_per_source = match o
+        .http_max_connections_per_source
+        .or(file.http_max_connections_per_source)
+    {
+        None | Some(0) => (max_connections / 2).clamp(1, AUTO_MAX_CONNECTIONS_PER_SOURCE),
+        Some(n) => at_least(
+            "http_max_connections_per_source",
+            "--http-max-connections-per-source",
+            n,
+            1,
+            10_000_000,
+        )?,
+    };
+    Ok(HttpLimits {
+        header_timeout: limit_duration(
+            "http_header_timeout",
+            "--http-header-timeout",
+            o.http_header_timeout,
+            file.http_header_timeout.as_deref(),
+            DEFAULT_HTTP_HEADER_TIMEOUT,
+        )?,
+        body_timeout: limit_duration(
+            "http_body_timeout",
+            "--http-body-timeout",
+            o.http_body_timeout,
+            file.http_body_timeout.as_deref(),
+            DEFAULT_HTTP_BODY_TIMEOUT,
+        )?,
+        idle_timeout: limit_duration(
+            "http_idle_timeout",
+            "--http-idle-timeout",
+            o.http_idle_timeout,
+            file.http_idle_timeout.as_deref(),
+            DEFAULT_HTTP_IDLE_TIMEOUT,
+        )?,
+        tls_handshake_timeout: limit_duration(
+            "tls_handshake_timeout",
+            "--tls-handshake-timeout",
+            o.tls_handshake_timeout,
+            file.tls_handshake_timeout.as_deref(),
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        )?,
+        max_connections,
+        max_connections_per_source,
     })
 }
 
@@ -1144,6 +1500,11 @@ mod tests {
         let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&c, cert).unwrap();
         std::fs::write(&k, key).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // Secret files must be private; the tests also pass the
+        // certificate where a key is expected.
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
         (c, k)
     }
 
@@ -1652,6 +2013,12 @@ mod tests {
             "jwt_secret = \"file-secret-file-secret\"\nhttp = \"0.0.0.0:80\"\n",
         )
         .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // Readable by others: refused, without the secret in the message.
+        let e = load_secret(Some(&path), None).unwrap_err().to_string();
+        assert!(e.contains("readable by group or others"), "{e}");
+        assert!(!e.contains("file-secret-file-secret"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(
             load_secret(Some(&path), None).unwrap().expose(),
             "file-secret-file-secret"

@@ -15,7 +15,7 @@
 //! (without secrets) so a restarted agent can resume.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,11 +54,17 @@ pub enum ControlError {
         source: std::io::Error,
     },
     #[error(
-        "control socket {} is in use by another running process (a second ridge-dataplane?); \
+        "control socket {}: another node is serving on it (a second ridge-dataplane?); \
          set control_socket to another path or stop the other node",
         path.display()
     )]
     InUse { path: PathBuf },
+    #[error(
+        "control socket {}: a {kind} is there, not a socket; the node replaces only a \
+         stale socket it left behind: move it away or set control_socket to another path",
+        path.display()
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("cannot bind the control socket {}: {source}", path.display())]
     Bind {
         path: PathBuf,
@@ -218,9 +224,10 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Creates the directory (0750) if needed, removes a stale socket file,
-    /// binds and sets the socket's mode to 0600. A socket file that still
-    /// answers is [`ControlError::InUse`].
+    /// Creates the directory (0750) if needed and binds a socket of mode
+    /// 0600 at `path`, replacing a stale socket. A socket that still answers
+    /// is [`ControlError::InUse`]; anything else at `path` (a regular file, a
+    /// directory, a link) is [`ControlError::NotASocket`] and is left alone.
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
@@ -235,30 +242,68 @@ impl ControlSocket {
                     source,
                 })?;
         }
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse {
-                    path: path.to_owned(),
-                });
-            }
-            // Left behind by a node that did not stop cleanly.
-            let _ = std::fs::remove_file(path);
-        }
         let bind_err = |source| ControlError::Bind {
             path: path.to_owned(),
             source,
         };
-        let listener = match UnixListener::bind(path) {
-            Ok(l) => l,
-            // Another node bound it between our check and our bind.
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+        // Only a stale socket may be replaced: never a file, a directory or
+        // a link someone put there (symlink_metadata: a link is not followed).
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse {
+                        path: path.to_owned(),
+                    });
+                }
+            }
+            Ok(meta) => {
+                let t = meta.file_type();
+                let kind = if t.is_file() {
+                    "regular file"
+                } else if t.is_dir() {
+                    "directory"
+                } else if t.is_symlink() {
+                    "symbolic link"
+                } else {
+                    "special file"
+                };
+                return Err(ControlError::NotASocket {
+                    path: path.to_owned(),
+                    kind,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        // Bound under a temporary name, made 0600, then renamed into place:
+        // the socket is never reachable with a wider mode, and the rename
+        // replaces a stale socket in one step.
+        let file_name = path.file_name().map_or_else(
+            || "dataplane.sock".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| {
+                // Another node may have bound the path since the check.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+                    && std::os::unix::net::UnixStream::connect(path).is_ok()
+                {
+                    return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
+                }
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            if e.kind() == std::io::ErrorKind::AddrInUse {
                 return Err(ControlError::InUse {
                     path: path.to_owned(),
                 });
             }
-            Err(e) => return Err(bind_err(e)),
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+            return Err(bind_err(e));
+        }
         Ok(Self {
             path: path.to_owned(),
             listener,

@@ -29,6 +29,17 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Which configured limit refused something (e.g. `per_identity`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
 /// Live control-plane metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -41,6 +52,24 @@ pub struct Metrics {
     pub udp_send_errors: Counter,
     pub udp_recv_errors: Counter,
     pub draining: Gauge,
+    /// WebSocket upgrades refused by a session limit, by limit.
+    pub ws_sessions_refused: Family<LimitLabels, Counter>,
+    /// Sockets closed because their send queue passed its byte bound.
+    pub ws_slow_consumers: Counter,
+    /// Chat and data messages refused by the token bucket, by kind.
+    pub ws_rate_limited: Family<KindLabels, Counter>,
+    /// Events dropped from resume buffers by their byte bound.
+    pub ws_resume_evicted: Counter,
+    /// Sessions closed because their token expired.
+    pub ws_token_expired: Counter,
+    /// HTTP(S) connections open now.
+    pub http_connections: Gauge,
+    /// HTTP(S) connections closed at accept by a connection cap, by limit.
+    pub http_connections_refused: Family<LimitLabels, Counter>,
+    /// Failed accepts, by kind (emfile, enfile, other).
+    pub http_accept_errors: Family<KindLabels, Counter>,
+    /// Connections closed by a timeout of the node, by kind.
+    pub http_timeouts: Family<KindLabels, Counter>,
     snapshot: Arc<Mutex<Option<StatsSnapshot>>>,
 }
 
@@ -57,6 +86,15 @@ pub fn registry() -> (Registry, Metrics) {
         udp_send_errors: Counter::default(),
         udp_recv_errors: Counter::default(),
         draining: Gauge::default(),
+        ws_sessions_refused: Family::default(),
+        ws_slow_consumers: Counter::default(),
+        ws_rate_limited: Family::default(),
+        ws_resume_evicted: Counter::default(),
+        ws_token_expired: Counter::default(),
+        http_connections: Gauge::default(),
+        http_connections_refused: Family::default(),
+        http_accept_errors: Family::default(),
+        http_timeouts: Family::default(),
         snapshot: Arc::new(Mutex::new(None)),
     };
     let r = registry.sub_registry_with_prefix("ridge");
@@ -104,6 +142,51 @@ pub fn registry() -> (Registry, Metrics) {
         "draining",
         "1 while the node drains before exit",
         metrics.draining.clone(),
+    );
+    r.register(
+        "ws_sessions_refused",
+        "WebSocket upgrades refused by a session limit (per_identity, total)",
+        metrics.ws_sessions_refused.clone(),
+    );
+    r.register(
+        "ws_slow_consumers",
+        "WebSocket sockets closed because their send queue passed ws_send_queue_bytes",
+        metrics.ws_slow_consumers.clone(),
+    );
+    r.register(
+        "ws_rate_limited",
+        "Chat and data messages refused by the per-participant token bucket (chat, data)",
+        metrics.ws_rate_limited.clone(),
+    );
+    r.register(
+        "ws_resume_evicted",
+        "Events dropped from resume buffers to keep them under ws_resume_buffer_bytes",
+        metrics.ws_resume_evicted.clone(),
+    );
+    r.register(
+        "ws_token_expired",
+        "WebSocket sessions closed because their token expired without a refresh",
+        metrics.ws_token_expired.clone(),
+    );
+    r.register(
+        "http_connections",
+        "HTTP(S) connections open now (WebSocket sockets included)",
+        metrics.http_connections.clone(),
+    );
+    r.register(
+        "http_connections_refused",
+        "HTTP(S) connections closed at accept by a connection cap (per_source, total)",
+        metrics.http_connections_refused.clone(),
+    );
+    r.register(
+        "http_accept_errors",
+        "Failed accepts on the HTTP(S) listener (emfile, enfile, other)",
+        metrics.http_accept_errors.clone(),
+    );
+    r.register(
+        "http_timeouts",
+        "HTTP(S) connections closed by the node's I/O timeouts (first_byte: nothing sent within http_header_timeout; idle: nothing read or written within http_idle_timeout)",
+        metrics.http_timeouts.clone(),
     );
     registry.register_collector(Box::new(MediaCollector {
         snapshot: metrics.snapshot.clone(),

@@ -9,10 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum_server::Handle;
+use axum_server::accept::DefaultAcceptor;
+use axum_server::tls_rustls::RustlsAcceptor;
 use ridge_sfu::SfuConfig;
 use tokio::sync::watch;
 
 use crate::api::auth::Authenticator;
+use crate::api::limits::WsLimits;
+use crate::api::listener::{GuardAcceptor, GuardedListener, NodeAddr, configure};
 use crate::api::{AppState, RoomHub, router, run_hub};
 use crate::config::{Config, ShardPorts};
 use crate::control::{ControlError, ControlMetrics, ControlSocket, ControlState};
@@ -153,7 +157,7 @@ impl Node {
         };
         let control_socket = control.as_ref().map(|c| c.path().to_owned());
 
-        let hub = Arc::new(RoomHub::default());
+        let hub = Arc::new(RoomHub::new(metrics.ws_resume_evicted.clone()));
         let hub_task = tokio::spawn(run_hub(hub.clone(), media.clone()));
         let draining = Arc::new(AtomicBool::new(false));
         let state = AppState {
@@ -164,6 +168,8 @@ impl Node {
             draining: draining.clone(),
             hub: hub.clone(),
             kernel: kernel.clone(),
+            ready: Arc::default(),
+            ws: Arc::new(WsLimits::new(config.ws.clone(), metrics.clone())),
         };
         let (shutdown, mut shutdown_rx) = watch::channel(false);
         let control_task = control.map(|control| {
@@ -182,27 +188,50 @@ impl Node {
                 let _ = stop.wait_for(|v| *v).await;
             }))
         });
-        let app = router(state).into_make_service();
-        let handle: Handle<SocketAddr> = Handle::new();
+        let limits = config.http_limits.clone();
+        if let Some(nofile) = crate::config::descriptor_limit()
+            && limits.max_connections as u64 + 64 > nofile
+        {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                nofile,
+                "http_max_connections is close to or above the descriptor limit \
+                 (RLIMIT_NOFILE): accepts will fail with EMFILE before the cap refuses"
+            );
+        }
+        let app = router(state)
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                limits.body_timeout,
+            ))
+            .into_make_service();
+        let handle: Handle<NodeAddr> = Handle::new();
+        let listener =
+            tokio::net::TcpListener::from_std(tcp).map_err(|source| NodeError::BindHttp {
+                addr: config.http,
+                source,
+            })?;
+        let mut http_server = axum_server::Server::<NodeAddr>::from_listener(GuardedListener::new(
+            listener,
+            metrics.clone(),
+        ));
+        configure(http_server.http_builder(), &limits);
+        let guard = GuardAcceptor::new(DefaultAcceptor, &limits, metrics.clone());
         let server = {
             let handle = handle.clone();
             let is_tls = tls.is_some();
             tokio::spawn(async move {
                 let r = match tls {
                     Some(tls) => {
-                        axum_server::from_tcp_rustls(tcp, tls)
-                            .map_err(NodeError::Http)?
+                        let acceptor = RustlsAcceptor::new(tls)
+                            .handshake_timeout(limits.tls_handshake_timeout)
+                            .acceptor(guard);
+                        http_server
+                            .acceptor(acceptor)
                             .handle(handle)
                             .serve(app)
                             .await
                     }
-                    None => {
-                        axum_server::from_tcp(tcp)
-                            .map_err(NodeError::Http)?
-                            .handle(handle)
-                            .serve(app)
-                            .await
-                    }
+                    None => http_server.acceptor(guard).handle(handle).serve(app).await,
                 };
                 tracing::debug!(tls = is_tls, "HTTP server stopped");
                 r.map_err(NodeError::Http)

@@ -30,6 +30,9 @@ fn scratch() -> PathBuf {
 fn write_config(contents: &str) -> PathBuf {
     let path = scratch().join("ridge.toml");
     std::fs::write(&path, contents).unwrap();
+    // A file holding jwt_secret must be private to the node's user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
 }
 

@@ -90,11 +90,15 @@ async fn tls_inner() -> Result<()> {
     let key_path = dir.path().join("key.pem");
     std::fs::write(&cert_path, cert.cert.pem())?;
     std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
+    // The node refuses a key that group or others may read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
 
     let node = TestNode::start_with(Overrides {
         http: Some("127.0.0.1:0".parse()?),
         tls_cert: Some(cert_path.clone()),
         tls_key: Some(key_path),
+        tls_handshake_timeout: Some(std::time::Duration::from_secs(1)),
         ..Overrides::default()
     })
     .await?;
@@ -151,6 +155,36 @@ async fn tls_inner() -> Result<()> {
         r.exit != 0 && r.code == "000",
         "plain http to the TLS port answered: {r:?}"
     );
+
+    // A connection that never starts its handshake, and one that stops in
+    // the middle of its ClientHello, are closed by the handshake timeout.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let opened = std::time::Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut partial = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        // A TLS record header announcing 512 bytes, then nothing.
+        partial
+            .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await?;
+        for s in [&mut silent, &mut partial] {
+            let mut buf = [0u8; 64];
+            let closed = tokio::time::timeout(std::time::Duration::from_secs(4), async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            ensure!(
+                closed.is_ok(),
+                "a stalled TLS handshake is still open after {:?}",
+                opened.elapsed()
+            );
+        }
+    }
 
     // The node is still healthy after the plain-HTTP attempt.
     let r = curl(&["-k", "-H", &admin], &https, dir.path()).await?;

@@ -55,6 +55,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rooms/{room}/ws", get(ws::upgrade))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         // SDP offers and JSON bodies are a few KiB; refuse anything larger.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -200,7 +202,9 @@ async fn owned_session(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<PeerId, ApiError> {
-    let claims = state.authorize(headers, query, Some(room), Grant::Either)?;
+    // An admin token ends any session, in any room, without media grants;
+    // any other token must admit to the room and carry a media grant.
+    let claims = state.authorize_or_admin(headers, query, room, Grant::Either)?;
     let peer: PeerId = session
         .parse()
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no session {session}")))?;
@@ -364,6 +368,30 @@ async fn metrics(
         body,
     )
         .into_response())
+}
+
+/// `GET /livez`, unauthenticated: the process is up and serving HTTP.
+/// Status code only.
+async fn livez() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `GET /readyz`, unauthenticated: 200 while every media shard answers and
+/// the node is not draining, 503 otherwise. Status code only. The shards
+/// are asked at most once a second, however often the probe is called.
+async fn readyz(State(state): State<AppState>) -> StatusCode {
+    if state.draining.load(Ordering::Relaxed) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let ok = state
+        .ready
+        .check(|| async { state.media.stats().await.is_some() })
+        .await;
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn healthz(

@@ -6,13 +6,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use ridge_sfu::{ParticipantId, PeerId, SfuEvent, TrackInfo};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
+use super::limits::{SocketTx, TokenBucket, WsPermit};
 use crate::shard::handle::MediaHandle;
 
-/// Events kept per session for replay after a reconnect.
+/// Events kept per session for replay after a reconnect, at most (the
+/// byte bound, `ws_resume_buffer_bytes`, usually binds first).
 const HISTORY: usize = 256;
 /// A detached session is kept this long for a resume.
 const RESUME_WINDOW: Duration = Duration::from_secs(60);
@@ -25,30 +27,48 @@ pub(super) struct Session {
     pub(super) participant: ParticipantId,
     pub(super) resume: String,
     pub(super) seq: u64,
-    pub(super) history: VecDeque<(u64, String)>,
-    pub(super) socket: Option<(u64, mpsc::Sender<String>)>,
+    /// Numbered events for a resume, at most `resume_limit` bytes of text.
+    pub(super) history: VecDeque<(u64, Arc<str>)>,
+    pub(super) history_bytes: usize,
+    pub(super) resume_limit: usize,
+    pub(super) socket: Option<(u64, SocketTx)>,
     pub(super) detached_at: Option<Instant>,
     pub(super) peers: Vec<PeerId>,
+    /// Chat and data messages of this participant.
+    pub(super) bucket: TokenBucket,
+    /// The session's place in the WebSocket quota, given back with it.
+    pub(super) _permit: WsPermit,
 }
 
 impl Session {
     /// Numbers, records and (if attached) sends one event.
-    fn push(&mut self, mut event: Value) {
+    fn push(&mut self, mut event: Value, evicted: &Counter) {
         self.seq += 1;
         event["seq"] = json!(self.seq);
-        let text = event.to_string();
-        if self.history.len() == HISTORY {
-            self.history.pop_front();
-        }
+        let text: Arc<str> = Arc::from(event.to_string());
+        self.history_bytes += text.len();
         self.history.push_back((self.seq, text.clone()));
-        if let Some((_, tx)) = &self.socket
-            && tx.try_send(text).is_err()
+        while self.history.len() > HISTORY
+            || (self.history_bytes > self.resume_limit && self.history.len() > 1)
         {
-            // A stuck socket: detach it; the client resumes and the
-            // history replays what it missed.
+            if let Some((_, old)) = self.history.pop_front() {
+                self.history_bytes -= old.len();
+                evicted.inc();
+            }
+        }
+        if let Some((_, tx)) = &self.socket
+            && !tx.send(text)
+        {
+            // A reader too slow for its queue: the socket task closes it;
+            // the client resumes and the history replays what it can.
             self.socket = None;
             self.detached_at = Some(Instant::now());
         }
+    }
+
+    /// The oldest `seq` a resume can replay from without a gap.
+    pub(super) fn oldest_kept(&self) -> u64 {
+        self.history.front().map_or(self.seq, |(n, _)| n - 1)
     }
 }
 
@@ -56,6 +76,8 @@ impl Session {
 #[derive(Default)]
 pub struct RoomHub {
     inner: Mutex<HubInner>,
+    /// `ridge_ws_resume_evicted_total`.
+    evicted: Counter,
 }
 
 impl std::fmt::Debug for RoomHub {
@@ -87,6 +109,14 @@ pub(super) fn track_json(t: &TrackInfo) -> Value {
 }
 
 impl RoomHub {
+    /// A hub that counts resume-buffer evictions in `evicted`.
+    pub fn new(evicted: Counter) -> Self {
+        Self {
+            inner: Mutex::default(),
+            evicted,
+        }
+    }
+
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HubInner> {
         match self.inner.lock() {
             Ok(g) => g,
@@ -155,7 +185,7 @@ impl RoomHub {
         };
         for s in hub.room_sessions(&room) {
             if only.is_none_or(|p| p == s.participant) && skip != Some(s.participant) {
-                s.push(event.clone());
+                s.push(event.clone(), &self.evicted);
             }
         }
     }
@@ -163,7 +193,7 @@ impl RoomHub {
     pub(super) fn broadcast(&self, room: &str, event: Value) {
         let mut hub = self.lock();
         for s in hub.room_sessions(room) {
-            s.push(event.clone());
+            s.push(event.clone(), &self.evicted);
         }
     }
 
@@ -171,8 +201,17 @@ impl RoomHub {
     pub fn shutdown_notice(&self) {
         let mut hub = self.lock();
         for s in hub.sessions.values_mut() {
-            s.push(json!({"type":"shutdown"}));
+            s.push(json!({"type":"shutdown"}), &self.evicted);
         }
+    }
+
+    /// Whether `token` resumes a session of `identity` in `room`.
+    pub(super) fn can_resume(&self, token: &str, identity: &str, room: &str) -> bool {
+        let hub = self.lock();
+        hub.by_resume
+            .get(token)
+            .and_then(|p| hub.sessions.get(p))
+            .is_some_and(|s| s.identity == identity && s.room == room)
     }
 
     pub fn session_count(&self) -> usize {

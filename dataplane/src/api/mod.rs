@@ -13,6 +13,8 @@ pub mod auth;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod limits;
+pub mod listener;
 pub mod state;
 pub mod ws;
 

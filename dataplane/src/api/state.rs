@@ -9,6 +9,7 @@ use prometheus_client::registry::Registry;
 use super::auth::{AuthError, Authenticator, Claims, Grant};
 use super::error::ApiError;
 use super::hub::RoomHub;
+use super::limits::WsLimits;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::offload::kernel::KernelPath;
 use crate::shard::handle::MediaHandle;
@@ -23,6 +24,37 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     pub hub: Arc<RoomHub>,
     pub kernel: Arc<KernelPath>,
+    /// The last answer of the shards to `/readyz`.
+    pub ready: Arc<ReadyCache>,
+    /// WebSocket limits and the session admission.
+    pub ws: Arc<WsLimits>,
+}
+
+/// Caches the shards' liveness for `/readyz`, so an unauthenticated probe
+/// flood costs the shards one command a second.
+#[derive(Debug, Default)]
+pub struct ReadyCache {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+impl ReadyCache {
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub async fn check<F, Fut>(&self, probe: F) -> bool
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((at, ok)) = *last
+            && at.elapsed() < Self::FRESH
+        {
+            return ok;
+        }
+        let ok = probe().await;
+        *last = Some((std::time::Instant::now(), ok));
+        ok
+    }
 }
 
 impl AppState {
@@ -40,13 +72,34 @@ impl AppState {
             Authenticator::authorize(&claims, room, grant)?;
             Ok(claims)
         };
-        check().map_err(|e| {
-            self.metrics
-                .auth_failures
-                .get_or_create(&ReasonLabels { reason: e.reason() })
-                .inc();
-            ApiError::new(e.status(), e.to_string())
-        })
+        check().map_err(|e| self.auth_failed(e))
+    }
+
+    /// Like [`AppState::authorize`], except that an admin token passes
+    /// whatever its room and media grants: operators end any session.
+    pub fn authorize_or_admin(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        room: &str,
+        grant: Grant,
+    ) -> Result<Claims, ApiError> {
+        let check = || -> Result<Claims, AuthError> {
+            let claims = self.auth.authenticate(headers, query)?;
+            if !claims.admin {
+                Authenticator::authorize(&claims, Some(room), grant)?;
+            }
+            Ok(claims)
+        };
+        check().map_err(|e| self.auth_failed(e))
+    }
+
+    fn auth_failed(&self, e: AuthError) -> ApiError {
+        self.metrics
+            .auth_failures
+            .get_or_create(&ReasonLabels { reason: e.reason() })
+            .inc();
+        ApiError::new(e.status(), e.to_string())
     }
 
     pub fn bad(&self, reason: &'static str, message: impl Into<String>) -> ApiError {

@@ -4,7 +4,8 @@
 //! heartbeats and detach on silence, and the client's requests.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -15,20 +16,30 @@ use futures_util::{SinkExt, StreamExt};
 use ridge_sfu::{OfferIntent, ParticipantId, PeerId};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
-use super::auth::{Claims, Grant};
+use super::auth::{ANY_ROOM, Claims, Grant, LEEWAY_SECS};
 use super::error::{ApiError, validate_room};
 use super::hub::{Session, track_json};
+use super::limits::WsPermit;
 use super::state::AppState;
 use crate::metrics::ReasonLabels;
 
 /// A session that sent nothing for this long is detached.
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
-/// Outgoing messages queued per socket before it is considered stuck.
-const SOCKET_QUEUE: usize = 512;
+/// A socket whose reader takes longer than this to accept one message is
+/// dropped as a slow reader.
+const SEND_STALL: Duration = Duration::from_secs(10);
+/// The longest wait for a close frame to go out.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 const MAX_CHAT: usize = 4096;
 const MAX_DATA: usize = 16 * 1024;
+/// Largest message a client may send (an SDP offer with simulcast is ~10 KiB).
+const MAX_MESSAGE: usize = 64 * 1024;
+/// Close codes of the room API (docs/api.md).
+const CLOSE_HEARTBEAT: u16 = 4000;
+const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+const CLOSE_SLOW_READER: u16 = 4008;
+const CLOSE_LIMIT: u16 = 4029;
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?
@@ -39,7 +50,8 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 }
 
 /// `GET /v1/rooms/{room}/ws`: authenticates before looking at the upgrade,
-/// so a plain GET learns why a connection would be refused.
+/// so a plain GET learns why a connection would be refused; a session past
+/// a WebSocket limit is refused here with 429 naming the limit.
 pub async fn upgrade(
     State(state): State<AppState>,
     Path(room): Path<String>,
@@ -58,9 +70,24 @@ pub async fn upgrade(
     })?;
     let resume = query_param(query.as_deref(), "resume").map(str::to_string);
     let last_seq = query_param(query.as_deref(), "last_seq").and_then(|s| s.parse::<u64>().ok());
+    // A resume takes over its session's place; anything else needs one.
+    let resumable = resume
+        .as_deref()
+        .is_some_and(|t| state.hub.can_resume(t, &claims.sub, &room));
+    let permit = if resumable {
+        None
+    } else {
+        Some(admit(&state, &claims)?)
+    };
     Ok(ws
-        .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| run_socket(state, room, claims, resume, last_seq, socket))
+        .max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
+        // Small buffers per idle socket; writes go straight to the socket
+        // (every send is flushed anyway) and never pile up past one message.
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .on_upgrade(move |socket| run_socket(state, room, claims, resume, last_seq, permit, socket))
         .into_response())
 }
 
@@ -74,6 +101,7 @@ enum ClientMessage {
     Layer { peer: String, rid: Option<String> },
     Chat { text: String },
     Data { payload: Value },
+    Refresh { token: String },
     Ping,
     Leave,
 }
@@ -87,16 +115,75 @@ fn request_type(v: &Value) -> String {
         .collect()
 }
 
+/// How long from now until the unix time `t` (zero if past), at most a year
+/// (a development token expires in 2100).
+fn until_unix(t: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(t)
+        .saturating_sub(now)
+        .min(Duration::from_secs(365 * 24 * 3600))
+}
+
+/// When the session of a token with `exp` gets `token_expiring`, and when
+/// it is closed (`exp` plus the leeway tokens are checked with).
+fn expiry_deadlines(exp: u64, warning: Duration) -> (tokio::time::Instant, tokio::time::Instant) {
+    let now = tokio::time::Instant::now();
+    let end = now + until_unix(exp.saturating_add(LEEWAY_SECS));
+    let warn = now + until_unix(exp).saturating_sub(warning);
+    (warn, end)
+}
+
+/// Sends a close frame if the socket takes it within [`CLOSE_WAIT`].
+/// A new room session's places: one in the WebSocket caps, and one among
+/// the node's sessions in the cores' quota ledger, under the same
+/// per-identity, per-token and node-wide limits as WHIP, WHEP and RTP
+/// sessions (refused with 429 naming the limit, or 503 when the node is
+/// full).
+fn admit(state: &AppState, claims: &Claims) -> Result<WsPermit, ApiError> {
+    let permit = state
+        .ws
+        .admit(&claims.sub)
+        .map_err(|r| ApiError::new(StatusCode::TOO_MANY_REQUESTS, r.to_string()))?;
+    let (ledger, quotas) = state.media.quotas();
+    let slot = ledger.reserve_session(quotas, &claims.owner())?;
+    Ok(permit.with_slot(slot))
+}
+
+async fn close_with(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    code: u16,
+    reason: &str,
+) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    }));
+    let _ = tokio::time::timeout(CLOSE_WAIT, sink.send(frame)).await;
+}
+
+/// Why a socket's loop ended.
+#[derive(PartialEq, Eq)]
+enum End {
+    /// The client left, or its token expired: the session goes.
+    Leave,
+    /// The socket went away: the session waits for a resume.
+    Detach,
+}
+
 async fn run_socket(
     state: AppState,
     room: String,
-    claims: Claims,
+    mut claims: Claims,
     resume: Option<String>,
     last_seq: Option<u64>,
+    mut permit: Option<WsPermit>,
     socket: WebSocket,
 ) {
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<String>(SOCKET_QUEUE);
+    let (tx, mut rx) = state.ws.queue();
+    let kick = rx.kick_watch();
 
     // Attach to an existing session or create one.
     let mut resumed = None;
@@ -119,13 +206,14 @@ async fn run_socket(
                         // attach: every later event goes to the new socket
                         // only, so none is lost or sent twice.
                         let from = last_seq.unwrap_or(s.seq);
-                        let replay: Vec<String> = s
+                        let complete = from >= s.oldest_kept();
+                        let replay: Vec<Arc<str>> = s
                             .history
                             .iter()
                             .filter(|(n, _)| *n > from)
                             .map(|(_, t)| t.clone())
                             .collect();
-                        resumed = Some((p, s.resume.clone(), s.seq, replay));
+                        resumed = Some((p, s.resume.clone(), s.seq, replay, complete));
                     } else {
                         resume_error = Some(
                             "the resume token belongs to another identity or room; \
@@ -140,13 +228,36 @@ async fn run_socket(
         }
     }
     let was_resumed = resumed.is_some();
+    if was_resumed {
+        // The resumed session holds its own place.
+        permit = None;
+    } else if permit.is_none() {
+        // The session to resume went between the upgrade and now.
+        match admit(&state, &claims) {
+            Ok(p) => permit = Some(p),
+            Err(e) => {
+                let msg =
+                    json!({"type":"error","message":e.message,"request":"join","code":"limit"});
+                let _ = tokio::time::timeout(
+                    CLOSE_WAIT,
+                    sink.send(Message::Text(msg.to_string().into())),
+                )
+                .await;
+                close_with(&mut sink, CLOSE_LIMIT, e.limit.unwrap_or("limit")).await;
+                return;
+            }
+        }
+    }
     // `seq` of the welcome: what the session had numbered when this socket
     // attached; everything after it comes through `rx`.
-    let (participant, resume_token, seq, replay) = match resumed {
-        Some((p, token, seq, replay)) => (p, token, seq, replay),
-        None => match state.media.join(&room, &claims.sub).await {
+    let (participant, resume_token, seq, replay, complete) = match resumed {
+        Some(r) => r,
+        None => match state.media.join_as(&room, claims.owner()).await {
             Ok(p) => {
                 let token = format!("{:032x}", rand::random::<u128>());
+                let Some(permit) = permit.take() else {
+                    return;
+                };
                 let mut hub = state.hub.lock();
                 hub.by_resume.insert(token.clone(), p);
                 hub.sessions.insert(
@@ -158,18 +269,23 @@ async fn run_socket(
                         resume: token.clone(),
                         seq: 0,
                         history: VecDeque::new(),
+                        history_bytes: 0,
+                        resume_limit: state.ws.config.resume_buffer_bytes,
                         socket: Some((socket_id, tx.clone())),
                         detached_at: None,
                         peers: Vec::new(),
+                        bucket: state.ws.bucket(Instant::now()),
+                        _permit: permit,
                     },
                 );
-                (p, token, 0, Vec::new())
+                (p, token, 0, Vec::new(), true)
             }
             Err(e) => {
                 let msg =
                     json!({"type":"error","message":e.to_string(),"request":"join"}).to_string();
-                let _ = sink.send(Message::Text(msg.into())).await;
-                let _ = sink.close().await;
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, sink.send(Message::Text(msg.into()))).await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, sink.close()).await;
                 return;
             }
         },
@@ -190,30 +306,81 @@ async fn run_socket(
             .collect::<Vec<_>>(),
         "tracks": room_state.tracks.iter().map(track_json).collect::<Vec<_>>(),
         "seq": seq,
+        "token_exp": claims.exp,
     });
-    let mut outgoing = vec![welcome.to_string()];
+    let mut outgoing: Vec<Arc<str>> = vec![Arc::from(welcome.to_string())];
     if let Some(m) = resume_error {
-        outgoing.push(json!({"type":"error","message":m,"request":"resume"}).to_string());
+        outgoing.push(Arc::from(
+            json!({"type":"error","message":m,"request":"resume"}).to_string(),
+        ));
+    }
+    if !complete {
+        outgoing.push(Arc::from(
+            json!({"type":"error","code":"replay_incomplete","request":"resume",
+                "message":"some events since last_seq were dropped from the resume buffer \
+                           (ws_resume_buffer_bytes); the welcome carries the room's current state"})
+            .to_string(),
+        ));
     }
     outgoing.extend(replay);
+    let mut end = End::Detach;
+    let mut healthy = true;
     for m in outgoing {
-        if sink.send(Message::Text(m.into())).await.is_err() {
-            break;
+        match tokio::time::timeout(SEND_STALL, sink.send(Message::Text((*m).into()))).await {
+            Ok(Ok(())) => {
+                state.metrics.ws_messages_out.inc();
+            }
+            _ => {
+                healthy = false;
+                break;
+            }
         }
-        state.metrics.ws_messages_out.inc();
     }
 
     let mut last_heard = Instant::now();
     let mut silence = tokio::time::interval(Duration::from_secs(5));
-    let mut left = false;
+    let (mut warn_at, mut expire_at) = expiry_deadlines(claims.exp, state.ws.config.token_warning);
+    let mut warned = false;
     loop {
+        if !healthy {
+            break;
+        }
         tokio::select! {
             out = rx.recv() => {
                 let Some(text) = out else { break };
-                if sink.send(Message::Text(text.into())).await.is_err() {
+                let sent = tokio::select! {
+                    r = sink.send(Message::Text((*text).into())) => r.is_ok(),
+                    () = kick.kicked() => false,
+                    () = tokio::time::sleep(SEND_STALL) => {
+                        // Counted like a queue overflow: the reader stalls.
+                        state.metrics.ws_slow_consumers.inc();
+                        false
+                    }
+                };
+                if !sent {
                     break;
                 }
                 state.metrics.ws_messages_out.inc();
+            }
+            () = kick.kicked() => {
+                tracing::info!(%participant, "room socket too slow for its send queue; closing");
+                close_with(&mut sink, CLOSE_SLOW_READER, "slow reader: send queue full; resume to catch up").await;
+                break;
+            }
+            () = tokio::time::sleep_until(warn_at), if !warned => {
+                warned = true;
+                let m = json!({"type":"token_expiring","exp":claims.exp,
+                    "in_secs": until_unix(claims.exp).as_secs()});
+                if !tx.send(Arc::from(m.to_string())) {
+                    break;
+                }
+            }
+            () = tokio::time::sleep_until(expire_at) => {
+                tracing::info!(%participant, identity = %claims.sub, "room session's token expired; closing");
+                state.metrics.ws_token_expired.inc();
+                close_with(&mut sink, CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token").await;
+                end = End::Leave;
+                break;
             }
             msg = stream.next() => {
                 let Some(Ok(msg)) = msg else { break };
@@ -225,28 +392,42 @@ async fn run_socket(
                     Message::Binary(_) => {
                         state.metrics.bad_requests.get_or_create(&ReasonLabels { reason: "ws_message" }).inc();
                         let e = json!({"type":"error","message":"binary frames are not part of the room API; send JSON text","request":"binary"});
-                        let _ = tx.try_send(e.to_string());
+                        let _ = tx.send(Arc::from(e.to_string()));
                         continue;
                     }
                 };
                 state.metrics.ws_messages_in.inc();
-                match handle_message(&state, &room, &claims, participant, &text).await {
-                    Ok(Some(reply)) => { let _ = tx.try_send(reply.to_string()); }
-                    Ok(None) => {}
-                    Err(Leave) => { left = true; break; }
+                let reply = match handle_message(&state, &room, &claims, participant, &text).await {
+                    Ok(reply) => reply,
+                    Err(Control::Leave) => { end = End::Leave; break; }
+                    Err(Control::Refresh(token)) => match refresh(&state, &room, &claims, &token) {
+                        Ok(fresh) => {
+                            claims = fresh;
+                            (warn_at, expire_at) = expiry_deadlines(claims.exp, state.ws.config.token_warning);
+                            warned = false;
+                            tracing::info!(%participant, "room session's token refreshed");
+                            Some(json!({"type":"refreshed","exp":claims.exp}))
+                        }
+                        Err(m) => Some(ws_error(&state, "refresh", &m)),
+                    },
+                };
+                if let Some(reply) = reply
+                    && !tx.send(Arc::from(reply.to_string()))
+                {
+                    break;
                 }
             }
             _ = silence.tick() => {
                 if last_heard.elapsed() > SILENCE_LIMIT {
                     tracing::info!(%participant, "room session silent; detaching");
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code: 4000, reason: "heartbeat timeout".into() }))).await;
+                    close_with(&mut sink, CLOSE_HEARTBEAT, "heartbeat timeout").await;
                     break;
                 }
             }
         }
     }
     state.metrics.ws_sessions.dec();
-    if left {
+    if end == End::Leave {
         {
             let mut hub = state.hub.lock();
             if let Some(s) = hub.sessions.remove(&participant) {
@@ -254,7 +435,7 @@ async fn run_socket(
             }
         }
         let _ = state.media.leave(participant).await;
-        let _ = sink.send(Message::Close(None)).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, sink.send(Message::Close(None))).await;
         tracing::info!(%participant, "left the room");
     } else {
         // Keep the participant for a resume, unless another socket took over.
@@ -268,7 +449,37 @@ async fn run_socket(
     }
 }
 
-struct Leave;
+/// Checks a fresh token presented with `refresh`: valid, the same identity,
+/// a room the session's token also admitted to, no grant the session lacks.
+fn refresh(state: &AppState, room: &str, old: &Claims, token: &str) -> Result<Claims, String> {
+    let fresh = state.auth.verify(token).map_err(|e| {
+        state
+            .metrics
+            .auth_failures
+            .get_or_create(&ReasonLabels { reason: e.reason() })
+            .inc();
+        format!("the fresh token is refused: {e}")
+    })?;
+    if fresh.sub != old.sub {
+        return Err("the fresh token names another identity".into());
+    }
+    if !fresh.admits_room(room) || (old.room != ANY_ROOM && fresh.room != old.room) {
+        return Err("the fresh token is for another room".into());
+    }
+    if (fresh.can_publish && !old.can_publish)
+        || (fresh.can_subscribe && !old.can_subscribe)
+        || (fresh.admin && !old.admin)
+    {
+        return Err("the fresh token carries grants the session's token lacks".into());
+    }
+    Ok(fresh)
+}
+
+/// What a client message asks of the socket loop itself.
+enum Control {
+    Leave,
+    Refresh(String),
+}
 
 async fn handle_message(
     state: &AppState,
@@ -276,7 +487,7 @@ async fn handle_message(
     claims: &Claims,
     participant: ParticipantId,
     text: &str,
-) -> Result<Option<Value>, Leave> {
+) -> Result<Option<Value>, Control> {
     let raw: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => return Ok(Some(ws_error(state, "invalid", &format!("not JSON: {e}")))),
@@ -295,7 +506,8 @@ async fn handle_message(
     let refuse = |m: &str| Ok(Some(ws_error(state, &request, m)));
     match msg {
         ClientMessage::Ping => Ok(Some(json!({"type":"pong"}))),
-        ClientMessage::Leave => Err(Leave),
+        ClientMessage::Leave => Err(Control::Leave),
+        ClientMessage::Refresh { token } => Err(Control::Refresh(token)),
         ClientMessage::Publish { sdp } => {
             if !claims.can_publish {
                 return refuse("the access token lacks the can_publish grant");
@@ -346,6 +558,9 @@ async fn handle_message(
             if text.is_empty() || text.len() > MAX_CHAT {
                 return refuse("chat text must be 1-4096 bytes");
             }
+            if !take_token(state, participant) {
+                return Ok(Some(rate_limited(state, "chat")));
+            }
             state.hub.broadcast(
                 room,
                 json!({"type":"chat","from":participant.to_string(),"identity":claims.sub,"text":text}),
@@ -356,6 +571,9 @@ async fn handle_message(
             if payload.to_string().len() > MAX_DATA {
                 return refuse("data payloads are limited to 16 KiB");
             }
+            if !take_token(state, participant) {
+                return Ok(Some(rate_limited(state, "data")));
+            }
             state.hub.broadcast(
                 room,
                 json!({"type":"data","from":participant.to_string(),"identity":claims.sub,"payload":payload}),
@@ -363,6 +581,31 @@ async fn handle_message(
             Ok(None)
         }
     }
+}
+
+/// Takes one chat/data token of the participant's bucket.
+fn take_token(state: &AppState, participant: ParticipantId) -> bool {
+    state
+        .hub
+        .lock()
+        .sessions
+        .get_mut(&participant)
+        .is_some_and(|s| s.bucket.take(Instant::now()))
+}
+
+fn rate_limited(state: &AppState, kind: &'static str) -> Value {
+    state.ws.rate_limited(kind);
+    let c = &state.ws.config;
+    json!({
+        "type": "error",
+        "request": kind,
+        "code": "rate_limited",
+        "message": format!(
+            "chat and data messages are limited to {} a second with bursts of {} per \
+             participant (ws_message_rate, ws_message_burst); this one was dropped",
+            c.message_rate, c.message_burst
+        ),
+    })
 }
 
 fn own_peer(state: &AppState, participant: ParticipantId, peer: &str) -> Option<PeerId> {
@@ -380,7 +623,7 @@ async fn offer(
     sdp: String,
     intent: OfferIntent,
     request: &str,
-) -> Result<Option<Value>, Leave> {
+) -> Result<Option<Value>, Control> {
     match state.media.offer(participant, sdp, intent).await {
         Ok((peer, answer)) => {
             if let Some(s) = state.hub.lock().sessions.get_mut(&participant) {
