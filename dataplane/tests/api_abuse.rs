@@ -1070,3 +1070,25 @@ async fn probes_need_no_token_and_readyz_is_503_while_draining() {
         .unwrap();
     assert_eq!(live.status, 200);
 }
+
+/// A WebSocket room session is a session of the node like a WHIP one: it
+/// holds a place in the cores' quota ledger, so one identity's room
+/// sessions count toward its share of `max_sessions` (a quarter by default:
+/// 2 of 8 here), and the next one is refused with 429 naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_sessions_count_toward_the_session_quotas() {
+    let node = Node::start(&["--max-sessions", "8"], None);
+    let t = token("mallory");
+    let _first = join(&node, &t).await;
+    let _second = join(&node, &t).await;
+    match try_join(&node, &t).await {
+        Ok(_) => panic!("a third room session of one identity was admitted past its quota of 2"),
+        Err((status, body)) => {
+            assert_eq!(status, 429, "{body}");
+            assert!(body.contains("quota exceeded"), "{body}");
+            assert!(body.contains("_sessions"), "{body}");
+        }
+    }
+    // Another identity still gets in.
+    let _other = join(&node, &token("alice")).await;
+}
