@@ -15,9 +15,9 @@
 //! (without secrets) so a restarted agent can resume.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -223,6 +223,45 @@ pub struct ControlSocket {
     listener: UnixListener,
 }
 
+/// Only a stale socket may be replaced: never a live one, a file, a
+/// directory or a link someone put there (symlink_metadata: a link is not
+/// followed).
+fn check_replaceable(path: &Path) -> Result<(), ControlError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                Err(ControlError::InUse {
+                    path: path.to_owned(),
+                })
+            } else {
+                // Left by a node that died.
+                Ok(())
+            }
+        }
+        Ok(meta) => {
+            let t = meta.file_type();
+            let kind = if t.is_file() {
+                "regular file"
+            } else if t.is_dir() {
+                "directory"
+            } else if t.is_symlink() {
+                "symbolic link"
+            } else {
+                "special file"
+            };
+            Err(ControlError::NotASocket {
+                path: path.to_owned(),
+                kind,
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl ControlSocket {
     /// Creates the directory (0750) if needed and binds a socket of mode
     /// 0600 at `path`, replacing a stale socket. A socket that still answers
@@ -246,64 +285,40 @@ impl ControlSocket {
             path: path.to_owned(),
             source,
         };
-        // Only a stale socket may be replaced: never a file, a directory or
-        // a link someone put there (symlink_metadata: a link is not followed).
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(ControlError::InUse {
-                        path: path.to_owned(),
-                    });
-                }
-            }
-            Ok(meta) => {
-                let t = meta.file_type();
-                let kind = if t.is_file() {
-                    "regular file"
-                } else if t.is_dir() {
-                    "directory"
-                } else if t.is_symlink() {
-                    "symbolic link"
-                } else {
-                    "special file"
-                };
-                return Err(ControlError::NotASocket {
-                    path: path.to_owned(),
-                    kind,
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bind_err(e)),
-        }
-        // Bound under a temporary name, made 0600, then renamed into place:
-        // the socket is never reachable with a wider mode, and the rename
-        // replaces a stale socket in one step.
         let file_name = path.file_name().map_or_else(
             || "dataplane.sock".into(),
             |n| n.to_string_lossy().into_owned(),
         );
-        let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+        // Nodes starting at once (several in one test process, or two
+        // services) take turns: the check and the placing below are one
+        // step under an exclusive lock on a file beside the socket.
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path.with_file_name(format!(".{file_name}.lock")))
+            .map_err(bind_err)?;
+        lock.lock().map_err(bind_err)?;
+        check_replaceable(path)?;
+        // Bound under a temporary name, made 0600, then renamed into place:
+        // the socket is never reachable with a wider mode, and the rename
+        // replaces a stale socket in one step.
+        static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
+        let tmp = path.with_file_name(format!(
+            ".{file_name}.{}.{}.tmp",
+            std::process::id(),
+            NEXT_TMP.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
         let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| {
-                // Another node may have bound the path since the check.
-                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
-                    && std::os::unix::net::UnixStream::connect(path).is_ok()
-                {
-                    return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
-                }
-                std::fs::rename(&tmp, path)
-            });
+            .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = placed {
             let _ = std::fs::remove_file(&tmp);
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                return Err(ControlError::InUse {
-                    path: path.to_owned(),
-                });
-            }
             return Err(bind_err(e));
         }
+        drop(lock);
         Ok(Self {
             path: path.to_owned(),
             listener,
@@ -776,5 +791,63 @@ mod tests {
         let d: DesiredState = serde_json::from_str(text).unwrap();
         d.validate().unwrap();
         assert_eq!(d.version, 18);
+    }
+
+    /// Nodes started at once in one process (as a test binary does) race
+    /// for one path: exactly one binds it, the others are told it is in
+    /// use, and no temporary socket is left behind (only the lock file).
+    #[test]
+    fn concurrent_binds_on_one_path_leave_one_owner() {
+        let dir = std::env::temp_dir().join(format!("ridge-ctl-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dp.sock");
+        // The listener is tokio's: each thread binds inside the runtime.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        for round in 0..20 {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let results: Vec<_> = (0..6)
+                .map(|_| {
+                    let (barrier, path) = (barrier.clone(), path.clone());
+                    let handle = rt.handle().clone();
+                    std::thread::spawn(move || {
+                        let _rt = handle.enter();
+                        barrier.wait();
+                        ControlSocket::bind(&path)
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let owners = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(owners, 1, "round {round}: {results:?}");
+            for r in &results {
+                if let Err(e) = r {
+                    assert!(
+                        matches!(e, ControlError::InUse { .. }),
+                        "round {round}: {e}"
+                    );
+                }
+            }
+            std::os::unix::net::UnixStream::connect(&path).expect("the owner answers");
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            let names: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert!(
+                names.iter().all(|n| n == "dp.sock" || n == ".dp.sock.lock"),
+                "round {round}: {names:?}"
+            );
+            // The owner goes away and leaves a stale socket for the next round.
+            let _rt = rt.enter();
+            drop(results);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
