@@ -111,6 +111,11 @@ pub struct RunArgs {
     /// node does (relays pass NACKs on; for comparison) [default: hop-by-hop]
     #[arg(long, value_enum, value_name = "MODE")]
     pub mesh_recovery: Option<crate::config::MeshRecoveryMode>,
+    /// Codecs WebRTC sessions may negotiate, in order of preference (an
+    /// answer lists them in this order, and a browser sends the first it
+    /// offered) [default: opus,vp8,h264,vp9,av1]
+    #[arg(long, value_delimiter = ',', value_parser = parse_codec, value_name = "CODEC,...")]
+    pub codecs: Vec<ridge_sfu::CodecSpec>,
     /// Kernel fast path: try XDP (native, else generic, else none) or off [default: auto]
     #[arg(long, value_enum, value_name = "MODE")]
     pub xdp: Option<crate::config::XdpSetting>,
@@ -196,6 +201,7 @@ impl RunArgs {
             udp_gso: self.no_udp_gso.then_some(false),
             shard_ports: self.shard_ports,
             mesh_recovery: self.mesh_recovery,
+            codecs: self.codecs.clone(),
             xdp: self.xdp,
             media_interfaces: self.media_interfaces.clone(),
             guard_rate_pps: self.guard_rate_pps,
@@ -486,4 +492,10 @@ mod tests {
         let short = Cli::command().render_help().to_string();
         assert!(short.contains("RIDGE_JWT_SECRET"), "{short}");
     }
+}
+
+/// A codec name on the command line.
+fn parse_codec(s: &str) -> Result<ridge_sfu::CodecSpec, String> {
+    ridge_sfu::CodecSpec::from_name(s.trim())
+        .ok_or_else(|| format!("`{s}` is not a codec this node routes: opus, vp8, h264, vp9, av1"))
 }

@@ -70,6 +70,7 @@ impl Node {
             .map(|ip| SocketAddr::new(*ip, config.udp.port()))
             .collect();
         sfu.keyframe_request_interval = config.pli_interval;
+        sfu.codecs = config.codecs.clone();
         sfu.max_peers = config.max_sessions;
         // Quotas count node-wide: every shard's core clones this config,
         // and with it one ledger.

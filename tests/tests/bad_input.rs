@@ -185,6 +185,7 @@ fn claims(room: &str, publish: bool, subscribe: bool, admin: bool, exp: u64) -> 
         iat: now_unix().saturating_sub(7200),
         jti: None,
         limits: None,
+        codecs: None,
     }
 }
 

@@ -71,14 +71,84 @@ pub enum SdpError {
         mid: String,
     },
     /// Nothing in the offer is audio or video in a codec the core routes.
-    #[error("the offer has no usable audio or video m-line (supported: Opus, VP8)")]
+    #[error("the offer has no usable audio or video m-line (supported: Opus, VP8, H.264, VP9, AV1)")]
     NoUsableMedia,
+    /// A publish offer's m-line offers no codec the room allows.
+    #[error(
+        "m-line {mid} offers {offered}, and this room allows only {allowed} for {kind}; \
+         offer one of those"
+    )]
+    CodecNotAllowed {
+        /// The m-line.
+        mid: String,
+        /// Audio or video.
+        kind: &'static str,
+        /// The codecs the m-line offers, as in its `a=rtpmap` lines.
+        offered: String,
+        /// The codecs the room allows for this kind, in order.
+        allowed: String,
+    },
+    /// A subscribe offer that cannot receive a track of the room: it
+    /// offers none of the track's codec.
+    #[error(
+        "track {track} is {codec}, and this offer's {kind} m-lines do not offer {codec} \
+         (they offer {offered}); offer {codec}, or wait for codec bridging, which needs a \
+         transcoding node (hwcodec)"
+    )]
+    NoCommonCodec {
+        /// The track that cannot be sent.
+        track: String,
+        /// Its codec.
+        codec: &'static str,
+        /// Audio or video.
+        kind: &'static str,
+        /// The codecs the offer's m-lines of that kind accept.
+        offered: String,
+    },
 }
 
 /// What is wrong with an endpoint or layer request.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
+    /// An empty codec list.
+    #[error("a codec list names at least one codec")]
+    NoCodecs,
+    /// A codec named twice in one list.
+    #[error("codec {0} is named twice")]
+    RepeatedCodec(CodecSpec),
+    /// A codec the node's configuration does not allow.
+    #[error("codec {codec} is not among this node's codecs ({node})")]
+    CodecNotOnNode {
+        /// The codec asked for.
+        codec: CodecSpec,
+        /// The node's codecs, in order.
+        node: String,
+    },
+    /// A plain endpoint's `fmtp` that cannot describe its stream.
+    #[error("fmtp {fmtp:?}: {reason}")]
+    Fmtp {
+        /// The fmtp given (at most 200 characters of it).
+        fmtp: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// As many rooms carry a codec list of their own as the core keeps.
+    #[error("{0} rooms already carry a codec list of their own; clear one first")]
+    TooManyRoomCodecLists(usize),
+    /// A plain subscriber asked for a track in another codec.
+    #[error(
+        "track {track} is {track_codec}, and this endpoint asks for {codec}; codec bridging \
+         needs a transcoding node (hwcodec)"
+    )]
+    CodecMismatch {
+        /// The track.
+        track: String,
+        /// The track's codec.
+        track_codec: CodecSpec,
+        /// The endpoint's codec.
+        codec: CodecSpec,
+    },
     /// Not a static (0-63) or dynamic (96-127) RTP payload type.
     #[error("payload_type {0} is not a valid dynamic or static RTP payload type (0-63, 96-127)")]
     PayloadType(u8),

@@ -49,6 +49,7 @@ pub fn datagrams(data: &[u8]) {
                 now,
                 p,
                 RtpEndpointSpec {
+                    fmtp: None,
                     codec: None,
                     audio_level_ext: None,
                     direction,
@@ -159,6 +160,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
             now,
             p,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Publish,
@@ -175,6 +177,7 @@ pub fn mesh_datagrams(data: &[u8]) -> u64 {
             now,
             p,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,

@@ -121,8 +121,8 @@ pub use mesh::{MeshConfig, MeshLinkSnapshot, MeshLinkSpec, MeshRecovery, MeshRou
 pub use retransmit::{RetransmitBuffer, Sent};
 pub use rewrite::{Rewritten, StreamRewriter};
 pub use sfu::{
-    Cidr, CidrError, Owner, QuotaConfig, QuotaLedger, QuotaLimit, QuotaLimits, ReapReason,
-    SessionSlot, Sfu,
+    Cidr, CidrError, MAX_ROOM_CODEC_POLICIES, Owner, QuotaConfig, QuotaLedger, QuotaLimit,
+    QuotaLimits, ReapReason, SessionSlot, Sfu,
 };
 pub use srtp::{
     SIPHASH_KEY_LEN, SRTCP_TRAILER_LEN, SRTP_AUTH_TAG_LEN, SRTP_MAX_PACKET_LEN, SrtpContext,

@@ -27,6 +27,15 @@ pub struct SfuConfig {
     pub retransmit_max_age: Duration,
     /// Starting bandwidth estimate for WebRTC subscribers.
     pub initial_bwe_bps: u64,
+    /// The codecs WebRTC peers may negotiate, in order of preference (the
+    /// answer lists them in this order, so a browser that offers several
+    /// sends the first). A room can narrow it ([`Sfu::set_room_codecs`]),
+    /// and so can a participant ([`Sfu::set_participant_codecs`]). Default:
+    /// [`CodecSpec::ALL`].
+    ///
+    /// [`Sfu::set_room_codecs`]: crate::Sfu::set_room_codecs
+    /// [`Sfu::set_participant_codecs`]: crate::Sfu::set_participant_codecs
+    pub codecs: Vec<CodecSpec>,
     /// How many shards the process runs (rooms are placed by
     /// [`shard_for_room`](crate::shard_for_room)); 1 for a single core.
     pub shards: u8,
@@ -87,6 +96,7 @@ impl SfuConfig {
             retransmit_packets: 256,
             retransmit_max_age: Duration::from_secs(2),
             initial_bwe_bps: 1_000_000,
+            codecs: CodecSpec::ALL.to_vec(),
             seed: [0x5e; 32],
             shard: 0,
             shards: 1,
@@ -133,11 +143,14 @@ impl TrackKind {
 
 /// A media codec the core routes: what a track carries, whatever the
 /// transport. The kind ([`CodecSpec::kind`]) follows from it; so do its RTP
-/// clock rate and how a keyframe is recognised (simulcast switches happen
-/// on keyframes only).
+/// clock rate and how a keyframe is recognised (layer switches happen on
+/// keyframes only).
 ///
-/// Opus and VP8 today; the enum is non-exhaustive so that H.264, VP9 and
-/// AV1 can join it (each with its keyframe test and its str0m codec).
+/// The core forwards each without decoding it: it only reads what the RTP
+/// payload formats put in front of the media (RFC 7741 for VP8, RFC 6184
+/// for H.264, RFC 9628 for VP9, the AV1 RTP specification). A subscriber
+/// receives a track only in the track's own codec; bridging between codecs
+/// is transcoding, which the core does not do.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -146,9 +159,25 @@ pub enum CodecSpec {
     Opus,
     /// VP8 video (90 kHz RTP clock).
     Vp8,
+    /// H.264 video (90 kHz RTP clock), packetization mode 1 or 0.
+    H264,
+    /// VP9 video (90 kHz RTP clock), profile 0 or 2.
+    Vp9,
+    /// AV1 video (90 kHz RTP clock).
+    Av1,
 }
 
 impl CodecSpec {
+    /// Every codec the core routes, in the default order of preference:
+    /// Opus, then VP8 (what every WebRTC client sends), H.264, VP9 and AV1.
+    pub const ALL: [CodecSpec; 5] = [
+        CodecSpec::Opus,
+        CodecSpec::Vp8,
+        CodecSpec::H264,
+        CodecSpec::Vp9,
+        CodecSpec::Av1,
+    ];
+
     /// The codec a track of `kind` has when nothing says otherwise: Opus
     /// for audio, VP8 for video (what plain RTP endpoints assumed before
     /// codecs were named).
@@ -163,42 +192,74 @@ impl CodecSpec {
     pub fn kind(self) -> TrackKind {
         match self {
             CodecSpec::Opus => TrackKind::Audio,
-            CodecSpec::Vp8 => TrackKind::Video,
+            CodecSpec::Vp8 | CodecSpec::H264 | CodecSpec::Vp9 | CodecSpec::Av1 => TrackKind::Video,
         }
     }
 
-    /// The lowercase name (`"opus"`, `"vp8"`), as in SDP and the JSON API.
+    /// The lowercase name (`"opus"`, `"vp8"`, `"h264"`, `"vp9"`, `"av1"`),
+    /// as in the JSON API and the configuration.
     pub fn as_str(self) -> &'static str {
         match self {
             CodecSpec::Opus => "opus",
             CodecSpec::Vp8 => "vp8",
+            CodecSpec::H264 => "h264",
+            CodecSpec::Vp9 => "vp9",
+            CodecSpec::Av1 => "av1",
         }
+    }
+
+    /// The codec named `name` (case-insensitive, as in SDP's `a=rtpmap`
+    /// encoding names: `"H264"`, `"VP9"`, `"AV1"`; `"AV1X"` is an older
+    /// name of AV1), if the core routes it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        CodecSpec::ALL
+            .into_iter()
+            .find(|c| c.as_str().eq_ignore_ascii_case(name))
+            .or_else(|| name.eq_ignore_ascii_case("av1x").then_some(CodecSpec::Av1))
     }
 
     /// Whether an RTP payload of this codec starts a keyframe (never for
     /// audio).
     pub fn is_keyframe(self, payload: &[u8]) -> bool {
+        use crate::packet::codec;
         match self {
             CodecSpec::Opus => false,
-            CodecSpec::Vp8 => crate::packet::codec::vp8_is_keyframe(payload),
+            CodecSpec::Vp8 => codec::vp8_is_keyframe(payload),
+            CodecSpec::H264 => codec::h264_is_keyframe(payload),
+            CodecSpec::Vp9 => codec::vp9_is_keyframe(payload),
+            CodecSpec::Av1 => codec::av1_is_keyframe(payload),
         }
     }
 
     /// The str0m codec (WebRTC negotiation, mesh announcements).
     pub(crate) fn to_str0m(self) -> str0m::format::Codec {
+        use str0m::format::Codec;
         match self {
-            CodecSpec::Opus => str0m::format::Codec::Opus,
-            CodecSpec::Vp8 => str0m::format::Codec::Vp8,
+            CodecSpec::Opus => Codec::Opus,
+            CodecSpec::Vp8 => Codec::Vp8,
+            CodecSpec::H264 => Codec::H264,
+            CodecSpec::Vp9 => Codec::Vp9,
+            CodecSpec::Av1 => Codec::Av1,
         }
     }
 
     /// The codec for a str0m codec, if the core routes it.
     pub(crate) fn from_str0m(codec: str0m::format::Codec) -> Option<Self> {
+        use str0m::format::Codec;
         match codec {
-            str0m::format::Codec::Opus => Some(CodecSpec::Opus),
-            str0m::format::Codec::Vp8 => Some(CodecSpec::Vp8),
+            Codec::Opus => Some(CodecSpec::Opus),
+            Codec::Vp8 => Some(CodecSpec::Vp8),
+            Codec::H264 => Some(CodecSpec::H264),
+            Codec::Vp9 => Some(CodecSpec::Vp9),
+            Codec::Av1 => Some(CodecSpec::Av1),
             _ => None,
         }
+    }
+}
+
+impl std::fmt::Display for CodecSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -239,6 +300,12 @@ pub struct RtpEndpointSpec {
     /// The codec of the stream (of `kind`); `None`: the kind's default
     /// ([`CodecSpec::for_kind`]).
     pub codec: Option<CodecSpec>,
+    /// The codec's format parameters, as after the payload type in an SDP
+    /// `a=fmtp` line (`"profile-level-id=42e01f;packetization-mode=1"`).
+    /// Publish: what the stream is, so that WebRTC subscribers get it on a
+    /// payload type that can decode it (H.264 profile and packetization
+    /// mode, VP9 profile); absent, any payload type of the codec.
+    pub fmtp: Option<String>,
     /// Publish: the SSRC the remote sends. Subscribe: the SSRC the node sends
     /// with (chosen by the node when `None`).
     pub ssrc: Option<u32>,
@@ -454,8 +521,9 @@ pub struct TrackInfo {
     pub kind: TrackKind,
     /// Its simulcast rids (empty without simulcast).
     pub rids: Vec<String>,
-    /// Its codec, once known (a WebRTC publisher's shows with its first
-    /// packet).
+    /// Its codec: a WebRTC publisher's is the first of the answer that its
+    /// offer accepted (a browser sends that one), corrected by the payload
+    /// type of what it sends; a plain or local publisher's is its spec's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub codec: Option<CodecSpec>,
 }
@@ -550,6 +618,23 @@ pub enum SfuEvent {
         /// The rids now watched.
         active: Vec<String>,
     },
+    /// A subscriber cannot receive a track of its room: the track's codec
+    /// is none its session negotiated, and the core does not transcode.
+    /// It receives nothing of that track (rather than a black video).
+    NoCommonCodec {
+        /// The room.
+        room: String,
+        /// The subscribing participant.
+        participant: ParticipantId,
+        /// Its session.
+        peer: PeerId,
+        /// The track it cannot receive.
+        track: TrackId,
+        /// The track's codec.
+        codec: CodecSpec,
+        /// What the session can receive for that kind.
+        receivable: Vec<CodecSpec>,
+    },
 }
 
 impl SfuEvent {
@@ -564,7 +649,8 @@ impl SfuEvent {
             | SfuEvent::TrackPublished { room, .. }
             | SfuEvent::TrackUnpublished { room, .. }
             | SfuEvent::ActiveSpeaker { room, .. }
-            | SfuEvent::LayerDemand { room, .. } => room,
+            | SfuEvent::LayerDemand { room, .. }
+            | SfuEvent::NoCommonCodec { room, .. } => room,
         }
     }
 }

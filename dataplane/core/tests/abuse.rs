@@ -218,6 +218,7 @@ fn rooms_tracks_and_plain_endpoints_have_quotas_and_claims_tighten_them() {
         .accept_offer(node.now, p, &offer, OfferIntent::Publish)
         .unwrap();
     let spec = |direction, port| RtpEndpointSpec {
+        fmtp: None,
         codec: None,
         audio_level_ext: None,
         direction,
@@ -531,6 +532,7 @@ fn plain_remotes_must_be_unicast_and_allowed() {
             node.now,
             p,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
@@ -581,6 +583,7 @@ fn plain_remotes_must_be_unicast_and_allowed() {
             node.now,
             p,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,

@@ -475,6 +475,7 @@ fn publisher_with_level(
         now,
         p,
         RtpEndpointSpec {
+            fmtp: None,
             codec: None,
             audio_level_ext,
             direction: RtpDirection::Publish,
@@ -498,6 +499,7 @@ fn subscriber(net: &mut Net, node: &str, client: SocketAddr, kind: TrackKind) ->
             now,
             p,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,
@@ -1931,6 +1933,7 @@ fn a_layer_nobody_needs_stops_crossing_the_link_at_once() {
             now,
             p,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,

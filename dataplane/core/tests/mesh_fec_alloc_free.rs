@@ -141,6 +141,7 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
             now,
             p,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Publish,
@@ -158,6 +159,7 @@ fn mesh_fec_path_allocates_nothing_per_packet_in_steady_state() {
             now,
             s,
             RtpEndpointSpec {
+                fmtp: None,
                 codec: None,
                 audio_level_ext: None,
                 direction: RtpDirection::Subscribe,

@@ -680,6 +680,7 @@ fn audio_level_ext_is_only_for_audio_publishers_with_a_valid_id() {
     let mut node = Node::new(|_| {});
     let p = node.sfu.join(ROOM, "alice", true).unwrap();
     let spec = |direction, kind, ext| ridge_sfu::RtpEndpointSpec {
+        fmtp: None,
         codec: None,
         direction,
         kind,

@@ -60,6 +60,11 @@ pub struct Claims {
     /// limit (docs/api.md, "Limits").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ClaimLimits>,
+    /// The codecs this token's sessions negotiate, in order of preference
+    /// (`["h264","opus"]`); each must be one the node allows, and the
+    /// room's own list still applies (docs/api.md, "Codecs").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codecs: Option<Vec<ridge_sfu::CodecSpec>>,
 }
 
 /// The `limits` claim: at most this many, for this token (absent: the
@@ -107,6 +112,7 @@ impl Claims {
                 rtp_endpoints: cap(l.rtp_endpoints),
             })
             .exempt(self.admin)
+            .with_codecs(self.codecs.clone())
     }
 }
 
@@ -127,6 +133,7 @@ impl Claims {
             iat: 0,
             jti: None,
             limits: None,
+            codecs: None,
         }
     }
 }
@@ -464,6 +471,7 @@ pub fn mint(
         iat: now_unix,
         jti: None,
         limits: None,
+        codecs: None,
     };
     sign(secret, &claims)
 }
@@ -695,6 +703,7 @@ mod tests {
                 iat: 0,
                 jti: None,
                 limits: None,
+                codecs: None,
             },
         )
         .unwrap();
@@ -712,6 +721,7 @@ mod tests {
                 iat: 0,
                 jti: None,
                 limits: None,
+                codecs: None,
             },
         )
         .unwrap();
@@ -774,6 +784,7 @@ mod tests {
             iat: 0,
             jti: None,
             limits: None,
+            codecs: None,
         };
         let t = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),

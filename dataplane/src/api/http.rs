@@ -282,6 +282,12 @@ struct RtpRequest {
     /// Publish, audio: the one-byte header-extension id of the RFC 6464
     /// audio level the remote sends.
     audio_level_ext: Option<u8>,
+    /// The stream's codec: publish, what the remote sends (default: the
+    /// kind's, Opus or VP8); subscribe, the only codec the remote takes
+    /// (default: any).
+    codec: Option<CodecSpec>,
+    /// Publish: the codec's format parameters, as in an SDP `a=fmtp` line.
+    fmtp: Option<String>,
 }
 
 async fn rtp_create(
@@ -305,7 +311,8 @@ async fn rtp_create(
             "json",
             format!(
                 "expected {{\"direction\":\"publish\"|\"subscribe\",\"kind\":\"audio\"|\"video\",\
-                 \"remote\":\"IP:PORT\",\"payload_type\":N,\"ssrc\":N}}: {e}"
+                 \"remote\":\"IP:PORT\",\"payload_type\":N,\"ssrc\":N,\
+                 \"codec\":\"opus\"|\"vp8\"|\"h264\"|\"vp9\"|\"av1\",\"fmtp\":\"...\"}}: {e}"
             ),
         )
     })?;
@@ -320,8 +327,8 @@ async fn rtp_create(
         None => None,
     };
     let spec = RtpEndpointSpec {
-        // The JSON API names no codec: the kind's (Opus, VP8).
-        codec: Some(CodecSpec::for_kind(req.kind)),
+        codec: req.codec,
+        fmtp: req.fmtp,
         audio_level_ext: req.audio_level_ext,
         direction: req.direction,
         kind: req.kind,

@@ -105,6 +105,7 @@ pub(super) fn track_json(t: &TrackInfo) -> Value {
         "participant": t.participant.to_string(),
         "kind": t.kind,
         "rids": t.rids,
+        "codec": t.codec,
     })
 }
 
@@ -177,6 +178,22 @@ impl RoomHub {
                 ..
             } => (
                 json!({"type":"layers","peer":peer.to_string(),"track":track.to_string(),"active":active}),
+                Some(*participant),
+            ),
+            SfuEvent::NoCommonCodec {
+                participant,
+                peer,
+                track,
+                codec,
+                receivable,
+                ..
+            } => (
+                json!({"type":"codec_unsupported","peer":peer.to_string(),"track":track.to_string(),
+                    "codec":codec,"receivable":receivable,
+                    "message":format!("track {track} is {codec}, which this session did not negotiate \
+                        (it receives {}); it is not sent to you. Subscribe again offering {codec}: \
+                        codec bridging needs a transcoding node (hwcodec)",
+                        receivable.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "))}),
                 Some(*participant),
             ),
             SfuEvent::PeerConnected { .. }

@@ -112,6 +112,9 @@ pub struct FileConfig {
     pub shard_ports: Option<ShardPorts>,
     /// Mesh links' loss repair: "hop-by-hop" (default) or "end-to-end".
     pub mesh_recovery: Option<MeshRecoveryMode>,
+    /// The codecs WebRTC sessions may negotiate, in order of preference
+    /// (default: opus, vp8, h264, vp9, av1).
+    pub codecs: Option<Vec<ridge_sfu::CodecSpec>>,
     /// Kernel fast path: "auto" (try XDP, fall back) or "off".
     pub xdp: Option<XdpSetting>,
     /// Interfaces the XDP guard attaches to (default: the one owning the
@@ -284,6 +287,8 @@ pub struct Overrides {
     pub udp_gso: Option<bool>,
     pub shard_ports: Option<ShardPorts>,
     pub mesh_recovery: Option<MeshRecoveryMode>,
+    /// Replaces the file's `codecs` when non-empty.
+    pub codecs: Vec<ridge_sfu::CodecSpec>,
     pub xdp: Option<XdpSetting>,
     /// Replaces the file's `media_interfaces` when non-empty.
     pub media_interfaces: Vec<String>,
@@ -357,6 +362,9 @@ pub struct Config {
     /// Per-shard ports, or one port steered by BPF.
     pub shard_ports: ShardPorts,
     pub mesh_recovery: MeshRecoveryMode,
+    /// The codecs WebRTC sessions may negotiate, in order of preference
+    /// (never empty, no repeats).
+    pub codecs: Vec<ridge_sfu::CodecSpec>,
     /// The kernel fast path (XDP guard and forwarding).
     pub kernel: KernelConfig,
     /// tracing `EnvFilter` directive.
@@ -675,6 +683,14 @@ pub fn build(
         .mesh_recovery
         .or(file.mesh_recovery)
         .unwrap_or_default();
+    let codecs = if overrides.codecs.is_empty() {
+        file.codecs
+            .clone()
+            .unwrap_or_else(|| ridge_sfu::CodecSpec::ALL.to_vec())
+    } else {
+        overrides.codecs.clone()
+    };
+    check_codecs(&codecs)?;
     let configured_socket = overrides
         .control_socket
         .clone()
@@ -917,6 +933,7 @@ pub fn build(
         udp_gso,
         shard_ports,
         mesh_recovery,
+        codecs,
         kernel,
         log,
         control_socket,
@@ -925,6 +942,21 @@ pub fn build(
         ws,
         http_limits,
     })
+}
+
+fn check_codecs(codecs: &[ridge_sfu::CodecSpec]) -> Result<(), ConfigError> {
+    if codecs.is_empty() {
+        return Err(invalid(
+            "codecs",
+            "names at least one codec: opus, vp8, h264, vp9, av1 (--codecs)",
+        ));
+    }
+    for (i, c) in codecs.iter().enumerate() {
+        if codecs[..i].contains(c) {
+            return Err(invalid("codecs", format!("{c} is named twice (--codecs)")));
+        }
+    }
+    Ok(())
 }
 
 fn check_kernel(k: &KernelConfig) -> Result<(), ConfigError> {

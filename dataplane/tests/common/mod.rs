@@ -32,6 +32,7 @@ pub fn video_spec(
     ssrc: Option<u32>,
 ) -> RtpEndpointSpec {
     RtpEndpointSpec {
+        fmtp: None,
         codec: None,
         audio_level_ext: None,
         direction,

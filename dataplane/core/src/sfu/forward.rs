@@ -69,6 +69,7 @@ impl Sfu {
         };
         let kind = track.kind;
         let codec = track.codec;
+        let format = track.format;
         {
             let layer_count = track.layers.len();
             let Some(l) = track.layers.get_mut(layer) else {
@@ -99,7 +100,7 @@ impl Sfu {
                     let sent = w.send_media(
                         now,
                         sub_id,
-                        (tid, layer, kind, codec),
+                        (tid, layer, kind, codec, format.as_ref()),
                         pkt,
                         &mut shared,
                         &mut sub.counters,

@@ -35,6 +35,7 @@ use crate::types::{
     Counters, DropReason, OfferIntent, Output, RoomState, RtpDirection, SfuConfig, SfuEvent,
 };
 
+mod codecs;
 mod consent;
 mod forward;
 mod layers;
@@ -49,6 +50,7 @@ mod stats;
 mod subscribe;
 mod webrtc;
 
+pub use codecs::MAX_ROOM_CODEC_POLICIES;
 pub use consent::{Cidr, CidrError, ReapReason};
 use outbox::Outbox;
 use peer::{Peer, PeerIndex, Transport};
@@ -87,6 +89,8 @@ pub struct Sfu {
     quota: quota::QuotaState,
     /// Plain subscribers waiting for consent; sessions reaped.
     consent: consent::ConsentState,
+    /// The rooms' and participants' codec lists.
+    codec_policy: codecs::CodecPolicy,
 }
 
 impl std::fmt::Debug for Sfu {
@@ -122,6 +126,7 @@ impl Sfu {
             mesh: mesh::MeshState::new(now, fec_group, red_depth),
             quota: quota::QuotaState::default(),
             consent: consent::ConsentState::default(),
+            codec_policy: codecs::CodecPolicy::default(),
         }
     }
 
@@ -168,6 +173,9 @@ impl Sfu {
         if self.draining {
             return Err(SfuError::Draining);
         }
+        if let Some(codecs) = &owner.codecs {
+            codecs::check_list(&self.config.codecs, codecs).map_err(SfuError::InvalidSpec)?;
+        }
         if let Err(r) = self
             .config
             .ledger
@@ -177,6 +185,9 @@ impl Sfu {
         }
         let identity = owner.identity.as_str();
         let id = self.reg.add_participant(room, identity, ephemeral);
+        if let Some(codecs) = &owner.codecs {
+            self.codec_policy.set_participant(id, codecs.clone());
+        }
         self.quota.owners.insert(id, owner.clone());
         self.out.event(SfuEvent::ParticipantJoined {
             room: room.to_string(),
@@ -203,6 +214,7 @@ impl Sfu {
     }
 
     fn remove_participant(&mut self, participant: ParticipantId) {
+        self.codec_policy.forget(participant);
         let Some(p) = self.reg.remove_participant(participant) else {
             return;
         };

@@ -61,6 +61,11 @@ pub(super) struct RtpEndpoint {
     kernel_forwarded: bool,
     /// A plain audio publisher's RFC 6464 audio-level extension id.
     audio_level_ext: Option<u8>,
+    /// A subscriber that named its codec is bound only to tracks in it
+    /// (`None`: to a track in any codec).
+    pub(super) accepts: Option<CodecSpec>,
+    /// A publisher's format parameters (its `fmtp`), for its track.
+    pub(super) format: Option<str0m::format::FormatParams>,
 }
 
 /// Checks that `pt` is a static (0-63) or dynamic (96-127) RTP payload
@@ -124,6 +129,8 @@ impl RtpEndpoint {
             simple_pt: None,
             kernel_forwarded: false,
             audio_level_ext,
+            accepts: None,
+            format: None,
         }
     }
 
@@ -343,7 +350,25 @@ impl Sfu {
                 }
                 .into());
             }
+            let track_codec = track.codec.and_then(CodecSpec::from_str0m);
+            if spec.direction == RtpDirection::Subscribe
+                && let (Some(codec), Some(track_codec)) = (spec.codec, track_codec)
+                && codec != track_codec
+            {
+                return Err(SpecError::CodecMismatch {
+                    track: t.to_string(),
+                    track_codec,
+                    codec,
+                }
+                .into());
+            }
         }
+        // Checked before anything is charged.
+        let codec = spec.codec.unwrap_or(CodecSpec::for_kind(spec.kind));
+        let format = match (&spec.fmtp, spec.direction) {
+            (Some(f), RtpDirection::Publish) => Some(super::codecs::parse_fmtp(codec, f)?),
+            _ => None,
+        };
         let charged = self.charge_session(
             participant,
             Charge {
@@ -356,16 +381,19 @@ impl Sfu {
             Some(s) => s,
             None => self.random() as u32 | 1,
         };
-        let codec = spec.codec.unwrap_or(CodecSpec::for_kind(spec.kind));
         let id = self.new_peer_id();
         self.keep_charge(id, charged);
-        let endpoint = self.new_endpoint(
+        let mut endpoint = self.new_endpoint(
             spec.direction,
             codec,
             Sink::Remote(spec.remote),
             (spec.payload_type, ssrc),
             spec.audio_level_ext,
         );
+        if spec.direction == RtpDirection::Subscribe {
+            endpoint.accepts = spec.codec;
+        }
+        endpoint.format = format;
         self.index
             .rtp_by_addr
             .entry(spec.remote)
@@ -444,7 +472,8 @@ impl Sfu {
             // with its first packet.
             layer.ssrc = endpoint.remote().map(|_| endpoint.ssrc);
             let codec = Some(endpoint.codec.to_str0m());
-            let track = Track::new(room, participant, id, endpoint.kind, codec, vec![layer]);
+            let mut track = Track::new(room, participant, id, endpoint.kind, codec, vec![layer]);
+            track.format = endpoint.format;
             let (tid, track_info) = self.reg.add_track(track);
             info = Some(track_info);
             endpoint.track = Some(tid);

@@ -155,6 +155,10 @@ pub struct Owner {
     /// Not held to the per-identity and per-token limits (operator
     /// tokens); still counted, and still held to the node's limit.
     pub exempt: bool,
+    /// The token's codec list (its `codecs` claim): the participant's
+    /// sessions negotiate only these, in this order
+    /// ([`Sfu::set_participant_codecs`](crate::Sfu::set_participant_codecs)).
+    pub codecs: Option<Vec<crate::CodecSpec>>,
 }
 
 impl Owner {
@@ -165,7 +169,14 @@ impl Owner {
             token: None,
             token_limits: QuotaLimits::UNLIMITED,
             exempt: false,
+            codecs: None,
         }
+    }
+
+    /// The same owner, whose sessions negotiate only `codecs`, in order.
+    pub fn with_codecs(mut self, codecs: Option<Vec<crate::CodecSpec>>) -> Self {
+        self.codecs = codecs;
+        self
     }
 
     /// The same owner, charged also to the token named `key`.

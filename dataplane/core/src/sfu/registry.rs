@@ -53,6 +53,12 @@ pub(super) struct Track {
     pub(super) kind: TrackKind,
     pub(super) mid: Option<Mid>,
     pub(super) codec: Option<Codec>,
+    /// The payload type `codec` was last read from (WebRTC publishers).
+    pub(super) codec_pt: Option<u8>,
+    /// The codec's format parameters, when known (H.264 profile and
+    /// packetization mode, VP9 profile): a subscriber is sent the track
+    /// on a payload type whose parameters fit them.
+    pub(super) format: Option<str0m::format::FormatParams>,
     pub(super) layers: Vec<Layer>,
     pub(super) subscribers: Vec<PeerId>,
     pub(super) demanded: Vec<String>,
@@ -81,6 +87,8 @@ impl Track {
             kind,
             mid: None,
             codec,
+            codec_pt: None,
+            format: None,
             layers,
             subscribers: Vec::new(),
             demanded: Vec::new(),

@@ -7,9 +7,10 @@ use std::time::Instant;
 use str0m::bwe::Bitrate;
 
 use crate::ids::{PeerId, TrackId};
-use crate::types::{OfferIntent, RtpDirection, SfuEvent, TrackInfo, TrackKind};
+use crate::types::{CodecSpec, OfferIntent, RtpDirection, SfuEvent, TrackInfo, TrackKind};
 
 use super::Sfu;
+use super::codecs;
 use super::layers::{LAYER_RETRY_AFTER, LAYER_START_GRACE, choose_layer, count_watchers};
 use super::peer::Transport;
 use super::registry::Track;
@@ -51,7 +52,9 @@ impl Sfu {
         }
     }
 
-    /// Binds a WebRTC subscriber's free m-lines to tracks of its room.
+    /// Binds a WebRTC subscriber's free m-lines to tracks of its room, each
+    /// to a track in a codec the m-line negotiated. A track it could bind
+    /// but for its codec is reported once ([`SfuEvent::NoCommonCodec`]).
     pub(in crate::sfu) fn bind_slots(&mut self, now: Instant, id: PeerId) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
@@ -65,20 +68,42 @@ impl Sfu {
         let Some(room) = self.reg.rooms.get(&peer.room) else {
             return;
         };
+        let w = &mut **w;
         let mut changed = false;
+        let mut refused: Vec<(TrackId, CodecSpec, Vec<CodecSpec>)> = Vec::new();
         for slot in w.slots.iter_mut().filter(|s| s.track.is_none()) {
-            let candidate = room.tracks.iter().copied().find(|t| {
+            let accept = codecs::receivable(&w.rtc, slot.mid);
+            let mut candidate = None;
+            for t in &room.tracks {
                 let Some(track) = self.reg.tracks.get(t) else {
-                    return false;
+                    continue;
                 };
-                track.kind == slot.kind
-                    && track.participant != peer.participant
-                    && from.is_none_or(|f| f == track.participant)
-                    && !track.subscribers.contains(&id)
-            });
+                if track.kind != slot.kind
+                    || track.participant == peer.participant
+                    || from.is_some_and(|f| f != track.participant)
+                    || track.subscribers.contains(&id)
+                {
+                    continue;
+                }
+                let fits = track.codec.is_none_or(|c| {
+                    codecs::negotiated_pt(&w.rtc, slot.mid, c, track.format.as_ref()).is_some()
+                });
+                match track.codec.and_then(CodecSpec::from_str0m) {
+                    Some(c) if !fits => {
+                        if !w.refused_tracks.contains(t) && !refused.iter().any(|r| r.0 == *t) {
+                            refused.push((*t, c, accept.clone()));
+                        }
+                    }
+                    _ => {
+                        candidate = Some(*t);
+                        break;
+                    }
+                }
+            }
             if let Some(t) = candidate {
                 slot.track = Some(t);
                 slot.pt = None;
+                slot.codec_refused = false;
                 slot.current = None;
                 slot.target = None;
                 if let Some(track) = self.reg.tracks.get_mut(&t) {
@@ -86,6 +111,21 @@ impl Sfu {
                 }
                 changed = true;
             }
+        }
+        for (track, codec, receivable) in refused {
+            if w.refused_tracks.len() >= codecs::MAX_REFUSED {
+                break;
+            }
+            w.refused_tracks.push(track);
+            tracing::info!(peer = %id, %track, %codec, "subscriber cannot receive the track's codec");
+            self.out.event(SfuEvent::NoCommonCodec {
+                room: peer.room.clone(),
+                participant: peer.participant,
+                peer: id,
+                track,
+                codec,
+                receivable,
+            });
         }
         if changed {
             self.select_layers(now);
@@ -116,7 +156,13 @@ impl Sfu {
                 self.reg
                     .tracks
                     .get(t)
-                    .is_some_and(|tr| tr.kind == e.kind && tr.participant != peer.participant)
+                    .is_some_and(|tr| {
+                        tr.kind == e.kind
+                            && tr.participant != peer.participant
+                            && e.accepts.is_none_or(|want| {
+                                tr.codec.and_then(CodecSpec::from_str0m).is_none_or(|c| c == want)
+                            })
+                    })
             })
         });
         if let Some(t) = candidate

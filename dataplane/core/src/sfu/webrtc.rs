@@ -22,6 +22,7 @@ use crate::types::{
 };
 
 use super::Sfu;
+use super::codecs;
 use super::forward::Forward;
 use super::layers::{Layer, admit};
 use super::outbox::Outbox;
@@ -56,6 +57,8 @@ pub(super) struct WebRtcPeer {
     pub(super) bwe_bps: Option<u64>,
     pub(super) pinned_rid: Option<Rid>,
     pub(super) closing: bool,
+    /// Tracks this subscriber was told it cannot receive (their codec).
+    pub(super) refused_tracks: Vec<TrackId>,
     /// The session's `packets_in` when the tick last saw it change, and
     /// when: how long a connected remote has been silent (consent.rs).
     pub(super) heard_packets: u64,
@@ -69,6 +72,9 @@ pub(super) struct Slot {
     pub(super) track: Option<TrackId>,
     /// Payload type negotiated with the subscriber for the track's codec.
     pub(super) pt: Option<(Codec, str0m::format::PayloadParams)>,
+    /// The subscriber was told it cannot receive the bound track's codec
+    /// ([`SfuEvent::NoCommonCodec`](crate::SfuEvent::NoCommonCodec)).
+    pub(super) codec_refused: bool,
     pub(super) rewriter: StreamRewriter,
     pub(super) current: Option<usize>,
     pub(super) target: Option<usize>,
@@ -79,8 +85,15 @@ pub(super) struct Slot {
 struct Negotiated {
     peer: WebRtcPeer,
     answer: String,
-    /// The m-lines the peer publishes: mid, kind, simulcast rids.
-    published: Vec<(Mid, TrackKind, Vec<Rid>)>,
+    /// The m-lines the peer publishes: mid, kind, simulcast rids, and the
+    /// codec the answer makes the publisher send.
+    published: Vec<(
+        Mid,
+        TrackKind,
+        Vec<Rid>,
+        Option<Codec>,
+        Option<str0m::format::FormatParams>,
+    )>,
     early_events: Vec<str0m::Event>,
     transmits: Vec<str0m::net::Transmit>,
 }
@@ -91,6 +104,8 @@ struct NegotiateWith<'a> {
     initial_bwe_bps: u64,
     candidates: &'a [SocketAddr],
     dtls_cert: Option<&'a str0m::config::DtlsCert>,
+    /// What the session may negotiate, in order ([`super::codecs`]).
+    codecs: &'a [CodecSpec],
 }
 
 /// Builds a str0m session for `offer` and reads the negotiated m-lines
@@ -103,15 +118,15 @@ fn negotiate(
     with: NegotiateWith<'_>,
     mut initial_seq: impl FnMut() -> u16,
 ) -> Result<Negotiated, SfuError> {
+    let offered = codecs::offered_lines(offer);
     let offer = SdpOffer::from_sdp_string(offer)
         .map_err(|e| SfuError::InvalidSdp(SdpError::Unparsable(sdp_error(&e.to_string()))))?;
-    let mut config = RtcConfig::new()
+    let config = RtcConfig::new()
         .set_ice_lite(true)
         .set_rtp_mode(true)
         .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
         .set_stats_interval(Some(Duration::from_secs(1)));
+    let mut config = codecs::enable(config, with.codecs);
     if let Some(cert) = with.dtls_cert {
         config = config.set_dtls_cert(cert.clone());
     }
@@ -133,6 +148,18 @@ fn negotiate(
         .sdp_api()
         .accept_offer(offer)
         .map_err(|e| SfuError::InvalidSdp(SdpError::NotNegotiable(e.to_string())))?;
+    // An m-line with no codec in common is left out of the answer (or
+    // answered with none): say which, and what the room allows.
+    for line in offered.iter().filter(|l| !l.rejected) {
+        let answered = answer.media_lines.iter().any(|l| {
+            !l.disabled
+                && l.mid().to_string() == line.mid
+                && rtc.media(l.mid()).is_some_and(|m| !m.remote_pts().is_empty())
+        });
+        if !answered {
+            return Err(codecs::not_allowed(line, with.codecs));
+        }
+    }
     let mut published = Vec::new();
     let mut slots = Vec::new();
     let mut early_events = Vec::new();
@@ -157,7 +184,13 @@ fn negotiate(
                     Rids::Specific(r) => r.clone(),
                     _ => Vec::new(),
                 };
-                published.push((mid, kind, rids));
+                published.push((
+                    mid,
+                    kind,
+                    rids,
+                    codecs::expected_codec(&rtc, mid),
+                    codecs::expected_format(&rtc, mid),
+                ));
             }
             OfferIntent::Subscribe { .. } if sends => {
                 slots.push(Slot {
@@ -165,6 +198,7 @@ fn negotiate(
                     kind,
                     track: None,
                     pt: None,
+                    codec_refused: false,
                     rewriter: StreamRewriter::new(kind.clock_rate(), initial_seq()),
                     current: None,
                     target: None,
@@ -207,6 +241,7 @@ fn negotiate(
             bwe_bps: None,
             pinned_rid: None,
             closing: false,
+            refused_tracks: Vec::new(),
             heard_packets: 0,
             heard_at: now,
         },
@@ -224,6 +259,7 @@ impl Sfu {
         now: Instant,
         offer: &str,
         intent: OfferIntent,
+        codecs: &[CodecSpec],
     ) -> Result<Negotiated, SfuError> {
         if self.dtls_cert.is_none() {
             self.dtls_cert = str0m::crypto::from_feature_flags()
@@ -235,6 +271,7 @@ impl Sfu {
             initial_bwe_bps: self.config.initial_bwe_bps,
             candidates: &self.config.candidates,
             dtls_cert: self.dtls_cert.as_ref(),
+            codecs,
         };
         let rng = &mut self.rng;
         negotiate(now, offer, intent, with, || {
@@ -261,7 +298,15 @@ impl Sfu {
                 ..Charge::default()
             },
         )?;
-        let negotiated = self.negotiate_offer(now, offer, intent);
+        let codecs = self
+            .codec_policy
+            .effective(&self.config.codecs, &room, participant);
+        let negotiated = self
+            .negotiate_offer(now, offer, intent, &codecs)
+            .and_then(|n| {
+                self.check_receivable(&room, participant, intent, &n.peer)?;
+                Ok(n)
+            });
         let tracks = match &negotiated {
             Ok(n) if !n.published.is_empty() => self.charge_session(
                 participant,
@@ -299,14 +344,15 @@ impl Sfu {
         let id = self.new_peer_id();
         self.keep_charge(id, charged);
         let mut infos = Vec::new();
-        for (mid, kind, rids) in published {
+        for (mid, kind, rids, codec, format) in published {
             let layers = if rids.is_empty() {
                 vec![Layer::new(None)]
             } else {
                 rids.into_iter().map(|r| Layer::new(Some(r))).collect()
             };
-            let mut track = Track::new(&room, participant, id, kind, None, layers);
+            let mut track = Track::new(&room, participant, id, kind, codec, layers);
             track.mid = Some(mid);
+            track.format = format;
             let (tid, info) = self.reg.add_track(track);
             infos.push(info);
             w.published.push((mid, tid));
@@ -440,16 +486,25 @@ impl Sfu {
         let Some(track) = self.reg.tracks.get_mut(&tid) else {
             return;
         };
-        if track.codec.is_none() {
-            let pt = p.header.payload_type;
-            track.codec = w
-                .rtc
-                .codec_config()
-                .params()
-                .iter()
-                .find(|x| x.pt() == pt)
-                .map(|x| x.spec().codec);
+        // The answer predicts the codec; the payload type tells. A
+        // publisher may move to another negotiated codec at any time.
+        let pt = p.header.payload_type;
+        if track.codec_pt != Some(*pt)
+            && let Some(codec) = codecs::codec_of_pt(&w.rtc, pt)
+        {
+            track.codec_pt = Some(*pt);
+            let format = codecs::format_of_pt(&w.rtc, pt);
+            if track.codec != Some(codec) || track.format != format {
+                track.format = format;
+                tracing::debug!(track = %tid, ?codec, "track codec set by its payload type");
+                track.codec = Some(codec);
+                let subscribers = track.subscribers.clone();
+                self.codec_changed(now, tid, &subscribers);
+            }
         }
+        let Some(track) = self.reg.tracks.get_mut(&tid) else {
+            return;
+        };
         let keyframe = track
             .codec
             .and_then(CodecSpec::from_str0m)
@@ -474,21 +529,6 @@ impl Sfu {
         };
         self.forward(now, tid, layer, &fwd);
     }
-}
-
-/// The subscriber's payload type for a codec on one m-line.
-pub(super) fn negotiated_pt(
-    rtc: &Rtc,
-    mid: Mid,
-    codec: Codec,
-) -> Option<(Codec, str0m::format::PayloadParams)> {
-    let media = rtc.media(mid)?;
-    let remote = media.remote_pts();
-    rtc.codec_config()
-        .params()
-        .iter()
-        .find(|p| p.spec().codec == codec && remote.contains(&p.pt()))
-        .map(|p| (codec, *p))
 }
 
 /// str0m's parser errors carry a pointer offset; keep only the human part.
@@ -562,7 +602,13 @@ impl WebRtcPeer {
         &mut self,
         now: Instant,
         id: PeerId,
-        (tid, layer, kind, codec): (TrackId, usize, TrackKind, Option<Codec>),
+        (tid, layer, kind, codec, format): (
+            TrackId,
+            usize,
+            TrackKind,
+            Option<Codec>,
+            Option<&str0m::format::FormatParams>,
+        ),
         pkt: &Forward<'_>,
         shared: &mut Option<Arc<[u8]>>,
         counters: &mut Counters,
@@ -586,7 +632,7 @@ impl WebRtcPeer {
             out.counters.layer_switches += 1;
         }
         if slot.pt.is_none() {
-            slot.pt = codec.and_then(|c| negotiated_pt(&self.rtc, slot.mid, c));
+            slot.pt = codec.and_then(|c| codecs::negotiated_pt(&self.rtc, slot.mid, c, format));
         }
         let Some((_, params)) = &slot.pt else {
             return true;

@@ -32,12 +32,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(name: &'static str, addr: SocketAddr, now: Instant) -> Self {
-        let mut rtc = RtcConfig::new()
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .enable_vp8(true)
-            .enable_opus(true, false)
-            .build(now);
+        Self::with_config(name, addr, now, |c| c.enable_vp8(true).enable_opus(true, false))
+    }
+
+    /// A client whose codecs `codecs` enables, in its order of preference
+    /// (on a configuration with none).
+    pub fn with_config(
+        name: &'static str,
+        addr: SocketAddr,
+        now: Instant,
+        codecs: impl FnOnce(RtcConfig) -> RtcConfig,
+    ) -> Self {
+        let mut rtc = codecs(RtcConfig::new().set_rtp_mode(true).clear_codecs()).build(now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         Client {
             name,
@@ -75,6 +81,28 @@ impl Client {
             .find(|p| p.spec().codec == codec)
             .map(|p| p.pt())
             .unwrap()
+    }
+
+    /// Offers `media` and hands the offer to the node; applies the answer
+    /// when there is one, and returns it (or the node's refusal).
+    pub fn try_negotiate(
+        &mut self,
+        sfu: &mut Sfu,
+        now: Instant,
+        participant: ParticipantId,
+        intent: OfferIntent,
+        media: &[(MediaKind, Direction, Option<Simulcast>)],
+    ) -> Result<(PeerId, Vec<Mid>, String), ridge_sfu::SfuError> {
+        let mut change = self.rtc.sdp_api();
+        let mids: Vec<Mid> = media
+            .iter()
+            .map(|(kind, dir, sim)| change.add_media(*kind, *dir, None, None, sim.clone()))
+            .collect();
+        let (offer, pending) = change.apply().unwrap();
+        let (peer, answer) = sfu.accept_offer(now, participant, &offer.to_sdp_string(), intent)?;
+        let parsed = SdpAnswer::from_sdp_string(&answer).unwrap();
+        self.rtc.sdp_api().accept_answer(pending, parsed).unwrap();
+        Ok((peer, mids, answer))
     }
 
     /// Offers `media`, lets the node answer with `intent`, applies the answer.

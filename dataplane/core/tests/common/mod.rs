@@ -83,6 +83,7 @@ impl Node {
                 self.now,
                 participant,
                 RtpEndpointSpec {
+                    fmtp: None,
                     codec: None,
                     audio_level_ext: None,
                     direction,
