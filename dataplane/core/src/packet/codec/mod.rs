@@ -20,11 +20,13 @@
 //!   appendix A), which also carries layering for VP8, VP9 and H.264.
 //! - [`bits`]: the bit reader they share.
 
+pub mod av1;
 pub mod bits;
 pub mod h264;
 pub mod vp8;
 pub mod vp9;
 
+pub use av1::{Av1Obus, Av1Packet, Obu, ObuType};
 pub use h264::{FuA, H264Packet, ParameterSets, StapA, StapAUnits};
 pub use vp8::Vp8Descriptor;
 pub use vp9::{Vp9Descriptor, Vp9Layer, Vp9Ss};
@@ -107,6 +109,13 @@ pub fn h264_is_keyframe(payload: &[u8]) -> bool {
 /// layer 0 or without layer indices.
 pub fn vp9_is_keyframe(payload: &[u8]) -> bool {
     Vp9Descriptor::parse(payload).is_ok_and(|d| d.is_keyframe())
+}
+
+/// Whether an AV1 RTP payload starts a keyframe: N=1 (the first packet of
+/// a coded video sequence) and its first OBU, after any temporal
+/// delimiter, is a sequence header.
+pub fn av1_is_keyframe(payload: &[u8]) -> bool {
+    Av1Packet::parse(payload).is_ok_and(|p| p.is_keyframe())
 }
 
 #[cfg(test)]
