@@ -138,7 +138,7 @@ impl Net {
             .iter()
             .filter_map(|(_, e)| match e {
                 Event::RtpPacket(p) if !p.payload.is_empty() => {
-                    Some((*p.header.payload_type, p.payload.clone()))
+                    Some((*p.header.payload_type, p.payload.to_vec()))
                 }
                 _ => None,
             })
