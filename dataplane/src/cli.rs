@@ -324,6 +324,12 @@ pub fn run_check_config(args: &RunArgs, env_secret: Option<String>) -> Result<Co
     Ok(args.load(env_secret)?)
 }
 
+/// A codec name on the command line.
+fn parse_codec(s: &str) -> Result<ridge_sfu::CodecSpec, String> {
+    ridge_sfu::CodecSpec::from_name(s.trim())
+        .ok_or_else(|| format!("`{s}` is not a codec this node routes: opus, vp8, h264, vp9, av1"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,10 +498,4 @@ mod tests {
         let short = Cli::command().render_help().to_string();
         assert!(short.contains("RIDGE_JWT_SECRET"), "{short}");
     }
-}
-
-/// A codec name on the command line.
-fn parse_codec(s: &str) -> Result<ridge_sfu::CodecSpec, String> {
-    ridge_sfu::CodecSpec::from_name(s.trim())
-        .ok_or_else(|| format!("`{s}` is not a codec this node routes: opus, vp8, h264, vp9, av1"))
 }

@@ -71,7 +71,9 @@ pub enum SdpError {
         mid: String,
     },
     /// Nothing in the offer is audio or video in a codec the core routes.
-    #[error("the offer has no usable audio or video m-line (supported: Opus, VP8, H.264, VP9, AV1)")]
+    #[error(
+        "the offer has no usable audio or video m-line (supported: Opus, VP8, H.264, VP9, AV1)"
+    )]
     NoUsableMedia,
     /// A publish offer's m-line offers no codec the room allows.
     #[error(

@@ -41,7 +41,12 @@ impl Net {
         host: u8,
         codecs: impl FnOnce(RtcConfig) -> RtcConfig,
     ) -> usize {
-        let c = Client::with_config(name, remote(host, 1000 + u16::from(host)), self.node.now, codecs);
+        let c = Client::with_config(
+            name,
+            remote(host, 1000 + u16::from(host)),
+            self.node.now,
+            codecs,
+        );
         self.clients.push(c);
         self.clients.len() - 1
     }
@@ -208,7 +213,12 @@ fn answered_video_codecs(answer: &str) -> Vec<String> {
 #[test]
 fn answers_list_codecs_in_the_nodes_order_and_the_track_names_the_codec_sent() {
     let mut net = Net::new(|c| {
-        c.codecs = vec![CodecSpec::Opus, CodecSpec::H264, CodecSpec::Vp8, CodecSpec::Av1];
+        c.codecs = vec![
+            CodecSpec::Opus,
+            CodecSpec::H264,
+            CodecSpec::Vp8,
+            CodecSpec::Av1,
+        ];
     });
     // The client prefers VP8, then AV1, then H.264, and offers VP9 too.
     let p = net.client("publisher", 1, |c| {
@@ -231,7 +241,9 @@ fn answers_list_codecs_in_the_nodes_order_and_the_track_names_the_codec_sent() {
 fn h264_is_forwarded_from_its_first_idr_and_a_vp8_only_subscriber_is_refused_with_the_reason() {
     let mut net = Net::new(|_| {});
     let p = net.client("publisher", 1, h264_only);
-    let s = net.client("h264 subscriber", 2, |c| c.enable_vp8(true).enable_h264(true));
+    let s = net.client("h264 subscriber", 2, |c| {
+        c.enable_vp8(true).enable_h264(true)
+    });
     let v = net.client("vp8 subscriber", 3, |c| c.enable_vp8(true));
     let (pub_peer, mid, _) = net.offer_video(p, "alice", OfferIntent::Publish).unwrap();
     let (sub_peer, _, _) = net
@@ -241,9 +253,7 @@ fn h264_is_forwarded_from_its_first_idr_and_a_vp8_only_subscriber_is_refused_wit
         .offer_video(v, "carol", OfferIntent::Subscribe { from: None })
         .unwrap_err();
     match &refused {
-        SfuError::InvalidSdp(SdpError::NoCommonCodec {
-            codec, offered, ..
-        }) => {
+        SfuError::InvalidSdp(SdpError::NoCommonCodec { codec, offered, .. }) => {
             assert_eq!(*codec, "h264");
             assert_eq!(offered, "vp8");
         }
@@ -270,7 +280,10 @@ fn h264_is_forwarded_from_its_first_idr_and_a_vp8_only_subscriber_is_refused_wit
     let tags: Vec<u8> = got
         .iter()
         .map(|(pt, payload)| {
-            assert_eq!(*pt, *sub_pt, "the subscriber's own payload type for the profile sent");
+            assert_eq!(
+                *pt, *sub_pt,
+                "the subscriber's own payload type for the profile sent"
+            );
             payload[3]
         })
         .collect();
@@ -282,11 +295,13 @@ fn an_h264_profile_the_subscriber_cannot_decode_is_refused() {
     let mut net = Net::new(|_| {});
     // The publisher speaks High only; the subscriber Constrained Baseline.
     let p = net.client("publisher", 1, |mut c| {
-        c.codec_config().add_h264(114.into(), Some(115.into()), true, 0x64001f);
+        c.codec_config()
+            .add_h264(114.into(), Some(115.into()), true, 0x64001f);
         c
     });
     let s = net.client("subscriber", 2, |mut c| {
-        c.codec_config().add_h264(108.into(), Some(109.into()), true, 0x42e01f);
+        c.codec_config()
+            .add_h264(108.into(), Some(109.into()), true, 0x42e01f);
         c
     });
     net.offer_video(p, "alice", OfferIntent::Publish).unwrap();
@@ -294,7 +309,10 @@ fn an_h264_profile_the_subscriber_cannot_decode_is_refused() {
         .offer_video(s, "bob", OfferIntent::Subscribe { from: None })
         .unwrap_err();
     assert!(
-        matches!(&err, SfuError::InvalidSdp(SdpError::NoCommonCodec { codec: "h264", .. })),
+        matches!(
+            &err,
+            SfuError::InvalidSdp(SdpError::NoCommonCodec { codec: "h264", .. })
+        ),
         "{err:?}"
     );
 }
@@ -302,7 +320,10 @@ fn an_h264_profile_the_subscriber_cannot_decode_is_refused() {
 #[test]
 fn vp9_and_av1_are_forwarded_to_subscribers_that_speak_them() {
     for (codec, enable) in [
-        (Codec::Vp9, (|c: RtcConfig| c.enable_vp9(true)) as fn(RtcConfig) -> RtcConfig),
+        (
+            Codec::Vp9,
+            (|c: RtcConfig| c.enable_vp9(true)) as fn(RtcConfig) -> RtcConfig,
+        ),
         (Codec::Av1, |c: RtcConfig| c.enable_av1(true)),
     ] {
         let mut net = Net::new(|_| {});
@@ -339,10 +360,15 @@ fn a_room_or_a_token_that_allows_only_vp8_refuses_h264_with_what_it_allows() {
         .set_room_codecs(ROOM, Some(vec![CodecSpec::Opus, CodecSpec::Vp8]))
         .unwrap();
     let p = net.client("publisher", 1, h264_only);
-    let err = net.offer_video(p, "alice", OfferIntent::Publish).unwrap_err();
+    let err = net
+        .offer_video(p, "alice", OfferIntent::Publish)
+        .unwrap_err();
     match &err {
         SfuError::InvalidSdp(SdpError::CodecNotAllowed {
-            offered, allowed, kind, ..
+            offered,
+            allowed,
+            kind,
+            ..
         }) => {
             assert_eq!(offered, "H264");
             assert_eq!(allowed, "vp8");
@@ -350,14 +376,19 @@ fn a_room_or_a_token_that_allows_only_vp8_refuses_h264_with_what_it_allows() {
         }
         other => panic!("expected CodecNotAllowed, got {other:?}"),
     }
-    assert!(net.node.sfu.room_state(ROOM).tracks.is_empty(), "nothing published");
+    assert!(
+        net.node.sfu.room_state(ROOM).tracks.is_empty(),
+        "nothing published"
+    );
 
     // A token's list narrows another room the same way.
     let owner = Owner::identity("dave").with_codecs(Some(vec![CodecSpec::Vp8]));
     let dave = net.node.sfu.join_as("other", &owner, false).unwrap();
     assert_eq!(net.node.sfu.codecs_for(dave).unwrap(), [CodecSpec::Vp8]);
     let d = net.client("token publisher", 4, h264_only);
-    let err = net.offer_video_as(d, dave, OfferIntent::Publish).unwrap_err();
+    let err = net
+        .offer_video_as(d, dave, OfferIntent::Publish)
+        .unwrap_err();
     assert!(
         matches!(&err, SfuError::InvalidSdp(SdpError::CodecNotAllowed { .. })),
         "{err:?}"
@@ -366,11 +397,16 @@ fn a_room_or_a_token_that_allows_only_vp8_refuses_h264_with_what_it_allows() {
     // Lists are checked against the node's.
     net.node.sfu.set_room_codecs("r", None).unwrap();
     let bad = net.node.sfu.set_room_codecs("r", Some(vec![]));
-    assert!(matches!(bad, Err(SfuError::InvalidSpec(SpecError::NoCodecs))));
+    assert!(matches!(
+        bad,
+        Err(SfuError::InvalidSpec(SpecError::NoCodecs))
+    ));
     let owner = Owner::identity("eve").with_codecs(Some(vec![CodecSpec::Vp8, CodecSpec::Vp8]));
     assert!(matches!(
         net.node.sfu.join_as(ROOM, &owner, false),
-        Err(SfuError::InvalidSpec(SpecError::RepeatedCodec(CodecSpec::Vp8)))
+        Err(SfuError::InvalidSpec(SpecError::RepeatedCodec(
+            CodecSpec::Vp8
+        )))
     ));
 }
 

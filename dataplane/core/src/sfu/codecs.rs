@@ -337,23 +337,23 @@ pub(super) fn parse_fmtp(codec: CodecSpec, fmtp: &str) -> Result<FormatParams, S
         let (k, v) = pair
             .split_once('=')
             .ok_or_else(|| bad("each parameter is key=value"))?;
-        match (codec, k.trim()) {
-            (CodecSpec::H264, "profile-level-id") => {
-                if v.len() != 6 || u32::from_str_radix(v, 16).is_err() {
-                    return Err(bad("profile-level-id is six hex digits, e.g. 42e01f"));
-                }
+        let v = v.trim();
+        let problem = match (codec, k.trim()) {
+            (CodecSpec::H264, "profile-level-id")
+                if v.len() != 6 || u32::from_str_radix(v, 16).is_err() =>
+            {
+                Some("profile-level-id is six hex digits, e.g. 42e01f")
             }
-            (CodecSpec::H264, "packetization-mode") => {
-                if !matches!(v.trim(), "0" | "1") {
-                    return Err(bad("packetization-mode is 0 or 1"));
-                }
+            (CodecSpec::H264, "packetization-mode") if !matches!(v, "0" | "1") => {
+                Some("packetization-mode is 0 or 1")
             }
-            (CodecSpec::Vp9, "profile-id") => {
-                if !matches!(v.trim(), "0" | "1" | "2" | "3") {
-                    return Err(bad("profile-id is 0 to 3"));
-                }
+            (CodecSpec::Vp9, "profile-id") if !matches!(v, "0" | "1" | "2" | "3") => {
+                Some("profile-id is 0 to 3")
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(why) = problem {
+            return Err(bad(why));
         }
     }
     Ok(FormatParams::parse_line(fmtp))
@@ -451,7 +451,11 @@ impl Sfu {
     /// again, and one that cannot receive the new codec is unbound from
     /// the track and told so ([`SfuEvent::NoCommonCodec`]).
     pub(super) fn codec_changed(&mut self, now: Instant, track: TrackId, subscribers: &[PeerId]) {
-        let Some((raw, format)) = self.reg.tracks.get(&track).and_then(|t| Some((t.codec?, t.format)))
+        let Some((raw, format)) = self
+            .reg
+            .tracks
+            .get(&track)
+            .and_then(|t| Some((t.codec?, t.format)))
         else {
             return;
         };
@@ -601,7 +605,13 @@ mod tests {
 
     #[test]
     fn offered_lines_survive_garbage() {
-        for sdp in ["", "m=", "m=video", "a=rtpmap:", "m=video 9\na=rtpmap:96\na=mid:"] {
+        for sdp in [
+            "",
+            "m=",
+            "m=video",
+            "a=rtpmap:",
+            "m=video 9\na=rtpmap:96\na=mid:",
+        ] {
             let _ = offered_lines(sdp);
         }
         let many = "m=video 9 X 1\n".repeat(500);
@@ -644,10 +654,16 @@ mod tests {
         // with constraint_set0.
         assert!(compatible(Codec::H264, &cb31, &h264(0x42c01f, 1)));
         assert!(compatible(Codec::H264, &cb31, &h264(0x4d801f, 1)));
-        assert!(!compatible(Codec::H264, &cb31, &h264(0x42001f, 1)), "Baseline");
+        assert!(
+            !compatible(Codec::H264, &cb31, &h264(0x42001f, 1)),
+            "Baseline"
+        );
         assert!(!compatible(Codec::H264, &cb31, &h264(0x4d001f, 1)), "Main");
         assert!(!compatible(Codec::H264, &cb31, &h264(0x64001f, 1)), "High");
-        assert!(!compatible(Codec::H264, &cb31, &h264(0x42e01f, 0)), "mode 0");
+        assert!(
+            !compatible(Codec::H264, &cb31, &h264(0x42e01f, 0)),
+            "mode 0"
+        );
         // Absent: Baseline, mode 0.
         let none = FormatParams::default();
         assert!(compatible(Codec::H264, &none, &h264(0x42000a, 0)));
@@ -663,7 +679,10 @@ mod tests {
         assert!(compatible(Codec::Vp9, &p(0), &p(0)));
         assert!(compatible(Codec::Vp9, &FormatParams::default(), &p(0)));
         assert!(!compatible(Codec::Vp9, &p(2), &p(0)));
-        assert!(compatible(Codec::Vp8, &p(2), &p(0)), "other codecs ignore it");
+        assert!(
+            compatible(Codec::Vp8, &p(2), &p(0)),
+            "other codecs ignore it"
+        );
     }
 
     #[test]
@@ -685,7 +704,9 @@ mod tests {
         }
         assert!(parse_fmtp(CodecSpec::Vp9, "profile-id=4").is_err());
         assert_eq!(
-            parse_fmtp(CodecSpec::Vp9, "profile-id=2").unwrap().profile_id,
+            parse_fmtp(CodecSpec::Vp9, "profile-id=2")
+                .unwrap()
+                .profile_id,
             Some(2)
         );
         assert!(parse_fmtp(CodecSpec::H264, &"a=b;".repeat(400)).is_err());
@@ -696,7 +717,10 @@ mod tests {
         use CodecSpec::*;
         let node = [Opus, Vp8];
         assert_eq!(check_list(&node, &[]), Err(SpecError::NoCodecs));
-        assert_eq!(check_list(&node, &[Vp8, Vp8]), Err(SpecError::RepeatedCodec(Vp8)));
+        assert_eq!(
+            check_list(&node, &[Vp8, Vp8]),
+            Err(SpecError::RepeatedCodec(Vp8))
+        );
         assert_eq!(
             check_list(&node, &[Vp8, H264]),
             Err(SpecError::CodecNotOnNode {

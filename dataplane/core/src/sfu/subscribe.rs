@@ -153,16 +153,15 @@ impl Sfu {
         };
         let candidate = wanted.or_else(|| {
             room.tracks.iter().copied().find(|t| {
-                self.reg
-                    .tracks
-                    .get(t)
-                    .is_some_and(|tr| {
-                        tr.kind == e.kind
-                            && tr.participant != peer.participant
-                            && e.accepts.is_none_or(|want| {
-                                tr.codec.and_then(CodecSpec::from_str0m).is_none_or(|c| c == want)
-                            })
-                    })
+                self.reg.tracks.get(t).is_some_and(|tr| {
+                    tr.kind == e.kind
+                        && tr.participant != peer.participant
+                        && e.accepts.is_none_or(|want| {
+                            tr.codec
+                                .and_then(CodecSpec::from_str0m)
+                                .is_none_or(|c| c == want)
+                        })
+                })
             })
         });
         if let Some(t) = candidate

@@ -87,16 +87,20 @@ struct Negotiated {
     answer: String,
     /// The m-lines the peer publishes: mid, kind, simulcast rids, and the
     /// codec the answer makes the publisher send.
-    published: Vec<(
-        Mid,
-        TrackKind,
-        Vec<Rid>,
-        Option<Codec>,
-        Option<str0m::format::FormatParams>,
-    )>,
+    published: Vec<PublishedLine>,
     early_events: Vec<str0m::Event>,
     transmits: Vec<str0m::net::Transmit>,
 }
+
+/// A published m-line: mid, kind, simulcast rids, and the codec (with its
+/// format parameters) the answer makes the publisher send.
+type PublishedLine = (
+    Mid,
+    TrackKind,
+    Vec<Rid>,
+    Option<Codec>,
+    Option<str0m::format::FormatParams>,
+);
 
 /// What [`negotiate`] needs of the core's configuration.
 struct NegotiateWith<'a> {
@@ -154,7 +158,9 @@ fn negotiate(
         let answered = answer.media_lines.iter().any(|l| {
             !l.disabled
                 && l.mid().to_string() == line.mid
-                && rtc.media(l.mid()).is_some_and(|m| !m.remote_pts().is_empty())
+                && rtc
+                    .media(l.mid())
+                    .is_some_and(|m| !m.remote_pts().is_empty())
         });
         if !answered {
             return Err(codecs::not_allowed(line, with.codecs));

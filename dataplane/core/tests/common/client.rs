@@ -32,7 +32,9 @@ pub struct Client {
 
 impl Client {
     pub fn new(name: &'static str, addr: SocketAddr, now: Instant) -> Self {
-        Self::with_config(name, addr, now, |c| c.enable_vp8(true).enable_opus(true, false))
+        Self::with_config(name, addr, now, |c| {
+            c.enable_vp8(true).enable_opus(true, false)
+        })
     }
 
     /// A client whose codecs `codecs` enables, in its order of preference
