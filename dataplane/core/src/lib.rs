@@ -119,7 +119,7 @@ pub use error::{SdpError, SfuError, SpecError};
 pub use ids::{ParticipantId, PeerId, TrackId, shard_for_room, shard_of, shard_ufrag, ufrag_shard};
 pub use mesh::{MeshConfig, MeshLinkSnapshot, MeshLinkSpec, MeshRecovery, MeshRouteSpec};
 pub use retransmit::{RetransmitBuffer, Sent};
-pub use rewrite::{Rewritten, StreamRewriter};
+pub use rewrite::{Rewritten, SKIP_HISTORY, StreamRewriter};
 pub use sfu::{
     Cidr, CidrError, Owner, QuotaConfig, QuotaLedger, QuotaLimit, QuotaLimits, ReapReason,
     SessionSlot, Sfu,
