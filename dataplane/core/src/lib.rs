@@ -112,6 +112,7 @@ mod rewrite;
 mod sfu;
 mod speaker;
 mod srtp;
+pub mod svc;
 mod types;
 
 pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
