@@ -82,6 +82,14 @@
 //! and of [`TrackInfo`]: it gives the kind, the RTP clock and how a
 //! keyframe is recognised (simulcast and source switches wait for one).
 //!
+//! ## Scalable video
+//!
+//! [`svc`] selects layers within one scalable stream (VP9/AV1 SVC, VP8
+//! temporal layers): a per-subscriber [`svc::LayerSelector`] decides each
+//! packet from the [`svc::LayerInfo`] a codec parser gives, and a dropped
+//! packet is [skipped](StreamRewriter::skip) in the subscriber's rewriter
+//! so the output has no gap. The forwarding path does not call it yet.
+//!
 //! ## Invariants
 //!
 //! * Nothing a network peer sends can panic the core: every parser returns

@@ -23,8 +23,8 @@
 //! horizon that arrives after that is dropped (`None`), since it can no
 //! longer be numbered consistently. Nothing is ever given a number that
 //! another packet already had because of a forgotten skip. A skip of a
-//! packet older than the newest one seen (a late packet the caller does not
-//! forward) shifts nothing: the packets after it are already numbered, so
+//! packet not newer than every packet seen (a late packet the caller does
+//! not forward) shifts nothing: the packets after it are already numbered, so
 //! its output number stays unused, a gap the receiver may NACK.
 
 use std::time::Instant;

@@ -46,7 +46,7 @@
 //!
 //! * **Nothing before the first keyframe.** Until a keyframe starts (its
 //!   first packet at spatial layer 0, with `start_of_frame`) every packet
-//!   is dropped and a keyframe is wanted. The keyframe sets the current
+//!   is dropped, and a keyframe is wanted from the first picture start on. The keyframe sets the current
 //!   layers to the target (every reference is fresh after it).
 //! * **Filter.** A packet is forwarded only if its spatial layer ≤ the
 //!   current spatial layer and its temporal layer ≤ the current temporal
@@ -67,8 +67,9 @@
 //!   target).
 //! * **Spatial up at a keyframe or a switch point.** The spatial layer
 //!   rises at a keyframe (to the target), or by one layer at the start of a
-//!   frame with `spatial_switch` of the next layer up, when the current
-//!   layer's frame of the same picture was forwarded. When no such point
+//!   frame with `spatial_switch` of the next layer up (towards the target,
+//!   one step per switch point), when the current layer's frame of the same
+//!   picture was forwarded. When no such point
 //!   comes within [`KEYFRAME_WAIT_PICTURES`] pictures a keyframe is wanted,
 //!   and again every [`KEYFRAME_RETRY_PICTURES`] pictures while the switch
 //!   waits.
@@ -82,11 +83,17 @@
 //!   forwarded) is undone, since the receiver lacks part of the new layer's
 //!   first frame: back to before the first keyframe (a keyframe is wanted)
 //!   when it was a keyframe, to the previous layers otherwise (and a
-//!   keyframe is wanted when the spatial layer had risen). A gap inside a
+//!   keyframe is wanted when the spatial layer had risen); the rest of that
+//!   picture above the previous layers is dropped. A gap inside a
 //!   forwarded frame of temporal layer 0 breaks the current layers'
 //!   references: a keyframe is wanted. Other gaps are left to the
 //!   receiver's own NACKs and keyframe requests (the rewriter keeps them
 //!   visible to it).
+//!
+//! Packets are decided in order: [`LayerSelector::select`] takes each
+//! packet newer than all before it, [`LayerSelector::select_late`] a
+//! reordered or retransmitted one (by the current layers, switching
+//! nothing).
 //!
 //! Limits, as the per-packet information allows: the spatial layers
 //! present are those announced by `spatial_layers` (a VP9 scalability
@@ -283,7 +290,8 @@ impl LayerSelector {
         std::mem::take(&mut self.keyframe_wanted)
     }
 
-    /// Decides one packet, in arrival order. Call [`Self::note_loss`] first
+    /// Decides one packet, newer than every packet decided before (a late
+    /// one goes to [`Self::select_late`]). Call [`Self::note_loss`] first
     /// when this packet reveals a gap before it.
     pub fn select(&mut self, info: &LayerInfo) -> Verdict {
         if let Some(n) = info.spatial_layers.filter(|&n| n > 0) {
@@ -345,11 +353,7 @@ impl LayerSelector {
                     .map_or(info.spatial, |t| t.max(info.spatial)),
             );
         }
-        let marker = info.end_of_frame
-            && (info.spatial == cur.spatial
-                || self
-                    .spatial_layers
-                    .is_some_and(|n| u16::from(info.spatial) + 1 >= u16::from(n)));
+        let marker = self.ends_picture(info, cur);
         if info.end_of_frame {
             self.open_frame = None;
         }
@@ -358,6 +362,24 @@ impl LayerSelector {
         }
         Verdict::Forward {
             end_of_frame_for_target: marker,
+        }
+    }
+
+    /// Decides a packet older than the newest one given to [`Self::select`]
+    /// (reordered, or retransmitted by the publisher), by the current
+    /// layers alone: it changes nothing, since a late frame start is no
+    /// point to switch at (a late keyframe start would otherwise restart
+    /// the stream). A late copy of a dropped packet is also dropped by the
+    /// rewriter, whatever this says.
+    pub fn select_late(&self, info: &LayerInfo) -> Verdict {
+        let Some(cur) = self.current else {
+            return Verdict::Drop;
+        };
+        if info.spatial > cur.spatial || info.temporal > cur.temporal {
+            return Verdict::Drop;
+        }
+        Verdict::Forward {
+            end_of_frame_for_target: self.ends_picture(info, cur),
         }
     }
 
@@ -390,6 +412,17 @@ impl LayerSelector {
         self.open_frame = None;
         // The picture is incomplete: no spatial switch point within it.
         self.picture_top = None;
+    }
+
+    /// Whether a forwarded packet is the last of its picture to be sent:
+    /// the end of a frame of the current spatial layer, or of the stream's
+    /// highest one.
+    fn ends_picture(&self, info: &LayerInfo, cur: Layers) -> bool {
+        info.end_of_frame
+            && (info.spatial == cur.spatial
+                || self
+                    .spatial_layers
+                    .is_some_and(|n| u16::from(info.spatial) + 1 >= u16::from(n)))
     }
 
     /// The highest spatial layer to forward: the target's, at most the

@@ -547,3 +547,24 @@ fn the_rewriter_skips_what_the_selector_drops() {
     // S0+S1 of the 8 pictures at T0 or T1: 4 packets each, numbered 500 on.
     assert_eq!(sent, (500..500 + 32).collect::<Vec<u64>>());
 }
+
+#[test]
+fn late_packets_are_decided_by_the_current_layers_without_a_switch() {
+    let mut sel = LayerSelector::new();
+    assert_eq!(sel.select_late(&picture(0, 1, 2, true)[0]), Verdict::Drop);
+    sel.set_target(Layers {
+        spatial: 1,
+        temporal: 1,
+    });
+    run(&mut sel, &pattern_stream(Pattern::L3T3, 2, 0, 6));
+    let before = sel.current();
+    // A late copy of the keyframe restarts nothing; its S2 stays out.
+    let key = picture(0, 3, 2, true);
+    let v: Vec<Verdict> = key.iter().map(|i| sel.select_late(i)).collect();
+    assert_eq!(forwarded(&key, &v).len(), 4);
+    assert!(v[3].marker(), "S1's end ends the picture sent");
+    // A late T2 switch point switches nothing.
+    let t2 = picture(5, 3, 2, false);
+    assert!(t2.iter().all(|i| sel.select_late(i) == Verdict::Drop));
+    assert_eq!(sel.current(), before);
+}
