@@ -81,10 +81,12 @@
 //! * **Loss.** [`LayerSelector::note_loss`] reports a gap. A switch whose
 //!   first picture has not ended yet (the packet with the marker not
 //!   forwarded) is undone, since the receiver lacks part of the new layer's
-//!   first frame: back to before the first keyframe (a keyframe is wanted)
-//!   when it was a keyframe, to the previous layers otherwise (and a
-//!   keyframe is wanted when the spatial layer had risen); the rest of that
-//!   picture above the previous layers is dropped. A gap inside a
+//!   first frame. After a keyframe, the spatial layer falls to the highest
+//!   one whose frame of the key picture was forwarded whole (none: back to
+//!   waiting for a keyframe), and a keyframe is wanted. After a switch
+//!   point, the layers fall back to those before it (and a keyframe is
+//!   wanted when the spatial layer had risen). The rest of that picture
+//!   above the layers kept is dropped. A gap inside a
 //!   forwarded frame of temporal layer 0 breaks the current layers'
 //!   references: a keyframe is wanted. Other gaps are left to the
 //!   receiver's own NACKs and keyframe requests (the rewriter keeps them
@@ -393,7 +395,17 @@ impl LayerSelector {
         };
         match self.unsettled.take() {
             Some(Unsettled::Keyframe) => {
-                self.current = None;
+                // Packets come in order, so the layer frames of the key
+                // picture below the one the gap interrupted are whole.
+                let whole = match (self.picture_top, self.open_frame) {
+                    (Some(top), None) => Some(top),
+                    (Some(top), Some(_)) => top.checked_sub(1),
+                    (None, _) => None,
+                };
+                self.current = whole.map(|spatial| Layers {
+                    spatial: spatial.min(cur.spatial),
+                    temporal: cur.temporal,
+                });
                 self.keyframe_wanted = true;
                 self.waited = 0;
             }

@@ -460,21 +460,56 @@ fn loss_during_a_spatial_switch_goes_back_and_asks_for_a_keyframe() {
 }
 
 #[test]
-fn loss_during_the_first_keyframe_waits_for_the_next() {
+fn loss_during_a_keyframe_keeps_only_its_whole_layers() {
+    // A gap inside S0 of the first keyframe: nothing is decodable.
     let mut sel = LayerSelector::new();
     let key = picture(0, 3, 3, true);
-    for i in &key[..4] {
-        assert!(sel.select(i).is_forward());
-    }
+    assert!(sel.select(&key[0]).is_forward());
     sel.note_loss();
     assert_eq!(sel.current(), None, "the keyframe is broken");
     assert!(sel.take_keyframe_request());
-    assert!(key[4..].iter().all(|i| sel.select(i) == Verdict::Drop));
+    assert!(key[2..].iter().all(|i| sel.select(i) == Verdict::Drop));
     let v = run(&mut sel, &stream(3, 3, 1, 4));
     assert_eq!(frames_forwarded(&v), 0);
-    let v = run(&mut sel, &[key]);
+    let v = run(&mut sel, std::slice::from_ref(&key));
     assert!(v[0].iter().all(|v| v.is_forward()));
     assert_markers(&v);
+
+    // A gap inside S1 of a keyframe that lifted S0 to S2: S0 is whole.
+    let mut sel = LayerSelector::new();
+    sel.set_target(Layers {
+        spatial: 0,
+        temporal: 2,
+    });
+    run(&mut sel, &stream(3, 3, 0, 3));
+    sel.set_target(Layers {
+        spatial: 2,
+        temporal: 2,
+    });
+    for i in &key[..4] {
+        assert!(sel.select(i).is_forward());
+    }
+    assert_eq!(sel.current().map(|c| c.spatial), Some(2));
+    sel.note_loss();
+    assert_eq!(sel.current().map(|c| c.spatial), Some(0), "S1 is not whole");
+    assert!(sel.take_keyframe_request(), "for another try at S2");
+    assert!(key[5..].iter().all(|i| sel.select(i) == Verdict::Drop));
+    let pics = stream(3, 3, 1, 4);
+    let v = run(&mut sel, &pics);
+    assert_markers(&v);
+    for (p, v) in pics.iter().zip(&v) {
+        assert!(forwarded(p, v).iter().all(|s| s.0 == 0));
+    }
+
+    // A gap between S1 and S2 of the key picture: S0 and S1 are whole.
+    let mut sel = LayerSelector::new();
+    for i in &key[..6] {
+        assert!(sel.select(i).is_forward());
+    }
+    sel.note_loss();
+    assert_eq!(sel.current().map(|c| c.spatial), Some(1));
+    assert!(sel.wants_keyframe());
+    assert!(key[6..].iter().all(|i| sel.select(i) == Verdict::Drop));
 }
 
 #[test]
