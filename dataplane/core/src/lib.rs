@@ -82,6 +82,14 @@
 //! and of [`TrackInfo`]: it gives the kind, the RTP clock and how a
 //! keyframe is recognised (simulcast and source switches wait for one).
 //!
+//! ## Scalable video
+//!
+//! [`svc`] selects layers within one scalable stream (VP9/AV1 SVC, VP8
+//! temporal layers): a per-subscriber [`svc::LayerSelector`] decides each
+//! packet from the [`svc::LayerInfo`] a codec parser gives, and a dropped
+//! packet is [skipped](StreamRewriter::skip) in the subscriber's rewriter
+//! so the output has no gap. The forwarding path does not call it yet.
+//!
 //! ## Invariants
 //!
 //! * Nothing a network peer sends can panic the core: every parser returns
@@ -112,6 +120,7 @@ mod rewrite;
 mod sfu;
 mod speaker;
 mod srtp;
+pub mod svc;
 mod types;
 
 pub use buf::{BufPool, MAX_BATCH, PacketBuf, PoolStats, SLOT_SIZE};
@@ -119,7 +128,7 @@ pub use error::{SdpError, SfuError, SpecError};
 pub use ids::{ParticipantId, PeerId, TrackId, shard_for_room, shard_of, shard_ufrag, ufrag_shard};
 pub use mesh::{MeshConfig, MeshLinkSnapshot, MeshLinkSpec, MeshRecovery, MeshRouteSpec};
 pub use retransmit::{RetransmitBuffer, Sent};
-pub use rewrite::{Rewritten, StreamRewriter};
+pub use rewrite::{Rewritten, SKIP_HISTORY, StreamRewriter};
 pub use sfu::{
     Cidr, CidrError, MAX_ROOM_CODEC_POLICIES, Owner, QuotaConfig, QuotaLedger, QuotaLimit,
     QuotaLimits, ReapReason, SessionSlot, Sfu,

@@ -292,7 +292,10 @@ impl RtpEndpoint {
         if !admit(&mut self.current, self.target, layer, pkt.keyframe, kind) {
             return self.target != Some(layer);
         }
-        let rewritten = self.rewriter.rewrite(now, pkt.ssrc, pkt.seq, pkt.timestamp);
+        let Some(rewritten) = self.rewriter.rewrite(now, pkt.ssrc, pkt.seq, pkt.timestamp) else {
+            // A copy of a packet left out of this stream: not forwarded.
+            return true;
+        };
         let payload = stored
             .get_or_insert_with(|| out.packets.copy_in(pkt.payload))
             .clone();

@@ -644,7 +644,10 @@ impl WebRtcPeer {
             return true;
         };
         let pt = params.pt();
-        let rewritten = slot.rewriter.rewrite(now, pkt.ssrc, pkt.seq, pkt.timestamp);
+        let Some(rewritten) = slot.rewriter.rewrite(now, pkt.ssrc, pkt.seq, pkt.timestamp) else {
+            // A copy of a packet left out of this stream: not forwarded.
+            return true;
+        };
         let payload = shared.get_or_insert_with(|| Arc::from(pkt.payload)).clone();
         let mut ext = ExtensionValues::default();
         if let Some((voice, level)) = pkt.audio_level {
