@@ -178,7 +178,12 @@
 
   /** Summarises an RTCStatsReport as plain JSON. */
   function summariseStats(report) {
-    const video = { framesDecoded: 0, frameWidth: 0, frameHeight: 0, packetsReceived: 0, packetsLost: 0, bytesReceived: 0 };
+    const video = { framesDecoded: 0, frameWidth: 0, frameHeight: 0, packetsReceived: 0, packetsLost: 0, bytesReceived: 0, codec: null };
+    // The codec of an RTP stream: its codec stats' MIME type ("video/H264").
+    const codecOf = (s) => {
+      const c = s.codecId && report.get(s.codecId);
+      return (c && c.mimeType) || null;
+    };
     const audio = { packetsReceived: 0, totalSamplesReceived: 0, audioLevel: 0, bytesReceived: 0 };
     const outbound = [];
     let bestFrames = -1;
@@ -193,6 +198,7 @@
           bestFrames = num(s.framesDecoded);
           video.frameWidth = num(s.frameWidth);
           video.frameHeight = num(s.frameHeight);
+          video.codec = codecOf(s);
         }
       } else if (s.type === 'inbound-rtp' && kind === 'audio') {
         audio.packetsReceived += num(s.packetsReceived);
@@ -209,6 +215,7 @@
           bytesSent: num(s.bytesSent),
           packetsSent: num(s.packetsSent),
           active: s.active !== false,
+          codec: codecOf(s),
         });
       }
     });
@@ -735,6 +742,7 @@
             participant: msg.participant,
             kind: msg.kind,
             rids: msg.rids || [],
+            codec: msg.codec || null,
           });
           this._scheduleSync();
           break;

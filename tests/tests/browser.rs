@@ -165,6 +165,81 @@ fn whip_publish_whep_subscribe_decodes_video_and_audio() {
 }
 
 #[test]
+fn h264_through_whip_and_whep_decodes_and_a_vp8_only_viewer_is_told_why_not() {
+    run(
+        "h264_through_whip_and_whep_decodes_and_a_vp8_only_viewer_is_told_why_not",
+        async {
+            let node = TestNode::start().await?;
+            let browser = Chromium::launch().await?;
+            let room = "e2e-h264";
+            let pub_token = node.token(room, "encoder", true, false);
+            let sub_token = node.token(room, "viewer", false, true);
+
+            let publisher = open_demo(&browser, &node, &pub_token).await?;
+            let published = publisher
+                .eval(&format!(
+                    "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 480}});
+                       return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
+                         videoCodec: 'H264'}}); }})()"
+                ))
+                .await?;
+            let pub_id = published["id"]
+                .as_str()
+                .context("publisher id")?
+                .to_string();
+
+            let viewer = open_demo(&browser, &node, &sub_token).await?;
+            let sub = viewer
+                .eval(&format!(
+                    "(() => {{ const v = document.createElement('video'); v.id = 'h264-remote';
+                       document.body.appendChild(v);
+                       return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
+                ))
+                .await?;
+            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let got = wait_stats(
+                &viewer,
+                &id,
+                Duration::from_secs(20),
+                "decoded H.264",
+                |s| num(s, &["video", "framesDecoded"]) > 30.0,
+            )
+            .await?;
+            assert_eq!(got["video"]["codec"], "video/H264", "{got}");
+            assert_eq!(num(&got, &["video", "frameWidth"]), 640.0, "{got}");
+            let sent = stats(&publisher, &pub_id).await?;
+            let codecs: Vec<&Value> = sent["outbound"]
+                .as_array()
+                .context("outbound stats")?
+                .iter()
+                .filter(|o| o["kind"] == "video")
+                .map(|o| &o["codec"])
+                .collect();
+            assert!(
+                !codecs.is_empty() && codecs.iter().all(|c| *c == "video/H264"),
+                "the publisher sends H.264: {sent}"
+            );
+
+            // A viewer that offers only VP8 is refused, with the reason.
+            let refused = viewer
+                .eval(&format!(
+                    "Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoCodec: 'VP8'}})
+                       .then((r) => ({{ok: r}}), (e) => ({{error: String(e && e.message || e)}}))"
+                ))
+                .await?;
+            let why = refused["error"]
+                .as_str()
+                .with_context(|| format!("not refused: {refused}"))?;
+            assert!(
+                why.contains("400") && why.contains("h264") && why.contains("hwcodec"),
+                "{why}"
+            );
+            Ok(())
+        },
+    );
+}
+
+#[test]
 fn simulcast_subscriber_moves_between_layers() {
     run("simulcast_subscriber_moves_between_layers", async {
         let node = TestNode::start().await?;
