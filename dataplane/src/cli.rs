@@ -371,6 +371,8 @@ mod tests {
             "12",
             "--pli-interval",
             "250ms",
+            "--codecs",
+            "H264,opus",
             "--log",
             "debug",
         ]);
@@ -383,6 +385,10 @@ mod tests {
         assert_eq!(o.drain_timeout, Some(Duration::from_secs(30)));
         assert_eq!(o.max_sessions, Some(12));
         assert_eq!(o.pli_interval, Some(Duration::from_millis(250)));
+        assert_eq!(
+            o.codecs,
+            [ridge_sfu::CodecSpec::H264, ridge_sfu::CodecSpec::Opus]
+        );
         assert_eq!(o.log.as_deref(), Some("debug"));
         assert!(o.jwt_secret.is_none());
 
@@ -404,6 +410,7 @@ mod tests {
             &["--drain-timeout", "soon"],
             &["--max-sessions", "-1"],
             &["--public-ip", "0.0.0.0:1"],
+            &["--codecs", "vp8,h265"],
         ] {
             let argv = std::iter::once("ridge-dataplane").chain(args.iter().copied());
             assert!(Cli::try_parse_from(argv).is_err(), "{args:?}");

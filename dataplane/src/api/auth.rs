@@ -729,6 +729,37 @@ mod tests {
     }
 
     #[test]
+    fn the_codecs_claim_travels_to_the_owner_and_unknown_codecs_are_refused() {
+        let claims = Claims {
+            room: "r".into(),
+            sub: "a".into(),
+            can_publish: true,
+            can_subscribe: false,
+            admin: false,
+            exp: now() + 60,
+            iat: 0,
+            jti: None,
+            limits: None,
+            codecs: Some(vec![ridge_sfu::CodecSpec::H264, ridge_sfu::CodecSpec::Opus]),
+        };
+        let t = sign(&secret(), &claims).unwrap();
+        let verified = auth().verify(&t).unwrap();
+        assert_eq!(
+            verified.owner().codecs,
+            Some(vec![ridge_sfu::CodecSpec::H264, ridge_sfu::CodecSpec::Opus])
+        );
+        // A codec the node does not know is not a valid token.
+        let raw = serde_json::json!({"room":"r","sub":"a","exp":now() + 60,"codecs":["h265"]});
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &raw,
+            &jsonwebtoken::EncodingKey::from_secret(secret().expose().as_bytes()),
+        )
+        .unwrap();
+        assert!(auth().verify(&t).is_err());
+    }
+
+    #[test]
     fn forged_signature_rejected() {
         let other = Secret::new("another-secret-another-secret");
         let t = mint(

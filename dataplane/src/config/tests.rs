@@ -622,3 +622,23 @@ fn error_display_names_field() {
         "invalid configuration: max_sessions: must be at least 1"
     );
 }
+
+#[test]
+fn codecs_default_to_all_and_are_ordered_by_file_or_flag() {
+    use ridge_sfu::CodecSpec::*;
+    assert_eq!(ok("").codecs, [Opus, Vp8, H264, Vp9, Av1]);
+    assert_eq!(ok("codecs = [\"h264\", \"opus\"]").codecs, [H264, Opus]);
+    let o = Overrides {
+        codecs: vec![Vp9, Opus],
+        ..Overrides::default()
+    };
+    let c = from_toml_str("codecs = [\"h264\"]", &o, env()).unwrap();
+    assert_eq!(c.codecs, [Vp9, Opus], "the flag wins");
+    let (field, msg) = err("codecs = []", &Overrides::default());
+    assert_eq!(field, "codecs");
+    assert!(msg.contains("at least one"), "{msg}");
+    let (field, msg) = err("codecs = [\"vp8\", \"vp8\"]", &Overrides::default());
+    assert_eq!(field, "codecs");
+    assert!(msg.contains("twice"), "{msg}");
+    assert!(from_toml_str("codecs = [\"h265\"]", &Overrides::default(), env()).is_err());
+}
