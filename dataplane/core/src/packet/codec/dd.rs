@@ -497,8 +497,8 @@ impl DependencyDescriptor {
         usize::from(self.decode_target_count)
     }
 
-    /// The frame's indication for decode target `dt` (
-    /// [`Dti::NotPresent`] past the last target).
+    /// The frame's indication for decode target `dt`;
+    /// [`Dti::NotPresent`] past the last target.
     pub fn dti(&self, dt: usize) -> Dti {
         dti_at(self.dtis, dt, self.decode_target_count)
     }
