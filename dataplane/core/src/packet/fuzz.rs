@@ -9,7 +9,13 @@
 
 use std::hint::black_box;
 
-use super::codec::{h264_is_keyframe, vp8_is_keyframe};
+use super::codec::dd::{self, DdStructure, DependencyDescriptor, Dti};
+use super::codec::h264::{self, H264Packet, ParameterSets};
+use super::codec::vp9::{self, Vp9Descriptor};
+use super::codec::{
+    Av1Packet, ObuType, Vp8Descriptor, av1_is_keyframe, h264_is_keyframe, vp8_is_keyframe,
+    vp9_is_keyframe,
+};
 use super::rtcp::{self, ReportBlock, RtcpPacket};
 use super::rtp::{self, RtpHeader};
 use super::stun::{self, StunMessage};
@@ -315,8 +321,9 @@ pub fn fuzz_classify(data: &[u8]) {
     }
 }
 
-/// Codec keyframe detectors on the raw bytes and, when the input is an RTP
-/// packet, on its payload.
+/// Codec keyframe detectors and payload parsers (VP8, VP9, H.264, AV1)
+/// on the raw bytes, on the bytes after the first, and, when the input is
+/// an RTP packet, on its payload.
 pub fn fuzz_codec(data: &[u8]) {
     let vp8 = vp8_is_keyframe(data);
     if vp8 {
@@ -326,14 +333,250 @@ pub fn fuzz_codec(data: &[u8]) {
     if h264 {
         assert!(!data.is_empty());
     }
+    let mut views = [Some(data), data.get(1..), None];
     if let Ok(h) = RtpHeader::parse(data) {
-        let payload = h.payload(data);
-        black_box(vp8_is_keyframe(payload));
-        black_box(h264_is_keyframe(payload));
+        views[2] = Some(h.payload(data));
     }
-    if let Some(rest) = data.get(1..) {
-        black_box(vp8_is_keyframe(rest));
-        black_box(h264_is_keyframe(rest));
+    for view in views.into_iter().flatten() {
+        fuzz_vp8(view);
+        fuzz_vp9(view);
+        fuzz_h264(view);
+        fuzz_av1(view);
+    }
+}
+
+/// VP8: the payload descriptor's bounds and its agreement with
+/// `vp8_is_keyframe`.
+pub fn fuzz_vp8(data: &[u8]) {
+    match Vp8Descriptor::parse(data) {
+        Ok(d) => {
+            assert!((1..=6).contains(&d.header_len) && d.header_len <= data.len());
+            assert_eq!(d.vp8_payload(data).len(), data.len() - d.header_len);
+            assert!(d.picture_id.is_none_or(|p| p < 0x8000));
+            assert!(d.picture_id.is_some() || !d.long_picture_id);
+            assert!(d.tid.is_none_or(|t| t < 4) && d.key_idx.is_none_or(|k| k < 32));
+            assert!(d.tid.is_some() || !d.layer_sync);
+            assert!(d.partition_index < 8);
+            assert_eq!(d.is_keyframe(data), vp8_is_keyframe(data));
+            // The descriptor alone parses the same.
+            assert_eq!(Vp8Descriptor::parse(&data[..d.header_len]), Ok(d));
+        }
+        Err(e) => {
+            assert!(!vp8_is_keyframe(data));
+            black_box(e.to_string());
+        }
+    }
+}
+
+/// VP9: the payload descriptor and scalability structure, their bounds,
+/// and agreement with `vp9_is_keyframe`.
+pub fn fuzz_vp9(data: &[u8]) {
+    match Vp9Descriptor::parse(data) {
+        Ok(d) => {
+            assert!(d.header_len >= 1 && d.header_len <= data.len());
+            assert_eq!(d.vp9_payload(data).len(), data.len() - d.header_len);
+            assert!(d.picture_id.is_none_or(|p| p < 0x8000));
+            assert!(!d.flexible || d.picture_id.is_some());
+            assert_eq!(d.tl0_pic_idx.is_some(), d.layer.is_some() && !d.flexible);
+            assert!(d.p_diffs().len() <= vp9::MAX_P_DIFFS);
+            assert!(d.p_diffs().iter().all(|&p| (1..128).contains(&p)));
+            assert!(d.p_diffs().is_empty() || (d.flexible && d.inter_picture_predicted));
+            if let Some(l) = d.layer {
+                assert!(l.tid < 8 && l.sid < 8);
+            }
+            if let Some(ss) = d.ss {
+                assert!((1..=vp9::MAX_SPATIAL_LAYERS).contains(&ss.spatial_layers()));
+                for sid in 0..=vp9::MAX_SPATIAL_LAYERS {
+                    let res = ss.resolution(sid);
+                    assert_eq!(
+                        res.is_some(),
+                        ss.has_resolutions() && sid < ss.spatial_layers()
+                    );
+                }
+                black_box(ss.picture_group_len());
+            }
+            assert_eq!(d.is_keyframe(), vp9_is_keyframe(data));
+            assert_eq!(Vp9Descriptor::parse(&data[..d.header_len]), Ok(d));
+        }
+        Err(e) => {
+            assert!(!vp9_is_keyframe(data));
+            black_box(e.to_string());
+        }
+    }
+}
+
+/// H.264: classification, STAP-A iteration, FU-A accessors, agreement with
+/// `h264_is_keyframe`, and the parameter sets' STAP-A round trip.
+pub fn fuzz_h264(data: &[u8]) {
+    let Ok(packet) = H264Packet::parse(data) else {
+        assert!(!h264_is_keyframe(data));
+        let mut ps = ParameterSets::new();
+        assert!(ps.observe(data).is_err());
+        assert!(!ps.has_both());
+        return;
+    };
+    assert_eq!(packet.is_keyframe(), h264_is_keyframe(data));
+    if packet.is_idr_start() {
+        assert!(packet.is_keyframe());
+    }
+    match packet {
+        H264Packet::Single { nal_type, nal } => {
+            assert!((1..=23).contains(&nal_type));
+            assert_eq!(nal, data);
+        }
+        H264Packet::StapA(stap) => {
+            assert!(!stap.is_empty());
+            let mut covered = 1;
+            let mut n = 0;
+            for nal in stap.nal_units() {
+                covered += 2 + nal.len();
+                n += 1;
+            }
+            assert_eq!((covered, n), (data.len(), stap.len()));
+        }
+        H264Packet::FuA(fu) => {
+            assert!(!(fu.is_start() && fu.is_end()));
+            assert_eq!(fu.nal_header() & 0x1f, fu.nal_type());
+            assert!((1..=23).contains(&fu.nal_type()));
+            assert_eq!(fu.fragment().len(), data.len() - 2);
+        }
+    }
+    let mut ps = ParameterSets::new();
+    let observed = ps.observe(data);
+    if let Ok(changed) = observed {
+        assert_eq!(changed, ps.sps().is_some() || ps.pps().is_some());
+    }
+    for set in [ps.sps(), ps.pps()].into_iter().flatten() {
+        assert!(!set.is_empty() && set.len() <= h264::MAX_PARAMETER_SET_LEN);
+    }
+    let mut out = [0u8; 1 + 2 * (2 + h264::MAX_PARAMETER_SET_LEN)];
+    match ps.write_stap_a(&mut out) {
+        Some(n) => {
+            assert!(ps.has_both());
+            let mut back = ParameterSets::new();
+            assert_eq!(back.observe(&out[..n]), Ok(true));
+            assert_eq!(back, ps);
+            assert_eq!(ps.write_stap_a(&mut out[..n - 1]), None);
+        }
+        None => assert!(!ps.has_both()),
+    }
+}
+
+/// AV1: the aggregation header and every OBU element, their bounds, and
+/// agreement with `av1_is_keyframe`.
+pub fn fuzz_av1(data: &[u8]) {
+    let Ok(p) = Av1Packet::parse(data) else {
+        assert!(!av1_is_keyframe(data));
+        return;
+    };
+    assert!(p.w <= 3);
+    assert!(!(p.new_coded_video_sequence && p.first_is_continuation));
+    let n = p.obu_count();
+    assert!(n >= 1 && n < data.len());
+    if p.w != 0 {
+        assert_eq!(n, usize::from(p.w));
+    }
+    let mut seen = 0;
+    let mut bytes = 0;
+    for (i, obu) in p.obus().enumerate() {
+        seen += 1;
+        bytes += obu.data.len();
+        assert_eq!(obu.obu_type.is_none(), i == 0 && p.first_is_continuation);
+        assert!(!obu.continues || (i + 1 == n && p.last_continues));
+        assert!(obu.temporal_id < 8 && obu.spatial_id < 4);
+        assert!(obu.has_extension || (obu.temporal_id, obu.spatial_id) == (0, 0));
+        if let Some(ObuType::Reserved(v)) = obu.obu_type {
+            assert!(v == 0 || (9..=14).contains(&v));
+        }
+    }
+    assert_eq!(seen, n);
+    assert!(bytes < data.len());
+    assert_eq!(p.is_keyframe(), av1_is_keyframe(data));
+}
+
+/// The L1T3 keyframe dependency descriptor (structure attached, template
+/// id offset 0, one 640x360 layer) that [`fuzz_dd`] loads first.
+pub const DD_L1T3_KEYFRAME: &[u8] = &[
+    0xc0, 0x12, 0x34, 0x80, 0x02, 0x14, 0xea, 0xa8, 0x60, 0x41, 0x4d, 0x14, 0x10, 0x20, 0x84, 0x27,
+    0x02, 0x7f, 0x01, 0x67,
+];
+
+/// Dependency descriptor: the whole input with no structure known, and
+/// the input as a stream of descriptors (each prefixed by its length byte)
+/// against one structure, starting from a known L1T3 one. Checks the
+/// descriptor against its structure and that failures leave the structure
+/// unchanged.
+pub fn fuzz_dd(data: &[u8]) {
+    let mut fresh = DdStructure::new();
+    check_dd(data, &mut fresh);
+
+    let mut s = DdStructure::new();
+    DependencyDescriptor::parse(DD_L1T3_KEYFRAME, &mut s).expect("the L1T3 seed parses");
+    check_dd(data, &mut s);
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len).min(tail.len());
+        let (one, tail) = tail.split_at(len);
+        check_dd(one, &mut s);
+        rest = tail;
+    }
+}
+
+fn check_dd(data: &[u8], s: &mut DdStructure) {
+    let before = s.clone();
+    match DependencyDescriptor::parse(data, s) {
+        Ok(d) => {
+            assert!(data.len() >= 3 && s.is_known());
+            if !d.structure_attached && d.active_decode_targets.is_none() {
+                assert!(*s == before, "a descriptor without structure changed it");
+            }
+            assert!(usize::from(d.spatial_id) < s.spatial_layer_count());
+            assert!(usize::from(d.temporal_id) < s.temporal_layer_count());
+            assert!(s.spatial_layer_count() <= dd::MAX_SPATIAL_LAYERS);
+            assert!(s.temporal_layer_count() <= dd::MAX_TEMPORAL_LAYERS);
+            assert!(s.template_count() >= 1 && s.template_count() <= dd::MAX_TEMPLATES);
+            let dts = s.decode_target_count();
+            assert!((1..=dd::MAX_DECODE_TARGETS).contains(&dts));
+            assert_eq!(d.decode_target_count(), dts);
+            assert!(s.chain_count() <= dts);
+            assert_eq!(d.chain_fdiffs().len(), s.chain_count());
+            assert!(d.fdiffs().len() <= dd::MAX_FDIFFS && d.fdiffs().iter().all(|&f| f >= 1));
+            if let Some(adt) = d.active_decode_targets {
+                assert_eq!(s.active_decode_targets(), adt);
+                assert!(dts == 32 || adt >> dts == 0);
+            }
+            for dt in 0..=dd::MAX_DECODE_TARGETS {
+                let dti = d.dti(dt);
+                if dt >= dts {
+                    assert_eq!(dti, Dti::NotPresent);
+                    assert_eq!(s.decode_target_layers(dt), None);
+                    assert!(!s.is_decode_target_active(dt));
+                }
+                assert_eq!(d.is_switch_point(dt), dti == Dti::Switch);
+                if let Some((sid, tid)) = s.decode_target_layers(dt) {
+                    assert!(usize::from(sid) < s.spatial_layer_count());
+                    assert!(usize::from(tid) < s.temporal_layer_count());
+                }
+                if let Some(chain) = s.decode_target_protected_by(dt) {
+                    assert!(usize::from(chain) < s.chain_count());
+                }
+            }
+            for sid in 0..=dd::MAX_SPATIAL_LAYERS {
+                if let Some((w, h)) = s.render_resolution(sid) {
+                    assert!(sid < s.spatial_layer_count());
+                    assert!((1..=65_536).contains(&w) && (1..=65_536).contains(&h));
+                }
+            }
+            if !d.structure_attached {
+                assert_eq!(s.template_id_offset(), before.template_id_offset());
+                assert_eq!(s.template_count(), before.template_count());
+            }
+            black_box(format!("{s:?} {d:?}"));
+        }
+        Err(e) => {
+            assert!(*s == before, "a failed parse changed the structure");
+            black_box(e.to_string());
+        }
     }
 }
 
@@ -435,6 +678,39 @@ pub(crate) mod samples {
             0x78, 0x00, 0x04, 0x67, 0x42, 0xc0, 0x1f, 0x00, 0x04, 0x68, 0xce, 0x3c, 0x80,
         ],
         &[0x7c, 0x85, 0x88, 0x84],
+        // VP9: keyframe with a scalability structure (3 layers, sizes, a
+        // 4-frame picture group); a flexible-mode inter frame.
+        &[
+            0xaa, 0x92, 0x34, 0x00, 0x05, 0x58, 0x01, 0x40, 0x00, 0xb4, 0x02, 0x80, 0x01, 0x68,
+            0x05, 0x00, 0x02, 0xd0, 0x04, 0x04, 0x04, 0x54, 0x01, 0x34, 0x02, 0x54, 0x01, 0x82,
+        ],
+        &[0xfc, 0x09, 0x53, 0x03, 0x04, 0xaa],
+        // AV1: keyframe (N=1, W=2, sequence header, frame); W=0 with a
+        // continuation, an OBU with extension and size field, a fragment.
+        &[
+            0x28, 0x0b, 0x08, 0x00, 0x00, 0x00, 0x02, 0xaf, 0xff, 0x9b, 0x5f, 0x30, 0x08, 0x30,
+            0x10, 0x00, 0x00, 0xa0, 0x01,
+        ],
+        &[
+            0xc0, 0x02, 0xaa, 0xbb, 0x05, 0x36, 0x48, 0x02, 0x11, 0x22, 0x02, 0x20, 0x33,
+        ],
+        // H.264: STAP-A with a larger SPS, a PPS and an IDR slice start.
+        &[
+            0x78, 0x00, 0x0a, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40, 0x16, 0xec, 0x04, 0x00,
+            0x04, 0x68, 0xce, 0x3c, 0x80, 0x00, 0x03, 0x65, 0x88, 0x84,
+        ],
+    ];
+
+    /// Dependency descriptors: the L1T3 keyframe with its structure, then
+    /// mandatory-only descriptors of templates 1-4, and one with custom
+    /// DTIs, fdiffs and chains.
+    pub const DD: &[&[u8]] = &[
+        super::DD_L1T3_KEYFRAME,
+        &[0x81, 0x12, 0x35],
+        &[0x82, 0x12, 0x36],
+        &[0xc3, 0x12, 0x37],
+        &[0x44, 0x12, 0x38],
+        &[0x83, 0x00, 0x63, 0x7b, 0xc9, 0x0b, 0x1f, 0xf9, 0xf0, 0x44],
     ];
 }
 
@@ -452,8 +728,49 @@ mod tests {
             samples::RTP_PADDED_TWO_BYTE_EXT,
         ];
         v.extend_from_slice(samples::RTCP_ALL);
-        v.extend_from_slice(samples::CODEC);
+        // The first three codec samples only, so that the packet parsers'
+        // seeds keep their share; `random_codec_inputs_reach_the_valid_paths`
+        // mutates all of them.
+        v.extend_from_slice(&samples::CODEC[..3]);
         v
+    }
+
+    fn codec_seeds() -> Vec<&'static [u8]> {
+        let mut v: Vec<&'static [u8]> = samples::CODEC.to_vec();
+        v.extend_from_slice(samples::DD);
+        v
+    }
+
+    #[test]
+    fn dd_seeds_parse_in_order() {
+        let mut s = DdStructure::new();
+        let frames: Vec<(u8, u16)> = samples::DD
+            .iter()
+            .map(|seed| {
+                let d = DependencyDescriptor::parse(seed, &mut s).expect("DD seed parses");
+                (d.temporal_id, d.frame_number)
+            })
+            .collect();
+        assert_eq!(
+            frames,
+            [
+                (0, 0x1234),
+                (0, 0x1235),
+                (1, 0x1236),
+                (2, 0x1237),
+                (2, 0x1238),
+                (2, 99)
+            ]
+        );
+        assert_eq!(s.active_decode_targets(), 0b011);
+    }
+
+    #[test]
+    fn dd_seed_is_the_written_l1t3_keyframe() {
+        assert_eq!(
+            DD_L1T3_KEYFRAME,
+            &super::super::codec::dd::writer::l1t3_keyframe(0)[..]
+        );
     }
 
     fn mutate(rng: &mut StdRng, seeds: &[&[u8]]) -> Vec<u8> {
@@ -503,13 +820,21 @@ mod tests {
 
     #[test]
     fn seeds_pass_every_harness() {
-        for seed in seeds() {
+        for seed in seeds().into_iter().chain(codec_seeds()) {
             fuzz_rtp(seed);
             fuzz_rtcp(seed);
             fuzz_stun(seed);
             fuzz_classify(seed);
             fuzz_codec(seed);
+            fuzz_dd(seed);
         }
+        // The DD seeds as one length-prefixed stream.
+        let mut stream = Vec::new();
+        for seed in samples::DD {
+            stream.push(seed.len() as u8);
+            stream.extend_from_slice(seed);
+        }
+        fuzz_dd(&stream);
     }
 
     #[test]
@@ -524,6 +849,7 @@ mod tests {
             fuzz_stun(&buf);
             fuzz_classify(&buf);
             fuzz_codec(&buf);
+            fuzz_dd(&buf);
             parsed[0] += usize::from(RtpHeader::parse(&buf).is_ok());
             parsed[1] += usize::from(rtcp::iter(&buf).all(|r| r.is_ok()) && !buf.is_empty());
             parsed[2] += usize::from(StunMessage::parse(&buf).is_ok());
@@ -532,6 +858,28 @@ mod tests {
         assert!(
             parsed.iter().all(|&n| n > 100),
             "valid inputs per parser: {parsed:?}"
+        );
+    }
+
+    #[test]
+    fn random_codec_inputs_reach_the_valid_paths() {
+        let seeds = codec_seeds();
+        let mut rng = StdRng::seed_from_u64(0xc0de_c0de);
+        let mut parsed = [0usize; 5];
+        for _ in 0..20_000 {
+            let buf = mutate(&mut rng, &seeds);
+            fuzz_codec(&buf);
+            fuzz_dd(&buf);
+            parsed[0] += usize::from(Vp8Descriptor::parse(&buf).is_ok());
+            parsed[1] += usize::from(Vp9Descriptor::parse(&buf).is_ok());
+            parsed[2] += usize::from(H264Packet::parse(&buf).is_ok());
+            parsed[3] += usize::from(Av1Packet::parse(&buf).is_ok());
+            let mut s = DdStructure::new();
+            parsed[4] += usize::from(DependencyDescriptor::parse(&buf, &mut s).is_ok());
+        }
+        assert!(
+            parsed.iter().all(|&n| n > 100),
+            "valid inputs per codec parser (VP8, VP9, H.264, AV1, DD): {parsed:?}"
         );
     }
 }

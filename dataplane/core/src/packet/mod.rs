@@ -7,6 +7,10 @@
 //! [`PacketError`], never a panic (the [`fuzz`] entry points and the fuzz
 //! targets in `dataplane/fuzz` check exactly that). Writers append to a
 //! caller-owned `Vec<u8>` so the hot path can reuse one buffer.
+//!
+//! Inside RTP payloads, [`codec`] reads the codec-specific descriptors and
+//! headers (VP8, VP9, H.264, AV1, the dependency descriptor extension) under
+//! the same rules, with its own [`codec::CodecError`].
 
 pub mod codec;
 pub mod fuzz;
@@ -14,7 +18,7 @@ pub mod rtcp;
 pub mod rtp;
 pub mod stun;
 
-pub use codec::{h264_is_keyframe, vp8_is_keyframe};
+pub use codec::{av1_is_keyframe, h264_is_keyframe, vp8_is_keyframe, vp9_is_keyframe};
 pub use rtcp::{FirEntries, NackSeqs, ReportBlock, ReportBlocks, RtcpIter, RtcpPacket, SsrcList};
 pub use rtp::RtpHeader;
 pub use stun::{StunAttributes, StunClass, StunMessage};

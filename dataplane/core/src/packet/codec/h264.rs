@@ -232,11 +232,21 @@ impl<'a> FuA<'a> {
 }
 
 /// One inline parameter set buffer.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 struct ParamBuf {
     len: usize,
     bytes: [u8; MAX_PARAMETER_SET_LEN],
 }
+
+/// Equal when they hold the same parameter set, whatever a longer
+/// earlier one left past its end.
+impl PartialEq for ParamBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for ParamBuf {}
 
 impl ParamBuf {
     const EMPTY: ParamBuf = ParamBuf {
@@ -592,6 +602,17 @@ mod tests {
         assert!(H264Packet::parse(&out[..n]).unwrap().is_keyframe());
         assert_eq!(out[0], 0x78);
         assert!(format!("{ps:?}").contains("pps_len: 5"));
+        // A shorter SPS replacing a longer one compares equal to a fresh
+        // copy of it.
+        let stap = [
+            0x78, 0x00, 0x04, 0x67, 0x42, 0xc0, 0x1f, 0x00, 0x02, 0x67, 0x42,
+        ];
+        let mut one = ParameterSets::new();
+        assert_eq!(one.observe(&stap), Ok(true));
+        let mut two = ParameterSets::new();
+        assert_eq!(two.observe(&[0x67, 0x42]), Ok(true));
+        assert_eq!(one, two);
+        assert_eq!(one.sps(), Some(&[0x67, 0x42][..]));
     }
 
     #[test]

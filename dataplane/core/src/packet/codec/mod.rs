@@ -22,11 +22,13 @@
 
 pub mod av1;
 pub mod bits;
+pub mod dd;
 pub mod h264;
 pub mod vp8;
 pub mod vp9;
 
 pub use av1::{Av1Obus, Av1Packet, Obu, ObuType};
+pub use dd::{DdStructure, DependencyDescriptor, Dti};
 pub use h264::{FuA, H264Packet, ParameterSets, StapA, StapAUnits};
 pub use vp8::Vp8Descriptor;
 pub use vp9::{Vp9Descriptor, Vp9Layer, Vp9Ss};

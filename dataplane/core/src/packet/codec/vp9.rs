@@ -168,8 +168,9 @@ pub struct Vp9Descriptor {
 impl Vp9Descriptor {
     /// Parses the descriptor at the start of an RTP payload.
     ///
-    /// Flexible mode requires a picture ID (the P_DIFFs refer to it); a
-    /// P_DIFF of 0 and a fourth P_DIFF are malformed.
+    /// F counts only with a picture ID (I=1): RFC 9628 has receivers
+    /// ignore it otherwise, so such a packet is read in non-flexible mode.
+    /// A P_DIFF of 0 and a fourth P_DIFF are malformed.
     pub fn parse(payload: &[u8]) -> Result<Vp9Descriptor, CodecError> {
         let truncated = CodecError::Truncated { what: WHAT };
         let mut at = 0usize;
@@ -203,10 +204,10 @@ impl Vp9Descriptor {
             } else {
                 u16::from(hi)
             });
-        } else if d.flexible {
-            return Err(CodecError::Malformed {
-                what: "VP9 flexible mode without a picture ID",
-            });
+        } else {
+            // RFC 9628 §4.2: without a picture ID, F must be 0 and
+            // receivers ignore it.
+            d.flexible = false;
         }
         if bit(0x20) {
             let l = byte(&mut at)?;
@@ -366,15 +367,17 @@ mod tests {
             Vp9Descriptor::parse(&[0xd8, 0x09, 0x03, 0x05, 0x07, 0x08]),
             Err(CodecError::Malformed { .. })
         ));
-        // A zero difference, and flexible mode without picture ID.
+        // A zero difference.
         assert!(matches!(
             Vp9Descriptor::parse(&[0xd8, 0x09, 0x00]),
             Err(CodecError::Malformed { .. })
         ));
-        assert!(matches!(
-            Vp9Descriptor::parse(&[0x18, 0x00]),
-            Err(CodecError::Malformed { .. })
-        ));
+        // F without a picture ID is ignored: non-flexible, so L brings a
+        // TL0PICIDX and P no P_DIFFs.
+        let d = Vp9Descriptor::parse(&[0x78, 0x02, 0x07, 0xaa]).unwrap();
+        assert!(!d.flexible && d.inter_picture_predicted);
+        assert_eq!((d.sid(), d.tl0_pic_idx, d.header_len), (1, Some(7), 3));
+        assert!(d.p_diffs().is_empty());
         // The last P_DIFF announces another that is missing.
         assert_eq!(
             Vp9Descriptor::parse(&[0xd8, 0x09, 0x03]),
