@@ -129,12 +129,15 @@
   }
 
   /** Adds the tracks of `stream` as sendonly transceivers. */
-  function addSendTracks(pc, stream, { simulcast = false, videoCodec } = {}) {
+  function addSendTracks(pc, stream, { simulcast = false, videoCodec, scalabilityMode } = {}) {
     const transceivers = [];
     for (const track of stream.getTracks()) {
       const init = { direction: 'sendonly', streams: [stream] };
       if (track.kind === 'video' && simulcast) {
         init.sendEncodings = SIMULCAST_ENCODINGS.map((e) => Object.assign({}, e));
+      } else if (track.kind === 'video' && scalabilityMode) {
+        // One SVC encoding ("L3T3", "L1T3", ...): VP9 and AV1.
+        init.sendEncodings = [{ scalabilityMode }];
       }
       const t = pc.addTransceiver(track, init);
       if (track.kind === 'video') preferCodec(t, videoCodec);
@@ -307,12 +310,12 @@
    * Publishes a stream with WHIP (no trickle).
    * @returns Promise<{id, location}>
    */
-  async function whipPublish({ base, room = 'demo', token, stream, simulcast = false, videoCodec } = {}) {
+  async function whipPublish({ base, room = 'demo', token, stream, simulcast = false, videoCodec, scalabilityMode } = {}) {
     base = normBase(base);
     stream = await resolveStream(stream);
     const pc = new RTCPeerConnection({ iceServers: [] });
     try {
-      addSendTracks(pc, stream, { simulcast, videoCodec });
+      addSendTracks(pc, stream, { simulcast, videoCodec, scalabilityMode });
       const sdp = await createOfferGathered(pc);
       const url = `${base}/whip/${encodeURIComponent(room)}`;
       const { location, answer } = await postOffer('WHIP', url, token, sdp);
@@ -407,6 +410,26 @@
     if (!resp.ok) throw httpError('layer', resp.status, await readError(resp));
     s.layer = rid;
     return { id, rid, status: resp.status };
+  }
+
+  /**
+   * Pins the scalable layers (VP9 SVC, VP8 temporal layers) a WHEP session
+   * receives: `{spatial, temporal}`, each `null` for every layer.
+   */
+  async function setSvcLayers(id, { spatial = null, temporal = null } = {}) {
+    const s = getSession(id);
+    let resp;
+    try {
+      resp = await fetch(`${s.url}/layer`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${s.token}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ spatial, temporal }),
+      });
+    } catch (e) {
+      throw httpError('layer', 0, e && e.message ? e.message : String(e));
+    }
+    if (!resp.ok) throw httpError('layer', resp.status, await readError(resp));
+    return { id, spatial, temporal, status: resp.status };
   }
 
   /** Stats of a WHIP/WHEP session as plain JSON. */
@@ -1193,6 +1216,7 @@
     whepSubscribe,
     stop,
     setLayer,
+    setSvcLayers,
     stats,
     sessions,
     fakeStream,

@@ -239,6 +239,97 @@ fn h264_through_whip_and_whep_decodes_and_a_vp8_only_viewer_is_told_why_not() {
     );
 }
 
+/// Frames decoded per second by a WHEP session over `over`.
+async fn decode_rate(page: &Page, id: &str, over: Duration) -> Result<f64> {
+    let a = stats(page, id).await?;
+    tokio::time::sleep(over).await;
+    let b = stats(page, id).await?;
+    Ok(
+        (num(&b, &["video", "framesDecoded"]) - num(&a, &["video", "framesDecoded"]))
+            / over.as_secs_f64(),
+    )
+}
+
+#[test]
+fn vp9_svc_l3t3_viewer_pinned_to_each_spatial_layer_and_to_t0() {
+    run(
+        "vp9_svc_l3t3_viewer_pinned_to_each_spatial_layer_and_to_t0",
+        async {
+            let node = TestNode::start().await?;
+            let browser = Chromium::launch().await?;
+            let room = "e2e-vp9-svc";
+            let pub_token = node.token(room, "svc-camera", true, false);
+            let sub_token = node.token(room, "svc-viewer", false, true);
+            let publisher = open_demo(&browser, &node, &pub_token).await?;
+            publisher
+                .eval(&format!(
+                    "(async () => {{ const s = await Ridge.fakeStream({{width: 1280, height: 720, audio: false}});
+                       return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
+                         videoCodec: 'VP9', scalabilityMode: 'L3T3'}}); }})()"
+                ))
+                .await?;
+            let viewer = open_demo(&browser, &node, &sub_token).await?;
+            let sub = viewer
+                .eval(&format!(
+                    "(() => {{ const v = document.createElement('video'); v.id = 'svc-remote';
+                       document.body.appendChild(v);
+                       return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, audio: 0, videoElement: v}}); }})()"
+                ))
+                .await?;
+            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let all = wait_stats(&viewer, &id, Duration::from_secs(20), "decoded VP9", |s| {
+                num(s, &["video", "framesDecoded"]) > 30.0
+            })
+            .await?;
+            assert_eq!(all["video"]["codec"], "video/VP9", "{all}");
+            // The top layer, as the encoder sends it now (it may scale the
+            // whole stream down under load; each layer is half the next).
+            let width_of = |s: &Value| num(s, &["video", "frameWidth"]);
+            let mut widths = Vec::new();
+            for spatial in [0u8, 1, 2] {
+                viewer
+                    .eval(&format!(
+                        "Ridge.setSvcLayers({id:?}, {{spatial: {spatial}}})"
+                    ))
+                    .await?;
+                // A lower layer at once; a higher one at the next keyframe
+                // or switch point, which the node asks for.
+                let before = num(&stats(&viewer, &id).await?, &["video", "framesDecoded"]);
+                let got = wait_stats(
+                    &viewer,
+                    &id,
+                    Duration::from_secs(15),
+                    &format!("spatial layer {spatial}"),
+                    |s| {
+                        num(s, &["video", "framesDecoded"]) > before + 20.0
+                            && widths.last().is_none_or(|w| width_of(s) > *w)
+                    },
+                )
+                .await?;
+                widths.push(width_of(&got));
+            }
+            assert!(
+                widths[0] * 2.0 == widths[1] && widths[1] * 2.0 == widths[2],
+                "each spatial layer doubles the width: {widths:?}"
+            );
+            let full = decode_rate(&viewer, &id, Duration::from_secs(3)).await?;
+            viewer
+                .eval(&format!(
+                    "Ridge.setSvcLayers({id:?}, {{spatial: 2, temporal: 0}})"
+                ))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let t0 = decode_rate(&viewer, &id, Duration::from_secs(3)).await?;
+            eprintln!("VP9 L3T3: widths {widths:?}; {full:.1} fps, {t0:.1} fps at T0");
+            assert!(
+                full > 10.0 && t0 > 0.5 && t0 / full < 0.4 && t0 / full > 0.12,
+                "T0 is about a quarter of the frame rate: {t0:.1} of {full:.1} fps"
+            );
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn simulcast_subscriber_moves_between_layers() {
     run("simulcast_subscriber_moves_between_layers", async {

@@ -146,6 +146,47 @@ pub struct LayerInfo {
     pub spatial_layers: Option<u8>,
 }
 
+impl LayerInfo {
+    /// The layer description of a VP8 packet (RFC 7741): temporal layer
+    /// from its TID (0 without one), a switch point at Y=1, the start of a
+    /// frame at S=1 with partition 0, its end at the RTP marker; `None` for
+    /// a malformed descriptor.
+    pub fn vp8(payload: &[u8], marker: bool) -> Option<LayerInfo> {
+        let d = crate::packet::codec::Vp8Descriptor::parse(payload).ok()?;
+        Some(LayerInfo {
+            spatial: 0,
+            temporal: d.tid.unwrap_or(0),
+            start_of_frame: d.starts_frame,
+            end_of_frame: marker,
+            keyframe: d.is_keyframe(payload),
+            spatial_switch: false,
+            temporal_switch: d.tid.is_none() || d.layer_sync,
+            spatial_layers: None,
+        })
+    }
+
+    /// The layer description of a VP9 packet (RFC 9628): spatial and
+    /// temporal layer from its layer indices (0 without them), frame start
+    /// and end from B and E, a temporal switch point at U=1, a spatial one
+    /// at the start of a frame predicted from no earlier picture (P=0: it
+    /// may use the layer below, which the receiver has), and the layer
+    /// count of a scalability structure; `None` for a malformed descriptor.
+    pub fn vp9(payload: &[u8]) -> Option<LayerInfo> {
+        let d = crate::packet::codec::Vp9Descriptor::parse(payload).ok()?;
+        let layer = d.layer.unwrap_or_default();
+        Some(LayerInfo {
+            spatial: layer.sid,
+            temporal: layer.tid,
+            start_of_frame: d.start_of_frame,
+            end_of_frame: d.end_of_frame,
+            keyframe: d.is_keyframe(),
+            spatial_switch: d.start_of_frame && !d.inter_picture_predicted,
+            temporal_switch: d.layer.is_none() || layer.switching_up,
+            spatial_layers: d.ss.and_then(|ss| u8::try_from(ss.spatial_layers()).ok()),
+        })
+    }
+}
+
 /// A spatial and temporal layer pair: a subscriber's target, or the layers
 /// it currently receives (each layer with every layer below it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -231,6 +231,18 @@ impl CodecSpec {
         }
     }
 
+    /// Where an RTP payload of this codec sits in a scalable stream, for the
+    /// codecs whose payload says so per packet (VP8 temporal layers, VP9
+    /// spatial and temporal layers); `None` for the others and for a
+    /// malformed payload descriptor.
+    pub fn layer_info(self, payload: &[u8], marker: bool) -> Option<crate::svc::LayerInfo> {
+        match self {
+            CodecSpec::Vp8 => crate::svc::LayerInfo::vp8(payload, marker),
+            CodecSpec::Vp9 => crate::svc::LayerInfo::vp9(payload),
+            CodecSpec::Opus | CodecSpec::H264 | CodecSpec::Av1 => None,
+        }
+    }
+
     /// The str0m codec (WebRTC negotiation, mesh announcements).
     pub(crate) fn to_str0m(self) -> str0m::format::Codec {
         use str0m::format::Codec;

@@ -447,3 +447,150 @@ fn a_subscriber_waiting_in_the_room_hears_that_it_cannot_receive_a_new_track() {
         .count();
     assert_eq!(again, 2, "one per track, never repeated");
 }
+
+/// The received packets' sequence numbers, markers and tags (the last
+/// payload byte).
+fn received_detail(c: &Client) -> Vec<(u64, bool, u8)> {
+    c.events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::RtpPacket(p) if !p.payload.is_empty() => {
+                Some((*p.seq_no, p.header.marker, *p.payload.last().unwrap()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn assert_continuous(got: &[(u64, bool, u8)]) {
+    for w in got.windows(2) {
+        assert_eq!(
+            w[1].0,
+            w[0].0 + 1,
+            "no gap in the subscriber's numbering: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn a_vp8_subscriber_pinned_to_temporal_layer_0_gets_a_quarter_of_the_frames_without_gaps() {
+    let mut net = Net::new(|_| {});
+    let p = net.client("publisher", 1, |c| c.enable_vp8(true));
+    let s = net.client("pinned", 2, |c| c.enable_vp8(true));
+    let a = net.client("all layers", 3, |c| c.enable_vp8(true));
+    let (pub_peer, mid, _) = net.offer_video(p, "alice", OfferIntent::Publish).unwrap();
+    let (pinned, _, _) = net
+        .offer_video(s, "bob", OfferIntent::Subscribe { from: None })
+        .unwrap();
+    let (all, _, _) = net
+        .offer_video(a, "carol", OfferIntent::Subscribe { from: None })
+        .unwrap();
+    net.connect(&[pub_peer, pinned, all]);
+    let now = net.node.now;
+    net.node
+        .sfu
+        .set_svc_layers(now, pinned, None, Some(0))
+        .unwrap();
+    let pt = pt_where(&net.clients[p], Codec::Vp8, |_| true);
+    // L1T3: TIDs 0,2,1,2 per frame; X=1, T present, Y=1; a keyframe first.
+    for i in 0..16u8 {
+        let tid = [0u8, 2, 1, 2][usize::from(i % 4)];
+        let mut payload = vec![0x90, 0x20, (tid << 6) | 0x20];
+        let header = if i == 0 { 0x50 } else { 0x51 };
+        payload.extend_from_slice(&[
+            header, 0x42, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01, i,
+        ]);
+        net.write(p, mid, pt, 100 + u64::from(i), payload);
+        net.run_until(ms(33), |_| false);
+    }
+    net.run_until(ms(300), |_| false);
+    let got = received_detail(&net.clients[s]);
+    let tags: Vec<u8> = got.iter().map(|g| g.2).collect();
+    assert_eq!(tags, [0, 4, 8, 12], "the TID 0 frames only: {got:?}");
+    assert!(got.iter().all(|g| g.1), "each frame ends with the marker");
+    assert_continuous(&got);
+    let everything = received_detail(&net.clients[a]);
+    assert_eq!(
+        everything.len(),
+        16,
+        "the unpinned subscriber gets every frame"
+    );
+    assert_continuous(&everything);
+}
+
+#[test]
+fn a_vp9_subscriber_pinned_to_spatial_layer_0_gets_that_layer_with_the_marker_on_it() {
+    let mut net = Net::new(|_| {});
+    let p = net.client("publisher", 1, |c| c.enable_vp9(true));
+    let s = net.client("pinned", 2, |c| c.enable_vp9(true));
+    let a = net.client("all layers", 3, |c| c.enable_vp9(true));
+    let (pub_peer, mid, _) = net.offer_video(p, "alice", OfferIntent::Publish).unwrap();
+    let (pinned, _, _) = net
+        .offer_video(s, "bob", OfferIntent::Subscribe { from: None })
+        .unwrap();
+    let (all, _, _) = net
+        .offer_video(a, "carol", OfferIntent::Subscribe { from: None })
+        .unwrap();
+    net.connect(&[pub_peer, pinned, all]);
+    let now = net.node.now;
+    net.node
+        .sfu
+        .set_svc_layers(now, pinned, Some(0), None)
+        .unwrap();
+    let pt = pt_where(&net.clients[p], Codec::Vp9, |f| {
+        f.profile_id.unwrap_or(0) == 0
+    });
+    // L3T1: three spatial layers of one packet each per picture (B=1,
+    // E=1, L=1, non-flexible), the RTP marker on the top layer only.
+    let mut seq = 1000u64;
+    for picture in 0..6u8 {
+        for sid in 0..3u8 {
+            let predicted = if picture == 0 { 0 } else { 0x40 };
+            let d = if sid > 0 { 1 } else { 0 };
+            let payload = vec![
+                0x20 | 0x08 | 0x04 | predicted,
+                (sid << 1) | d,
+                picture,
+                0xaa,
+                picture * 3 + sid,
+            ];
+            let now = net.node.now;
+            let c = &mut net.clients[p];
+            let mut api = c.rtc.direct_api();
+            let tx = api.stream_tx_by_mid(mid, None).unwrap();
+            tx.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    SeqNo::from(seq),
+                    3000 * u32::from(picture),
+                    now,
+                    payload,
+                )
+                .marker(sid == 2)
+                .nackable(true),
+            );
+            c.next_timeout = now;
+            seq += 1;
+            net.step();
+        }
+        net.run_until(ms(33), |_| false);
+    }
+    net.run_until(ms(300), |_| false);
+    let got = received_detail(&net.clients[s]);
+    let tags: Vec<u8> = got.iter().map(|g| g.2).collect();
+    assert_eq!(tags, [0, 3, 6, 9, 12, 15], "spatial layer 0 only: {got:?}");
+    assert!(
+        got.iter().all(|g| g.1),
+        "the marker ends each picture sent: {got:?}"
+    );
+    assert_continuous(&got);
+    let everything = received_detail(&net.clients[a]);
+    assert_eq!(everything.len(), 18, "{everything:?}");
+    let markers: Vec<bool> = everything.iter().map(|g| g.1).collect();
+    assert_eq!(
+        markers,
+        [false, false, true].repeat(6),
+        "the top layer's marker, as sent"
+    );
+    assert_continuous(&everything);
+}

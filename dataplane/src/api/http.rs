@@ -245,6 +245,11 @@ async fn end_session(
 #[serde(deny_unknown_fields)]
 struct LayerRequest {
     rid: Option<String>,
+    /// The highest spatial layer of scalable video (VP9 SVC) to receive.
+    spatial: Option<u8>,
+    /// The highest temporal layer of scalable video (VP9 SVC, VP8
+    /// temporal layers) to receive.
+    temporal: Option<u8>,
 }
 
 async fn whep_layer(
@@ -255,18 +260,35 @@ async fn whep_layer(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let peer = owned_session(&state, &room, &session, &headers, query.as_deref()).await?;
-    let req: LayerRequest = serde_json::from_slice(&body).map_err(|e| {
+    let expected = |e: serde_json::Error| {
         state.bad(
             "json",
-            format!("expected {{\"rid\": \"q\"|\"h\"|\"f\"|null}}: {e}"),
+            format!(
+                "expected {{\"rid\": \"q\"|\"h\"|\"f\"|null}} or \
+                 {{\"spatial\": N|null, \"temporal\": N|null}}: {e}"
+            ),
         )
-    })?;
+    };
+    let raw: serde_json::Value = serde_json::from_slice(&body).map_err(expected)?;
+    // Which pins the body names: a simulcast rid, scalable layers, or
+    // (`{}`) the rid, unpinned, as before layers existed.
+    let names = |k: &str| raw.get(k).is_some();
+    let (simulcast, scalable) = (names("rid"), names("spatial") || names("temporal"));
+    let req: LayerRequest = serde_json::from_value(raw).map_err(expected)?;
     if let Some(r) = &req.rid
         && (r.is_empty() || r.len() > 16 || !r.bytes().all(|b| b.is_ascii_alphanumeric()))
     {
         return Err(state.bad("json", "rid must be 1-16 alphanumeric characters"));
     }
-    state.media.set_layer(peer, req.rid).await?;
+    if simulcast || !scalable {
+        state.media.set_layer(peer, req.rid).await?;
+    }
+    if scalable {
+        state
+            .media
+            .set_svc_layers(peer, req.spatial, req.temporal)
+            .await?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -94,14 +94,37 @@ pub async fn upgrade(
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ClientMessage {
-    Publish { sdp: String },
-    Subscribe { participant: String, sdp: String },
-    Unsubscribe { peer: String },
-    Unpublish { peer: String },
-    Layer { peer: String, rid: Option<String> },
-    Chat { text: String },
-    Data { payload: Value },
-    Refresh { token: String },
+    Publish {
+        sdp: String,
+    },
+    Subscribe {
+        participant: String,
+        sdp: String,
+    },
+    Unsubscribe {
+        peer: String,
+    },
+    Unpublish {
+        peer: String,
+    },
+    Layer {
+        peer: String,
+        rid: Option<String>,
+    },
+    SvcLayers {
+        peer: String,
+        spatial: Option<u8>,
+        temporal: Option<u8>,
+    },
+    Chat {
+        text: String,
+    },
+    Data {
+        payload: Value,
+    },
+    Refresh {
+        token: String,
+    },
     Ping,
     Leave,
 }
@@ -550,6 +573,19 @@ async fn handle_message(
                 return refuse("no such peer in this session");
             };
             match state.media.set_layer(peer, rid).await {
+                Ok(()) => Ok(None),
+                Err(e) => refuse(&e.to_string()),
+            }
+        }
+        ClientMessage::SvcLayers {
+            peer,
+            spatial,
+            temporal,
+        } => {
+            let Some(peer) = own_peer(state, participant, &peer) else {
+                return refuse("no such peer in this session");
+            };
+            match state.media.set_svc_layers(peer, spatial, temporal).await {
                 Ok(()) => Ok(None),
                 Err(e) => refuse(&e.to_string()),
             }

@@ -316,6 +316,19 @@ impl MediaHandle {
         .await
     }
 
+    /// Pins the scalable layers a subscriber receives (`None`: every one).
+    pub async fn set_svc_layers(
+        &self,
+        peer: PeerId,
+        spatial: Option<u8>,
+        temporal: Option<u8>,
+    ) -> Result<(), ShardError> {
+        self.try_on_shard(shard_of_id(peer.0), move |sfu, now| {
+            sfu.set_svc_layers(now, peer, spatial, temporal)
+        })
+        .await
+    }
+
     /// (participant, room, identity) of a peer.
     pub async fn peer_owner(&self, peer: PeerId) -> Option<(ParticipantId, String, String)> {
         self.on_shard(shard_of_id(peer.0), move |sfu, _| {

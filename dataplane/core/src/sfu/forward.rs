@@ -10,7 +10,8 @@ use str0m::media::{KeyframeRequestKind, Mid};
 use crate::buf::PacketBuf;
 use crate::ids::{PeerId, TrackId};
 use crate::packet::rtp::RtpHeader;
-use crate::types::{DropReason, TrackKind};
+use crate::svc::LayerInfo;
+use crate::types::{CodecSpec, DropReason, TrackKind};
 
 use super::Sfu;
 use super::peer::Transport;
@@ -27,6 +28,9 @@ pub(super) struct Forward<'a> {
     /// The payload as a stored packet view, when it came in as one.
     pub(super) stored: Option<PacketBuf>,
     pub(super) audio_level: Option<(bool, u8)>,
+    /// Its place in a scalable stream (VP8 temporal, VP9 spatial and
+    /// temporal layers), read once for every subscriber.
+    pub(super) svc: Option<LayerInfo>,
 }
 
 impl<'a> Forward<'a> {
@@ -35,7 +39,7 @@ impl<'a> Forward<'a> {
     pub(in crate::sfu) fn from_stored(
         header: &RtpHeader,
         packet: &'a PacketBuf,
-        is_keyframe: impl FnOnce(&[u8]) -> bool,
+        codec: CodecSpec,
     ) -> Self {
         let data = packet.as_slice();
         let payload = header.payload(data);
@@ -45,11 +49,12 @@ impl<'a> Forward<'a> {
             seq: header.sequence,
             timestamp: header.timestamp,
             marker: header.marker,
-            keyframe: is_keyframe(payload),
+            keyframe: codec.is_keyframe(payload),
             payload,
             shared: None,
             stored: Some(packet.slice(start..start + payload.len())),
             audio_level: None,
+            svc: codec.layer_info(payload, header.marker),
         }
     }
 }

@@ -46,6 +46,7 @@ mod peer;
 mod plain;
 mod quota;
 mod registry;
+mod scalable;
 mod stats;
 mod subscribe;
 mod webrtc;

@@ -22,6 +22,7 @@ use super::outbox::{Feedback, Outbox, RtcpFeedback};
 use super::peer::{Peer, Transport};
 use super::quota::Charge;
 use super::registry::Track;
+use super::scalable::{Decision, Scalable};
 
 /// Largest gap in a plain publisher's sequence numbers that we NACK.
 const MAX_NACK_GAP: u16 = 64;
@@ -66,6 +67,8 @@ pub(super) struct RtpEndpoint {
     pub(super) accepts: Option<CodecSpec>,
     /// A publisher's format parameters (its `fmtp`), for its track.
     pub(super) format: Option<str0m::format::FormatParams>,
+    /// A subscriber's layer selection within a scalable stream.
+    pub(super) svc: Scalable,
 }
 
 /// Checks that `pt` is a static (0-63) or dynamic (96-127) RTP payload
@@ -131,6 +134,7 @@ impl RtpEndpoint {
             audio_level_ext,
             accepts: None,
             format: None,
+            svc: Scalable::default(),
         }
     }
 
@@ -292,9 +296,19 @@ impl RtpEndpoint {
         if !admit(&mut self.current, self.target, layer, pkt.keyframe, kind) {
             return self.target != Some(layer);
         }
+        let marker = match self.svc.decide(pkt.ssrc, pkt.seq, pkt.svc.as_ref()) {
+            Decision::Pass => pkt.marker,
+            Decision::Forward { marker } => marker,
+            Decision::Drop => {
+                // Left out of this subscriber's stream, without a gap.
+                self.rewriter.skip(pkt.ssrc, pkt.seq);
+                return !self.svc.take_keyframe_request();
+            }
+        };
+        let wants_keyframe = self.svc.take_keyframe_request();
         let Some(rewritten) = self.rewriter.rewrite(now, pkt.ssrc, pkt.seq, pkt.timestamp) else {
             // A copy of a packet left out of this stream: not forwarded.
-            return true;
+            return !wants_keyframe;
         };
         let payload = stored
             .get_or_insert_with(|| out.packets.copy_in(pkt.payload))
@@ -303,12 +317,12 @@ impl RtpEndpoint {
             now,
             rewritten.seq as u16,
             rewritten.timestamp,
-            pkt.marker,
+            marker,
             &payload,
         );
-        let fields = (pkt.marker, rewritten.seq as u16, rewritten.timestamp);
+        let fields = (marker, rewritten.seq as u16, rewritten.timestamp);
         self.deliver(fields, payload, counters, out);
-        true
+        !wants_keyframe
     }
 }
 
@@ -510,7 +524,8 @@ impl Sfu {
     /// last packet had no CSRC, header extension or padding (the core sends
     /// a bare 12-byte header; a kernel rewrite keeps the rest). A track with
     /// a WebRTC subscriber, a subscriber still waiting for its first
-    /// keyframe, or too many subscribers stays in userspace.
+    /// keyframe, a subscriber that pins scalable layers, one with packets
+    /// left out of its stream, or too many subscribers stays in userspace.
     ///
     /// The answer changes with subscriptions, layer/source switches and
     /// teardown, so a caller re-queries and diffs.
@@ -543,6 +558,8 @@ impl Sfu {
                     || e.payload_type != pt
                     || e.current != Some(0)
                     || e.target.is_some_and(|t| t != 0)
+                    // The kernel forwards every layer; a pin needs the core.
+                    || e.svc.pinned().is_some()
                 {
                     break;
                 }
@@ -658,7 +675,7 @@ impl Sfu {
             audio_level,
         );
         let codec = e.codec;
-        let mut fwd = Forward::from_stored(header, packet, |p| codec.is_keyframe(p));
+        let mut fwd = Forward::from_stored(header, packet, codec);
         fwd.audio_level = audio_level;
         self.forward(now, tid, 0, &fwd);
     }

@@ -103,7 +103,6 @@ impl Sfu {
             if let Some(t) = candidate {
                 slot.track = Some(t);
                 slot.pt = None;
-                slot.codec_refused = false;
                 slot.current = None;
                 slot.target = None;
                 if let Some(track) = self.reg.tracks.get_mut(&t) {

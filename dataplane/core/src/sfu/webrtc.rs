@@ -29,6 +29,7 @@ use super::outbox::Outbox;
 use super::peer::{Peer, PeerIndex, Transport};
 use super::quota::Charge;
 use super::registry::Track;
+use super::scalable::{Decision, Scalable};
 
 /// A str0m timeout due this close to `now` is handled while draining (see
 /// `Io::drain`): str0m's pacer asks for its next turn 1 µs after its last,
@@ -72,10 +73,10 @@ pub(super) struct Slot {
     pub(super) track: Option<TrackId>,
     /// Payload type negotiated with the subscriber for the track's codec.
     pub(super) pt: Option<(Codec, str0m::format::PayloadParams)>,
-    /// The subscriber was told it cannot receive the bound track's codec
-    /// ([`SfuEvent::NoCommonCodec`](crate::SfuEvent::NoCommonCodec)).
-    pub(super) codec_refused: bool,
     pub(super) rewriter: StreamRewriter,
+    /// Layer selection within a scalable stream (VP9 SVC, VP8 temporal
+    /// layers).
+    pub(super) svc: Scalable,
     pub(super) current: Option<usize>,
     pub(super) target: Option<usize>,
 }
@@ -204,8 +205,8 @@ fn negotiate(
                     kind,
                     track: None,
                     pt: None,
-                    codec_refused: false,
                     rewriter: StreamRewriter::new(kind.clock_rate(), initial_seq()),
+                    svc: Scalable::default(),
                     current: None,
                     target: None,
                 });
@@ -511,10 +512,9 @@ impl Sfu {
         let Some(track) = self.reg.tracks.get_mut(&tid) else {
             return;
         };
-        let keyframe = track
-            .codec
-            .and_then(CodecSpec::from_str0m)
-            .is_some_and(|c| c.is_keyframe(&p.payload));
+        let codec = track.codec.and_then(CodecSpec::from_str0m);
+        let keyframe = codec.is_some_and(|c| c.is_keyframe(&p.payload));
+        let svc = codec.and_then(|c| c.layer_info(&p.payload, p.header.marker));
         let audio_level = p.header.ext_vals.audio_level.map(|l| {
             (
                 p.header.ext_vals.voice_activity.unwrap_or(true),
@@ -532,6 +532,7 @@ impl Sfu {
             shared: Some(&p.payload),
             stored: None,
             audio_level,
+            svc,
         };
         self.forward(now, tid, layer, &fwd);
     }
@@ -644,9 +645,19 @@ impl WebRtcPeer {
             return true;
         };
         let pt = params.pt();
+        let marker = match slot.svc.decide(pkt.ssrc, pkt.seq, pkt.svc.as_ref()) {
+            Decision::Pass => pkt.marker,
+            Decision::Forward { marker } => marker,
+            Decision::Drop => {
+                // Left out of this subscriber's stream, without a gap.
+                slot.rewriter.skip(pkt.ssrc, pkt.seq);
+                return !slot.svc.take_keyframe_request();
+            }
+        };
+        let wants_keyframe = slot.svc.take_keyframe_request();
         let Some(rewritten) = slot.rewriter.rewrite(now, pkt.ssrc, pkt.seq, pkt.timestamp) else {
             // A copy of a packet left out of this stream: not forwarded.
-            return true;
+            return !wants_keyframe;
         };
         let payload = shared.get_or_insert_with(|| Arc::from(pkt.payload)).clone();
         let mut ext = ExtensionValues::default();
@@ -666,13 +677,13 @@ impl WebRtcPeer {
                 now,
                 payload,
             )
-            .marker(pkt.marker)
+            .marker(marker)
             .nackable(kind == TrackKind::Video)
             .ext_vals(ext),
         );
         if !self.drain(now, id, counters, out, index) {
             self.closing = true;
         }
-        true
+        !wants_keyframe
     }
 }

@@ -329,6 +329,7 @@ impl Sfu {
                 shared: None,
                 stored: Some(view.clone()),
                 audio_level: None,
+                svc: codec.and_then(|c| c.layer_info(view.as_slice(), false)),
             };
             self.forward(now, at.track, at.layer, &fwd);
         }
@@ -344,6 +345,7 @@ impl Sfu {
             shared: None,
             stored: Some(stored.clone()),
             audio_level,
+            svc: codec.and_then(|c| c.layer_info(payload, header.marker)),
         };
         self.forward(now, at.track, at.layer, &fwd);
     }
