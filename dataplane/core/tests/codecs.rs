@@ -472,12 +472,18 @@ fn assert_continuous(got: &[(u64, bool, u8)]) {
     }
 }
 
-#[test]
-fn a_vp8_subscriber_pinned_to_temporal_layer_0_gets_a_quarter_of_the_frames_without_gaps() {
+/// A publisher (client 0), a subscriber pinned to `(spatial, temporal)`
+/// (client 1) and an unpinned one (client 2), all speaking what `codecs`
+/// enables and connected; returns the network and the publisher's mid.
+fn pinned_and_unpinned(
+    codecs: fn(RtcConfig) -> RtcConfig,
+    spatial: Option<u8>,
+    temporal: Option<u8>,
+) -> (Net, Mid) {
     let mut net = Net::new(|_| {});
-    let p = net.client("publisher", 1, |c| c.enable_vp8(true));
-    let s = net.client("pinned", 2, |c| c.enable_vp8(true));
-    let a = net.client("all layers", 3, |c| c.enable_vp8(true));
+    let p = net.client("publisher", 1, codecs);
+    let s = net.client("pinned", 2, codecs);
+    let a = net.client("all layers", 3, codecs);
     let (pub_peer, mid, _) = net.offer_video(p, "alice", OfferIntent::Publish).unwrap();
     let (pinned, _, _) = net
         .offer_video(s, "bob", OfferIntent::Subscribe { from: None })
@@ -489,8 +495,15 @@ fn a_vp8_subscriber_pinned_to_temporal_layer_0_gets_a_quarter_of_the_frames_with
     let now = net.node.now;
     net.node
         .sfu
-        .set_svc_layers(now, pinned, None, Some(0))
+        .set_svc_layers(now, pinned, spatial, temporal)
         .unwrap();
+    (net, mid)
+}
+
+#[test]
+fn a_vp8_subscriber_pinned_to_temporal_layer_0_gets_a_quarter_of_the_frames_without_gaps() {
+    let (mut net, mid) = pinned_and_unpinned(|c| c.enable_vp8(true), None, Some(0));
+    let (p, s, a) = (0, 1, 2);
     let pt = pt_where(&net.clients[p], Codec::Vp8, |_| true);
     // L1T3: TIDs 0,2,1,2 per frame; X=1, T present, Y=1; a keyframe first.
     for i in 0..16u8 {
@@ -520,23 +533,8 @@ fn a_vp8_subscriber_pinned_to_temporal_layer_0_gets_a_quarter_of_the_frames_with
 
 #[test]
 fn a_vp9_subscriber_pinned_to_spatial_layer_0_gets_that_layer_with_the_marker_on_it() {
-    let mut net = Net::new(|_| {});
-    let p = net.client("publisher", 1, |c| c.enable_vp9(true));
-    let s = net.client("pinned", 2, |c| c.enable_vp9(true));
-    let a = net.client("all layers", 3, |c| c.enable_vp9(true));
-    let (pub_peer, mid, _) = net.offer_video(p, "alice", OfferIntent::Publish).unwrap();
-    let (pinned, _, _) = net
-        .offer_video(s, "bob", OfferIntent::Subscribe { from: None })
-        .unwrap();
-    let (all, _, _) = net
-        .offer_video(a, "carol", OfferIntent::Subscribe { from: None })
-        .unwrap();
-    net.connect(&[pub_peer, pinned, all]);
-    let now = net.node.now;
-    net.node
-        .sfu
-        .set_svc_layers(now, pinned, Some(0), None)
-        .unwrap();
+    let (mut net, mid) = pinned_and_unpinned(|c| c.enable_vp9(true), Some(0), None);
+    let (p, s, a) = (0, 1, 2);
     let pt = pt_where(&net.clients[p], Codec::Vp9, |f| {
         f.profile_id.unwrap_or(0) == 0
     });

@@ -218,26 +218,30 @@ pub(super) fn not_allowed(line: &OfferedLine, allowed: &[CodecSpec]) -> SfuError
     })
 }
 
-/// The codec a publisher will send on `mid`: the first of the answer's
-/// (the node's order) that the offer accepted. A browser sends the first
-/// codec of the answer.
-pub(super) fn expected_codec(rtc: &str0m::Rtc, mid: Mid) -> Option<Codec> {
+/// The codec (with its format parameters) a publisher will send on
+/// `mid`: the first of the answer's (the node's order) that the offer
+/// accepted. A browser sends the first codec of the answer.
+pub(super) fn expected(rtc: &str0m::Rtc, mid: Mid) -> Option<str0m::format::CodecSpec> {
     let media = rtc.media(mid)?;
     let remote = media.remote_pts();
     rtc.codec_config()
         .params()
         .iter()
         .find(|p| remote.contains(&p.pt()))
-        .map(|p| p.spec().codec)
+        .map(|p| p.spec())
 }
 
-/// The codec of payload type `pt` in a session's negotiated codecs.
-pub(super) fn codec_of_pt(rtc: &str0m::Rtc, pt: str0m::media::Pt) -> Option<Codec> {
+/// The codec (with its format parameters) of payload type `pt` in a
+/// session's negotiated codecs.
+pub(super) fn spec_of_pt(
+    rtc: &str0m::Rtc,
+    pt: str0m::media::Pt,
+) -> Option<str0m::format::CodecSpec> {
     rtc.codec_config()
         .params()
         .iter()
         .find(|p| p.pt() == pt)
-        .map(|p| p.spec().codec)
+        .map(|p| p.spec())
 }
 
 /// Whether a stream in `codec` with `sent` format parameters can be sent on
@@ -297,27 +301,6 @@ pub(super) fn negotiated_pt(
                 && format.is_none_or(|f| compatible(codec, f, &p.spec().format))
         })
         .map(|p| (codec, *p))
-}
-
-/// The format parameters of payload type `pt` in a session's codecs.
-pub(super) fn format_of_pt(rtc: &str0m::Rtc, pt: str0m::media::Pt) -> Option<FormatParams> {
-    rtc.codec_config()
-        .params()
-        .iter()
-        .find(|p| p.pt() == pt)
-        .map(|p| p.spec().format)
-}
-
-/// The format parameters of the payload type the answer makes a publisher
-/// send on `mid` (see [`expected_codec`]).
-pub(super) fn expected_format(rtc: &str0m::Rtc, mid: Mid) -> Option<FormatParams> {
-    let media = rtc.media(mid)?;
-    let remote = media.remote_pts();
-    rtc.codec_config()
-        .params()
-        .iter()
-        .find(|p| remote.contains(&p.pt()))
-        .map(|p| p.spec().format)
 }
 
 /// The format parameters a plain endpoint's `fmtp` names (the value of an

@@ -95,13 +95,7 @@ struct Negotiated {
 
 /// A published m-line: mid, kind, simulcast rids, and the codec (with its
 /// format parameters) the answer makes the publisher send.
-type PublishedLine = (
-    Mid,
-    TrackKind,
-    Vec<Rid>,
-    Option<Codec>,
-    Option<str0m::format::FormatParams>,
-);
+type PublishedLine = (Mid, TrackKind, Vec<Rid>, Option<str0m::format::CodecSpec>);
 
 /// What [`negotiate`] needs of the core's configuration.
 struct NegotiateWith<'a> {
@@ -191,13 +185,7 @@ fn negotiate(
                     Rids::Specific(r) => r.clone(),
                     _ => Vec::new(),
                 };
-                published.push((
-                    mid,
-                    kind,
-                    rids,
-                    codecs::expected_codec(&rtc, mid),
-                    codecs::expected_format(&rtc, mid),
-                ));
+                published.push((mid, kind, rids, codecs::expected(&rtc, mid)));
             }
             OfferIntent::Subscribe { .. } if sends => {
                 slots.push(Slot {
@@ -351,15 +339,15 @@ impl Sfu {
         let id = self.new_peer_id();
         self.keep_charge(id, charged);
         let mut infos = Vec::new();
-        for (mid, kind, rids, codec, format) in published {
+        for (mid, kind, rids, spec) in published {
             let layers = if rids.is_empty() {
                 vec![Layer::new(None)]
             } else {
                 rids.into_iter().map(|r| Layer::new(Some(r))).collect()
             };
-            let mut track = Track::new(&room, participant, id, kind, codec, layers);
+            let mut track = Track::new(&room, participant, id, kind, spec.map(|s| s.codec), layers);
             track.mid = Some(mid);
-            track.format = format;
+            track.format = spec.map(|s| s.format);
             let (tid, info) = self.reg.add_track(track);
             infos.push(info);
             w.published.push((mid, tid));
@@ -497,10 +485,10 @@ impl Sfu {
         // publisher may move to another negotiated codec at any time.
         let pt = p.header.payload_type;
         if track.codec_pt != Some(*pt)
-            && let Some(codec) = codecs::codec_of_pt(&w.rtc, pt)
+            && let Some(spec) = codecs::spec_of_pt(&w.rtc, pt)
         {
             track.codec_pt = Some(*pt);
-            let format = codecs::format_of_pt(&w.rtc, pt);
+            let (codec, format) = (spec.codec, Some(spec.format));
             if track.codec != Some(codec) || track.format != format {
                 track.format = format;
                 tracing::debug!(track = %tid, ?codec, "track codec set by its payload type");

@@ -116,17 +116,9 @@ impl Client {
         intent: OfferIntent,
         media: &[(MediaKind, Direction, Option<Simulcast>)],
     ) -> (PeerId, Vec<Mid>) {
-        let mut change = self.rtc.sdp_api();
-        let mids: Vec<Mid> = media
-            .iter()
-            .map(|(kind, dir, sim)| change.add_media(*kind, *dir, None, None, sim.clone()))
-            .collect();
-        let (offer, pending) = change.apply().unwrap();
-        let (peer, answer) = sfu
-            .accept_offer(now, participant, &offer.to_sdp_string(), intent)
+        let (peer, mids, _) = self
+            .try_negotiate(sfu, now, participant, intent, media)
             .unwrap();
-        let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
-        self.rtc.sdp_api().accept_answer(pending, answer).unwrap();
         (peer, mids)
     }
 
