@@ -10,8 +10,8 @@ packages=(build-essential pkg-config ca-certificates curl clang libbpf-dev linux
 for arg in "$@"; do
   case "$arg" in
     # iproute2 and ethtool: the network-namespace tests (ridge-ebpf, the mesh
-    # lab); postgresql: the scheduler's HA tests.
-    --test) packages+=(chromium iproute2 ethtool postgresql) ;;
+    # lab); postgresql: the scheduler's HA tests; ffmpeg: a real H.264 RTP encoder.
+    --test) packages+=(chromium iproute2 ethtool postgresql ffmpeg) ;;
     # openssl: the scheduler's certificate; iproute2: the nodes' namespaces;
     # socat: their HTTP APIs forwarded to 127.0.0.1.
     --local-mesh) packages+=(openssl iproute2 socat) ;;

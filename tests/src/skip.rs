@@ -48,3 +48,18 @@ pub fn chromium_present() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Checks that `ffmpeg` runs and has the libx264 encoder (Debian's
+/// package has it).
+pub fn ffmpeg_with_x264() -> Result<(), String> {
+    let hint = "install it with `bash tests/install-deps.sh --test`";
+    let output = Command::new("ffmpeg")
+        .args(["-hide_banner", "-encoders"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ffmpeg ({e}); {hint}"))?;
+    if !output.status.success() || !String::from_utf8_lossy(&output.stdout).contains("libx264") {
+        return Err(format!("ffmpeg without the libx264 encoder; {hint}"));
+    }
+    Ok(())
+}

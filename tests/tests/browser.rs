@@ -330,6 +330,134 @@ fn vp9_svc_l3t3_viewer_pinned_to_each_spatial_layer_and_to_t0() {
     );
 }
 
+/// ffmpeg encodes H.264 (libx264, Constrained Baseline) and sends it as
+/// RTP from a fixed local port, like a hardware encoder or gateway would.
+fn spawn_ffmpeg_h264(
+    to: std::net::SocketAddr,
+    from_port: u16,
+    ssrc: u32,
+) -> Result<std::process::Child> {
+    std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg("testsrc=size=640x360:rate=30")
+        .args([
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "baseline",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .args([
+            "-tune",
+            "zerolatency",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "30",
+            "-bf",
+            "0",
+        ])
+        // SPS and PPS before every IDR, in band, as RTP encoders send them.
+        .args(["-bsf:v", "dump_extra", "-payload_type", "102"])
+        .args(["-ssrc", &ssrc.to_string(), "-f", "rtp"])
+        .arg(format!("rtp://{to}?localrtpport={from_port}&pkt_size=1200"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("start ffmpeg")
+}
+
+/// Kills ffmpeg when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn plain_rtp_h264_from_ffmpeg_is_watched_by_chromium_through_whep() {
+    if ridge_tests::skip::require(
+        "plain_rtp_h264_from_ffmpeg_is_watched_by_chromium_through_whep",
+        ridge_tests::skip::ffmpeg_with_x264(),
+    )
+    .is_err()
+    {
+        return;
+    }
+    run(
+        "plain_rtp_h264_from_ffmpeg_is_watched_by_chromium_through_whep",
+        async {
+            let node = TestNode::start().await?;
+            let browser = Chromium::launch().await?;
+            let room = "e2e-ffmpeg-h264";
+            let pub_token = node.token(room, "encoder", true, false);
+            let sub_token = node.token(room, "viewer", false, true);
+            // A free local port for ffmpeg to send from: the endpoint names
+            // its remote exactly.
+            let from_port = std::net::UdpSocket::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let ssrc = 0x2640_0001u32;
+            let spec = serde_json::json!({
+                "direction": "publish", "kind": "video", "codec": "h264",
+                "fmtp": "profile-level-id=42e01f;packetization-mode=1",
+                "remote": format!("127.0.0.1:{from_port}"), "payload_type": 102, "ssrc": ssrc,
+            });
+            let auth = format!("Bearer {pub_token}");
+            let r = ridge_tests::node::http(
+                &node.base_url(),
+                "POST",
+                &format!("/v1/rooms/{room}/rtp"),
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
+                &spec.to_string(),
+            )
+            .await?;
+            anyhow::ensure!(r.status == 201, "POST rtp: {} {}", r.status, r.body);
+            let created: Value = serde_json::from_str(&r.body)?;
+            let local: std::net::SocketAddr =
+                created["local"].as_str().context("local")?.parse()?;
+            let _ffmpeg = KillOnDrop(spawn_ffmpeg_h264(local, from_port, ssrc)?);
+
+            let viewer = open_demo(&browser, &node, &sub_token).await?;
+            let sub = viewer
+                .eval(&format!(
+                    "(() => {{ const v = document.createElement('video'); v.id = 'ffmpeg-remote';
+                       document.body.appendChild(v);
+                       return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, audio: 0, videoElement: v}}); }})()"
+                ))
+                .await?;
+            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let got = wait_stats(
+                &viewer,
+                &id,
+                Duration::from_secs(20),
+                "decoded H.264 from ffmpeg",
+                |s| num(s, &["video", "framesDecoded"]) > 30.0,
+            )
+            .await?;
+            assert_eq!(got["video"]["codec"], "video/H264", "{got}");
+            assert_eq!(num(&got, &["video", "frameWidth"]), 640.0, "{got}");
+            assert_eq!(num(&got, &["video", "frameHeight"]), 360.0, "{got}");
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn simulcast_subscriber_moves_between_layers() {
     run("simulcast_subscriber_moves_between_layers", async {
