@@ -239,6 +239,54 @@ fn h264_through_whip_and_whep_decodes_and_a_vp8_only_viewer_is_told_why_not() {
     );
 }
 
+#[test]
+fn av1_through_whip_and_whep_decodes() {
+    run("av1_through_whip_and_whep_decodes", async {
+        let node = TestNode::start().await?;
+        let browser = Chromium::launch().await?;
+        let room = "e2e-av1";
+        let pub_token = node.token(room, "av1-camera", true, false);
+        let sub_token = node.token(room, "av1-viewer", false, true);
+        let publisher = open_demo(&browser, &node, &pub_token).await?;
+        publisher
+            .eval(&format!(
+                "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 360, audio: false}});
+                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
+                     videoCodec: 'AV1'}}); }})()"
+            ))
+            .await?;
+        let viewer = open_demo(&browser, &node, &sub_token).await?;
+        let sub = viewer
+            .eval(&format!(
+                "(() => {{ const v = document.createElement('video'); v.id = 'av1-remote';
+                   document.body.appendChild(v);
+                   return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, audio: 0, videoElement: v}}); }})()"
+            ))
+            .await?;
+        let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+        let got = wait_stats(&viewer, &id, Duration::from_secs(30), "decoded AV1", |s| {
+            num(s, &["video", "framesDecoded"]) > 30.0
+        })
+        .await?;
+        assert_eq!(got["video"]["codec"], "video/AV1", "{got}");
+        // Every packet parsed: none was dropped as malformed.
+        let metrics = node.metrics().await?;
+        assert!(
+            metrics.contains("ridge_packets_dropped_total{reason=\"malformed_payload\"}"),
+            "the malformed-payload counter is exported: {metrics}"
+        );
+        assert_eq!(
+            ridge_tests::node::metric_value(
+                &metrics,
+                "ridge_packets_dropped_total{reason=\"malformed_payload\"}"
+            ),
+            0.0,
+            "{metrics}"
+        );
+        Ok(())
+    });
+}
+
 /// Frames decoded per second by a WHEP session over `over`.
 async fn decode_rate(page: &Page, id: &str, over: Duration) -> Result<f64> {
     let a = stats(page, id).await?;

@@ -153,7 +153,16 @@ impl LayerInfo {
     /// a malformed descriptor.
     pub fn vp8(payload: &[u8], marker: bool) -> Option<LayerInfo> {
         let d = crate::packet::codec::Vp8Descriptor::parse(payload).ok()?;
-        Some(LayerInfo {
+        Some(LayerInfo::from_vp8(&d, payload, marker))
+    }
+
+    /// [`LayerInfo::vp8`] of a descriptor parsed already.
+    pub fn from_vp8(
+        d: &crate::packet::codec::Vp8Descriptor,
+        payload: &[u8],
+        marker: bool,
+    ) -> LayerInfo {
+        LayerInfo {
             spatial: 0,
             temporal: d.tid.unwrap_or(0),
             start_of_frame: d.starts_frame,
@@ -162,7 +171,7 @@ impl LayerInfo {
             spatial_switch: false,
             temporal_switch: d.tid.is_none() || d.layer_sync,
             spatial_layers: None,
-        })
+        }
     }
 
     /// The layer description of a VP9 packet (RFC 9628): spatial and
@@ -173,8 +182,13 @@ impl LayerInfo {
     /// count of a scalability structure; `None` for a malformed descriptor.
     pub fn vp9(payload: &[u8]) -> Option<LayerInfo> {
         let d = crate::packet::codec::Vp9Descriptor::parse(payload).ok()?;
+        Some(LayerInfo::from_vp9(&d))
+    }
+
+    /// [`LayerInfo::vp9`] of a descriptor parsed already.
+    pub fn from_vp9(d: &crate::packet::codec::Vp9Descriptor) -> LayerInfo {
         let layer = d.layer.unwrap_or_default();
-        Some(LayerInfo {
+        LayerInfo {
             spatial: layer.sid,
             temporal: layer.tid,
             start_of_frame: d.start_of_frame,
@@ -183,7 +197,7 @@ impl LayerInfo {
             spatial_switch: d.start_of_frame && !d.inter_picture_predicted,
             temporal_switch: d.layer.is_none() || layer.switching_up,
             spatial_layers: d.ss.and_then(|ss| u8::try_from(ss.spatial_layers()).ok()),
-        })
+        }
     }
 }
 

@@ -236,10 +236,33 @@ impl CodecSpec {
     /// spatial and temporal layers); `None` for the others and for a
     /// malformed payload descriptor.
     pub fn layer_info(self, payload: &[u8], marker: bool) -> Option<crate::svc::LayerInfo> {
+        self.inspect(payload, marker).ok().flatten()
+    }
+
+    /// Checks an RTP payload of this codec against its payload format
+    /// (without decoding, without copying) and returns its place in a
+    /// scalable stream where the format says (VP8, VP9). An empty payload
+    /// (padding only) and Opus are not checked. The error says what is
+    /// malformed; the core drops such packets
+    /// ([`DropReason::MalformedPayload`]).
+    pub fn inspect(
+        self,
+        payload: &[u8],
+        marker: bool,
+    ) -> Result<Option<crate::svc::LayerInfo>, crate::packet::codec::CodecError> {
+        use crate::packet::codec::{Av1Packet, H264Packet, Vp8Descriptor, Vp9Descriptor};
+        if payload.is_empty() {
+            return Ok(None);
+        }
         match self {
-            CodecSpec::Vp8 => crate::svc::LayerInfo::vp8(payload, marker),
-            CodecSpec::Vp9 => crate::svc::LayerInfo::vp9(payload),
-            CodecSpec::Opus | CodecSpec::H264 | CodecSpec::Av1 => None,
+            CodecSpec::Opus => Ok(None),
+            CodecSpec::Vp8 => Vp8Descriptor::parse(payload)
+                .map(|d| Some(crate::svc::LayerInfo::from_vp8(&d, payload, marker))),
+            CodecSpec::Vp9 => {
+                Vp9Descriptor::parse(payload).map(|d| Some(crate::svc::LayerInfo::from_vp9(&d)))
+            }
+            CodecSpec::H264 => H264Packet::parse(payload).map(|_| None),
+            CodecSpec::Av1 => Av1Packet::parse(payload).map(|_| None),
         }
     }
 
@@ -814,11 +837,15 @@ pub enum DropReason {
     /// An authentic mesh delay report that is malformed or of an unknown
     /// version.
     MeshFeedback,
+    /// Media whose payload format (a VP8 or VP9 payload descriptor, an
+    /// H.264 FU-A or STAP-A, an AV1 aggregation header) is malformed: it is
+    /// not forwarded, since no receiver could decode it.
+    MalformedPayload,
 }
 
 impl DropReason {
     /// Every reason, in metric order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
@@ -830,6 +857,7 @@ impl DropReason {
         DropReason::MeshDuplicate,
         DropReason::MeshFec,
         DropReason::MeshFeedback,
+        DropReason::MalformedPayload,
     ];
 
     /// The reason's metric label.
@@ -846,6 +874,7 @@ impl DropReason {
             DropReason::MeshDuplicate => "mesh_duplicate",
             DropReason::MeshFec => "mesh_fec",
             DropReason::MeshFeedback => "mesh_feedback",
+            DropReason::MalformedPayload => "malformed_payload",
         }
     }
 }

@@ -592,3 +592,72 @@ fn a_vp9_subscriber_pinned_to_spatial_layer_0_gets_that_layer_with_the_marker_on
     );
     assert_continuous(&everything);
 }
+
+#[test]
+fn malformed_payloads_are_counted_and_dropped_and_well_formed_ones_pass() {
+    use ridge_sfu::{DropReason, RtpDirection, RtpEndpointSpec};
+    let vp8_key = vec![
+        0x10, 0x50, 0x42, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01, 7,
+    ];
+    let cases: [(CodecSpec, Vec<u8>, Vec<u8>); 4] = [
+        // X set, then nothing: a truncated descriptor.
+        (CodecSpec::Vp8, vec![0x80], vp8_key),
+        // A FU-A with its start and end bits both set.
+        (CodecSpec::H264, vec![0x7c, 0xc5, 0x88], h264_idr(7)),
+        // I set, then nothing: no picture id.
+        (
+            CodecSpec::Vp9,
+            vec![0x88],
+            vec![0x08, 0x82, 0x49, 0x83, 0x42, 0x00, 7],
+        ),
+        // W=1 with no element.
+        (
+            CodecSpec::Av1,
+            vec![0x10],
+            vec![0x18, 0x0a, 0x0b, 0x00, 0x00, 0x00, 7],
+        ),
+    ];
+    for (codec, bad, good) in cases {
+        let mut node = Node::new(|_| {});
+        let alice = node.sfu.join(ROOM, "alice", false).unwrap();
+        let bob = node.sfu.join(ROOM, "bob", false).unwrap();
+        let spec = |direction, remote| RtpEndpointSpec {
+            direction,
+            kind: TrackKind::Video,
+            remote,
+            payload_type: 102,
+            codec: Some(codec),
+            fmtp: None,
+            ssrc: Some(0x5eed),
+            track: None,
+            audio_level_ext: None,
+        };
+        let now = node.now;
+        node.sfu
+            .add_rtp_endpoint(now, alice, spec(RtpDirection::Publish, remote(1, 5000)))
+            .unwrap();
+        node.sfu
+            .add_rtp_endpoint(now, bob, spec(RtpDirection::Subscribe, remote(2, 6000)))
+            .unwrap();
+        node.drain();
+        let sent = node.receive(remote(1, 5000), &rtp(102, 1, 3000, 0x5eed, true, &bad));
+        assert!(
+            to(&sent, remote(2, 6000)).is_empty(),
+            "{codec}: the malformed one is not sent"
+        );
+        assert_eq!(
+            node.drops(DropReason::MalformedPayload),
+            1,
+            "{codec}: and counted"
+        );
+        let sent = node.receive(remote(1, 5000), &rtp(102, 2, 6000, 0x5eed, true, &good));
+        let out = to(&sent, remote(2, 6000));
+        assert_eq!(
+            out.len(),
+            1,
+            "{codec}: the well-formed keyframe is forwarded"
+        );
+        assert_eq!(parse_rtp(&out[0].contents).payload, good);
+        assert_eq!(node.drops(DropReason::MalformedPayload), 1);
+    }
+}

@@ -35,16 +35,18 @@ pub(super) struct Forward<'a> {
 
 impl<'a> Forward<'a> {
     /// A received RTP packet, its payload forwarded as a view of the stored
-    /// datagram (never copied).
+    /// datagram (never copied); `None` when the payload is malformed for
+    /// its codec ([`CodecSpec::inspect`]).
     pub(in crate::sfu) fn from_stored(
         header: &RtpHeader,
         packet: &'a PacketBuf,
         codec: CodecSpec,
-    ) -> Self {
+    ) -> Option<Self> {
         let data = packet.as_slice();
         let payload = header.payload(data);
         let start = payload.as_ptr() as usize - data.as_ptr() as usize;
-        Forward {
+        let svc = codec.inspect(payload, header.marker).ok()?;
+        Some(Forward {
             ssrc: header.ssrc,
             seq: header.sequence,
             timestamp: header.timestamp,
@@ -54,8 +56,8 @@ impl<'a> Forward<'a> {
             shared: None,
             stored: Some(packet.slice(start..start + payload.len())),
             audio_level: None,
-            svc: codec.layer_info(payload, header.marker),
-        }
+            svc,
+        })
     }
 }
 

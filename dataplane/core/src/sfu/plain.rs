@@ -675,7 +675,10 @@ impl Sfu {
             audio_level,
         );
         let codec = e.codec;
-        let mut fwd = Forward::from_stored(header, packet, codec);
+        let Some(mut fwd) = Forward::from_stored(header, packet, codec) else {
+            self.out.drop_packet(DropReason::MalformedPayload);
+            return;
+        };
         fwd.audio_level = audio_level;
         self.forward(now, tid, 0, &fwd);
     }

@@ -502,7 +502,15 @@ impl Sfu {
         };
         let codec = track.codec.and_then(CodecSpec::from_str0m);
         let keyframe = codec.is_some_and(|c| c.is_keyframe(&p.payload));
-        let svc = codec.and_then(|c| c.layer_info(&p.payload, p.header.marker));
+        let svc = match codec.map(|c| c.inspect(&p.payload, p.header.marker)) {
+            Some(Err(e)) => {
+                tracing::debug!(track = %tid, error = %e, "malformed media payload dropped");
+                self.out.drop_packet(DropReason::MalformedPayload);
+                return;
+            }
+            Some(Ok(svc)) => svc,
+            None => None,
+        };
         let audio_level = p.header.ext_vals.audio_level.map(|l| {
             (
                 p.header.ext_vals.voice_activity.unwrap_or(true),

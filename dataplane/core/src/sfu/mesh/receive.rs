@@ -319,6 +319,10 @@ impl Sfu {
             audio_level,
         );
         for (seq, timestamp, view) in rebuilt.into_iter().flatten() {
+            let Ok(svc) = codec.map_or(Ok(None), |c| c.inspect(view.as_slice(), false)) else {
+                self.out.drop_packet(DropReason::MalformedPayload);
+                continue;
+            };
             let fwd = Forward {
                 ssrc: header.ssrc,
                 seq,
@@ -329,12 +333,16 @@ impl Sfu {
                 shared: None,
                 stored: Some(view.clone()),
                 audio_level: None,
-                svc: codec.and_then(|c| c.layer_info(view.as_slice(), false)),
+                svc,
             };
             self.forward(now, at.track, at.layer, &fwd);
         }
         let stored = packet.slice(range);
         let payload = stored.as_slice();
+        let Ok(svc) = codec.map_or(Ok(None), |c| c.inspect(payload, header.marker)) else {
+            self.out.drop_packet(DropReason::MalformedPayload);
+            return;
+        };
         let fwd = Forward {
             ssrc: header.ssrc,
             seq: header.sequence,
@@ -345,7 +353,7 @@ impl Sfu {
             shared: None,
             stored: Some(stored.clone()),
             audio_level,
-            svc: codec.and_then(|c| c.layer_info(payload, header.marker)),
+            svc,
         };
         self.forward(now, at.track, at.layer, &fwd);
     }
