@@ -1,7 +1,9 @@
 //! The crate's promise that the plain-RTP packet path allocates nothing per
 //! packet in steady state, checked with a counting global allocator.
 //!
-//! One plain video publisher feeds three plain subscribers. After a warm-up
+//! One plain video publisher feeds three plain subscribers, in each codec the
+//! core routes (VP8, H.264, VP9, AV1: every packet's payload format is
+//! checked on the way). After a warm-up
 //! (which fills the transmit-buffer pool, the retransmission slots and the
 //! output queue), 10,000 more packets go through `handle_datagram`, the
 //! output is drained and every buffer recycled as the real I/O loop does, and
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ridge_sfu::packet::{self, rtcp};
-use ridge_sfu::{Output, RtpDirection, Sfu};
+use ridge_sfu::{CodecSpec, Output, RtpDirection, Sfu};
 
 // ----- the counting allocator ---------------------------------------------------
 
@@ -188,7 +190,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, payloads: [Vec<u8>; 2]) -> Self {
         Driver {
             now,
             n: 0,
@@ -196,10 +198,7 @@ impl Driver {
             ts: 1_000_000,
             // Both payloads are as long as the largest packet of the run, so
             // each retransmission slot reaches its final size on first use.
-            payloads: [
-                vp8_payload(false, 640, 360, b"delta", 1_100),
-                vp8_payload(true, 640, 360, b"key", 1_100),
-            ],
+            payloads,
             datagram: Vec::with_capacity(1_500),
             feedback: Vec::with_capacity(1_500),
             nacks_sent: 0,
@@ -328,6 +327,29 @@ fn pump(sfu: &mut Sfu, tally: &mut Tally) {
     }
 }
 
+/// A delta and a keyframe payload of `codec`, 1,100 bytes each.
+fn payloads(codec: CodecSpec) -> [Vec<u8>; 2] {
+    let padded = |head: &[u8]| {
+        let mut v = head.to_vec();
+        v.resize(1_100, 0x5a);
+        v
+    };
+    match codec {
+        CodecSpec::H264 => [padded(&[0x41, 0x9a, 0x02]), padded(&[0x65, 0x88, 0x84])],
+        // B and E set; P set on the delta.
+        CodecSpec::Vp9 => [
+            padded(&[0x4c, 0x01]),
+            padded(&[0x0c, 0x82, 0x49, 0x83, 0x42]),
+        ],
+        // W=1: one OBU to the end, a frame; N=1 and a sequence header first.
+        CodecSpec::Av1 => [padded(&[0x10, 0x30]), padded(&[0x18, 0x08, 0x00])],
+        _ => [
+            vp8_payload(false, 640, 360, b"delta", 1_100),
+            vp8_payload(true, 640, 360, b"key", 1_100),
+        ],
+    }
+}
+
 #[test]
 fn plain_rtp_path_allocates_nothing_per_packet_in_steady_state() {
     if let Some(n) = std::env::var_os("RIDGE_ALLOC_TRACE") {
@@ -340,11 +362,22 @@ fn plain_rtp_path_allocates_nothing_per_packet_in_steady_state() {
     let (n, bytes, v) = count_allocations(|| std::hint::black_box(Vec::<u8>::with_capacity(100)));
     drop(v);
     assert_eq!((n, bytes), (1, 100), "the counting allocator is not in use");
+    for codec in [
+        CodecSpec::Vp8,
+        CodecSpec::H264,
+        CodecSpec::Vp9,
+        CodecSpec::Av1,
+    ] {
+        steady_state(codec);
+    }
+}
 
+fn steady_state(codec: CodecSpec) {
     let mut node = Node::new(|_| {});
     let publisher = node.sfu.join(ROOM, "publisher", true).unwrap();
     let track = node
-        .plain_video_endpoint(
+        .plain_video_endpoint_in(
+            codec,
             publisher,
             RtpDirection::Publish,
             publisher_addr(),
@@ -355,20 +388,27 @@ fn plain_rtp_path_allocates_nothing_per_packet_in_steady_state() {
         .expect("publishing creates a track");
     for (i, (addr, ssrc)) in subscriber_addrs().into_iter().zip(SUB_SSRCS).enumerate() {
         let p = node.sfu.join(ROOM, &format!("sub{i}"), true).unwrap();
-        let info = node.plain_video_endpoint(p, RtpDirection::Subscribe, addr, SUB_PT, Some(ssrc));
+        let info = node.plain_video_endpoint_in(
+            codec,
+            p,
+            RtpDirection::Subscribe,
+            addr,
+            SUB_PT,
+            Some(ssrc),
+        );
         assert_eq!(info.track, Some(track));
     }
     node.drain();
 
     // Warm-up: the same traffic, uncounted.
-    let mut driver = Driver::new(node.now);
+    let mut driver = Driver::new(node.now, payloads(codec));
     let mut warm = Tally::default();
     let (warm_allocs, warm_bytes, ()) = count_allocations(|| {
         for _ in 0..WARMUP {
             driver.step(&mut node.sfu, &mut warm);
         }
     });
-    eprintln!("warm-up: {WARMUP} packets: {warm_allocs} allocations, {warm_bytes} bytes");
+    eprintln!("{codec}: warm-up: {WARMUP} packets: {warm_allocs} allocations, {warm_bytes} bytes");
     assert_eq!(warm.to_subscriber[1], u64::from(WARMUP));
     let before = node.sfu.stats().counters;
     let d0 = (
@@ -434,12 +474,12 @@ fn plain_rtp_path_allocates_nothing_per_packet_in_steady_state() {
 
     // ...and allocated nothing.
     eprintln!(
-        "measured window: {measured} packets, {nacks} NACKs ({nacked} retransmits), \
+        "{codec}: measured window: {measured} packets, {nacks} NACKs ({nacked} retransmits), \
          {losses} upstream NACKs, {reports} RRs, {plis} PLIs: {allocs} allocations, {bytes} bytes"
     );
     assert_eq!(
         allocs, 0,
-        "{allocs} allocations ({bytes} bytes) in the steady-state plain-RTP path; \
+        "{codec}: {allocs} allocations ({bytes} bytes) in the steady-state plain-RTP path; \
          rerun with RIDGE_ALLOC_TRACE=1 -- --nocapture for backtraces"
     );
 }

@@ -78,13 +78,33 @@ impl Node {
         payload_type: u8,
         ssrc: Option<u32>,
     ) -> RtpEndpointInfo {
+        self.plain_video_endpoint_in(
+            CodecSpec::Vp8,
+            participant,
+            direction,
+            remote,
+            payload_type,
+            ssrc,
+        )
+    }
+
+    /// [`Node::plain_video_endpoint`] in `codec`.
+    pub fn plain_video_endpoint_in(
+        &mut self,
+        codec: CodecSpec,
+        participant: ParticipantId,
+        direction: RtpDirection,
+        remote: SocketAddr,
+        payload_type: u8,
+        ssrc: Option<u32>,
+    ) -> RtpEndpointInfo {
         self.sfu
             .add_rtp_endpoint(
                 self.now,
                 participant,
                 RtpEndpointSpec {
                     fmtp: None,
-                    codec: None,
+                    codec: Some(codec),
                     audio_level_ext: None,
                     direction,
                     kind: TrackKind::Video,
