@@ -192,6 +192,11 @@ struct Cli {
     /// offload would take it (individually sent datagrams are unaffected)
     #[arg(long)]
     gro_receivers: bool,
+    /// What the plain-RTP publisher's payloads are: the node checks each
+    /// packet's payload format and finds keyframes by it (the WebRTC
+    /// scenario sends VP8 whatever this says)
+    #[arg(long, value_enum, default_value = "vp8")]
+    codec: packet::Codec,
     /// CPUs the measured relay runs on: the started node (it pins shard i to
     /// the i-th of them) or the naive relay's thread; a list as taskset -c
     /// takes it (0, 0-3, 0,2-3) [default: any]
@@ -302,6 +307,7 @@ fn run(cli: &Cli) -> Result<()> {
             placement: placement.clone(),
         },
         gro_receivers: cli.gro_receivers,
+        codec: cli.codec,
     };
     let topo = |subscribers: usize, rooms: usize, shards: usize| {
         topo_gso(subscribers, rooms, shards, !cli.no_udp_gso)

@@ -199,16 +199,19 @@ impl NodeProcess {
     }
 
     /// Creates a plain-RTP endpoint (`direction` "publish" or "subscribe")
-    /// for video from `remote`; returns the node's media address (`local`).
+    /// for video in `codec` from `remote`; returns the node's media address
+    /// (`local`).
     pub fn create_endpoint(
         &self,
         room: &str,
         direction: &str,
         remote: SocketAddr,
+        codec: crate::packet::Codec,
     ) -> Result<SocketAddr> {
         let body = serde_json::json!({
             "direction": direction,
             "kind": "video",
+            "codec": codec.name(),
             "remote": remote.to_string(),
             "payload_type": crate::packet::PAYLOAD_TYPE,
             "ssrc": crate::packet::SSRC,

@@ -1,13 +1,15 @@
 //! The benchmark's datagrams: a valid RTP packet (12-byte header, no CSRCs or
-//! extensions) carrying a VP8-looking payload, with the benchmark's own
-//! fields (magic, run id, sequence number, send timestamp) at a fixed offset.
+//! extensions) carrying a payload that looks like VP8 (or, with `--codec`,
+//! H.264, VP9 or AV1: a well-formed payload format the node parses), with
+//! the benchmark's own fields (magic, run id, sequence number, send
+//! timestamp) at a fixed offset.
 //!
 //! Layout (offsets into the datagram):
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 12 | RTP header: V=2, PT, sequence, timestamp, SSRC |
-//! | 12 | 12 | VP8 payload descriptor + frame header (keyframe or interframe), zero padded |
+//! | 12 | 12 | codec payload header (keyframe or interframe), zero padded |
 //! | 24 | 4 | magic `RBEN` |
 //! | 28 | 4 | run id |
 //! | 32 | 8 | benchmark sequence number (big endian) |
@@ -43,6 +45,51 @@ const VP8_KEYFRAME: [u8; 11] = [
 /// VP8 payload descriptor (S bit set) and an interframe header (P bit 1).
 const VP8_INTERFRAME: [u8; 4] = [0x10, 0x01, 0x00, 0x00];
 
+/// The codec the publisher's payloads look like (the node checks each
+/// packet's payload format and finds keyframes by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Codec {
+    /// RFC 7741 payload descriptor, keyframe by the P bit.
+    #[default]
+    Vp8,
+    /// RFC 6184 single NAL units: IDR (type 5) or non-IDR slices (type 1).
+    H264,
+    /// RFC 9628 descriptor with B and E (and P on interframes).
+    Vp9,
+    /// The AV1 aggregation header with one OBU: a sequence header starting
+    /// a coded video sequence, or a frame.
+    Av1,
+}
+
+impl Codec {
+    /// Every codec, as the node names it.
+    pub const ALL: [Codec; 4] = [Codec::Vp8, Codec::H264, Codec::Vp9, Codec::Av1];
+
+    /// The name in the node's JSON API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Vp8 => "vp8",
+            Codec::H264 => "h264",
+            Codec::Vp9 => "vp9",
+            Codec::Av1 => "av1",
+        }
+    }
+
+    /// The first bytes of a payload (at most 12).
+    fn header(self, keyframe: bool) -> &'static [u8] {
+        match (self, keyframe) {
+            (Codec::Vp8, true) => &VP8_KEYFRAME,
+            (Codec::Vp8, false) => &VP8_INTERFRAME,
+            (Codec::H264, true) => &[0x65, 0x88, 0x84],
+            (Codec::H264, false) => &[0x41, 0x9a, 0x02],
+            (Codec::Vp9, true) => &[0x0c, 0x82, 0x49, 0x83, 0x42],
+            (Codec::Vp9, false) => &[0x4c, 0x01],
+            (Codec::Av1, true) => &[0x18, 0x08, 0x00],
+            (Codec::Av1, false) => &[0x10, 0x30],
+        }
+    }
+}
+
 /// The benchmark fields decoded from a received datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
@@ -63,10 +110,10 @@ pub fn is_keyframe_every(seq: u64, interval: u64) -> bool {
 }
 
 /// Writes a complete packet of `buf.len()` bytes (at least [`MIN_SIZE`]):
-/// RTP header with sequence number `rtp_seq`, VP8 header (a keyframe when
-/// `keyframe`), and the stamp fields. The filler after the stamp is left as
-/// it is (callers reuse buffers).
-pub fn build(buf: &mut [u8], rtp_seq: u16, keyframe: bool, stamp: Stamp) {
+/// RTP header with sequence number `rtp_seq`, the payload header of `codec`
+/// (a keyframe when `keyframe`), and the stamp fields. The filler after the
+/// stamp is left as it is (callers reuse buffers).
+pub fn build(buf: &mut [u8], codec: Codec, rtp_seq: u16, keyframe: bool, stamp: Stamp) {
     assert!(
         buf.len() >= MIN_SIZE,
         "packet shorter than {MIN_SIZE} bytes"
@@ -78,13 +125,10 @@ pub fn build(buf: &mut [u8], rtp_seq: u16, keyframe: bool, stamp: Stamp) {
     let ts = (stamp.seq / 10).wrapping_mul(3000) as u32;
     buf[4..8].copy_from_slice(&ts.to_be_bytes());
     buf[8..12].copy_from_slice(&SSRC.to_be_bytes());
-    let vp8 = &mut buf[RTP_HEADER..BENCH_OFFSET];
-    vp8.fill(0);
-    if keyframe {
-        vp8[..VP8_KEYFRAME.len()].copy_from_slice(&VP8_KEYFRAME);
-    } else {
-        vp8[..VP8_INTERFRAME.len()].copy_from_slice(&VP8_INTERFRAME);
-    }
+    let header = &mut buf[RTP_HEADER..BENCH_OFFSET];
+    header.fill(0);
+    let bytes = codec.header(keyframe);
+    header[..bytes.len()].copy_from_slice(bytes);
     buf[BENCH_OFFSET..BENCH_OFFSET + 4].copy_from_slice(&MAGIC);
     buf[BENCH_OFFSET + 4..BENCH_OFFSET + 8].copy_from_slice(&stamp.run.to_be_bytes());
     buf[BENCH_OFFSET + 8..BENCH_OFFSET + 16].copy_from_slice(&stamp.seq.to_be_bytes());
@@ -142,6 +186,7 @@ mod tests {
         let mut b = vec![0xaau8; 200];
         build(
             &mut b,
+            Codec::Vp8,
             65_535,
             false,
             Stamp {
@@ -167,12 +212,12 @@ mod tests {
             sent_ns: 0,
         };
         let mut k = vec![0u8; MIN_SIZE];
-        build(&mut k, 0, true, stamp);
+        build(&mut k, Codec::Vp8, 0, true, stamp);
         assert_eq!(k[12], 0x10, "S bit, partition 0");
         assert_eq!(k[13] & 0x01, 0, "P bit 0: keyframe");
         assert_eq!(&k[16..19], &[0x9d, 0x01, 0x2a], "keyframe start code");
         let mut i = vec![0u8; MIN_SIZE];
-        build(&mut i, 1, false, stamp);
+        build(&mut i, Codec::Vp8, 1, false, stamp);
         assert_eq!(&i[12..14], &[0x10, 0x01], "P bit 1: interframe");
         assert!(is_keyframe(0));
         assert!(!is_keyframe(1));
@@ -183,6 +228,26 @@ mod tests {
     }
 
     #[test]
+    fn every_codec_builds_well_formed_keyframes_and_interframes() {
+        let stamp = Stamp {
+            run: 0,
+            seq: 0,
+            sent_ns: 0,
+        };
+        for codec in Codec::ALL {
+            let node = ridge_sfu::CodecSpec::from_name(codec.name()).expect("a codec of the node");
+            for key in [true, false] {
+                let mut b = vec![0u8; 200];
+                build(&mut b, codec, 1, key, stamp);
+                let payload = &b[RTP_HEADER..];
+                assert!(node.inspect(payload, true).is_ok(), "{codec:?} key={key}");
+                assert_eq!(node.is_keyframe(payload), key, "{codec:?} key={key}");
+                assert_eq!(parse(&b), Some(stamp));
+            }
+        }
+    }
+
+    #[test]
     fn stamp_round_trip() {
         let stamp = Stamp {
             run: 0xdead_beef,
@@ -190,7 +255,7 @@ mod tests {
             sent_ns: 42,
         };
         let mut b = vec![0u8; 120];
-        build(&mut b, 9, true, stamp);
+        build(&mut b, Codec::Vp8, 9, true, stamp);
         assert_eq!(parse(&b), Some(stamp));
         write_time(&mut b, u64::MAX - 1);
         assert_eq!(
@@ -214,7 +279,7 @@ mod tests {
             sent_ns: 1,
         };
         let mut b = vec![0u8; 64];
-        build(&mut b, 1, false, stamp);
+        build(&mut b, Codec::Vp8, 1, false, stamp);
         assert!(parse(&b[..MIN_SIZE - 1]).is_none(), "too short");
         let mut rtcp = b.clone();
         rtcp[1] = 201; // receiver report

@@ -134,6 +134,8 @@ pub struct Topology {
     pub node: NodeOptions,
     /// `UDP_GRO` on the subscriber sockets (`--gro-receivers`).
     pub gro_receivers: bool,
+    /// What the publisher's payloads look like (`--codec`).
+    pub codec: crate::packet::Codec,
 }
 
 /// `count` room names spread evenly over `shards` (shard of room `i` is
@@ -258,13 +260,14 @@ impl Target {
                     } else {
                         traffic::bind_loopback().context("binding a sender socket")?
                     };
-                    let media = node.create_endpoint(room, "publish", sock.local_addr()?)?;
+                    let media =
+                        node.create_endpoint(room, "publish", sock.local_addr()?, topology.codec)?;
                     for a in &addrs[r * per_room..(r + 1) * per_room] {
-                        node.create_endpoint(room, "subscribe", *a)?;
+                        node.create_endpoint(room, "subscribe", *a, topology.codec)?;
                     }
                     streams.push((sock, media));
                 }
-                t.publisher = Publisher::many(streams)?;
+                t.publisher = Publisher::many(streams)?.with_codec(topology.codec);
                 t.shards = Some(topology.node.shards);
                 t.cpu_stat = node.stat_path();
                 t.node = Some(node);
@@ -600,6 +603,7 @@ mod tests {
                 placement: Placement::default(),
             },
             gro_receivers: false,
+            codec: crate::packet::Codec::Vp8,
         };
         let mut t = Target::setup(
             "test",

@@ -52,6 +52,8 @@ pub struct Publisher {
     keyframe_interval: u64,
     /// Datagrams per `sendmmsg` call, all with the same send time.
     batch: usize,
+    /// What the payloads look like.
+    codec: packet::Codec,
 }
 
 #[derive(Debug)]
@@ -97,7 +99,14 @@ impl Publisher {
             streams,
             keyframe_interval: packet::KEYFRAME_INTERVAL,
             batch: SEND_BATCH,
+            codec: packet::Codec::Vp8,
         })
+    }
+
+    /// Payloads in `codec` instead of VP8.
+    pub fn with_codec(mut self, codec: packet::Codec) -> Publisher {
+        self.codec = codec;
+        self
     }
 
     /// A keyframe every `packets` packets of each stream instead of every
@@ -161,7 +170,7 @@ impl Publisher {
             for buf in bufs.iter_mut() {
                 let stamp = Stamp { run, seq, sent_ns };
                 let keyframe = packet::is_keyframe_every(st.sent, self.keyframe_interval);
-                packet::build(buf, st.next_rtp_seq, keyframe, stamp);
+                packet::build(buf, self.codec, st.next_rtp_seq, keyframe, stamp);
                 st.next_rtp_seq = st.next_rtp_seq.wrapping_add(1);
                 st.sent += 1;
                 seq += 1;

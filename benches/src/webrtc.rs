@@ -311,7 +311,7 @@ impl WebrtcFanout {
             };
             let key = packet::is_keyframe(seq - 1) || self.publisher.keyframe_requested;
             self.publisher.keyframe_requested = false;
-            packet::build(&mut pkt, seq as u16, key, stamp);
+            packet::build(&mut pkt, packet::Codec::Vp8, seq as u16, key, stamp);
             let payload = pkt[packet::RTP_HEADER..].to_vec();
             tx.write_rtp(
                 RtpWrite::new(self.pt, SeqNo::from(seq), (seq * 300) as u32, now, payload)
