@@ -63,6 +63,7 @@ pub enum Codec {
 
 impl Codec {
     /// Every codec, as the node names it.
+    #[cfg(test)]
     pub const ALL: [Codec; 4] = [Codec::Vp8, Codec::H264, Codec::Vp9, Codec::Av1];
 
     /// The name in the node's JSON API.
