@@ -508,92 +508,112 @@ fn plain_rtp_h264_from_ffmpeg_is_watched_by_chromium_through_whep() {
 
 #[test]
 fn simulcast_subscriber_moves_between_layers() {
-    run("simulcast_subscriber_moves_between_layers", async {
-        let node = TestNode::start().await?;
-        let browser = Chromium::launch().await?;
-        let room = "e2e-simulcast";
-        let pub_token = node.token(room, "camera", true, false);
-        let sub_token = node.token(room, "viewer", false, true);
+    run(
+        "simulcast_subscriber_moves_between_layers",
+        simulcast_layer_switch(None),
+    );
+}
 
-        let publisher = open_demo(&browser, &node, &pub_token).await?;
-        let published = publisher
-            .eval(&format!(
-                "(async () => {{ const s = await Ridge.fakeStream({{width: 1280, height: 720}});
-                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s, simulcast: true}}); }})()"
-            ))
-            .await?;
-        let viewer = open_demo(&browser, &node, &sub_token).await?;
-        let sub = viewer
-            .eval(&format!(
-                "(() => {{ const v = document.createElement('video'); document.body.appendChild(v);
-                   return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
-            ))
-            .await?;
-        let id = sub["id"].as_str().context("WHEP session id")?.to_string();
-        wait_stats(&viewer, &id, Duration::from_secs(20), "first frames", |s| {
-            num(s, &["video", "framesDecoded"]) > 10.0
-        })
-        .await?;
+#[test]
+fn h264_simulcast_subscriber_moves_between_layers() {
+    run(
+        "h264_simulcast_subscriber_moves_between_layers",
+        simulcast_layer_switch(Some("H264")),
+    );
+}
 
-        // Pin the lowest layer: a quarter of the camera's height.
-        let r = viewer.eval(&format!("Ridge.setLayer({id:?}, 'q')")).await?;
-        assert_eq!(r["status"], 204, "{r}");
-        let low = wait_stats(
-            &viewer,
-            &id,
-            Duration::from_secs(20),
-            "the q layer (180p)",
-            |s| num(s, &["video", "frameHeight"]) == 180.0,
-        )
+/// A simulcast publisher (the browser's choice of codec, or `codec`), and
+/// a viewer pinned to the lowest layer, then the highest, then automatic.
+async fn simulcast_layer_switch(codec: Option<&str>) -> Result<()> {
+    let node = TestNode::start().await?;
+    let browser = Chromium::launch().await?;
+    let room = "e2e-simulcast";
+    let video_codec = codec.map_or("undefined".to_owned(), |c| format!("{c:?}"));
+    let pub_token = node.token(room, "camera", true, false);
+    let sub_token = node.token(room, "viewer", false, true);
+
+    let publisher = open_demo(&browser, &node, &pub_token).await?;
+    let published = publisher
+        .eval(&format!(
+            "(async () => {{ const s = await Ridge.fakeStream({{width: 1280, height: 720}});
+               return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s, simulcast: true,
+                 videoCodec: {video_codec}}}); }})()"
+        ))
         .await?;
-        // Then the full-resolution layer.
-        let r = viewer.eval(&format!("Ridge.setLayer({id:?}, 'f')")).await?;
-        assert_eq!(r["status"], 204, "{r}");
-        let high = match wait_stats(
-            &viewer,
-            &id,
-            Duration::from_secs(30),
-            "the f layer (720p)",
-            |s| num(s, &["video", "frameHeight"]) == 720.0,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                let pub_id = published["id"].as_str().unwrap_or_default();
-                let p = stats(&publisher, pub_id).await?;
-                let m = node.metrics().await?;
-                let m: Vec<&str> = m
-                    .lines()
-                    .filter(|l| {
-                        l.contains("dropped")
-                            || l.contains("plis")
-                            || l.contains("switch")
-                            || l.contains("layer")
-                    })
-                    .collect();
-                bail!("{e}\npublisher: {p}\nmetrics: {m:#?}");
-            }
-        };
-        assert!(
-            num(&high, &["video", "framesDecoded"]) > num(&low, &["video", "framesDecoded"]),
-            "decoding continued across the switch"
-        );
-        let switches = node.metric("ridge_layer_switches_total").await?;
-        assert!(switches >= 2.0, "ridge_layer_switches_total = {switches}");
-        // And back to automatic selection by bandwidth estimate.
-        viewer
-            .eval(&format!("Ridge.setLayer({id:?}, null)"))
-            .await?;
-        let before = num(&stats(&viewer, &id).await?, &["video", "framesDecoded"]);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = num(&stats(&viewer, &id).await?, &["video", "framesDecoded"]);
-        assert!(
-            after > before + 10.0,
-            "video stalled after returning to automatic layers"
-        );
-        Ok(())
-    });
+    let viewer = open_demo(&browser, &node, &sub_token).await?;
+    let sub = viewer
+        .eval(&format!(
+            "(() => {{ const v = document.createElement('video'); document.body.appendChild(v);
+               return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
+        ))
+        .await?;
+    let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+    wait_stats(&viewer, &id, Duration::from_secs(20), "first frames", |s| {
+        num(s, &["video", "framesDecoded"]) > 10.0
+    })
+    .await?;
+
+    // Pin the lowest layer: a quarter of the camera's height.
+    let r = viewer.eval(&format!("Ridge.setLayer({id:?}, 'q')")).await?;
+    assert_eq!(r["status"], 204, "{r}");
+    let low = wait_stats(
+        &viewer,
+        &id,
+        Duration::from_secs(20),
+        "the q layer (180p)",
+        |s| num(s, &["video", "frameHeight"]) == 180.0,
+    )
+    .await?;
+    // Then the full-resolution layer.
+    let r = viewer.eval(&format!("Ridge.setLayer({id:?}, 'f')")).await?;
+    assert_eq!(r["status"], 204, "{r}");
+    let high = match wait_stats(
+        &viewer,
+        &id,
+        Duration::from_secs(30),
+        "the f layer (720p)",
+        |s| num(s, &["video", "frameHeight"]) == 720.0,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let pub_id = published["id"].as_str().unwrap_or_default();
+            let p = stats(&publisher, pub_id).await?;
+            let m = node.metrics().await?;
+            let m: Vec<&str> = m
+                .lines()
+                .filter(|l| {
+                    l.contains("dropped")
+                        || l.contains("plis")
+                        || l.contains("switch")
+                        || l.contains("layer")
+                })
+                .collect();
+            bail!("{e}\npublisher: {p}\nmetrics: {m:#?}");
+        }
+    };
+    assert!(
+        num(&high, &["video", "framesDecoded"]) > num(&low, &["video", "framesDecoded"]),
+        "decoding continued across the switch"
+    );
+    let switches = node.metric("ridge_layer_switches_total").await?;
+    assert!(switches >= 2.0, "ridge_layer_switches_total = {switches}");
+    // And back to automatic selection by bandwidth estimate.
+    viewer
+        .eval(&format!("Ridge.setLayer({id:?}, null)"))
+        .await?;
+    let before = num(&stats(&viewer, &id).await?, &["video", "framesDecoded"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = num(&stats(&viewer, &id).await?, &["video", "framesDecoded"]);
+    assert!(
+        after > before + 10.0,
+        "video stalled after returning to automatic layers"
+    );
+    if let Some(c) = codec {
+        assert_eq!(high["video"]["codec"], format!("video/{c}"), "{high}");
+    }
+    Ok(())
 }
 
 #[test]
