@@ -34,6 +34,14 @@ const SUB2: &str = "10.77.1.1:6002";
 const SUB2_SSRC: u32 = 0xc0c0_0003;
 const PT: u8 = 96;
 const HELPER_ENV: &str = "RIDGE_KERNEL_HELPER";
+/// The codec of the helper's stream: "vp8" (the default) or "h264".
+const CODEC_ENV: &str = "RIDGE_KERNEL_CODEC";
+
+/// Whether the helper's stream is H.264 (else VP8).
+fn h264() -> bool {
+    static H264: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *H264.get_or_init(|| std::env::var(CODEC_ENV).is_ok_and(|c| c == "h264"))
+}
 
 /// The shard address the room landed on (from the endpoint answer).
 static ROOM_MEDIA: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
@@ -166,6 +174,11 @@ impl Net {
 
     /// Runs the A-side scenario; panics with both sides' output on failure.
     fn run_helper(&self, scenario: &str) {
+        self.run_helper_in(scenario, "vp8");
+    }
+
+    /// [`Net::run_helper`] with a stream in `codec` ("vp8" or "h264").
+    fn run_helper_in(&self, scenario: &str, codec: &str) {
         let token = run(&[
             env!("CARGO_BIN_EXE_ridge-dataplane"),
             "token",
@@ -188,6 +201,7 @@ impl Net {
                 "1",
             ])
             .env(HELPER_ENV, scenario)
+            .env(CODEC_ENV, codec)
             .env("RIDGE_TEST_TOKEN", token.trim())
             .env(
                 "RIDGE_TEST_NODE_PID",
@@ -229,6 +243,18 @@ fn plain_rtp_is_forwarded_in_the_kernel() {
     let mut net = Net::new("fwd");
     net.start_node(&[]);
     net.run_helper("kernel");
+}
+
+/// The kernel forwards H.264 exactly as VP8: it rewrites headers and never
+/// reads the payload (the node parses it in userspace before offloading).
+#[test]
+fn h264_plain_rtp_is_forwarded_in_the_kernel_as_vp8_is() {
+    if !require("h264_plain_rtp_is_forwarded_in_the_kernel_as_vp8_is") {
+        return;
+    }
+    let mut net = Net::new("h264");
+    net.start_node(&[]);
+    net.run_helper_in("kernel", "h264");
 }
 
 #[test]
@@ -337,7 +363,8 @@ impl Api {
 
     fn endpoint(&self, direction: &str, remote: &str, ssrc: u32) -> serde_json::Value {
         let body = format!(
-            r#"{{"direction":"{direction}","kind":"video","remote":"{remote}","payload_type":{PT},"ssrc":{ssrc}}}"#
+            r#"{{"direction":"{direction}","kind":"video","codec":"{}","remote":"{remote}","payload_type":{PT},"ssrc":{ssrc}}}"#,
+            if h264() { "h264" } else { "vp8" }
         );
         let (status, body) = self.request("POST", "/v1/rooms/kroom/rtp", &body);
         assert_eq!(status, 201, "{body}");
@@ -370,7 +397,14 @@ fn rtp(seq: u16, keyframe: bool) -> Vec<u8> {
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(&(90_000 + u32::from(seq) * 3000).to_be_bytes());
     p.extend_from_slice(&PUB_SSRC.to_be_bytes());
-    p.extend_from_slice(&[0x10, if keyframe { 0x00 } else { 0x01 }, 0x9d, 0x01, 0x2a]);
+    // Five bytes of payload header: VP8's descriptor and frame tag, or an
+    // H.264 IDR or non-IDR slice as a single NAL unit.
+    let header: [u8; 5] = match (h264(), keyframe) {
+        (false, key) => [0x10, if key { 0x00 } else { 0x01 }, 0x9d, 0x01, 0x2a],
+        (true, true) => [0x65, 0x88, 0x84, 0x21, 0xa0],
+        (true, false) => [0x41, 0x9a, 0x02, 0x21, 0xa0],
+    };
+    p.extend_from_slice(&header);
     p.extend_from_slice(&seq.to_be_bytes());
     for i in 0..180u16 {
         p.push((seq.wrapping_mul(31).wrapping_add(i)) as u8);
