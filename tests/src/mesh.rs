@@ -1883,12 +1883,23 @@ impl MeshLab {
         if let Some(s) = ssrc {
             body["ssrc"] = s.into();
         }
+        self.rtp_endpoint_with(node, room, token, &body)
+    }
+
+    /// `POST /v1/rooms/{room}/rtp` on `node` with `body` as it is.
+    pub fn rtp_endpoint_with(
+        &self,
+        node: &str,
+        room: &str,
+        token: &str,
+        body: &Value,
+    ) -> Result<Value> {
         let (status, text) = self.node_request(
             node,
             "POST",
             &format!("/v1/rooms/{room}/rtp"),
             Some(token),
-            Some(&body),
+            Some(body),
         )?;
         ensure!(
             status == 201,
@@ -1906,30 +1917,36 @@ impl MeshLab {
         publisher: &str,
         subscriber: &str,
     ) -> Result<PlainRtpPair> {
+        self.plain_rtp_pair_in(room, publisher, subscriber, "vp8")
+    }
+
+    /// [`MeshLab::plain_rtp_pair`] with a stream in `codec` ("vp8" or
+    /// "h264"), both endpoints naming it.
+    pub fn plain_rtp_pair_in(
+        &self,
+        room: &str,
+        publisher: &str,
+        subscriber: &str,
+        codec: &str,
+    ) -> Result<PlainRtpPair> {
         let ssrc = 0x1ab0_0001;
-        let sender = RtpSender::bind(self, ssrc, RTP_PT)?;
+        let mut sender = RtpSender::bind(self, ssrc, RTP_PT)?;
+        sender.h264 = codec == "h264";
         let receiver = RtpReceiver::bind(self)?;
         let pub_token = self.dispatch_token(publisher, room, "lab-publisher", true, false)?;
         let sub_token = self.dispatch_token(subscriber, room, "lab-subscriber", false, true)?;
-        let publisher_endpoint = self.rtp_endpoint(
-            publisher,
-            room,
-            &pub_token,
-            "publish",
-            "video",
-            sender.local_addr(),
-            RTP_PT,
-            Some(ssrc),
-        )?;
-        let subscriber_endpoint = self.rtp_endpoint(
+        let endpoint = |direction: &str, remote: SocketAddr| {
+            json!({"direction": direction, "kind": "video", "codec": codec,
+                "remote": remote.to_string(), "payload_type": RTP_PT})
+        };
+        let mut publish = endpoint("publish", sender.local_addr());
+        publish["ssrc"] = ssrc.into();
+        let publisher_endpoint = self.rtp_endpoint_with(publisher, room, &pub_token, &publish)?;
+        let subscriber_endpoint = self.rtp_endpoint_with(
             subscriber,
             room,
             &sub_token,
-            "subscribe",
-            "video",
-            receiver.local_addr(),
-            RTP_PT,
-            None,
+            &endpoint("subscribe", receiver.local_addr()),
         )?;
         Ok(PlainRtpPair {
             target: self.node_media(publisher)?,
@@ -2025,12 +2042,26 @@ impl Drop for MeshLab {
 /// (u32, big-endian), then a filler that differs per index. The index
 /// survives the relay's sequence-number and SSRC rewriting, so a receiver
 /// can tell which packets arrived.
-pub fn rtp_packet(ssrc: u32, pt: u8, seq: u16, index: u32, keyframe: bool, len: usize) -> Vec<u8> {
+pub fn rtp_packet(
+    ssrc: u32,
+    pt: u8,
+    seq: u16,
+    index: u32,
+    (keyframe, h264): (bool, bool),
+    len: usize,
+) -> Vec<u8> {
     let mut p = vec![0x80, pt & 0x7f];
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(&index.wrapping_mul(3000).to_be_bytes());
     p.extend_from_slice(&ssrc.to_be_bytes());
-    p.extend_from_slice(&[0x10, if keyframe { 0x00 } else { 0x01 }, 0x9d, 0x01, 0x2a]);
+    // Five bytes of payload header: VP8's descriptor and frame tag, or an
+    // H.264 IDR or non-IDR slice as a single NAL unit.
+    let header: [u8; 5] = match (h264, keyframe) {
+        (false, key) => [0x10, if key { 0x00 } else { 0x01 }, 0x9d, 0x01, 0x2a],
+        (true, true) => [0x65, 0x88, 0x84, 0x21, 0xa0],
+        (true, false) => [0x41, 0x9a, 0x02, 0x21, 0xa0],
+    };
+    p.extend_from_slice(&header);
     p.extend_from_slice(&index.to_be_bytes());
     let fill = (index as u8) ^ 0x5a;
     while p.len() < len {
@@ -2048,6 +2079,8 @@ pub struct Received {
     pub payload_type: u8,
     /// The sender's packet index ([`rtp_packet`]) when the payload has one.
     pub index: Option<u32>,
+    /// The payload's first byte (VP8 descriptor, H.264 NAL header).
+    pub payload_head: Option<u8>,
     pub len: usize,
     pub at: Instant,
 }
@@ -2077,6 +2110,7 @@ pub fn parse_rtp(buf: &[u8], at: Instant) -> Option<Received> {
         ssrc: u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]),
         payload_type: pt,
         index,
+        payload_head: buf.get(off).copied(),
         len: buf.len(),
         at,
     })
@@ -2091,6 +2125,8 @@ pub struct RtpSender {
     pt: u8,
     next_index: u32,
     seq: u16,
+    /// H.264 payloads instead of VP8.
+    pub h264: bool,
 }
 
 impl RtpSender {
@@ -2103,6 +2139,7 @@ impl RtpSender {
             pt,
             next_index: 0,
             seq: 1000,
+            h264: false,
         })
     }
 
@@ -2131,7 +2168,14 @@ impl RtpSender {
     ) -> Result<()> {
         for _ in 0..count {
             let i = self.next_index;
-            let p = rtp_packet(self.ssrc, self.pt, self.seq, i, i.is_multiple_of(30), len);
+            let p = rtp_packet(
+                self.ssrc,
+                self.pt,
+                self.seq,
+                i,
+                (i.is_multiple_of(30), self.h264),
+                len,
+            );
             self.sock
                 .send_to(&p, to)
                 .with_context(|| format!("sending RTP to {to}"))?;

@@ -683,6 +683,51 @@ fn a_transit_node_forwards_the_mesh_in_the_kernel() -> Result<()> {
     Ok(())
 }
 
+/// H.264 crosses the 4-node lab as VP8 does: a plain publisher on A and a
+/// plain subscriber on C, both naming the codec; every packet arrives with
+/// its NAL header intact.
+#[test]
+fn h264_crosses_the_mesh_lab() -> Result<()> {
+    let Some(lab) = square("h264_crosses_the_mesh_lab") else {
+        return Ok(());
+    };
+    lab.wait_until_up(4, UP)?;
+    let mut pair = lab.plain_rtp_pair_in("h264-room", "a", "c", "h264")?;
+    lab.wait_route("h264-room", "a", "c", ROUTE, |p| p.len() >= 2)?;
+    warm_up(&lab, &mut pair)?;
+    pair.receiver.clear();
+    let start = pair.sender.sent();
+    pair.send(300, Duration::from_millis(3))?;
+    let got = pair.receiver.wait_for(300, Duration::from_secs(5));
+    let indices = pair.received_indices();
+    let arrived = (start..start + 300)
+        .filter(|i| indices.binary_search(i).is_ok())
+        .count();
+    ensure!(
+        arrived == 300,
+        "C received {arrived} of 300 H.264 packets\n{}",
+        lab.mesh_report()
+    );
+    for r in &got {
+        let idr = r.index.is_some_and(|i| i.is_multiple_of(30));
+        ensure!(
+            r.payload_head == Some(if idr { 0x65 } else { 0x41 }),
+            "packet {:?}: NAL header {:02x?}",
+            r.index,
+            r.payload_head
+        );
+    }
+    let c = lab.node_metrics("c")?;
+    ensure!(
+        prom(
+            &c,
+            "ridge_packets_dropped_total{reason=\"malformed_payload\"}"
+        ) == 0.0,
+        "C dropped H.264 as malformed"
+    );
+    Ok(())
+}
+
 /// Busy CPU time of the whole machine so far (all CPUs, /proc/stat), in
 /// clock ticks.
 fn busy_ticks() -> Result<u64> {
@@ -867,7 +912,31 @@ fn scheduler_restart_loses_no_nodes() -> Result<()> {
 /// and the viewer decodes the publisher's video and audio.
 #[test]
 fn chromium_publishes_on_a_and_watches_on_c_through_the_mesh() -> Result<()> {
-    let name = "chromium_publishes_on_a_and_watches_on_c_through_the_mesh";
+    chromium_through_the_mesh(
+        "chromium_publishes_on_a_and_watches_on_c_through_the_mesh",
+        "e2e-mesh",
+        None,
+    )
+}
+
+/// The same in H.264: the codec travels in the mesh's announcements and
+/// C's viewer decodes H.264.
+#[test]
+fn chromium_h264_publishes_on_a_and_watches_on_c_through_the_mesh() -> Result<()> {
+    chromium_through_the_mesh(
+        "chromium_h264_publishes_on_a_and_watches_on_c_through_the_mesh",
+        "e2e-mesh-h264",
+        Some("H264"),
+    )
+}
+
+/// Chromium publishes on A (in `codec`, or the browser's choice) and
+/// watches on C through the mesh.
+fn chromium_through_the_mesh(
+    name: &str,
+    room: &'static str,
+    codec: Option<&'static str>,
+) -> Result<()> {
     if require(name, ridge_tests::skip::chromium_present()).is_err() {
         return Ok(());
     }
@@ -875,7 +944,7 @@ fn chromium_publishes_on_a_and_watches_on_c_through_the_mesh() -> Result<()> {
         return Ok(());
     };
     lab.wait_until_up(4, UP)?;
-    let room = "e2e-mesh";
+    let video_codec = codec.map_or("undefined".to_owned(), |c| format!("{c:?}"));
     let (a_url, c_url) = (lab.node_http("a")?, lab.node_http("c")?);
     let pub_token = lab.dispatch_token("a", room, "camera", true, false)?;
     let sub_token = lab.dispatch_token("c", room, "viewer", false, true)?;
@@ -895,7 +964,8 @@ fn chromium_publishes_on_a_and_watches_on_c_through_the_mesh() -> Result<()> {
         publisher
             .eval(&format!(
                 "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 480}});
-                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s}}); }})()"
+                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
+                     videoCodec: {video_codec}}}); }})()"
             ))
             .await
             .context("WHIP publish on A")?;
@@ -933,6 +1003,12 @@ fn chromium_publishes_on_a_and_watches_on_c_through_the_mesh() -> Result<()> {
         .block_on(run)
         .with_context(|| format!("{}\n{}", lab.mesh_report(), lab.log_tails(40)))?;
     eprintln!("C decoded A's camera {took:?} after subscribing: {stats}");
+    if let Some(c) = codec {
+        ensure!(
+            stats["video"]["codec"] == format!("video/{c}"),
+            "C decoded another codec: {stats}"
+        );
+    }
     // The media went through a transit node: there is no A–C link.
     let path = lab
         .route_path(room, "a", "c")?
