@@ -287,6 +287,78 @@ fn av1_through_whip_and_whep_decodes() {
     });
 }
 
+#[test]
+fn a_room_codec_list_from_the_admin_api_refuses_h264_with_the_reason() {
+    run(
+        "a_room_codec_list_from_the_admin_api_refuses_h264_with_the_reason",
+        async {
+            let node = TestNode::start().await?;
+            let browser = Chromium::launch().await?;
+            let room = "e2e-room-codecs";
+            let admin = format!("Bearer {}", node.admin_token());
+            let user = format!("Bearer {}", node.token(room, "encoder", true, false));
+            let path = format!("/v1/rooms/{room}/codecs");
+            let put = |auth: String, body: &'static str| {
+                let (base, path) = (node.base_url(), path.clone());
+                async move {
+                    let h = [
+                        ("Authorization", auth.as_str()),
+                        ("Content-Type", "application/json"),
+                    ];
+                    ridge_tests::node::http(&base, "PUT", &path, &h, body).await
+                }
+            };
+            // Only an admin sets it, only to codecs the node knows.
+            let r = put(user.clone(), r#"{"codecs":["vp8"]}"#).await?;
+            assert_eq!(r.status, 403, "{}", r.body);
+            let r = put(admin.clone(), r#"{"codecs":["h265"]}"#).await?;
+            assert_eq!(r.status, 400, "{}", r.body);
+            let r = put(admin.clone(), r#"{"codecs":[]}"#).await?;
+            assert!(
+                r.status == 400 && r.body.contains("at least one"),
+                "{}",
+                r.body
+            );
+            let r = put(admin.clone(), r#"{"codecs":["opus","vp8"]}"#).await?;
+            assert_eq!(r.status, 204, "{}", r.body);
+            let got = ridge_tests::node::http(
+                &node.base_url(),
+                "GET",
+                &path,
+                &[("Authorization", admin.as_str())],
+                "",
+            )
+            .await?;
+            assert_eq!(got.status, 200, "{}", got.body);
+            let v: Value = serde_json::from_str(&got.body)?;
+            assert_eq!(v["codecs"], serde_json::json!(["opus", "vp8"]), "{v}");
+
+            let pub_token = node.token(room, "encoder", true, false);
+            let publisher = open_demo(&browser, &node, &pub_token).await?;
+            let publish = format!(
+                "(async () => {{ const s = await Ridge.fakeStream({{width: 320, height: 240}});
+                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
+                     videoCodec: 'H264'}}); }})()
+                   .then((r) => ({{ok: r}}), (e) => ({{error: String(e && e.message || e)}}))"
+            );
+            let refused = publisher.eval(&publish).await?;
+            let why = refused["error"]
+                .as_str()
+                .with_context(|| format!("not refused: {refused}"))?;
+            assert!(
+                why.contains("400") && why.contains("H264") && why.contains("allows only vp8"),
+                "{why}"
+            );
+            // Cleared: the node's list again, and H.264 is accepted.
+            let r = put(admin.clone(), r#"{"codecs":null}"#).await?;
+            assert_eq!(r.status, 204, "{}", r.body);
+            let accepted = publisher.eval(&publish).await?;
+            assert!(accepted["ok"]["id"].is_string(), "{accepted}");
+            Ok(())
+        },
+    );
+}
+
 /// Frames decoded per second by a WHEP session over `over`.
 async fn decode_rate(page: &Page, id: &str, over: Duration) -> Result<f64> {
     let a = stats(page, id).await?;

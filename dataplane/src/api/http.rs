@@ -53,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rooms/{room}/rtp", post(rtp_create))
         .route("/v1/rooms/{room}/rtp/{session}", delete(end_session))
         .route("/v1/rooms/{room}/ws", get(ws::upgrade))
+        .route(
+            "/v1/rooms/{room}/codecs",
+            get(room_codecs_get).put(room_codecs_put),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
@@ -377,6 +381,51 @@ async fn rtp_create(
         axum::Json(body),
     )
         .into_response())
+}
+
+/// `PUT /v1/rooms/{room}/codecs` (admin): the room's own codec list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoomCodecs {
+    /// In order of preference; `null` follows the node's list again.
+    codecs: Option<Vec<CodecSpec>>,
+}
+
+async fn room_codecs_put(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, query.as_deref(), None, Grant::Admin)?;
+    validate_room(&room)?;
+    let req: RoomCodecs = serde_json::from_slice(&body).map_err(|e| {
+        state.bad(
+            "json",
+            format!(
+                "expected {{\"codecs\": [\"opus\"|\"vp8\"|\"h264\"|\"vp9\"|\"av1\", ...] | null}}: {e}"
+            ),
+        )
+    })?;
+    state
+        .media
+        .set_room_codecs(&room, req.codecs.clone())
+        .await?;
+    tracing::info!(%room, codecs = ?req.codecs, "room codec list set");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn room_codecs_get(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, query.as_deref(), None, Grant::Admin)?;
+    validate_room(&room)?;
+    let own = state.media.room_codecs(&room).await?;
+    Ok(axum::Json(json!({ "room": room, "codecs": own })).into_response())
 }
 
 async fn metrics(

@@ -316,6 +316,32 @@ impl MediaHandle {
         .await
     }
 
+    /// Sets (or, `None`, clears) the codec list of `room` on the shard that
+    /// owns it.
+    pub async fn set_room_codecs(
+        &self,
+        room: &str,
+        codecs: Option<Vec<ridge_sfu::CodecSpec>>,
+    ) -> Result<(), ShardError> {
+        let owned = room.to_owned();
+        self.try_on_shard(self.shard_of_room(room), move |sfu, _| {
+            sfu.set_room_codecs(&owned, codecs)
+        })
+        .await
+    }
+
+    /// The codec list `room` carries of its own, if any.
+    pub async fn room_codecs(
+        &self,
+        room: &str,
+    ) -> Result<Option<Vec<ridge_sfu::CodecSpec>>, ShardError> {
+        let owned = room.to_owned();
+        self.on_shard(self.shard_of_room(room), move |sfu, _| {
+            sfu.room_codecs(&owned).map(<[_]>::to_vec)
+        })
+        .await
+    }
+
     /// Pins the scalable layers a subscriber receives (`None`: every one).
     pub async fn set_svc_layers(
         &self,
