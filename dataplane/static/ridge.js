@@ -877,15 +877,15 @@
      * Resolves {peer}.
      */
     async publish(stream, opts = {}) {
-      const { simulcast = false, videoCodec } = opts || {};
+      const { simulcast = false, videoCodec, scalabilityMode } = opts || {};
       stream = await resolveStream(stream);
       const pc = new RTCPeerConnection({ iceServers: [] });
       try {
-        addSendTracks(pc, stream, { simulcast, videoCodec });
+        addSendTracks(pc, stream, { simulcast, videoCodec, scalabilityMode });
         const sdp = await createOfferGathered(pc);
         const answer = await this._request({ type: 'publish', sdp });
         await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
-        const pub = { peer: answer.peer, pc, stream, opts: { simulcast, videoCodec }, layers: null };
+        const pub = { peer: answer.peer, pc, stream, opts: { simulcast, videoCodec, scalabilityMode }, layers: null };
         this._pubs.set(answer.peer, pub);
         const pending = this._pendingLayers.get(answer.peer);
         if (pending) {
@@ -1074,6 +1074,18 @@
       return { participant, peer: sub.peer, rid: rid === undefined ? null : rid };
     }
 
+    /**
+     * Pins the scalable layers (VP9 SVC, VP8 temporal layers) of the
+     * subscription to `participant`: `{spatial, temporal}`, each null for
+     * every layer.
+     */
+    setSvcLayers(participant, { spatial = null, temporal = null } = {}) {
+      const sub = this._subs.get(participant);
+      if (!sub || !sub.peer) throw new Error(`not subscribed to ${participant}`);
+      this.sendMessage({ type: 'svc_layers', peer: sub.peer, spatial, temporal });
+      return { participant, peer: sub.peer, spatial, temporal };
+    }
+
     // ------------------------------------------------------------ messaging
 
     chat(text) {
@@ -1155,6 +1167,7 @@
           audioPackets: s.audio.packetsReceived,
           frameWidth: s.video.frameWidth,
           frameHeight: s.video.frameHeight,
+          videoCodec: s.video.codec,
           videoPackets: s.video.packetsReceived,
           videoBytes: s.video.bytesReceived,
           audioBytes: s.audio.bytesReceived,

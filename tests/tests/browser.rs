@@ -359,6 +359,109 @@ fn a_room_codec_list_from_the_admin_api_refuses_h264_with_the_reason() {
     );
 }
 
+#[test]
+fn ws_room_vp9_svc_subscriber_pinned_to_each_spatial_layer_and_to_t0() {
+    run(
+        "ws_room_vp9_svc_subscriber_pinned_to_each_spatial_layer_and_to_t0",
+        async {
+            let node = TestNode::start().await?;
+            let browser = Chromium::launch().await?;
+            let room = "e2e-ws-svc";
+            let ann = node.token(room, "ann", true, true);
+            let bob = node.token(room, "bob", true, true);
+            let publisher = open_demo(&browser, &node, &ann).await?;
+            let welcome = publisher
+                .eval(&format!(
+                    "(async () => {{
+                        const s = await Ridge.fakeStream({{width: 1280, height: 720, audio: false}});
+                        const room = new Ridge.Room({{room: {room:?}, token: {ann:?}}});
+                        window.e2eRoom = room;
+                        const welcome = await room.join();
+                        await room.publish(s, {{videoCodec: 'VP9', scalabilityMode: 'L3T3'}});
+                        return welcome;
+                     }})()"
+                ))
+                .await?;
+            let ann_id = welcome["participant"]
+                .as_str()
+                .context("ann's participant id")?
+                .to_string();
+            let viewer = open_demo(&browser, &node, &bob).await?;
+            viewer
+                .eval(&format!(
+                    "(async () => {{
+                        const room = new Ridge.Room({{room: {room:?}, token: {bob:?}}});
+                        window.e2eRoom = room;
+                        return await room.join();
+                     }})()"
+                ))
+                .await?;
+            let of_ann = |s: &Value| s[ann_id.as_str()].clone();
+            let frames = |s: &Value| num(s, &["videoFramesDecoded"]);
+            let room_stats = || viewer.eval("window.e2eRoom.stats()");
+            let wait = |what: String, pred: Box<dyn Fn(&Value) -> bool>| {
+                let room_stats = &room_stats;
+                let of_ann = &of_ann;
+                async move {
+                    let start = std::time::Instant::now();
+                    loop {
+                        let s = of_ann(&room_stats().await?);
+                        if pred(&s) {
+                            return Ok::<Value, anyhow::Error>(s);
+                        }
+                        if start.elapsed() > Duration::from_secs(20) {
+                            bail!("timed out waiting for {what}; last stats {s}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            };
+            let all = wait("ann's VP9".into(), Box::new(move |s| frames(s) > 30.0)).await?;
+            assert_eq!(all["videoCodec"], "video/VP9", "{all}");
+            let mut widths: Vec<f64> = Vec::new();
+            for spatial in [0u8, 1, 2] {
+                viewer
+                    .eval(&format!(
+                        "window.e2eRoom.setSvcLayers({ann_id:?}, {{spatial: {spatial}}})"
+                    ))
+                    .await?;
+                let before = frames(&of_ann(&room_stats().await?));
+                let above = widths.last().copied().unwrap_or(0.0);
+                let got = wait(
+                    format!("spatial layer {spatial}"),
+                    Box::new(move |s| frames(s) > before + 20.0 && num(s, &["frameWidth"]) > above),
+                )
+                .await?;
+                widths.push(num(&got, &["frameWidth"]));
+            }
+            assert!(
+                widths[0] * 2.0 == widths[1] && widths[1] * 2.0 == widths[2],
+                "each spatial layer doubles the width: {widths:?}"
+            );
+            let rate = |over: Duration| async move {
+                let a = frames(&of_ann(&room_stats().await?));
+                tokio::time::sleep(over).await;
+                let b = frames(&of_ann(&room_stats().await?));
+                Ok::<f64, anyhow::Error>((b - a) / over.as_secs_f64())
+            };
+            let full = rate(Duration::from_secs(3)).await?;
+            viewer
+                .eval(&format!(
+                    "window.e2eRoom.setSvcLayers({ann_id:?}, {{spatial: 2, temporal: 0}})"
+                ))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let t0 = rate(Duration::from_secs(3)).await?;
+            eprintln!("WS room VP9 L3T3: widths {widths:?}; {full:.1} fps, {t0:.1} fps at T0");
+            assert!(
+                full > 10.0 && t0 > 0.5 && t0 / full < 0.4 && t0 / full > 0.12,
+                "T0 is about a quarter of the frame rate: {t0:.1} of {full:.1} fps"
+            );
+            Ok(())
+        },
+    );
+}
+
 /// Frames decoded per second by a WHEP session over `over`.
 async fn decode_rate(page: &Page, id: &str, over: Duration) -> Result<f64> {
     let a = stats(page, id).await?;
