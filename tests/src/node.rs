@@ -112,6 +112,28 @@ impl TestNode {
         .expect("mint token")
     }
 
+    /// `method path` with a JSON `body`, authenticated by `token`.
+    pub async fn json_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> Result<HttpResponse> {
+        let auth = format!("Bearer {token}");
+        http(
+            &self.base_url(),
+            method,
+            path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            &body.to_string(),
+        )
+        .await
+    }
+
     /// The node's `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
         let auth = format!("Bearer {}", self.admin_token());

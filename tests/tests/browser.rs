@@ -20,6 +20,36 @@ async fn open_demo(browser: &Chromium, node: &TestNode, token: &str) -> Result<P
     Ok(page)
 }
 
+/// Publishes a fake camera (`width`×`height`, with a microphone when
+/// `audio`) over WHIP from `page`; `opts` are more `Ridge.whipPublish`
+/// options, as JavaScript (`"videoCodec: 'H264'"`).
+async fn whip_fake_camera(
+    page: &Page,
+    room: &str,
+    token: &str,
+    (width, height, audio): (u32, u32, bool),
+    opts: &str,
+) -> Result<Value> {
+    page.eval(&format!(
+        "(async () => {{ const s = await Ridge.fakeStream({{width: {width}, height: {height}, audio: {audio}}});
+           return await Ridge.whipPublish({{room: {room:?}, token: {token:?}, stream: s, {opts}}}); }})()"
+    ))
+    .await
+}
+
+/// Watches `room` over WHEP from `page` into a new video element; `opts`
+/// are more `Ridge.whepSubscribe` options, as JavaScript (`"audio: 0"`).
+/// Returns the session's id.
+async fn whep_watch(page: &Page, room: &str, token: &str, opts: &str) -> Result<String> {
+    let sub = page
+        .eval(&format!(
+            "(() => {{ const v = document.createElement('video'); document.body.appendChild(v);
+               return Ridge.whepSubscribe({{room: {room:?}, token: {token:?}, videoElement: v, {opts}}}); }})()"
+        ))
+        .await?;
+    Ok(sub["id"].as_str().context("WHEP session id")?.to_string())
+}
+
 fn num(v: &Value, path: &[&str]) -> f64 {
     let mut cur = v;
     for p in path {
@@ -82,12 +112,8 @@ fn whip_publish_whep_subscribe_decodes_video_and_audio() {
             let sub_token = node.token(room, "viewer", false, true);
 
             let publisher = open_demo(&browser, &node, &pub_token).await?;
-            let published = publisher
-            .eval(&format!(
-                "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 480}});
-                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s}}); }})()"
-            ))
-            .await?;
+            let published =
+                whip_fake_camera(&publisher, room, &pub_token, (640, 480, true), "").await?;
             let location = published["location"].as_str().context("WHIP Location")?;
             assert!(
                 location.starts_with(&format!("/whip/{room}/s-")),
@@ -95,14 +121,7 @@ fn whip_publish_whep_subscribe_decodes_video_and_audio() {
             );
 
             let viewer = open_demo(&browser, &node, &sub_token).await?;
-            let sub = viewer
-            .eval(&format!(
-                "(() => {{ const v = document.createElement('video'); v.id = 'e2e-remote';
-                   document.body.appendChild(v);
-                   return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
-            ))
-            .await?;
-            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let id = whep_watch(&viewer, room, &sub_token, "").await?;
 
             let first = wait_stats(
                 &viewer,
@@ -176,27 +195,21 @@ fn h264_through_whip_and_whep_decodes_and_a_vp8_only_viewer_is_told_why_not() {
             let sub_token = node.token(room, "viewer", false, true);
 
             let publisher = open_demo(&browser, &node, &pub_token).await?;
-            let published = publisher
-                .eval(&format!(
-                    "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 480}});
-                       return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
-                         videoCodec: 'H264'}}); }})()"
-                ))
-                .await?;
+            let published = whip_fake_camera(
+                &publisher,
+                room,
+                &pub_token,
+                (640, 480, true),
+                "videoCodec: 'H264'",
+            )
+            .await?;
             let pub_id = published["id"]
                 .as_str()
                 .context("publisher id")?
                 .to_string();
 
             let viewer = open_demo(&browser, &node, &sub_token).await?;
-            let sub = viewer
-                .eval(&format!(
-                    "(() => {{ const v = document.createElement('video'); v.id = 'h264-remote';
-                       document.body.appendChild(v);
-                       return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
-                ))
-                .await?;
-            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let id = whep_watch(&viewer, room, &sub_token, "").await?;
             let got = wait_stats(
                 &viewer,
                 &id,
@@ -248,22 +261,16 @@ fn av1_through_whip_and_whep_decodes() {
         let pub_token = node.token(room, "av1-camera", true, false);
         let sub_token = node.token(room, "av1-viewer", false, true);
         let publisher = open_demo(&browser, &node, &pub_token).await?;
-        publisher
-            .eval(&format!(
-                "(async () => {{ const s = await Ridge.fakeStream({{width: 640, height: 360, audio: false}});
-                   return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
-                     videoCodec: 'AV1'}}); }})()"
-            ))
-            .await?;
+        whip_fake_camera(
+            &publisher,
+            room,
+            &pub_token,
+            (640, 360, false),
+            "videoCodec: 'AV1'",
+        )
+        .await?;
         let viewer = open_demo(&browser, &node, &sub_token).await?;
-        let sub = viewer
-            .eval(&format!(
-                "(() => {{ const v = document.createElement('video'); v.id = 'av1-remote';
-                   document.body.appendChild(v);
-                   return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, audio: 0, videoElement: v}}); }})()"
-            ))
-            .await?;
-        let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+        let id = whep_watch(&viewer, room, &sub_token, "audio: 0").await?;
         let got = wait_stats(&viewer, &id, Duration::from_secs(30), "decoded AV1", |s| {
             num(s, &["video", "framesDecoded"]) > 30.0
         })
@@ -484,22 +491,16 @@ fn vp9_svc_l3t3_viewer_pinned_to_each_spatial_layer_and_to_t0() {
             let pub_token = node.token(room, "svc-camera", true, false);
             let sub_token = node.token(room, "svc-viewer", false, true);
             let publisher = open_demo(&browser, &node, &pub_token).await?;
-            publisher
-                .eval(&format!(
-                    "(async () => {{ const s = await Ridge.fakeStream({{width: 1280, height: 720, audio: false}});
-                       return await Ridge.whipPublish({{room: {room:?}, token: {pub_token:?}, stream: s,
-                         videoCodec: 'VP9', scalabilityMode: 'L3T3'}}); }})()"
-                ))
-                .await?;
+            whip_fake_camera(
+                &publisher,
+                room,
+                &pub_token,
+                (1280, 720, false),
+                "videoCodec: 'VP9', scalabilityMode: 'L3T3'",
+            )
+            .await?;
             let viewer = open_demo(&browser, &node, &sub_token).await?;
-            let sub = viewer
-                .eval(&format!(
-                    "(() => {{ const v = document.createElement('video'); v.id = 'svc-remote';
-                       document.body.appendChild(v);
-                       return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, audio: 0, videoElement: v}}); }})()"
-                ))
-                .await?;
-            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let id = whep_watch(&viewer, room, &sub_token, "audio: 0").await?;
             let all = wait_stats(&viewer, &id, Duration::from_secs(20), "decoded VP9", |s| {
                 num(s, &["video", "framesDecoded"]) > 30.0
             })
@@ -638,18 +639,9 @@ fn plain_rtp_h264_from_ffmpeg_is_watched_by_chromium_through_whep() {
                 "fmtp": "profile-level-id=42e01f;packetization-mode=1",
                 "remote": format!("127.0.0.1:{from_port}"), "payload_type": 102, "ssrc": ssrc,
             });
-            let auth = format!("Bearer {pub_token}");
-            let r = ridge_tests::node::http(
-                &node.base_url(),
-                "POST",
-                &format!("/v1/rooms/{room}/rtp"),
-                &[
-                    ("Authorization", &auth),
-                    ("Content-Type", "application/json"),
-                ],
-                &spec.to_string(),
-            )
-            .await?;
+            let r = node
+                .json_request("POST", &format!("/v1/rooms/{room}/rtp"), &pub_token, &spec)
+                .await?;
             anyhow::ensure!(r.status == 201, "POST rtp: {} {}", r.status, r.body);
             let created: Value = serde_json::from_str(&r.body)?;
             let local: std::net::SocketAddr =
@@ -657,14 +649,7 @@ fn plain_rtp_h264_from_ffmpeg_is_watched_by_chromium_through_whep() {
             let _ffmpeg = KillOnDrop(spawn_ffmpeg_h264(local, from_port, ssrc)?);
 
             let viewer = open_demo(&browser, &node, &sub_token).await?;
-            let sub = viewer
-                .eval(&format!(
-                    "(() => {{ const v = document.createElement('video'); v.id = 'ffmpeg-remote';
-                       document.body.appendChild(v);
-                       return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, audio: 0, videoElement: v}}); }})()"
-                ))
-                .await?;
-            let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+            let id = whep_watch(&viewer, room, &sub_token, "audio: 0").await?;
             let got = wait_stats(
                 &viewer,
                 &id,
@@ -716,13 +701,7 @@ async fn simulcast_layer_switch(codec: Option<&str>) -> Result<()> {
         ))
         .await?;
     let viewer = open_demo(&browser, &node, &sub_token).await?;
-    let sub = viewer
-        .eval(&format!(
-            "(() => {{ const v = document.createElement('video'); document.body.appendChild(v);
-               return Ridge.whepSubscribe({{room: {room:?}, token: {sub_token:?}, videoElement: v}}); }})()"
-        ))
-        .await?;
-    let id = sub["id"].as_str().context("WHEP session id")?.to_string();
+    let id = whep_watch(&viewer, room, &sub_token, "").await?;
     wait_stats(&viewer, &id, Duration::from_secs(20), "first frames", |s| {
         num(s, &["video", "framesDecoded"]) > 10.0
     })
