@@ -140,7 +140,7 @@ pub use srtp::{
 pub use types::{
     CodecSpec, Counters, DropReason, LayerSnapshot, LocalEndpointInfo, LocalEndpointSpec,
     LocalHeader, LocalMedia, LocalOutput, MeshControl, MeshFlow, MeshFlowProgress, OfferIntent,
-    Output, PeerSnapshot, PlainFlow, PlainFlowDestination, RoomSnapshot, RoomState, RtpDirection,
-    RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot, TrackInfo, TrackKind,
-    Trailer, Transmit,
+    Output, PayloadInfo, PeerSnapshot, PlainFlow, PlainFlowDestination, RoomSnapshot, RoomState,
+    RtpDirection, RtpEndpointInfo, RtpEndpointSpec, SfuConfig, SfuEvent, StatsSnapshot, TrackInfo,
+    TrackKind, Trailer, Transmit,
 };

@@ -147,16 +147,10 @@ pub struct LayerInfo {
 }
 
 impl LayerInfo {
-    /// The layer description of a VP8 packet (RFC 7741): temporal layer
-    /// from its TID (0 without one), a switch point at Y=1, the start of a
-    /// frame at S=1 with partition 0, its end at the RTP marker; `None` for
-    /// a malformed descriptor.
-    pub fn vp8(payload: &[u8], marker: bool) -> Option<LayerInfo> {
-        let d = crate::packet::codec::Vp8Descriptor::parse(payload).ok()?;
-        Some(LayerInfo::from_vp8(&d, payload, marker))
-    }
-
-    /// [`LayerInfo::vp8`] of a descriptor parsed already.
+    /// The layer description of a VP8 packet (RFC 7741) of `payload`,
+    /// whose descriptor is `d`: temporal layer from its TID (0 without
+    /// one), a switch point at Y=1, the start of a frame at S=1 with
+    /// partition 0, its end at the RTP `marker`.
     pub fn from_vp8(
         d: &crate::packet::codec::Vp8Descriptor,
         payload: &[u8],
@@ -174,18 +168,12 @@ impl LayerInfo {
         }
     }
 
-    /// The layer description of a VP9 packet (RFC 9628): spatial and
-    /// temporal layer from its layer indices (0 without them), frame start
-    /// and end from B and E, a temporal switch point at U=1, a spatial one
-    /// at the start of a frame predicted from no earlier picture (P=0: it
-    /// may use the layer below, which the receiver has), and the layer
-    /// count of a scalability structure; `None` for a malformed descriptor.
-    pub fn vp9(payload: &[u8]) -> Option<LayerInfo> {
-        let d = crate::packet::codec::Vp9Descriptor::parse(payload).ok()?;
-        Some(LayerInfo::from_vp9(&d))
-    }
-
-    /// [`LayerInfo::vp9`] of a descriptor parsed already.
+    /// The layer description of a VP9 packet (RFC 9628) with descriptor
+    /// `d`: spatial and temporal layer from its layer indices (0 without
+    /// them), frame start and end from B and E, a temporal switch point at
+    /// U=1, a spatial one at the start of a frame predicted from no earlier
+    /// picture (P=0: it may use the layer below, which the receiver has),
+    /// and the layer count of a scalability structure.
     pub fn from_vp9(d: &crate::packet::codec::Vp9Descriptor) -> LayerInfo {
         let layer = d.layer.unwrap_or_default();
         LayerInfo {

@@ -231,16 +231,9 @@ impl CodecSpec {
         }
     }
 
-    /// Where an RTP payload of this codec sits in a scalable stream, for the
-    /// codecs whose payload says so per packet (VP8 temporal layers, VP9
-    /// spatial and temporal layers); `None` for the others and for a
-    /// malformed payload descriptor.
-    pub fn layer_info(self, payload: &[u8], marker: bool) -> Option<crate::svc::LayerInfo> {
-        self.inspect(payload, marker).ok().flatten()
-    }
-
     /// Checks an RTP payload of this codec against its payload format
-    /// (without decoding, without copying) and returns its place in a
+    /// (without decoding, without copying), with one parse: whether it
+    /// starts a keyframe (as [`CodecSpec::is_keyframe`]) and its place in a
     /// scalable stream where the format says (VP8, VP9). An empty payload
     /// (padding only) and Opus are not checked. The error says what is
     /// malformed; the core drops such packets
@@ -249,20 +242,29 @@ impl CodecSpec {
         self,
         payload: &[u8],
         marker: bool,
-    ) -> Result<Option<crate::svc::LayerInfo>, crate::packet::codec::CodecError> {
+    ) -> Result<PayloadInfo, crate::packet::codec::CodecError> {
         use crate::packet::codec::{Av1Packet, H264Packet, Vp8Descriptor, Vp9Descriptor};
+        use crate::svc::LayerInfo;
+        let scalable = |layers: LayerInfo| PayloadInfo {
+            keyframe: layers.keyframe,
+            layers: Some(layers),
+        };
+        let plain = |keyframe| PayloadInfo {
+            keyframe,
+            layers: None,
+        };
         if payload.is_empty() {
-            return Ok(None);
+            return Ok(plain(false));
         }
         match self {
-            CodecSpec::Opus => Ok(None),
+            CodecSpec::Opus => Ok(plain(false)),
             CodecSpec::Vp8 => Vp8Descriptor::parse(payload)
-                .map(|d| Some(crate::svc::LayerInfo::from_vp8(&d, payload, marker))),
+                .map(|d| scalable(LayerInfo::from_vp8(&d, payload, marker))),
             CodecSpec::Vp9 => {
-                Vp9Descriptor::parse(payload).map(|d| Some(crate::svc::LayerInfo::from_vp9(&d)))
+                Vp9Descriptor::parse(payload).map(|d| scalable(LayerInfo::from_vp9(&d)))
             }
-            CodecSpec::H264 => H264Packet::parse(payload).map(|_| None),
-            CodecSpec::Av1 => Av1Packet::parse(payload).map(|_| None),
+            CodecSpec::H264 => H264Packet::parse(payload).map(|p| plain(p.is_keyframe())),
+            CodecSpec::Av1 => Av1Packet::parse(payload).map(|p| plain(p.is_keyframe())),
         }
     }
 
@@ -296,6 +298,15 @@ impl std::fmt::Display for CodecSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// What [`CodecSpec::inspect`] read of one well-formed RTP payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PayloadInfo {
+    /// It starts a keyframe.
+    pub keyframe: bool,
+    /// Its place in a scalable stream (VP8, VP9).
+    pub layers: Option<crate::svc::LayerInfo>,
 }
 
 /// What an SDP offer is allowed to do.

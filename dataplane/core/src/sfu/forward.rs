@@ -45,18 +45,18 @@ impl<'a> Forward<'a> {
         let data = packet.as_slice();
         let payload = header.payload(data);
         let start = payload.as_ptr() as usize - data.as_ptr() as usize;
-        let svc = codec.inspect(payload, header.marker).ok()?;
+        let info = codec.inspect(payload, header.marker).ok()?;
         Some(Forward {
             ssrc: header.ssrc,
             seq: header.sequence,
             timestamp: header.timestamp,
             marker: header.marker,
-            keyframe: codec.is_keyframe(payload),
+            keyframe: info.keyframe,
             payload,
             shared: None,
             stored: Some(packet.slice(start..start + payload.len())),
             audio_level: None,
-            svc,
+            svc: info.layers,
         })
     }
 }

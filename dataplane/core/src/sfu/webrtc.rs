@@ -18,7 +18,7 @@ use crate::ids::{ParticipantId, PeerId, TrackId};
 use crate::packet::stun::StunMessage;
 use crate::rewrite::StreamRewriter;
 use crate::types::{
-    CodecSpec, Counters, DropReason, OfferIntent, Output, TrackKind, Trailer, Transmit,
+    CodecSpec, Counters, DropReason, OfferIntent, Output, PayloadInfo, TrackKind, Trailer, Transmit,
 };
 
 use super::Sfu;
@@ -501,15 +501,14 @@ impl Sfu {
             return;
         };
         let codec = track.codec.and_then(CodecSpec::from_str0m);
-        let keyframe = codec.is_some_and(|c| c.is_keyframe(&p.payload));
-        let svc = match codec.map(|c| c.inspect(&p.payload, p.header.marker)) {
+        let info = match codec.map(|c| c.inspect(&p.payload, p.header.marker)) {
             Some(Err(e)) => {
                 tracing::debug!(track = %tid, error = %e, "malformed media payload dropped");
                 self.out.drop_packet(DropReason::MalformedPayload);
                 return;
             }
-            Some(Ok(svc)) => svc,
-            None => None,
+            Some(Ok(info)) => info,
+            None => PayloadInfo::default(),
         };
         let audio_level = p.header.ext_vals.audio_level.map(|l| {
             (
@@ -523,12 +522,12 @@ impl Sfu {
             seq: p.header.sequence_number,
             timestamp: p.header.timestamp,
             marker: p.header.marker,
-            keyframe,
+            keyframe: info.keyframe,
             payload: &p.payload,
             shared: Some(&p.payload),
             stored: None,
             audio_level,
-            svc,
+            svc: info.layers,
         };
         self.forward(now, tid, layer, &fwd);
     }

@@ -14,7 +14,7 @@ use crate::mesh::{
 use crate::packet::{self, PacketClass, rtcp, rtp::RtpHeader};
 use crate::red::{self, RedPayload};
 use crate::srtp::{SrtpContext, SrtpError, Unprotected};
-use crate::types::{CodecSpec, DropReason, TrackKind};
+use crate::types::{CodecSpec, DropReason, PayloadInfo, TrackKind};
 
 use super::{
     FEC_ACTIVE, FEC_NACK_HOLD, MAX_RX_CONTEXTS, MESH_EXT_AUDIO_LEVEL, MESH_EXT_SEND_TIME,
@@ -319,7 +319,9 @@ impl Sfu {
             audio_level,
         );
         for (seq, timestamp, view) in rebuilt.into_iter().flatten() {
-            let Ok(svc) = codec.map_or(Ok(None), |c| c.inspect(view.as_slice(), false)) else {
+            let Ok(info) = codec.map_or(Ok(PayloadInfo::default()), |c| {
+                c.inspect(view.as_slice(), false)
+            }) else {
                 self.out.drop_packet(DropReason::MalformedPayload);
                 continue;
             };
@@ -333,13 +335,15 @@ impl Sfu {
                 shared: None,
                 stored: Some(view.clone()),
                 audio_level: None,
-                svc,
+                svc: info.layers,
             };
             self.forward(now, at.track, at.layer, &fwd);
         }
         let stored = packet.slice(range);
         let payload = stored.as_slice();
-        let Ok(svc) = codec.map_or(Ok(None), |c| c.inspect(payload, header.marker)) else {
+        let Ok(info) = codec.map_or(Ok(PayloadInfo::default()), |c| {
+            c.inspect(payload, header.marker)
+        }) else {
             self.out.drop_packet(DropReason::MalformedPayload);
             return;
         };
@@ -348,12 +352,12 @@ impl Sfu {
             seq: header.sequence,
             timestamp: header.timestamp,
             marker: header.marker,
-            keyframe: codec.is_some_and(|c| c.is_keyframe(payload)),
+            keyframe: info.keyframe,
             payload,
             shared: None,
             stored: Some(stored.clone()),
             audio_level,
-            svc,
+            svc: info.layers,
         };
         self.forward(now, at.track, at.layer, &fwd);
     }
