@@ -404,17 +404,9 @@ fn route_forms_through_a_transit_node_and_moves_when_it_dies() -> Result<()> {
     let mut pair = pair;
     let warm = Instant::now();
     warm_up(&lab, &mut pair)?;
-    std::thread::sleep(Duration::from_millis(200));
-    pair.receiver.clear();
-    let start = pair.sender.sent();
-    pair.send(300, Duration::from_millis(5))?;
-    let got = pair.receiver.wait_for(300, Duration::from_secs(5));
-    let indices = pair.received_indices();
     // The links are clean. Route switches are make-before-break, but the
     // veths still drop the odd packet on a loaded machine, so 2 % slack.
-    let arrived = (start..start + 300)
-        .filter(|i| indices.binary_search(i).is_ok())
-        .count();
+    let (got, arrived) = send_and_count(&mut pair, 300)?;
     ensure!(
         arrived >= 294,
         "C received {arrived} ({} datagrams) of 300 packets sent to A once media flowed (warm-up {:?})\n{}",
@@ -587,6 +579,24 @@ fn transit_pair(lab: &MeshLab) -> Result<ridge_tests::mesh::PlainRtpPair> {
     Ok(pair)
 }
 
+/// After a settle, sends `n` packets 5 ms apart and waits up to 5 s for
+/// them: what arrived, and how many of those `n` did.
+fn send_and_count(
+    pair: &mut ridge_tests::mesh::PlainRtpPair,
+    n: u32,
+) -> Result<(Vec<ridge_tests::mesh::Received>, usize)> {
+    std::thread::sleep(Duration::from_millis(200));
+    pair.receiver.clear();
+    let start = pair.sender.sent();
+    pair.send(n, Duration::from_millis(5))?;
+    let got = pair.receiver.wait_for(n as usize, Duration::from_secs(5));
+    let indices = pair.received_indices();
+    let arrived = (start..start + n)
+        .filter(|i| indices.binary_search(i).is_ok())
+        .count();
+    Ok((got, arrived))
+}
+
 /// Sends bursts to the publisher until media reaches C: the nodes'
 /// subscriptions and announcements settle within a few 500 ms rounds of
 /// the route being held.
@@ -695,17 +705,9 @@ fn h264_crosses_the_mesh_lab() -> Result<()> {
     let mut pair = lab.plain_rtp_pair_in("h264-room", "a", "c", "h264")?;
     lab.wait_route("h264-room", "a", "c", ROUTE, |p| p.len() >= 2)?;
     warm_up(&lab, &mut pair)?;
-    std::thread::sleep(Duration::from_millis(200));
-    pair.receiver.clear();
-    let start = pair.sender.sent();
-    pair.send(300, Duration::from_millis(5))?;
-    let got = pair.receiver.wait_for(300, Duration::from_secs(5));
-    let indices = pair.received_indices();
     // As in the VP8 route test: clean links, but the veths drop the odd
     // packet on a loaded machine, so 2 % slack.
-    let arrived = (start..start + 300)
-        .filter(|i| indices.binary_search(i).is_ok())
-        .count();
+    let (got, arrived) = send_and_count(&mut pair, 300)?;
     ensure!(
         arrived >= 294,
         "C received {arrived} of 300 H.264 packets\n{}",

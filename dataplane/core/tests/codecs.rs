@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use common::client::Client;
@@ -85,17 +84,7 @@ impl Net {
 
     fn step(&mut self) {
         self.node.now += STEP;
-        let now = self.node.now;
-        let mut to_node = VecDeque::new();
-        for c in &mut self.clients {
-            c.timeout(now, &mut to_node);
-        }
-        if self.node.sfu.poll_timeout() <= now {
-            self.node.sfu.handle_timeout(now);
-        }
-        common::client::deliver(&mut self.node, &mut self.clients, to_node, |s| {
-            panic!("sent to a stranger: {}", s.destination)
-        });
+        common::client::fire_timers_and_deliver(&mut self.node, &mut self.clients);
     }
 
     fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Net) -> bool) -> bool {

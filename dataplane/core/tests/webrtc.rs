@@ -218,19 +218,11 @@ impl Call {
     /// timers fire and datagrams are delivered until the network is quiet.
     fn step(&mut self) {
         self.node.now += STEP;
-        let now = self.node.now;
-        let mut to_node = VecDeque::new();
-        if (self.send_video || self.audio.is_some()) && now >= self.next_frame {
+        if (self.send_video || self.audio.is_some()) && self.node.now >= self.next_frame {
             self.write_frame();
             self.next_frame += FRAME;
         }
-        for c in &mut self.clients {
-            c.timeout(now, &mut to_node);
-        }
-        if self.node.sfu.poll_timeout() <= now {
-            self.node.sfu.handle_timeout(now);
-        }
-        self.deliver(to_node);
+        client::fire_timers_and_deliver(&mut self.node, &mut self.clients);
     }
 
     /// Hands datagrams to the node and the node's to the clients, at the

@@ -139,6 +139,23 @@ impl Client {
     }
 }
 
+/// At the node's current instant, fires every timer due (the clients' and
+/// the node's) and delivers what that sends until the network is quiet; a
+/// datagram to anyone but `clients` fails the test.
+pub fn fire_timers_and_deliver(node: &mut Node, clients: &mut [Client]) {
+    let now = node.now;
+    let mut to_node = VecDeque::new();
+    for c in clients.iter_mut() {
+        c.timeout(now, &mut to_node);
+    }
+    if node.sfu.poll_timeout() <= now {
+        node.sfu.handle_timeout(now);
+    }
+    deliver(node, clients, to_node, |s| {
+        panic!("sent to a stranger: {}", s.destination)
+    });
+}
+
 /// Hands datagrams to the node and the node's to `clients`, at the node's
 /// current instant, until nobody has anything left to send. What the node
 /// sends elsewhere goes to `other`.
