@@ -481,10 +481,9 @@ fn pinned_and_unpinned(
         .offer_video(a, "carol", OfferIntent::Subscribe { from: None })
         .unwrap();
     net.connect(&[pub_peer, pinned, all]);
-    let now = net.node.now;
     net.node
         .sfu
-        .set_svc_layers(now, pinned, spatial, temporal)
+        .set_svc_layers(pinned, spatial, temporal)
         .unwrap();
     (net, mid)
 }

@@ -349,8 +349,8 @@ impl MediaHandle {
         spatial: Option<u8>,
         temporal: Option<u8>,
     ) -> Result<(), ShardError> {
-        self.try_on_shard(shard_of_id(peer.0), move |sfu, now| {
-            sfu.set_svc_layers(now, peer, spatial, temporal)
+        self.try_on_shard(shard_of_id(peer.0), move |sfu, _| {
+            sfu.set_svc_layers(peer, spatial, temporal)
         })
         .await
     }

@@ -10,8 +10,6 @@
 //! Choosing the layers from the bandwidth estimate is not built yet: only
 //! explicit pins select.
 
-use std::time::Instant;
-
 use crate::error::{SfuError, SpecError};
 use crate::ids::PeerId;
 use crate::svc::{LayerInfo, LayerSelector, Layers, Verdict};
@@ -110,7 +108,6 @@ impl Sfu {
     /// rules: `svc` module docs). A WebRTC or plain-RTP subscriber only.
     pub fn set_svc_layers(
         &mut self,
-        _now: Instant,
         peer: PeerId,
         spatial: Option<u8>,
         temporal: Option<u8>,
